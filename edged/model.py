@@ -1,0 +1,208 @@
+"""Values that flow through the mesh: service specs, endpoints, targets. Frozen, so snapshots can share them."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+from urllib.parse import urlsplit
+
+Tier = Literal["local", "edge", "cloud"]
+TIERS: tuple[str, ...] = ("local", "edge", "cloud")
+STRATEGIES: tuple[str, ...] = ("priority", "latency", "weighted", "geo", "round_robin", "predictive")
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE", "*"})
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+DEFAULT_TENANT = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where an HTTP endpoint listens: TCP host:port or a Unix socket path, plus a base path."""
+
+    kind: Literal["tcp", "unix"]
+    host: str = ""
+    port: int = 0
+    path: str = ""  # Unix socket path when kind == "unix"
+    base_path: str = ""  # prefix put before the called path ("" or "/api")
+    tls: bool = False
+
+    @property
+    def key(self) -> str:
+        """Identity of the connection pool this target uses."""
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
+
+    @property
+    def host_header(self) -> str:
+        if self.kind == "unix":
+            return "localhost"
+        default = 443 if self.tls else 80
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == default else f"{host}:{self.port}"
+
+
+def parse_target(url: str) -> Target:
+    """Parse `http://host:port[/base]`, `https://...` or `unix:/path/to.sock`; ValueError if not one of those."""
+    if url.startswith("unix:"):
+        path = url[5:]
+        if path.startswith("//"):
+            path = path[2:]
+        if not path.startswith("/"):
+            raise ValueError(f"unix socket URL needs an absolute path: {url!r}")
+        return Target(kind="unix", path=path)
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"endpoint URL must be http://, https:// or unix:/path, got {url!r}")
+    if not parts.hostname:
+        raise ValueError(f"endpoint URL has no host: {url!r}")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as exc:
+        raise ValueError(f"endpoint URL has a bad port: {url!r}") from exc
+    return Target(
+        kind="tcp",
+        host=parts.hostname,
+        port=port,
+        base_path=parts.path.rstrip("/"),
+        tls=parts.scheme == "https",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class MethodRule:
+    """One declared method of an interface: an HTTP verb and a path pattern (`{name}` = one segment, `*` = rest)."""
+
+    verb: str
+    pattern: str
+    regex: re.Pattern[str] = field(compare=False, repr=False)
+
+    @classmethod
+    def parse(cls, text: str) -> MethodRule:
+        """From "GET /readings/{id}"; ValueError when it is not "VERB /path"."""
+        parts = text.split()
+        if len(parts) != 2 or not parts[1].startswith("/"):
+            raise ValueError(f"method must look like 'GET /path', got {text!r}")
+        verb = parts[0].upper()
+        if verb not in HTTP_METHODS:
+            raise ValueError(f"unknown HTTP method {parts[0]!r} in {text!r}")
+        pattern = parts[1]
+        rx = ""
+        for piece in re.split(r"(\{[^/{}]+\}|\*)", pattern):
+            if piece == "*":
+                rx += ".*"
+            elif piece.startswith("{") and piece.endswith("}"):
+                rx += "[^/]+"
+            else:
+                rx += re.escape(piece)
+        return cls(verb=verb, pattern=pattern, regex=re.compile(rx + "/?"))
+
+    def matches(self, method: str, path: str) -> bool:
+        if self.verb != "*" and self.verb != method and not (self.verb == "GET" and method == "HEAD"):
+            return False
+        return self.regex.fullmatch(path) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class InterfaceSpec:
+    """What a service answers. An empty `methods` tuple means the interface declares no restriction."""
+
+    version: str | None = None
+    methods: tuple[MethodRule, ...] = ()
+    source: str = "inline"  # "inline" or the .proto file it came from
+
+    def allows(self, method: str, path: str) -> bool:
+        """Whether a call `method path` (path without query) is one the interface declares."""
+        if not self.methods:
+            return True
+        return any(rule.matches(method, path) for rule in self.methods)
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheckSpec:
+    """Active health check of a service's endpoints (manifest `[health_check]`)."""
+
+    kind: Literal["http", "tcp", "command", "ttl"]
+    http_path: str | None = None
+    command: str | None = None
+    ttl: float | None = None  # seconds; for kind == "ttl"
+    interval: float = 2.0
+    timeout: float = 0.5
+    rise: int = 2
+    fall: int = 2
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySpec:
+    """How the router treats calls of a service (manifest `[policy]`)."""
+
+    strategy: str = "priority"
+    retries: int = 2
+    per_try_timeout: float = 5.0
+    timeout: float = 15.0  # whole-call deadline unless the caller sends a shorter one
+    retry_budget: float = 0.2
+    retry_on_status: frozenset[int] = frozenset({502, 503, 504})
+    retry_non_idempotent: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSpec:
+    """An endpoint as a manifest declares it (long form `[[endpoints]]`)."""
+
+    tier: str
+    url: str | None = None  # local/edge HTTP endpoints
+    mdns: str | None = None  # edge: every instance of this DNS-SD type
+    priority: int | None = None  # None: the service's priority
+    weight: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSpec:
+    """A service as declared by a manifest or a registration."""
+
+    name: str
+    tenant: str = DEFAULT_TENANT
+    priority: int = 10
+    interface: InterfaceSpec | None = None
+    endpoint_types: tuple[str, ...] = TIERS
+    endpoints: tuple[EndpointSpec, ...] = ()
+    health_check: HealthCheckSpec | None = None
+    policy: PolicySpec = PolicySpec()
+    advertise: str | None = None
+    source: str = ""  # file path, or "register:<id>"
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.tenant, self.name)
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A concrete, routable endpoint of a service. `id` is stable across reloads so health state follows it."""
+
+    id: str
+    service: str
+    tenant: str
+    tier: str
+    url: str
+    priority: int
+    weight: int
+    source: str  # "manifest", "register", "mdns", "mqtt"
+    target: Target | None = None  # None for tiers not called over HTTP (cloud)
+    meta: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """A service in a registry snapshot: its spec and its current concrete endpoints."""
+
+    spec: ServiceSpec
+    endpoints: tuple[Endpoint, ...]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def tenant(self) -> str:
+        return self.spec.tenant
