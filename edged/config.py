@@ -1,0 +1,877 @@
+"""Daemon config (`edged.toml`) as frozen values, and the checked-document helpers that manifests share.
+
+Every key is optional. A bad value is refused with a `ConfigError` that names the file, the line and the
+dotted key (`api.listen`), so a user can fix it without reading the code.
+"""
+
+from __future__ import annotations
+
+import bisect
+import difflib
+import ipaddress
+import math
+import os
+import re
+import socket
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, NoReturn
+from urllib.parse import urlsplit
+
+from edged.errors import ConfigError
+from edged.model import DEFAULT_TENANT
+from edged.units import parse_duration, parse_size
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+SYSTEM_CONFIG = "/etc/edged/edged.toml"
+KIB = 1024
+MIB = 1024 * 1024
+
+KeyPath = tuple[str | int, ...]
+Locate = Callable[[KeyPath], int | None]
+
+
+# --------------------------------------------------------------------------------------------------- values
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """`[node]`: who this box is and where it stands."""
+
+    name: str = field(default_factory=socket.gethostname)
+    fleet: str = "home"
+    zone: str = ""
+    location: tuple[float, float] | None = None  # latitude, longitude
+
+
+@dataclass(frozen=True, slots=True)
+class ApiConfig:
+    """`[api]`: the local API and call path (TCP on loopback and a Unix socket)."""
+
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 7700
+    socket: str | None = "/run/edged/edged.sock"  # None: no Unix socket
+    socket_group: str = "edged"
+    max_body: int = 1 * MIB
+    max_header: int = 64 * KIB
+    drain_timeout: float = 10.0
+    idle_timeout: float = 75.0
+
+
+@dataclass(frozen=True, slots=True)
+class IngressConfig:
+    """`[ingress]`: where peers send edge calls."""
+
+    listen_host: str = "0.0.0.0"
+    listen_port: int = 7701
+
+
+@dataclass(frozen=True, slots=True)
+class ServicesConfig:
+    """`[services]`: manifest folders and how often they are checked for changes."""
+
+    dirs: tuple[str, ...] = ("/etc/edged/services.d",)
+    reload_interval: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class StateConfig:
+    """`[state]`: what must survive a reboot with no network."""
+
+    dir: str = "/var/lib/edged"
+
+
+@dataclass(frozen=True, slots=True)
+class MdnsConfig:
+    """`[mdns]`: LAN discovery. `interfaces` is "all" or addresses / interface names."""
+
+    enabled: bool = True
+    interfaces: str | tuple[str, ...] = "all"
+
+
+@dataclass(frozen=True, slots=True)
+class MqttConfig:
+    """`[mqtt]`: the cloud tier's broker."""
+
+    enabled: bool = False
+    url: str = "mqtt://127.0.0.1:1883"
+    topic_prefix: str = "hubmesh"
+
+
+@dataclass(frozen=True, slots=True)
+class TenantConfig:
+    """`[tenants.NAME]`: the bearer tokens that name this tenant, and whether loopback callers need none."""
+
+    name: str
+    tokens: frozenset[str] = frozenset()
+    open_on_loopback: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    """`[log]`: level and format ("json" or "text")."""
+
+    level: str = "info"
+    format: str = "json"
+
+
+@dataclass(frozen=True, slots=True)
+class DemoConfig:
+    """`[demo]`: `echo = true` adds the built-in `echo` sample service."""
+
+    echo: bool = False
+
+
+def _default_tenants() -> Mapping[str, TenantConfig]:
+    return MappingProxyType({DEFAULT_TENANT: TenantConfig(DEFAULT_TENANT, open_on_loopback=True)})
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole daemon config. `path` is the file it came from, None for the embedded default."""
+
+    node: NodeConfig = field(default_factory=NodeConfig)
+    api: ApiConfig = ApiConfig()
+    ingress: IngressConfig = IngressConfig()
+    services: ServicesConfig = ServicesConfig()
+    state: StateConfig = StateConfig()
+    mdns: MdnsConfig = MdnsConfig()
+    mqtt: MqttConfig = MqttConfig()
+    tenants: Mapping[str, TenantConfig] = field(default_factory=_default_tenants)
+    log: LogConfig = LogConfig()
+    demo: DemoConfig = DemoConfig()
+    path: str | None = None
+
+
+# ------------------------------------------------------------------------------------------- checked reads
+
+REQUIRED: Any = object()  # default that makes a key mandatory
+
+
+def dotted(path: KeyPath) -> str:
+    """`("endpoints", 1, "url")` -> `endpoints[1].url`."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            name = part if re.fullmatch(r"[A-Za-z0-9_-]+", part) else repr(part)
+            out += f".{name}" if out else name
+    return out
+
+
+def describe(value: object) -> str:
+    """What a user wrote, in words: `a string ('3')`, `an integer (3)`, `a boolean (true)`."""
+    if isinstance(value, bool):
+        return f"a boolean ({'true' if value else 'false'})"
+    if isinstance(value, int):
+        return f"an integer ({value})"
+    if isinstance(value, float):
+        return f"a float ({value})"
+    if isinstance(value, str):
+        text = value if len(value) <= 60 else value[:57] + "..."
+        return f"a string ({text!r})"
+    if isinstance(value, Mapping):
+        return "a table"
+    if isinstance(value, (list, tuple)):
+        return "an array"
+    if value is None:
+        return "null"
+    return f"a {type(value).__name__} ({value})"
+
+
+def format_seconds(seconds: float) -> str:
+    """2.0 -> "2s", 0.5 -> "500ms": durations shown back the way users write them."""
+    if seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    return f"{seconds:g}s"
+
+
+@dataclass(frozen=True, slots=True)
+class Doc:
+    """Where a decoded document came from, so that errors can name its file and line."""
+
+    file: str
+    locate: Locate | None = None
+
+    def error(self, path: KeyPath, message: str) -> ConfigError:
+        line = self.locate(path) if self.locate is not None else None
+        return ConfigError(self.file, message, line=line, key=dotted(path) or None)
+
+
+class Table:
+    """Checked, typed reads from one table (or array) of a decoded document.
+
+    Each getter takes a default; `REQUIRED` makes the key mandatory. A wrong value raises `ConfigError` with
+    the file, line and dotted key, saying what was expected and what was found.
+    """
+
+    __slots__ = ("data", "doc", "path")
+
+    def __init__(self, doc: Doc, data: Mapping[str, object] | Sequence[object], path: KeyPath = ()):
+        self.doc = doc
+        self.data = data
+        self.path = path
+
+    # -- structure
+
+    def names(self) -> list[str]:
+        return [str(k) for k in self.data] if isinstance(self.data, Mapping) else []
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def has(self, key: str | int) -> bool:
+        if isinstance(self.data, Mapping):
+            return key in self.data
+        return isinstance(key, int) and 0 <= key < len(self.data)
+
+    def fail(self, key: str | int | None, message: str) -> NoReturn:
+        """Raise a ConfigError at `key` of this table (None: at the table itself)."""
+        raise self.doc.error(self.path if key is None else (*self.path, key), message)
+
+    def only(self, allowed: Iterable[str]) -> None:
+        """Refuse keys not in `allowed`, with a suggestion for a likely typo."""
+        allowed = tuple(allowed)
+        for key in self.names():
+            if key not in allowed:
+                close = difflib.get_close_matches(key, allowed, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"expected one of: {', '.join(allowed)}"
+                self.fail(key, f"unknown key {key!r}; {hint}")
+
+    def get(self, key: str | int, default: Any = REQUIRED) -> Any:
+        """The raw value, or `default` when absent (a missing REQUIRED key raises)."""
+        if self.has(key):
+            return self.data[key]  # type: ignore[index]
+        if default is REQUIRED:
+            raise self.doc.error((*self.path, key), "missing required key")
+        return default
+
+    def table(self, key: str | int) -> Table:
+        """A sub-table; an empty one when the key is absent."""
+        value = self.get(key, {})
+        if not isinstance(value, Mapping):
+            self.fail(key, f"expected a table, got {describe(value)}")
+        return Table(self.doc, value, (*self.path, key))
+
+    def array(self, key: str | int, default: Any = REQUIRED) -> Table:
+        """A sub-array, as a Table indexed by position."""
+        value = self.get(key, default)
+        if not isinstance(value, (list, tuple)):
+            self.fail(key, f"expected an array, got {describe(value)}")
+        return Table(self.doc, value, (*self.path, key))
+
+    # -- scalars
+
+    def string(
+        self,
+        key: str | int,
+        default: Any = REQUIRED,
+        *,
+        pattern: re.Pattern[str] | None = None,
+        what: str = "a string",
+        allow_empty: bool = False,
+    ) -> Any:
+        if not self.has(key):
+            return self.get(key, default)
+        value = self.data[key]  # type: ignore[index]
+        if not isinstance(value, str):
+            self.fail(key, f"expected {what}, got {describe(value)}")
+        if not value and not allow_empty:
+            self.fail(key, f"expected {what}, got an empty string")
+        if pattern is not None and value and not pattern.fullmatch(value):
+            case = " (lower case only)" if pattern.fullmatch(value.lower()) else ""
+            self.fail(key, f"expected {what}{case}, got {value!r}")
+        return value
+
+    def choice(self, key: str | int, default: Any, choices: Sequence[str]) -> Any:
+        what = "one of " + ", ".join(repr(c) for c in choices)
+        value = self.string(key, default, what=what)
+        if self.has(key) and value not in choices:
+            self.fail(key, f"expected {what}, got {value!r}")
+        return value
+
+    def boolean(self, key: str | int, default: Any = REQUIRED) -> Any:
+        value = self.get(key, default)
+        if self.has(key) and not isinstance(value, bool):
+            self.fail(key, f"expected true or false, got {describe(value)}")
+        return value
+
+    def integer(self, key: str | int, default: Any = REQUIRED, *, lo: int | None = None, hi: int | None = None) -> Any:
+        value = self.get(key, default)
+        if not self.has(key):
+            return value
+        if lo is not None and hi is not None:
+            what = f"an integer from {lo} to {hi}"
+        elif lo is not None:
+            what = f"an integer >= {lo}"
+        else:
+            what = "an integer"
+        # bool is an int subclass in Python, never in a config file
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(key, f"expected {what}, got {describe(value)}")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            self.fail(key, f"expected {what}, got {value}")
+        return value
+
+    def number(self, key: str | int, default: Any = REQUIRED, *, lo: float, hi: float) -> Any:
+        value = self.get(key, default)
+        if not self.has(key):
+            return value
+        what = f"a number from {lo:g} to {hi:g}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.fail(key, f"expected {what}, got {describe(value)}")
+        if math.isnan(value) or not lo <= value <= hi:
+            self.fail(key, f"expected {what}, got {value}")
+        return float(value)
+
+    def duration(self, key: str | int, default: Any = REQUIRED, *, positive: bool = True) -> Any:
+        """Seconds, from "300ms" / "2s" / "1m" or a bare number of seconds."""
+        value = self.get(key, default)
+        if not self.has(key):
+            return value
+        try:
+            seconds = parse_duration(value)
+        except ValueError:
+            self.fail(key, f"expected a duration like '2s' or '300ms', got {describe(value)}")
+        if not math.isfinite(seconds) or (positive and seconds <= 0):
+            self.fail(key, f"expected a duration > 0, got {describe(value)}")
+        return seconds
+
+    def size(self, key: str | int, default: Any = REQUIRED) -> Any:
+        """Bytes, from "1MiB" / "64KiB" or a bare number of bytes; must be > 0."""
+        value = self.get(key, default)
+        if not self.has(key):
+            return value
+        try:
+            size = parse_size(value)
+        except ValueError:
+            self.fail(key, f"expected a size like '1MiB' or '64KiB', got {describe(value)}")
+        if size <= 0:
+            self.fail(key, f"expected a size > 0, got {describe(value)}")
+        return size
+
+    def strings(self, key: str | int, default: Any = REQUIRED, **string_options: Any) -> Any:
+        """An array of strings, as a tuple; each element checked like `string()`."""
+        if not self.has(key):
+            return self.get(key, default)
+        items = self.array(key)
+        return tuple(items.string(i, **string_options) for i in range(len(items)))
+
+
+# ------------------------------------------------------------------------------------ TOML and its lines
+
+
+def read_text(path: str) -> str:
+    """A config or manifest file's text; ConfigError when it cannot be read or is not UTF-8."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise ConfigError(path, f"cannot read: {exc.strerror or exc}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(path, f"not UTF-8 text (byte {exc.start})", line=line) from None
+
+
+_TOML_WHERE = re.compile(r"\s*\((?:at line (\d+), column (\d+)|at end of document)\)\s*$")
+
+
+def parse_toml(text: str, file: str) -> dict[str, Any]:
+    """Decode TOML; a syntax error becomes a ConfigError with the line tomllib reported."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        message = str(exc)
+        m = _TOML_WHERE.search(message)
+        line: int | None = None
+        if m:
+            message = message[: m.start()]
+            if m.group(1):
+                line = int(m.group(1))
+                message += f" (column {m.group(2)})"
+            else:
+                line = max(1, text.count("\n") + (0 if text.endswith("\n") else 1))
+        raise ConfigError(file, f"TOML syntax error: {message}", line=line) from None
+
+
+def prefix_locator(lines: Mapping[KeyPath, int]) -> Locate:
+    """A `locate` that answers with the line of the longest known prefix of a key path."""
+
+    def locate(path: KeyPath) -> int | None:
+        p = tuple(path)
+        while p:
+            if p in lines:
+                return lines[p]
+            p = p[:-1]
+        return None
+
+    return locate
+
+
+def toml_locator(text: str) -> Locate:
+    """`locate(key_path) -> line` for a TOML text that tomllib accepted (tomllib keeps no positions)."""
+    return prefix_locator(toml_key_lines(text))
+
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_SCALAR_END = re.compile(r"[,\]}\n#]")
+
+
+class _TomlScanner:
+    """Walks TOML text and records the line of every key, table header and array element by key path."""
+
+    def __init__(self, text: str):
+        self.t = text
+        self.i = 0
+        self.starts = [0] + [m.end() for m in re.finditer("\n", text)]
+        self.lines: dict[KeyPath, int] = {}
+        self.aot: dict[KeyPath, int] = {}  # array-of-tables path -> elements seen so far
+
+    def line(self, pos: int | None = None) -> int:
+        return bisect.bisect_right(self.starts, self.i if pos is None else pos)
+
+    def record(self, path: KeyPath, line: int) -> None:
+        for n in range(1, len(path) + 1):
+            self.lines.setdefault(path[:n], line)
+
+    def skip(self, newlines: bool) -> None:
+        t = self.t
+        while self.i < len(t):
+            c = t[self.i]
+            if c in " \t\r" or (newlines and c == "\n"):
+                self.i += 1
+            elif c == "#":
+                end = t.find("\n", self.i)
+                self.i = len(t) if end < 0 else end
+            else:
+                return
+
+    def run(self) -> dict[KeyPath, int]:
+        table: KeyPath = ()
+        t = self.t
+        while True:
+            self.skip(newlines=True)
+            if self.i >= len(t):
+                return self.lines
+            start = self.i
+            line = self.line()
+            if t.startswith("[[", self.i):
+                self.i += 2
+                table = self.resolve(self.keys(), new_element=True)
+                self.record(table, line)
+            elif t[self.i] == "[":
+                self.i += 1
+                table = self.resolve(self.keys(), new_element=False)
+                self.record(table, line)
+            else:
+                path = table + self.keys()
+                self.skip(newlines=False)
+                if t.startswith("=", self.i):
+                    self.i += 1
+                    self.record(path, line)
+                    self.skip(newlines=False)
+                    self.value(path)
+            # the rest of the line is a header's closing brackets or a comment; this also never loops in place
+            nl = t.find("\n", max(self.i, start + 1))
+            self.i = len(t) if nl < 0 else nl
+
+    def resolve(self, keys: KeyPath, *, new_element: bool) -> KeyPath:
+        """Header keys -> key path with array-of-tables indices (`[[a]]` then `[a.b]` -> ("a", n, "b"))."""
+        out: KeyPath = ()
+        for n, key in enumerate(keys):
+            out += (key,)
+            if new_element and n == len(keys) - 1:
+                index = self.aot.get(out, 0)
+                self.aot[out] = index + 1
+                out += (index,)
+            elif out in self.aot:
+                out += (self.aot[out] - 1,)
+        return out
+
+    def keys(self) -> KeyPath:
+        t = self.t
+        out: list[str] = []
+        while self.i < len(t):
+            self.skip(newlines=False)
+            if self.i >= len(t):
+                break
+            c = t[self.i]
+            if c in "\"'":
+                end = self.string_end()
+                raw = t[self.i : end]
+                self.i = end
+                try:
+                    out.append(tomllib.loads(f"k = {raw}")["k"])
+                except (tomllib.TOMLDecodeError, KeyError):
+                    out.append(raw[1:-1])
+            else:
+                m = _BARE_KEY.match(t, self.i)
+                if not m:
+                    break
+                out.append(m.group())
+                self.i = m.end()
+            self.skip(newlines=False)
+            if t.startswith(".", self.i):
+                self.i += 1
+                continue
+            break
+        return tuple(out)
+
+    def string_end(self) -> int:
+        """End offset of the string starting at self.i (basic, literal, or their multi-line forms)."""
+        t, i = self.t, self.i
+        for quote in ('"""', "'''"):
+            if t.startswith(quote, i):
+                j = i + 3
+                while j < len(t):
+                    if quote == '"""' and t[j] == "\\":
+                        j += 2
+                    elif t.startswith(quote, j):
+                        end = j + 3
+                        while end < len(t) and t[end] == quote[0] and end - j < 5:
+                            end += 1
+                        return end
+                    else:
+                        j += 1
+                return len(t)
+        quote = t[i]
+        j = i + 1
+        while j < len(t) and t[j] != quote and t[j] != "\n":
+            j += 2 if quote == '"' and t[j] == "\\" else 1
+        return min(j + 1, len(t))
+
+    def value(self, path: KeyPath) -> None:
+        t = self.t
+        if self.i >= len(t):
+            return
+        c = t[self.i]
+        if c == "[":
+            self.i += 1
+            index = 0
+            while True:
+                self.skip(newlines=True)
+                if self.i >= len(t) or t[self.i] == "]":
+                    self.i += 1
+                    return
+                self.record((*path, index), self.line())
+                before = self.i
+                self.value((*path, index))
+                self.skip(newlines=True)
+                if t.startswith(",", self.i):
+                    self.i += 1
+                    index += 1
+                elif self.i == before:
+                    return
+        elif c == "{":
+            self.i += 1
+            while True:
+                self.skip(newlines=True)
+                if self.i >= len(t) or t[self.i] == "}":
+                    self.i += 1
+                    return
+                line = self.line()
+                sub = (*path, *self.keys())
+                self.skip(newlines=False)
+                if not t.startswith("=", self.i):
+                    return
+                self.i += 1
+                self.record(sub, line)
+                self.skip(newlines=False)
+                self.value(sub)
+                self.skip(newlines=True)
+                if t.startswith(",", self.i):
+                    self.i += 1
+        elif c in "\"'":
+            self.i = self.string_end()
+        else:
+            m = _SCALAR_END.search(t, self.i)
+            self.i = len(t) if m is None else m.start()
+
+
+def toml_key_lines(text: str) -> dict[KeyPath, int]:
+    """Line (1-based) of each key, table header and array element of a TOML text, by key path."""
+    scanner = _TomlScanner(text)
+    try:
+        return scanner.run()
+    except (IndexError, ValueError, RecursionError):  # best effort: lines are a courtesy, never a crash
+        return scanner.lines
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+LABEL_WHAT = "a lower-case name of a-z, 0-9 and '-' (at most 63 characters, no '-' at either end)"
+_NODE_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,62})")
+_NODE_WHAT = "a name of letters, digits, '.', '_' and '-' (at most 63 characters)"
+_TOPIC_PREFIX = re.compile(r"[^/+#\s]+(/[^/+#\s]+)*")
+_TOKEN = re.compile(r"\S+")
+_HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_FORMATS = ("json", "text")
+_MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes including the terminating NUL
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """`"127.0.0.1:7700"`, `"[::1]:7700"` or `"localhost:7700"` -> (host, port); ValueError otherwise."""
+    what = "expected HOST:PORT like '127.0.0.1:7700' or '[::1]:7700'"
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{what}; {host!r} is not an IPv6 address") from None
+    else:
+        host, sep, port = text.rpartition(":")
+        if ":" in host:
+            raise ValueError(f"{what} (put IPv6 addresses in brackets), got {text!r}")
+        if re.fullmatch(r"[0-9.]+", host):
+            try:
+                ipaddress.IPv4Address(host)
+            except ValueError:
+                raise ValueError(f"{what}; {host!r} is not an IPv4 address") from None
+        elif not _HOSTNAME.fullmatch(host):
+            raise ValueError(f"{what}, got {text!r}")
+    if not sep or not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535:
+        raise ValueError(f"{what} (port 0..65535), got {text!r}")
+    return host, int(port)
+
+
+def _check_mqtt_url(url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts"):
+        raise ValueError(f"expected an mqtt:// or mqtts:// URL, got {url!r}")
+    if not parts.hostname:
+        raise ValueError(f"expected an mqtt:// URL with a host, got {url!r}")
+    try:
+        parts.port  # noqa: B018 - urlsplit checks the port only when asked
+    except ValueError:
+        raise ValueError(f"expected an mqtt:// URL with a port 0..65535, got {url!r}") from None
+
+
+class _Loader:
+    """Builds a Config from one decoded TOML document."""
+
+    def __init__(self, top: Table, base_dir: str):
+        self.top = top
+        self.base_dir = base_dir
+
+    def resolve(self, path: str) -> str:
+        return os.path.normpath(os.path.join(self.base_dir, path))
+
+    def listen(self, t: Table, default: tuple[str, int]) -> tuple[str, int]:
+        text = t.string("listen", None)
+        if text is None:
+            return default
+        try:
+            return parse_listen(text)
+        except ValueError as exc:
+            t.fail("listen", str(exc))
+
+    def build(self, path: str | None) -> Config:
+        top = self.top
+        top.only(("node", "api", "ingress", "services", "state", "mdns", "mqtt", "tenants", "log", "demo"))
+        return Config(
+            node=self.node(top.table("node")),
+            api=self.api(top.table("api")),
+            ingress=self.ingress(top.table("ingress")),
+            services=self.services(top.table("services")),
+            state=self.state(top.table("state")),
+            mdns=self.mdns(top.table("mdns")),
+            mqtt=self.mqtt(top.table("mqtt")),
+            tenants=self.tenants(top.table("tenants")),
+            log=self.log(top.table("log")),
+            demo=self.demo(top.table("demo")),
+            path=path,
+        )
+
+    def node(self, t: Table) -> NodeConfig:
+        t.only(("name", "fleet", "zone", "location"))
+        location = None
+        if t.has("location"):
+            loc = t.array("location")
+            if len(loc) != 2:
+                t.fail("location", f"expected [latitude, longitude], got an array of {len(loc)}")
+            location = (loc.number(0, lo=-90, hi=90), loc.number(1, lo=-180, hi=180))
+        return NodeConfig(
+            name=t.string("name", socket.gethostname(), pattern=_NODE_NAME, what=_NODE_WHAT),
+            fleet=t.string("fleet", "home", pattern=_NODE_NAME, what=_NODE_WHAT),
+            zone=t.string("zone", "", pattern=_NODE_NAME, what=_NODE_WHAT, allow_empty=True),
+            location=location,
+        )
+
+    def api(self, t: Table) -> ApiConfig:
+        t.only(("listen", "socket", "socket_group", "max_body", "max_header", "drain_timeout", "idle_timeout"))
+        d = ApiConfig()
+        host, port = self.listen(t, (d.listen_host, d.listen_port))
+        sock = t.string("socket", d.socket, what="a Unix socket path ('' for none)", allow_empty=True)
+        if sock:
+            sock = self.resolve(sock)
+            if len(os.fsencode(sock)) > _MAX_SOCKET_PATH:
+                t.fail("socket", f"a Unix socket path has at most {_MAX_SOCKET_PATH} bytes, got {sock!r}")
+        return ApiConfig(
+            listen_host=host,
+            listen_port=port,
+            socket=sock or None,
+            socket_group=t.string("socket_group", d.socket_group, allow_empty=True),
+            max_body=t.size("max_body", d.max_body),
+            max_header=t.size("max_header", d.max_header),
+            drain_timeout=t.duration("drain_timeout", d.drain_timeout, positive=False),
+            idle_timeout=t.duration("idle_timeout", d.idle_timeout),
+        )
+
+    def ingress(self, t: Table) -> IngressConfig:
+        t.only(("listen",))
+        d = IngressConfig()
+        host, port = self.listen(t, (d.listen_host, d.listen_port))
+        return IngressConfig(listen_host=host, listen_port=port)
+
+    def services(self, t: Table) -> ServicesConfig:
+        t.only(("dirs", "reload_interval"))
+        d = ServicesConfig()
+        dirs = t.strings("dirs", None, what="a folder path")
+        return ServicesConfig(
+            dirs=d.dirs if dirs is None else tuple(self.resolve(p) for p in dirs),
+            reload_interval=t.duration("reload_interval", d.reload_interval),
+        )
+
+    def state(self, t: Table) -> StateConfig:
+        t.only(("dir",))
+        value = t.string("dir", None, what="a folder path")
+        return StateConfig() if value is None else StateConfig(dir=self.resolve(value))
+
+    def mdns(self, t: Table) -> MdnsConfig:
+        t.only(("enabled", "interfaces"))
+        interfaces: str | tuple[str, ...] = "all"
+        what = '"all" or a list of addresses / interface names'
+        if t.has("interfaces"):
+            value = t.get("interfaces")
+            if isinstance(value, (list, tuple)):
+                interfaces = t.strings("interfaces", what="an address or interface name")
+                if not interfaces:
+                    t.fail("interfaces", "expected at least one address or interface name (use enabled = false)")
+            elif value != "all":
+                t.fail("interfaces", f"expected {what}, got {describe(value)}")
+        return MdnsConfig(enabled=t.boolean("enabled", True), interfaces=interfaces)
+
+    def mqtt(self, t: Table) -> MqttConfig:
+        t.only(("enabled", "url", "topic_prefix"))
+        d = MqttConfig()
+        url = t.string("url", d.url, what="an mqtt:// or mqtts:// URL")
+        try:
+            _check_mqtt_url(url)
+        except ValueError as exc:
+            t.fail("url", str(exc))
+        prefix = t.string("topic_prefix", d.topic_prefix, pattern=_TOPIC_PREFIX, what="an MQTT topic prefix (no +, #)")
+        return MqttConfig(enabled=t.boolean("enabled", d.enabled), url=url, topic_prefix=prefix)
+
+    def tenants(self, t: Table) -> Mapping[str, TenantConfig]:
+        result: dict[str, TenantConfig] = {}
+        owner: dict[str, str] = {}  # token -> tenant: one token must name one tenant
+        for name in t.names():
+            if not _LABEL.fullmatch(name):
+                t.fail(name, f"expected a tenant name: {LABEL_WHAT}, got {name!r}")
+            tt = t.table(name)
+            tt.only(("tokens", "token_file", "open_on_loopback"))
+            tokens = [(tok, "tokens") for tok in tt.strings("tokens", (), pattern=_TOKEN, what="a token (no spaces)")]
+            token_file = tt.string("token_file", None, what="a file path")
+            if token_file is not None:
+                tokens += [(tok, "token_file") for tok in self.read_tokens(tt, self.resolve(token_file))]
+            for token, key in tokens:
+                if owner.setdefault(token, name) != name:
+                    tt.fail(key, f"a token of tenant {name!r} is also a token of tenant {owner[token]!r}")
+            result[name] = TenantConfig(
+                name=name,
+                tokens=frozenset(tok for tok, _ in tokens),
+                open_on_loopback=tt.boolean("open_on_loopback", name == DEFAULT_TENANT),
+            )
+        result.setdefault(DEFAULT_TENANT, TenantConfig(DEFAULT_TENANT, open_on_loopback=True))
+        return MappingProxyType(result)
+
+    @staticmethod
+    def read_tokens(t: Table, path: str) -> list[str]:
+        """One token a line; blank lines and `#` comments skipped."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            t.fail("token_file", f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}")
+        tokens = []
+        for n, raw in enumerate(lines, 1):
+            token = raw.strip()
+            if not token or token.startswith("#"):
+                continue
+            if not _TOKEN.fullmatch(token):
+                raise ConfigError(path, "expected one token a line (no spaces)", line=n)
+            tokens.append(token)
+        return tokens
+
+    def log(self, t: Table) -> LogConfig:
+        t.only(("level", "format"))
+        return LogConfig(level=t.choice("level", "info", LOG_LEVELS), format=t.choice("format", "json", LOG_FORMATS))
+
+    def demo(self, t: Table) -> DemoConfig:
+        t.only(("echo",))
+        return DemoConfig(echo=t.boolean("echo", False))
+
+
+def load_config(path: str) -> Config:
+    """Read and check a daemon config file; ConfigError names the file, line and key of the first problem."""
+    text = read_text(path)
+    data = parse_toml(text, path)
+    absolute = os.path.abspath(path)
+    top = Table(Doc(path, toml_locator(text)), data)
+    return _Loader(top, os.path.dirname(absolute)).build(absolute)
+
+
+def _usable_dir(path: str) -> bool:
+    """Whether this process can use `path` as its folder: writable if it exists, else a writable parent."""
+    if os.path.isdir(path):
+        return os.access(path, os.W_OK | os.X_OK)
+    if os.path.lexists(path):
+        return False
+    parent = os.path.dirname(path.rstrip("/"))
+    return os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)
+
+
+def user_paths(env: Mapping[str, str], usable: Callable[[str], bool] = _usable_dir) -> tuple[str, str]:
+    """(state dir, API socket path) for this process: the system ones when usable, else per-user ones (XDG)."""
+    state_default, run_default = StateConfig().dir, os.path.dirname(ApiConfig().socket or "/run/edged/edged.sock")
+    if usable(state_default):
+        state = state_default
+    else:
+        xdg = env.get("XDG_STATE_HOME", "")
+        home = env.get("HOME") or os.path.expanduser("~")
+        state = os.path.join(xdg if os.path.isabs(xdg) else os.path.join(home, ".local", "state"), "edged")
+    if usable(run_default):
+        sock = os.path.join(run_default, "edged.sock")
+    else:
+        runtime = env.get("XDG_RUNTIME_DIR", "")
+        sock = (
+            os.path.join(runtime, "edged", "edged.sock")
+            if os.path.isabs(runtime)
+            else os.path.join(state, "edged.sock")
+        )
+    return state, sock
+
+
+def embedded_config() -> Config:
+    """The config used when there is no file: defaults, the demo echo service, and paths this user can write."""
+    state, sock = user_paths(os.environ)
+    return Config(api=ApiConfig(socket=sock), state=StateConfig(dir=state), demo=DemoConfig(echo=True), path=None)
+
+
+def find_config(explicit: str | None) -> Config:
+    """The explicit file, else /etc/edged/edged.toml when present, else the embedded default."""
+    if explicit:
+        return load_config(explicit)
+    if os.path.exists(SYSTEM_CONFIG):
+        return load_config(SYSTEM_CONFIG)
+    return embedded_config()
