@@ -1,0 +1,218 @@
+"""Active health checks: one probe of one endpoint (http, tcp or command), bounded by the spec's timeout.
+
+A check never raises for what the endpoint does: every outcome (refused, reset, timeout, bad answer, exit
+status) becomes a `CheckResult`. Only cancellation propagates, after the probe's socket or process is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import signal
+import ssl
+import time
+from dataclasses import dataclass
+
+from edged.model import Endpoint, HealthCheckSpec, Target
+from edged.systemd import child_environ
+
+_USER_AGENT = "edged-health"
+_STATUS_LINE_LIMIT = 1024  # a status line longer than this is not an HTTP server we can judge
+_STDERR_KEEP = 200
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    """Outcome of one probe: ok, a short human detail ("HTTP 503", "timeout 500ms") and its duration in seconds."""
+
+    ok: bool
+    detail: str
+    latency: float
+
+
+class _Failed(Exception):
+    """A probe failed for a reason already worded for humans (internal: becomes a CheckResult)."""
+
+
+async def run_check(
+    spec: HealthCheckSpec, endpoint: Endpoint, *, ssl_context: ssl.SSLContext | None = None
+) -> CheckResult:
+    """Probe `endpoint` once as `spec` says; the whole probe (connect, answer, process exit) is bounded by spec.timeout.
+
+    Endpoints without an HTTP target (cloud tier) are not checked and count as ok, and so are `ttl` specs,
+    which are driven by heartbeats (see HealthMonitor.heartbeat). `ssl_context` is used for https targets
+    (default: the system's verifying context).
+    """
+    if spec.kind == "ttl" or endpoint.target is None:
+        return CheckResult(ok=True, detail="not checked", latency=0.0)
+    target = endpoint.target
+    started = time.monotonic()
+    try:
+        if spec.kind == "http":
+            probe = _http(spec, target, ssl_context)
+        elif spec.kind == "tcp":
+            probe = _tcp(target, ssl_context)
+        elif spec.kind == "command":
+            probe = _command(spec, endpoint)
+        else:
+            return CheckResult(ok=False, detail=f"unknown check kind {spec.kind!r}", latency=0.0)
+        detail = await asyncio.wait_for(probe, timeout=spec.timeout)
+        ok = True
+    except asyncio.TimeoutError:
+        ok, detail = False, f"timeout {_human_duration(spec.timeout)}"
+    except _Failed as exc:
+        ok, detail = False, str(exc)
+    return CheckResult(ok=ok, detail=detail, latency=time.monotonic() - started)
+
+
+async def _http(spec: HealthCheckSpec, target: Target, ssl_context: ssl.SSLContext | None) -> str:
+    """GET the health path; ok on 2xx/3xx. Only the status line is read: the body does not matter."""
+    path = spec.http_path or "/"
+    if not path.startswith("/"):
+        path = "/" + path
+    request = (
+        f"GET {target.base_path}{path} HTTP/1.1\r\n"
+        f"Host: {target.host_header}\r\n"
+        f"User-Agent: {_USER_AGENT}\r\n"
+        "Accept: */*\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode("latin-1")
+    reader, writer = await _connect(target, ssl_context)
+    try:
+        try:
+            writer.write(request)
+            await writer.drain()
+            line = await reader.readline()
+        except (ValueError, asyncio.LimitOverrunError) as exc:
+            raise _Failed("bad response: status line too long") from exc
+        except OSError as exc:
+            raise _Failed(_os_detail("connection", exc)) from exc
+    finally:
+        await _close(writer)
+    if not line:
+        raise _Failed("closed without answer")
+    parts = line.split(None, 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        raise _Failed(f"bad response: {line[:60]!r}")
+    status = int(parts[1])
+    if not 200 <= status < 400:
+        raise _Failed(f"HTTP {status}")
+    return f"HTTP {status}"
+
+
+async def _tcp(target: Target, ssl_context: ssl.SSLContext | None) -> str:
+    """Connect (and finish the TLS handshake for https targets), then close."""
+    _, writer = await _connect(target, ssl_context)
+    await _close(writer)
+    return "connected"
+
+
+async def _command(spec: HealthCheckSpec, endpoint: Endpoint) -> str:
+    """Run the shell command with the endpoint in its environment; exit 0 = ok.
+
+    The command runs in its own session so that a timeout (or cancellation) kills the shell and everything
+    it started, and the process is always awaited: no zombies, no orphans holding the stderr pipe.
+    """
+    target = endpoint.target
+    env = child_environ()  # not the daemon's own NOTIFY_SOCKET / WATCHDOG_* variables
+    env.update(
+        EDGED_ENDPOINT_URL=endpoint.url,
+        EDGED_ENDPOINT_HOST=target.host if target is not None and target.kind == "tcp" else "",
+        EDGED_ENDPOINT_PORT=str(target.port) if target is not None and target.kind == "tcp" else "",
+        EDGED_SERVICE=endpoint.service,
+    )
+    try:
+        proc = await asyncio.create_subprocess_shell(
+            spec.command or "",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        raise _Failed(_os_detail("spawn", exc)) from exc
+    done = False
+    try:
+        stderr = await _read_head(proc.stderr)
+        code = await proc.wait()
+        done = True
+    finally:
+        if not done:  # timeout or cancellation: the shell and whatever it started (they may hold the pipe)
+            _kill_group(proc.pid)
+            await proc.wait()
+    if code == 0:
+        return "exit 0"
+    why = f"killed by signal {-code}" if code < 0 else f"exit {code}"
+    text = stderr.decode("utf-8", "replace").strip()
+    raise _Failed(f"{why}: {text}" if text else why)
+
+
+async def _read_head(stream: asyncio.StreamReader | None) -> bytes:
+    """Read a stream to its end, keeping only the first bytes (a chatty command must not fill memory or block)."""
+    if stream is None:
+        return b""
+    head = b""
+    while chunk := await stream.read(4096):
+        if len(head) < _STDERR_KEEP:
+            head += chunk[: _STDERR_KEEP - len(head)]
+    return head
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+async def _connect(
+    target: Target, ssl_context: ssl.SSLContext | None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    try:
+        if target.kind == "unix":
+            return await asyncio.open_unix_connection(target.path, limit=_STATUS_LINE_LIMIT)
+        tls = (ssl_context or _default_tls()) if target.tls else None
+        return await asyncio.open_connection(
+            target.host,
+            target.port,
+            ssl=tls,
+            server_hostname=target.host if tls is not None else None,
+            limit=_STATUS_LINE_LIMIT,
+        )
+    except ssl.SSLError as exc:
+        raise _Failed(f"tls error: {exc.reason or exc}") from exc
+    except OSError as exc:
+        raise _Failed(_os_detail("connect", exc)) from exc
+    except (ValueError, OverflowError) as exc:  # a host or port the socket layer refuses
+        raise _Failed(f"bad address: {exc}") from exc
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    if writer.get_extra_info("sslcontext") is not None:
+        writer.transport.abort()  # a TLS close waits for the peer's close_notify: never let that fail a check
+        return
+    writer.close()
+    with contextlib.suppress(OSError, ssl.SSLError):
+        await writer.wait_closed()
+
+
+@functools.lru_cache(maxsize=1)
+def _default_tls() -> ssl.SSLContext:
+    return ssl.create_default_context()  # built once: loading the CA store costs milliseconds
+
+
+def _os_detail(stage: str, exc: OSError) -> str:
+    if isinstance(exc, ConnectionRefusedError):
+        return f"{stage} refused"
+    if isinstance(exc, ConnectionResetError):
+        return f"{stage} reset"
+    if isinstance(exc, FileNotFoundError):
+        return f"{stage} failed: no such socket or file"
+    return f"{stage} failed: {exc.strerror or exc}"
+
+
+def _human_duration(seconds: float) -> str:
+    if seconds < 1.0:
+        return f"{round(seconds * 1000)}ms"
+    return f"{seconds:g}s"

@@ -1,0 +1,420 @@
+"""Endpoint health: active checks with rise/fall, TTL heartbeats and passive outlier detection, per endpoint id.
+
+The request path reports (`call_started`, `call_finished`), check tasks and heartbeats report, and the
+policy only reads `state(id).available(now)`: plain attribute reads, no locks, no allocation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+import time
+from collections.abc import Callable, Iterable
+
+from edged.health.checks import CheckResult, run_check
+from edged.health.outlier import Outlier, OutlierConfig
+from edged.model import Endpoint, HealthCheckSpec, Service
+
+log = logging.getLogger(__name__)
+
+_EWMA_ALPHA = 0.3
+_FAST_PROBE_MIN = 0.1  # seconds: floor of the faster probing while a state change is pending
+_SWEEP_MAX_SLEEP = 1.0  # the sweeper re-reads deadlines at least this often
+
+OnChange = Callable[[Endpoint, bool, str], None]
+_DEFAULT_OUTLIER = OutlierConfig()
+
+
+class EndpointHealth:
+    """What is known about one endpoint's health. Public attributes are read by the policy and `edged status`."""
+
+    __slots__ = (
+        "_fail_detail",
+        "_fail_streak",
+        "_ok_streak",
+        "_outlier",
+        "_published",
+        "_spec",
+        "_ttl_deadline",
+        "active_ok",
+        "busy_since",
+        "calls_failed",
+        "calls_ok",
+        "checks_failed",
+        "checks_ok",
+        "ejected_until",
+        "endpoint_id",
+        "inflight",
+        "last_detail",
+        "last_response_at",
+        "latency_ewma",
+    )
+
+    def __init__(self, endpoint_id: str, outlier: Outlier) -> None:
+        self.endpoint_id = endpoint_id
+        self.active_ok = True  # optimistic: a new endpoint is usable until checks say otherwise
+        self.ejected_until = 0.0
+        self.last_detail = ""
+        self.latency_ewma: float | None = None
+        self.inflight = 0
+        self.busy_since = 0.0
+        self.last_response_at = 0.0
+        self.checks_ok = 0
+        self.checks_failed = 0
+        self.calls_ok = 0
+        self.calls_failed = 0
+        self._outlier = outlier
+        self._spec: HealthCheckSpec | None = None
+        self._ok_streak = 0
+        self._fail_streak = 0
+        self._fail_detail = ""
+        self._ttl_deadline = 0.0
+        self._published = True  # the availability last announced through on_change
+
+    def __repr__(self) -> str:
+        return (
+            f"<EndpointHealth {self.endpoint_id} active_ok={self.active_ok} ejected_until={self.ejected_until:.1f} "
+            f"inflight={self.inflight} detail={self.last_detail!r}>"
+        )
+
+    def available(self, now: float) -> bool:
+        """Usable for calls: healthy by active checks (or none) and not ejected by outlier detection."""
+        return self.active_ok and now >= self.ejected_until
+
+    def reason(self, now: float) -> str:
+        """Why it is (un)available, for `edged status` and resolve: "healthy", "unhealthy: HTTP 503 (2 checks)"."""
+        if not self.active_ok:
+            if self._fail_streak:
+                plural = "s" if self._fail_streak != 1 else ""
+                return f"unhealthy: {self._fail_detail} ({self._fail_streak} check{plural})"
+            if self._ok_streak and self._spec is not None:
+                return f"unhealthy: {self._fail_detail} ({self._ok_streak}/{self._spec.rise} ok checks)"
+            return f"unhealthy: {self._fail_detail}"
+        if now < self.ejected_until:
+            return f"ejected {self.ejected_until - now:.1f}s more: {self._outlier.reason}"
+        return "healthy"
+
+
+class HealthMonitor:
+    """Owns the check tasks and the TTL/ejection sweeper; keeps one EndpointHealth per endpoint id.
+
+    `on_change(endpoint, available, reason)` is called whenever an endpoint's availability flips, and
+    `version` bumps with it so that the policy can cache rankings on it.
+    """
+
+    def __init__(
+        self,
+        *,
+        outlier: OutlierConfig = _DEFAULT_OUTLIER,
+        clock: Callable[[], float] = time.monotonic,
+        on_change: OnChange | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.version = 0
+        self._outlier_config = outlier
+        self._clock = clock
+        self._on_change = on_change
+        self._ssl_context = ssl_context
+        self._states: dict[str, EndpointHealth] = {}
+        self._endpoints: dict[str, Endpoint] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}  # endpoint id -> its check loop
+        self._retiring: set[asyncio.Task[None]] = set()  # cancelled, awaited by close()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        down = sum(1 for h in self._states.values() if not h.available(self._clock()))
+        return f"<HealthMonitor endpoints={len(self._states)} down={down} tasks={len(self._tasks)} v{self.version}>"
+
+    # -- membership ---------------------------------------------------------------------------------------
+
+    def sync(self, services: Iterable[Service]) -> None:
+        """Follow a registry snapshot: start checks of new endpoints, stop those of gone ones, keep the rest.
+
+        Must be called from the event loop. A changed HealthCheckSpec for an id restarts its check.
+        """
+        if self._closed:
+            return
+        now = self._clock()
+        seen: dict[str, tuple[Endpoint, HealthCheckSpec | None]] = {}
+        for service in services:
+            for endpoint in service.endpoints:
+                seen[endpoint.id] = (endpoint, service.spec.health_check)
+        for endpoint_id in [i for i in self._states if i not in seen]:
+            self._stop_task(endpoint_id)
+            del self._states[endpoint_id]
+            self._endpoints.pop(endpoint_id, None)
+        for endpoint_id, (endpoint, spec) in seen.items():
+            old = self._endpoints.get(endpoint_id)
+            self._endpoints[endpoint_id] = endpoint
+            h = self._states.get(endpoint_id)
+            if h is None:
+                h = self._states[endpoint_id] = self._new_state(endpoint_id)
+            elif (
+                h._spec == spec
+                and old is not None
+                and (old.target, old.url) == (endpoint.target, endpoint.url)  # meta changes need no new check
+                and (endpoint_id in self._tasks or not _needs_task(endpoint, spec))
+            ):
+                continue
+            self._stop_task(endpoint_id)
+            self._set_spec(endpoint, h, spec, now)
+            if _needs_task(endpoint, spec):
+                assert spec is not None
+                self._tasks[endpoint_id] = asyncio.get_running_loop().create_task(
+                    self._check_loop(endpoint, h, spec), name=f"edged-health:{endpoint_id}"
+                )
+        self._ensure_sweeper()
+
+    def state(self, endpoint_id: str) -> EndpointHealth:
+        """The health of an endpoint; an unknown id gets a default (healthy) state."""
+        h = self._states.get(endpoint_id)
+        if h is None:
+            h = self._states[endpoint_id] = self._new_state(endpoint_id)
+        return h
+
+    # -- reports -------------------------------------------------------------------------------------------
+
+    def heartbeat(self, endpoint_id: str) -> None:
+        """A TTL heartbeat: the endpoint stays healthy for one more ttl. Ignored for endpoints without a TTL check."""
+        h = self._states.get(endpoint_id)
+        if h is None or h._spec is None or h._spec.kind != "ttl":
+            return
+        now = self._clock()
+        h._ttl_deadline = now + (h._spec.ttl or 0.0)
+        h.checks_ok += 1
+        h.last_detail = "heartbeat"
+        if not h.active_ok:
+            h.active_ok = True
+            h._fail_streak = 0
+            self._publish(h, now)
+
+    def call_started(self, endpoint_id: str) -> None:
+        """A call to the endpoint began (for in-flight counts and stall detection)."""
+        h = self.state(endpoint_id)
+        if h.inflight == 0:
+            h.busy_since = self._clock()
+        h.inflight += 1
+
+    def call_finished(
+        self,
+        endpoint: Endpoint,
+        service: Service,
+        ok: bool,
+        latency: float | None,
+        *,
+        answered: bool | None = None,
+        detail: str | None = None,
+    ) -> None:
+        """A call ended. ok=False for connect errors, resets, timeouts and 5xx; feeds outlier detection.
+
+        `answered` says whether the endpoint sent a response at all (a 5xx did, a timeout did not) and drives
+        stall detection; by default a call answered when it was ok or has a latency (the router measures one
+        only for responses). `latency` (seconds) feeds the EWMA when given.
+        """
+        now = self._clock()
+        h = self.state(endpoint.id)
+        if h.inflight > 0:
+            h.inflight -= 1
+        if (ok or latency is not None) if answered is None else answered:
+            h.last_response_at = now
+        if latency is not None:
+            h.latency_ewma = (
+                latency if h.latency_ewma is None else h.latency_ewma + _EWMA_ALPHA * (latency - h.latency_ewma)
+            )
+        outlier = h._outlier
+        if ok:
+            h.calls_ok += 1
+            h.last_detail = detail or "call ok"
+            outlier.success()
+            return
+        h.calls_failed += 1
+        h.last_detail = detail or "call failed"
+        if outlier.failure(self._others_available(endpoint.id, service, now)):
+            h.ejected_until = outlier.ejected_until
+            self._endpoints.setdefault(endpoint.id, endpoint)  # so that the sweeper can announce its return
+            self._publish(h, now, endpoint)
+            self._wake.set()  # the sweeper announces the end of the ejection
+            self._ensure_sweeper()
+
+    def stalled(self, endpoint_id: str, now: float, threshold: float) -> bool:
+        """Calls are in flight and nothing came back for `threshold` seconds (a frozen endpoint)."""
+        h = self._states.get(endpoint_id)
+        if h is None or h.inflight <= 0:
+            return False
+        return now - max(h.busy_since, h.last_response_at) >= threshold
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Cancel and await every check task and the sweeper (running check commands are killed)."""
+        self._closed = True
+        for endpoint_id in list(self._tasks):
+            self._stop_task(endpoint_id)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._retiring.add(self._sweeper)
+            self._sweeper = None
+        tasks = list(self._retiring)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self._retiring.clear()
+
+    def sweep(self) -> float | None:
+        """Expire TTLs and ejections that are over; return the next deadline (clock time) or None.
+
+        The sweeper task calls this; tests may call it directly with a controlled clock.
+        """
+        now = self._clock()
+        nxt: float | None = None
+        for endpoint_id, h in list(self._states.items()):
+            spec = h._spec
+            if spec is not None and spec.kind == "ttl" and h.active_ok:
+                if now >= h._ttl_deadline:
+                    h.active_ok = False
+                    h.checks_failed += 1
+                    h._fail_streak = 0
+                    h._fail_detail = h.last_detail = f"no heartbeat for {spec.ttl:g}s"
+                    self._publish(h, now, self._endpoints.get(endpoint_id))
+                elif nxt is None or h._ttl_deadline < nxt:
+                    nxt = h._ttl_deadline
+            if h.ejected_until:
+                if h._outlier.expire():
+                    h.ejected_until = 0.0
+                    self._publish(h, now, self._endpoints.get(endpoint_id))
+                elif nxt is None or h.ejected_until < nxt:
+                    nxt = h.ejected_until
+        return nxt
+
+    # -- internals -----------------------------------------------------------------------------------------
+
+    def _new_state(self, endpoint_id: str) -> EndpointHealth:
+        return EndpointHealth(endpoint_id, Outlier(self._outlier_config, self._clock))
+
+    def _set_spec(self, endpoint: Endpoint, h: EndpointHealth, spec: HealthCheckSpec | None, now: float) -> None:
+        """Adopt a (new or changed) check spec: streaks start over; no check or a TTL check starts healthy."""
+        h._spec = spec
+        h._ok_streak = h._fail_streak = 0
+        if spec is None or spec.kind == "ttl" or endpoint.target is None:
+            if spec is not None and spec.kind == "ttl":
+                h._ttl_deadline = now + (spec.ttl or 0.0)  # one ttl of grace for the first heartbeat
+                self._wake.set()
+            elif spec is not None:
+                h.last_detail = "not checked"
+            h.active_ok = True
+            self._publish(h, now, endpoint)
+
+    def _stop_task(self, endpoint_id: str) -> None:
+        task = self._tasks.pop(endpoint_id, None)
+        if task is not None:
+            task.cancel()
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+
+    def _ensure_sweeper(self) -> None:
+        if self._sweeper is not None or self._closed:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (pure use from tests): availability is still exact, only the announcements wait
+        self._sweeper = loop.create_task(self._sweep_loop(), name="edged-health:sweeper")
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            try:
+                nxt = self.sweep()
+            except Exception:
+                log.exception("health sweep failed")
+                nxt = None
+            delay = _SWEEP_MAX_SLEEP if nxt is None else min(_SWEEP_MAX_SLEEP, max(0.0, nxt - self._clock()))
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+
+    async def _check_loop(self, endpoint: Endpoint, h: EndpointHealth, spec: HealthCheckSpec) -> None:
+        """Probe forever: at once, then at a random offset (spreads endpoints), then every interval;
+        every interval/4 (not below 0.1 s) while a state change is pending."""
+        first = True
+        while True:
+            try:
+                result = await run_check(spec, endpoint, ssl_context=self._ssl_context)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.exception("health check of %s failed", endpoint.id)
+                result = CheckResult(ok=False, detail=f"check error: {exc!r}"[:200], latency=0.0)
+            try:
+                pending = self._apply_check(endpoint, h, spec, result)
+            except Exception:
+                log.exception("applying the health check of %s failed", endpoint.id)
+                pending = False
+            if pending:
+                delay = max(_FAST_PROBE_MIN, spec.interval / 4)
+            elif first:
+                delay = random.uniform(0.0, spec.interval)
+            else:
+                delay = spec.interval
+            first = False
+            await asyncio.sleep(delay)
+
+    def _apply_check(self, endpoint: Endpoint, h: EndpointHealth, spec: HealthCheckSpec, result: CheckResult) -> bool:
+        """Count one check result through rise/fall; True while a state change is pending (probe faster)."""
+        now = self._clock()
+        h.last_detail = result.detail
+        if result.ok:
+            h.checks_ok += 1
+            h._ok_streak += 1
+            h._fail_streak = 0
+            if result.latency > 0:
+                ewma = h.latency_ewma
+                h.latency_ewma = result.latency if ewma is None else ewma + _EWMA_ALPHA * (result.latency - ewma)
+            if not h.active_ok and h._ok_streak >= spec.rise:
+                h.active_ok = True
+        else:
+            h.checks_failed += 1
+            h._fail_streak += 1
+            h._ok_streak = 0
+            h._fail_detail = result.detail
+            if h.active_ok and h._fail_streak >= spec.fall:
+                h.active_ok = False
+        if h._outlier.active_check(result.ok, spec.rise):
+            h.ejected_until = 0.0
+        self._publish(h, now, endpoint)
+        pending = 0 < h._fail_streak < spec.fall if h.active_ok else 0 < h._ok_streak < spec.rise
+        return pending or (h.ejected_until > now and h._ok_streak > 0)
+
+    def _others_available(self, endpoint_id: str, service: Service, now: float) -> int:
+        count = 0
+        for other in service.endpoints:
+            if other.id != endpoint_id:
+                h = self._states.get(other.id)
+                if h is None or h.available(now):
+                    count += 1
+        return count
+
+    def _publish(self, h: EndpointHealth, now: float, endpoint: Endpoint | None = None) -> None:
+        """Announce an availability flip (once per flip): bump the version and call on_change."""
+        available = h.available(now)
+        if available == h._published:
+            return
+        h._published = available
+        self.version += 1
+        if self._on_change is None:
+            return
+        endpoint = self._endpoints.get(h.endpoint_id) or endpoint  # the latest synced copy
+        if endpoint is None:
+            return
+        try:
+            self._on_change(endpoint, available, h.reason(now))
+        except Exception:
+            log.exception("health on_change hook failed for %s", h.endpoint_id)
+
+
+def _needs_task(endpoint: Endpoint, spec: HealthCheckSpec | None) -> bool:
+    """A check task runs for http/tcp/command checks of endpoints we can reach over HTTP (not cloud)."""
+    return spec is not None and spec.kind != "ttl" and endpoint.target is not None

@@ -1,0 +1,131 @@
+"""Passive outlier detection: calls that fail in a row eject an endpoint for a while (Envoy's consecutive_5xx).
+
+Pure logic over an injected clock; the request path reports results through HealthMonitor.call_finished.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierConfig:
+    """When calls eject an endpoint, and for how long (seconds)."""
+
+    consecutive_failures: int = 3
+    base_ejection: float = 10.0
+    max_ejection: float = 300.0
+
+
+class Outlier:
+    """Ejection state of one endpoint.
+
+    The n-th recent ejection lasts base_ejection * n, capped at max_ejection; n drops by one for each full
+    max_ejection period spent without an ejection. An ejection ends when its time is over (`expire`) or,
+    earlier, after `rise` consecutive successful active checks (`active_check`).
+    """
+
+    __slots__ = (
+        "_active_streak",
+        "_clock",
+        "_config",
+        "_decay_from",
+        "_ejections",
+        "consecutive_failures",
+        "ejected_until",
+        "reason",
+    )
+
+    def __init__(self, config: OutlierConfig = OutlierConfig(), clock: Callable[[], float] = time.monotonic) -> None:
+        self._config = config
+        self._clock = clock
+        self.consecutive_failures = 0
+        self.ejected_until = 0.0  # clock time; 0.0 = not ejected
+        self.reason = ""  # why the current or last ejection happened: "3 failed calls"
+        self._ejections = 0
+        self._decay_from = 0.0  # when the current ejection-free stretch began
+        self._active_streak = 0  # ok active checks since the ejection began
+
+    def __repr__(self) -> str:
+        return (
+            f"<Outlier failures={self.consecutive_failures} ejections={self.ejections} "
+            f"ejected={self.ejected()} until={self.ejected_until:.1f}>"
+        )
+
+    @property
+    def ejections(self) -> int:
+        """How many times the endpoint was ejected recently (after decay)."""
+        self._decay(self._clock())
+        return self._ejections
+
+    def ejected(self) -> bool:
+        return self._clock() < self.ejected_until
+
+    def remaining(self) -> float:
+        """Seconds of the current ejection still to serve (0.0 when not ejected)."""
+        return max(0.0, self.ejected_until - self._clock())
+
+    def success(self) -> None:
+        """A call succeeded: the failure streak starts over."""
+        self.consecutive_failures = 0
+
+    def failure(self, others_available: int) -> bool:
+        """A call failed; True when this failure ejected the endpoint.
+
+        `others_available` is how many other endpoints of the service are available now: with none left,
+        the endpoint is never ejected (a degraded endpoint beats no endpoint); the streak is kept, so the
+        next failure ejects once another endpoint is back.
+        """
+        now = self._clock()
+        if now < self.ejected_until:
+            return False  # calls that were in flight when it was ejected
+        self.consecutive_failures += 1
+        if self.consecutive_failures < self._config.consecutive_failures or others_available <= 0:
+            return False
+        self._decay(now)
+        self._ejections += 1
+        cfg = self._config
+        self.ejected_until = now + min(cfg.base_ejection * self._ejections, cfg.max_ejection)
+        self._decay_from = self.ejected_until
+        self.reason = f"{self.consecutive_failures} failed calls"
+        self.consecutive_failures = 0
+        self._active_streak = 0
+        return True
+
+    def active_check(self, ok: bool, rise: int) -> bool:
+        """An active check finished; True when `rise` ok checks in a row ended the ejection early."""
+        now = self._clock()
+        if now >= self.ejected_until:
+            self._active_streak = 0
+            return False
+        if not ok:
+            self._active_streak = 0
+            return False
+        self._active_streak += 1
+        if self._active_streak < rise:
+            return False
+        self._uneject(now)
+        return True
+
+    def expire(self) -> bool:
+        """Clear an ejection whose time is over; True when one was cleared (the endpoint is back)."""
+        if self.ejected_until == 0.0 or self._clock() < self.ejected_until:
+            return False
+        self.ejected_until = 0.0
+        self._active_streak = 0
+        return True
+
+    def _uneject(self, now: float) -> None:
+        self.ejected_until = 0.0
+        self._decay_from = now
+        self._active_streak = 0
+
+    def _decay(self, now: float) -> None:
+        if not self._ejections or now < self.ejected_until:
+            return
+        periods = int((now - self._decay_from) // self._config.max_ejection)
+        if periods > 0:
+            self._ejections = max(0, self._ejections - periods)
+            self._decay_from += periods * self._config.max_ejection

@@ -1,0 +1,300 @@
+"""Active checks against real servers on 127.0.0.1 and real shell commands."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from edged.health.checks import CheckResult, run_check
+from edged.model import Endpoint, HealthCheckSpec, Target, parse_target
+
+
+class HttpServer:
+    """A tiny HTTP server answering every request with `status`; records request heads."""
+
+    def __init__(self, status: int = 200) -> None:
+        self.status = status
+        self.requests: list[bytes] = []
+        self.server: asyncio.base_events.Server | None = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            self.requests.append(head)
+            writer.write(f"HTTP/1.1 {self.status} X\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi".encode())
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def start_tcp(self) -> int:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def start_unix(self, path: str) -> None:
+        self.server = await asyncio.start_unix_server(self._handle, path)
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+
+def endpoint(url: str, service: str = "thermo") -> Endpoint:
+    target = parse_target(url) if url.startswith(("http", "unix")) else None
+    return Endpoint(
+        id=f"{service}@{url}",
+        service=service,
+        tenant="default",
+        tier="local",
+        url=url,
+        priority=1,
+        weight=100,
+        source="manifest",
+        target=target,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def process_gone(pid: int) -> bool:
+    """Gone or a zombie waiting for a reaper that is not us (the shell's children are re-parented)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+async def wait_until(cond, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+HTTP = HealthCheckSpec(kind="http", http_path="/healthz", timeout=1.0)
+
+
+def test_http_ok_sends_a_proper_request() -> None:
+    async def main() -> tuple[CheckResult, bytes]:
+        server = HttpServer(200)
+        port = await server.start_tcp()
+        try:
+            result = await run_check(HTTP, endpoint(f"http://127.0.0.1:{port}/api"))
+        finally:
+            await server.stop()
+        return result, server.requests[0]
+
+    result, head = asyncio.run(main())
+    assert result.ok and result.detail == "HTTP 200" and result.latency > 0
+    lines = head.decode().split("\r\n")
+    assert lines[0] == "GET /api/healthz HTTP/1.1"
+    assert "Connection: close" in lines and "User-Agent: edged-health" in lines
+    assert any(line.startswith("Host: 127.0.0.1:") for line in lines)
+
+
+def test_http_status_decides() -> None:
+    async def main() -> list[CheckResult]:
+        results = []
+        for status in (503, 302, 404):
+            server = HttpServer(status)
+            port = await server.start_tcp()
+            try:
+                results.append(await run_check(HTTP, endpoint(f"http://127.0.0.1:{port}")))
+            finally:
+                await server.stop()
+        return results
+
+    r503, r302, r404 = asyncio.run(main())
+    assert (r503.ok, r503.detail) == (False, "HTTP 503")
+    assert (r302.ok, r302.detail) == (True, "HTTP 302")
+    assert (r404.ok, r404.detail) == (False, "HTTP 404")
+
+
+def test_http_over_unix_socket() -> None:
+    async def main(path: str) -> CheckResult:
+        server = HttpServer(200)
+        await server.start_unix(path)
+        try:
+            return await run_check(HTTP, endpoint(f"unix:{path}"))
+        finally:
+            await server.stop()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = asyncio.run(main(os.path.join(tmp, "s.sock")))
+    assert result.ok and result.detail == "HTTP 200"
+
+
+def test_http_server_that_never_answers_times_out() -> None:
+    with socket.socket() as listener:  # accepts into the backlog, never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        port = listener.getsockname()[1]
+        spec = HealthCheckSpec(kind="http", http_path="/healthz", timeout=0.2)
+        result = asyncio.run(run_check(spec, endpoint(f"http://127.0.0.1:{port}")))
+    assert (result.ok, result.detail) == (False, "timeout 200ms")
+
+
+def test_closed_port_and_missing_socket_are_refused() -> None:
+    port = free_port()
+    http = asyncio.run(run_check(HTTP, endpoint(f"http://127.0.0.1:{port}")))
+    tcp = asyncio.run(run_check(HealthCheckSpec(kind="tcp"), endpoint(f"http://127.0.0.1:{port}")))
+    unix = asyncio.run(run_check(HTTP, endpoint("unix:/nonexistent/edged-test.sock")))
+    assert (http.ok, http.detail) == (False, "connect refused")
+    assert (tcp.ok, tcp.detail) == (False, "connect refused")
+    assert not unix.ok and unix.detail.startswith("connect failed")
+
+
+def test_closed_without_answer_and_garbage() -> None:
+    async def serve(answer: bytes) -> CheckResult:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(answer)
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            return await run_check(HTTP, endpoint(f"http://127.0.0.1:{port}"))
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    empty = asyncio.run(serve(b""))
+    garbage = asyncio.run(serve(b"SSH-2.0-OpenSSH\r\n"))
+    assert (empty.ok, empty.detail) == (False, "closed without answer")
+    assert not garbage.ok and garbage.detail.startswith("bad response")
+
+
+def test_tcp_connects() -> None:
+    async def main() -> CheckResult:
+        server = HttpServer()
+        port = await server.start_tcp()
+        try:
+            return await run_check(HealthCheckSpec(kind="tcp"), endpoint(f"http://127.0.0.1:{port}"))
+        finally:
+            await server.stop()
+
+    result = asyncio.run(main())
+    assert result.ok and result.detail == "connected"
+
+
+def test_cloud_endpoint_and_bad_port_are_not_errors() -> None:
+    cloud = asyncio.run(run_check(HTTP, endpoint("mqtt:thermo")))
+    assert (cloud.ok, cloud.detail) == (True, "not checked")
+    bad = Endpoint(
+        id="x",
+        service="s",
+        tenant="default",
+        tier="local",
+        url="http://127.0.0.1:70000",
+        priority=1,
+        weight=1,
+        source="manifest",
+        target=Target(kind="tcp", host="127.0.0.1", port=70000),
+    )
+    result = asyncio.run(run_check(HealthCheckSpec(kind="tcp"), bad))
+    assert not result.ok and result.detail.startswith("bad address")
+
+
+def command(cmd: str, timeout: float = 2.0) -> HealthCheckSpec:
+    return HealthCheckSpec(kind="command", command=cmd, timeout=timeout)
+
+
+def test_command_exit_status_and_stderr() -> None:
+    ep = endpoint("http://127.0.0.1:8080")
+    ok = asyncio.run(run_check(command("true"), ep))
+    failed = asyncio.run(run_check(command("false"), ep))
+    loud = asyncio.run(run_check(command("echo boom >&2; head -c 5000 /dev/zero >&2; exit 3"), ep))
+    assert (ok.ok, ok.detail) == (True, "exit 0")
+    assert (failed.ok, failed.detail) == (False, "exit 1")
+    assert not loud.ok and loud.detail.startswith("exit 3: boom")
+    assert len(loud.detail) <= len("exit 3: ") + 200
+
+
+def test_command_sees_the_endpoint_in_its_environment() -> None:
+    ep = endpoint("http://127.0.0.1:8080")
+    cmd = (
+        'test "$EDGED_SERVICE" = thermo && test "$EDGED_ENDPOINT_HOST" = 127.0.0.1 '
+        '&& test "$EDGED_ENDPOINT_PORT" = 8080 && test "$EDGED_ENDPOINT_URL" = http://127.0.0.1:8080 '
+        '&& test -n "$PATH"'
+    )
+    result = asyncio.run(run_check(command(cmd), ep))
+    assert result.ok, result.detail
+
+
+def test_command_timeout_kills_the_shell_and_its_children() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        pids = Path(tmp, "pids")
+        cmd = f"sleep 30 & echo $$ $! > {pids}; wait"
+        result = asyncio.run(run_check(command(cmd, timeout=0.5), endpoint("http://127.0.0.1:1")))
+        shell, child = (int(p) for p in pids.read_text().split())
+    assert (result.ok, result.detail) == (False, "timeout 500ms")
+    assert process_gone(shell)  # killed and awaited by the check: no zombie of ours
+
+    async def reaped() -> None:  # the grandchild was killed too (else it lives 30 s)
+        await wait_until(lambda: process_gone(child))
+
+    asyncio.run(reaped())
+
+
+def test_cancelled_command_check_leaves_no_process() -> None:
+    async def main(pidfile: Path) -> None:
+        task = asyncio.ensure_future(
+            run_check(command(f"echo $$ > {pidfile}; exec sleep 30", timeout=10), endpoint("http://127.0.0.1:1"))
+        )
+        await wait_until(lambda: pidfile.exists() and pidfile.read_text().strip() != "")
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    with tempfile.TemporaryDirectory() as tmp:
+        asyncio.run(main(Path(tmp, "pid")))
+        pid = int(Path(tmp, "pid").read_text())
+    assert process_gone(pid)
+
+
+def make_cert(tmp: str) -> tuple[str, str]:
+    cert, key = os.path.join(tmp, "c.pem"), os.path.join(tmp, "k.pem")
+    args = "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 -subj /CN=127.0.0.1"
+    args += " -addext subjectAltName=IP:127.0.0.1"
+    subprocess.run(["openssl", *args.split(), "-keyout", key, "-out", cert], check=True, capture_output=True)
+    return cert, key
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl tool to make a certificate")
+def test_https_target_uses_the_given_tls_context() -> None:
+    async def main(cert: str, key: str) -> tuple[CheckResult, CheckResult]:
+        server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server_tls.load_cert_chain(cert, key)
+        client_tls = ssl.create_default_context(cafile=cert)
+        server = HttpServer(200)
+        server.server = await asyncio.start_server(server._handle, "127.0.0.1", 0, ssl=server_tls)
+        port = server.server.sockets[0].getsockname()[1]
+        try:
+            trusted = await run_check(HTTP, endpoint(f"https://127.0.0.1:{port}"), ssl_context=client_tls)
+            untrusted = await run_check(HTTP, endpoint(f"https://127.0.0.1:{port}"))
+        finally:
+            await server.stop()
+        return trusted, untrusted
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trusted, untrusted = asyncio.run(main(*make_cert(tmp)))
+    assert (trusted.ok, trusted.detail) == (True, "HTTP 200")
+    assert not untrusted.ok and untrusted.detail.startswith("tls error"), untrusted.detail
