@@ -1,0 +1,600 @@
+"""HTTP/1.1 upstream client: pooled keep-alive connections per target, streamed response bodies.
+
+Built on asyncio Protocols and httptools with no task per request: the response head arrives through a future
+guarded by a `call_later` timer, and body chunks through a small buffer that pauses the socket when it fills.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+
+import httptools
+
+from edged.errors import ConnectFailed, UpstreamError, UpstreamProtocolError, UpstreamReset, UpstreamTimeout
+from edged.http.message import Headers
+from edged.model import Target
+
+_HIGH_WATER = 256 * 1024  # unread body bytes above which the upstream socket stops being read
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # send Content-Length: 0 for these even with no body
+_SKIP_REQUEST_HEADERS = frozenset({b"content-length", b"transfer-encoding"})
+
+# Connection states in the pool.
+_BUSY, _IDLE, _GONE = 0, 1, 2
+
+
+class _Stale(Exception):
+    """A reused connection died before any byte of the answer: the request can be sent again on a new one."""
+
+
+class UpstreamResponse:
+    """Status and headers of an upstream answer; the body is read with `read()` until it returns b""."""
+
+    __slots__ = (
+        "_buffered",
+        "_chunks",
+        "_conn",
+        "_error",
+        "_waiter",
+        "complete",
+        "content_length",
+        "headers",
+        "reason",
+        "status",
+    )
+
+    def __init__(
+        self,
+        status: int,
+        reason: bytes,
+        headers: Headers,
+        content_length: int | None,
+        conn: _UpstreamConnection,
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers  # names lower-cased, as received
+        self.content_length = content_length  # None when chunked or close-delimited
+        self.complete = False  # the whole body has been received
+        self._conn: _UpstreamConnection | None = conn
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._error: UpstreamError | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<UpstreamResponse {self.status} complete={self.complete} buffered={self._buffered}>"
+
+    def header(self, name: bytes) -> bytes | None:
+        """First value of the header `name` (lower-case), or None."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    async def read(self) -> bytes:
+        """The body received so far and not yet read; b"" at the end.
+
+        UpstreamReset if the connection breaks mid-body; UpstreamTimeout if nothing arrives for the pool's
+        body_timeout (the connection is closed then).
+        """
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            conn = self._conn
+            if self.complete or conn is None:
+                return b""
+            loop = conn._loop
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_later(conn._pool._body_timeout, self._on_timeout, waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                self.discard()  # nobody will read the rest
+                raise
+            finally:
+                timer.cancel()
+                self._waiter = None
+        chunks = self._chunks
+        self._chunks = []
+        self._buffered = 0
+        conn = self._conn
+        if conn is not None and conn._read_paused:
+            conn._resume()
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def discard(self) -> None:
+        """The caller will not read (the rest of) the body: close the connection unless the body is complete."""
+        conn = self._conn
+        self._conn = None
+        self._chunks = []
+        self._buffered = 0
+        if conn is not None and not self.complete:
+            conn._response = None
+            conn._abort()
+
+    # -- fed by the connection --
+
+    def _feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered > _HIGH_WATER and self._conn is not None:
+            self._conn._pause()
+        self._wake()
+
+    def _finish(self) -> None:
+        self.complete = True
+        self._conn = None
+        self._wake()
+
+    def _fail(self, error: UpstreamError) -> None:
+        if self._error is None:
+            self._error = error
+        self._conn = None
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _on_timeout(self, waiter: asyncio.Future[None]) -> None:
+        if waiter.done():
+            return
+        conn = self._conn
+        key = conn._key if conn is not None else "?"
+        body_timeout = conn._pool._body_timeout if conn is not None else 0.0
+        self._fail(UpstreamTimeout(key, f"no body data for {body_timeout:g}s"))
+        if conn is not None:
+            conn._abort()
+
+
+class _UpstreamConnection(asyncio.Protocol):
+    """One connection to an upstream: sends a request, parses its answer with a fresh parser, then goes idle."""
+
+    def __init__(self, pool: UpstreamPool, key: str, loop: asyncio.AbstractEventLoop) -> None:
+        self._pool = pool
+        self._key = key
+        self._loop = loop
+        self._transport: asyncio.Transport | None = None
+        self._state = _GONE  # _BUSY once connected and counted
+        self._closed = False
+        self._reused = False
+        self._idle_since = 0.0
+        self._read_paused = False
+        # Per-exchange state.
+        self._parser: httptools.HttpResponseParser | None = None
+        self._head_waiter: asyncio.Future[UpstreamResponse] | None = None
+        self._response: UpstreamResponse | None = None
+        self._head_only = False  # HEAD: the answer ends with its head
+        self._got_bytes = False
+        self._done = False  # the answer is complete
+        self._garbage = False  # bytes after the answer: do not reuse
+        self._keep_alive = False
+        self._close_delimited = False
+        self._interim = False  # parsing a 1xx answer, which is skipped
+        self._reason: list[bytes] = []
+        self._headers: Headers = []
+
+    # -- exchange --
+
+    def _begin(self, waiter: asyncio.Future[UpstreamResponse], head_only: bool) -> None:
+        self._parser = httptools.HttpResponseParser(self)
+        self._head_waiter = waiter
+        self._response = None
+        self._head_only = head_only
+        self._got_bytes = False
+        self._done = False
+        self._garbage = False
+        self._close_delimited = False
+        self._interim = False
+        self._reason = []
+        self._headers = []
+
+    def _on_head_timeout(self, timeout: float) -> None:
+        waiter = self._head_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(UpstreamTimeout(self._key, f"no answer head within {timeout:g}s"))
+            self._abort()
+
+    def _end_exchange(self) -> None:
+        """The answer is complete: keep the connection for the next request, or close it."""
+        self._parser = None
+        self._head_waiter = None
+        response = self._response
+        self._response = None
+        if response is not None:
+            response._finish()
+        if self._keep_alive and not self._garbage and not self._close_delimited:
+            self._resume()
+            self._pool._release(self)
+        else:
+            self._close()
+
+    # -- transport callbacks --
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]  # uvloop transports are not asyncio.Transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        parser = self._parser
+        if parser is None:  # nothing asked: the upstream talks out of turn
+            self._abort()
+            return
+        self._got_bytes = True
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._protocol_error("upgrade answers are not supported")
+            return
+        except httptools.HttpParserError as exc:
+            self._protocol_error(f"not an HTTP/1.x answer: {exc}")
+            return
+        if self._done:
+            self._end_exchange()
+
+    def eof_received(self) -> bool:
+        return False  # close our side too; connection_lost settles the exchange
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._pool._drop(self)
+        waiter = self._head_waiter
+        if waiter is not None and not waiter.done():
+            if self._reused and not self._got_bytes:
+                waiter.set_exception(_Stale())
+            else:
+                detail = "connection closed before a full answer head"
+                if exc is not None:
+                    detail = f"{detail}: {exc}"
+                waiter.set_exception(UpstreamReset(self._key, detail))
+        response = self._response
+        if response is not None and not self._done:
+            if self._close_delimited:
+                response._finish()
+            else:
+                response._fail(UpstreamReset(self._key, "connection closed mid-body"))
+        self._response = None
+        self._head_waiter = None
+        self._parser = None
+
+    # -- parser callbacks --
+
+    def on_message_begin(self) -> None:
+        if self._done:
+            self._garbage = True
+
+    def on_status(self, status: bytes) -> None:
+        self._reason.append(status)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        if self._done:
+            return
+        parser = self._parser
+        assert parser is not None
+        status = parser.get_status_code()
+        if status < 200:
+            self._interim = True  # 1xx: skipped; the real answer follows
+            return
+        headers = self._headers
+        content_length: int | None = None
+        chunked = False
+        for name, value in headers:
+            if name == b"content-length":
+                with contextlib.suppress(ValueError):
+                    content_length = int(value)
+            elif name == b"transfer-encoding":
+                chunked = b"chunked" in value.lower()
+        no_body = self._head_only or status == 204 or status == 304  # HEAD and 304 keep their announced length
+        self._keep_alive = parser.should_keep_alive()
+        self._close_delimited = not no_body and not chunked and content_length is None
+        reason = self._reason
+        response = UpstreamResponse(
+            status,
+            reason[0] if len(reason) == 1 else b"".join(reason),
+            headers,
+            None if (chunked or self._close_delimited) else content_length,
+            self,
+        )
+        self._response = response
+        if no_body:
+            self._done = True  # HEAD, 204, 304: what follows is not ours
+        waiter = self._head_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(response)
+
+    def on_body(self, body: bytes) -> None:
+        if self._done:
+            self._garbage = True
+            return
+        response = self._response
+        if response is not None:
+            response._feed(body)
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            self._reason = []
+            self._headers = []
+            return
+        self._done = True
+
+    # -- internals --
+
+    def _protocol_error(self, detail: str) -> None:
+        error = UpstreamProtocolError(self._key, detail)
+        waiter = self._head_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(error)
+        elif self._response is not None:
+            self._response._fail(error)
+        self._response = None
+        self._abort()
+
+    def _pause(self) -> None:
+        if not self._read_paused and self._transport is not None and not self._closed:
+            self._read_paused = True
+            self._transport.pause_reading()
+
+    def _resume(self) -> None:
+        if self._read_paused and self._transport is not None and not self._closed:
+            self._read_paused = False
+            self._transport.resume_reading()
+
+    def _close(self) -> None:
+        self._pool._drop(self)
+        if self._transport is not None and not self._closed:
+            self._transport.close()
+
+    def _abort(self) -> None:
+        self._pool._drop(self)
+        if self._transport is not None and not self._closed:
+            self._transport.abort()
+
+
+class UpstreamPool:
+    """Keep-alive connections per target (LIFO idle lists); `request` sends one request and returns its answer head."""
+
+    def __init__(
+        self, *, max_idle_per_target: int = 32, idle_timeout: float = 30.0, body_timeout: float = 60.0
+    ) -> None:
+        self._max_idle = max_idle_per_target
+        self._idle_timeout = idle_timeout
+        self._body_timeout = body_timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._idle: dict[str, list[_UpstreamConnection]] = {}
+        self._busy: dict[str, int] = {}
+        self._opened: dict[str, int] = {}
+        self._conns: set[_UpstreamConnection] = set()
+        self._host_headers: dict[str, bytes] = {}
+        self._sweep_timer: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<UpstreamPool {self.stats()}>"
+
+    async def request(
+        self,
+        target: Target,
+        method: str,
+        path: str,
+        headers: Headers,
+        body: bytes,
+        timeout: float,
+    ) -> UpstreamResponse:
+        """Send `method path` (path includes the query) to `target`; returns once the answer head is in.
+
+        `timeout` covers connect, send and the whole answer head. Raises ConnectFailed, UpstreamReset,
+        UpstreamTimeout or UpstreamProtocolError. The caller must read the body to b"" or call discard().
+        """
+        key = target.key
+        if target.tls:
+            raise UpstreamProtocolError(key, "https upstreams not supported yet")
+        if self._closed:
+            raise ConnectFailed(key, "upstream pool is closed")
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        data = self._serialize(target, key, method, path, headers, body)
+        head_only = method == "HEAD"
+        conn = self._take_idle(key, loop.time())
+        if conn is not None:
+            try:
+                return await self._exchange(conn, data, head_only, deadline, timeout)
+            except _Stale:
+                pass  # the upstream closed it while idle: send once more on a fresh connection
+        conn = await self._connect(target, key, loop, deadline, timeout)
+        return await self._exchange(conn, data, head_only, deadline, timeout)  # fresh: never _Stale
+
+    async def _exchange(
+        self, conn: _UpstreamConnection, data: bytes, head_only: bool, deadline: float, timeout: float
+    ) -> UpstreamResponse:
+        loop = conn._loop
+        waiter: asyncio.Future[UpstreamResponse] = loop.create_future()
+        conn._begin(waiter, head_only)
+        assert conn._transport is not None
+        conn._transport.write(data)
+        timer = loop.call_at(deadline, conn._on_head_timeout, timeout)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            conn._abort()
+            raise
+        finally:
+            timer.cancel()
+
+    async def _connect(
+        self, target: Target, key: str, loop: asyncio.AbstractEventLoop, deadline: float, timeout: float
+    ) -> _UpstreamConnection:
+        conn = _UpstreamConnection(self, key, loop)
+        if target.kind == "unix":
+            task = loop.create_task(loop.create_unix_connection(lambda: conn, target.path))
+        else:
+            task = loop.create_task(loop.create_connection(lambda: conn, target.host, target.port))
+        timed_out = False
+
+        def on_timeout() -> None:
+            nonlocal timed_out
+            timed_out = True
+            task.cancel()
+
+        timer = loop.call_at(deadline, on_timeout)
+        try:
+            await task
+        except asyncio.CancelledError:
+            if task.done() and not task.cancelled() and task.exception() is None:
+                task.result()[0].abort()  # connected just as we were cancelled
+            if timed_out:
+                raise ConnectFailed(key, f"connect timeout after {timeout:g}s") from None
+            raise
+        except OSError as exc:
+            raise ConnectFailed(key, exc.strerror or str(exc) or type(exc).__name__) from None
+        finally:
+            timer.cancel()
+        if self._closed:
+            conn._abort()
+            raise ConnectFailed(key, "upstream pool is closed")
+        self._conns.add(conn)
+        conn._state = _BUSY
+        self._busy[key] = self._busy.get(key, 0) + 1
+        self._opened[key] = self._opened.get(key, 0) + 1
+        return conn
+
+    def _serialize(self, target: Target, key: str, method: str, path: str, headers: Headers, body: bytes) -> bytes:
+        full = target.base_path + path if target.base_path else path or "/"
+        try:
+            raw_path = full.encode("latin-1")  # round-trips what the server decoded as latin-1
+        except UnicodeEncodeError:
+            raw_path = full.encode("utf-8")
+        parts = [method.encode("ascii"), b" ", raw_path, b" HTTP/1.1\r\n"]
+        has_host = False
+        for name, value in headers:
+            lname = name.lower()
+            if lname in _SKIP_REQUEST_HEADERS:
+                continue
+            if lname == b"host":
+                has_host = True
+            parts.append(b"".join((name, b": ", value, b"\r\n")))
+        if not has_host:
+            host = self._host_headers.get(key)
+            if host is None:
+                host = self._host_headers[key] = b"host: %s\r\n" % _encode_host(target.host_header)
+            parts.append(host)
+        if body or method in _BODY_METHODS:
+            parts.append(b"content-length: %d\r\n" % len(body))
+        parts.append(b"\r\n")
+        if body:
+            parts.append(body)
+        return b"".join(parts)
+
+    # -- pool bookkeeping --
+
+    def _take_idle(self, key: str, now: float) -> _UpstreamConnection | None:
+        idle = self._idle.get(key)
+        while idle:
+            conn = idle.pop()
+            transport = conn._transport
+            if conn._closed or transport is None or transport.is_closing():
+                conn._state = _GONE
+                continue
+            if now - conn._idle_since > self._idle_timeout:  # the newest is stale, so all are
+                conn._state = _GONE
+                conn._close()
+                for old in idle:
+                    old._state = _GONE
+                    old._close()
+                idle.clear()
+                return None
+            conn._state = _BUSY
+            conn._reused = True
+            self._busy[key] += 1
+            return conn
+        return None
+
+    def _release(self, conn: _UpstreamConnection) -> None:
+        if conn._state != _BUSY:
+            return
+        key = conn._key
+        self._busy[key] -= 1
+        idle = self._idle.setdefault(key, [])
+        if self._closed or conn._closed or len(idle) >= self._max_idle:
+            conn._state = _GONE
+            conn._close()
+            return
+        conn._state = _IDLE
+        conn._idle_since = conn._loop.time()
+        idle.append(conn)
+        if self._sweep_timer is None:
+            delay = min(5.0, max(0.05, self._idle_timeout / 4))
+            self._sweep_timer = conn._loop.call_later(delay, self._sweep_idle, delay)
+
+    def _drop(self, conn: _UpstreamConnection) -> None:
+        """Take `conn` out of the books (it is closing or closed)."""
+        state = conn._state
+        conn._state = _GONE
+        if state == _BUSY:
+            self._busy[conn._key] -= 1
+        elif state == _IDLE:
+            with contextlib.suppress(ValueError):
+                self._idle[conn._key].remove(conn)
+        if conn._closed:
+            self._conns.discard(conn)
+
+    def _sweep_idle(self, delay: float) -> None:
+        self._sweep_timer = None
+        if self._closed or self._loop is None:
+            return
+        cutoff = self._loop.time() - self._idle_timeout
+        left = False
+        for idle in self._idle.values():
+            while idle and idle[0]._idle_since < cutoff:  # oldest first
+                conn = idle.pop(0)
+                conn._state = _GONE
+                conn._close()
+            left = left or bool(idle)
+        if left:
+            self._sweep_timer = self._loop.call_later(delay, self._sweep_idle, delay)
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Per target key: idle and busy connections now, and connections opened in total."""
+        return {
+            key: {
+                "idle": len(self._idle.get(key, ())),
+                "busy": self._busy.get(key, 0),
+                "opened": opened,
+            }
+            for key, opened in self._opened.items()
+        }
+
+    async def close(self) -> None:
+        """Close every connection, idle or busy; requests in progress fail."""
+        self._closed = True
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
+            self._sweep_timer = None
+        for idle in self._idle.values():
+            for conn in idle:
+                conn._state = _GONE
+            idle.clear()
+        conns = list(self._conns)
+        for conn in conns:
+            conn._abort()
+        if conns:
+            await asyncio.sleep(0)  # let connection_lost run
+        self._conns.clear()
+
+
+def _encode_host(host: str) -> bytes:
+    try:
+        return host.encode("ascii")
+    except UnicodeEncodeError:
+        return host.encode("idna")

@@ -1,0 +1,57 @@
+"""HTTP/1.1 message values shared by the server and the upstream client, and hop-by-hop header rules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+Headers = list[tuple[bytes, bytes]]
+
+HOP_BY_HOP: frozenset[bytes] = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-connection",
+    }
+)
+
+
+@dataclass(slots=True)
+class Request:
+    """One parsed request, body buffered whole. Header names are lower-case; values and order are as received."""
+
+    method: str
+    target: str  # raw request target, e.g. "/svc/thermo/readings?x=1"
+    path: str  # target without the query, not percent-decoded
+    query: str  # without "?", "" if none
+    version: str  # "1.0" | "1.1"
+    headers: Headers
+    body: bytes
+    peer: str  # remote IP address, or "unix"
+    keep_alive: bool
+
+    def header(self, name: bytes) -> bytes | None:
+        """First value of the header `name` (lower-case), or None."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+
+def strip_hop_by_hop(headers: Headers) -> Headers:
+    """Headers fit to forward: without HOP_BY_HOP, those named in Connection, and content-length (callers reframe)."""
+    named: set[bytes] | None = None
+    for key, value in headers:
+        if key == b"connection":
+            if named is None:
+                named = set()
+            named.update(token.strip().lower() for token in value.split(b","))
+    if named:
+        return [(k, v) for k, v in headers if k not in HOP_BY_HOP and k != b"content-length" and k not in named]
+    return [(k, v) for k, v in headers if k not in HOP_BY_HOP and k != b"content-length"]

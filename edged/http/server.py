@@ -1,0 +1,665 @@
+"""HTTP/1.1 server on asyncio Protocols and httptools: buffered requests, streamed answers, one handler per connection.
+
+Each connection parses with llhttp (httptools) in `data_received`, queues complete requests, and answers them in
+order from one worker task that lives as long as the connection (no task per request). One periodic sweeper per
+server enforces the header, idle and lingering timeouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import grp
+import json
+import logging
+import os
+import socket
+import stat
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from urllib.parse import urlsplit
+
+import httptools
+
+from edged.errors import EdgedError
+from edged.http.message import Headers, Request
+
+log = logging.getLogger("edged.http.server")
+
+_MAX_QUEUED = 8  # pipelined requests waiting before we stop reading the socket
+_RESUME_QUEUED = 2
+_LINGER = 2.0  # seconds to keep reading (and dropping) input after an error answer, so the client sees it
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection", b"keep-alive"})
+_REASONS = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
+_STATUS_LINES: dict[int, bytes] = {}
+
+
+class ListenError(EdgedError):
+    """The server could not listen where it was told to."""
+
+
+class ClientDisconnected(EdgedError):
+    """The client went away while its answer was being written."""
+
+
+def _status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        line = b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown"))
+        if 100 <= status <= 999:
+            _STATUS_LINES[status] = line
+    return line
+
+
+def error_body(code: str, detail: object) -> bytes:
+    """The JSON body of every error the data plane answers: `{"error": code, "detail": detail}`."""
+    return json.dumps({"error": code, "detail": detail}, separators=(",", ":")).encode()
+
+
+class ResponseWriter:
+    """Writes one answer: `start` + `write`* + `end`, or `send` / `send_json` at once."""
+
+    __slots__ = ("_chunked", "_close", "_conn", "_head", "_left", "_no_body", "_version", "finished", "started")
+
+    def __init__(self, conn: _ServerConnection, request: Request) -> None:
+        self._conn = conn
+        self._head = request.method == "HEAD"
+        self._version = request.version
+        self._close = not request.keep_alive
+        self._chunked = False
+        self._no_body = False
+        self._left: int | None = None  # bytes still owed under a Content-Length
+        self.started = False
+        self.finished = False
+
+    def _build_head(self, status: int, headers: Headers, content_length: int | None) -> list[bytes]:
+        if self.started:
+            raise RuntimeError("response already started")
+        self.started = True
+        conn = self._conn
+        close = self._close or (conn._closing and (conn._server._shut or not conn._queue))
+        parts = [_status_line(status)]
+        for name, value in headers:
+            lname = name.lower()
+            if lname in _FRAMING:  # the writer owns framing; a handler may still ask to close
+                if lname == b"connection" and b"close" in value.lower():
+                    close = True
+                continue
+            parts.append(b"".join((name, b": ", value, b"\r\n")))
+        self._no_body = self._head or status < 200 or status == 204 or status == 304
+        if self._no_body:
+            if self._head and content_length is not None:
+                parts.append(b"content-length: %d\r\n" % content_length)
+        elif content_length is not None:
+            parts.append(b"content-length: %d\r\n" % content_length)
+            self._left = content_length
+        elif self._version == "1.1":
+            parts.append(b"transfer-encoding: chunked\r\n")
+            self._chunked = True
+        else:
+            close = True  # HTTP/1.0 without a length: the close ends the body
+        if close:
+            parts.append(b"connection: close\r\n")
+        elif self._version == "1.0":
+            parts.append(b"connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        self._close = close
+        return parts
+
+    def start(self, status: int, headers: Headers, *, content_length: int | None = None) -> None:
+        """Send status and headers. Without `content_length`: chunked (HTTP/1.1) or close-delimited (HTTP/1.0) body."""
+        self._conn._write(b"".join(self._build_head(status, headers, content_length)))
+
+    async def write(self, data: bytes) -> None:
+        """Send a piece of the body; waits while the client's socket is backed up. ClientDisconnected if it is gone."""
+        if not self.started or self.finished:
+            raise RuntimeError("write() outside start() .. end()")
+        conn = self._conn
+        if conn._closed:
+            raise ClientDisconnected("client closed the connection")
+        if not data or self._no_body:
+            return
+        if self._chunked:
+            conn._write(b"".join((b"%x\r\n" % len(data), data, b"\r\n")))
+        else:
+            if self._left is not None:
+                if len(data) > self._left:  # more than announced: cut it, and the connection can't be reused
+                    data = data[: self._left]
+                    self._close = True
+                self._left -= len(data)
+            conn._write(data)
+        if conn._write_paused:
+            await conn._drain()
+
+    def end(self) -> None:
+        """Finish the answer (the last chunk for chunked bodies). Calling it twice is harmless."""
+        if self.finished:
+            return
+        if not self.started:
+            raise RuntimeError("end() before start()")
+        self.finished = True
+        if self._chunked:
+            self._conn._write(b"0\r\n\r\n")
+        elif self._left:  # fewer bytes than announced: only closing tells the client
+            self._close = True
+
+    def send(self, status: int, headers: Headers, body: bytes) -> None:
+        """Send a whole answer at once, with Content-Length."""
+        parts = self._build_head(status, headers, len(body))
+        if body and not self._no_body:
+            parts.append(body)
+        self._left = None
+        self.finished = True
+        self._conn._write(b"".join(parts))
+
+    def send_json(self, status: int, obj: object, headers: Headers | tuple[tuple[bytes, bytes], ...] = ()) -> None:
+        """Send `obj` as an application/json answer."""
+        body = json.dumps(obj, separators=(",", ":")).encode()
+        self.send(status, [(b"content-type", b"application/json"), *headers], body)
+
+
+class _Fail:
+    """A queued error answer: the request could not be read; answer it in turn, then close."""
+
+    __slots__ = ("code", "detail", "status")
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        self.status = status
+        self.code = code
+        self.detail = detail
+
+
+class _Reject(Exception):
+    """Raised inside a parser callback to stop parsing; the answer is in `_ServerConnection._reject`."""
+
+
+class _ServerConnection(asyncio.Protocol):
+    """One client connection: parses requests, queues them, answers them in order from one worker task."""
+
+    def __init__(self, server: HttpServer, unix: bool) -> None:
+        self._server = server
+        self._loop = server._loop
+        self._unix = unix
+        self._transport: asyncio.Transport | None = None
+        self._peer = "unix"
+        self._parser = httptools.HttpRequestParser(self)
+        self._queue: collections.deque[Request | _Fail] = collections.deque()
+        self._worker: asyncio.Task[None] | None = None
+        self._wakeup: asyncio.Future[None] | None = None
+        self._busy = False  # the worker is answering a request
+        self._closing = False  # close once the current answer is done
+        self._closed = False
+        self._discard = False  # input is no longer parsed (after an error or an upgrade)
+        self._read_paused = False
+        self._write_paused = False
+        self._write_paused_since = 0.0
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._linger_until = 0.0
+        self._requests = 0
+        self._reject: _Fail | None = None
+        self._continue_pending = False
+        # Per-message parse state.
+        self._open = False  # a message has begun and is not complete
+        self._in_head = False
+        self._raw_head = 0
+        self._head_size = 0
+        self._url: list[bytes] = []
+        self._headers: Headers = []
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._content_length: int | None = None
+        self._expect = False
+        now = self._loop.time()
+        self._since = now  # when the current wait began (connect, idle, message begin, last body data)
+
+    # -- transport callbacks --
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]  # uvloop transports are not asyncio.Transport
+        if not self._unix:
+            peer = transport.get_extra_info("peername")
+            self._peer = peer[0] if isinstance(peer, tuple) else str(peer)
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._server._conns.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._server._conns.discard(self)
+        if self._worker is not None and not self._worker.done():
+            self._worker.cancel()  # the client is gone: stop its handler too
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ClientDisconnected("client closed the connection"))
+        self._drain_waiter = None
+
+    def eof_received(self) -> bool:
+        # Like Go and nginx, take EOF as the client leaving (a full close looks the same): running handlers stop.
+        return False
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._write_paused_since = self._loop.time()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        self._drain_waiter = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._discard:
+            return
+        if self._in_head:  # llhttp buffers an unfinished header line without limit: bound the raw bytes too
+            self._raw_head += len(data)
+            if self._raw_head > 2 * self._server._max_header_bytes + 4096:
+                self._fail(431, "header_too_large", "header section too large")
+                return
+        elif self._open:
+            self._since = self._loop.time()
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # We do not switch protocols: answer the request as a plain one, then close.
+            self._discard = True
+            if self._queue and isinstance(self._queue[-1], Request):
+                self._queue[-1].keep_alive = False
+        except httptools.HttpParserError as exc:
+            reject, self._reject = self._reject, None
+            if reject is not None:
+                self._fail(reject.status, reject.code, reject.detail)
+            elif isinstance(exc, httptools.HttpParserCallbackError):
+                log.error("request parsing failed", exc_info=exc.__context__)
+                self._fail(500, "internal", "request parsing failed")
+            else:
+                self._fail(400, "bad_request", str(exc) or type(exc).__name__)
+
+    # -- parser callbacks --
+
+    def on_message_begin(self) -> None:
+        self._open = True
+        self._in_head = True
+        self._raw_head = 0
+        self._head_size = 0
+        self._url = []
+        self._headers = []
+        self._body = []
+        self._body_size = 0
+        self._content_length = None
+        self._expect = False
+        self._since = self._loop.time()
+
+    def on_url(self, url: bytes) -> None:
+        self._url.append(url)
+        self._head_size += len(url)
+        if self._head_size > self._server._max_header_bytes:
+            self._stop(431, "header_too_large", "header section too large")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > self._server._max_header_bytes:
+            self._stop(431, "header_too_large", "header section too large")
+        name = name.lower()
+        self._headers.append((name, value))
+        if name == b"content-length":
+            try:
+                self._content_length = int(value)
+            except ValueError:
+                self._stop(400, "bad_request", "bad content-length")
+        elif name == b"expect":
+            self._expect = value.lower() == b"100-continue"
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._since = self._loop.time()
+        limit = self._server._max_body_bytes
+        if self._content_length is not None and self._content_length > limit:
+            self._stop(413, "too_large", f"request body over {limit} bytes")
+        if self._expect and self._parser.get_http_version() == "1.1":
+            if self._busy or self._queue:  # an earlier answer is on the wire: send it after that one
+                self._continue_pending = True
+            else:
+                self._write(_CONTINUE)
+
+    def on_body(self, body: bytes) -> None:
+        self._body_size += len(body)
+        if self._body_size > self._server._max_body_bytes:
+            self._stop(413, "too_large", f"request body over {self._server._max_body_bytes} bytes")
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        self._open = False
+        self._continue_pending = False
+        parser = self._parser
+        url = self._url
+        target = (url[0] if len(url) == 1 else b"".join(url)).decode("latin-1")
+        path, _, query = target.partition("?")
+        if path[:1] != "/" and "://" in path:  # absolute-form, as proxies are sent
+            parts = urlsplit(target)
+            path, query = parts.path or "/", parts.query
+        body = self._body
+        request = Request(
+            method=parser.get_method().decode("ascii"),
+            target=target,
+            path=path,
+            query=query,
+            version=parser.get_http_version(),
+            headers=self._headers,
+            body=body[0] if len(body) == 1 else b"".join(body),
+            peer=self._peer,
+            keep_alive=parser.should_keep_alive(),
+        )
+        self._body = []
+        self._requests += 1
+        self._enqueue(request)
+
+    # -- internals --
+
+    def _stop(self, status: int, code: str, detail: str) -> None:
+        self._reject = _Fail(status, code, detail)
+        raise _Reject(detail)
+
+    def _write(self, data: bytes) -> None:
+        if not self._closed and self._transport is not None:
+            self._transport.write(data)
+
+    async def _drain(self) -> None:
+        if self._closed:
+            raise ClientDisconnected("client closed the connection")
+        waiter = self._drain_waiter
+        if waiter is None:
+            waiter = self._drain_waiter = self._loop.create_future()
+        await waiter
+
+    def _enqueue(self, item: Request | _Fail) -> None:
+        self._queue.append(item)
+        if self._worker is None:
+            self._worker = self._loop.create_task(self._work())
+            self._server._tasks.add(self._worker)
+            self._worker.add_done_callback(self._server._tasks.discard)
+        elif self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+        if len(self._queue) >= _MAX_QUEUED and not self._read_paused and self._transport is not None:
+            self._transport.pause_reading()
+            self._read_paused = True
+
+    def _fail(self, status: int, code: str, detail: str) -> None:
+        """The input cannot be read on: stop parsing, answer the error in turn, then close."""
+        self._discard = True
+        self._open = self._in_head = False
+        if self._busy or self._queue:
+            self._enqueue(_Fail(status, code, detail))
+        else:
+            self._answer_fail(_Fail(status, code, detail))
+
+    def _answer_fail(self, fail: _Fail) -> None:
+        body = error_body(fail.code, fail.detail)
+        head = b"%scontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+        self._write(b"".join((head % (_status_line(fail.status), len(body)), body)))
+        self._linger()
+
+    def _linger(self) -> None:
+        """Half-close and keep draining input for a moment: closing with unread input would reset the answer away."""
+        transport = self._transport
+        if transport is None or self._closed:
+            return
+        self._discard = True
+        self._closing = True
+        self._linger_until = self._loop.time() + _LINGER
+        if self._read_paused:
+            transport.resume_reading()
+            self._read_paused = False
+        try:
+            if transport.can_write_eof():
+                transport.write_eof()
+        except (OSError, RuntimeError):
+            transport.close()
+
+    def _close(self) -> None:
+        if self._transport is not None and not self._closed:
+            self._transport.close()
+
+    def _abort(self) -> None:
+        if self._transport is not None and not self._closed:
+            self._transport.abort()
+
+    async def _work(self) -> None:
+        """Answer queued requests in order for as long as the connection lives."""
+        queue = self._queue
+        loop = self._loop
+        while not self._closed:
+            if not queue:
+                self._since = loop.time()
+                self._wakeup = loop.create_future()
+                await self._wakeup
+                self._wakeup = None
+                continue
+            item = queue.popleft()
+            if self._read_paused and len(queue) <= _RESUME_QUEUED and not self._discard:
+                self._read_paused = False
+                if self._transport is not None:
+                    self._transport.resume_reading()
+            if isinstance(item, _Fail):
+                self._answer_fail(item)
+                return
+            self._busy = True
+            try:
+                close = await self._answer(item)
+            finally:
+                self._busy = False
+            if close or (self._closing and (self._server._shut or not queue)):
+                if self._linger_until:
+                    return
+                self._close()
+                return
+            if self._continue_pending and self._open and not queue:
+                self._continue_pending = False
+                self._write(_CONTINUE)
+
+    async def _answer(self, request: Request) -> bool:
+        """Run the handler for one request; True when the connection must close afterwards."""
+        writer = ResponseWriter(self, request)
+        server = self._server
+        server._in_flight += 1
+        try:
+            await server._handler(request, writer)
+        except ClientDisconnected:
+            return True
+        except Exception:
+            log.exception("handler failed for %s %s", request.method, request.path)
+            if writer.finished:  # the answer is whole: the connection is still good
+                return writer._close
+            if writer.started:
+                self._abort()  # half an answer is on the wire: only a reset tells the client
+                return True
+            writer.send(500, [(b"content-type", b"application/json")], error_body("internal", "handler failed"))
+            return writer._close
+        finally:
+            server._in_flight -= 1
+            if server._drained is not None and not server._in_flight and not server._drained.done():
+                server._drained.set_result(None)
+        if not writer.finished:
+            if writer.started:
+                writer.end()
+            else:
+                log.error("handler for %s %s sent no answer", request.method, request.path)
+                writer.send(500, [(b"content-type", b"application/json")], error_body("internal", "no answer"))
+        return writer._close
+
+    def _idle(self) -> bool:
+        return not self._busy and not self._queue and not self._open
+
+    def _sweep(self, now: float) -> None:
+        """Close the connection if it waited too long for what it is waiting for."""
+        server = self._server
+        if self._linger_until:
+            if now >= self._linger_until:
+                self._abort()
+            return
+        if self._write_paused:
+            if now - self._write_paused_since > server._idle_timeout:
+                self._abort()  # the client stopped reading its answer
+            return
+        if self._busy or self._queue:
+            return
+        if self._open:
+            limit = server._header_timeout if self._in_head else server._idle_timeout
+        else:
+            limit = server._header_timeout if self._requests == 0 else server._idle_timeout
+        if now - self._since > limit:
+            self._close()
+
+
+Handler = Callable[[Request, ResponseWriter], Awaitable[None]]
+
+
+class HttpServer:
+    """An HTTP/1.1 server that hands each buffered request to `handler` with a ResponseWriter."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        max_header_bytes: int = 65536,
+        max_body_bytes: int = 1 << 20,
+        idle_timeout: float = 75.0,
+        header_timeout: float = 10.0,
+    ) -> None:
+        self._handler = handler
+        self._max_header_bytes = max_header_bytes
+        self._max_body_bytes = max_body_bytes
+        self._idle_timeout = idle_timeout
+        self._header_timeout = header_timeout
+        self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by the first listen
+        self._servers: list[asyncio.AbstractServer] = []
+        self._unix_paths: list[tuple[str, int]] = []  # (path, inode) of sockets we created
+        self._conns: set[_ServerConnection] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._in_flight = 0
+        self._drained: asyncio.Future[None] | None = None  # set during shutdown when in_flight drops to 0
+        self._shut = False
+
+    @property
+    def in_flight(self) -> int:
+        """Requests whose handler is running."""
+        return self._in_flight
+
+    def __repr__(self) -> str:
+        return f"<HttpServer listeners={len(self._servers)} connections={len(self._conns)} in_flight={self._in_flight}>"
+
+    def _start(self) -> None:
+        if self._shut:
+            raise ListenError("server is shut down")
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        if self._sweeper is None:
+            self._sweeper = self._loop.create_task(self._sweep_forever())
+
+    async def listen_tcp(self, host: str, port: int) -> tuple[str, int]:
+        """Listen on host:port; returns the bound address (port 0 picks a free port)."""
+        self._start()
+        try:
+            server = await self._loop.create_server(
+                lambda: _ServerConnection(self, False), host, port, reuse_address=True, backlog=1024
+            )
+        except OSError as exc:
+            raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+        self._servers.append(server)
+        bound = server.sockets[0].getsockname()
+        return bound[0], bound[1]
+
+    async def listen_unix(self, path: str, mode: int = 0o660, group: str | None = None) -> None:
+        """Listen on a Unix socket: a stale socket file is removed first; then chmod, and chgrp if `group` exists."""
+        self._start()
+        _remove_stale_socket(path)
+        try:
+            server = await self._loop.create_unix_server(lambda: _ServerConnection(self, True), path, backlog=1024)
+        except OSError as exc:
+            raise ListenError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
+        self._servers.append(server)
+        try:
+            os.chmod(path, mode)
+            if group is not None:
+                try:
+                    gid = grp.getgrnam(group).gr_gid
+                except KeyError:
+                    log.info("group %r does not exist; %s keeps its group", group, path)
+                else:
+                    os.chown(path, -1, gid)
+            self._unix_paths.append((path, os.stat(path).st_ino))
+        except OSError as exc:
+            raise ListenError(f"cannot set up {path}: {exc.strerror or exc}") from exc
+
+    async def _sweep_forever(self) -> None:
+        interval = max(0.05, min(1.0, self._header_timeout / 4, self._idle_timeout / 4))
+        while True:
+            await asyncio.sleep(interval)
+            now = self._loop.time()
+            for conn in list(self._conns):
+                conn._sweep(now)
+
+    async def shutdown(self, drain_timeout: float) -> None:
+        """Stop accepting, close idle connections, let running handlers finish up to drain_timeout, close the rest."""
+        if self._shut:
+            return
+        self._shut = True
+        for server in self._servers:
+            server.close()
+        for conn in list(self._conns):
+            conn._closing = True
+            if conn._idle():
+                conn._close()
+        if self._in_flight and self._loop is not None:
+            self._drained = self._loop.create_future()
+            await asyncio.wait([self._drained], timeout=drain_timeout)
+        for conn in list(self._conns):
+            conn._abort()
+        tasks = list(self._tasks)
+        if self._sweeper is not None:
+            tasks.append(self._sweeper)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 1.0)
+        for path, inode in self._unix_paths:
+            with contextlib.suppress(OSError):
+                if os.stat(path).st_ino == inode:
+                    os.unlink(path)
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Unlink `path` if it is a socket nobody answers on; ListenError if it is live or not a socket."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ListenError(f"cannot inspect {path}: {exc.strerror or exc}") from exc
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ListenError(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    except FileNotFoundError:
+        return
+    except BlockingIOError:
+        pass  # backlog full: someone listens
+    except OSError as exc:
+        raise ListenError(f"cannot probe {path}: {exc.strerror or exc}") from exc
+    finally:
+        probe.close()
+    raise ListenError(f"{path} is in use by a running server")

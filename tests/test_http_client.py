@@ -1,0 +1,454 @@
+"""UpstreamPool against real servers: pooling, retries, timeouts, resets, body framings, flow control."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from edged.errors import ConnectFailed, UpstreamProtocolError, UpstreamReset, UpstreamTimeout
+from edged.http import HttpServer, Request, ResponseWriter, UpstreamPool, UpstreamResponse
+from edged.model import Target, parse_target
+
+pytestmark = pytest.mark.timeout(30)
+
+Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
+
+
+class RawBackend:
+    """A TCP server that runs `script` for each accepted connection and counts them."""
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.accepted = 0
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.server: asyncio.AbstractServer | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> RawBackend:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        tasks = list(self.tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
+        try:
+            await self.script(reader, writer, self.accepted)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except asyncio.CancelledError:
+            pass  # stopped by __aexit__; returning normally keeps Python 3.11's stream callback quiet
+        finally:
+            writer.close()
+            self.tasks.discard(task)
+
+    @property
+    def target(self) -> Target:
+        return Target(kind="tcp", host="127.0.0.1", port=self.port)
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One request (head, body) off the stream; the body by Content-Length."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return head, await reader.readexactly(length)
+
+
+async def read_all(response: UpstreamResponse) -> bytes:
+    parts = []
+    while chunk := await response.read():
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def echo(request: Request, writer: ResponseWriter) -> None:
+    if request.path.endswith("/stream"):
+        writer.start(200, [(b"x-kind", b"stream")])
+        for i in range(4):
+            await writer.write(b"chunk%d;" % i)
+        writer.end()
+        return
+    if request.path.endswith("/empty"):
+        writer.send(204, [], b"")
+        return
+    body = b"%s %s host=%s len=%d|" % (
+        request.method.encode(),
+        request.target.encode(),
+        request.header(b"host") or b"-",
+        len(request.body),
+    )
+    writer.send(200, [(b"content-type", b"text/plain")], body + request.body)
+
+
+def test_connections_are_reused_and_requests_framed() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while True:
+            head, body = await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(head + body), head + body))
+
+    async def main() -> None:
+        async with RawBackend(script) as backend:
+            pool = UpstreamPool()
+            for i in range(5):
+                response = await pool.request(
+                    backend.target, "POST", f"/p/{i}?q=1", [(b"x-one", b"1"), (b"content-length", b"99")], b"hey", 2
+                )
+                assert response.status == 200 and response.reason == b"OK"
+                assert response.content_length is not None
+                echoed = await read_all(response)
+                assert echoed.startswith(b"POST /p/%d?q=1 HTTP/1.1\r\n" % i)
+                assert b"x-one: 1\r\n" in echoed and b"content-length: 3\r\n" in echoed
+                assert b"content-length: 99" not in echoed
+                assert b"host: 127.0.0.1:%d\r\n" % backend.port in echoed
+                assert echoed.endswith(b"\r\n\r\nhey")
+                assert response.complete
+            assert backend.accepted == 1
+            key = backend.target.key
+            assert pool.stats() == {key: {"idle": 1, "busy": 0, "opened": 1}}
+            # Concurrent requests need more connections; all go back to the pool.
+            responses = await asyncio.gather(*(pool.request(backend.target, "GET", "/", [], b"", 2) for _ in range(3)))
+            for response in responses:
+                await read_all(response)
+            assert pool.stats()[key]["idle"] == 3 and backend.accepted == 3
+            await pool.close()
+
+    asyncio.run(main())
+
+
+def test_against_http_server_with_base_path_and_streaming() -> None:
+    async def main() -> None:
+        server = HttpServer(echo)
+        _, port = await server.listen_tcp("127.0.0.1", 0)
+        pool = UpstreamPool()
+        target = parse_target(f"http://127.0.0.1:{port}/api")
+        response = await pool.request(target, "GET", "/x?y=1", [(b"host", b"thermo.mesh")], b"", 2)
+        assert await read_all(response) == b"GET /api/x?y=1 host=thermo.mesh len=0|"
+        response = await pool.request(target, "GET", "/stream", [], b"", 2)
+        assert response.content_length is None and response.header(b"x-kind") == b"stream"
+        assert await read_all(response) == b"chunk0;chunk1;chunk2;chunk3;"
+        response = await pool.request(target, "GET", "/empty", [], b"", 2)
+        assert response.status == 204 and response.complete and await response.read() == b""
+        assert pool.stats()[target.key] == {"idle": 1, "busy": 0, "opened": 1}
+        await pool.close()
+        await server.shutdown(1)
+
+    asyncio.run(main())
+
+
+def test_connection_refused_is_connect_failed() -> None:
+    async def main() -> None:
+        pool = UpstreamPool()
+        target = Target(kind="tcp", host="127.0.0.1", port=free_port())
+        with pytest.raises(ConnectFailed) as info:
+            await pool.request(target, "GET", "/", [], b"", 2)
+        assert info.value.reached is False
+        with pytest.raises(ConnectFailed):
+            await pool.request(Target(kind="unix", path="/nonexistent/edged.sock"), "GET", "/", [], b"", 2)
+        with pytest.raises(UpstreamProtocolError):
+            await pool.request(Target(kind="tcp", host="127.0.0.1", port=443, tls=True), "GET", "/", [], b"", 2)
+        await pool.close()
+
+    asyncio.run(main())
+
+
+def test_silent_server_times_out() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        await asyncio.sleep(10)
+
+    async def main() -> None:
+        async with RawBackend(script) as backend:
+            pool = UpstreamPool()
+            with pytest.raises(UpstreamTimeout):
+                await pool.request(backend.target, "GET", "/", [], b"", 0.2)
+            assert pool.stats()[backend.target.key]["busy"] == 0
+            await pool.close()
+
+    asyncio.run(main())
+
+
+def test_close_mid_head_is_reset() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Len")
+        await writer.drain()
+
+    async def main() -> None:
+        async with RawBackend(script) as backend:
+            pool = UpstreamPool()
+            with pytest.raises(UpstreamReset) as info:
+                await pool.request(backend.target, "GET", "/", [], b"", 2)
+            assert info.value.reached is True
+            await pool.close()
+
+    asyncio.run(main())
+
+
+def test_close_mid_body_makes_read_raise_reset() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        if n == 1:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+
+    async def main() -> None:
+        async with RawBackend(script) as backend:
+            pool = UpstreamPool()
+            for _ in range(2):
+                response = await pool.request(backend.target, "GET", "/", [], b"", 2)
+                assert response.status == 200
+                with pytest.raises(UpstreamReset):
+                    await read_all(response)
+            assert pool.stats()[backend.target.key] == {"idle": 0, "busy": 0, "opened": 2}
+            await pool.close()
+
+    asyncio.run(main())
+
+
+def test_chunked_and_close_delimited_bodies() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        if n == 1:
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(b"6\r\n world\r\n0\r\n\r\n")
+            await read_request(reader)  # the connection is reused for the next request
+            writer.write(b"HTTP/1.0 200 OK\r\n\r\nclose-")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(b"delimited")
+
+    async def main() -> None:
+        async with RawBackend(script) as backend:
+            pool = UpstreamPool()
+            response = await pool.request(backend.target, "GET", "/", [], b"", 2)
+            assert response.content_length is None
+            assert await read_all(response) == b"hello world"
+            response = await pool.request(backend.target, "GET", "/", [], b"", 2)
+            assert response.content_length is None
+            assert await read_all(response) == b"close-delimited"
+            assert response.complete
+            assert backend.accepted == 1
+            assert pool.stats()[backend.target.key] == {"idle": 0, "busy": 0, "opened": 1}
+            await pool.close()
+
+    asyncio.run(main())
+
+
+def test_head_204_and_interim_answers_have_no_body() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        head, _ = await read_request(reader)
+        assert head.startswith(b"HEAD ")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\nContent-Type: text/plain\r\n\r\n")
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n")
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await read_request(reader)
+
+    async def main() -> None:
+        async with RawBackend(script) as backend:
+            pool = UpstreamPool()
+            response = await pool.request(backend.target, "HEAD", "/", [], b"", 2)
+            assert response.status == 200 and response.complete
+            assert response.header(b"content-length") == b"1000"
+            assert await response.read() == b""
+            response = await pool.request(backend.target, "GET", "/", [], b"", 2)
+            assert response.status == 204 and await response.read() == b""
+            response = await pool.request(backend.target, "GET", "/", [], b"", 2)
+            assert response.status == 200 and response.headers == [(b"content-length", b"2")]
+            assert await read_all(response) == b"ok"
+            assert backend.accepted == 1
+            await pool.close()
+
+    asyncio.run(main())
+
+
+def test_idle_connection_closed_by_server_is_dropped_or_retried() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n%d!" % n)
+        await writer.drain()
+        if n == 1:
+            return  # closes while the client keeps it idle
+        # Read the next request and close without answering: the race a keep-alive timeout causes.
+        await read_request(reader)
+
+    async def main() -> None:
+        async with RawBackend(script) as backend:
+            pool = UpstreamPool()
+            key = backend.target.key
+            response = await pool.request(backend.target, "GET", "/", [], b"", 2)
+            assert await read_all(response) == b"1!"
+            for _ in range(100):  # the close is noticed and the connection leaves the pool
+                if pool.stats()[key]["idle"] == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert pool.stats()[key]["idle"] == 0
+            response = await pool.request(backend.target, "GET", "/", [], b"", 2)
+            assert await read_all(response) == b"2!"
+            # Connection 2 is pooled; it swallows the next request and closes: retried once on connection 3.
+            response = await pool.request(backend.target, "POST", "/", [], b"data", 2)
+            assert await read_all(response) == b"3!"
+            assert backend.accepted == 3
+            assert pool.stats()[key]["opened"] == 3
+            await pool.close()
+
+    asyncio.run(main())
+
+
+def test_garbage_answer_is_protocol_error() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        writer.write(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.2)
+
+    async def main() -> None:
+        async with RawBackend(script) as backend:
+            pool = UpstreamPool()
+            with pytest.raises(UpstreamProtocolError):
+                await pool.request(backend.target, "GET", "/", [], b"", 2)
+            await pool.close()
+
+    asyncio.run(main())
+
+
+def test_stalled_body_times_out_and_discard_closes() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n12345")
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    async def main() -> None:
+        async with RawBackend(script) as backend:
+            pool = UpstreamPool(body_timeout=0.2)
+            response = await pool.request(backend.target, "GET", "/", [], b"", 2)
+            assert await response.read() == b"12345"
+            with pytest.raises(UpstreamTimeout):
+                await response.read()
+            response = await pool.request(backend.target, "GET", "/", [], b"", 2)
+            response.discard()
+            await asyncio.sleep(0.05)
+            assert pool.stats()[backend.target.key] == {"idle": 0, "busy": 0, "opened": 2}
+            await pool.close()
+
+    asyncio.run(main())
+
+
+def test_large_body_flows_with_backpressure() -> None:
+    payload = bytes(range(256)) * 16384  # 4 MiB
+
+    async def handler(request: Request, writer: ResponseWriter) -> None:
+        writer.start(200, [], content_length=len(payload))
+        view = memoryview(payload)
+        for offset in range(0, len(payload), 65536):
+            await writer.write(bytes(view[offset : offset + 65536]))
+        writer.end()
+
+    async def main() -> None:
+        server = HttpServer(handler)
+        _, port = await server.listen_tcp("127.0.0.1", 0)
+        pool = UpstreamPool()
+        target = Target(kind="tcp", host="127.0.0.1", port=port)
+        response = await pool.request(target, "GET", "/big", [], b"", 2)
+        assert response.content_length == len(payload)
+        await asyncio.sleep(0.2)  # let the upstream fill our buffer: reading must pause, not grow without end
+        assert response._buffered < 1 << 20
+        assert await read_all(response) == payload
+        assert pool.stats()[target.key]["idle"] == 1
+        await pool.close()
+        await server.shutdown(1)
+
+    asyncio.run(main())
+
+
+def test_unix_target(tmp_path) -> None:
+    path = str(tmp_path / "svc.sock")
+
+    async def main() -> None:
+        server = HttpServer(echo)
+        await server.listen_unix(path)
+        pool = UpstreamPool()
+        target = parse_target(f"unix:{path}")
+        for _ in range(2):
+            response = await pool.request(target, "PUT", "/v1/x", [], b"abc", 2)
+            assert await read_all(response) == b"PUT /v1/x host=localhost len=3|abc"
+        assert pool.stats() == {f"unix:{path}": {"idle": 1, "busy": 0, "opened": 1}}
+        await pool.close()
+        await server.shutdown(1)
+
+    asyncio.run(main())
+
+
+def test_idle_connections_expire() -> None:
+    async def main() -> None:
+        server = HttpServer(echo)
+        _, port = await server.listen_tcp("127.0.0.1", 0)
+        pool = UpstreamPool(idle_timeout=0.2)
+        target = Target(kind="tcp", host="127.0.0.1", port=port)
+        await read_all(await pool.request(target, "GET", "/", [], b"", 2))
+        assert pool.stats()[target.key]["idle"] == 1
+        for _ in range(100):
+            if pool.stats()[target.key]["idle"] == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert pool.stats()[target.key]["idle"] == 0
+        await read_all(await pool.request(target, "GET", "/", [], b"", 2))
+        assert pool.stats()[target.key]["opened"] == 2
+        await pool.close()
+        await server.shutdown(1)
+
+    asyncio.run(main())
+
+
+def test_cancelled_request_closes_its_connection() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        await asyncio.sleep(0.3)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await read_request(reader)  # a reused connection would get the next request here
+
+    async def main() -> None:
+        async with RawBackend(script) as backend:
+            pool = UpstreamPool()
+            call = asyncio.ensure_future(pool.request(backend.target, "GET", "/", [], b"", 5))
+            await asyncio.sleep(0.05)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            assert pool.stats()[backend.target.key] == {"idle": 0, "busy": 0, "opened": 1}
+            response = await pool.request(backend.target, "GET", "/", [], b"", 5)
+            assert await read_all(response) == b"ok"
+            assert backend.accepted == 2
+            await pool.close()
+
+    asyncio.run(main())
