@@ -1,0 +1,328 @@
+"""The local API and call path: one HTTP handler that routes `/svc/...` calls and answers `/v1/...` requests."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from .discovery.registrations import Registrations
+from .errors import CallError, UpstreamError
+from .events import EventBus
+from .http.message import Request, strip_hop_by_hop
+from .http.server import ResponseWriter
+from .registry import Registry
+from .router import Call, Router
+from .telemetry import MeshMetrics
+from .tenancy import Tenancy
+
+log = logging.getLogger("edged.api")
+
+MESH_SUFFIX = b".mesh"
+# Headers the mesh sets itself on the way in; a caller's own values are not passed through.
+_OWN_HEADERS = frozenset({b"host", b"x-request-id", b"x-edged-timeout-ms"})
+SSE_KEEPALIVE = 15.0
+
+
+@dataclass(slots=True)
+class NodeInfo:
+    name: str
+    fleet: str
+    zone: str
+    version: str
+    started: float  # unix time
+
+
+class Api:
+    """The request handler for both listeners (TCP and Unix socket)."""
+
+    def __init__(
+        self,
+        *,
+        node: NodeInfo,
+        registry: Registry,
+        router: Router,
+        health,  # HealthMonitor
+        registrations: Registrations,
+        tenancy: Tenancy,
+        events: EventBus,
+        metrics: MeshMetrics,
+        ready: Callable[[], bool],
+        render_metrics: Callable[[], str],
+    ) -> None:
+        self._node = node
+        self._registry = registry
+        self._router = router
+        self._health = health
+        self._registrations = registrations
+        self._tenancy = tenancy
+        self._events = events
+        self._metrics = metrics
+        self._ready = ready
+        self._render_metrics = render_metrics
+        self._routes: dict[tuple[str, str], Callable[..., Awaitable[None] | None]] = {
+            ("GET", "services"): self._services,
+            ("GET", "resolve"): self._resolve,
+            ("GET", "status"): self._status,
+            ("GET", "events"): self._events_stream,
+            ("GET", "register"): self._list_registrations,
+            ("POST", "register"): self._register,
+            ("DELETE", "register"): self._deregister,
+            ("PUT", "register"): self._heartbeat,
+        }
+
+    async def handle(self, req: Request, resp: ResponseWriter) -> None:
+        """Entry point for every request the HTTP server parses."""
+        try:
+            host = req.header(b"host")
+            if host is not None and host.split(b":", 1)[0].endswith(MESH_SUFFIX):
+                service = host.split(b":", 1)[0][: -len(MESH_SUFFIX)].decode("ascii", "replace")
+                await self._call(req, resp, service, req.target)
+                return
+            path = req.path
+            if path.startswith("/svc/"):
+                service, _, rest = path[5:].partition("/")
+                query = f"?{req.query}" if req.query else ""
+                await self._call(req, resp, service, "/" + rest + query)
+            elif path.startswith("/v1/"):
+                await self._v1(req, resp)
+            elif path == "/metrics" and req.method in ("GET", "HEAD"):
+                body = self._render_metrics().encode()
+                resp.send(200, [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")], body)
+            elif path == "/healthz":
+                resp.send_json(200, {"status": "ok"})
+            elif path == "/readyz":
+                ready = self._ready()
+                resp.send_json(200 if ready else 503, {"status": "ready" if ready else "not_ready"})
+            else:
+                raise CallError(404, "not_found", f"no route for {req.method} {path}")
+        except CallError as exc:
+            if resp.started:
+                raise
+            resp.send_json(exc.status, {"error": exc.code, "detail": exc.detail})
+
+    # -- the call path ---------------------------------------------------------------------------
+    async def _call(self, req: Request, resp: ResponseWriter, service: str, path: str) -> None:
+        tenant, by_token = self._tenancy.identify(req.header(b"authorization"), req.peer)
+        if not service:
+            raise CallError(404, "unknown_service", "no service named in the path")
+        svc = self._router.service(tenant, service)
+        now = time.monotonic()
+        timeout = svc.spec.policy.timeout
+        asked = req.header(b"x-edged-timeout-ms")
+        if asked is not None:
+            try:
+                timeout = min(timeout, max(0.0, int(asked) / 1000))
+            except ValueError:
+                raise CallError(400, "bad_request", "x-edged-timeout-ms must be an integer") from None
+        request_id = (req.header(b"x-request-id") or b"").decode("ascii", "replace") or secrets.token_hex(8)
+        headers = [
+            (k, v)
+            for k, v in strip_hop_by_hop(req.headers)
+            if k not in _OWN_HEADERS and not (by_token and k == b"authorization")
+        ]
+        host = req.header(b"host")
+        if host is not None:
+            headers.append((b"x-forwarded-host", host))
+        call = Call(tenant, service, req.method, path, headers, req.body, now + timeout, request_id)
+        routed = await self._router.route_service_call(call)
+        answer, ep = routed.answer, routed.endpoint
+        out = strip_hop_by_hop(answer.headers)
+        out.append((b"x-edged-endpoint", ep.id.encode()))
+        out.append((b"x-edged-tries", str(routed.tries).encode()))
+        out.append((b"x-request-id", request_id.encode()))
+        outcome = "success" if answer.status < 500 else "error"
+        try:
+            resp.start(answer.status, out, content_length=answer.content_length)
+            while True:
+                chunk = await answer.read()
+                if not chunk:
+                    break
+                await resp.write(chunk)
+            resp.end()
+        except (UpstreamError, ConnectionError, asyncio.CancelledError):
+            answer.discard()
+            outcome = "error"
+            raise
+        finally:
+            self._router.record(svc.name, ep.tier, outcome, routed.started)
+
+    # -- /v1 ---------------------------------------------------------------------------------------
+    async def _v1(self, req: Request, resp: ResponseWriter) -> None:
+        parts = req.path[4:].split("/")
+        if parts[0] == "echo":
+            self._echo(req, resp, "/" + "/".join(parts[1:]))
+            return
+        tenant, _ = self._tenancy.identify(req.header(b"authorization"), req.peer)
+        handler = self._routes.get((req.method, parts[0]))
+        if handler is None:
+            if any(name == parts[0] for _, name in self._routes):
+                raise CallError(405, "method_not_allowed", f"{req.method} /v1/{parts[0]}")
+            raise CallError(404, "not_found", f"no route for {req.method} {req.path}")
+        result = handler(req, resp, tenant, parts[1:])
+        if result is not None:
+            await result
+
+    def _echo(self, req: Request, resp: ResponseWriter, path: str) -> None:
+        """Diagnostics and the demo service: answers with what it received."""
+        body = {
+            "node": self._node.name,
+            "method": req.method,
+            "path": path,
+            "query": req.query,
+            "headers": {k.decode("latin-1"): v.decode("latin-1") for k, v in req.headers},
+            "body": req.body.decode("utf-8", "replace"),
+        }
+        resp.send_json(200, body)
+
+    def _services(self, req: Request, resp: ResponseWriter, tenant: str, rest: list[str]) -> None:
+        snap = self._registry.snapshot()
+        now = time.monotonic()
+        if rest and rest[0]:
+            svc = snap.get(tenant, rest[0])
+            if svc is None:
+                raise CallError(404, "unknown_service", f"no service {rest[0]!r} for tenant {tenant!r}")
+            resp.send_json(200, self._describe(svc, now, detail=True))
+            return
+        resp.send_json(
+            200,
+            {"generation": snap.generation, "services": [self._describe(s, now) for s in snap.for_tenant(tenant)]},
+        )
+
+    def _describe(self, svc, now: float, detail: bool = False) -> dict:
+        spec = svc.spec
+        eps = []
+        for ep in svc.endpoints:
+            st = self._health.state(ep.id)
+            eps.append(
+                {
+                    "id": ep.id,
+                    "tier": ep.tier,
+                    "url": ep.url,
+                    "priority": ep.priority,
+                    "weight": ep.weight,
+                    "source": ep.source,
+                    "up": st.available(now),
+                    "health": st.reason(now),
+                    "latency_ms": None if st.latency_ewma is None else round(st.latency_ewma * 1000, 2),
+                    "calls_ok": st.calls_ok,
+                    "calls_failed": st.calls_failed,
+                }
+            )
+        out = {
+            "name": spec.name,
+            "tenant": spec.tenant,
+            "source": spec.source,
+            "strategy": spec.policy.strategy,
+            "endpoints": eps,
+        }
+        if detail:
+            out["priority"] = spec.priority
+            out["endpoint_types"] = list(spec.endpoint_types)
+            out["interface"] = (
+                None
+                if spec.interface is None
+                else {
+                    "version": spec.interface.version,
+                    "source": spec.interface.source,
+                    "methods": [f"{m.verb} {m.pattern}" for m in spec.interface.methods],
+                }
+            )
+            out["health_check"] = None if spec.health_check is None else spec.health_check.kind
+            p = spec.policy
+            out["policy"] = {
+                "strategy": p.strategy,
+                "retries": p.retries,
+                "per_try_timeout": p.per_try_timeout,
+                "timeout": p.timeout,
+                "retry_budget": p.retry_budget,
+                "retry_on_status": sorted(p.retry_on_status),
+                "retry_non_idempotent": p.retry_non_idempotent,
+            }
+        return out
+
+    def _resolve(self, req: Request, resp: ResponseWriter, tenant: str, rest: list[str]) -> None:
+        if not rest or not rest[0]:
+            raise CallError(404, "unknown_service", "GET /v1/resolve/{service}")
+        svc = self._router.service(tenant, rest[0])
+        plan, skipped = self._router.plan(svc)
+        resp.send_json(
+            200,
+            {
+                "service": svc.name,
+                "strategy": plan.strategy,
+                "note": plan.note,
+                "ranked": plan.explain(),
+                "skipped": skipped,
+            },
+        )
+
+    def _status(self, req: Request, resp: ResponseWriter, tenant: str, rest: list[str]) -> None:
+        snap = self._registry.snapshot()
+        now = time.monotonic()
+        node = self._node
+        resp.send_json(
+            200,
+            {
+                "node": {
+                    "name": node.name,
+                    "fleet": node.fleet,
+                    "zone": node.zone,
+                    "version": node.version,
+                    "uptime_s": round(time.time() - node.started, 1),
+                    "ready": self._ready(),
+                    "generation": snap.generation,
+                },
+                "peers": [],
+                "services": [self._describe(s, now) for s in snap.for_tenant(tenant)],
+            },
+        )
+
+    def _list_registrations(self, req: Request, resp: ResponseWriter, tenant: str, rest: list[str]) -> None:
+        now = time.monotonic()
+        resp.send_json(200, {"registrations": [r.describe(now) for r in self._registrations.all(tenant)]})
+
+    def _register(self, req: Request, resp: ResponseWriter, tenant: str, rest: list[str]) -> None:
+        if rest and rest[0]:
+            raise CallError(404, "not_found", "POST /v1/register (no id in the path)")
+        try:
+            body = json.loads(req.body or b"null")
+        except ValueError as exc:
+            raise CallError(400, "invalid_registration", f"body is not JSON: {exc}") from None
+        reg, replaced = self._registrations.register(tenant, body)
+        resp.send_json(200 if replaced else 201, reg.describe(time.monotonic()))
+
+    def _deregister(self, req: Request, resp: ResponseWriter, tenant: str, rest: list[str]) -> None:
+        if not rest or not self._registrations.deregister(tenant, rest[0]):
+            raise CallError(404, "unknown_registration", f"no registration {rest[0] if rest else ''!r}")
+        resp.send_json(200, {"id": rest[0], "deregistered": True})
+
+    def _heartbeat(self, req: Request, resp: ResponseWriter, tenant: str, rest: list[str]) -> None:
+        if len(rest) != 2 or rest[1] != "ttl":
+            raise CallError(404, "not_found", "PUT /v1/register/{id}/ttl")
+        reg = self._registrations.heartbeat(tenant, rest[0])
+        if reg is None:
+            raise CallError(404, "unknown_registration", f"no registration {rest[0]!r}")
+        resp.send_json(200, reg.describe(time.monotonic()))
+
+    async def _events_stream(self, req: Request, resp: ResponseWriter, tenant: str, rest: list[str]) -> None:
+        """Server-sent events: registrations, endpoint up/down, manifest reloads."""
+        resp.start(200, [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")])
+        await resp.write(b": edged events\n\n")
+        async with self._events.subscribe() as queue:
+            while True:
+                try:
+                    event = await asyncio.wait_for(queue.get(), SSE_KEEPALIVE)
+                except asyncio.TimeoutError:
+                    await resp.write(b": keep-alive\n\n")
+                    continue
+                if event is None:  # the daemon is stopping
+                    break
+                if event.get("tenant", tenant) != tenant:
+                    continue
+                data = json.dumps(event, separators=(",", ":"))
+                await resp.write(f"event: {event['type']}\ndata: {data}\n\n".encode())

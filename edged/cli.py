@@ -1,0 +1,206 @@
+"""The `edged` command: run the daemon, check config, and talk to a running daemon (status, call, resolve)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .client import ApiClient, ApiError
+from .config import Config, find_config
+from .errors import ConfigError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"edged: {exc}", file=sys.stderr)
+        return 1
+    except ApiError as exc:
+        print(f"edged: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edged", description="HubMesh: a local service mesh for edge boxes")
+    p.add_argument("--version", action="version", version=f"edged {__version__}")
+    sub = p.add_subparsers(metavar="COMMAND")
+
+    def command(name: str, func, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.add_argument("--config", "-c", help="config file (default: /etc/edged/edged.toml, else built-in)")
+        sp.set_defaults(func=func)
+        return sp
+
+    command("run", _run, "run the daemon")
+    command("check", _check, "validate config and manifests, print what would run")
+    for name, func, help in (
+        ("status", _status, "this node, its services, endpoints and their health"),
+        ("call", _call, "make a call through the mesh and print the answer"),
+        ("resolve", _resolve, "ranked endpoints of a service, with the reason for each rank"),
+    ):
+        sp = command(name, func, help)
+        sp.add_argument("--api", help="daemon address: http://HOST:PORT or unix:/path (default: from the config)")
+        sp.add_argument("--token", default=os.environ.get("EDGED_TOKEN"), help="bearer token (or $EDGED_TOKEN)")
+        sp.add_argument("--json", action="store_true", help="print the raw JSON answer")
+        if name in ("call", "resolve"):
+            sp.add_argument("service")
+        if name == "call":
+            sp.add_argument("path", nargs="?", default="/")
+            sp.add_argument(
+                "-X", "--request", dest="method", default=None, help="HTTP method (default GET, POST with -d)"
+            )
+            sp.add_argument("-d", "--data", default=None, help="request body; @FILE reads a file, @- stdin")
+            sp.add_argument("-H", "--header", action="append", default=[], help="extra header 'Name: value'")
+            sp.add_argument("-i", "--include", action="store_true", help="print status and headers too")
+    return p
+
+
+# -- run / check -------------------------------------------------------------------------------------
+def _run(args) -> int:
+    from .daemon import run
+    from .logs import setup_logging
+
+    config = find_config(args.config)
+    setup_logging(config.log.level, config.log.format)
+    try:
+        return run(config)
+    except OSError as exc:
+        print(f"edged: cannot start: {exc}", file=sys.stderr)
+        return 1
+
+
+def _check(args) -> int:
+    from .daemon import demo_echo_service
+    from .manifest import load_manifest_dirs
+
+    config = find_config(args.config)
+    specs, errors = load_manifest_dirs(config.services.dirs)
+    if config.demo.echo:
+        specs.insert(0, demo_echo_service(config))
+    print(f"config: {config.path or 'built-in default'}")
+    print(f"node: {config.node.name}  fleet: {config.node.fleet}  zone: {config.node.zone or '-'}")
+    socket = config.api.socket or "off"
+    print(f"api: http://{config.api.listen_host}:{config.api.listen_port}  socket: {socket}")
+    print(f"manifests: {', '.join(config.services.dirs)}")
+    rows = [("SERVICE", "TENANT", "STRATEGY", "ENDPOINTS", "SOURCE")]
+    for spec in specs:
+        eps = ", ".join(f"{e.tier}:{e.url or e.mdns or 'mqtt'}" for e in spec.endpoints) or ",".join(
+            spec.endpoint_types
+        )
+        rows.append((spec.name, spec.tenant, spec.policy.strategy, eps, spec.source))
+    print(_table(rows))
+    for err in errors:
+        print(f"error: {err}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+# -- talking to a running daemon -------------------------------------------------------------------
+def _client(args) -> ApiClient:
+    if args.api:
+        return ApiClient(args.api, token=args.token)
+    config: Config = find_config(args.config)
+    if config.api.socket and os.access(config.api.socket, os.R_OK | os.W_OK):
+        return ApiClient(f"unix:{config.api.socket}", token=args.token)
+    host = config.api.listen_host if config.api.listen_host not in ("0.0.0.0", "::") else "127.0.0.1"
+    return ApiClient(f"http://{host}:{config.api.listen_port}", token=args.token)
+
+
+def _status(args) -> int:
+    data = _client(args).get_json("/v1/status")
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    node = data["node"]
+    print(
+        f"node {node['name']}  fleet {node['fleet']}  zone {node['zone'] or '-'}  "
+        f"v{node['version']}  up {node['uptime_s']}s  {'ready' if node['ready'] else 'NOT READY'}"
+    )
+    print(f"peers: {len(data.get('peers', []))}")
+    rows = [("SERVICE", "ENDPOINT", "TIER", "PRIO", "HEALTH", "LATENCY", "OK/FAIL")]
+    for svc in data["services"]:
+        if not svc["endpoints"]:
+            rows.append((svc["name"], "-", "-", "-", "no endpoints", "-", "-"))
+        for ep in svc["endpoints"]:
+            latency = "-" if ep["latency_ms"] is None else f"{ep['latency_ms']:.1f}ms"
+            rows.append(
+                (
+                    svc["name"],
+                    ep["url"],
+                    ep["tier"],
+                    str(ep["priority"]),
+                    ("UP " if ep["up"] else "DOWN ") + ep["health"],
+                    latency,
+                    f"{ep['calls_ok']}/{ep['calls_failed']}",
+                )
+            )
+    print(_table(rows))
+    return 0
+
+
+def _resolve(args) -> int:
+    data = _client(args).get_json(f"/v1/resolve/{args.service}")
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    print(f"{data['service']}: strategy {data['strategy']}" + (f" ({data['note']})" if data["note"] else ""))
+    rows = [("RANK", "ENDPOINT", "TIER", "USABLE", "REASON")]
+    for r in data["ranked"]:
+        rows.append((str(r["rank"]), r["url"], r["tier"], "yes" if r["usable"] else "no", r["reason"]))
+    for s in data["skipped"]:
+        rows.append(("-", s["endpoint"], s["tier"], "no", s["reason"]))
+    print(_table(rows))
+    return 0 if data["ranked"] else 1
+
+
+def _call(args) -> int:
+    body = b""
+    if args.data is not None:
+        if args.data == "@-":
+            body = sys.stdin.buffer.read()
+        elif args.data.startswith("@"):
+            with open(args.data[1:], "rb") as f:
+                body = f.read()
+        else:
+            body = args.data.encode()
+    method = args.method or ("POST" if args.data is not None else "GET")
+    headers = []
+    for h in args.header:
+        name, sep, value = h.partition(":")
+        if not sep:
+            print(f"edged: bad header {h!r}: use 'Name: value'", file=sys.stderr)
+            return 2
+        headers.append((name.strip(), value.strip()))
+    path = args.path if args.path.startswith("/") else "/" + args.path
+    status, resp_headers, data = _client(args).request(method, f"/svc/{args.service}{path}", body, headers)
+    if args.include:
+        print(f"HTTP {status}")
+        for k, v in resp_headers:
+            print(f"{k}: {v}")
+        print()
+    out = sys.stdout.buffer
+    out.write(data)
+    if data and not data.endswith(b"\n"):
+        out.write(b"\n")
+    out.flush()
+    return 0 if status < 400 else 1
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

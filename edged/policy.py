@@ -1,0 +1,156 @@
+"""Policy: the service's rule turns its endpoints and their health into an ordered plan, with a reason per rank.
+
+Pure over its inputs (endpoints, a health view, the time, a random source), so `edged resolve` can show
+exactly what the router would do, and tests can check every strategy without I/O.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from .model import Endpoint, Service
+from .registry import tier_rank
+
+# Strategies this version implements; the others named in the contract fall back to `priority`, visibly.
+IMPLEMENTED = ("priority", "round_robin", "weighted", "latency")
+STALL_FLOOR = 0.025  # seconds: below this, a slow answer is not yet a sign of a frozen endpoint
+STALL_FACTOR = 8.0  # an endpoint is "stalled" when nothing came back for this many typical latencies
+
+
+class HealthState(Protocol):
+    latency_ewma: float | None
+
+    def available(self, now: float) -> bool: ...
+    def reason(self, now: float) -> str: ...
+
+
+class HealthView(Protocol):
+    def state(self, endpoint_id: str) -> HealthState: ...
+    def stalled(self, endpoint_id: str, now: float, threshold: float) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """One endpoint in the plan, in the order the router will try them."""
+
+    endpoint: Endpoint
+    usable: bool  # healthy, not ejected and not stalled: a first-class choice
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    strategy: str
+    choices: tuple[Choice, ...]
+    note: str = ""
+
+    def explain(self) -> list[dict]:
+        """The plan as data for `GET /v1/resolve/{name}` and `edged resolve`."""
+        return [
+            {
+                "rank": i + 1,
+                "endpoint": c.endpoint.id,
+                "tier": c.endpoint.tier,
+                "url": c.endpoint.url,
+                "priority": c.endpoint.priority,
+                "weight": c.endpoint.weight,
+                "usable": c.usable,
+                "reason": c.reason,
+            }
+            for i, c in enumerate(self.choices)
+        ]
+
+
+def stall_threshold(latency_ewma: float | None, per_try_timeout: float) -> float:
+    """How long an endpoint may hold calls with no answer before new calls go elsewhere first."""
+    cap = per_try_timeout / 2
+    if latency_ewma is None:
+        return cap
+    return max(STALL_FLOOR, min(cap, STALL_FACTOR * latency_ewma))
+
+
+class Ranker:
+    """Applies strategies. Holds only what strategies need between calls (round-robin turn, randomness)."""
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._rng = rng or random.Random()
+        self._turns: dict[tuple[str, str], int] = {}
+
+    def plan(
+        self, service: Service, health: HealthView, now: float, endpoints: Sequence[Endpoint] | None = None
+    ) -> Plan:
+        """Order `endpoints` (default: all of the service's) for one call.
+
+        Usable endpoints come first, in the strategy's order; then stalled ones (they may still answer);
+        then unhealthy or ejected ones as a last resort, so that a wrong health verdict never turns into
+        a failed call while anything might still answer.
+        """
+        spec = service.spec
+        eps = service.endpoints if endpoints is None else endpoints
+        strategy = spec.policy.strategy
+        note = ""
+        if strategy not in IMPLEMENTED:
+            note = f"strategy {strategy!r} is not available in this version; using 'priority'"
+            strategy = "priority"
+        usable: list[Endpoint] = []
+        stalled: list[Endpoint] = []
+        down: list[tuple[Endpoint, str]] = []
+        for ep in eps:
+            st = health.state(ep.id)
+            if not st.available(now):
+                down.append((ep, st.reason(now)))
+            elif health.stalled(ep.id, now, stall_threshold(st.latency_ewma, spec.policy.per_try_timeout)):
+                stalled.append(ep)
+            else:
+                usable.append(ep)
+        ordered, why = self._order(strategy, service, usable, health)
+        choices = [Choice(ep, True, r) for ep, r in zip(ordered, why, strict=False)]
+        choices += [
+            Choice(ep, False, "stalled: calls in flight, no answer lately") for ep in _by_priority(service, stalled)
+        ]
+        down.sort(key=lambda item: _priority_key(service, item[0]))
+        choices += [Choice(ep, False, f"last resort: {reason}") for ep, reason in down]
+        return Plan(strategy, tuple(choices), note)
+
+    def _order(
+        self, strategy: str, service: Service, eps: list[Endpoint], health: HealthView
+    ) -> tuple[list[Endpoint], list[str]]:
+        if not eps:
+            return [], []
+        if strategy == "round_robin":
+            base = _by_priority(service, eps)
+            turn = self._turns.get(service.spec.key, 0)
+            self._turns[service.spec.key] = turn + 1
+            k = turn % len(base)
+            ordered = base[k:] + base[:k]
+            return ordered, [f"round robin, turn {turn + 1}" for _ in ordered]
+        if strategy == "weighted":
+            # Efraimidis-Spirakis: a weighted random order without replacement, O(n log n).
+            keyed = sorted(eps, key=lambda ep: self._rng.random() ** (1.0 / max(ep.weight, 1)), reverse=True)
+            total = sum(max(ep.weight, 1) for ep in eps)
+            return keyed, [f"weighted, share {100 * max(ep.weight, 1) / total:.0f}%" for ep in keyed]
+        if strategy == "latency":
+            # Unmeasured endpoints first (they need a sample), then lowest moving-average latency.
+            def lat(ep: Endpoint) -> tuple:
+                value = health.state(ep.id).latency_ewma
+                return (value is not None, value or 0.0, *_priority_key(service, ep))
+
+            ordered = sorted(eps, key=lat)
+            why = []
+            for ep in ordered:
+                value = health.state(ep.id).latency_ewma
+                why.append("latency not measured yet" if value is None else f"latency {value * 1000:.1f} ms (ewma)")
+            return ordered, why
+        ordered = _by_priority(service, eps)
+        return ordered, [f"priority {ep.priority}, tier {ep.tier}, weight {ep.weight}; healthy" for ep in ordered]
+
+
+def _priority_key(service: Service, ep: Endpoint) -> tuple:
+    return (ep.priority, tier_rank(service.spec, ep.tier), -ep.weight, ep.id)
+
+
+def _by_priority(service: Service, eps: Sequence[Endpoint]) -> list[Endpoint]:
+    return sorted(eps, key=lambda ep: _priority_key(service, ep))

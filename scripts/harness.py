@@ -1,0 +1,163 @@
+"""Real processes for tests, benchmarks and scenarios: backends (tests/backend.py) and the daemon itself.
+
+Used by tests/conftest.py and by the scripts, so that the figures in the scripts come from the same
+set-up the tests assert on.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from edged.client import ApiClient, ApiError  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
+    """Poll until `predicate()` is truthy; fail the test with `what` if it never is."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Backend:
+    """tests/backend.py in its own process: SIGKILL, SIGSTOP and restart it like a real service."""
+
+    def __init__(self, name: str, port: int, cwd: Path) -> None:
+        self.name, self.port, self.cwd = name, port, cwd
+        self.proc: subprocess.Popen | None = None
+        self.url = f"http://127.0.0.1:{port}"
+
+    def start(self) -> Backend:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "backend.py"), str(self.port), self.name],
+            cwd=self.cwd,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline().strip() == "ready"
+        return self
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def freeze(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def set_healthy(self, healthy: bool) -> None:
+        marker = self.cwd / f"{self.name}.unhealthy"
+        if healthy:
+            marker.unlink(missing_ok=True)
+        else:
+            marker.touch()
+
+
+class Edged:
+    """The daemon as a subprocess, with its config dir laid out in a temp folder."""
+
+    def __init__(self, root: Path, manifests: dict[str, str], extra_config: str = "") -> None:
+        self.root = root
+        self.port = free_port()
+        self.services = root / "services.d"
+        self.services.mkdir(parents=True, exist_ok=True)
+        for name, text in manifests.items():
+            self.write_manifest(name, text)
+        self.config = root / "edged.toml"
+        self.config.write_text(
+            textwrap.dedent(
+                f"""
+                [node]
+                name = "test-node"
+                [api]
+                listen = "127.0.0.1:{self.port}"
+                socket = "run/edged.sock"
+                [services]
+                dirs = ["services.d"]
+                reload_interval = "200ms"
+                [state]
+                dir = "state"
+                [mdns]
+                enabled = false
+                [log]
+                format = "json"
+                """
+            )
+            + textwrap.dedent(extra_config)
+        )
+        self.log = root / "edged.log"
+        self.proc: subprocess.Popen | None = None
+        self.api = ApiClient(f"http://127.0.0.1:{self.port}")
+        self.socket = root / "run" / "edged.sock"
+
+    def write_manifest(self, name: str, text: str) -> None:
+        (self.services / name).write_text(textwrap.dedent(text))
+
+    def start(self, wait: bool = True) -> Edged:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "edged", "run", "--config", str(self.config)],
+            cwd=self.root,
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        if wait:
+            wait_for(self.ready, 15, what=f"edged ready (log: {self.log})")
+        return self
+
+    def ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"edged exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+        try:
+            return self.api.request("GET", "/readyz")[0] == 200
+        except ApiError:
+            return False
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError("edged did not stop in time") from None
+        return self.proc.returncode
+
+    def call(self, service: str, path: str = "/", method: str = "GET", body: bytes = b"", headers=None):
+        return self.api.request(method, f"/svc/{service}{path}", body, headers)
+
+    def get(self, path: str) -> dict:
+        return self.api.get_json(path)
+
+    def log_text(self) -> str:
+        return self.log.read_text()

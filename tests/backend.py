@@ -1,0 +1,93 @@
+"""A real HTTP/1.1 backend for end-to-end tests, run as its own process so tests can SIGKILL or SIGSTOP it.
+
+usage: python tests/backend.py PORT NAME [--unix PATH]
+  GET|POST /anything     -> 200 {"name": NAME, "method": ..., "path": ..., "body": ...}
+  /healthz               -> 200, or 503 while the file NAME.unhealthy exists in the cwd
+  /status/CODE           -> that status
+  /sleep/MS              -> answers after MS milliseconds
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import socketserver
+import sys
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "backend"
+    wbufsize = -1  # buffer the whole answer: one write, so Nagle + delayed ACK never add 40 ms
+
+    def setup(self) -> None:
+        super().setup()
+        if self.connection.family != socket.AF_UNIX:
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def log_message(self, format, *args):  # quiet
+        pass
+
+    def _answer(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        name = self.server.name  # type: ignore[attr-defined]
+        path = self.path.split("?", 1)[0]
+        status = 200
+        if path == "/healthz" and os.path.exists(f"{name}.unhealthy"):
+            status = 503
+        elif path.startswith("/status/"):
+            status = int(path.split("/")[2])
+        elif path.startswith("/sleep/"):
+            time.sleep(int(path.split("/")[2]) / 1000)
+        doc = {
+            "name": name,
+            "method": self.command,
+            "path": self.path,
+            "body": body.decode("utf-8", "replace"),
+            "headers": {k.lower(): v for k, v in self.headers.items()},
+        }
+        data = json.dumps(doc).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+        self.wfile.flush()
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = _answer
+
+
+class QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128
+
+    def handle_error(self, request, client_address) -> None:
+        pass  # a client that went away mid-answer is normal in fault tests
+
+
+class UnixServer(socketserver.ThreadingUnixStreamServer):
+    daemon_threads = True
+
+    def get_request(self):
+        request, _ = super().get_request()
+        return request, ("unix", 0)
+
+
+def main() -> None:
+    port, name = int(sys.argv[1]), sys.argv[2]
+    if len(sys.argv) > 4 and sys.argv[3] == "--unix":
+        server = UnixServer(sys.argv[4], Handler)
+    else:
+        server = QuietServer(("127.0.0.1", port), Handler)
+    server.name = name  # type: ignore[attr-defined]
+    print("ready", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

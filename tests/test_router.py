@@ -1,0 +1,150 @@
+"""Router decisions with an injected transport (the real HTTP transport is covered end to end)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+from helpers import FakeHealth, endpoint, service
+
+from edged.errors import CallError, ConnectFailed, UpstreamReset, UpstreamTimeout
+from edged.model import PolicySpec
+from edged.registry import Registry
+from edged.router import Call, Router
+from edged.telemetry import MeshMetrics
+
+
+class Answer:
+    def __init__(self, status: int) -> None:
+        self.status, self.reason, self.headers, self.content_length = status, b"", [], 0
+        self.discarded = False
+
+    async def read(self) -> bytes:
+        return b""
+
+    def discard(self) -> None:
+        self.discarded = True
+
+
+class ScriptedTransport:
+    """Each endpoint name maps to what its tries do: an int status, or an exception class."""
+
+    def __init__(self, script: dict[str, object]) -> None:
+        self.script = script
+        self.sent: list[tuple[str, float]] = []
+        self.answers: list[Answer] = []
+
+    def unavailable(self):
+        return None
+
+    async def send(self, ep, call, headers, timeout):
+        name = ep.id.rsplit("/", 1)[1]
+        self.sent.append((name, timeout))
+        what = self.script[name]
+        if isinstance(what, type):
+            raise what(ep.url, "scripted")
+        answer = Answer(what)
+        self.answers.append(answer)
+        return answer
+
+
+def make(script, *, policy=None, method="GET", clock=None):
+    eps = [endpoint(name, i + 1, priority=i) for i, name in enumerate(script)]
+    spec = dataclasses.replace(service(*eps, policy=policy).spec, endpoints=())
+    registry = Registry()
+    registry.set_manifests([spec])
+    registry.set_endpoints("test", eps)
+    transport = ScriptedTransport(script)
+    metrics = MeshMetrics()
+    health = FakeHealth()
+    kwargs = {"clock": clock} if clock else {}
+    router = Router(registry, health, {"local": transport}, metrics, **kwargs)
+    call = Call("default", "s", method, "/x", [], b"", (clock or __import__("time").monotonic)() + 10, "rid")
+    return router, transport, metrics, health, call
+
+
+def route(router, call):
+    return asyncio.run(router.route_service_call(call))
+
+
+def test_fails_over_on_connect_reset_and_timeout():
+    for failure in (ConnectFailed, UpstreamReset, UpstreamTimeout):
+        router, transport, metrics, health, call = make({"a": failure, "b": 200})
+        routed = route(router, call)
+        assert routed.endpoint.id.endswith("/b") and routed.tries == 2
+        assert [n for n, _ in transport.sent] == ["a", "b"]
+        assert health.results == [("default/s/local/a", False), ("default/s/local/b", True)]
+        assert metrics.value("edged_failovers_total", {"service": "s"}) == 1
+
+
+def test_retryable_status_moves_on_and_the_last_answer_is_returned_when_all_fail():
+    router, transport, *_, call = make({"a": 503, "b": 502})
+    routed = route(router, call)
+    assert routed.answer.status == 502 and routed.tries == 2
+    assert transport.answers[0].discarded  # the 503 we did not use was released
+
+
+def test_non_idempotent_is_retried_only_when_it_never_arrived():
+    router, transport, *_, call = make({"a": UpstreamReset, "b": 200}, method="POST")
+    with pytest.raises(CallError) as err:
+        route(router, call)
+    assert err.value.status == 503 and [n for n, _ in transport.sent] == ["a"]
+    router, transport, *_, call = make({"a": ConnectFailed, "b": 200}, method="POST")
+    assert route(router, call).endpoint.id.endswith("/b")
+    router, transport, *_, call = make(
+        {"a": UpstreamReset, "b": 200}, method="POST", policy=PolicySpec(retry_non_idempotent=True)
+    )
+    assert route(router, call).endpoint.id.endswith("/b")
+
+
+def test_retries_limit_the_tries():
+    router, _transport, _, _, call = make(
+        {"a": ConnectFailed, "b": ConnectFailed, "c": 200}, policy=PolicySpec(retries=1)
+    )
+    with pytest.raises(CallError) as err:
+        route(router, call)
+    assert err.value.code == "no_endpoint" and len(err.value.detail["tries"]) == 2
+
+
+def test_per_try_timeout_is_bounded_by_the_deadline():
+    now = [100.0]
+    router, transport, _, _, call = make({"a": 200}, policy=PolicySpec(per_try_timeout=5.0), clock=lambda: now[0])
+    call.deadline = now[0] + 0.25
+    route(router, call)
+    assert transport.sent[0][1] == pytest.approx(0.25)
+    call.deadline = now[0] - 1
+    with pytest.raises(CallError) as err:
+        route(router, call)
+    assert (err.value.status, err.value.code) == (504, "deadline")
+
+
+def test_retry_budget_stops_retry_storms():
+    now = [0.0]
+    router, _transport, metrics, _, call = make({"a": ConnectFailed, "b": 200}, clock=lambda: now[0])
+    call.deadline = 1e9
+    outcomes = []
+    for _ in range(300):
+        try:
+            outcomes.append(route(router, call).tries)
+        except CallError:
+            outcomes.append(0)
+    # 20 % of 300 calls + a floor of 10/s over the 10 s window = about 160 retries; the rest fail fast.
+    retried = outcomes.count(2)
+    assert 155 <= retried <= 165, retried
+    assert outcomes.count(0) == 300 - retried
+    assert metrics.value("edged_retry_budget_exhausted_total", {"service": "s"}) == 300 - retried
+
+
+def test_interface_rejects_undeclared_methods_before_routing():
+    from edged.model import InterfaceSpec, MethodRule
+
+    router, transport, _, _, call = make({"a": 200})
+    registry = router._registry
+    spec = registry.snapshot().get("default", "s").spec
+    registry.set_manifests([dataclasses.replace(spec, interface=InterfaceSpec(methods=(MethodRule.parse("GET /ok"),)))])
+    with pytest.raises(CallError) as err:
+        route(router, call)
+    assert err.value.code == "unknown_method" and transport.sent == []
+    call.path = "/ok?q=1"
+    assert route(router, call).answer.status == 200
