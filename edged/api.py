@@ -53,6 +53,7 @@ class Api:
         metrics: MeshMetrics,
         ready: Callable[[], bool],
         render_metrics: Callable[[], str],
+        peers: Callable[[], list[dict]] = list,
     ) -> None:
         self._node = node
         self._registry = registry
@@ -64,6 +65,7 @@ class Api:
         self._metrics = metrics
         self._ready = ready
         self._render_metrics = render_metrics
+        self._peers = peers
         self._routes: dict[tuple[str, str], Callable[..., Awaitable[None] | None]] = {
             ("GET", "services"): self._services,
             ("GET", "resolve"): self._resolve,
@@ -277,7 +279,7 @@ class Api:
                     "ready": self._ready(),
                     "generation": snap.generation,
                 },
-                "peers": [],
+                "peers": self._peers(),
                 "services": [self._describe(s, now) for s in snap.for_tenant(tenant)],
             },
         )

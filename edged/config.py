@@ -67,6 +67,7 @@ class ApiConfig:
 class IngressConfig:
     """`[ingress]`: where peers send edge calls."""
 
+    enabled: bool = True
     listen_host: str = "0.0.0.0"
     listen_port: int = 7701
 
@@ -92,6 +93,15 @@ class MdnsConfig:
 
     enabled: bool = True
     interfaces: str | tuple[str, ...] = "all"
+    resolve_interval: float = 1.0  # re-resolve known peers this often: zeroconf alone misses dead peers
+    txt_min_interval: float = 10.0  # vitals in TXT change at most this often (no multicast storm)
+
+
+@dataclass(frozen=True, slots=True)
+class VitalsConfig:
+    """`[vitals]`: how often this node reads its CPU, battery and link quality."""
+
+    interval: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +111,31 @@ class MqttConfig:
     enabled: bool = False
     url: str = "mqtt://127.0.0.1:1883"
     topic_prefix: str = "hubmesh"
+    protocol: str = "5"  # "5" or "3.1.1"
+    client_id: str = ""  # default: edged-{node}
+    username: str | None = None
+    password_file: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    keepalive: float = 30.0
+    max_payload: int = 256 * KIB
+    telemetry_interval: float = 60.0
+    reconnect_max: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class FleetConfig:
+    """`[fleet]`: Ed25519 public keys (files) whose signatures fleet config documents must carry."""
+
+    keys: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeConfig:
+    """`[bridge]`: the cloud side (`edged bridge`): shared-subscription group of the bridges."""
+
+    group: str = "edged-bridge"
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +177,9 @@ class Config:
     state: StateConfig = StateConfig()
     mdns: MdnsConfig = MdnsConfig()
     mqtt: MqttConfig = MqttConfig()
+    vitals: VitalsConfig = VitalsConfig()
+    fleet: FleetConfig = FleetConfig()
+    bridge: BridgeConfig = BridgeConfig()
     tenants: Mapping[str, TenantConfig] = field(default_factory=_default_tenants)
     log: LogConfig = LogConfig()
     demo: DemoConfig = DemoConfig()
@@ -677,7 +715,23 @@ class _Loader:
 
     def build(self, path: str | None) -> Config:
         top = self.top
-        top.only(("node", "api", "ingress", "services", "state", "mdns", "mqtt", "tenants", "log", "demo"))
+        top.only(
+            (
+                "node",
+                "api",
+                "ingress",
+                "services",
+                "state",
+                "mdns",
+                "mqtt",
+                "vitals",
+                "fleet",
+                "bridge",
+                "tenants",
+                "log",
+                "demo",
+            )
+        )
         return Config(
             node=self.node(top.table("node")),
             api=self.api(top.table("api")),
@@ -686,6 +740,9 @@ class _Loader:
             state=self.state(top.table("state")),
             mdns=self.mdns(top.table("mdns")),
             mqtt=self.mqtt(top.table("mqtt")),
+            vitals=self.vitals(top.table("vitals")),
+            fleet=self.fleet(top.table("fleet")),
+            bridge=self.bridge(top.table("bridge")),
             tenants=self.tenants(top.table("tenants")),
             log=self.log(top.table("log")),
             demo=self.demo(top.table("demo")),
@@ -728,10 +785,10 @@ class _Loader:
         )
 
     def ingress(self, t: Table) -> IngressConfig:
-        t.only(("listen",))
+        t.only(("enabled", "listen"))
         d = IngressConfig()
         host, port = self.listen(t, (d.listen_host, d.listen_port))
-        return IngressConfig(listen_host=host, listen_port=port)
+        return IngressConfig(enabled=t.boolean("enabled", d.enabled), listen_host=host, listen_port=port)
 
     def services(self, t: Table) -> ServicesConfig:
         t.only(("dirs", "reload_interval"))
@@ -748,7 +805,8 @@ class _Loader:
         return StateConfig() if value is None else StateConfig(dir=self.resolve(value))
 
     def mdns(self, t: Table) -> MdnsConfig:
-        t.only(("enabled", "interfaces"))
+        t.only(("enabled", "interfaces", "resolve_interval", "txt_min_interval"))
+        d = MdnsConfig()
         interfaces: str | tuple[str, ...] = "all"
         what = '"all" or a list of addresses / interface names'
         if t.has("interfaces"):
@@ -759,10 +817,45 @@ class _Loader:
                     t.fail("interfaces", "expected at least one address or interface name (use enabled = false)")
             elif value != "all":
                 t.fail("interfaces", f"expected {what}, got {describe(value)}")
-        return MdnsConfig(enabled=t.boolean("enabled", True), interfaces=interfaces)
+        return MdnsConfig(
+            enabled=t.boolean("enabled", True),
+            interfaces=interfaces,
+            resolve_interval=t.duration("resolve_interval", d.resolve_interval),
+            txt_min_interval=t.duration("txt_min_interval", d.txt_min_interval, positive=False),
+        )
+
+    def vitals(self, t: Table) -> VitalsConfig:
+        t.only(("interval",))
+        return VitalsConfig(interval=t.duration("interval", VitalsConfig().interval))
+
+    def fleet(self, t: Table) -> FleetConfig:
+        t.only(("keys",))
+        keys = t.strings("keys", (), what="a public key file path")
+        return FleetConfig(keys=tuple(self.resolve(k) for k in keys))
+
+    def bridge(self, t: Table) -> BridgeConfig:
+        t.only(("group",))
+        return BridgeConfig(group=t.string("group", BridgeConfig().group, pattern=_NODE_NAME, what=_NODE_WHAT))
 
     def mqtt(self, t: Table) -> MqttConfig:
-        t.only(("enabled", "url", "topic_prefix"))
+        t.only(
+            (
+                "enabled",
+                "url",
+                "topic_prefix",
+                "protocol",
+                "client_id",
+                "username",
+                "password_file",
+                "ca_file",
+                "cert_file",
+                "key_file",
+                "keepalive",
+                "max_payload",
+                "telemetry_interval",
+                "reconnect_max",
+            )
+        )
         d = MqttConfig()
         url = t.string("url", d.url, what="an mqtt:// or mqtts:// URL")
         try:
@@ -770,7 +863,23 @@ class _Loader:
         except ValueError as exc:
             t.fail("url", str(exc))
         prefix = t.string("topic_prefix", d.topic_prefix, pattern=_TOPIC_PREFIX, what="an MQTT topic prefix (no +, #)")
-        return MqttConfig(enabled=t.boolean("enabled", d.enabled), url=url, topic_prefix=prefix)
+        files = {}
+        for key in ("password_file", "ca_file", "cert_file", "key_file"):
+            value = t.string(key, None, what="a file path")
+            files[key] = None if value is None else self.resolve(value)
+        return MqttConfig(
+            enabled=t.boolean("enabled", d.enabled),
+            url=url,
+            topic_prefix=prefix,
+            protocol=t.choice("protocol", d.protocol, ("5", "3.1.1")),
+            client_id=t.string("client_id", d.client_id, allow_empty=True),
+            username=t.string("username", None),
+            keepalive=t.duration("keepalive", d.keepalive),
+            max_payload=t.size("max_payload", d.max_payload),
+            telemetry_interval=t.duration("telemetry_interval", d.telemetry_interval),
+            reconnect_max=t.duration("reconnect_max", d.reconnect_max),
+            **files,
+        )
 
     def tenants(self, t: Table) -> Mapping[str, TenantConfig]:
         result: dict[str, TenantConfig] = {}

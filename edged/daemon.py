@@ -8,6 +8,8 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
+from typing import Protocol
 
 from . import __version__
 from .api import Api, NodeInfo
@@ -30,6 +32,20 @@ from .tenancy import Tenancy
 from .transport.http import HttpTransport
 
 log = logging.getLogger("edged.daemon")
+
+
+class Component(Protocol):
+    """A part of the daemon with its own lifetime (the edge tier, the cloud tier). Built with the daemon,
+    started after the core is up and before READY, told first when the daemon leaves, stopped last."""
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def leaving(self) -> None:
+        """Shutdown began: announce it (mDNS goodbye, MQTT offline) while in-flight calls still drain."""
+
+    async def stop(self) -> None: ...
 
 
 def demo_echo_service(config: Config) -> ServiceSpec:
@@ -68,7 +84,11 @@ class Daemon:
         )
         self.pool = UpstreamPool()
         http = HttpTransport(self.pool)
-        self.router = Router(self.registry, self.health, {"local": http, "edge": http}, self.metrics, Ranker())
+        # Components add their tier's transport here (the router reads this very dict).
+        self.transports: dict = {"local": http, "edge": http}
+        self.router = Router(self.registry, self.health, self.transports, self.metrics, Ranker())
+        self.components: list[Component] = []
+        self.peer_sources: list[Callable[[], list[dict]]] = []  # for `edged status`: peers per component
         self._ready = False
         self._tasks: list[asyncio.Task] = []
         self._stopping = asyncio.Event()
@@ -84,6 +104,7 @@ class Daemon:
             metrics=self.metrics,
             ready=lambda: self._ready,
             render_metrics=self.metrics.render,
+            peers=lambda: [peer for source in self.peer_sources for peer in source()],
         )
         self.server = HttpServer(
             self.api.handle,
@@ -91,6 +112,9 @@ class Daemon:
             max_body_bytes=config.api.max_body,
             idle_timeout=config.api.idle_timeout,
         )
+        # Tiers beyond local plug in here as components (each adds its transport and discovery source).
+        # -- edge tier (mDNS + ingress): see edged/edge/
+        # -- cloud tier (MQTT): see edged/cloud/
         self.listening: list[str] = []
         self.metrics.add_collector(self._collect)
         self.metrics.build_info.set((__version__,), 1)
@@ -113,6 +137,8 @@ class Daemon:
                 self.listening.append(f"unix:{api.socket}")
             except OSError as exc:
                 log.error("API socket %s not available (%s); serving on TCP only", api.socket, exc)
+        for component in self.components:
+            await component.start()
         self._spawn(self.registrations.run(), "registration leases")
         self._spawn(self.manifests.watch(self.config.services.reload_interval), "manifest watch")
         if self.notifier.watchdog_interval():
@@ -147,7 +173,11 @@ class Daemon:
         self.notifier.stopping()
         log.info("edged stopping", extra={"fields": {"in_flight": self.server.in_flight}})
         self.events.close()
+        for component in reversed(self.components):
+            await _quietly(component.leaving(), f"{component.name}: leaving")
         await self.server.shutdown(self.config.api.drain_timeout)
+        for component in reversed(self.components):
+            await _quietly(component.stop(), f"{component.name}: stop")
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -224,6 +254,14 @@ class Daemon:
         self.metrics.registry_generation.set((), snap.generation)
         self.metrics.registrations.set((), len(self.registrations))
         self.metrics.inflight.set((), self.server.in_flight)
+
+
+async def _quietly(coro, what: str) -> None:
+    """Shutdown goes on whatever one part does: log its failure and continue with the next."""
+    try:
+        await coro
+    except Exception:
+        log.exception("%s failed", what)
 
 
 def run(config: Config) -> int:

@@ -544,6 +544,8 @@ def _policy(t: Table) -> PolicySpec:
             "retry_budget",
             "retry_on_status",
             "retry_non_idempotent",
+            "battery_min",
+            "on_power",
         )
     )
     d = PolicySpec()
@@ -564,4 +566,14 @@ def _policy(t: Table) -> PolicySpec:
         retry_budget=t.number("retry_budget", d.retry_budget, lo=0.0, hi=1.0),
         retry_on_status=statuses,
         retry_non_idempotent=t.boolean("retry_non_idempotent", d.retry_non_idempotent),
+        battery_min=t.integer("battery_min", d.battery_min, lo=0, hi=100),
+        on_power=t.boolean("on_power", d.on_power),
     )
+
+
+def parse_policy(data: object, source: str, locate: Locate | None = None) -> PolicySpec:
+    """Validate a policy document alone (the `[policy]` table of a manifest; fleet config; the policy API)."""
+    doc = Doc(source, locate)
+    if not isinstance(data, Mapping):
+        raise doc.error((), f"a policy must be a table of keys, got {describe(data)}")
+    return _policy(Table(doc, data))

@@ -143,6 +143,8 @@ class PolicySpec:
     retry_budget: float = 0.2
     retry_on_status: frozenset[int] = frozenset({502, 503, 504})
     retry_non_idempotent: bool = False
+    battery_min: int | None = None  # skip endpoints whose node reports a battery below this (0..100)
+    on_power: bool = False  # skip endpoints whose node runs on battery
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,13 +11,66 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from .model import Endpoint, Service
+from .model import Endpoint, PolicySpec, Service
 from .registry import tier_rank
 
 # Strategies this version implements; the others named in the contract fall back to `priority`, visibly.
 IMPLEMENTED = ("priority", "round_robin", "weighted", "latency")
 STALL_FLOOR = 0.025  # seconds: below this, a slow answer is not yet a sign of a frozen endpoint
 STALL_FACTOR = 8.0  # an endpoint is "stalled" when nothing came back for this many typical latencies
+
+
+# Vitals of an endpoint's node travel in `Endpoint.meta` (filled by the edge tier from mDNS TXT):
+# "cpu" busy %, "bat" battery %, "link" link quality %, each "0".."100" or absent/"" when unknown,
+# and "power" = "battery" | "mains" | "" (unknown counts as mains: most edge boxes have no battery).
+ON_BATTERY_FACTOR = 0.5  # on battery, even a full one, a node gets half the share of an equal node on mains
+MIN_FACTOR = 0.05  # a busy or badly linked node keeps a trickle of calls, so that it is seen to recover
+
+
+def _vital(meta: dict[str, str], key: str) -> float | None:
+    value = meta.get(key, "")
+    try:
+        return min(100.0, max(0.0, float(value))) / 100.0 if value != "" else None
+    except ValueError:
+        return None
+
+
+def node_score(meta: tuple[tuple[str, str], ...]) -> float:
+    """0..1: how much of its weight an endpoint keeps, by its node's CPU load, battery and link quality."""
+    if not meta:
+        return 1.0
+    m = dict(meta)
+    score = 1.0
+    cpu = _vital(m, "cpu")
+    if cpu is not None:
+        score *= max(MIN_FACTOR, 1.0 - cpu)
+    if m.get("power") == "battery":
+        bat = _vital(m, "bat")
+        score *= ON_BATTERY_FACTOR * (1.0 if bat is None else max(bat, MIN_FACTOR / 10))
+    link = _vital(m, "link")
+    if link is not None:
+        score *= max(MIN_FACTOR, link)
+    return score
+
+
+def effective_weight(ep: Endpoint) -> float:
+    """The weight the `weighted` strategy uses: the declared weight scaled by the node's score."""
+    return max(ep.weight, 1) * node_score(ep.meta)
+
+
+def vitals_refusal(ep: Endpoint, policy: PolicySpec) -> str | None:
+    """Why the policy's power rules exclude this endpoint (`on_power`, `battery_min`), or None."""
+    if not ep.meta or not (policy.on_power or policy.battery_min is not None):
+        return None
+    m = dict(ep.meta)
+    if m.get("power") != "battery":
+        return None
+    if policy.on_power:
+        return "node on battery (policy on_power)"
+    bat = _vital(m, "bat")
+    if policy.battery_min is not None and bat is not None and bat * 100 < policy.battery_min:
+        return f"battery {bat * 100:.0f}% < battery_min {policy.battery_min}%"
+    return None
 
 
 class HealthState(Protocol):
@@ -100,7 +153,10 @@ class Ranker:
         down: list[tuple[Endpoint, str]] = []
         for ep in eps:
             st = health.state(ep.id)
-            if not st.available(now):
+            refusal = vitals_refusal(ep, spec.policy)
+            if refusal is not None:
+                down.append((ep, refusal))
+            elif not st.available(now):
                 down.append((ep, st.reason(now)))
             elif health.stalled(ep.id, now, stall_threshold(st.latency_ewma, spec.policy.per_try_timeout)):
                 stalled.append(ep)
@@ -129,9 +185,10 @@ class Ranker:
             return ordered, [f"round robin, turn {turn + 1}" for _ in ordered]
         if strategy == "weighted":
             # Efraimidis-Spirakis: a weighted random order without replacement, O(n log n).
-            keyed = sorted(eps, key=lambda ep: self._rng.random() ** (1.0 / max(ep.weight, 1)), reverse=True)
-            total = sum(max(ep.weight, 1) for ep in eps)
-            return keyed, [f"weighted, share {100 * max(ep.weight, 1) / total:.0f}%" for ep in keyed]
+            weights = {ep.id: effective_weight(ep) for ep in eps}
+            keyed = sorted(eps, key=lambda ep: self._rng.random() ** (1.0 / weights[ep.id]), reverse=True)
+            total = sum(weights.values())
+            return keyed, [f"weighted, share {100 * weights[ep.id] / total:.1f}%" for ep in keyed]
         if strategy == "latency":
             # Unmeasured endpoints first (they need a sample), then lowest moving-average latency.
             def lat(ep: Endpoint) -> tuple:

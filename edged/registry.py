@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
-from .model import TIERS, Endpoint, EndpointSpec, Service, ServiceSpec, parse_target
+from .model import TIERS, Endpoint, EndpointSpec, PolicySpec, Service, ServiceSpec, parse_target
+
+# Who wins when two sources declare the same (tenant, service): files the operator wrote, then local
+# registration, then what was learned from the fleet registry (MQTT) and from the LAN (mDNS).
+SERVICE_SOURCES = ("manifest", "register", "mqtt", "mdns")
+# Who wins when a policy is set outside the manifest: the local API, then fleet config.
+POLICY_SOURCES = ("api", "fleet")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,15 +61,16 @@ def static_endpoints(spec: ServiceSpec) -> list[Endpoint]:
 
 @dataclass(slots=True)
 class _Sources:
-    manifests: dict[tuple[str, str], ServiceSpec] = field(default_factory=dict)
-    registered: dict[tuple[str, str], ServiceSpec] = field(default_factory=dict)
+    services: dict[str, dict[tuple[str, str], ServiceSpec]] = field(default_factory=dict)  # source -> specs
     endpoints: dict[str, tuple[Endpoint, ...]] = field(default_factory=dict)  # source name -> endpoints
+    policies: dict[str, dict[tuple[str, str], PolicySpec]] = field(default_factory=dict)  # source -> overrides
 
 
 class Registry:
     """Owns the current snapshot. Discovery sources replace their own part; every change makes a new snapshot.
 
-    Manifests win over registered services of the same (tenant, name): files are what the operator wrote.
+    When sources declare the same (tenant, name), the first of `SERVICE_SOURCES` wins; policies set by the
+    API or fleet config (`POLICY_SOURCES`) replace the declared policy.
     """
 
     def __init__(self) -> None:
@@ -79,15 +86,40 @@ class Registry:
         """Call `fn(old, new)` after each change, synchronously, in registration order."""
         self._watchers.append(fn)
 
+    def set_services(self, source: str, specs: Iterable[ServiceSpec]) -> None:
+        """Replace the services a source (one of `SERVICE_SOURCES`) declares."""
+        if source not in SERVICE_SOURCES:
+            raise ValueError(f"unknown service source {source!r}")
+        new = {spec.key: spec for spec in specs}
+        if self._sources.services.get(source) == new:
+            return
+        self._sources.services[source] = new
+        self._rebuild()
+
     def set_manifests(self, specs: Iterable[ServiceSpec]) -> None:
         """Replace the services declared by manifest files."""
-        self._sources.manifests = {spec.key: spec for spec in specs}
-        self._rebuild()
+        self.set_services("manifest", specs)
 
     def set_registered_services(self, specs: Iterable[ServiceSpec]) -> None:
         """Replace the services declared by local registration (`POST /v1/register` with a manifest)."""
-        self._sources.registered = {spec.key: spec for spec in specs}
+        self.set_services("register", specs)
+
+    def set_policies(self, source: str, policies: Mapping[tuple[str, str], PolicySpec]) -> None:
+        """Replace the policy overrides of a source (one of `POLICY_SOURCES`), keyed by (tenant, service)."""
+        if source not in POLICY_SOURCES:
+            raise ValueError(f"unknown policy source {source!r}")
+        new = dict(policies)
+        if self._sources.policies.get(source) == new:
+            return
+        self._sources.policies[source] = new
         self._rebuild()
+
+    def policy_source(self, tenant: str, name: str) -> str:
+        """Where the policy in force for a service comes from: "api", "fleet" or "declared"."""
+        for source in POLICY_SOURCES:
+            if (tenant, name) in self._sources.policies.get(source, {}):
+                return source
+        return "declared"
 
     def set_endpoints(self, source: str, endpoints: Iterable[Endpoint]) -> None:
         """Replace the endpoints a source ("register", "mdns", "mqtt", ...) contributes to known services."""
@@ -98,11 +130,16 @@ class Registry:
         self._rebuild()
 
     def declared_by_manifest(self, tenant: str, name: str) -> ServiceSpec | None:
-        return self._sources.manifests.get((tenant, name))
+        return self._sources.services.get("manifest", {}).get((tenant, name))
 
     def _rebuild(self) -> None:
-        specs = dict(self._sources.registered)
-        specs.update(self._sources.manifests)
+        specs: dict[tuple[str, str], ServiceSpec] = {}
+        for source in reversed(SERVICE_SOURCES):  # later sources first, so earlier ones overwrite them
+            specs.update(self._sources.services.get(source, {}))
+        for source in reversed(POLICY_SOURCES):
+            for key, policy in self._sources.policies.get(source, {}).items():
+                if key in specs:
+                    specs[key] = replace(specs[key], policy=policy)
         extra: dict[tuple[str, str], list[Endpoint]] = {}
         orphans: list[Endpoint] = []
         for endpoints in self._sources.endpoints.values():

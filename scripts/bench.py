@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -532,7 +533,9 @@ def bench(args, tmp: Path, stack: ExitStack) -> dict:
     if not use_wrk:
         notes.append(f"wrk is not installed: throughput from a Python closed-loop client (install: {INSTALL_HINT})")
     use_haproxy = not args.skip_haproxy and shutil.which("haproxy") is not None
-    if not args.skip_haproxy and not use_haproxy:
+    if args.skip_haproxy:
+        notes.append("HAProxy skipped (--skip-haproxy): no edged/HAProxy ratio")
+    elif not use_haproxy:
         notes.append(f"haproxy is not installed: its column is skipped (install: {INSTALL_HINT})")
     cpus = choose_cpus(notes)
     proxy_cpus, client_cpus = ({cpus[0]}, {cpus[1]}) if cpus else (None, None)
@@ -702,6 +705,8 @@ def main() -> int:
     ap.add_argument("--json-only", action="store_true", help="print only the JSON figures")
     args = ap.parse_args()
     QUIET = args.json_only
+    # SIGTERM ends the run like Ctrl-C does: through the finally blocks that stop every child by PID.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="edged-bench-") as tmp, ExitStack() as stack:
         result = bench(args, Path(tmp), stack)
@@ -725,4 +730,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # every child is already stopped by then
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

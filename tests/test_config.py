@@ -66,7 +66,21 @@ def test_documented_config_equals_the_defaults():
     assert config == Config(path=str(path))
     # every section of the contract is shown in the documented file
     sections = {key[0] for key in toml_key_lines(path.read_text())}
-    assert sections == {"node", "api", "ingress", "services", "state", "mdns", "mqtt", "tenants", "log", "demo"}
+    assert sections == {
+        "node",
+        "api",
+        "ingress",
+        "services",
+        "state",
+        "mdns",
+        "mqtt",
+        "vitals",
+        "fleet",
+        "bridge",
+        "tenants",
+        "log",
+        "demo",
+    }
 
 
 def test_every_key_set(tmp_path):

@@ -79,3 +79,37 @@ def test_stall_threshold_bounds():
     assert stall_threshold(0.001, 0.3) == 0.025
     assert stall_threshold(0.010, 0.3) == 0.08
     assert stall_threshold(1.0, 0.3) == 0.15
+
+
+def with_meta(ep, **meta):
+    import dataclasses
+
+    return dataclasses.replace(ep, meta=tuple(meta.items()))
+
+
+def test_weighted_share_follows_node_vitals_battery_node_gets_under_a_tenth():
+    mains = with_meta(endpoint("mains", 1, tier="edge"), cpu="20", power="mains", link="100")
+    low = with_meta(endpoint("low", 2, tier="edge"), cpu="20", power="battery", bat="10", link="100")
+    svc = service(mains, low, policy=PolicySpec(strategy="weighted"))
+    ranker = Ranker(random.Random(3))
+    firsts = Counter(ids(ranker.plan(svc, FakeHealth(), 0.0))[0] for _ in range(20000))
+    assert firsts["low"] < firsts["mains"] / 10, firsts
+
+
+def test_unknown_vitals_keep_the_full_weight():
+    from edged.policy import node_score
+
+    assert node_score(()) == 1.0
+    assert node_score((("cpu", ""), ("bat", ""), ("power", ""), ("link", "x"))) == 1.0
+    assert node_score((("cpu", "50"),)) == 0.5
+
+
+def test_power_rules_put_battery_nodes_last():
+    mains = with_meta(endpoint("mains", 1, priority=2, tier="edge"), power="mains")
+    low = with_meta(endpoint("low", 2, priority=1, tier="edge"), power="battery", bat="15")
+    full = with_meta(endpoint("full", 3, priority=1, tier="edge"), power="battery", bat="90")
+    plan = Ranker().plan(service(mains, low, full, policy=PolicySpec(battery_min=20)), FakeHealth(), 0.0)
+    assert ids(plan) == ["full", "mains", "low"]
+    assert plan.choices[2].reason == "last resort: battery 15% < battery_min 20%"
+    plan = Ranker().plan(service(mains, low, full, policy=PolicySpec(on_power=True)), FakeHealth(), 0.0)
+    assert ids(plan)[0] == "mains" and not plan.choices[1].usable

@@ -51,3 +51,21 @@ def test_manifests_win_over_registered_services():
     reg.set_manifests([spec("a", "http://127.0.0.1:1")])
     assert reg.snapshot().get("default", "a").spec.source == "a.toml"
     assert reg.declared_by_manifest("default", "a") is not None
+
+
+def test_source_precedence_and_policy_overrides():
+    from edged.model import PolicySpec
+
+    reg = Registry()
+    reg.set_services("mdns", [spec("a", source="mdns:peer"), spec("b", source="mdns:peer")])
+    reg.set_services("mqtt", [spec("a", source="mqtt")])
+    assert reg.snapshot().get("default", "a").spec.source == "mqtt"
+    reg.set_manifests([spec("a", "http://127.0.0.1:1")])
+    assert reg.snapshot().get("default", "a").spec.source == "a.toml"
+    reg.set_policies("fleet", {("default", "a"): PolicySpec(strategy="weighted")})
+    assert reg.snapshot().get("default", "a").spec.policy.strategy == "weighted"
+    reg.set_policies("api", {("default", "a"): PolicySpec(strategy="latency")})
+    assert reg.snapshot().get("default", "a").spec.policy.strategy == "latency"
+    assert reg.policy_source("default", "a") == "api" and reg.policy_source("default", "b") == "declared"
+    reg.set_policies("api", {})
+    assert reg.snapshot().get("default", "a").spec.policy.strategy == "weighted"
