@@ -65,6 +65,7 @@ class Call:
     body: bytes
     deadline: float  # monotonic time by which the caller must have its answer
     request_id: str
+    tiers: frozenset[str] | None = None  # only these tiers (the ingress serves peers from "local" only)
 
 
 @dataclass(slots=True)
@@ -106,11 +107,13 @@ class Router:
             raise CallError(404, "unknown_service", f"no service {name!r} for tenant {tenant!r}")
         return svc
 
-    def plan(self, service: Service) -> tuple[Plan, list[dict]]:
+    def plan(self, service: Service, tiers: frozenset[str] | None = None) -> tuple[Plan, list[dict]]:
         """The plan for one call of this service, and the endpoints left out because their tier is off."""
         skipped = []
         eps = []
         for ep in service.endpoints:
+            if tiers is not None and ep.tier not in tiers:
+                continue
             transport = self._transports.get(ep.tier)
             why = "no transport for this tier" if transport is None else transport.unavailable()
             if why is None:
@@ -131,7 +134,7 @@ class Router:
             raise CallError(
                 404, "unknown_method", f"{call.method} {call.path.partition('?')[0]} is not in {spec.name}'s interface"
             )
-        plan, skipped = self.plan(service)
+        plan, skipped = self.plan(service, call.tiers)
         budget = self._budget(service)
         budget.deposit()
         policy = spec.policy

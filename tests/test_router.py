@@ -148,3 +148,13 @@ def test_interface_rejects_undeclared_methods_before_routing():
     assert err.value.code == "unknown_method" and transport.sent == []
     call.path = "/ok?q=1"
     assert route(router, call).answer.status == 200
+
+
+def test_a_call_can_be_limited_to_some_tiers():
+    router, transport, _, _, call = make({"a": 200})
+    call.tiers = frozenset({"edge"})
+    with pytest.raises(CallError) as err:
+        route(router, call)
+    assert err.value.code == "no_endpoint" and transport.sent == []
+    call.tiers = frozenset({"local"})
+    assert route(router, call).answer.status == 200
