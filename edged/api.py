@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import secrets
@@ -26,6 +27,13 @@ MESH_SUFFIX = b".mesh"
 # Headers the mesh sets itself on the way in; a caller's own values are not passed through.
 _OWN_HEADERS = frozenset({b"host", b"x-request-id", b"x-edged-timeout-ms"})
 SSE_KEEPALIVE = 15.0
+# Request ids: a random per-process prefix and a counter (no syscall per call, unique across restarts).
+_ID_PREFIX = secrets.token_hex(4)
+_id_counter = itertools.count(1)
+
+
+def _next_request_id() -> str:
+    return f"{_ID_PREFIX}-{next(_id_counter):x}"
 
 
 @dataclass(slots=True)
@@ -121,7 +129,7 @@ class Api:
                 timeout = min(timeout, max(0.0, int(asked) / 1000))
             except ValueError:
                 raise CallError(400, "bad_request", "x-edged-timeout-ms must be an integer") from None
-        request_id = (req.header(b"x-request-id") or b"").decode("ascii", "replace") or secrets.token_hex(8)
+        request_id = (req.header(b"x-request-id") or b"").decode("ascii", "replace") or _next_request_id()
         headers = [
             (k, v)
             for k, v in strip_hop_by_hop(req.headers)
@@ -139,6 +147,13 @@ class Api:
         out.append((b"x-request-id", request_id.encode()))
         outcome = "success" if answer.status < 500 else "error"
         try:
+            if answer.complete and req.method != "HEAD":
+                # The whole answer is already here (the common small answer): one write, one wake-up.
+                chunks = []
+                while chunk := await answer.read():
+                    chunks.append(chunk)
+                resp.send(answer.status, out, b"".join(chunks))
+                return
             resp.start(answer.status, out, content_length=answer.content_length)
             while True:
                 chunk = await answer.read()

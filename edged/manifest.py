@@ -12,12 +12,10 @@ import json
 import os
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import yaml
-from antlr4.error.ErrorListener import ErrorListener
-from proto_schema_parser import ast as proto_ast
-from proto_schema_parser.parser import Parser as ProtoParser
+if TYPE_CHECKING:
+    import yaml
 
 from edged.config import (
     LABEL_WHAT,
@@ -235,6 +233,8 @@ def _refuse_duplicates(path: str, duplicates: list[tuple[KeyPath, int]]) -> None
 
 
 def _decode_yaml(text: str, path: str) -> tuple[object, Locate]:
+    import yaml  # only boxes with YAML manifests pay for it
+
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
@@ -266,6 +266,8 @@ def _yaml_lines(
     active: set[int],
 ) -> None:
     """Record the line of each mapping key and sequence item under `node`, and keys given twice."""
+    import yaml
+
     if id(node) in active:  # an alias that contains itself
         return
     lines.setdefault(path, node.start_mark.line + 1)
@@ -377,13 +379,6 @@ def _interface(top: Table, base_dir: str | None) -> InterfaceSpec:
     return InterfaceSpec(version=version, methods=tuple(rules), source="inline")
 
 
-class _RaiseOnSyntaxError(ErrorListener):
-    """ANTLR only prints syntax errors by default; the first one must stop the parse instead."""
-
-    def syntaxError(self, recognizer, offendingSymbol, line, column, msg, e):  # ANTLR's names
-        raise _ProtoSyntaxError(line, column, msg)
-
-
 class _ProtoSyntaxError(Exception):
     def __init__(self, line: int, column: int, msg: str):
         super().__init__(msg)
@@ -391,12 +386,23 @@ class _ProtoSyntaxError(Exception):
 
 
 def _quiet(recognizer: Any) -> None:
+    """ANTLR only prints syntax errors by default; the first one must stop the parse instead."""
+    from antlr4.error.ErrorListener import ErrorListener
+
+    class RaiseOnSyntaxError(ErrorListener):
+        def syntaxError(self, recognizer, offendingSymbol, line, column, msg, e):  # ANTLR's names
+            raise _ProtoSyntaxError(line, column, msg)
+
     recognizer.removeErrorListeners()
-    recognizer.addErrorListener(_RaiseOnSyntaxError())
+    recognizer.addErrorListener(RaiseOnSyntaxError())
 
 
 def _proto_interface(t: Table, version: str | None, base_dir: str | None) -> InterfaceSpec:
     """Methods from a .proto service, as gRPC paths: `POST /package.Service/Method`."""
+    # Imported here: the parser (ANTLR) costs 4 MiB of RSS that a box without .proto manifests never needs.
+    from proto_schema_parser import ast as proto_ast
+    from proto_schema_parser.parser import Parser as ProtoParser
+
     proto = t.string("proto", what="a .proto file path")
     if base_dir is None:  # a registration body must not make the daemon read (and quote) files
         t.fail("proto", "a .proto interface needs a manifest file; list methods instead")

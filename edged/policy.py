@@ -7,7 +7,7 @@ exactly what the router would do, and tests can check every strategy without I/O
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -133,13 +133,19 @@ class Ranker:
         self._turns: dict[tuple[str, str], int] = {}
 
     def plan(
-        self, service: Service, health: HealthView, now: float, endpoints: Sequence[Endpoint] | None = None
+        self,
+        service: Service,
+        health: HealthView,
+        now: float,
+        endpoints: Sequence[Endpoint] | None = None,
+        *,
+        explain: bool = True,
     ) -> Plan:
         """Order `endpoints` (default: all of the service's) for one call.
 
         Usable endpoints come first, in the strategy's order; then stalled ones (they may still answer);
         then unhealthy or ejected ones as a last resort, so that a wrong health verdict never turns into
-        a failed call while anything might still answer.
+        a failed call while anything might still answer. `explain=False` (the call path) skips the reasons.
         """
         spec = service.spec
         eps = service.endpoints if endpoints is None else endpoints
@@ -157,52 +163,53 @@ class Ranker:
             if refusal is not None:
                 down.append((ep, refusal))
             elif not st.available(now):
-                down.append((ep, st.reason(now)))
+                down.append((ep, st.reason(now) if explain else ""))
             elif health.stalled(ep.id, now, stall_threshold(st.latency_ewma, spec.policy.per_try_timeout)):
                 stalled.append(ep)
             else:
                 usable.append(ep)
         ordered, why = self._order(strategy, service, usable, health)
-        choices = [Choice(ep, True, r) for ep, r in zip(ordered, why, strict=False)]
-        choices += [
-            Choice(ep, False, "stalled: calls in flight, no answer lately") for ep in _by_priority(service, stalled)
-        ]
-        down.sort(key=lambda item: _priority_key(service, item[0]))
-        choices += [Choice(ep, False, f"last resort: {reason}") for ep, reason in down]
+        choices = [Choice(ep, True, why(ep) if explain else "") for ep in ordered]
+        if stalled:
+            reason = "stalled: calls in flight, no answer lately" if explain else ""
+            choices += [Choice(ep, False, reason) for ep in _by_priority(service, stalled)]
+        if down:
+            down.sort(key=lambda item: _priority_key(service, item[0]))
+            choices += [Choice(ep, False, f"last resort: {reason}" if explain else "") for ep, reason in down]
         return Plan(strategy, tuple(choices), note)
 
     def _order(
         self, strategy: str, service: Service, eps: list[Endpoint], health: HealthView
-    ) -> tuple[list[Endpoint], list[str]]:
-        if not eps:
-            return [], []
+    ) -> tuple[list[Endpoint], Callable[[Endpoint], str]]:
+        """The strategy's order, and how to say why an endpoint has its place (only asked when explaining)."""
+        if len(eps) <= 1 and strategy != "round_robin":
+            return eps, lambda ep: f"only usable endpoint; {strategy}"
         if strategy == "round_robin":
             base = _by_priority(service, eps)
             turn = self._turns.get(service.spec.key, 0)
             self._turns[service.spec.key] = turn + 1
-            k = turn % len(base)
-            ordered = base[k:] + base[:k]
-            return ordered, [f"round robin, turn {turn + 1}" for _ in ordered]
+            k = turn % len(base) if base else 0
+            return base[k:] + base[:k], lambda ep: f"round robin, turn {turn + 1}"
         if strategy == "weighted":
             # Efraimidis-Spirakis: a weighted random order without replacement, O(n log n).
             weights = {ep.id: effective_weight(ep) for ep in eps}
             keyed = sorted(eps, key=lambda ep: self._rng.random() ** (1.0 / weights[ep.id]), reverse=True)
             total = sum(weights.values())
-            return keyed, [f"weighted, share {100 * weights[ep.id] / total:.1f}%" for ep in keyed]
+            return keyed, lambda ep: f"weighted, share {100 * weights[ep.id] / total:.1f}%"
         if strategy == "latency":
             # Unmeasured endpoints first (they need a sample), then lowest moving-average latency.
             def lat(ep: Endpoint) -> tuple:
                 value = health.state(ep.id).latency_ewma
                 return (value is not None, value or 0.0, *_priority_key(service, ep))
 
-            ordered = sorted(eps, key=lat)
-            why = []
-            for ep in ordered:
+            def why(ep: Endpoint) -> str:
                 value = health.state(ep.id).latency_ewma
-                why.append("latency not measured yet" if value is None else f"latency {value * 1000:.1f} ms (ewma)")
-            return ordered, why
-        ordered = _by_priority(service, eps)
-        return ordered, [f"priority {ep.priority}, tier {ep.tier}, weight {ep.weight}; healthy" for ep in ordered]
+                return "latency not measured yet" if value is None else f"latency {value * 1000:.1f} ms (ewma)"
+
+            return sorted(eps, key=lat), why
+        return _by_priority(
+            service, eps
+        ), lambda ep: f"priority {ep.priority}, tier {ep.tier}, weight {ep.weight}; healthy"
 
 
 def _priority_key(service: Service, ep: Endpoint) -> tuple:

@@ -31,6 +31,7 @@ class UpstreamAnswer(Protocol):
     reason: bytes
     headers: list[tuple[bytes, bytes]]
     content_length: int | None
+    complete: bool  # the whole body is already here
 
     async def read(self) -> bytes: ...
     def discard(self) -> None: ...
@@ -107,7 +108,9 @@ class Router:
             raise CallError(404, "unknown_service", f"no service {name!r} for tenant {tenant!r}")
         return svc
 
-    def plan(self, service: Service, tiers: frozenset[str] | None = None) -> tuple[Plan, list[dict]]:
+    def plan(
+        self, service: Service, tiers: frozenset[str] | None = None, *, explain: bool = True
+    ) -> tuple[Plan, list[dict]]:
         """The plan for one call of this service, and the endpoints left out because their tier is off."""
         skipped = []
         eps = []
@@ -120,7 +123,7 @@ class Router:
                 eps.append(ep)
             else:
                 skipped.append({"endpoint": ep.id, "tier": ep.tier, "reason": why})
-        plan = self._ranker.plan(service, self._health, self._clock(), eps)
+        plan = self._ranker.plan(service, self._health, self._clock(), eps, explain=explain)
         self._metrics.policy_evaluations.inc((plan.strategy,))
         return plan, skipped
 
@@ -134,7 +137,7 @@ class Router:
             raise CallError(
                 404, "unknown_method", f"{call.method} {call.path.partition('?')[0]} is not in {spec.name}'s interface"
             )
-        plan, skipped = self.plan(service, call.tiers)
+        plan, skipped = self.plan(service, call.tiers, explain=False)
         budget = self._budget(service)
         budget.deposit()
         policy = spec.policy
