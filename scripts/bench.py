@@ -233,20 +233,28 @@ def start_python_backend(tmp: Path) -> tuple[Proc, int, str]:
     return proc, port, f"scripts/bench_backend.py ({flavour})"
 
 
+def wait_ready(proc: Proc, port: int) -> None:
+    """Wait until `proc` answers 200 on `port`; stop it (by PID) if it never does."""
+    try:
+        wait_for(lambda: proc.check() or http_get_once(port, "/") == 200, 10, what=f"{proc.name} on port {port}")
+    except BaseException:
+        proc.stop()
+        raise
+
+
 def start_backend(tmp: Path, notes: list[str]) -> tuple[Proc, int, str]:
     """nginx when installed and it starts, else the Python backend."""
     if shutil.which("nginx"):
         proc, port, name = start_nginx(tmp)
         try:
-            wait_for(lambda: proc.check() or http_get_once(port, "/") == 200, 10, what="nginx")
+            wait_ready(proc, port)
             return proc, port, name
         except (AssertionError, RuntimeError) as exc:
-            proc.stop()
             notes.append(f"nginx did not start ({str(exc).splitlines()[0]}); using the Python backend")
     else:
         notes.append(f"nginx is not installed; using the Python backend (install: {INSTALL_HINT})")
     proc, port, name = start_python_backend(tmp)
-    wait_for(lambda: proc.check() or http_get_once(port, "/") == 200, 10, what="bench_backend")
+    wait_ready(proc, port)
     return proc, port, name
 
 
@@ -255,12 +263,15 @@ def start_haproxy(tmp: Path, backend_port: int) -> tuple[Proc, int]:
     conf = tmp / "haproxy.cfg"
     conf.write_text(textwrap.dedent(HAPROXY_CFG).format(port=port, backend=backend_port))
     proc = Proc("haproxy", ["haproxy", "-db", "-f", str(conf)], tmp, tmp / "haproxy.log")
-    wait_for(lambda: proc.check() or http_get_once(port, "/") == 200, 10, what="haproxy")
+    wait_ready(proc, port)
     return proc, port
 
 
-def start_edged(tmp: Path, backend_port: int) -> Edged:
-    """The daemon with one local endpoint, logging at warning so that logging is not what we measure."""
+def start_edged(tmp: Path, backend_port: int, stack: ExitStack) -> Edged:
+    """The daemon with one local endpoint, logging at warning so that logging is not what we measure.
+
+    Its stop is on `stack` before it starts, so a daemon that never gets ready is stopped too.
+    """
     d = Edged(tmp / "edged", {"bench.toml": MANIFEST.format(port=backend_port)})
     text = d.config.read_text()
     # The harness's test settings, back to production ones: quiet logs, manifests checked every 2 s.
@@ -270,6 +281,7 @@ def start_edged(tmp: Path, backend_port: int) -> Edged:
             raise RuntimeError(f"harness.Edged config has no {old.strip()!r}: update scripts/bench.py")
         text = text.replace(old, new, 1)
     d.config.write_text(text)
+    stack.callback(stop_edged, d)
     return d.start()
 
 
@@ -549,8 +561,7 @@ def bench(args, tmp: Path, stack: ExitStack) -> dict:
     paths = [Route("direct", backend_port, "/x", backend.pid, backend.check)]
 
     log("starting edged")
-    d = start_edged(tmp, backend_port)
-    stack.callback(stop_edged, d)
+    d = start_edged(tmp, backend_port, stack)
     assert d.proc is not None
     pin(d.proc.pid, proxy_cpus)
     edged_uvloop = runs_uvloop(d.proc.pid)
