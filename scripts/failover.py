@@ -14,22 +14,13 @@ import json
 import tempfile
 from pathlib import Path
 
-from harness import Backend, Edged, free_port
+from harness import Backend, Edged, free_port, manifest
 from loadgen import LoadGen, summary
 
-MANIFEST = """
-service_name = "thermo"
-[[endpoints]]
-type = "local"
-url = "http://127.0.0.1:{p1}"
-priority = 1
-[[endpoints]]
-type = "local"
-url = "http://127.0.0.1:{p2}"
-priority = 2
+HEALTH_AND_POLICY = """
 [health_check]
 http = "/healthz"
-interval = "1s"
+interval = "{interval}"
 timeout = "200ms"
 rise = 2
 fall = 2
@@ -39,11 +30,16 @@ per_try_timeout = "300ms"
 """
 
 
+def two_endpoints(p1: int, p2: int, interval: str = "1s") -> str:
+    """The scenario's service: priority 1 and 2, HTTP health checks, 300 ms per try."""
+    return manifest("thermo", [(p1, 1), (p2, 2)], HEALTH_AND_POLICY.format(interval=interval))
+
+
 def scenario(fault: str, rate: float, duration: float, root: Path) -> dict:
     """Run one fault; returns the figures."""
     b1 = Backend("p1", free_port(), root).start()
     b2 = Backend("p2", free_port(), root).start()
-    d = Edged(root / f"edged-{fault}", {"thermo.toml": MANIFEST.format(p1=b1.port, p2=b2.port)}).start()
+    d = Edged(root / f"edged-{fault}", {"thermo.toml": two_endpoints(b1.port, b2.port)}).start()
     fault_at, heal_at = duration * 0.25, duration * 0.5
     if fault == "kill":
         actions = {fault_at: b1.kill, heal_at: b1.start}

@@ -161,3 +161,11 @@ class Edged:
 
     def log_text(self) -> str:
         return self.log.read_text()
+
+
+def manifest(service: str, endpoints: list[tuple[int, int]], extra: str = "") -> str:
+    """A TOML manifest with local endpoints `[(port, priority), ...]` on 127.0.0.1, plus `extra` tables."""
+    lines = [f'service_name = "{service}"']
+    for port, priority in endpoints:
+        lines += ["[[endpoints]]", 'type = "local"', f'url = "http://127.0.0.1:{port}"', f"priority = {priority}"]
+    return "\n".join(lines) + "\n" + textwrap.dedent(extra)

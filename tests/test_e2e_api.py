@@ -11,6 +11,7 @@ import threading
 import time
 
 from conftest import REPO, wait_for
+from harness import manifest
 
 from edged.client import ApiClient
 
@@ -90,21 +91,7 @@ def test_errors_are_json_with_the_contract_codes(backends, edged):
 
 def test_backend_5xx_fails_over_and_post_is_not_replayed(backends, edged):
     b1, b2 = backends("p1"), backends("p2")
-    d = edged(
-        {
-            "thermo.toml": f"""
-            service_name = "thermo"
-            [[endpoints]]
-            type = "local"
-            url = "http://127.0.0.1:{b1.port}"
-            priority = 1
-            [[endpoints]]
-            type = "local"
-            url = "http://127.0.0.1:{b2.port}"
-            priority = 2
-            """
-        }
-    )
+    d = edged({"thermo.toml": manifest("thermo", [(b1.port, 1), (b2.port, 2)])})
     # GET /status/503: p1 answers 503, the router tries p2, which answers 503 too: the caller gets a 503 answer.
     status, headers, _ = d.call("thermo", "/status/503")
     assert status == 503 and dict(headers)["x-edged-tries"] == "2"
@@ -119,21 +106,7 @@ def test_backend_5xx_fails_over_and_post_is_not_replayed(backends, edged):
 
 def test_resolve_explains_the_ranking_and_status_lists_endpoints(backends, edged):
     b1, b2 = backends("p1"), backends("p2")
-    d = edged(
-        {
-            "thermo.toml": f"""
-            service_name = "thermo"
-            [[endpoints]]
-            type = "local"
-            url = "http://127.0.0.1:{b1.port}"
-            priority = 2
-            [[endpoints]]
-            type = "local"
-            url = "http://127.0.0.1:{b2.port}"
-            priority = 1
-            """
-        }
-    )
+    d = edged({"thermo.toml": manifest("thermo", [(b1.port, 2), (b2.port, 1)])})
     plan = d.get("/v1/resolve/thermo")
     assert [r["url"] for r in plan["ranked"]] == [b2.url, b1.url]
     assert plan["ranked"][0]["reason"].startswith("priority 1")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import failover
 from conftest import wait_for
 from loadgen import LoadGen, summary
 
@@ -11,26 +12,7 @@ RATE = 200
 
 
 def two_endpoints(p1: int, p2: int) -> str:
-    return f"""
-    service_name = "thermo"
-    [[endpoints]]
-    type = "local"
-    url = "http://127.0.0.1:{p1}"
-    priority = 1
-    [[endpoints]]
-    type = "local"
-    url = "http://127.0.0.1:{p2}"
-    priority = 2
-    [health_check]
-    http = "/healthz"
-    interval = "500ms"
-    timeout = "200ms"
-    rise = 2
-    fall = 2
-    [policy]
-    retries = 2
-    per_try_timeout = "300ms"
-    """
+    return failover.two_endpoints(p1, p2, interval="500ms")
 
 
 def run_load(port: int, duration: float, at: dict) -> list:
