@@ -13,6 +13,7 @@ import os
 import signal
 import ssl
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from edged.model import Endpoint, HealthCheckSpec, Target
@@ -37,13 +38,18 @@ class _Failed(Exception):
 
 
 async def run_check(
-    spec: HealthCheckSpec, endpoint: Endpoint, *, ssl_context: ssl.SSLContext | None = None
+    spec: HealthCheckSpec,
+    endpoint: Endpoint,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    headers: Sequence[tuple[str, str]] = (),
 ) -> CheckResult:
     """Probe `endpoint` once as `spec` says; the whole probe (connect, answer, process exit) is bounded by spec.timeout.
 
     Endpoints without an HTTP target (cloud tier) are not checked and count as ok, and so are `ttl` specs,
     which are driven by heartbeats (see HealthMonitor.heartbeat). `ssl_context` is used for https targets
-    (default: the system's verifying context).
+    (default: the system's verifying context). `headers` go with http checks (a peer's ingress wants the
+    caller's fleet identity).
     """
     if spec.kind == "ttl" or endpoint.target is None:
         return CheckResult(ok=True, detail="not checked", latency=0.0)
@@ -51,7 +57,7 @@ async def run_check(
     started = time.monotonic()
     try:
         if spec.kind == "http":
-            probe = _http(spec, target, ssl_context)
+            probe = _http(spec, target, ssl_context, headers)
         elif spec.kind == "tcp":
             probe = _tcp(target, ssl_context)
         elif spec.kind == "command":
@@ -67,16 +73,19 @@ async def run_check(
     return CheckResult(ok=ok, detail=detail, latency=time.monotonic() - started)
 
 
-async def _http(spec: HealthCheckSpec, target: Target, ssl_context: ssl.SSLContext | None) -> str:
+async def _http(
+    spec: HealthCheckSpec, target: Target, ssl_context: ssl.SSLContext | None, headers: Sequence[tuple[str, str]] = ()
+) -> str:
     """GET the health path; ok on 2xx/3xx. Only the status line is read: the body does not matter."""
     path = spec.http_path or "/"
     if not path.startswith("/"):
         path = "/" + path
+    extra = "".join(f"{name}: {value}\r\n" for name, value in headers)
     request = (
         f"GET {target.base_path}{path} HTTP/1.1\r\n"
         f"Host: {target.host_header}\r\n"
         f"User-Agent: {_USER_AGENT}\r\n"
-        "Accept: */*\r\n"
+        f"Accept: */*\r\n{extra}"
         "Connection: close\r\n\r\n"
     ).encode("latin-1")
     reader, writer = await _connect(target, ssl_context)

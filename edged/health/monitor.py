@@ -12,7 +12,7 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from edged.health.checks import CheckResult, run_check
 from edged.health.outlier import Outlier, OutlierConfig
@@ -125,6 +125,8 @@ class HealthMonitor:
         self._sweeper: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._closed = False
+        # Extra headers for an endpoint's http checks (the edge tier sends its fleet identity to peers' ingresses).
+        self.check_headers: Callable[[Endpoint], Sequence[tuple[str, str]]] | None = None
 
     def __repr__(self) -> str:
         down = sum(1 for h in self._states.values() if not h.available(self._clock()))
@@ -342,7 +344,8 @@ class HealthMonitor:
         first = True
         while True:
             try:
-                result = await run_check(spec, endpoint, ssl_context=self._ssl_context)
+                headers = self.check_headers(endpoint) if self.check_headers is not None else ()
+                result = await run_check(spec, endpoint, ssl_context=self._ssl_context, headers=headers)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -1,0 +1,403 @@
+"""The edge tier: peers and services on the LAN over mDNS, the peer ingress, and this node's vitals.
+
+    vitals (psutil, /proc, /sys) --TXT--> mdns (advertise, browse, resolve, liveness) --> peers (pure mapping)
+        --> registry ("mdns" endpoints and services) --> router --> EdgeTransport --> a peer's ingress
+                                                                                   --> its LOCAL endpoints
+
+`EdgeTier` is the daemon component that owns all of it: one task per loop (vitals, sync, advertiser), each
+cancelled and awaited on stop. Nothing here may take the daemon down: a taken ingress port or a box where
+mDNS cannot start is logged, and the local API keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+
+from ..config import Config
+from ..errors import EdgedError
+from ..events import EventBus
+from ..health import HealthMonitor
+from ..http.client import UpstreamPool
+from ..logs import log_event
+from ..model import Endpoint, parse_target
+from ..registry import Registry, Snapshot
+from ..router import Router
+from ..telemetry import MeshMetrics
+from .ingress import SERVICES_PATH, EdgeTransport, FleetIdentity, Ingress, to_peer
+from .mdns import Mdns, MdnsError, local_addresses, service_info
+from .peers import LinkEstimator, Peer, build, offered, url_host
+from .txt import (
+    HUBMESH_TYPE,
+    PROTOCOL_VERSION,
+    full_type,
+    host_name,
+    instance_label,
+    node_txt,
+    parse_node_txt,
+    parse_refs,
+    service_path,
+)
+from .vitals import Vitals, VitalsReader
+
+__all__ = ["EdgeTier", "FleetIdentity", "Vitals", "VitalsReader"]
+
+log = logging.getLogger("edged.edge")
+
+FETCH_TIMEOUT = 2.0  # seconds to fetch a peer's service list from its ingress (TXT held only a hash)
+VITAL_KINDS = ("cpu", "bat", "link")
+
+
+class EdgeTier:
+    """The daemon component of the edge tier (see the module doc). Built in `Daemon.__init__`."""
+
+    name = "edge"
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        registry: Registry,
+        router: Router,
+        health: HealthMonitor,
+        metrics: MeshMetrics,
+        events: EventBus,
+        pool: UpstreamPool,
+    ) -> None:
+        self.config = config
+        self._registry = registry
+        self._health = health
+        self._metrics = metrics
+        self._events = events
+        self._pool = pool
+        self.identity = FleetIdentity(config.node.name, config.node.fleet)
+        self.transport = EdgeTransport(pool, self.identity)
+        health.check_headers = self._check_headers
+        self.reader = VitalsReader(config.vitals.proc_root, config.vitals.sys_root)
+        self.vitals = Vitals()
+        self._advertised: Vitals | None = None  # the vitals in our TXT record
+        self._advertised_at = -math.inf
+        ing = config.ingress
+        self.ingress: Ingress | None = None
+        if ing.enabled:
+            self.ingress = Ingress(
+                host=ing.listen_host,
+                port=ing.listen_port,
+                router=router,
+                registry=registry,
+                identity=self.identity,
+                max_header=config.api.max_header,
+                max_body=config.api.max_body,
+                idle_timeout=config.api.idle_timeout,
+            )
+        self.mdns: Mdns | None = None
+        self._advertising = False
+        self._peers: list[Peer] = []
+        self._links = LinkEstimator()
+        self._fetched: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {}  # node -> (hash, services)
+        self._dirty = asyncio.Event()
+        self._advertise_wake = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []  # vitals and sync loops
+        self._advertiser: asyncio.Task | None = None  # ends first, at `leaving`
+        self._stopped = False
+
+    def __repr__(self) -> str:
+        return f"<EdgeTier peers={[p.node for p in self._peers]} mdns={self.mdns!r} vitals={self.vitals}>"
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._read_vitals()
+        self._advertised, self._advertised_at = self.vitals, time.monotonic()
+        listening = self.ingress is not None and await self.ingress.start()
+        if self.config.mdns.enabled:
+            mdns = Mdns(
+                interfaces=self.config.mdns.interfaces,
+                resolve_interval=self.config.mdns.resolve_interval,
+                on_change=self._on_mdns_change,
+            )
+            try:
+                await mdns.start()
+            except MdnsError as exc:
+                log.error("mDNS is off: %s (the local API keeps serving)", exc)
+                await mdns.close()
+            else:
+                self.mdns = mdns
+        self._advertising = listening and self.mdns is not None
+        self._registry.watch(self._on_registry_change)
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._vitals_loop(), name="edged-edge:vitals"))
+        if self.mdns is not None:
+            self._tasks.append(loop.create_task(self._sync_loop(), name="edged-edge:sync"))
+            self._dirty.set()
+        if self._advertising:
+            self._advertiser = loop.create_task(self._advertise_loop(), name="edged-edge:advertise")
+            self._advertise_wake.set()
+
+    async def leaving(self) -> None:
+        """Goodbye packets first: peers drop this node at once while its in-flight calls still finish."""
+        self._advertising = False
+        if self._advertiser is not None:
+            await _cancel(self._advertiser)  # nothing may be (re)announced after the goodbye
+            self._advertiser = None
+        if self.mdns is not None:
+            await self.mdns.goodbye()
+
+    async def stop(self) -> None:
+        self._stopped = True
+        if self._advertiser is not None:
+            await _cancel(self._advertiser)
+            self._advertiser = None
+        for task in self._tasks:
+            await _cancel(task)
+        self._tasks.clear()
+        if self.mdns is not None:
+            await self.mdns.close()
+        if self.ingress is not None:
+            await self.ingress.shutdown(self.config.api.drain_timeout)
+
+    # -- status ---------------------------------------------------------------------------------------
+    def peers(self) -> list[dict]:
+        """For `edged status` / `GET /v1/status`: live peers, and instances that went silent."""
+        out: list[dict] = []
+        for peer in self._peers:
+            v = peer.record.vitals
+            out.append(
+                {
+                    "node": peer.node,
+                    "fleet": peer.record.fleet,
+                    "zone": peer.record.zone,
+                    "address": peer.address,
+                    "port": peer.port,
+                    "services": [f"{t}/{n}" for t, n in peer.services],
+                    "cpu": v.cpu,
+                    "bat": v.bat,
+                    "power": v.power,
+                    "link": v.link,
+                    "state": "up",
+                    "source": "mdns",
+                }
+            )
+        if self.mdns is not None:  # nodes that went silent (they come back when heard from again)
+            out += [
+                {**item, "state": "lost", "source": "mdns"}
+                for item in self.mdns.describe()
+                if item["type"] == HUBMESH_TYPE and not item["alive"]
+            ]
+        return out
+
+    # -- vitals ---------------------------------------------------------------------------------------
+    def _read_vitals(self) -> None:
+        self.vitals = self.reader.read()
+        for kind in VITAL_KINDS:
+            value = getattr(self.vitals, kind)
+            if value is None:
+                self._metrics.node_vitals.remove((kind,))
+            else:
+                self._metrics.node_vitals.set((kind,), float(value))
+
+    async def _vitals_loop(self) -> None:
+        """Read vitals every `[vitals] interval`; peers hear of a meaningful change, at most every txt_min_interval."""
+        while True:
+            await asyncio.sleep(self.config.vitals.interval)
+            try:
+                self._read_vitals()
+            except Exception:  # the readers never raise; this guards the loop against what they did not foresee
+                log.exception("reading vitals failed")
+                continue
+            now = time.monotonic()
+            advertised = self._advertised
+            if advertised is not None and not self.vitals.differs_from(advertised):
+                continue
+            if now - self._advertised_at < self.config.mdns.txt_min_interval:
+                continue  # a later read sends it (no multicast storm from a flapping value)
+            self._advertised, self._advertised_at = self.vitals, now
+            self._advertise_wake.set()
+
+    # -- advertising ----------------------------------------------------------------------------------
+    async def _advertise_loop(self) -> None:
+        mdns = self.mdns
+        assert mdns is not None
+        while True:
+            await self._advertise_wake.wait()
+            self._advertise_wake.clear()
+            try:
+                await mdns.advertise(self._wanted_records())
+            except Exception:  # keep advertising after a bug in one round; the daemon must not fall over
+                log.exception("advertising failed")
+
+    def _addresses(self) -> list[str]:
+        host = self.config.ingress.listen_host
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            ip = None
+        if ip is not None and not ip.is_unspecified:
+            return [host]
+        return local_addresses(self.config.mdns.interfaces)
+
+    def _wanted_records(self) -> dict:
+        """What this node advertises: itself under `_hubmesh._tcp`, and each service with `advertise = ...`."""
+        assert self.ingress is not None and self.ingress.address is not None
+        node, fleet = self.config.node.name, self.config.node.fleet
+        port = self.ingress.address[1]
+        addresses = self._addresses()
+        server = host_name(node)
+        txt = node_txt(
+            node=node,
+            fleet=fleet,
+            zone=self.config.node.zone,
+            vitals=self._advertised or self.vitals,
+            services=self.ingress.offered_refs(),
+            addresses=addresses,
+        )
+        label = instance_label(node)
+        wanted = {
+            f"{label}.{HUBMESH_TYPE}": service_info(
+                HUBMESH_TYPE, label, port=port, addresses=addresses, txt=txt, server=server
+            )
+        }
+        for svc in offered(self._registry.snapshot()):
+            if svc.spec.advertise is None:
+                continue
+            service_type = full_type(svc.spec.advertise)
+            label = instance_label(node, svc.tenant)
+            if f"{label}.{service_type}" in wanted:  # two services of one tenant under one type: name them apart
+                label = f"{label}-{svc.name}"[:63]
+            props = {"v": PROTOCOL_VERSION, "path": service_path(svc.tenant, svc.name), "node": node, "fleet": fleet}
+            wanted[f"{label}.{service_type}"] = service_info(
+                service_type, label, port=port, addresses=addresses, txt=props, server=server
+            )
+        return wanted
+
+    # -- discovery -> registry --------------------------------------------------------------------------
+    def _on_mdns_change(self, reason: str) -> None:
+        self._dirty.set()
+
+    def _on_registry_change(self, old: Snapshot, new: Snapshot) -> None:
+        # Never write to the registry from inside its watcher: the loops pick the change up.
+        if self._stopped:
+            return
+        self._dirty.set()
+        self._advertise_wake.set()
+
+    async def _sync_loop(self) -> None:
+        """Rebuild the "mdns" part of the registry on every discovery or registry change, and every resolve
+        interval (link estimates move with calls and checks)."""
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._dirty.wait(), self.config.mdns.resolve_interval)
+            self._dirty.clear()
+            try:
+                await self.sync()
+            except Exception:  # a bad peer record must not end discovery
+                log.exception("edge sync failed")
+
+    async def sync(self) -> None:
+        """Browse the types manifests name, map live peers and instances to endpoints, hand them to the registry."""
+        mdns = self.mdns
+        if mdns is None:
+            return
+        snap = self._registry.snapshot()
+        types = {
+            full_type(decl.mdns)
+            for svc in snap.services.values()
+            for decl in svc.spec.endpoints
+            if decl.tier == "edge" and decl.mdns is not None
+        }
+        await mdns.browse({HUBMESH_TYPE, *types})
+        peers = await self._live_peers(mdns)
+        links = self._measure_links(peers, snap)
+        typed = [i for i in mdns.instances() if i.type != HUBMESH_TYPE]
+        node, fleet = self.config.node.name, self.config.node.fleet
+        endpoints, specs = build(peers, typed, snap, node=node, fleet=fleet, links=links)
+        before = {p.node for p in self._peers}
+        self._peers = peers
+        self._registry.set_services("mdns", specs)
+        self._registry.set_endpoints("mdns", endpoints)
+        self._metrics.mdns_peers.set((), len(peers))
+        after = {p.node for p in peers}
+        for gone in sorted(before - after):
+            self._events.publish("peer_down", node=gone)
+            log_event(log, logging.INFO, "edge.peer_down", node=gone, at=time.time())
+        for came in sorted(after - before):
+            self._events.publish("peer_up", node=came)
+            log_event(log, logging.INFO, "edge.peer_up", node=came, at=time.time())
+
+    async def _live_peers(self, mdns: Mdns) -> list[Peer]:
+        node, fleet = self.config.node.name, self.config.node.fleet
+        peers: dict[str, Peer] = {}
+        for instance in mdns.instances(HUBMESH_TYPE):
+            record = parse_node_txt(instance.props)
+            if record is None or record.node == node or record.fleet != fleet:
+                continue
+            if record.node in peers:
+                log.warning(
+                    "two instances claim node %r: %s, %s", record.node, peers[record.node].instance, instance.name
+                )
+                continue
+            address = instance.addresses[0]
+            services = record.services
+            if services is None:
+                services = await self._fetch_services(record.node, record.services_hash, address, instance.port)
+            peers[record.node] = Peer(record, address, instance.port, instance.name, services)
+        self._fetched = {n: v for n, v in self._fetched.items() if n in peers}
+        self._links.forget(peers)
+        return [peers[n] for n in sorted(peers)]
+
+    async def _fetch_services(self, node: str, digest: str, address: str, port: int) -> tuple[tuple[str, str], ...]:
+        """A peer's service list from its ingress, when its TXT record had only room for a hash (cached by hash)."""
+        cached = self._fetched.get(node)
+        if cached is not None and cached[0] == digest:
+            return cached[1]
+        target = parse_target(f"http://{url_host(address)}:{port}")
+        try:
+            answer = await self._pool.request(target, "GET", SERVICES_PATH, self.identity.headers(), b"", FETCH_TIMEOUT)
+            body = b""
+            while chunk := await answer.read():
+                body += chunk
+            doc = json.loads(body) if answer.status == 200 else None
+        except (EdgedError, ValueError) as exc:
+            log.warning("cannot fetch the service list of %s: %s", node, exc)
+            return cached[1] if cached is not None else ()
+        if not isinstance(doc, dict) or not isinstance(doc.get("services"), list):
+            log.warning("peer %s sent a bad service list", node)
+            return ()
+        services = parse_refs(doc["services"])
+        self._fetched[node] = (digest, services)
+        return services
+
+    def _measure_links(self, peers: list[Peer], snap: Snapshot) -> dict[str, int | None]:
+        """Per peer: link quality from the RTT and failures of calls and checks to its endpoints."""
+        by_node: dict[str, list[Endpoint]] = {}
+        for svc in snap.services.values():
+            for ep in svc.endpoints:
+                if ep.tier == "edge":
+                    owner = dict(ep.meta).get("node")
+                    if owner:
+                        by_node.setdefault(owner, []).append(ep)
+        links: dict[str, int | None] = {}
+        for peer in peers:
+            states = [self._health.state(ep.id) for ep in by_node.get(peer.node, ())]
+            latencies = [s.latency_ewma for s in states if s.latency_ewma is not None]
+            ok = sum(s.calls_ok + s.checks_ok for s in states)
+            failed = sum(s.calls_failed + s.checks_failed for s in states)
+            links[peer.node] = self._links.update(peer.node, min(latencies) if latencies else None, ok, failed)
+        return links
+
+    def _check_headers(self, endpoint: Endpoint) -> Sequence[tuple[str, str]]:
+        """Health checks through a peer's ingress carry this node's fleet identity, like calls do."""
+        if endpoint.tier != "edge" or not to_peer(endpoint):
+            return ()
+        return [(k.decode(), v.decode()) for k, v in self.identity.headers()]
+
+
+async def _cancel(task: asyncio.Task) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

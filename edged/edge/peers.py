@@ -1,0 +1,178 @@
+"""From what mDNS sees to what the registry holds: peers and DNS-SD instances -> edge endpoints (pure).
+
+- A HubMesh peer (`_hubmesh._tcp`, same fleet, not this node) offers services; each (peer, service) becomes an
+  edge endpoint through the peer's ingress, `http://{addr}:{port}/svc/{service}`. A service this node does not
+  declare at all is declared from mDNS (lowest precedence), so a call for it is routed with no manifest here.
+- A manifest's `[[endpoints]] type = "edge", mdns = "_x._tcp"` takes every live instance of that type,
+  `http://{addr}:{port}{TXT path}`, whoever advertises it (an edged of this fleet, Avahi, a bare responder).
+- Endpoint meta carries the node's vitals (from its TXT) and its name; a link quality this node measured
+  stands in when the peer does not know its own.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from ..model import Endpoint, Service, ServiceSpec, parse_target
+from ..registry import Snapshot
+from .mdns import Instance
+from .txt import NodeRecord, service_path
+from .vitals import Vitals
+
+_PATH = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*")
+DEFAULT_PRIORITY = ServiceSpec(name="x").priority
+LINK_HALF_RTT_MS = 50.0  # a round trip this long halves the link score
+LOSS_ALPHA = 0.3
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """A live HubMesh node of this fleet, as discovery resolved it."""
+
+    record: NodeRecord
+    address: str
+    port: int
+    instance: str
+    services: tuple[tuple[str, str], ...]  # (tenant, name); fetched from its ingress when TXT held only a hash
+
+    @property
+    def node(self) -> str:
+        return self.record.node
+
+
+def url_host(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
+
+
+def offered(snapshot: Snapshot) -> list[Service]:
+    """Services this node offers to peers: at least one local endpoint, and an edge audience (`edge` in
+    `endpoint_types`, or an `advertise` type)."""
+    return [
+        svc
+        for svc in snapshot.services.values()
+        if any(ep.tier == "local" for ep in svc.endpoints)
+        and ("edge" in svc.spec.endpoint_types or svc.spec.advertise is not None)
+    ]
+
+
+def _meta(node: str, vitals: Vitals, link: int | None) -> tuple[tuple[str, str], ...]:
+    if vitals.link is None and link is not None:
+        vitals = Vitals(cpu=vitals.cpu, bat=vitals.bat, power=vitals.power, link=link)
+    return tuple(sorted((*vitals.meta(), ("node", node))))
+
+
+def _txt_path(props: Mapping[str, str]) -> str:
+    path = props.get("path", "").strip()
+    return path.rstrip("/") if _PATH.fullmatch(path) else ""
+
+
+def build(
+    peers: Iterable[Peer],
+    typed: Iterable[Instance],
+    snapshot: Snapshot,
+    *,
+    node: str,
+    fleet: str,
+    links: Mapping[str, int | None] | None = None,
+) -> tuple[list[Endpoint], list[ServiceSpec]]:
+    """Edge endpoints for the registry (source "mdns") and the services declared from mDNS."""
+    links = links or {}
+    peers = [p for p in peers if p.node != node and p.record.fleet == fleet]
+    by_node = {p.node: p for p in peers}
+    endpoints: dict[str, Endpoint] = {}
+    urls: set[tuple[str, str, str]] = set()
+    by_type: dict[str, list[Instance]] = {}
+    for instance in typed:
+        by_type.setdefault(instance.type, []).append(instance)
+    for svc in snapshot.services.values():
+        spec = svc.spec
+        for decl in spec.endpoints:
+            if decl.tier != "edge" or decl.mdns is None:
+                continue
+            for instance in by_type.get(decl.mdns + ".local.", ()):
+                props = instance.props
+                owner, owner_fleet = props.get("node", ""), props.get("fleet", "")
+                if owner == node or (owner and owner_fleet and owner_fleet != fleet):
+                    continue  # ourselves, or another fleet's ingress (it would refuse us)
+                url = f"http://{url_host(instance.addresses[0])}:{instance.port}{_txt_path(props)}"
+                peer = by_node.get(owner)
+                vitals = peer.record.vitals if peer is not None else Vitals.from_txt(props)
+                meta = _meta(owner, vitals, links.get(owner)) if owner else vitals.meta() if vitals != Vitals() else ()
+                eid = f"{spec.tenant}/{spec.name}/edge/mdns:{instance.label}"
+                endpoints[eid] = Endpoint(
+                    id=eid,
+                    service=spec.name,
+                    tenant=spec.tenant,
+                    tier="edge",
+                    url=url,
+                    priority=spec.priority if decl.priority is None else decl.priority,
+                    weight=decl.weight,
+                    source="mdns",
+                    target=parse_target(url),
+                    meta=meta,
+                )
+                urls.add((spec.tenant, spec.name, url))
+    declared: dict[tuple[str, str], ServiceSpec] = {}
+    for peer in sorted(peers, key=lambda p: p.node):
+        meta = _meta(peer.node, peer.record.vitals, links.get(peer.node))
+        for tenant, name in peer.services:
+            declared.setdefault(
+                (tenant, name),
+                ServiceSpec(name=name, tenant=tenant, endpoint_types=("edge",), source=f"mdns:{peer.node}"),
+            )
+            url = f"http://{url_host(peer.address)}:{peer.port}{service_path(tenant, name)}"
+            if (tenant, name, url) in urls:
+                continue  # the same ingress route, already taken through the manifest's mdns type
+            svc = snapshot.get(tenant, name)
+            eid = f"{tenant}/{name}/edge/mdns:{peer.node}"
+            endpoints[eid] = Endpoint(
+                id=eid,
+                service=name,
+                tenant=tenant,
+                tier="edge",
+                url=url,
+                priority=svc.spec.priority if svc is not None else DEFAULT_PRIORITY,
+                weight=100,
+                source="mdns",
+                target=parse_target(url),
+                meta=meta,
+            )
+    return sorted(endpoints.values(), key=lambda e: e.id), [declared[k] for k in sorted(declared)]
+
+
+class LinkEstimator:
+    """Link quality to each peer from what calls and health checks to it saw: round-trip time and loss.
+
+    Used when a peer cannot report its own (no Wi-Fi). 0..100 in steps of 10, so that noise does not churn
+    the registry: 100 / (1 + rtt / 50 ms), times the share of recent tries that did not fail.
+    """
+
+    def __init__(self) -> None:
+        self._totals: dict[str, tuple[int, int]] = {}
+        self._loss: dict[str, float] = {}
+
+    def update(self, node: str, latency: float | None, ok_total: int, failed_total: int) -> int | None:
+        """Fold in the peer's counters (running totals over its endpoints); its link score, or None if unknown."""
+        last_ok, last_failed = self._totals.get(node, (0, 0))
+        if ok_total < last_ok or failed_total < last_failed:  # endpoints came back with fresh counters
+            last_ok = last_failed = 0
+        self._totals[node] = (ok_total, failed_total)
+        ok, failed = ok_total - last_ok, failed_total - last_failed
+        if ok + failed:
+            sample = failed / (ok + failed)
+            prev = self._loss.get(node)
+            self._loss[node] = sample if prev is None else prev + LOSS_ALPHA * (sample - prev)
+        loss = self._loss.get(node)
+        if latency is None and loss is None:
+            return None
+        score = 100.0 if latency is None else 100.0 / (1.0 + latency * 1000.0 / LINK_HALF_RTT_MS)
+        score *= 1.0 - (loss or 0.0)
+        return max(0, min(100, round(score / 10.0) * 10))
+
+    def forget(self, keep: Iterable[str]) -> None:
+        keep = set(keep)
+        for node in [n for n in self._totals if n not in keep]:
+            del self._totals[node]
+            self._loss.pop(node, None)
