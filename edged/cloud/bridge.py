@@ -1,0 +1,297 @@
+"""`edged bridge`: the cloud side of cloud calls.
+
+Subscribes with a shared subscription, `$share/{group}/{prefix}/+/svc/+/req`, so that several bridges of one
+group share the load (the broker hands each request to one of them). Each request is routed like a call
+that entered a daemon, by the same pieces: manifests -> registry -> health checks -> policy -> router, but
+restricted to the local tier (`Call.tiers`), over the pooled HTTP client. The answer is published to the
+request's reply topic with its correlation id.
+
+Every group gets its own copy of each request, and within a group the broker picks one bridge, so: the
+bridges of one group serve the same services, and a bridge stays silent on a service it does not serve
+(another group answers it). Bridges with different services go in different groups.
+
+The bridge also publishes its services in the central registry (retained entries with `cloud = true`), so
+that nodes without a manifest for them learn them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import time
+
+from ..config import Config
+from ..discovery.manifests import ManifestSource
+from ..errors import CallError, UpstreamError
+from ..health import HealthMonitor
+from ..http.client import UpstreamPool
+from ..http.message import strip_hop_by_hop
+from ..logs import log_event
+from ..policy import Ranker
+from ..registry import Registry, Snapshot
+from ..router import Call, Router
+from ..state import StateStore
+from ..telemetry import MeshMetrics
+from ..transport.http import HttpTransport
+from .envelope import CloudAnswer, CloudRequest, EnvelopeError, decode_request, encode_answer, error_answer
+from .persist import StateSaver
+from .registry_sync import RegistrySync
+from .session import Inbound, LastWill, MqttSession, PublishError
+from .telemetry import CloudMetrics
+from .topics import Topics, parse_request_topic, shared_request_filter
+
+log = logging.getLogger("edged.bridge")
+
+LOCAL_ONLY = frozenset({"local"})
+MAX_INFLIGHT = 512  # requests served at once; more are answered 503 bridge_busy at once
+ANSWER_OVERHEAD = 1024  # bytes of an answer envelope besides the body, kept free under mqtt.max_payload
+RETURN_MARGIN = 0.05  # seconds (at most 10% of the deadline) kept for the answer's trip back
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _read_body(answer, limit: int) -> bytes:
+    chunks, size = [], 0
+    while True:
+        chunk = await answer.read()
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > limit:
+            answer.discard()
+            raise _TooLarge(f"answer body over {limit} bytes")
+        chunks.append(chunk)
+
+
+class Bridge:
+    """One bridge process: serves MQTT requests for the services of its manifests."""
+
+    def __init__(self, config: Config, *, max_inflight: int = MAX_INFLIGHT) -> None:
+        mq = config.mqtt
+        self.config = config
+        self.node = config.node.name
+        self.topics = Topics(mq.topic_prefix, config.node.fleet)
+        self.registry = Registry()
+        self.metrics = MeshMetrics()
+        self.health = HealthMonitor()
+        self.manifests = ManifestSource(self.registry, config.services.dirs)
+        self.pool = UpstreamPool()
+        self.router = Router(self.registry, self.health, {"local": HttpTransport(self.pool)}, self.metrics, Ranker())
+        offline = json.dumps({"state": "offline", "node": self.node, "fleet": config.node.fleet, "reason": "lost"})
+        self.session = MqttSession(
+            mq,
+            client_id=mq.client_id or f"edged-bridge-{self.node}-{os.getpid()}",
+            will=LastWill(self.topics.status(self.node), offline.encode()),
+            on_connected=self._on_connected,
+        )
+        self.session.subscribe(shared_request_filter(config.bridge.group, mq.topic_prefix), self._on_request, qos=0)
+        self.registry_sync = RegistrySync(
+            registry=self.registry,
+            session=self.session,
+            topics=self.topics,
+            node=self.node,
+            zone=config.node.zone,
+            saver=StateSaver(StateStore(config.state.dir)),
+            metrics=CloudMetrics(self.metrics.registry),
+            status_extra=lambda: {"role": "bridge", "group": config.bridge.group},
+            always_cloud=True,
+            follow=False,
+        )
+        self._max_inflight = max_inflight
+        self._body_limit = max(0, mq.max_payload - ANSWER_OVERHEAD)
+        self._inflight: set[asyncio.Task] = set()
+        self._tasks: list[asyncio.Task] = []
+        self._closing = False
+        self._ready_logged = False
+        self.served = 0  # answered from an endpoint
+        self.failed = 0  # answered with an error (no endpoint, deadline, upstream broke)
+        self.refused = 0  # bad envelopes, busy, stopping
+        self.not_mine = 0  # requests for services this bridge does not serve: left to other groups
+        self.registry.watch(self._on_registry_change)
+
+    def __repr__(self) -> str:
+        return f"<Bridge {self.node} inflight={len(self._inflight)} served={self.served} {self.session!r}>"
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load manifests, start health checks and the MQTT session (which may connect later)."""
+        self.manifests.reload()
+        snapshot = self.registry.snapshot()
+        self.health.sync(snapshot.services.values())
+        self.registry_sync.local_changed(snapshot)
+        self.session.start()
+        loop = asyncio.get_running_loop()
+        self._tasks.append(
+            loop.create_task(self.manifests.watch(self.config.services.reload_interval), name="bridge manifests")
+        )
+
+    async def stop(self, drain: float = 5.0) -> None:
+        """Answer in-flight requests (up to `drain` seconds), say offline, disconnect, release everything."""
+        self._closing = True
+        if self._inflight:
+            await asyncio.wait(list(self._inflight), timeout=drain)
+        for task in list(self._inflight):
+            task.cancel()
+        await asyncio.gather(*self._inflight, return_exceptions=True)
+        if self.session.connected:
+            payload = self.registry_sync.status_payload("offline", reason="shutdown")
+            with contextlib.suppress(PublishError):
+                await self.session.publish(self.topics.status(self.node), payload, qos=1, retain=True, timeout=1.0)
+        await self.session.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.health.close()
+        await self.pool.close()
+        log_event(
+            log,
+            logging.INFO,
+            "bridge.stopped",
+            served=self.served,
+            failed=self.failed,
+            refused=self.refused,
+            not_mine=self.not_mine,
+        )
+
+    def _on_connected(self) -> None:
+        self.registry_sync.on_connected()
+        if not self._ready_logged:
+            self._ready_logged = True
+            snapshot = self.registry.snapshot()
+            log_event(
+                log,
+                logging.INFO,
+                "bridge.ready",
+                node=self.node,
+                group=self.config.bridge.group,
+                services=sorted(name for (_, name) in snapshot.services),
+            )
+
+    def _on_registry_change(self, old: Snapshot, new: Snapshot) -> None:
+        self.health.sync(new.services.values())
+        self.registry_sync.local_changed(new)
+
+    # -- requests -------------------------------------------------------------------------------------------
+
+    def _on_request(self, msg: Inbound) -> None:
+        received = time.monotonic()
+        try:
+            req = decode_request(msg.payload)
+        except EnvelopeError as exc:
+            self.refused += 1
+            log_event(log, logging.WARNING, "bridge.bad_request", topic=msg.topic, error=str(exc)[:200])
+            if exc.id is not None and exc.reply is not None:
+                self._answer_now(exc.reply, error_answer(exc.id, 400, "bad_request", str(exc), self.node))
+            return
+        where = parse_request_topic(self.topics.prefix, msg.topic)
+        if where is None or where[1] != req.service:
+            self.refused += 1
+            detail = f"request for {req.service!r} published on {msg.topic}"
+            self._answer_now(req.reply, error_answer(req.id, 400, "bad_request", detail, self.node))
+            return
+        if self.registry.snapshot().get(req.tenant, req.service) is None:
+            # Not ours: another bridge group serves it (each group gets its own copy of every request).
+            self.not_mine += 1
+            return
+        if self._closing or len(self._inflight) >= self._max_inflight:
+            self.refused += 1
+            code = "bridge_stopping" if self._closing else "bridge_busy"
+            self._answer_now(req.reply, error_answer(req.id, 503, code, f"bridge {self.node}", self.node))
+            return
+        task = asyncio.get_running_loop().create_task(self._serve(req, received))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    def _answer_now(self, topic: str, answer: CloudAnswer) -> None:
+        """Error answers made without routing: through the outbox (no task needed)."""
+        self.session.post(topic, encode_answer(answer), qos=0)
+
+    async def _serve(self, req: CloudRequest, received: float) -> None:
+        timeout = req.deadline_ms / 1000
+        deadline = received + max(0.001, timeout - min(RETURN_MARGIN, timeout / 10))
+        call = Call(
+            tenant=req.tenant,
+            service=req.service,
+            method=req.method,
+            path=req.path,
+            headers=list(req.headers),
+            body=req.body,
+            deadline=deadline,
+            request_id=req.request_id or secrets.token_hex(8),
+            tiers=LOCAL_ONLY,
+        )
+        started = time.monotonic()
+        tier, outcome = "none", "error"
+        try:
+            routed = await self.router.route_service_call(call)
+            tier = routed.endpoint.tier
+            body = await asyncio.wait_for(
+                _read_body(routed.answer, self._body_limit), max(0.001, deadline - time.monotonic())
+            )
+            headers = strip_hop_by_hop(routed.answer.headers)
+            headers += [
+                (b"x-edged-bridge", self.node.encode()),
+                (b"x-edged-bridge-endpoint", routed.endpoint.id.encode()),
+            ]
+            answer = CloudAnswer(req.id, routed.answer.status, tuple(headers), body, self.node)
+            outcome = "success" if answer.status < 500 else "error"
+            self.served += 1
+        except CallError as exc:
+            answer = error_answer(req.id, exc.status, exc.code, exc.detail, self.node)
+            self.failed += 1
+        except UpstreamError as exc:
+            answer = error_answer(req.id, 502, "upstream_error", f"{exc.kind}: {exc.detail}", self.node)
+            self.failed += 1
+        except asyncio.TimeoutError:
+            answer = error_answer(req.id, 504, "deadline", "answer body not complete before the deadline", self.node)
+            self.failed += 1
+        except _TooLarge as exc:
+            answer = error_answer(req.id, 502, "too_large", f"{exc} (mqtt.max_payload)", self.node)
+            self.failed += 1
+        except Exception as exc:  # a bug must still answer, and not kill the task silently
+            log.exception("bridge failed to serve %s %s", req.method, req.path)
+            answer = error_answer(req.id, 500, "internal", type(exc).__name__, self.node)
+            self.failed += 1
+        finally:
+            self.router.record(req.service, tier, outcome, started)
+        try:
+            await self.session.publish(
+                req.reply, encode_answer(answer), qos=0, correlation=req.id, timeout=max(0.1, timeout)
+            )
+        except PublishError as exc:
+            log.debug("answer to %s not published: %s", req.reply, exc)
+
+
+async def serve(config: Config) -> None:
+    """Run a bridge until SIGTERM or SIGINT."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    bridge = Bridge(config)
+    try:
+        await bridge.start()
+        await stopping.wait()
+    finally:
+        await bridge.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+def run(config: Config) -> int:
+    """`edged bridge`: run until a signal; uvloop when installed. Returns the exit code."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(config))
+    else:
+        uvloop.run(serve(config))
+    return 0

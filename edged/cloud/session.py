@@ -1,0 +1,528 @@
+"""The MQTT session: one supervised broker connection (aiomqtt 2.x) with reconnect, resubscribe and an outbox.
+
+The supervisor connects, subscribes to every declared filter, then runs the receive loop and the outbox
+loop together: when the broker dies, the receive loop fails within milliseconds and takes the outbox loop
+with it (a QoS 1 publish in flight would otherwise block until its timeout). It then waits with
+exponential backoff and jitter, capped at `[mqtt] reconnect_max`, and tries again; it never busy-loops.
+
+aiomqtt and paho stay inside this module: callers see `Inbound` messages and `EdgedError` subclasses.
+
+Hot path. aiomqtt's own QoS 0 publish waits for a writer callback a few loop turns later (0.25 ms a publish
+here), and its message iterator makes a task per message; together about 0.7 ms of each cloud call. So, on
+aiomqtt 2.x, the session hands QoS 0 publishes to its paho client and writes them at once (`loop_write`),
+with paho's writer hook adding the writer at once too (see `_writer_hook`), and dispatches received messages
+from paho's `on_message` callback directly; the connection's end is still seen through aiomqtt. Connect,
+TLS, will, subscribe, QoS 1 and disconnect go through aiomqtt's public API. Without those internals (another
+aiomqtt), the session falls back to the public API throughout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiomqtt
+import paho.mqtt.client as paho_client
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from ..config import MqttConfig
+from ..errors import EdgedError
+from ..logs import log_event
+from .topics import topic_matches
+
+log = logging.getLogger("edged.cloud.session")
+
+BACKOFF_BASE = 0.1  # seconds before the first reconnect try
+STABLE_AFTER = 2.0  # a connection that lasted this long starts the backoff over
+OP_TIMEOUT = 5.0  # CONNACK, SUBACK, PUBACK and clean DISCONNECT waits (aiomqtt's default is 10 s)
+OUTBOX_SIZE = 1024  # queued QoS 1 publishes; more are dropped (state is re-published on every connect)
+OUTBOX_BATCH = 64  # publishes awaited together, so one PUBACK round trip covers many
+INCOMING_QUEUE = 10_000  # fallback path only: messages received and not yet dispatched; more are dropped
+CONTENT_TYPE_CBOR = "application/cbor"
+
+
+class SessionError(EdgedError):
+    """The session cannot be set up (bad TLS files, unreadable password file, bad URL)."""
+
+
+class PublishError(EdgedError):
+    """A publish did not happen: not connected, or the broker did not take it in time."""
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """A received message, without library types. MQTT 5 response topic and correlation data when present."""
+
+    topic: str
+    payload: bytes
+    retain: bool
+    response_topic: str | None = None
+    correlation: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LastWill:
+    """What the broker publishes for us when we vanish without a clean DISCONNECT."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+Handler = Callable[[Inbound], None]
+
+
+def pack_publish_properties(
+    *, response_topic: str | None, correlation: bytes | None, expiry: int | None, content_type: str | None
+) -> bytes:
+    """MQTT 5 PUBLISH properties as wire bytes (length, then Message Expiry Interval 0x02, Content Type 0x03,
+    Response Topic 0x08, Correlation Data 0x09): paho's Properties class costs ~70 us per publish here."""
+    body = bytearray()
+    if expiry:
+        body += b"\x02" + struct.pack("!I", expiry)
+    for ident, value in ((0x03, content_type), (0x08, response_topic)):
+        if value:
+            raw = value.encode("utf-8")
+            body += bytes((ident,)) + struct.pack("!H", len(raw)) + raw
+    if correlation:
+        body += b"\x09" + struct.pack("!H", len(correlation)) + correlation
+    size, length = len(body), bytearray()
+    while True:  # variable byte integer
+        byte, size = size % 128, size // 128
+        length.append(byte | 0x80 if size else byte)
+        if not size:
+            break
+    return bytes(length + body)
+
+
+class _PackedProperties(Properties):
+    """Properties that paho only asks to `pack()` (QoS 0 publish): already packed, nothing else."""
+
+    def __init__(self, packed: bytes, text: str) -> None:  # no super().__init__: that is the slow part
+        object.__setattr__(self, "_packed", packed)
+        object.__setattr__(self, "_text", text)
+
+    def pack(self) -> bytes:
+        return self._packed  # type: ignore[attr-defined]
+
+    def __str__(self) -> str:  # paho logs properties at debug level
+        return self._text  # type: ignore[attr-defined]
+
+
+def backoff_delay(attempt: int, cap: float, rng: random.Random, base: float = BACKOFF_BASE) -> float:
+    """Seconds to wait before reconnect try `attempt` (0-based): exponential, capped, with "equal jitter"
+    (half fixed, half random), so that a fleet does not reconnect in lockstep after a broker restart."""
+    delay = min(cap, base * 2.0 ** min(attempt, 32))
+    return delay / 2 + rng.random() * delay / 2
+
+
+def broker_address(url: str) -> tuple[str, int, bool]:
+    """(host, port, tls) of `mqtt://host[:1883]` or `mqtts://host[:8883]`."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        raise SessionError(f"expected an mqtt:// or mqtts:// URL, got {url!r}")
+    tls = parts.scheme == "mqtts"
+    try:
+        port = parts.port or (8883 if tls else 1883)
+    except ValueError:
+        raise SessionError(f"bad port in {url!r}") from None
+    return parts.hostname, port, tls
+
+
+async def run_together(*coros: Coroutine[Any, Any, Any]) -> None:
+    """Run coroutines as one group: the first to end or fail cancels the others, and all are awaited.
+
+    The exception of the first one that failed is raised (Python 3.10 has no TaskGroup).
+    """
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for task in done:
+        if not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
+
+
+class MqttSession:
+    """One client connection to the broker, kept up by a supervisor task that `start()` creates and
+    `close()` cancels and awaits.
+
+    Declare subscriptions with `subscribe()` before `start()`; they are made again on every connect.
+    `on_connected()` runs once the subscriptions are in place (post retained state there);
+    `on_disconnected(reason)` runs when a live connection ends.
+    """
+
+    def __init__(
+        self,
+        config: MqttConfig,
+        *,
+        client_id: str,
+        will: LastWill | None = None,
+        on_connected: Callable[[], None] | None = None,
+        on_disconnected: Callable[[str], None] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.host, self.port, self.tls = broker_address(config.url)
+        self.client_id = client_id
+        self.v5 = config.protocol == "5"
+        self._will = will
+        self._on_connected = on_connected
+        self._on_disconnected = on_disconnected
+        self._rng = rng or random.Random()
+        self._subs: dict[str, int] = {}  # filter -> QoS
+        self._routes: list[tuple[str, Handler]] = []
+        self._client: aiomqtt.Client | None = None
+        self._paho: paho_client.Client | None = None  # the fast path (see the module doc), while connected
+        self._outbox: asyncio.Queue[tuple[str, bytes, int, bool]] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._up = asyncio.Event()
+        # Counters, read by telemetry.
+        self.connects = 0
+        self.failed_connects = 0
+        self.dropped_posts = 0
+        self.handler_errors = 0
+        self.last_error = ""
+
+    def __repr__(self) -> str:
+        state = "connected" if self.connected else f"down ({self.last_error or 'not started'})"
+        return f"<MqttSession {self.client_id} {self.host}:{self.port} {state} connects={self.connects}>"
+
+    # -- setup --------------------------------------------------------------------------------------------
+
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 0) -> None:
+        """Route messages matching `topic_filter` to `handler` (called on the event loop; must not block)."""
+        if self._task is not None:
+            raise SessionError("subscriptions must be declared before start()")
+        self._subs[topic_filter] = max(qos, self._subs.get(topic_filter, 0))
+        self._routes.append((topic_filter, handler))
+
+    def start(self) -> None:
+        """Start the supervisor. Returns at once: the broker may well be down."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._supervise(), name="edged-mqtt-session")
+
+    async def close(self, timeout: float = 3.0) -> None:
+        """Disconnect cleanly (no last will) and stop the supervisor; bounded even with a hung broker."""
+        self._closing = True
+        task = self._task
+        if task is None:
+            return
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=timeout)
+        if not done:  # the clean DISCONNECT is stuck on a hung broker: cut it short
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        self._task = None
+
+    # -- state --------------------------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """Connected and subscribed: calls can be sent and answers will arrive."""
+        return self._up.is_set()
+
+    async def wait_connected(self, timeout: float | None = None) -> bool:
+        """Whether the session is (or becomes, within `timeout`) connected."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._up.wait(), timeout)
+        return self.connected
+
+    # -- sending ------------------------------------------------------------------------------------------
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 0,
+        retain: bool = False,
+        response_topic: str | None = None,
+        correlation: bytes | None = None,
+        expiry: float | None = None,
+        timeout: float = OP_TIMEOUT,
+    ) -> None:
+        """Publish now on the live connection; PublishError when disconnected or not taken within `timeout`.
+
+        On MQTT 5, `response_topic`, `correlation` and `expiry` (seconds, rounded up) go into the standard
+        properties; on 3.1.1 they are left out (the envelope carries them anyway).
+        """
+        client = self._client
+        if client is None or not self._up.is_set():
+            raise PublishError("broker disconnected")
+        wants_props = self.v5 and bool(response_topic or correlation or expiry)
+        expiry_s = max(1, math.ceil(expiry)) if expiry else None
+        paho = self._paho
+        if qos == 0 and paho is not None:
+            fast_props = None
+            if wants_props:
+                packed = pack_publish_properties(
+                    response_topic=response_topic,
+                    correlation=correlation,
+                    expiry=expiry_s,
+                    content_type=CONTENT_TYPE_CBOR,
+                )
+                fast_props = _PackedProperties(packed, f"[ResponseTopic={response_topic}, expiry={expiry_s}]")
+            try:
+                info = paho.publish(topic, payload, 0, retain, fast_props)
+                if info.rc == paho_client.MQTT_ERR_SUCCESS:
+                    paho.loop_write()  # send now; what the socket cannot take yet, the writer callback sends
+            except (OSError, ValueError) as exc:  # ValueError: a topic paho refuses
+                raise PublishError(str(exc)) from None
+            if info.rc != paho_client.MQTT_ERR_SUCCESS:
+                raise PublishError(paho_client.error_string(info.rc))
+            return
+        props = None
+        if wants_props:
+            props = Properties(PacketTypes.PUBLISH)
+            if response_topic:
+                props.ResponseTopic = response_topic
+            if correlation:
+                props.CorrelationData = correlation
+            if expiry_s:
+                props.MessageExpiryInterval = expiry_s
+            props.ContentType = CONTENT_TYPE_CBOR
+        try:
+            await client.publish(topic, payload, qos=qos, retain=retain, properties=props, timeout=timeout)
+        except aiomqtt.MqttError as exc:
+            raise PublishError(str(exc) or type(exc).__name__) from None
+
+    def post(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> bool:
+        """Queue a publish for the outbox loop (state, telemetry). Dropped (False) while disconnected or
+        when the outbox is full: retained state is posted again on every connect."""
+        outbox = self._outbox
+        if outbox is None:
+            return False
+        try:
+            outbox.put_nowait((topic, payload, qos, retain))
+        except asyncio.QueueFull:
+            self.dropped_posts += 1
+            return False
+        return True
+
+    # -- the supervisor -----------------------------------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        attempt = 0
+        while not self._closing:
+            started = time.monotonic()
+            was_up = False
+            try:
+                was_up = await self._connect_and_serve()
+                reason = "connection ended"
+            except asyncio.CancelledError:
+                self._mark_down("closing")
+                raise
+            except (aiomqtt.MqttError, OSError, EdgedError, ssl.SSLError) as exc:
+                reason = str(exc) or type(exc).__name__
+            except Exception as exc:  # a bug must not end the session for good: log it, back off, retry
+                log.exception("MQTT session failed unexpectedly")
+                reason = f"{type(exc).__name__}: {exc}"
+            was_up = self._mark_down(reason) or was_up
+            if self._closing:
+                break
+            if was_up and time.monotonic() - started >= STABLE_AFTER:
+                attempt = 0
+            if not was_up:
+                self.failed_connects += 1
+            delay = backoff_delay(attempt, self.config.reconnect_max, self._rng)
+            if was_up or attempt == 0:
+                log_event(log, logging.WARNING, "mqtt.down", broker=self.config.url, reason=reason, retry_in=delay)
+            else:
+                log_event(log, logging.DEBUG, "mqtt.retry", reason=reason, attempt=attempt, retry_in=round(delay, 3))
+            attempt += 1
+            await asyncio.sleep(delay)
+
+    async def _connect_and_serve(self) -> bool:
+        """One connection, from CONNECT to its end. Returns (or raises) when it ends; True if it was up."""
+        password, tls_context = await asyncio.to_thread(self._load_secrets)
+        will = None
+        if self._will is not None:
+            w = self._will
+            will = aiomqtt.Will(w.topic, w.payload, qos=w.qos, retain=w.retain)
+        client = aiomqtt.Client(
+            self.host,
+            self.port,
+            username=self.config.username,
+            password=password,
+            identifier=self.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5 if self.v5 else aiomqtt.ProtocolVersion.V311,
+            will=will,
+            clean_session=None if self.v5 else True,
+            keepalive=max(5, int(self.config.keepalive)),
+            timeout=OP_TIMEOUT,
+            tls_context=tls_context,
+            # Nagle + delayed ACK add 40-90 ms to every QoS 1 round trip (FIELD-NOTES): paho never sets it.
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+            max_queued_incoming_messages=INCOMING_QUEUE,
+            logger=log,
+        )
+        paho = getattr(client, "_client", None)
+        fast = isinstance(paho, paho_client.Client) and isinstance(
+            getattr(client, "_disconnected", None), asyncio.Future
+        )
+        if fast:
+            paho.on_message = self._on_paho_message  # type: ignore[union-attr]
+            paho.on_socket_register_write = self._writer_hook(client)  # type: ignore[union-attr]
+        async with client:
+            # The outbox exists before subscribing: retained messages may be dispatched before SUBACK's
+            # waiter resumes, and their handlers may post (a stale entry of ours to delete).
+            outbox: asyncio.Queue[tuple[str, bytes, int, bool]] = asyncio.Queue(OUTBOX_SIZE)
+            self._client, self._outbox = client, outbox
+            if self._subs:
+                granted = await client.subscribe(list(self._subs.items()))
+                self._check_granted(granted)
+            self._paho = paho if fast else None
+            self.connects += 1
+            self.last_error = ""
+            self._up.set()
+            log_event(log, logging.INFO, "mqtt.connected", broker=self.config.url, client_id=self.client_id)
+            if self._on_connected is not None:
+                try:
+                    self._on_connected()
+                except Exception:
+                    log.exception("on_connected hook failed")
+            await run_together(self._receive(client), self._drain(client, outbox))
+        return True
+
+    def _check_granted(self, granted: Any) -> None:
+        """A broker may refuse a subscription (ACL): say which, loudly; the rest still works."""
+        for topic_filter, code in zip(self._subs, granted, strict=False):
+            value = getattr(code, "value", code)
+            if isinstance(value, int) and value >= 0x80:
+                log_event(log, logging.ERROR, "mqtt.subscribe_refused", filter=topic_filter, code=str(code))
+
+    def _mark_down(self, reason: str) -> bool:
+        """Forget the connection; tell the owner if it was up. Returns whether it was up."""
+        was_up = self._up.is_set()
+        self._up.clear()
+        self._client = None
+        self._paho = None
+        self._outbox = None
+        self.last_error = reason
+        if was_up and self._on_disconnected is not None:
+            try:
+                self._on_disconnected(reason)
+            except Exception:
+                log.exception("on_disconnected hook failed")
+        return was_up
+
+    def _load_secrets(self) -> tuple[str | None, ssl.SSLContext | None]:
+        """Read the password file and build the TLS context (in a thread: both touch the disk)."""
+        password = None
+        cfg = self.config
+        if cfg.password_file:
+            try:
+                with open(cfg.password_file, encoding="utf-8") as f:
+                    password = f.readline().rstrip("\r\n")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise SessionError(f"cannot read mqtt.password_file {cfg.password_file}: {exc}") from None
+        context = None
+        if self.tls:
+            try:
+                context = ssl.create_default_context(cafile=cfg.ca_file)
+                if cfg.cert_file:
+                    context.load_cert_chain(cfg.cert_file, cfg.key_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise SessionError(f"TLS setup failed (ca_file, cert_file, key_file): {exc}") from None
+        elif cfg.cert_file or cfg.ca_file:
+            log.warning("mqtt.ca_file / cert_file are set but the URL is mqtt://: TLS is off (use mqtts://)")
+        return password, context
+
+    # -- the loops of one connection ----------------------------------------------------------------------
+
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        if self._paho is not None:
+            # Messages are dispatched by _on_paho_message; here we only wait for the connection's end
+            # (asyncio.wait does not cancel aiomqtt's future when this task is cancelled).
+            ended = client._disconnected
+            await asyncio.wait([ended])
+            ended.result()  # raises the reason of an unexpected disconnection
+            return
+        async for message in client.messages:
+            payload = message.payload
+            if not isinstance(payload, bytes):
+                payload = b"" if payload is None else str(payload).encode()
+            self._dispatch(message.topic.value, payload, bool(message.retain), message.properties)
+
+    def _writer_hook(self, client: aiomqtt.Client) -> Callable[..., None]:
+        """paho's on_socket_register_write, adding the writer at once when on the loop thread.
+
+        aiomqtt adds it with call_soon_threadsafe, that is later; after a `loop_write()` of ours had already
+        sent the packet and paho had unregistered, that late writer would stay registered and forgotten (a
+        busy loop, then a poll handle on a closed socket, which makes uvloop abort).
+        """
+        loop = asyncio.get_running_loop()
+        loop_thread = threading.get_ident()
+
+        def register(paho: paho_client.Client, _userdata: object, sock: Any) -> None:
+            def writable() -> None:
+                try:
+                    paho.loop_write()
+                except Exception as exc:  # as aiomqtt does: a broken socket ends the connection
+                    ended = client._disconnected
+                    if not ended.done():
+                        ended.set_exception(exc)
+
+            if threading.get_ident() == loop_thread:
+                loop.add_writer(sock.fileno(), writable)
+            else:  # paho's connect runs in aiomqtt's executor thread
+                loop.call_soon_threadsafe(loop.add_writer, sock.fileno(), writable)
+
+        return register
+
+    def _on_paho_message(self, _client: object, _userdata: object, message: paho_client.MQTTMessage) -> None:
+        """paho's callback, on the event loop (inside aiomqtt's reader): dispatch at once."""
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:
+            return
+        self._dispatch(topic, message.payload, bool(message.retain), getattr(message, "properties", None))
+
+    def _dispatch(self, topic: str, payload: bytes, retain: bool, props: Any) -> None:
+        inbound = Inbound(
+            topic=topic,
+            payload=payload,
+            retain=retain,
+            response_topic=getattr(props, "ResponseTopic", None) if props is not None else None,
+            correlation=getattr(props, "CorrelationData", None) if props is not None else None,
+        )
+        for topic_filter, handler in self._routes:
+            if topic_matches(topic_filter, topic):
+                try:
+                    handler(inbound)
+                except Exception:  # a handler's bug must not break the connection (paho would re-raise)
+                    self.handler_errors += 1
+                    log.exception("handler for %s failed on %s", topic_filter, topic)
+
+    async def _drain(self, client: aiomqtt.Client, outbox: asyncio.Queue[tuple[str, bytes, int, bool]]) -> None:
+        while True:
+            batch = [await outbox.get()]
+            while not outbox.empty() and len(batch) < OUTBOX_BATCH:
+                batch.append(outbox.get_nowait())
+            results = await asyncio.gather(
+                *(client.publish(t, p, qos=q, retain=r, timeout=OP_TIMEOUT) for t, p, q, r in batch),
+                return_exceptions=True,
+            )
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result  # the connection is unusable: end it, the supervisor reconnects

@@ -1,0 +1,169 @@
+"""The cloud transport: a try routed to the cloud tier becomes an MQTT request, its answer comes back by id.
+
+Request: CBOR envelope published (QoS 0) to `{prefix}/{fleet}/svc/{service}/req`; the answer arrives on
+this node's `reply/{node}` topic and is matched by correlation id. QoS 0 on purpose: the router's per-try
+timeout and retries are the reliability layer, and a QoS 1 redelivery after a reconnect could run a POST
+twice. While the broker is down `unavailable()` says so and the router skips the tier instead of waiting;
+calls in flight when the connection drops fail at once (`reset`), so the router fails over right away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+from http import HTTPStatus
+
+from ..errors import ConnectFailed, UpstreamReset, UpstreamTimeout
+from ..model import Endpoint
+from ..router import Call
+from .envelope import CloudAnswer, CloudRequest, EnvelopeError, decode_answer, encode_request
+from .session import MqttSession, PublishError
+from .telemetry import CloudMetrics
+from .topics import Topics
+
+log = logging.getLogger("edged.cloud.transport")
+
+# Set by the router on every try; the envelope carries them as fields (`rid`, `deadline`) instead.
+_ENVELOPE_FIELDS = frozenset({b"x-request-id", b"x-edged-timeout-ms"})
+
+
+class MqttAnswer:
+    """An answer that came over MQTT, whole: the router and the API read it like an HTTP answer."""
+
+    __slots__ = ("_body", "complete", "content_length", "headers", "reason", "status")
+
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        self.status = status
+        try:
+            self.reason = HTTPStatus(status).phrase.encode()
+        except ValueError:
+            self.reason = b""
+        self.headers = headers
+        self.content_length: int | None = len(body)
+        self.complete = True  # the whole body is here: the API answers with one write
+        self._body = body
+
+    def __repr__(self) -> str:
+        return f"<MqttAnswer {self.status} {self.content_length} bytes>"
+
+    @classmethod
+    def error(cls, status: int, code: str, detail: object) -> MqttAnswer:
+        """An answer made here, with the mesh's JSON error body (413 too_large)."""
+        body = json.dumps({"error": code, "detail": detail}).encode()
+        return cls(status, [(b"content-type", b"application/json")], body)
+
+    async def read(self) -> bytes:
+        body, self._body = self._body, b""
+        return body
+
+    def discard(self) -> None:
+        self._body = b""
+
+
+class CloudTransport:
+    """The router's transport for tier "cloud". Subscribes to its reply topic on the given session."""
+
+    def __init__(
+        self, session: MqttSession, topics: Topics, node: str, *, max_payload: int, metrics: CloudMetrics
+    ) -> None:
+        self._session = session
+        self._topics = topics
+        self._node = node
+        self._reply = topics.reply(node)
+        self._max_payload = max_payload
+        self._metrics = metrics
+        self._pending: dict[bytes, asyncio.Future[CloudAnswer]] = {}
+        # Ids: a random prefix per process (a restarted daemon ignores answers meant for its past life),
+        # then a counter.
+        self._id_prefix = os.urandom(6)
+        self._seq = itertools.count(1)
+        session.subscribe(self._reply, self._on_answer, qos=0)
+
+    def __repr__(self) -> str:
+        return f"<CloudTransport {self._reply} pending={len(self._pending)} up={self._session.connected}>"
+
+    @property
+    def pending(self) -> int:
+        """Calls waiting for their answer."""
+        return len(self._pending)
+
+    def unavailable(self) -> str | None:
+        return None if self._session.connected else "broker disconnected"
+
+    async def send(
+        self, endpoint: Endpoint, call: Call, headers: list[tuple[bytes, bytes]], timeout: float
+    ) -> MqttAnswer:
+        """One try over MQTT; raises ConnectFailed (not sent), UpstreamTimeout or UpstreamReset (broker lost)."""
+        if not self._session.connected:
+            raise ConnectFailed(endpoint.url, "broker disconnected")
+        cid = self._id_prefix + next(self._seq).to_bytes(8, "big")
+        request = CloudRequest(
+            id=cid,
+            reply=self._reply,
+            method=call.method,
+            path=call.path,
+            headers=tuple(h for h in headers if h[0] not in _ENVELOPE_FIELDS),
+            body=call.body,
+            deadline_ms=max(1, int(timeout * 1000)),
+            tenant=call.tenant,
+            service=endpoint.service,
+            node=self._node,
+            request_id=call.request_id,
+        )
+        payload = encode_request(request)
+        if len(payload) > self._max_payload:
+            self._metrics.too_large.inc()
+            detail = f"request of {len(payload)} bytes is over the MQTT limit of {self._max_payload} (mqtt.max_payload)"
+            return MqttAnswer.error(413, "too_large", detail)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[CloudAnswer] = loop.create_future()
+        self._pending[cid] = future
+        timer = loop.call_later(timeout, self._expire, cid, future, endpoint.url, timeout)
+        try:
+            try:
+                await self._session.publish(
+                    self._topics.request(endpoint.service),
+                    payload,
+                    qos=0,
+                    response_topic=self._reply,
+                    correlation=cid,
+                    expiry=timeout,
+                    timeout=timeout,
+                )
+            except PublishError as exc:
+                raise ConnectFailed(endpoint.url, f"not published: {exc}") from None
+            self._metrics.requests.inc()
+            answer = await future
+        finally:
+            timer.cancel()
+            self._pending.pop(cid, None)
+        return MqttAnswer(answer.status, list(answer.headers), answer.body)
+
+    def fail_all(self, reason: str) -> None:
+        """The connection dropped: calls in flight will get no answer; let the router move on now."""
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(UpstreamReset("mqtt", reason))
+
+    def _expire(self, cid: bytes, future: asyncio.Future[CloudAnswer], url: str, timeout: float) -> None:
+        self._pending.pop(cid, None)  # an answer after this is late: dropped and counted
+        if not future.done():
+            self._metrics.timeouts.inc()
+            future.set_exception(UpstreamTimeout(url, f"no answer over MQTT within {timeout:g}s"))
+
+    def _on_answer(self, message) -> None:
+        try:
+            answer = decode_answer(message.payload)
+        except EnvelopeError as exc:
+            self._metrics.bad_answers.inc()
+            log.debug("dropped a bad answer on %s: %s", message.topic, exc)
+            return
+        future = self._pending.pop(answer.id, None)
+        if future is None or future.done():
+            self._metrics.late_answers.inc()
+            return
+        future.set_result(answer)

@@ -1,0 +1,244 @@
+"""Central registry entries, cloud endpoints of services, and telemetry summaries. Most tests feed the
+handlers the messages a broker would deliver; one publishes through a real Mosquitto."""
+
+# ruff: noqa: F811  (the fixtures imported from fixtures_mqtt are test parameters)
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import cbor2
+import pytest
+from fixtures_mqtt import Broker, broker, topic_prefix  # noqa: F401
+
+from edged.cloud.persist import StateSaver
+from edged.cloud.registry_sync import RegistrySync, entry_spec, normalize_entry, spec_entry
+from edged.cloud.session import Inbound, MqttSession
+from edged.cloud.telemetry import MIN_INTERVAL, CloudMetrics, TelemetryPublisher
+from edged.cloud.tier import cloud_endpoints
+from edged.cloud.topics import Topics
+from edged.config import MqttConfig
+from edged.manifest import parse_manifest_data
+from edged.registry import Registry
+from edged.state import StateStore
+from edged.telemetry import MeshMetrics, Metrics
+
+TOPICS = Topics("hubmesh", "home")
+
+
+def manifest(**data) -> object:
+    return parse_manifest_data({"service_name": "thermo", **data}, "test.toml")
+
+
+def test_an_entry_carries_interface_and_policy_and_makes_a_cloud_only_spec():
+    spec = manifest(
+        priority=4,
+        interface_definition={"version": "1.2.0", "methods": ["GET /readings", "POST /zones/{id}"]},
+        endpoint_types=["local", "cloud"],
+        endpoints=[{"type": "local", "url": "http://127.0.0.1:9"}],
+        policy={"strategy": "round_robin", "per_try_timeout": "250ms", "battery_min": 20},
+    )
+    entry = normalize_entry(cbor2.loads(cbor2.dumps(spec_entry(spec, node="pi-1", zone="hall", cloud=True))))
+    remote = entry_spec(entry, source="mqtt:pi-1")
+    assert remote.endpoint_types == ("cloud",) and remote.endpoints == ()
+    assert remote.priority == 4 and remote.source == "mqtt:pi-1"
+    assert remote.policy == spec.policy
+    assert remote.interface is not None and remote.interface.allows("POST", "/zones/7")
+    assert not remote.interface.allows("DELETE", "/readings")
+    assert json.dumps(entry)  # storable in the state dir as it is
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        [1, 2],
+        {"v": 2, "service": "x", "tenant": "default", "priority": 1},
+        {"v": 1, "service": "", "tenant": "default", "priority": 1},
+        {"v": 1, "service": "x", "tenant": "default", "priority": -1},
+        {"v": 1, "service": "x", "tenant": "default", "priority": 1, "policy": {"strategy": "fastest"}},
+        {"v": 1, "service": "x", "tenant": "default", "priority": 1, "interface": {"methods": ["nonsense"]}},
+        {"v": 1, "service": "x", "tenant": "default", "priority": 1, "interface": {"methods": [b"bytes"]}},
+    ],
+)
+def test_bad_entries_are_refused(bad):
+    with pytest.raises(ValueError):
+        normalize_entry(bad)
+
+
+def test_cloud_endpoints_follow_endpoint_types_and_the_long_form():
+    registry = Registry()
+    registry.set_manifests(
+        [
+            manifest(endpoint_types=["local"], endpoints=[{"type": "local", "url": "http://127.0.0.1:9"}]),
+            parse_manifest_data({"service_name": "short", "priority": 7, "endpoint_types": ["cloud"]}, "s.toml"),
+            parse_manifest_data(
+                {"service_name": "long", "endpoints": [{"type": "cloud", "priority": 2, "weight": 30}]}, "l.toml"
+            ),
+        ]
+    )
+    eps = {ep.service: ep for ep in cloud_endpoints(registry.snapshot(), broker_url="mqtt://b:1884", topics=TOPICS)}
+    assert set(eps) == {"short", "long"}
+    assert eps["short"].id == "default/short/cloud/mqtt" and eps["short"].priority == 7
+    assert eps["short"].url == "mqtt://b:1884/hubmesh/home/svc/short" and eps["short"].target is None
+    assert (eps["long"].priority, eps["long"].weight) == (2, 30)
+
+
+def registry_sync(tmp_path, registry: Registry, session: MqttSession | None = None, topics=TOPICS) -> RegistrySync:
+    # A session never started publishes nothing: the handlers are called by the test.
+    session = session or MqttSession(MqttConfig(enabled=True), client_id="t")
+    return RegistrySync(
+        registry=registry,
+        session=session,
+        topics=topics,
+        node="me",
+        zone="",
+        saver=StateSaver(StateStore(str(tmp_path))),
+        metrics=CloudMetrics(Metrics()),
+    )
+
+
+def entry_msg(node: str, name: str, *, cloud: bool = True, payload: bytes | None = None) -> Inbound:
+    spec = parse_manifest_data({"service_name": name}, "x.toml")
+    if payload is None:
+        payload = cbor2.dumps(spec_entry(spec, node=node, zone="", cloud=cloud))
+    return Inbound(TOPICS.service(node, "default", name), payload, retain=True)
+
+
+def test_remote_entries_become_services_and_go_away_with_their_entry(tmp_path):
+    async def main() -> None:
+        registry = Registry()
+        sync = registry_sync(tmp_path, registry)
+        sync._on_service(entry_msg("pi-2", "thermo"))
+        sync._on_service(entry_msg("pi-2", "private", cloud=False))  # not reachable over MQTT
+        sync._on_service(entry_msg("me", "mine"))  # our own entry: not learned
+        sync._on_service(entry_msg("pi-3", "junk", payload=b"\xff\x00"))
+        sync._on_status(Inbound(TOPICS.status("pi-2"), b'{"state": "online", "vitals": {"cpu": "12"}}', True))
+        sync._on_status(Inbound(TOPICS.status("pi-4"), b"not json", True))
+        snap = registry.snapshot()
+        assert sorted(name for _, name in snap.services) == ["thermo"]
+        assert snap.get("default", "thermo").spec.source == "mqtt:pi-2"
+        assert sync.bad_messages == 2
+        peers = {p["node"]: p for p in sync.peers()}
+        assert peers["pi-2"]["state"] == "online" and peers["pi-2"]["services"] == ["private", "thermo"]
+        saved = json.loads(json.dumps(sync.state()))  # as written to the state dir now
+        sync._on_service(entry_msg("pi-2", "thermo", payload=b""))  # an empty retained message deletes
+        assert registry.snapshot().get("default", "thermo") is None
+        # A restart with no broker: the saved registry brings the remote service back.
+        again = Registry()
+        assert registry_sync(tmp_path, again).load(saved) == 2
+        assert again.snapshot().get("default", "thermo") is not None
+
+    asyncio.run(main())
+
+
+def test_a_saved_registry_of_another_fleet_or_prefix_is_ignored(tmp_path):
+    async def main() -> None:
+        sync = registry_sync(tmp_path, Registry())
+        sync._on_service(entry_msg("pi-2", "thermo"))
+        saved = sync.state()
+        other = RegistrySync(
+            registry=Registry(),
+            session=MqttSession(MqttConfig(enabled=True), client_id="t2"),
+            topics=Topics("hubmesh", "garden"),
+            node="me",
+            zone="",
+            saver=StateSaver(StateStore(str(tmp_path))),
+            metrics=CloudMetrics(Metrics()),
+        )
+        assert other.load(saved) == 0
+
+    asyncio.run(main())
+
+
+def test_telemetry_summaries_count_since_the_last_one_and_are_rate_limited():
+    mesh = MeshMetrics(Metrics())
+    now = [100.0]
+    posted: list[tuple[str, bytes]] = []
+
+    async def main() -> None:
+        pub = TelemetryPublisher(
+            post=lambda t, p: posted.append((t, p)) or True,
+            topic=TOPICS.telemetry("me"),
+            node="me",
+            fleet="home",
+            mesh=mesh,
+            interval=0.01,  # asks for more than the floor allows
+            extra=lambda: {"vitals": {"cpu": "5"}},
+            clock=lambda: now[0],
+        )
+        assert pub.interval == MIN_INTERVAL
+        mesh.calls.inc(("thermo", "local", "success"), 3)
+        mesh.calls.inc(("thermo", "cloud", "error"))
+        mesh.failovers.inc(("thermo",))
+        assert pub.publish_now()
+        first = json.loads(posted[-1][1])
+        assert first["services"]["thermo"]["tiers"]["local"] == {"calls": 3, "failures": 0, "total": 3}
+        assert first["services"]["thermo"]["tiers"]["cloud"]["failures"] == 1
+        assert first["services"]["thermo"]["failovers"] == 1 and first["vitals"] == {"cpu": "5"}
+        assert not pub.publish_now()  # within MIN_INTERVAL of the last one
+        now[0] += MIN_INTERVAL
+        mesh.calls.inc(("thermo", "local", "success"))
+        assert pub.publish_now()
+        second = json.loads(posted[-1][1])
+        assert second["services"]["thermo"]["tiers"]["local"] == {"calls": 1, "failures": 0, "total": 4}
+        assert second["services"]["thermo"]["failovers"] == 0
+
+    asyncio.run(main())
+
+
+def test_entries_are_retained_on_the_broker_and_a_stale_one_is_removed_at_the_next_start(
+    tmp_path, broker: Broker, topic_prefix: str
+):
+    topics = Topics(topic_prefix, "home")
+
+    def services(*names: str) -> Registry:
+        registry = Registry()
+        registry.set_manifests(
+            [
+                parse_manifest_data(
+                    {"service_name": n, "endpoints": [{"type": "local", "url": "http://127.0.0.1:9"}]}, f"{n}.toml"
+                )
+                for n in names
+            ]
+        )
+        return registry
+
+    async def retained() -> set[str]:
+        """The service entries a new subscriber gets (retained). The broker sends them right after SUBACK,
+        before anything published later on: a marker published after subscribing arrives after them."""
+        seen: set[str] = set()
+        marker = asyncio.Event()
+        session = MqttSession(MqttConfig(enabled=True, url=broker.url), client_id="reader")
+        session.subscribe(topics.all_services, lambda m: seen.add(m.topic.rsplit("/", 1)[1]) if m.payload else None)
+        session.subscribe(f"{topic_prefix}/marker", lambda m: marker.set())
+        session.start()
+        try:
+            assert await session.wait_connected(10)
+            await session.publish(f"{topic_prefix}/marker", b"")
+            await asyncio.wait_for(marker.wait(), 10)
+        finally:
+            await session.close()
+        return seen
+
+    async def run_node(*names: str) -> set[str]:
+        """Run a node with these services until the broker holds exactly their entries."""
+        registry = services(*names)
+        session = MqttSession(MqttConfig(enabled=True, url=broker.url), client_id="me")
+        sync = registry_sync(tmp_path, registry, session, topics)
+        session._on_connected = sync.on_connected
+        sync.local_changed(registry.snapshot())
+        session.start()
+        try:
+            assert await session.wait_connected(10)
+            for _ in range(50):
+                seen = await retained()
+                if seen == set(names):
+                    break
+            return seen
+        finally:
+            await session.close()
+
+    assert asyncio.run(run_node("thermo", "pump")) == {"thermo", "pump"}
+    # pump's manifest went away while the node was down: its retained entry is removed at the next start.
+    assert asyncio.run(run_node("thermo")) == {"thermo"}

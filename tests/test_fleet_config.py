@@ -1,0 +1,312 @@
+"""Signed fleet config: signing and checking documents, applying them to the registry, and end to end with
+a real broker and the real daemon (routing changes; forgeries, replays and garbage change nothing; the
+config survives a restart with the broker down)."""
+
+# ruff: noqa: F811  (the fixtures imported from fixtures_mqtt are test parameters)
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import aiomqtt
+import pytest
+from conftest import wait_for
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from fixtures_mqtt import broker, mqtt_section, topic_prefix, wait_metric  # noqa: F401
+
+from edged.cli import main as edged_main
+from edged.cloud.fleet import (
+    FleetConfigError,
+    FleetConfigSource,
+    FleetSettings,
+    document_text,
+    generate_key,
+    key_id,
+    load_private_key,
+    load_public_key,
+    read_source_document,
+    sign_document,
+    verify,
+)
+from edged.cloud.telemetry import CloudMetrics
+from edged.model import PolicySpec, ServiceSpec
+from edged.registry import Registry
+from edged.telemetry import Metrics
+
+KEY = Ed25519PrivateKey.generate()
+OTHER = Ed25519PrivateKey.generate()
+TRUSTED = {key_id(KEY.public_key()): KEY.public_key()}
+
+
+def signed(doc: dict, key: Ed25519PrivateKey = KEY) -> bytes:
+    return sign_document(document_text(doc), key)
+
+
+def source(registry: Registry | None = None, **kw) -> tuple[FleetConfigSource, Registry, CloudMetrics]:
+    registry = registry or Registry()
+    metrics = CloudMetrics(Metrics())
+    src = FleetConfigSource(registry=registry, keys=TRUSTED, node="pi-1", fleet="home", metrics=metrics, **kw)
+    return src, registry, metrics
+
+
+def registry_with(*names: str) -> Registry:
+    r = Registry()
+    r.set_manifests([ServiceSpec(name=n, endpoint_types=("local",)) for n in names])
+    return r
+
+
+def strategy(registry: Registry, name: str, tenant: str = "default") -> str:
+    svc = registry.snapshot().get(tenant, name)
+    assert svc is not None
+    return svc.spec.policy.strategy
+
+
+# -- signing and checking -----------------------------------------------------------------------------------
+
+
+def test_a_signed_document_verifies_with_its_key_only():
+    wire = signed({"version": 1, "policies": {}})
+    text, kid = verify(wire, TRUSTED)
+    assert json.loads(text)["version"] == 1 and kid == key_id(KEY.public_key())
+    with pytest.raises(FleetConfigError) as info:
+        verify(signed({"version": 1}, OTHER), TRUSTED)
+    assert info.value.reason == "unknown_key"
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"\x00\xffgarbage", "unparseable"),
+        (b"[1, 2]", "unparseable"),
+        (json.dumps({"version": 9, "policies": {"thermo": {"strategy": "latency"}}}).encode(), "unsigned"),
+        (json.dumps({"format": "hubmesh-fleet-config/1", "document": "{}", "signature": ""}).encode(), "unsigned"),
+        (
+            json.dumps({"format": "hubmesh-fleet-config/1", "document": "{}", "signature": "%%%"}).encode(),
+            "bad_signature",
+        ),
+    ],
+    ids=["garbage", "not-an-object", "bare-document", "empty-signature", "signature-not-base64"],
+)
+def test_unsigned_and_garbage_payloads_are_refused(payload, reason):
+    with pytest.raises(FleetConfigError) as info:
+        verify(payload, TRUSTED)
+    assert info.value.reason == reason
+
+
+def test_a_tampered_document_or_a_stolen_key_id_fails_the_signature():
+    wire = json.loads(signed({"version": 1, "policies": {"thermo": {"strategy": "latency"}}}))
+    wire["document"] = wire["document"].replace("latency", "weighted")
+    with pytest.raises(FleetConfigError) as info:
+        verify(json.dumps(wire).encode(), TRUSTED)
+    assert info.value.reason == "bad_signature"
+    forged = json.loads(signed({"version": 1}, OTHER))
+    forged["key_id"] = key_id(KEY.public_key())  # claims to be the trusted key
+    with pytest.raises(FleetConfigError) as info:
+        verify(json.dumps(forged).encode(), TRUSTED)
+    assert info.value.reason == "bad_signature"
+
+
+def test_good_documents_apply_and_every_bad_one_is_refused_counted_and_changes_nothing():
+    src, registry, metrics = source(registry_with("thermo", "pump"))
+    assert src.offer(signed({"version": 5, "policies": {"thermo": {"strategy": "round_robin"}}}), "fleet", "t")
+    assert strategy(registry, "thermo") == "round_robin" and strategy(registry, "pump") == "priority"
+    assert registry.policy_source("default", "thermo") == "fleet"
+    bad = [
+        (signed({"version": 4, "policies": {"thermo": {"strategy": "latency"}}}), "fleet", "older"),
+        (signed({"version": 5, "policies": {"thermo": {"strategy": "latency"}}}), "fleet", "conflict"),
+        (signed({"version": 9, "policies": {"thermo": {"strategy": "latency"}}}, OTHER), "fleet", "unknown_key"),
+        (signed({"version": 9, "policies": {"thermo": {"strategy": "fastest"}}}), "fleet", "invalid"),
+        (signed({"version": 9, "polices": {}}), "fleet", "invalid"),
+        (signed({"version": 9, "fleet": "garden"}), "fleet", "wrong_scope"),
+        (signed({"version": 9, "node": "pi-1"}), "fleet", "wrong_scope"),
+        (signed({"version": 9, "node": "pi-2"}), "node", "wrong_scope"),
+        (b"garbage", "fleet", "unparseable"),
+    ]
+    for payload, scope, reason in bad:
+        before = metrics.fleet_refused.get((reason,)) or 0
+        assert not src.offer(payload, scope, "t"), reason
+        assert metrics.fleet_refused.get((reason,)) == before + 1, reason
+    assert strategy(registry, "thermo") == "round_robin"
+    assert src.versions() == {"fleet": 5}
+    # The same document again (retained, re-delivered on every reconnect) is not a refusal.
+    assert src.offer(signed({"version": 5, "policies": {"thermo": {"strategy": "round_robin"}}}), "fleet", "t")
+    assert sum(src.refused.values()) == len(bad)
+
+
+def test_invalid_policy_is_refused_with_the_key_that_is_wrong():
+    src, _, _ = source()
+    src.offer(signed({"version": 1, "policies": {"thermo": {"retries": "many"}}}), "fleet", "hubmesh/home/config")
+    assert src.refused == {"invalid": 1}
+    with pytest.raises(FleetConfigError, match=r"policies\.thermo\.retries: expected an integer"):
+        src._check(signed({"version": 1, "policies": {"thermo": {"retries": "many"}}}), "fleet", "x")
+
+
+def test_a_node_document_overrides_the_fleet_document_per_service_and_tenants_are_named():
+    src, registry, _ = source(registry_with("thermo", "pump"))
+    registry.set_manifests(
+        [*[s.spec for s in registry.snapshot().services.values()], ServiceSpec(name="pump", tenant="garden")]
+    )
+    fleet_doc = {"version": 1, "policies": {"thermo": {"strategy": "weighted"}, "pump": {"strategy": "latency"}}}
+    node_doc = {
+        "version": 1,
+        "node": "pi-1",
+        "policies": {"thermo": {"strategy": "round_robin"}, "garden/pump": {"retries": 0}},
+    }
+    assert src.offer(signed(fleet_doc), "fleet", "t") and src.offer(signed(node_doc), "node", "t")
+    assert strategy(registry, "thermo") == "round_robin"
+    assert strategy(registry, "pump") == "latency"
+    garden = registry.snapshot().get("garden", "pump")
+    assert garden is not None and garden.spec.policy.retries == 0
+
+
+def test_a_fleet_policy_changes_the_keys_it_names_and_keeps_the_manifests_others():
+    registry = Registry()
+    declared = PolicySpec(strategy="priority", retries=1, per_try_timeout=0.3, timeout=2.0)
+    registry.set_manifests([ServiceSpec(name="thermo", policy=declared), ServiceSpec(name="pump")])
+    src, _, _ = source(registry)
+    assert src.offer(signed({"version": 1, "policies": {"thermo": {"strategy": "round_robin"}}}), "fleet", "t")
+    policy = registry.snapshot().get("default", "thermo").spec.policy
+    assert (policy.strategy, policy.retries, policy.per_try_timeout, policy.timeout) == ("round_robin", 1, 0.3, 2.0)
+    # The manifest changes: the fleet keys stay laid over the new version.
+    registry.set_manifests([ServiceSpec(name="thermo", policy=PolicySpec(retries=3)), ServiceSpec(name="pump")])
+    src.refresh()
+    policy = registry.snapshot().get("default", "thermo").spec.policy
+    assert (policy.strategy, policy.retries) == ("round_robin", 3)
+
+
+def test_settings_reach_their_owner_and_unknown_settings_are_ignored():
+    seen: list[FleetSettings] = []
+    src, _, _ = source(on_settings=seen.append)
+    assert src.offer(signed({"version": 1, "settings": {"telemetry_interval": "15s", "future_knob": 3}}), "fleet", "t")
+    assert seen[-1].telemetry_interval == 15.0
+    assert src.docs["fleet"].ignored_settings == ("future_knob",)
+
+
+def test_the_last_good_config_is_restored_and_checked_again_with_todays_keys():
+    src, _, _ = source(registry_with("thermo"))
+    src.offer(signed({"version": 3, "policies": {"thermo": {"strategy": "round_robin"}}}), "fleet", "t")
+    saved = json.loads(json.dumps(src.state()))  # as it goes through the state file
+    again, registry, _ = source(registry_with("thermo"))
+    assert again.load(saved) == ["fleet"]
+    assert strategy(registry, "thermo") == "round_robin" and again.versions() == {"fleet": 3}
+    # A replay of an older document after the restart is still refused.
+    assert not again.offer(signed({"version": 2}), "fleet", "t")
+    # With the key no longer trusted, the saved document is not applied.
+    untrusted = FleetConfigSource(
+        registry=registry_with("thermo"), keys={}, node="pi-1", fleet="home", metrics=CloudMetrics(Metrics())
+    )
+    assert untrusted.load(saved) == []
+
+
+def test_keygen_sign_on_the_command_line(tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert edged_main(["fleet", "keygen", "ops"]) == 0
+    assert (tmp_path / "ops.key").stat().st_mode & 0o777 == 0o600
+    assert edged_main(["fleet", "keygen", "ops"]) == 1  # never overwrites a private key
+    (tmp_path / "doc.toml").write_text('version = 7\n[policies.thermo]\nstrategy = "round_robin"\n')
+    assert edged_main(["fleet", "sign", "doc.toml", "--key", "ops.key", "--node", "pi-1"]) == 0
+    wire = (tmp_path / "doc.signed.json").read_bytes()
+    public = load_public_key(str(tmp_path / "ops.pub"))
+    text, _ = verify(wire, {key_id(public): public})
+    assert json.loads(text)["node"] == "pi-1" and json.loads(text)["version"] == 7
+    (tmp_path / "bad.toml").write_text('version = 8\n[policies.thermo]\nretries = "x"\n')
+    capsys.readouterr()
+    assert edged_main(["fleet", "sign", "bad.toml", "--key", "ops.key"]) == 1
+    assert "bad.toml:3: policies.thermo.retries" in capsys.readouterr().err
+    data = read_source_document(str(tmp_path / "doc.toml"))
+    assert data["version"] == 7 and load_private_key(str(tmp_path / "ops.key"))
+
+
+def test_generate_key_gives_matching_halves():
+    private_pem, public_pem, kid = generate_key()
+    assert b"PRIVATE KEY" in private_pem and b"PUBLIC KEY" in public_pem and len(kid) == 16
+
+
+# -- end to end ---------------------------------------------------------------------------------------------
+
+
+def publish_retained(port: int, topic: str, payload: bytes) -> None:
+    async def go() -> None:
+        async with aiomqtt.Client("127.0.0.1", port) as c:
+            await c.publish(topic, payload, qos=1, retain=True)
+
+    asyncio.run(go())
+
+
+def two_endpoints(p1: int, p2: int) -> str:
+    return f"""
+    service_name = "thermo"
+    [[endpoints]]
+    type = "local"
+    url = "http://127.0.0.1:{p1}"
+    priority = 1
+    [[endpoints]]
+    type = "local"
+    url = "http://127.0.0.1:{p2}"
+    priority = 2
+    """
+
+
+def test_fleet_config_changes_routing_refuses_forgeries_and_survives_a_restart_with_the_broker_down(
+    tmp_path, backends, edged, broker, topic_prefix
+):
+    private_pem, public_pem, _ = generate_key()
+    (tmp_path / "ops.key").write_bytes(private_pem)
+    (tmp_path / "ops.pub").write_bytes(public_pem)
+    key = load_private_key(str(tmp_path / "ops.key"))
+    b1, b2 = backends("p1"), backends("p2")
+    extra = mqtt_section(broker, topic_prefix) + f'[fleet]\nkeys = ["{tmp_path / "ops.pub"}"]\n'
+    d = edged({"thermo.toml": two_endpoints(b1.port, b2.port)}, extra)
+    wait_metric(d, "edged_mqtt_connected", lambda v: v == 1)
+
+    def answered_by(n: int = 6) -> set[str]:
+        return {json.loads(d.call("thermo", "/x")[2])["name"] for _ in range(n)}
+
+    def current_strategy() -> str:
+        return d.get("/v1/services/thermo")["strategy"]
+
+    assert answered_by() == {"p1"}
+    # The operator's way: sign a document and push it with the CLI (retained on {prefix}/home/config).
+    (tmp_path / "rr.toml").write_text('version = 2\n[policies.thermo]\nstrategy = "round_robin"\n')
+    signed_rr = subprocess.run(
+        [sys.executable, "-m", "edged", "fleet", "sign", "rr.toml", "--key", "ops.key", "--out", "-"],
+        cwd=tmp_path,
+        capture_output=True,
+        check=True,
+    ).stdout
+    (tmp_path / "rr.signed.json").write_bytes(signed_rr)
+    pushed = subprocess.run(
+        [sys.executable, "-m", "edged", "fleet", "push", "rr.signed.json", "--config", str(d.config)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert pushed.returncode == 0, pushed.stderr
+    assert f"to {topic_prefix}/home/config" in pushed.stdout
+    wait_for(lambda: current_strategy() == "round_robin", 5, what="fleet config applied")
+    assert answered_by() == {"p1", "p2"}
+
+    # A forged document (unknown key), a replayed older one (good signature) and garbage: all refused.
+    topic = f"{topic_prefix}/home/config"
+    forged = sign_document(document_text({"version": 3, "policies": {"thermo": {"strategy": "latency"}}}), OTHER)
+    older = sign_document(document_text({"version": 1, "policies": {"thermo": {"strategy": "weighted"}}}), key)
+    for payload in (forged, older, b"\x00 garbage {"):
+        publish_retained(broker.port, topic, payload)
+    wait_metric(d, "edged_fleet_config_refused_total", lambda v: v >= 3)
+    assert current_strategy() == "round_robin" and answered_by() == {"p1", "p2"}
+    metrics = d.api.request("GET", "/metrics")[2].decode()
+    for reason in ("unknown_key", "older", "unparseable"):
+        assert f'edged_fleet_config_refused_total{{reason="{reason}"}} 1' in metrics
+    assert 'edged_fleet_config_version{scope="fleet"} 2' in metrics
+
+    # Restart with the broker down: the last good config is in force from the state dir.
+    assert d.stop() == 0
+    broker.kill()
+    d.start()
+    assert current_strategy() == "round_robin"
+    assert d.get("/v1/services/thermo")["endpoints"] and answered_by() == {"p1", "p2"}
+    assert d.stop() == 0
