@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("-d", "--data", default=None, help="request body; @FILE reads a file, @- stdin")
             sp.add_argument("-H", "--header", action="append", default=[], help="extra header 'Name: value'")
             sp.add_argument("-i", "--include", action="store_true", help="print status and headers too")
+    from .cloud.cli import add_cloud_commands  # the cloud tier's commands: bridge, fleet
+
+    add_cloud_commands(sub, command)
     return p
 
 

@@ -99,9 +99,11 @@ class MdnsConfig:
 
 @dataclass(frozen=True, slots=True)
 class VitalsConfig:
-    """`[vitals]`: how often this node reads its CPU, battery and link quality."""
+    """`[vitals]`: how often this node reads its CPU, battery and link quality, and from where."""
 
     interval: float = 5.0
+    proc_root: str = "/proc"  # CPU load and Wi-Fi signal; a container may mount the host's /proc elsewhere
+    sys_root: str = "/sys"  # batteries and mains supplies (class/power_supply)
 
 
 @dataclass(frozen=True, slots=True)
@@ -825,8 +827,15 @@ class _Loader:
         )
 
     def vitals(self, t: Table) -> VitalsConfig:
-        t.only(("interval",))
-        return VitalsConfig(interval=t.duration("interval", VitalsConfig().interval))
+        t.only(("interval", "proc_root", "sys_root"))
+        d = VitalsConfig()
+        proc_root = t.string("proc_root", None, what="a folder path")
+        sys_root = t.string("sys_root", None, what="a folder path")
+        return VitalsConfig(
+            interval=t.duration("interval", d.interval),
+            proc_root=d.proc_root if proc_root is None else self.resolve(proc_root),
+            sys_root=d.sys_root if sys_root is None else self.resolve(sys_root),
+        )
 
     def fleet(self, t: Table) -> FleetConfig:
         t.only(("keys",))

@@ -114,7 +114,34 @@ class Daemon:
         )
         # Tiers beyond local plug in here as components (each adds its transport and discovery source).
         # -- edge tier (mDNS + ingress): see edged/edge/
+        from .edge import EdgeTier
+
+        self.edge = EdgeTier(
+            config,
+            registry=self.registry,
+            router=self.router,
+            health=self.health,
+            metrics=self.metrics,
+            events=self.events,
+            pool=self.pool,
+        )
+        self.transports["edge"] = self.edge.transport
+        self.components.append(self.edge)
+        self.peer_sources.append(self.edge.peers)
         # -- cloud tier (MQTT): see edged/cloud/
+        if config.mqtt.enabled:
+            from .cloud import CloudTier
+
+            self.components.append(
+                CloudTier(
+                    config=config,
+                    registry=self.registry,
+                    store=self.store,
+                    metrics=self.metrics,
+                    transports=self.transports,
+                    peer_sources=self.peer_sources,
+                )
+            )
         self.listening: list[str] = []
         self.metrics.add_collector(self._collect)
         self.metrics.build_info.set((__version__,), 1)

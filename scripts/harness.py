@@ -105,6 +105,8 @@ class Edged:
                 dir = "state"
                 [mdns]
                 enabled = false
+                [ingress]
+                listen = "127.0.0.1:{free_port()}"
                 [log]
                 format = "json"
                 """

@@ -272,7 +272,10 @@ def test_demo_echo_service_answers_through_the_mesh(tmp_path):
 
     port = free_port()
     cfg = tmp_path / "edged.toml"
-    cfg.write_text(f'[api]\nlisten = "127.0.0.1:{port}"\nsocket = ""\n[demo]\necho = true\n[mdns]\nenabled = false\n')
+    cfg.write_text(
+        f'[api]\nlisten = "127.0.0.1:{port}"\nsocket = ""\n[demo]\necho = true\n'
+        "[mdns]\nenabled = false\n[ingress]\nenabled = false\n"
+    )
     proc = subprocess.Popen(
         [sys.executable, "-m", "edged", "run", "--config", str(cfg)],
         cwd=REPO,
