@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import logging
-import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from .discovery.registrations import Registrations
-from .errors import CallError, UpstreamError
+from .errors import CallError
 from .events import EventBus
 from .http.message import Request, strip_hop_by_hop
 from .http.server import ResponseWriter
 from .registry import Registry
+from .relay import call_timeout, relay_answer, request_id
 from .router import Call, Router
 from .telemetry import MeshMetrics
 from .tenancy import Tenancy
@@ -27,13 +26,6 @@ MESH_SUFFIX = b".mesh"
 # Headers the mesh sets itself on the way in; a caller's own values are not passed through.
 _OWN_HEADERS = frozenset({b"host", b"x-request-id", b"x-edged-timeout-ms"})
 SSE_KEEPALIVE = 15.0
-# Request ids: a random per-process prefix and a counter (no syscall per call, unique across restarts).
-_ID_PREFIX = secrets.token_hex(4)
-_id_counter = itertools.count(1)
-
-
-def _next_request_id() -> str:
-    return f"{_ID_PREFIX}-{next(_id_counter):x}"
 
 
 @dataclass(slots=True)
@@ -121,15 +113,8 @@ class Api:
         if not service:
             raise CallError(404, "unknown_service", "no service named in the path")
         svc = self._router.service(tenant, service)
-        now = time.monotonic()
-        timeout = svc.spec.policy.timeout
-        asked = req.header(b"x-edged-timeout-ms")
-        if asked is not None:
-            try:
-                timeout = min(timeout, max(0.0, int(asked) / 1000))
-            except ValueError:
-                raise CallError(400, "bad_request", "x-edged-timeout-ms must be an integer") from None
-        request_id = (req.header(b"x-request-id") or b"").decode("ascii", "replace") or _next_request_id()
+        deadline = time.monotonic() + call_timeout(req, svc.spec.policy.timeout)
+        rid = request_id(req)
         headers = [
             (k, v)
             for k, v in strip_hop_by_hop(req.headers)
@@ -138,35 +123,15 @@ class Api:
         host = req.header(b"host")
         if host is not None:
             headers.append((b"x-forwarded-host", host))
-        call = Call(tenant, service, req.method, path, headers, req.body, now + timeout, request_id)
-        routed = await self._router.route_service_call(call)
-        answer, ep = routed.answer, routed.endpoint
-        out = strip_hop_by_hop(answer.headers)
-        out.append((b"x-edged-endpoint", ep.id.encode()))
-        out.append((b"x-edged-tries", str(routed.tries).encode()))
-        out.append((b"x-request-id", request_id.encode()))
-        outcome = "success" if answer.status < 500 else "error"
-        try:
-            if answer.complete and req.method != "HEAD":
-                # The whole answer is already here (the common small answer): one write, one wake-up.
-                chunks = []
-                while chunk := await answer.read():
-                    chunks.append(chunk)
-                resp.send(answer.status, out, b"".join(chunks))
-                return
-            resp.start(answer.status, out, content_length=answer.content_length)
-            while True:
-                chunk = await answer.read()
-                if not chunk:
-                    break
-                await resp.write(chunk)
-            resp.end()
-        except (UpstreamError, ConnectionError, asyncio.CancelledError):
-            answer.discard()
-            outcome = "error"
-            raise
-        finally:
-            self._router.record(svc.name, ep.tier, outcome, routed.started)
+        routed = await self._router.route_service_call(
+            Call(tenant, service, req.method, path, headers, req.body, deadline, rid)
+        )
+        extra = [
+            (b"x-edged-endpoint", routed.endpoint.id.encode()),
+            (b"x-edged-tries", str(routed.tries).encode()),
+            (b"x-request-id", rid.encode()),
+        ]
+        await relay_answer(self._router, req, resp, routed, extra)
 
     # -- /v1 ---------------------------------------------------------------------------------------
     async def _v1(self, req: Request, resp: ResponseWriter) -> None:

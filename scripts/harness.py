@@ -80,18 +80,36 @@ class Backend:
 
 
 class Edged:
-    """The daemon as a subprocess, with its config dir laid out in a temp folder."""
+    """The daemon as a subprocess, with its config dir laid out in a temp folder.
 
-    def __init__(self, root: Path, manifests: dict[str, str], extra_config: str = "") -> None:
+    By default: local tier only, API on a free loopback port. `config_text` replaces the whole config
+    (its API port is `port`); `netns` runs the daemon inside that network namespace (`ip netns exec`);
+    `via_socket` talks to it over its Unix socket (which reaches into a namespace).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        manifests: dict[str, str],
+        extra_config: str = "",
+        *,
+        config_text: str | None = None,
+        port: int | None = None,
+        netns: str | None = None,
+        via_socket: bool = False,
+    ) -> None:
         self.root = root
-        self.port = free_port()
+        self.port = port or free_port()
+        self.netns = netns
         self.services = root / "services.d"
         self.services.mkdir(parents=True, exist_ok=True)
         for name, text in manifests.items():
             self.write_manifest(name, text)
         self.config = root / "edged.toml"
         self.config.write_text(
-            textwrap.dedent(
+            config_text
+            if config_text is not None
+            else textwrap.dedent(
                 f"""
                 [node]
                 name = "test-node"
@@ -115,23 +133,28 @@ class Edged:
         )
         self.log = root / "edged.log"
         self.proc: subprocess.Popen | None = None
-        self.api = ApiClient(f"http://127.0.0.1:{self.port}")
         self.socket = root / "run" / "edged.sock"
+        self.api = ApiClient(f"unix:{self.socket}" if via_socket else f"http://127.0.0.1:{self.port}", timeout=10)
+        self.started_at = 0.0
 
     def write_manifest(self, name: str, text: str) -> None:
         (self.services / name).write_text(textwrap.dedent(text))
 
     def start(self, wait: bool = True) -> Edged:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
+        argv = [sys.executable, "-m", "edged", "run", "--config", str(self.config)]
+        if self.netns is not None:
+            argv = ["ip", "netns", "exec", self.netns, *argv]
+        self.started_at = time.monotonic()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edged", "run", "--config", str(self.config)],
+            argv,
             cwd=self.root,
             stdout=self.log.open("ab"),
             stderr=subprocess.STDOUT,
             env=env,
         )
         if wait:
-            wait_for(self.ready, 15, what=f"edged ready (log: {self.log})")
+            wait_for(self.ready, 20, what=f"edged ready (log: {self.log})")
         return self
 
     def ready(self) -> bool:
@@ -154,6 +177,12 @@ class Edged:
                 self.proc.wait()
                 raise AssertionError("edged did not stop in time") from None
         return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL: no goodbye, no drain."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
     def call(self, service: str, path: str = "/", method: str = "GET", body: bytes = b"", headers=None):
         return self.api.request(method, f"/svc/{service}{path}", body, headers)

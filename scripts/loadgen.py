@@ -54,8 +54,18 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, s
 class LoadGen:
     """Sends `GET path` to host:port at `rate` calls/s for `duration` s. Connections are reused."""
 
-    def __init__(self, host: str, port: int, path: str, *, host_header: str = "localhost", timeout: float = 10.0):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        path: str,
+        *,
+        host_header: str = "localhost",
+        timeout: float = 10.0,
+        unix: str | None = None,
+    ):
         self.host, self.port, self.path = host, port, path
+        self.unix = unix  # a Unix socket path instead of host:port
         self.timeout = timeout
         self._request = f"GET {path} HTTP/1.1\r\nHost: {host_header}\r\nUser-Agent: loadgen\r\n\r\n".encode()
         self._idle: list[_Conn] = []
@@ -66,7 +76,10 @@ class LoadGen:
         conn = self._idle.pop() if self._idle else None
         try:
             if conn is None:
-                conn = _Conn(*await asyncio.open_connection(self.host, self.port))
+                if self.unix is not None:
+                    conn = _Conn(*await asyncio.open_unix_connection(self.unix))
+                else:
+                    conn = _Conn(*await asyncio.open_connection(self.host, self.port))
             conn.writer.write(self._request)
             status, headers, _ = await asyncio.wait_for(_read_response(conn.reader), self.timeout)
             self._idle.append(conn)

@@ -12,7 +12,6 @@ Used by tests/test_mdns.py, tests/test_e2e_edge.py and scripts/edge_figures.py.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import os
@@ -22,7 +21,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,10 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO))
 
-from harness import free_port, wait_for  # noqa: E402
-from loadgen import LoadGen, Result, _Conn, _read_response  # noqa: E402
-
-from edged.client import ApiClient, ApiError  # noqa: E402
+from harness import Edged, free_port, wait_for  # noqa: E402, F401  (wait_for: re-exported)
+from loadgen import LoadGen  # noqa: E402
 
 _SEQ = itertools.count(1)
 
@@ -144,7 +140,7 @@ def thermo_manifest(
     """
 
 
-class EdgeNode:
+class EdgeNode(Edged):
     """The daemon with the edge tier on. `netns` None: on 127.0.0.1 of this namespace, zeroconf bound to it."""
 
     def __init__(
@@ -159,11 +155,7 @@ class EdgeNode:
         extra_config: str = "",
         vitals: str = 'interval = "200ms"',
     ) -> None:
-        self.root, self.name, self.netns, self.fleet = root, name, netns, fleet
-        self.services = root / "services.d"
-        self.services.mkdir(parents=True, exist_ok=True)
-        for file, text in (manifests or {}).items():
-            self.write_manifest(file, text)
+        self.name, self.fleet = name, fleet
         if netns is None:
             api, self.ingress_port = free_port(), free_port()
             ingress = f"127.0.0.1:{self.ingress_port}"
@@ -173,9 +165,7 @@ class EdgeNode:
             ingress = "0.0.0.0:7701"
             interfaces = '"all"'
         self.api_port = api
-        self.socket = root / "run" / "edged.sock"
-        self.config = root / "edged.toml"
-        self.config.write_text(
+        config_text = (
             textwrap.dedent(
                 f"""
                 [node]
@@ -205,56 +195,7 @@ class EdgeNode:
             + "\n"
             + textwrap.dedent(extra_config)
         )
-        self.log = root / "edged.log"
-        self.api = ApiClient(f"unix:{self.socket}", timeout=10)
-        self.proc: subprocess.Popen | None = None
-        self.started_at = 0.0
-
-    def write_manifest(self, file: str, text: str) -> None:
-        (self.services / file).write_text(textwrap.dedent(text))
-
-    def start(self, wait: bool = True) -> EdgeNode:
-        argv = [sys.executable, "-m", "edged", "run", "--config", str(self.config)]
-        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
-        self.started_at = time.monotonic()
-        self.proc = subprocess.Popen(
-            in_netns(self.netns, argv), cwd=self.root, stdout=self.log.open("ab"), stderr=subprocess.STDOUT, env=env
-        )
-        if wait:
-            wait_for(self.ready, 20, what=f"{self.name} ready (log: {self.log})")
-        return self
-
-    def ready(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise AssertionError(f"{self.name} exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-        try:
-            return self.api.request("GET", "/readyz")[0] == 200
-        except ApiError:
-            return False
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                raise AssertionError(f"{self.name} did not stop in time") from None
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def call(self, service: str, path: str = "/", method: str = "GET", body: bytes = b"", headers=None):
-        return self.api.request(method, f"/svc/{service}{path}", body, headers)
-
-    def get(self, path: str) -> dict:
-        return self.api.get_json(path)
+        super().__init__(root, manifests or {}, config_text=config_text, port=api, netns=netns, via_socket=True)
 
     def endpoints(self, service: str) -> list[dict]:
         """The service's endpoints now; [] when the service is not known (yet, or any more)."""
@@ -277,31 +218,7 @@ class UnixLoadGen(LoadGen):
     """scripts/loadgen.py's open-loop load, over the daemon's Unix socket (it reaches into a namespace)."""
 
     def __init__(self, socket_path: Path, path: str, *, timeout: float = 10.0) -> None:
-        super().__init__("unix", 0, path, timeout=timeout)
-        self.socket_path = str(socket_path)
-
-    async def _one(self, t0: float) -> None:
-        started = time.monotonic()
-        conn = self._idle.pop() if self._idle else None
-        try:
-            if conn is None:
-                conn = _Conn(*await asyncio.open_unix_connection(self.socket_path))
-            conn.writer.write(self._request)
-            status, headers, _ = await asyncio.wait_for(_read_response(conn.reader), self.timeout)
-            self._idle.append(conn)
-            self.results.append(
-                Result(
-                    started - t0,
-                    time.monotonic() - started,
-                    status,
-                    headers.get("x-edged-endpoint", ""),
-                    int(headers.get("x-edged-tries", "1")),
-                )
-            )
-        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError, IndexError) as exc:
-            if conn is not None:
-                conn.writer.close()
-            self.results.append(Result(started - t0, time.monotonic() - started, 0, "", 0, repr(exc)))
+        super().__init__("unix", 0, path, timeout=timeout, unix=str(socket_path))
 
 
 def unique_fleet() -> str:

@@ -12,19 +12,19 @@ mutual TLS (the security issue) replaces `headers()` and `check()` without touch
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import secrets
 import time
 from collections.abc import Callable
 
-from ..errors import CallError, UpstreamError, UpstreamProtocolError
+from ..errors import CallError
 from ..http.client import UpstreamPool, UpstreamResponse
 from ..http.message import Request, strip_hop_by_hop
 from ..http.server import HttpServer, ListenError, ResponseWriter
 from ..model import DEFAULT_TENANT, Endpoint
 from ..registry import Registry
+from ..relay import call_timeout, relay_answer, request_id
 from ..router import Call, Router
+from ..transport.http import HttpTransport
 from .peers import offered
 from .txt import service_ref, services_hash
 
@@ -66,24 +66,19 @@ def to_peer(endpoint: Endpoint) -> bool:
     return any(key == "node" and value for key, value in endpoint.meta)
 
 
-class EdgeTransport:
-    """Sends edge-tier tries over the shared keep-alive pool; calls to a peer's ingress carry our fleet identity."""
+class EdgeTransport(HttpTransport):
+    """The HTTP transport, but calls to a peer's ingress carry our fleet identity."""
 
     def __init__(self, pool: UpstreamPool, identity: FleetIdentity) -> None:
-        self._pool = pool
+        super().__init__(pool)
         self._identity = identity
-
-    def unavailable(self) -> str | None:
-        return None
 
     async def send(
         self, endpoint: Endpoint, call: Call, headers: list[tuple[bytes, bytes]], timeout: float
     ) -> UpstreamResponse:
-        if endpoint.target is None:
-            raise UpstreamProtocolError(endpoint.url, "endpoint has no HTTP address")
         if to_peer(endpoint):
             headers = [h for h in headers if h[0] not in (FLEET_HEADER, NODE_HEADER)] + self._identity.headers()
-        return await self._pool.request(endpoint.target, call.method, call.path, headers, call.body, timeout)
+        return await super().send(endpoint, call, headers, timeout)
 
 
 class Ingress:
@@ -158,40 +153,18 @@ class Ingress:
             "edge" in svc.spec.endpoint_types or svc.spec.advertise is not None
         ):
             raise CallError(404, "unknown_service", f"{service!r} is not offered to peers by {self._identity.node}")
-        now = time.monotonic()
-        timeout = svc.spec.policy.timeout
-        asked = req.header(b"x-edged-timeout-ms")
-        if asked is not None:
-            try:
-                timeout = min(timeout, max(0.0, int(asked) / 1000))
-            except ValueError:
-                raise CallError(400, "bad_request", "x-edged-timeout-ms must be an integer") from None
-        request_id = (req.header(b"x-request-id") or b"").decode("ascii", "replace") or secrets.token_hex(8)
+        deadline = time.monotonic() + call_timeout(req, svc.spec.policy.timeout)
         headers = [(k, v) for k, v in strip_hop_by_hop(req.headers) if k not in _OWN_HEADERS]
         headers.append((b"x-forwarded-for", req.peer.encode()))
         if self._on_peer_call is not None:
             self._on_peer_call(caller)
-        call = Call(tenant, service, req.method, path, headers, req.body, now + timeout, request_id, LOCAL_ONLY)
+        call = Call(tenant, service, req.method, path, headers, req.body, deadline, request_id(req), LOCAL_ONLY)
         routed = await self._router.route_service_call(call)
-        answer, ep = routed.answer, routed.endpoint
-        out = strip_hop_by_hop(answer.headers)
-        out.append((b"x-edged-peer-endpoint", ep.id.encode()))
-        out.append((b"x-edged-peer-tries", str(routed.tries).encode()))
-        outcome = "success" if answer.status < 500 else "error"
-        try:
-            resp.start(answer.status, out, content_length=answer.content_length)
-            while True:
-                chunk = await answer.read()
-                if not chunk:
-                    break
-                await resp.write(chunk)
-            resp.end()
-        except (UpstreamError, ConnectionError, asyncio.CancelledError):
-            answer.discard()
-            outcome = "error"
-            raise
-        finally:
-            self._router.record(svc.name, ep.tier, outcome, routed.started)
+        extra = [
+            (b"x-edged-peer-endpoint", routed.endpoint.id.encode()),
+            (b"x-edged-peer-tries", str(routed.tries).encode()),
+        ]
+        await relay_answer(self._router, req, resp, routed, extra)
 
 
 def _split(path: str) -> tuple[str, str | None, str]:

@@ -1,0 +1,64 @@
+"""What every HTTP entry point of the mesh (the local API, the peer ingress) does with a call the same way:
+its deadline, its request id, and relaying the routed answer back to the caller."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import secrets
+
+from .errors import CallError, UpstreamError
+from .http.message import Request, strip_hop_by_hop
+from .http.server import ResponseWriter
+from .router import Routed, Router
+
+# Request ids: a random per-process prefix and a counter (no syscall per call, unique across restarts).
+_ID_PREFIX = secrets.token_hex(4)
+_id_counter = itertools.count(1)
+
+
+def request_id(req: Request) -> str:
+    """The caller's `x-request-id`, or a new one."""
+    given = req.header(b"x-request-id")
+    if given:
+        return given.decode("ascii", "replace")
+    return f"{_ID_PREFIX}-{next(_id_counter):x}"
+
+
+def call_timeout(req: Request, policy_timeout: float) -> float:
+    """Seconds the call may take: the service's `timeout`, or less if the caller asks (`x-edged-timeout-ms`)."""
+    asked = req.header(b"x-edged-timeout-ms")
+    if asked is None:
+        return policy_timeout
+    try:
+        return min(policy_timeout, max(0.0, int(asked) / 1000))
+    except ValueError:
+        raise CallError(400, "bad_request", "x-edged-timeout-ms must be an integer") from None
+
+
+async def relay_answer(
+    router: Router, req: Request, resp: ResponseWriter, routed: Routed, extra: list[tuple[bytes, bytes]]
+) -> None:
+    """Send the routed answer to the caller (streamed, or in one write when it is all here) and count the call."""
+    answer, ep = routed.answer, routed.endpoint
+    out = strip_hop_by_hop(answer.headers)
+    out.extend(extra)
+    outcome = "success" if answer.status < 500 else "error"
+    try:
+        if answer.complete and req.method != "HEAD":
+            # The whole answer is already here (the common small answer): one write, one wake-up.
+            chunks = []
+            while chunk := await answer.read():
+                chunks.append(chunk)
+            resp.send(answer.status, out, b"".join(chunks))
+            return
+        resp.start(answer.status, out, content_length=answer.content_length)
+        while chunk := await answer.read():
+            await resp.write(chunk)
+        resp.end()
+    except (UpstreamError, ConnectionError, asyncio.CancelledError):
+        answer.discard()
+        outcome = "error"
+        raise
+    finally:
+        router.record(routed.service.name, ep.tier, outcome, routed.started)
