@@ -130,7 +130,26 @@ def _status(args) -> int:
         f"node {node['name']}  fleet {node['fleet']}  zone {node['zone'] or '-'}  "
         f"v{node['version']}  up {node['uptime_s']}s  {'ready' if node['ready'] else 'NOT READY'}"
     )
-    print(f"peers: {len(data.get('peers', []))}")
+    peers = data.get("peers", [])
+    if peers:
+        rows = [("PEER", "SOURCE", "STATE", "ADDRESS", "CPU", "BAT", "LINK", "SERVICES")]
+        for peer in peers:
+            vitals = peer.get("vitals") or peer
+            address = f"{peer['address']}:{peer['port']}" if peer.get("address") else "-"
+            rows.append(
+                (
+                    str(peer.get("node", "?")),
+                    str(peer.get("source", "-")),
+                    str(peer.get("state", "-")),
+                    address,
+                    *(_vital(vitals.get(k)) for k in ("cpu", "bat", "link")),
+                    ", ".join(peer.get("services", [])) or "-",
+                )
+            )
+        print(_table(rows))
+    else:
+        print("peers: none")
+    print()
     rows = [("SERVICE", "ENDPOINT", "TIER", "PRIO", "HEALTH", "LATENCY", "OK/FAIL")]
     for svc in data["services"]:
         if not svc["endpoints"]:
@@ -198,6 +217,10 @@ def _call(args) -> int:
         out.write(b"\n")
     out.flush()
     return 0 if status < 400 else 1
+
+
+def _vital(value: object) -> str:
+    return "-" if value in (None, "") else f"{value}%"
 
 
 def _table(rows: list[tuple[str, ...]]) -> str:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import subprocess
+import sys
 import time
 from collections import Counter
 
@@ -229,6 +231,11 @@ def test_two_boxes_find_each_other_with_no_configuration(lan, edge_nodes, ns_bac
     assert box1.edge_urls("thermo") == ["http://10.77.0.2:7701/svc/thermo"]
     assert answered_by(box1.call("thermo", "/readings")) == "box2-thermo"
     assert [p["address"] for p in box1.peers()] == ["10.77.0.2"]
+    status = subprocess.run(
+        [sys.executable, "-m", "edged", "status", "--api", f"unix:{box1.socket}"], capture_output=True, text=True
+    )
+    peer_row = next(line for line in status.stdout.splitlines() if line.startswith("box2"))
+    assert status.returncode == 0 and "10.77.0.2:7701" in peer_row and "thermo" in peer_row
 
 
 def test_peer_killed_partitioned_and_healed_loses_no_call(lan, edge_nodes, ns_backends):
