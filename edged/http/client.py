@@ -391,6 +391,7 @@ class UpstreamPool:
         timeout: float,
     ) -> UpstreamResponse:
         """Send `method path` (path includes the query) to `target`; returns once the answer head is in.
+        Header names must be lower-case (as the parsers give them).
 
         `timeout` covers connect, send and the whole answer head. Raises ConnectFailed, UpstreamReset,
         UpstreamTimeout or UpstreamProtocolError. The caller must read the body to b"" or call discard().
@@ -477,11 +478,10 @@ class UpstreamPool:
             raw_path = full.encode("utf-8")
         parts = [method.encode("ascii"), b" ", raw_path, b" HTTP/1.1\r\n"]
         has_host = False
-        for name, value in headers:
-            lname = name.lower()
-            if lname in _SKIP_REQUEST_HEADERS:
+        for name, value in headers:  # lower-case names, as everywhere in edged
+            if name in _SKIP_REQUEST_HEADERS:
                 continue
-            if lname == b"host":
+            if name == b"host":
                 has_host = True
             parts.append(b"".join((name, b": ", value, b"\r\n")))
         if not has_host:

@@ -82,9 +82,9 @@ class ResponseWriter:
         close = self._close or (conn._closing and (conn._server._shut or not conn._queue))
         parts = [_status_line(status)]
         for name, value in headers:
-            lname = name.lower()
-            if lname in _FRAMING:  # the writer owns framing; a handler may still ask to close
-                if lname == b"connection" and b"close" in value.lower():
+            # Names are lower-case everywhere in edged (parsers lower them), so no .lower() per header here.
+            if name in _FRAMING:  # the writer owns framing; a handler may still ask to close
+                if name == b"connection" and b"close" in value.lower():
                     close = True
                 continue
             parts.append(b"".join((name, b": ", value, b"\r\n")))
@@ -109,7 +109,8 @@ class ResponseWriter:
         return parts
 
     def start(self, status: int, headers: Headers, *, content_length: int | None = None) -> None:
-        """Send status and headers. Without `content_length`: chunked (HTTP/1.1) or close-delimited (HTTP/1.0) body."""
+        """Send status and headers (lower-case names). Without `content_length`: chunked (HTTP/1.1) or
+        close-delimited (HTTP/1.0) body."""
         self._conn._write(b"".join(self._build_head(status, headers, content_length)))
 
     async def write(self, data: bytes) -> None:
