@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 from edged.model import Endpoint, EndpointSpec, PolicySpec, Service, ServiceSpec, parse_target
 
 
@@ -67,3 +70,47 @@ class FakeHealth:
 
     def call_finished(self, ep, service, ok, latency) -> None:
         self.results.append((ep.id, ok))
+
+
+class StatusServer:
+    """A tiny HTTP server on 127.0.0.1 (or a Unix socket) answering every request with `status`, which the
+    test may flip; records each request head, and when and which path was asked."""
+
+    def __init__(self, status: int = 200) -> None:
+        self.status = status
+        self.requests: list[bytes] = []
+        self.seen: list[tuple[float, str]] = []
+        self.server: asyncio.base_events.Server | None = None
+        self.port = 0
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            self.requests.append(head)
+            self.seen.append((time.monotonic(), head.split(b" ", 2)[1].decode()))
+            writer.write(f"HTTP/1.1 {self.status} X\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi".encode())
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def start(self) -> StatusServer:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def start_tcp(self) -> int:
+        return (await self.start()).port
+
+    async def start_unix(self, path: str) -> None:
+        self.server = await asyncio.start_unix_server(self._handle, path)
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"

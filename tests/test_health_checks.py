@@ -14,41 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import StatusServer
 
 from edged.health.checks import CheckResult, run_check
 from edged.model import Endpoint, HealthCheckSpec, Target, parse_target
-
-
-class HttpServer:
-    """A tiny HTTP server answering every request with `status`; records request heads."""
-
-    def __init__(self, status: int = 200) -> None:
-        self.status = status
-        self.requests: list[bytes] = []
-        self.server: asyncio.base_events.Server | None = None
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            self.requests.append(head)
-            writer.write(f"HTTP/1.1 {self.status} X\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi".encode())
-            await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    async def start_tcp(self) -> int:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        return self.server.sockets[0].getsockname()[1]
-
-    async def start_unix(self, path: str) -> None:
-        self.server = await asyncio.start_unix_server(self._handle, path)
-
-    async def stop(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        await self.server.wait_closed()
 
 
 def endpoint(url: str, service: str = "thermo") -> Endpoint:
@@ -93,7 +62,7 @@ HTTP = HealthCheckSpec(kind="http", http_path="/healthz", timeout=1.0)
 
 def test_http_ok_sends_a_proper_request() -> None:
     async def main() -> tuple[CheckResult, bytes]:
-        server = HttpServer(200)
+        server = StatusServer(200)
         port = await server.start_tcp()
         try:
             result = await run_check(HTTP, endpoint(f"http://127.0.0.1:{port}/api"))
@@ -113,7 +82,7 @@ def test_http_status_decides() -> None:
     async def main() -> list[CheckResult]:
         results = []
         for status in (503, 302, 404):
-            server = HttpServer(status)
+            server = StatusServer(status)
             port = await server.start_tcp()
             try:
                 results.append(await run_check(HTTP, endpoint(f"http://127.0.0.1:{port}")))
@@ -129,7 +98,7 @@ def test_http_status_decides() -> None:
 
 def test_http_over_unix_socket() -> None:
     async def main(path: str) -> CheckResult:
-        server = HttpServer(200)
+        server = StatusServer(200)
         await server.start_unix(path)
         try:
             return await run_check(HTTP, endpoint(f"unix:{path}"))
@@ -184,7 +153,7 @@ def test_closed_without_answer_and_garbage() -> None:
 
 def test_tcp_connects() -> None:
     async def main() -> CheckResult:
-        server = HttpServer()
+        server = StatusServer()
         port = await server.start_tcp()
         try:
             return await run_check(HealthCheckSpec(kind="tcp"), endpoint(f"http://127.0.0.1:{port}"))
@@ -284,7 +253,7 @@ def test_https_target_uses_the_given_tls_context() -> None:
         server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         server_tls.load_cert_chain(cert, key)
         client_tls = ssl.create_default_context(cafile=cert)
-        server = HttpServer(200)
+        server = StatusServer(200)
         server.server = await asyncio.start_server(server._handle, "127.0.0.1", 0, ssl=server_tls)
         port = server.server.sockets[0].getsockname()[1]
         try:

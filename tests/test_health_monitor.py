@@ -8,43 +8,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from helpers import StatusServer
+
 from edged.health import EndpointHealth, HealthMonitor, OutlierConfig
 from edged.model import Endpoint, HealthCheckSpec, Service, ServiceSpec, parse_target
-
-
-class FlipServer:
-    """HTTP server on 127.0.0.1 whose status the test flips; records when and which path was asked."""
-
-    def __init__(self, status: int = 200) -> None:
-        self.status = status
-        self.seen: list[tuple[float, str]] = []
-        self.server: asyncio.base_events.Server | None = None
-        self.port = 0
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            self.seen.append((time.monotonic(), head.split(b" ", 2)[1].decode()))
-            writer.write(f"HTTP/1.1 {self.status} X\r\nContent-Length: 0\r\n\r\n".encode())
-            await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    async def start(self) -> FlipServer:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def stop(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        await self.server.wait_closed()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
 
 class FakeClock:
@@ -109,7 +76,7 @@ def recorder(events: Events):
 
 def test_rise_and_fall_follow_the_server() -> None:
     async def main() -> None:
-        server = await FlipServer(200).start()
+        server = await StatusServer(200).start()
         events: Events = []
         monitor = HealthMonitor(on_change=recorder(events))
         ep = make_endpoint("a", server.url)
@@ -141,7 +108,7 @@ def test_rise_and_fall_follow_the_server() -> None:
 
 def test_probes_faster_while_a_change_is_pending() -> None:
     async def main() -> None:
-        server = await FlipServer(503).start()
+        server = await StatusServer(503).start()
         monitor = HealthMonitor()
         interval = 0.8  # pending probes every 0.2 s
         monitor.sync([make_service(http_check(interval=interval, rise=3, fall=3), make_endpoint("a", server.url))])
@@ -168,7 +135,7 @@ def test_probes_faster_while_a_change_is_pending() -> None:
 
 def test_sync_adds_removes_and_restarts_checks() -> None:
     async def main() -> None:
-        a, b = await FlipServer().start(), await FlipServer().start()
+        a, b = await StatusServer().start(), await StatusServer().start()
         monitor = HealthMonitor()
         ea, eb = make_endpoint("a", a.url), make_endpoint("b", b.url)
         monitor.sync([make_service(http_check(), ea, eb)])
@@ -274,7 +241,7 @@ def test_latency_ewma_and_call_counts() -> None:
 
 def test_active_checks_end_an_ejection_early() -> None:
     async def main() -> None:
-        server = await FlipServer(200).start()
+        server = await StatusServer(200).start()
         events: Events = []
         monitor = HealthMonitor(outlier=OutlierConfig(3, 60.0, 300.0), on_change=recorder(events))
         ea, cloud = make_endpoint("a", server.url), make_endpoint("c", "mqtt:thermo", tier="cloud")
@@ -297,7 +264,7 @@ def test_active_checks_end_an_ejection_early() -> None:
 
 def test_a_failing_hook_does_not_stop_checks() -> None:
     async def main() -> None:
-        server = await FlipServer(200).start()
+        server = await StatusServer(200).start()
         calls: list[bool] = []
 
         def on_change(endpoint: Endpoint, available: bool, reason: str) -> None:
