@@ -21,6 +21,7 @@ from .events import EventBus
 from .health import HealthMonitor
 from .http.client import UpstreamPool
 from .http.server import HttpServer
+from .logs import log_event
 from .model import Endpoint, EndpointSpec, HealthCheckSpec, ServiceSpec
 from .policy import Ranker
 from .registry import Registry, Snapshot
@@ -173,18 +174,16 @@ class Daemon:
         self._ready = True
         snap = self.registry.snapshot()
         self.notifier.ready(f"serving {len(snap.services)} services")
-        log.info(
+        log_event(
+            log,
+            logging.INFO,
             "edged ready",
-            extra={
-                "fields": {
-                    "node": self.config.node.name,
-                    "listen": self.listening,
-                    "services": len(snap.services),
-                    "registrations": loaded,
-                    "manifest_errors": len(self.manifests.errors),
-                    "startup_ms": round((time.monotonic() - t0) * 1000, 1),
-                }
-            },
+            node=self.config.node.name,
+            listen=self.listening,
+            services=len(snap.services),
+            registrations=loaded,
+            manifest_errors=len(self.manifests.errors),
+            startup_ms=round((time.monotonic() - t0) * 1000, 1),
         )
 
     def reload(self) -> None:
@@ -198,7 +197,7 @@ class Daemon:
         """SIGTERM: stop taking calls, let in-flight ones finish up to the drain timeout, release everything."""
         self._ready = False
         self.notifier.stopping()
-        log.info("edged stopping", extra={"fields": {"in_flight": self.server.in_flight}})
+        log_event(log, logging.INFO, "edged stopping", in_flight=self.server.in_flight)
         self.events.close()
         for component in reversed(self.components):
             await _quietly(component.leaving(), f"{component.name}: leaving")
@@ -256,10 +255,7 @@ class Daemon:
         )
         if not available and reason.startswith("ejected"):
             self.metrics.ejections.inc((endpoint.service,))
-        log.info(
-            "endpoint %s" % ("up" if available else "down"),
-            extra={"fields": {"endpoint": endpoint.id, "reason": reason}},
-        )
+        log_event(log, logging.INFO, f"endpoint {'up' if available else 'down'}", endpoint=endpoint.id, reason=reason)
 
     def _on_manifest_errors(self, errors: list[ConfigError]) -> None:
         if errors:

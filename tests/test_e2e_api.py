@@ -61,6 +61,8 @@ def test_calls_reach_the_backend_by_path_host_and_unix_socket(backends, edged):
     # The Unix socket serves the same API.
     status, _, body = ApiClient(f"unix:{d.socket}").request("POST", "/svc/thermo/setpoint", b'{"c": 21}')
     assert status == 200 and json.loads(body)["body"] == '{"c": 21}'
+    ready = next(json.loads(line) for line in d.log_text().splitlines() if '"edged ready"' in line)
+    assert ready["services"] == 1 and ready["startup_ms"] > 0 and len(ready["listen"]) == 2
 
 
 def test_errors_are_json_with_the_contract_codes(backends, edged):
