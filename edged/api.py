@@ -7,13 +7,16 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .discovery.registrations import Registrations
 from .errors import CallError
 from .events import EventBus
 from .http.message import Request, strip_hop_by_hop
 from .http.server import ResponseWriter
+from .manifest import policy_dict
+from .model import Service
+from .policies import PolicyOverrides
 from .registry import Registry
 from .relay import call_timeout, relay_answer, request_id
 from .router import Call, Router
@@ -66,6 +69,7 @@ class Api:
         self._ready = ready
         self._render_metrics = render_metrics
         self._peers = peers
+        self._policies: PolicyOverrides | None = None  # set by the daemon: `set_policies`
         self._routes: dict[tuple[str, str], Callable[..., Awaitable[None] | None]] = {
             ("GET", "services"): self._services,
             ("GET", "resolve"): self._resolve,
@@ -75,7 +79,15 @@ class Api:
             ("POST", "register"): self._register,
             ("DELETE", "register"): self._deregister,
             ("PUT", "register"): self._heartbeat,
+            ("GET", "policies"): self._policy_get,
+            ("PUT", "policies"): self._policy_set,
+            ("DELETE", "policies"): self._policy_delete,
+            ("POST", "policies"): self._policy_dry_run,
         }
+
+    def set_policies(self, policies: PolicyOverrides) -> None:
+        """Enable `/v1/policies` (the daemon builds the overrides after the API)."""
+        self._policies = policies
 
     async def handle(self, req: Request, resp: ResponseWriter) -> None:
         """Entry point for every request the HTTP server parses."""
@@ -215,16 +227,8 @@ class Api:
                 }
             )
             out["health_check"] = None if spec.health_check is None else spec.health_check.kind
-            p = spec.policy
-            out["policy"] = {
-                "strategy": p.strategy,
-                "retries": p.retries,
-                "per_try_timeout": p.per_try_timeout,
-                "timeout": p.timeout,
-                "retry_budget": p.retry_budget,
-                "retry_on_status": sorted(p.retry_on_status),
-                "retry_non_idempotent": p.retry_non_idempotent,
-            }
+            out["policy"] = policy_dict(spec.policy)
+            out["policy_source"] = self._registry.policy_source(spec.tenant, spec.name)
         return out
 
     def _resolve(self, req: Request, resp: ResponseWriter, tenant: str, rest: list[str]) -> None:
@@ -261,6 +265,72 @@ class Api:
                 },
                 "peers": self._peers(),
                 "services": [self._describe(s, now) for s in snap.for_tenant(tenant)],
+            },
+        )
+
+    # -- /v1/policies: runtime policy changes ------------------------------------------------------
+    def _policy_target(self, tenant: str, rest: list[str], suffix: str = ""):
+        if self._policies is None:
+            raise CallError(404, "not_found", "runtime policies are not enabled")
+        name = rest[0] if len(rest) == 1 else ""
+        if suffix:
+            if not name.endswith(suffix):
+                raise CallError(404, "not_found", f"POST /v1/policies/{{name}}{suffix}")
+            name = name[: -len(suffix)]
+        if not name:
+            raise CallError(404, "unknown_service", "name a service: /v1/policies/{name}")
+        return self._router.service(tenant, name)
+
+    def _policy_view(self, svc) -> dict:
+        assert self._policies is not None
+        return {
+            "service": svc.name,
+            "tenant": svc.tenant,
+            "source": self._registry.policy_source(svc.tenant, svc.name),
+            "policy": policy_dict(svc.spec.policy),
+            "override": self._policies.table(svc.tenant, svc.name),
+        }
+
+    @staticmethod
+    def _json_body(req: Request) -> object:
+        try:
+            return json.loads(req.body or b"null")
+        except ValueError as exc:
+            raise CallError(400, "invalid_policy", f"body is not JSON: {exc}") from None
+
+    def _policy_get(self, req: Request, resp: ResponseWriter, tenant: str, rest: list[str]) -> None:
+        resp.send_json(200, self._policy_view(self._policy_target(tenant, rest)))
+
+    def _policy_set(self, req: Request, resp: ResponseWriter, tenant: str, rest: list[str]) -> None:
+        svc = self._policy_target(tenant, rest)
+        assert self._policies is not None
+        self._policies.set(tenant, svc.name, self._json_body(req))
+        resp.send_json(200, self._policy_view(self._router.service(tenant, svc.name)))
+
+    def _policy_delete(self, req: Request, resp: ResponseWriter, tenant: str, rest: list[str]) -> None:
+        svc = self._policy_target(tenant, rest)
+        assert self._policies is not None
+        if not self._policies.delete(tenant, svc.name):
+            raise CallError(404, "no_override", f"{svc.name} has no policy set through the API")
+        resp.send_json(200, self._policy_view(self._router.service(tenant, svc.name)))
+
+    def _policy_dry_run(self, req: Request, resp: ResponseWriter, tenant: str, rest: list[str]) -> None:
+        """What the plan would be under a proposed override, next to the plan now; changes nothing."""
+        svc = self._policy_target(tenant, rest, ":dry-run")
+        assert self._policies is not None
+        proposed = self._policies.preview(tenant, svc.name, self._json_body(req))
+        now_plan, _ = self._router.plan(svc)
+        new_plan, skipped = self._router.plan(Service(replace(svc.spec, policy=proposed), svc.endpoints))
+        resp.send_json(
+            200,
+            {
+                "service": svc.name,
+                "policy": policy_dict(proposed),
+                "strategy": new_plan.strategy,
+                "note": new_plan.note,
+                "ranked": new_plan.explain(),
+                "skipped": skipped,
+                "current": {"strategy": now_plan.strategy, "ranked": now_plan.explain()},
             },
         )
 

@@ -45,15 +45,21 @@ def _parser() -> argparse.ArgumentParser:
 
     command("run", _run, "run the daemon")
     command("check", _check, "validate config and manifests, print what would run")
+
+    def client_command(name: str, func, help: str) -> argparse.ArgumentParser:
+        """A command that talks to a running daemon."""
+        sp = command(name, func, help)
+        sp.add_argument("--api", help="daemon address: http://HOST:PORT or unix:/path (default: from the config)")
+        sp.add_argument("--token", default=os.environ.get("EDGED_TOKEN"), help="bearer token (or $EDGED_TOKEN)")
+        sp.add_argument("--json", action="store_true", help="print the raw JSON answer")
+        return sp
+
     for name, func, help in (
         ("status", _status, "this node, its services, endpoints and their health"),
         ("call", _call, "make a call through the mesh and print the answer"),
         ("resolve", _resolve, "ranked endpoints of a service, with the reason for each rank"),
     ):
-        sp = command(name, func, help)
-        sp.add_argument("--api", help="daemon address: http://HOST:PORT or unix:/path (default: from the config)")
-        sp.add_argument("--token", default=os.environ.get("EDGED_TOKEN"), help="bearer token (or $EDGED_TOKEN)")
-        sp.add_argument("--json", action="store_true", help="print the raw JSON answer")
+        sp = client_command(name, func, help)
         if name in ("call", "resolve"):
             sp.add_argument("service")
         if name == "call":
@@ -64,6 +70,11 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("-d", "--data", default=None, help="request body; @FILE reads a file, @- stdin")
             sp.add_argument("-H", "--header", action="append", default=[], help="extra header 'Name: value'")
             sp.add_argument("-i", "--include", action="store_true", help="print status and headers too")
+    sp = client_command("policy", _policy, "read or change a service's policy at runtime")
+    sp.add_argument("action", choices=("get", "set", "dry-run", "reset"))
+    sp.add_argument("service")
+    sp.add_argument("keys", nargs="*", metavar="KEY=VALUE", help="policy keys, e.g. strategy=latency retries=1")
+    sp.add_argument("-f", "--file", help="a JSON file with the policy keys")
     from .cloud.cli import add_cloud_commands  # the cloud tier's commands: bridge, fleet
 
     add_cloud_commands(sub, command)
@@ -221,6 +232,55 @@ def _call(args) -> int:
 
 def _vital(value: object) -> str:
     return "-" if value in (None, "") else f"{value}%"
+
+
+def _policy(args) -> int:
+    client = _client(args)
+    path = f"/v1/policies/{args.service}"
+    if args.action == "get":
+        status, data = client.call_json("GET", path)
+    elif args.action == "reset":
+        status, data = client.call_json("DELETE", path)
+    else:
+        table = _policy_table(args)
+        if not table:
+            print("edged: give policy keys (KEY=VALUE ...) or -f FILE", file=sys.stderr)
+            return 2
+        method, target = ("PUT", path) if args.action == "set" else ("POST", f"{path}:dry-run")
+        status, data = client.call_json(method, target, json.dumps(table).encode())
+    if args.json or status >= 400:
+        print(json.dumps(data, indent=2), file=sys.stdout if status < 400 else sys.stderr)
+        return 0 if status < 400 else 1
+    if args.action == "dry-run":
+        print(f"{data['service']}: with this policy, strategy {data['strategy']}")
+        rows = [("RANK", "NOW", "ENDPOINT", "TIER", "USABLE", "REASON")]
+        now = {r["endpoint"]: str(r["rank"]) for r in data["current"]["ranked"]}
+        for r in data["ranked"]:
+            usable = "yes" if r["usable"] else "no"
+            rows.append((str(r["rank"]), now.get(r["endpoint"], "-"), r["url"], r["tier"], usable, r["reason"]))
+        print(_table(rows))
+        return 0
+    override = f", override {data['override']}" if data["override"] else ""
+    print(f"{data['service']}: policy from {data['source']}{override}")
+    print(_table([("KEY", "VALUE"), *((k, json.dumps(v)) for k, v in data["policy"].items())]))
+    return 0
+
+
+def _policy_table(args) -> dict:
+    """Policy keys from -f FILE and KEY=VALUE words (values read as JSON when they parse: 2, true, [502])."""
+    table: dict = {}
+    if args.file:
+        with open(args.file, encoding="utf-8") as f:
+            table.update(json.load(f))
+    for word in args.keys:
+        key, sep, value = word.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"edged: {word!r}: use KEY=VALUE")
+        try:
+            table[key] = json.loads(value)
+        except ValueError:
+            table[key] = value  # durations and names: "300ms", "latency"
+    return table
 
 
 def _table(rows: list[tuple[str, ...]]) -> str:

@@ -57,6 +57,14 @@ class ApiClient:
         finally:
             conn.close()
 
+    def call_json(self, method: str, path: str, body: bytes = b"") -> tuple[int, dict]:
+        """(status, decoded JSON answer) for any method; ApiError if the answer is not JSON."""
+        status, _, data = self.request(method, path, body, [("Content-Type", "application/json")] if body else None)
+        try:
+            return status, json.loads(data)
+        except ValueError:
+            raise ApiError(f"{path}: HTTP {status}, not JSON: {data[:200]!r}") from None
+
     def get_json(self, path: str) -> dict:
         """GET and decode JSON; an error answer becomes ApiError with the daemon's error code and detail."""
         status, _, data = self.request("GET", path)

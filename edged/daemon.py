@@ -23,6 +23,7 @@ from .http.client import UpstreamPool
 from .http.server import HttpServer
 from .logs import log_event
 from .model import Endpoint, EndpointSpec, HealthCheckSpec, ServiceSpec
+from .policies import PolicyOverrides
 from .policy import Ranker
 from .registry import Registry, Snapshot
 from .router import Router
@@ -147,6 +148,9 @@ class Daemon:
         self.metrics.add_collector(self._collect)
         self.metrics.build_info.set((__version__,), 1)
         self.registry.watch(self._on_registry_change)
+        # Last, so that its registry watcher runs after every other one (it may lay policies again).
+        self.policies = PolicyOverrides(self.registry, self.store, self.events)
+        self.api.set_policies(self.policies)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -154,6 +158,7 @@ class Daemon:
         t0 = time.monotonic()
         self.manifests.reload()
         loaded = self.registrations.load()
+        self.policies.load()
         self.health.sync(self.registry.snapshot().services.values())
         api = self.config.api
         host, port = await self.server.listen_tcp(api.listen_host, api.listen_port)

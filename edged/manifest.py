@@ -583,3 +583,20 @@ def parse_policy(data: object, source: str, locate: Locate | None = None) -> Pol
     if not isinstance(data, Mapping):
         raise doc.error((), f"a policy must be a table of keys, got {describe(data)}")
     return _policy(Table(doc, data))
+
+
+def policy_dict(policy: PolicySpec) -> dict[str, Any]:
+    """A PolicySpec as the table `parse_policy` reads (durations in seconds)."""
+    out: dict[str, Any] = {
+        "strategy": policy.strategy,
+        "retries": policy.retries,
+        "per_try_timeout": policy.per_try_timeout,
+        "timeout": policy.timeout,
+        "retry_budget": policy.retry_budget,
+        "retry_on_status": sorted(policy.retry_on_status),
+        "retry_non_idempotent": policy.retry_non_idempotent,
+        "on_power": policy.on_power,
+    }
+    if policy.battery_min is not None:
+        out["battery_min"] = policy.battery_min
+    return out

@@ -114,6 +114,20 @@ class Registry:
         self._sources.policies[source] = new
         self._rebuild()
 
+    def base_policy(self, tenant: str, name: str, below: str) -> PolicySpec | None:
+        """The policy a service would have without `below`'s override and those above it: what that source
+        lays its keys over. None for an unknown service."""
+        rank = POLICY_SOURCES.index(below)
+        for source in POLICY_SOURCES[rank + 1 :]:
+            policy = self._sources.policies.get(source, {}).get((tenant, name))
+            if policy is not None:
+                return policy
+        for source in SERVICE_SOURCES:
+            spec = self._sources.services.get(source, {}).get((tenant, name))
+            if spec is not None:
+                return spec.policy
+        return None
+
     def policy_source(self, tenant: str, name: str) -> str:
         """Where the policy in force for a service comes from: "api", "fleet" or "declared"."""
         for source in POLICY_SOURCES:

@@ -45,11 +45,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from ..config import Doc, Table, parse_toml, read_text, toml_locator
 from ..errors import ConfigError, EdgedError
 from ..logs import log_event
-from ..manifest import parse_policy
+from ..manifest import parse_policy, policy_dict
 from ..model import DEFAULT_TENANT, PolicySpec
 from ..registry import Registry
 from .persist import StateSaver
-from .registry_sync import policy_dict
 from .session import Inbound
 from .telemetry import CloudMetrics
 

@@ -24,8 +24,8 @@ import cbor2
 from .. import __version__
 from ..errors import ConfigError
 from ..logs import log_event
-from ..manifest import parse_policy
-from ..model import TIERS, InterfaceSpec, MethodRule, PolicySpec, ServiceSpec
+from ..manifest import parse_policy, policy_dict
+from ..model import TIERS, InterfaceSpec, MethodRule, ServiceSpec
 from ..registry import Registry, Snapshot
 from .persist import StateSaver
 from .session import Inbound, MqttSession
@@ -40,23 +40,6 @@ SOURCE = "mqtt"
 
 
 # -- entries: ServiceSpec <-> a plain dict (CBOR on the wire, JSON on disk) --------------------------------
-
-
-def policy_dict(policy: PolicySpec) -> dict[str, Any]:
-    """A PolicySpec as the table `parse_policy` reads (durations in seconds)."""
-    out: dict[str, Any] = {
-        "strategy": policy.strategy,
-        "retries": policy.retries,
-        "per_try_timeout": policy.per_try_timeout,
-        "timeout": policy.timeout,
-        "retry_budget": policy.retry_budget,
-        "retry_on_status": sorted(policy.retry_on_status),
-        "retry_non_idempotent": policy.retry_non_idempotent,
-        "on_power": policy.on_power,
-    }
-    if policy.battery_min is not None:
-        out["battery_min"] = policy.battery_min
-    return out
 
 
 def spec_entry(spec: ServiceSpec, *, node: str, zone: str, cloud: bool) -> dict[str, Any]:

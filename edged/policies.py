@@ -1,0 +1,104 @@
+"""Policies changed at runtime through the local API (`PUT /v1/policies/{name}`, `edged policy set`).
+
+An override is a partial policy table laid key by key over what the service would otherwise have (fleet
+config, else its manifest), so `{"strategy": "latency"}` keeps the manifest's timeouts. Overrides rank
+above fleet config, are kept in the state dir, and are laid again when a manifest or fleet config changes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from .errors import CallError, ConfigError
+from .events import EventBus
+from .manifest import parse_policy, policy_dict
+from .model import PolicySpec
+from .registry import Registry, Snapshot
+from .state import StateError, StateStore
+
+log = logging.getLogger("edged.policies")
+STATE_FILE = "policies.json"
+SOURCE = "api"
+
+
+class PolicyOverrides:
+    """Owns the "api" policy source of the registry."""
+
+    def __init__(self, registry: Registry, store: StateStore, events: EventBus) -> None:
+        self._registry = registry
+        self._store = store
+        self._events = events
+        self._tables: dict[tuple[str, str], dict[str, Any]] = {}
+        registry.watch(self._on_change)
+
+    def load(self) -> int:
+        """Restore the overrides kept in the state dir; returns how many."""
+        data = self._store.read_json(STATE_FILE, {"policies": []})
+        for item in data.get("policies", []) if isinstance(data, dict) else []:
+            try:
+                self._tables[(item["tenant"], item["service"])] = dict(item["policy"])
+            except (KeyError, TypeError, ValueError):
+                log.warning("policy override in state not usable, dropped: %r", item)
+        self._apply()
+        return len(self._tables)
+
+    def table(self, tenant: str, name: str) -> dict[str, Any] | None:
+        """The override as it was set (only the keys it changes), or None."""
+        return self._tables.get((tenant, name))
+
+    def preview(self, tenant: str, name: str, table: object) -> PolicySpec:
+        """The policy the service would have with `table` as its override; 400 if it is not valid."""
+        if not isinstance(table, dict):
+            raise CallError(400, "invalid_policy", "the body must be a JSON object of [policy] keys")
+        base = self._registry.base_policy(tenant, name, SOURCE)
+        if base is None:
+            raise CallError(404, "unknown_service", f"no service {name!r} for tenant {tenant!r}")
+        try:
+            return parse_policy({**policy_dict(base), **table}, "policy")
+        except ConfigError as exc:
+            raise CallError(400, "invalid_policy", f"{exc.key}: {exc.message}" if exc.key else exc.message) from None
+
+    def set(self, tenant: str, name: str, table: object) -> PolicySpec:
+        """Put an override in force (replacing an earlier one) and keep it; returns the policy now in force."""
+        policy = self.preview(tenant, name, table)
+        assert isinstance(table, dict)
+        self._tables[(tenant, name)] = dict(table)
+        self._apply()
+        self._save()
+        self._events.publish("policy_changed", tenant=tenant, service=name, source=SOURCE, keys=sorted(table))
+        return policy
+
+    def delete(self, tenant: str, name: str) -> bool:
+        """Drop the override: the fleet's or the manifest's policy is back in force."""
+        if self._tables.pop((tenant, name), None) is None:
+            return False
+        self._apply()
+        self._save()
+        self._events.publish("policy_changed", tenant=tenant, service=name, source="removed")
+        return True
+
+    def _on_change(self, old: Snapshot, new: Snapshot) -> None:
+        # A manifest or fleet config changed under an override: lay the override over the new base.
+        # The registry ignores an identical set, so this settles at once.
+        if self._tables:
+            self._apply()
+
+    def _apply(self) -> None:
+        policies: dict[tuple[str, str], PolicySpec] = {}
+        for (tenant, name), table in self._tables.items():
+            base = self._registry.base_policy(tenant, name, SOURCE)
+            if base is None:
+                continue  # the service is gone for now; the override waits for it
+            try:
+                policies[(tenant, name)] = parse_policy({**policy_dict(base), **table}, "policy")
+            except ConfigError as exc:  # e.g. the manifest's new timeout is shorter than the override's per-try
+                log.warning("policy override for %s/%s no longer fits its base (%s); not applied", tenant, name, exc)
+        self._registry.set_policies(SOURCE, policies)
+
+    def _save(self) -> None:
+        items = [{"tenant": t, "service": n, "policy": table} for (t, n), table in sorted(self._tables.items())]
+        try:
+            self._store.write_json(STATE_FILE, {"version": 1, "policies": items})
+        except StateError as exc:
+            log.error("could not keep policy overrides: %s", exc)

@@ -1,0 +1,81 @@
+"""End to end: policies changed at runtime through the API and `edged policy`, kept across a restart."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from harness import manifest
+
+POLICY = """
+[policy]
+strategy = "priority"
+per_try_timeout = "300ms"
+timeout = "2s"
+"""
+
+
+def edged_cli(d, *words: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "edged", *words, "--api", f"unix:{d.socket}"], capture_output=True, text=True
+    )
+
+
+def first_url(d) -> str:
+    return d.get("/v1/resolve/thermo")["ranked"][0]["url"]
+
+
+def test_a_policy_set_at_runtime_changes_routing_keeps_the_manifest_keys_and_survives_a_restart(backends, edged):
+    b1, b2 = backends("p1"), backends("p2")
+    d = edged({"thermo.toml": manifest("thermo", [(b1.port, 1), (b2.port, 2)], POLICY)})
+    view = d.get("/v1/policies/thermo")
+    assert view["source"] == "declared" and view["policy"]["strategy"] == "priority" and view["override"] is None
+
+    # A dry run shows the plan under the proposal and changes nothing.
+    status, _, body = d.api.request(
+        "POST", "/v1/policies/thermo:dry-run", json.dumps({"strategy": "round_robin"}).encode()
+    )
+    dry = json.loads(body)
+    assert status == 200 and dry["strategy"] == "round_robin" and dry["current"]["strategy"] == "priority"
+    assert d.get("/v1/policies/thermo")["override"] is None
+
+    # Set through the CLI: only the keys given change; the manifest's timeouts stay.
+    out = edged_cli(d, "policy", "set", "thermo", "strategy=round_robin", "retries=1")
+    assert out.returncode == 0, out.stderr
+    view = d.get("/v1/policies/thermo")
+    assert view["source"] == "api" and view["override"] == {"strategy": "round_robin", "retries": 1}
+    assert view["policy"]["per_try_timeout"] == 0.3 and view["policy"]["timeout"] == 2.0
+    served = {json.loads(d.call("thermo", "/x")[2])["name"] for _ in range(4)}
+    assert served == {"p1", "p2"}  # round robin now
+
+    # Kept across a restart, with the broker-less state dir.
+    assert d.stop() == 0
+    d.start()
+    assert d.get("/v1/policies/thermo")["policy"]["strategy"] == "round_robin"
+
+    # Reset: the manifest's policy is back.
+    out = edged_cli(d, "policy", "reset", "thermo")
+    assert out.returncode == 0, out.stderr
+    assert d.get("/v1/policies/thermo")["source"] == "declared"
+    assert {json.loads(d.call("thermo", "/x")[2])["name"] for _ in range(4)} == {"p1"}
+
+
+def test_bad_policies_are_refused_with_the_key(backends, edged):
+    b1 = backends("p1")
+    d = edged({"thermo.toml": manifest("thermo", [(b1.port, 1)], POLICY)})
+    cases = [
+        ({"strategy": "fastest"}, 400, "invalid_policy", "strategy"),
+        ({"per_try_timeout": "5s"}, 400, "invalid_policy", "timeout"),  # longer than the manifest's 2 s timeout
+        ({"colour": "red"}, 400, "invalid_policy", "colour"),
+        (["strategy"], 400, "invalid_policy", "JSON object"),
+    ]
+    for body, code, error, mentions in cases:
+        status, _, data = d.api.request("PUT", "/v1/policies/thermo", json.dumps(body).encode())
+        doc = json.loads(data)
+        assert (status, doc["error"]) == (code, error) and mentions in str(doc["detail"]), doc
+    assert d.api.request("PUT", "/v1/policies/nope", b"{}")[0] == 404
+    assert d.api.request("DELETE", "/v1/policies/thermo")[0] == 404  # nothing to reset
+    assert d.get("/v1/policies/thermo")["source"] == "declared"
+    out = edged_cli(d, "policy", "set", "thermo", "strategy=fastest")
+    assert out.returncode == 1 and "invalid_policy" in out.stderr
