@@ -32,6 +32,23 @@ SYSTEM_CONFIG = "/etc/edged/edged.toml"
 KIB = 1024
 MIB = 1024 * 1024
 
+# The tables of edged.toml, in the order config/edged.toml documents them.
+SECTIONS = (
+    "node",
+    "api",
+    "ingress",
+    "services",
+    "state",
+    "mdns",
+    "mqtt",
+    "vitals",
+    "fleet",
+    "bridge",
+    "tenants",
+    "log",
+    "demo",
+)
+
 KeyPath = tuple[str | int, ...]
 Locate = Callable[[KeyPath], int | None]
 
@@ -717,23 +734,7 @@ class _Loader:
 
     def build(self, path: str | None) -> Config:
         top = self.top
-        top.only(
-            (
-                "node",
-                "api",
-                "ingress",
-                "services",
-                "state",
-                "mdns",
-                "mqtt",
-                "vitals",
-                "fleet",
-                "bridge",
-                "tenants",
-                "log",
-                "demo",
-            )
-        )
+        top.only(SECTIONS)
         return Config(
             node=self.node(top.table("node")),
             api=self.api(top.table("api")),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -12,6 +11,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from . import __version__
+from .aio import cancel_and_wait
 from .api import Api, NodeInfo
 from .config import Config
 from .discovery.manifests import ManifestSource
@@ -209,11 +209,7 @@ class Daemon:
         await self.server.shutdown(self.config.api.drain_timeout)
         for component in reversed(self.components):
             await _quietly(component.stop(), f"{component.name}: stop")
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
         await self.health.close()
         await self.pool.close()

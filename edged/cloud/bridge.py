@@ -25,6 +25,7 @@ import secrets
 import signal
 import time
 
+from ..aio import cancel_and_wait
 from ..config import Config
 from ..discovery.manifests import ManifestSource
 from ..errors import CallError, UpstreamError
@@ -138,17 +139,13 @@ class Bridge:
         self._closing = True
         if self._inflight:
             await asyncio.wait(list(self._inflight), timeout=drain)
-        for task in list(self._inflight):
-            task.cancel()
-        await asyncio.gather(*self._inflight, return_exceptions=True)
+        await cancel_and_wait(list(self._inflight))
         if self.session.connected:
             payload = self.registry_sync.status_payload("offline", reason="shutdown")
             with contextlib.suppress(PublishError):
                 await self.session.publish(self.topics.status(self.node), payload, qos=1, retain=True, timeout=1.0)
         await self.session.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)
         await self.health.close()
         await self.pool.close()
         log_event(

@@ -8,6 +8,7 @@ import json
 import logging
 from collections.abc import Callable
 
+from ..aio import cancel_and_wait
 from ..config import Config
 from ..logs import log_event
 from ..model import Endpoint
@@ -175,9 +176,7 @@ class CloudTier:
             await self.session.publish(self.topics.status(self.node), payload, qos=1, retain=True, timeout=1.0)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)  # failures were logged when they happened
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
         await self.session.close()
         self.transport.fail_all("cloud tier stopped")

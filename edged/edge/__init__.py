@@ -20,6 +20,7 @@ import math
 import time
 from collections.abc import Sequence
 
+from ..aio import cancel_and_wait
 from ..config import Config
 from ..errors import EdgedError
 from ..events import EventBus
@@ -143,7 +144,7 @@ class EdgeTier:
         """Goodbye packets first: peers drop this node at once while its in-flight calls still finish."""
         self._advertising = False
         if self._advertiser is not None:
-            await _cancel(self._advertiser)  # nothing may be (re)announced after the goodbye
+            await cancel_and_wait([self._advertiser])  # nothing may be (re)announced after the goodbye
             self._advertiser = None
         if self.mdns is not None:
             await self.mdns.goodbye()
@@ -151,10 +152,9 @@ class EdgeTier:
     async def stop(self) -> None:
         self._stopped = True
         if self._advertiser is not None:
-            await _cancel(self._advertiser)
+            await cancel_and_wait([self._advertiser])
             self._advertiser = None
-        for task in self._tasks:
-            await _cancel(task)
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
         if self.mdns is not None:
             await self.mdns.close()
@@ -395,9 +395,3 @@ class EdgeTier:
         if endpoint.tier != "edge" or not to_peer(endpoint):
             return ()
         return [(k.decode(), v.decode()) for k, v in self.identity.headers()]
-
-
-async def _cancel(task: asyncio.Task) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task

@@ -33,6 +33,7 @@ from zeroconf import (
 from zeroconf import Error as ZeroconfError
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
+from ..aio import cancel_and_wait
 from ..errors import EdgedError
 from ..logs import log_event
 from .txt import decode_txt
@@ -246,11 +247,7 @@ class Mdns:
 
     async def close(self) -> None:
         """Stop the loops and browsers and close the sockets (goodbye first if not sent yet)."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
         if self._aiozc is None:
             return

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from edged.aio import cancel_and_wait
 from edged.errors import EdgedError
 from edged.http.message import Headers, Request
 
@@ -624,10 +625,7 @@ class HttpServer:
         tasks = list(self._tasks)
         if self._sweeper is not None:
             tasks.append(self._sweeper)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(tasks)
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
