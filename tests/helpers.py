@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 from edged.model import Endpoint, EndpointSpec, PolicySpec, Service, ServiceSpec, parse_target
 
@@ -114,3 +115,12 @@ class StatusServer:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+
+def process_gone(pid: int) -> bool:
+    """Gone or a zombie waiting for a reaper that is not us (the shell's children are re-parented)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import StatusServer
+from harness import free_port
+from helpers import StatusServer, process_gone
 
 from edged.health.checks import CheckResult, run_check
 from edged.model import Endpoint, HealthCheckSpec, Target, parse_target
@@ -33,21 +34,6 @@ def endpoint(url: str, service: str = "thermo") -> Endpoint:
         source="manifest",
         target=target,
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def process_gone(pid: int) -> bool:
-    """Gone or a zombie waiting for a reaper that is not us (the shell's children are re-parented)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
 
 async def wait_until(cond, timeout: float = 5.0) -> None:

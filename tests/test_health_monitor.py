@@ -8,7 +8,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from helpers import StatusServer
+from helpers import StatusServer, process_gone
 
 from edged.health import EndpointHealth, HealthMonitor, OutlierConfig
 from edged.model import Endpoint, HealthCheckSpec, Service, ServiceSpec, parse_target
@@ -54,14 +54,6 @@ async def wait_until(cond, timeout: float = 5.0) -> None:
 
 def task_names() -> set[str]:
     return {t.get_name() for t in asyncio.all_tasks() if not t.done()}
-
-
-def process_gone(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
 
 Events = list[tuple[str, bool, str]]
