@@ -9,26 +9,26 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
+from .call import new_call
 from .discovery.registrations import Registrations
 from .errors import CallError
 from .events import EventBus
-from .http.message import Request, strip_hop_by_hop
+from .http.message import Request
 from .http.server import ResponseWriter
 from .manifest import policy_dict
 from .model import Service
 from .policies import PolicyOverrides
 from .registry import Registry
 from .relay import call_timeout, relay_answer, request_id
-from .router import Call, Router
+from .router import Router
 from .telemetry import MeshMetrics
 from .tenancy import Tenancy
 
 log = logging.getLogger("edged.api")
 
 MESH_SUFFIX = b".mesh"
-# Headers the mesh sets itself on the way in; a caller's own values are not passed through.
-_OWN_HEADERS = frozenset({b"host", b"x-request-id", b"x-edged-timeout-ms"})
 SSE_KEEPALIVE = 15.0
+_AUTHORIZATION = frozenset({b"authorization"})  # a tenant token is for the mesh, not the service
 
 
 @dataclass(slots=True)
@@ -127,17 +127,20 @@ class Api:
         svc = self._router.service(tenant, service)
         deadline = time.monotonic() + call_timeout(req, svc.spec.policy.timeout)
         rid = request_id(req)
-        headers = [
-            (k, v)
-            for k, v in strip_hop_by_hop(req.headers)
-            if k not in _OWN_HEADERS and not (by_token and k == b"authorization")
-        ]
         host = req.header(b"host")
-        if host is not None:
-            headers.append((b"x-forwarded-host", host))
-        routed = await self._router.route_service_call(
-            Call(tenant, service, req.method, path, headers, req.body, deadline, rid)
+        call = new_call(
+            tenant,
+            service,
+            req.method,
+            path,
+            req.headers,
+            req.body,
+            deadline=deadline,
+            request_id=rid,
+            drop=_AUTHORIZATION if by_token else frozenset(),
+            add=[(b"x-forwarded-host", host)] if host is not None else (),
         )
+        routed = await self._router.route_service_call(call)
         extra = [
             (b"x-edged-endpoint", routed.endpoint.id.encode()),
             (b"x-edged-tries", str(routed.tries).encode()),

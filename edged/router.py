@@ -12,9 +12,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from . import retry
 from .budget import RetryBudget
+from .call import Call, Transport, UpstreamAnswer
 from .errors import CallError, UpstreamError
-from .model import IDEMPOTENT_METHODS, Endpoint, Service
+from .model import Endpoint, PolicySpec, Service
 from .policy import Plan, Ranker
 from .registry import Registry
 from .telemetry import MeshMetrics
@@ -24,49 +26,17 @@ MIN_RETRIES_PER_SECOND = 10.0
 RETRY_BUDGET_WINDOW = 10.0
 
 
-class UpstreamAnswer(Protocol):
-    """What a transport returns once a response head is in (HTTP or MQTT alike)."""
+class InFlight(Protocol):
+    """One try's place in an endpoint's in-flight count: `finish` reports the outcome; leaving the `with`
+    block gives the place back in any case (a cancelled try cannot leave the endpoint "busy")."""
 
-    status: int
-    reason: bytes
-    headers: list[tuple[bytes, bytes]]
-    content_length: int | None
-    complete: bool  # the whole body is already here
-
-    async def read(self) -> bytes: ...
-    def discard(self) -> None: ...
-
-
-class Transport(Protocol):
-    """How endpoints of one tier are called."""
-
-    def unavailable(self) -> str | None:
-        """None when calls can be sent now, else why not (e.g. "broker disconnected")."""
-
-    async def send(
-        self, endpoint: Endpoint, call: Call, headers: list[tuple[bytes, bytes]], timeout: float
-    ) -> UpstreamAnswer:
-        """One try. Raises `UpstreamError` subclasses; `timeout` covers everything up to the response head."""
+    def __enter__(self) -> InFlight: ...
+    def __exit__(self, *exc: object) -> None: ...
+    def finish(self, endpoint: Endpoint, service: Service, ok: bool, latency: float | None) -> None: ...
 
 
 class HealthSink(Protocol):
-    def call_started(self, endpoint_id: str) -> None: ...
-    def call_finished(self, endpoint: Endpoint, service: Service, ok: bool, latency: float | None) -> None: ...
-
-
-@dataclass(slots=True)
-class Call:
-    """A call as it enters the router: everything needed to send it, again if need be."""
-
-    tenant: str
-    service: str
-    method: str
-    path: str  # within the service, with the query: "/readings?x=1"
-    headers: list[tuple[bytes, bytes]]  # already stripped of hop-by-hop headers
-    body: bytes
-    deadline: float  # monotonic time by which the caller must have its answer
-    request_id: str
-    tiers: frozenset[str] | None = None  # only these tiers (the ingress serves peers from "local" only)
+    def call_started(self, endpoint_id: str) -> InFlight: ...
 
 
 @dataclass(slots=True)
@@ -141,58 +111,46 @@ class Router:
         budget = self._budget(service)
         budget.deposit()
         policy = spec.policy
-        replay_ok = call.method in IDEMPOTENT_METHODS or policy.retry_non_idempotent
+        replay_ok = retry.may_replay(call.method, policy)
         attempts: list[dict] = []
-        last_answer: UpstreamAnswer | None = None
-        last_endpoint: Endpoint | None = None
+        held: Routed | None = None  # the last retryable answer: the caller's if every other try fails too
         tries = 0
-        for choice in plan.choices:
-            ep = choice.endpoint
-            if tries > policy.retries:
-                break
-            if tries > 0:
-                if attempts and attempts[-1].get("reached") and not replay_ok:
-                    break  # a non-idempotent call that may have arrived is not sent twice
-                if not budget.try_withdraw():
-                    self._metrics.retry_budget_exhausted.inc((spec.name,))
-                    attempts.append({"endpoint": ep.id, "error": "retry budget exhausted"})
+        try:
+            for choice in plan.choices:
+                ep = choice.endpoint
+                if retry.why_not_retry(policy, tries, attempts[-1] if attempts else None, replay_ok) is not None:
                     break
-                self._metrics.retries.inc((spec.name, attempts[-1]["error"] if attempts else "unknown"))
-            remaining = call.deadline - self._clock()
-            if remaining <= 0:
-                break
-            timeout = min(policy.per_try_timeout, remaining)
-            headers = [
-                *call.headers,
-                (b"x-request-id", call.request_id.encode()),
-                (b"x-edged-timeout-ms", str(max(1, int(remaining * 1000))).encode()),
-            ]
-            tries += 1
-            t0 = self._clock()
-            self._health.call_started(ep.id)
-            try:
-                answer = await self._transports[ep.tier].send(ep, call, headers, timeout)
-            except UpstreamError as exc:
-                self._health.call_finished(ep, service, False, None)
-                attempts.append({"endpoint": ep.id, "error": exc.kind, "detail": exc.detail, "reached": exc.reached})
-                continue
-            latency = self._clock() - t0
-            if answer.status in policy.retry_on_status:
-                self._health.call_finished(ep, service, False, latency)
-                attempts.append({"endpoint": ep.id, "error": f"http_{answer.status}", "reached": True})
-                if last_answer is not None:
-                    last_answer.discard()
-                last_answer, last_endpoint = answer, ep
-                continue
-            self._health.call_finished(ep, service, True, latency)
-            if last_answer is not None:
-                last_answer.discard()
-            if tries > 1:
-                self._metrics.failovers.inc((spec.name,))
-            return Routed(answer, ep, tries, service, started, attempts)
-        if last_answer is not None and last_endpoint is not None:
-            # Every try failed and the last real answer was a retryable 5xx: the caller gets that answer.
-            return Routed(last_answer, last_endpoint, tries, service, started, attempts)
+                if tries > 0:
+                    if not budget.try_withdraw():
+                        self._metrics.retry_budget_exhausted.inc((spec.name,))
+                        attempts.append({"endpoint": ep.id, "error": "retry budget exhausted"})
+                        break
+                    self._metrics.retries.inc((spec.name, attempts[-1]["error"] if attempts else "unknown"))
+                remaining = call.deadline - self._clock()
+                if remaining <= 0:
+                    break
+                tries += 1
+                answer, failed = await self._attempt(ep, service, call, policy, remaining)
+                if failed is not None:
+                    attempts.append(failed)
+                if answer is None:
+                    continue
+                if held is not None:
+                    held.answer.discard()
+                held = Routed(answer, ep, tries, service, started, attempts)
+                if failed is None:
+                    if tries > 1:
+                        self._metrics.failovers.inc((spec.name,))
+                    routed, held = held, None
+                    return routed
+            if held is not None:
+                # Every try failed and the last real answer was a retryable 5xx: the caller gets that answer.
+                held.tries = tries
+                routed, held = held, None
+                return routed
+        finally:
+            if held is not None:  # cancelled (the caller left) while holding an answer: give its connection back
+                held.answer.discard()
         outcome = "deadline" if call.deadline - self._clock() <= 0 else "no_endpoint"
         self.record(spec.name, "none", outcome, started)
         if outcome == "deadline":
@@ -205,6 +163,32 @@ class Router:
         if plan.note:
             detail["note"] = plan.note
         raise CallError(503, "no_endpoint", detail)
+
+    async def _attempt(
+        self, ep: Endpoint, service: Service, call: Call, policy: PolicySpec, remaining: float
+    ) -> tuple[UpstreamAnswer | None, dict | None]:
+        """One try: (answer, None) when the answer is the caller's, (answer, failure) for a retryable status,
+        (None, failure) when no answer came. Health hears of the outcome; the in-flight count is given back
+        whatever happens, cancellation included."""
+        timeout = min(policy.per_try_timeout, remaining)
+        headers = [
+            *call.headers,
+            (b"x-request-id", call.request_id.encode()),
+            (b"x-edged-timeout-ms", str(max(1, int(remaining * 1000))).encode()),
+        ]
+        t0 = self._clock()
+        with self._health.call_started(ep.id) as flight:
+            try:
+                answer = await self._transports[ep.tier].send(ep, call, headers, timeout)
+            except UpstreamError as exc:
+                flight.finish(ep, service, False, None)
+                return None, {"endpoint": ep.id, "error": exc.kind, "detail": exc.detail, "reached": exc.reached}
+            latency = self._clock() - t0
+            error = retry.answer_error(answer.status, policy)
+            flight.finish(ep, service, error is None, latency)
+        if error is not None:
+            return answer, {"endpoint": ep.id, "error": error, "reached": True}
+        return answer, None
 
     def record(self, service: str, tier: str, outcome: str, started: float) -> None:
         """Count a finished call (the API calls this once the answer's body is through)."""

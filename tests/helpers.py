@@ -59,6 +59,7 @@ class FakeHealth:
         self.stalled_ids: set[str] = set()
         self.results: list[tuple[str, bool]] = []
         self.started: list[str] = []
+        self.released = 0  # in-flight handles given back
 
     def state(self, endpoint_id: str) -> FakeState:
         return self.states.setdefault(endpoint_id, FakeState())
@@ -66,11 +67,28 @@ class FakeHealth:
     def stalled(self, endpoint_id: str, now: float, threshold: float) -> bool:
         return endpoint_id in self.stalled_ids
 
-    def call_started(self, endpoint_id: str) -> None:
+    def call_started(self, endpoint_id: str) -> FakeFlight:
         self.started.append(endpoint_id)
+        return FakeFlight(self)
 
     def call_finished(self, ep, service, ok, latency) -> None:
         self.results.append((ep.id, ok))
+
+
+class FakeFlight:
+    """The in-flight handle of `FakeHealth`: records the outcome, counts the places not given back."""
+
+    def __init__(self, health: FakeHealth) -> None:
+        self.health = health
+
+    def __enter__(self) -> FakeFlight:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.health.released += 1
+
+    def finish(self, ep, service, ok, latency) -> None:
+        self.health.call_finished(ep, service, ok, latency)
 
 
 class StatusServer:

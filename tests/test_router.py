@@ -8,10 +8,11 @@ import dataclasses
 import pytest
 from helpers import FakeHealth, endpoint, service
 
+from edged.call import Call
 from edged.errors import CallError, ConnectFailed, UpstreamReset, UpstreamTimeout
 from edged.model import PolicySpec
 from edged.registry import Registry
-from edged.router import Call, Router
+from edged.router import Router
 from edged.telemetry import MeshMetrics
 
 
@@ -158,3 +159,38 @@ def test_a_call_can_be_limited_to_some_tiers():
     assert err.value.code == "no_endpoint" and transport.sent == []
     call.tiers = frozenset({"local"})
     assert route(router, call).answer.status == 200
+
+
+class HangingTransport(ScriptedTransport):
+    """Endpoints scripted "hang" never answer: the try waits until it is cancelled."""
+
+    async def send(self, ep, call, headers, timeout):
+        if self.script[ep.id.rsplit("/", 1)[1]] == "hang":
+            self.sent.append((ep.id.rsplit("/", 1)[1], timeout))
+            await asyncio.Event().wait()
+        return await super().send(ep, call, headers, timeout)
+
+
+@pytest.mark.parametrize("script", [{"a": "hang"}, {"a": 503, "b": "hang"}], ids=["first-try", "holding-a-503"])
+def test_a_cancelled_call_gives_back_every_in_flight_place_and_held_answer(script):
+    from edged.health import HealthMonitor
+
+    router, _, _, _, call = make(script)
+    health = HealthMonitor()
+    transport = HangingTransport(script)
+    router = Router(router._registry, health, {"local": transport}, MeshMetrics())
+
+    async def scenario():
+        task = asyncio.create_task(router.route_service_call(call))
+        while len(transport.sent) < len(script):
+            await asyncio.sleep(0)
+        assert health.state(f"default/s/local/{transport.sent[-1][0]}").inflight == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    assert [health.state(f"default/s/local/{name}").inflight for name in script] == [0] * len(script)
+    assert all(answer.discarded for answer in transport.answers)  # the held 503's connection went back too
+    # A cancelled try says nothing about the endpoint: no failure was counted against it.
+    assert [health.state(f"default/s/local/{name}").calls_failed for name in script][-1] == 0

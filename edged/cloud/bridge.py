@@ -26,6 +26,7 @@ import signal
 import time
 
 from ..aio import cancel_and_wait
+from ..call import LOCAL_ONLY, new_call
 from ..config import Config
 from ..discovery.manifests import ManifestSource
 from ..errors import CallError, UpstreamError
@@ -35,7 +36,7 @@ from ..http.message import strip_hop_by_hop
 from ..logs import log_event
 from ..policy import Ranker
 from ..registry import Registry, Snapshot
-from ..router import Call, Router
+from ..router import Router
 from ..state import StateStore
 from ..telemetry import MeshMetrics
 from ..transport.http import HttpTransport
@@ -48,7 +49,6 @@ from .topics import Topics, parse_request_topic, shared_request_filter
 
 log = logging.getLogger("edged.bridge")
 
-LOCAL_ONLY = frozenset({"local"})
 MAX_INFLIGHT = 512  # requests served at once; more are answered 503 bridge_busy at once
 ANSWER_OVERHEAD = 1024  # bytes of an answer envelope besides the body, kept free under mqtt.max_payload
 RETURN_MARGIN = 0.05  # seconds (at most 10% of the deadline) kept for the answer's trip back
@@ -214,13 +214,13 @@ class Bridge:
     async def _serve(self, req: CloudRequest, received: float) -> None:
         timeout = req.deadline_ms / 1000
         deadline = received + max(0.001, timeout - min(RETURN_MARGIN, timeout / 10))
-        call = Call(
-            tenant=req.tenant,
-            service=req.service,
-            method=req.method,
-            path=req.path,
-            headers=list(req.headers),
-            body=req.body,
+        call = new_call(
+            req.tenant,
+            req.service,
+            req.method,
+            req.path,
+            req.headers,
+            req.body,
             deadline=deadline,
             request_id=req.request_id or secrets.token_hex(8),
             tiers=LOCAL_ONLY,

@@ -16,9 +16,9 @@ import logging
 import os
 from http import HTTPStatus
 
+from ..call import Call
 from ..errors import ConnectFailed, UpstreamReset, UpstreamTimeout
 from ..model import Endpoint
-from ..router import Call
 from .envelope import CloudAnswer, CloudRequest, EnvelopeError, decode_answer, encode_request
 from .session import MqttSession, PublishError
 from .telemetry import CloudMetrics

@@ -16,14 +16,15 @@ import logging
 import time
 from collections.abc import Callable
 
+from ..call import LOCAL_ONLY, Call, new_call
 from ..errors import CallError
 from ..http.client import UpstreamPool, UpstreamResponse
-from ..http.message import Request, strip_hop_by_hop
+from ..http.message import Request
 from ..http.server import HttpServer, ListenError, ResponseWriter
 from ..model import DEFAULT_TENANT, Endpoint
 from ..registry import Registry
 from ..relay import call_timeout, relay_answer, request_id
-from ..router import Call, Router
+from ..router import Router
 from ..transport.http import HttpTransport
 from .peers import offered
 from .txt import service_ref, services_hash
@@ -32,10 +33,7 @@ log = logging.getLogger("edged.edge.ingress")
 
 FLEET_HEADER = b"x-edged-fleet"
 NODE_HEADER = b"x-edged-node"
-LOCAL_ONLY = frozenset({"local"})
 SERVICES_PATH = "/peer/services"
-# Set by the mesh on the way in; what a peer sends for these is not passed on.
-_OWN_HEADERS = frozenset({b"host", b"x-request-id", b"x-edged-timeout-ms"})
 
 
 class FleetIdentity:
@@ -154,11 +152,20 @@ class Ingress:
         ):
             raise CallError(404, "unknown_service", f"{service!r} is not offered to peers by {self._identity.node}")
         deadline = time.monotonic() + call_timeout(req, svc.spec.policy.timeout)
-        headers = [(k, v) for k, v in strip_hop_by_hop(req.headers) if k not in _OWN_HEADERS]
-        headers.append((b"x-forwarded-for", req.peer.encode()))
         if self._on_peer_call is not None:
             self._on_peer_call(caller)
-        call = Call(tenant, service, req.method, path, headers, req.body, deadline, request_id(req), LOCAL_ONLY)
+        call = new_call(
+            tenant,
+            service,
+            req.method,
+            path,
+            req.headers,
+            req.body,
+            deadline=deadline,
+            request_id=request_id(req),
+            tiers=LOCAL_ONLY,
+            add=[(b"x-forwarded-for", req.peer.encode())],
+        )
         routed = await self._router.route_service_call(call)
         extra = [
             (b"x-edged-peer-endpoint", routed.endpoint.id.encode()),

@@ -1,7 +1,8 @@
 """Endpoint health: active checks with rise/fall, TTL heartbeats and passive outlier detection, per endpoint id.
 
-The request path reports (`call_started`, `call_finished`), check tasks and heartbeats report, and the
-policy only reads `state(id).available(now)`: plain attribute reads, no locks, no allocation.
+The request path reports (`call_started` gives an `InFlight` handle, its `finish` the outcome), check tasks
+and heartbeats report, and the policy only reads `state(id).available(now)`: plain attribute reads, no locks,
+no allocation.
 """
 
 from __future__ import annotations
@@ -195,12 +196,14 @@ class HealthMonitor:
             h._fail_streak = 0
             self._publish(h, now)
 
-    def call_started(self, endpoint_id: str) -> None:
-        """A call to the endpoint began (for in-flight counts and stall detection)."""
+    def call_started(self, endpoint_id: str) -> InFlight:
+        """A call to the endpoint began (for in-flight counts and stall detection). Use the handle in a `with`
+        block: it gives the count back when the block is left, whether `finish` was called or not."""
         h = self.state(endpoint_id)
         if h.inflight == 0:
             h.busy_since = self._clock()
         h.inflight += 1
+        return InFlight(self, h)
 
     def call_finished(
         self,
@@ -416,6 +419,37 @@ class HealthMonitor:
             self._on_change(endpoint, available, h.reason(now))
         except Exception:
             log.exception("health on_change hook failed for %s", h.endpoint_id)
+
+
+class InFlight:
+    """A call's place in one endpoint's in-flight count (tower's `PendingRequests` handle): `finish` reports
+    the outcome and gives the place back; leaving the `with` block gives it back if `finish` did not (the call
+    was cancelled: nothing is learned about the endpoint)."""
+
+    __slots__ = ("_health", "_monitor")
+
+    def __init__(self, monitor: HealthMonitor, health: EndpointHealth) -> None:
+        self._monitor: HealthMonitor | None = monitor
+        self._health = health
+
+    def __enter__(self) -> InFlight:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def finish(self, endpoint: Endpoint, service: Service, ok: bool, latency: float | None) -> None:
+        """The call ended with this outcome (see `HealthMonitor.call_finished`)."""
+        monitor, self._monitor = self._monitor, None
+        if monitor is not None:
+            monitor.call_finished(endpoint, service, ok, latency)
+
+    def release(self) -> None:
+        """Give the place back without an outcome (idempotent)."""
+        if self._monitor is not None:
+            self._monitor = None
+            if self._health.inflight > 0:
+                self._health.inflight -= 1
 
 
 def _needs_task(endpoint: Endpoint, spec: HealthCheckSpec | None) -> bool:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from ..call import Call
 from ..errors import UpstreamProtocolError
 from ..http.client import UpstreamPool, UpstreamResponse
 from ..model import Endpoint
-from ..router import Call
 
 
 class HttpTransport:

@@ -1,0 +1,32 @@
+"""The retry decision: what to do after a try, as plain functions of the policy and what the tries came to.
+
+The router asks these, then acts (spends the retry budget, sends the next try); nothing here does I/O, holds
+state or reads a clock, so every case is a one-line test.
+"""
+
+from __future__ import annotations
+
+from .model import IDEMPOTENT_METHODS, PolicySpec
+
+
+def may_replay(method: str, policy: PolicySpec) -> bool:
+    """Whether a call that may have reached an endpoint can be sent again (idempotent, or the policy says so)."""
+    return method in IDEMPOTENT_METHODS or policy.retry_non_idempotent
+
+
+def answer_error(status: int, policy: PolicySpec) -> str | None:
+    """None when an answer with this status is the caller's; else the error it counts as ("http_503"), and the
+    router tries the next endpoint (keeping this answer in case every other try fails)."""
+    return f"http_{status}" if status in policy.retry_on_status else None
+
+
+def why_not_retry(policy: PolicySpec, tries: int, last: dict | None, replay_ok: bool) -> str | None:
+    """Before try number `tries + 1`: None to go on (if the retry budget allows), else why the call stops.
+
+    `last` is the previous try as reported in call details (`reached`: the call may have arrived).
+    """
+    if tries > policy.retries:
+        return "retries"
+    if tries > 0 and last is not None and last.get("reached") and not replay_ok:
+        return "not_idempotent"  # a call that may have arrived is not sent twice
+    return None

@@ -1,0 +1,32 @@
+"""The retry decision as plain functions (the router's use of it is in test_router.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from edged.model import PolicySpec
+from edged.retry import answer_error, may_replay, why_not_retry
+
+POLICY = PolicySpec(retries=2)
+
+
+@pytest.mark.parametrize(
+    ("tries", "last", "replay_ok", "expected"),
+    [
+        (0, None, False, None),  # the first try always goes
+        (1, {"error": "connect", "reached": False}, False, None),  # never arrived: safe to send elsewhere
+        (1, {"error": "reset", "reached": True}, False, "not_idempotent"),
+        (1, {"error": "reset", "reached": True}, True, None),
+        (2, {"error": "http_503", "reached": True}, True, None),
+        (3, {"error": "http_503", "reached": True}, True, "retries"),  # retries=2: three tries at most
+    ],
+)
+def test_why_not_retry(tries, last, replay_ok, expected):
+    assert why_not_retry(POLICY, tries, last, replay_ok) == expected
+
+
+def test_answer_error_and_replay():
+    assert answer_error(503, POLICY) == "http_503" and answer_error(500, POLICY) is None
+    assert answer_error(200, POLICY) is None
+    assert may_replay("GET", POLICY) and not may_replay("POST", POLICY)
+    assert may_replay("POST", PolicySpec(retry_non_idempotent=True))
