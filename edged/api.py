@@ -117,6 +117,7 @@ class Api:
         except CallError as exc:
             if resp.started:
                 raise
+            self._metrics.http_errors.inc((str(exc.status),))
             resp.send_json(exc.status, {"error": exc.code, "detail": exc.detail})
 
     # -- the call path ---------------------------------------------------------------------------

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import yaml
 
-from edged.config import (
-    LABEL_WHAT,
+from edged.config import LABEL_WHAT
+from edged.document import (
     REQUIRED,
     Doc,
     KeyPath,

@@ -2,7 +2,8 @@
 
 An override is a partial policy table laid key by key over what the service would otherwise have (fleet
 config, else its manifest), so `{"strategy": "latency"}` keeps the manifest's timeouts. Overrides rank
-above fleet config, are kept in the state dir, and are laid again when a manifest or fleet config changes.
+above fleet config, are kept in the state dir, and are laid again when a manifest or fleet config changes:
+they are the registry's "api" policy layer (`layer`), recomputed at each rebuild.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from .errors import CallError, ConfigError
 from .events import EventBus
 from .manifest import parse_policy, policy_dict
 from .model import PolicySpec
-from .registry import Registry, Snapshot
+from .registry import Draft, Key, Layer, Registry
 from .state import StateError, StateStore
 
 log = logging.getLogger("edged.policies")
@@ -23,14 +24,15 @@ SOURCE = "api"
 
 
 class PolicyOverrides:
-    """Owns the "api" policy source of the registry."""
+    """Owns the "api" policy layer of the registry (add `layer` to it)."""
 
     def __init__(self, registry: Registry, store: StateStore, events: EventBus) -> None:
         self._registry = registry
         self._store = store
         self._events = events
-        self._tables: dict[tuple[str, str], dict[str, Any]] = {}
-        registry.watch(self._on_change)
+        self._tables: dict[Key, dict[str, Any]] = {}
+        self._unfit: set[tuple[Key, str]] = set()  # overrides that no longer fit their base, already logged
+        self.layer = Layer(SOURCE, policies=self.policies)
 
     def load(self) -> int:
         """Restore the overrides kept in the state dir; returns how many."""
@@ -40,7 +42,7 @@ class PolicyOverrides:
                 self._tables[(item["tenant"], item["service"])] = dict(item["policy"])
             except (KeyError, TypeError, ValueError):
                 log.warning("policy override in state not usable, dropped: %r", item)
-        self._apply()
+        self._registry.refresh()
         return len(self._tables)
 
     def table(self, tenant: str, name: str) -> dict[str, Any] | None:
@@ -64,7 +66,7 @@ class PolicyOverrides:
         policy = self.preview(tenant, name, table)
         assert isinstance(table, dict)
         self._tables[(tenant, name)] = dict(table)
-        self._apply()
+        self._registry.refresh()
         self._save()
         self._events.publish("policy_changed", tenant=tenant, service=name, source=SOURCE, keys=sorted(table))
         return policy
@@ -73,28 +75,26 @@ class PolicyOverrides:
         """Drop the override: the fleet's or the manifest's policy is back in force."""
         if self._tables.pop((tenant, name), None) is None:
             return False
-        self._apply()
+        self._registry.refresh()
         self._save()
         self._events.publish("policy_changed", tenant=tenant, service=name, source="removed")
         return True
 
-    def _on_change(self, old: Snapshot, new: Snapshot) -> None:
-        # A manifest or fleet config changed under an override: lay the override over the new base.
-        # The registry ignores an identical set, so this settles at once.
-        if self._tables:
-            self._apply()
-
-    def _apply(self) -> None:
-        policies: dict[tuple[str, str], PolicySpec] = {}
-        for (tenant, name), table in self._tables.items():
-            base = self._registry.base_policy(tenant, name, SOURCE)
-            if base is None:
-                continue  # the service is gone for now; the override waits for it
+    def policies(self, draft: Draft) -> dict[Key, PolicySpec]:
+        """The layer: each override laid key by key over the policy the service has below it (fleet config,
+        else its manifest). An override waits while its service is gone."""
+        policies: dict[Key, PolicySpec] = {}
+        for key, table in self._tables.items():
+            spec = draft.services.get(key)
+            if spec is None:
+                continue
             try:
-                policies[(tenant, name)] = parse_policy({**policy_dict(base), **table}, "policy")
+                policies[key] = parse_policy({**policy_dict(spec.policy), **table}, "policy")
             except ConfigError as exc:  # e.g. the manifest's new timeout is shorter than the override's per-try
-                log.warning("policy override for %s/%s no longer fits its base (%s); not applied", tenant, name, exc)
-        self._registry.set_policies(SOURCE, policies)
+                if (key, str(exc)) not in self._unfit:
+                    self._unfit.add((key, str(exc)))
+                    log.warning("policy override for %s/%s no longer fits its base (%s); not applied", *key, exc)
+        return policies
 
     def _save(self) -> None:
         items = [{"tenant": t, "service": n, "policy": table} for (t, n), table in sorted(self._tables.items())]

@@ -1,4 +1,12 @@
-"""Services and their endpoints, merged from every discovery source into immutable, numbered snapshots."""
+"""Services and their endpoints, merged from every discovery source into immutable, numbered snapshots.
+
+Two ways in, and neither from inside a watcher (the registry refuses that):
+- sources that are told (manifest files, local registration, the MQTT registry) replace their part with
+  `set_services` / `set_endpoints` when something arrives;
+- layers (`Layer`) are computed at each rebuild from their owner's own state and from what the registry has
+  merged so far: an edge tier's mDNS peers, the cloud endpoints, fleet and API policies. The owner calls
+  `refresh()` when its own state changed; a manifest change recomputes every layer with no watcher involved.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
+from .errors import EdgedError
 from .model import TIERS, Endpoint, EndpointSpec, PolicySpec, Service, ServiceSpec, parse_target
 
 # Who wins when two sources declare the same (tenant, service): files the operator wrote, then local
@@ -13,6 +22,34 @@ from .model import TIERS, Endpoint, EndpointSpec, PolicySpec, Service, ServiceSp
 SERVICE_SOURCES = ("manifest", "register", "mqtt", "mdns")
 # Who wins when a policy is set outside the manifest: the local API, then fleet config.
 POLICY_SOURCES = ("api", "fleet")
+
+Key = tuple[str, str]  # (tenant, service name)
+
+
+class RegistryError(EdgedError):
+    """The registry was used against its rules (a write from inside a watcher, an unknown source)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """What a policy layer is laid over: the services merged so far (after the layers below it)."""
+
+    services: Mapping[Key, ServiceSpec]
+    manifests: Mapping[Key, ServiceSpec]  # as manifest files declare them (fleet policies lay over these)
+
+
+@dataclass(frozen=True, slots=True)
+class Layer:
+    """One owner's contribution, recomputed at every rebuild. Each function is pure in its argument and the
+    owner's own state (no I/O, no writes), so that it can be tested alone and called at any time.
+
+    `name` ranks it: a services layer by `SERVICE_SOURCES`, a policies layer by `POLICY_SOURCES`.
+    """
+
+    name: str
+    services: Callable[[], Iterable[ServiceSpec]] | None = None  # services the owner declares
+    policies: Callable[[Draft], Mapping[Key, PolicySpec]] | None = None  # policies laid over the draft's
+    endpoints: Callable[[Mapping[Key, ServiceSpec]], Iterable[Endpoint]] | None = None  # for the merged services
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +100,6 @@ def static_endpoints(spec: ServiceSpec) -> list[Endpoint]:
 class _Sources:
     services: dict[str, dict[tuple[str, str], ServiceSpec]] = field(default_factory=dict)  # source -> specs
     endpoints: dict[str, tuple[Endpoint, ...]] = field(default_factory=dict)  # source name -> endpoints
-    policies: dict[str, dict[tuple[str, str], PolicySpec]] = field(default_factory=dict)  # source -> overrides
 
 
 class Registry:
@@ -73,10 +109,36 @@ class Registry:
     API or fleet config (`POLICY_SOURCES`) replace the declared policy.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, layers: Iterable[Layer] = ()) -> None:
         self._sources = _Sources()
         self._snapshot = EMPTY
         self._watchers: list[Callable[[Snapshot, Snapshot], None]] = []
+        self._layers: list[Layer] = []
+        self._notifying = False
+        self._below: dict[str, Mapping[Key, ServiceSpec]] = {}  # policy source -> the services it was laid over
+        self._policy_from: dict[Key, str] = {}  # which policy source set each service's policy
+        for layer in layers:
+            self.add_layer(layer)
+
+    def _writable(self) -> None:
+        if self._notifying:
+            # Envoy's rule: callbacks never write back into what they are notified about. A watcher that
+            # wants to add something returns it as a layer instead.
+            raise RegistryError("the registry was changed from inside one of its watchers")
+
+    def add_layer(self, layer: Layer) -> None:
+        """Fold a layer into every rebuild from now on (the core does this with what tiers return)."""
+        self._writable()
+        if layer.services is not None and layer.name not in SERVICE_SOURCES:
+            raise RegistryError(f"a services layer needs a name of {SERVICE_SOURCES}, not {layer.name!r}")
+        if layer.policies is not None and layer.name not in POLICY_SOURCES:
+            raise RegistryError(f"a policies layer needs a name of {POLICY_SOURCES}, not {layer.name!r}")
+        self._layers.append(layer)
+        self._rebuild()
+
+    def refresh(self) -> None:
+        """A layer's owner says its own state changed: recompute (a no-op when the result is the same)."""
+        self._rebuild()
 
     def snapshot(self) -> Snapshot:
         """The current snapshot (cheap: no copy)."""
@@ -88,6 +150,7 @@ class Registry:
 
     def set_services(self, source: str, specs: Iterable[ServiceSpec]) -> None:
         """Replace the services a source (one of `SERVICE_SOURCES`) declares."""
+        self._writable()
         if source not in SERVICE_SOURCES:
             raise ValueError(f"unknown service source {source!r}")
         new = {spec.key: spec for spec in specs}
@@ -104,39 +167,19 @@ class Registry:
         """Replace the services declared by local registration (`POST /v1/register` with a manifest)."""
         self.set_services("register", specs)
 
-    def set_policies(self, source: str, policies: Mapping[tuple[str, str], PolicySpec]) -> None:
-        """Replace the policy overrides of a source (one of `POLICY_SOURCES`), keyed by (tenant, service)."""
-        if source not in POLICY_SOURCES:
-            raise ValueError(f"unknown policy source {source!r}")
-        new = dict(policies)
-        if self._sources.policies.get(source) == new:
-            return
-        self._sources.policies[source] = new
-        self._rebuild()
-
     def base_policy(self, tenant: str, name: str, below: str) -> PolicySpec | None:
-        """The policy a service would have without `below`'s override and those above it: what that source
-        lays its keys over. None for an unknown service."""
-        rank = POLICY_SOURCES.index(below)
-        for source in POLICY_SOURCES[rank + 1 :]:
-            policy = self._sources.policies.get(source, {}).get((tenant, name))
-            if policy is not None:
-                return policy
-        for source in SERVICE_SOURCES:
-            spec = self._sources.services.get(source, {}).get((tenant, name))
-            if spec is not None:
-                return spec.policy
-        return None
+        """The policy a service would have without `below`'s layer and those above it: what that layer lays
+        its keys over. None for an unknown service."""
+        spec = self._below.get(below, {}).get((tenant, name))
+        return spec.policy if spec is not None else None
 
     def policy_source(self, tenant: str, name: str) -> str:
         """Where the policy in force for a service comes from: "api", "fleet" or "declared"."""
-        for source in POLICY_SOURCES:
-            if (tenant, name) in self._sources.policies.get(source, {}):
-                return source
-        return "declared"
+        return self._policy_from.get((tenant, name), "declared")
 
     def set_endpoints(self, source: str, endpoints: Iterable[Endpoint]) -> None:
         """Replace the endpoints a source ("register", "mdns", "mqtt", ...) contributes to known services."""
+        self._writable()
         new = tuple(endpoints)
         if self._sources.endpoints.get(source, ()) == new:
             return
@@ -147,22 +190,38 @@ class Registry:
         return self._sources.services.get("manifest", {}).get((tenant, name))
 
     def _rebuild(self) -> None:
-        specs: dict[tuple[str, str], ServiceSpec] = {}
+        self._writable()
+        specs: dict[Key, ServiceSpec] = {}
         for source in reversed(SERVICE_SOURCES):  # later sources first, so earlier ones overwrite them
             specs.update(self._sources.services.get(source, {}))
-        for source in reversed(POLICY_SOURCES):
-            for key, policy in self._sources.policies.get(source, {}).items():
-                if key in specs:
-                    specs[key] = replace(specs[key], policy=policy)
-        extra: dict[tuple[str, str], list[Endpoint]] = {}
+            for layer in self._layers:
+                if layer.name == source and layer.services is not None:
+                    specs.update((spec.key, spec) for spec in layer.services())
+        manifests = MappingProxyType(self._sources.services.get("manifest", {}))
+        below: dict[str, Mapping[Key, ServiceSpec]] = {}
+        policy_from: dict[Key, str] = {}
+        for source in reversed(POLICY_SOURCES):  # fleet first, the API's overrides over it
+            below[source] = MappingProxyType(dict(specs))
+            for layer in self._layers:
+                if layer.name != source or layer.policies is None:
+                    continue
+                for key, policy in layer.policies(Draft(below[source], manifests)).items():
+                    if key in specs:
+                        specs[key] = replace(specs[key], policy=policy)
+                        policy_from[key] = source
+        self._below, self._policy_from = below, policy_from
+        merged = MappingProxyType(specs)
+        extra: dict[Key, list[Endpoint]] = {}
         orphans: list[Endpoint] = []
-        for endpoints in self._sources.endpoints.values():
+        contributed = [*self._sources.endpoints.values()]
+        contributed += [tuple(layer.endpoints(merged)) for layer in self._layers if layer.endpoints is not None]
+        for endpoints in contributed:
             for ep in endpoints:
                 if (ep.tenant, ep.service) in specs:
                     extra.setdefault((ep.tenant, ep.service), []).append(ep)
                 else:
                     orphans.append(ep)
-        services: dict[tuple[str, str], Service] = {}
+        services: dict[Key, Service] = {}
         for key, spec in sorted(specs.items()):
             allowed = set(spec.endpoint_types)
             eps = [ep for ep in static_endpoints(spec) + extra.get(key, []) if ep.tier in allowed]
@@ -171,8 +230,12 @@ class Registry:
         if services == dict(old.services) and tuple(orphans) == old.orphans:
             return
         self._snapshot = Snapshot(old.generation + 1, MappingProxyType(services), tuple(orphans))
-        for fn in self._watchers:
-            fn(old, self._snapshot)
+        self._notifying = True
+        try:
+            for fn in self._watchers:
+                fn(old, self._snapshot)
+        finally:
+            self._notifying = False
 
 
 def _dedupe(endpoints: list[Endpoint]) -> list[Endpoint]:

@@ -5,6 +5,7 @@ usage: python tests/backend.py PORT NAME [--unix PATH]
   /healthz               -> 200, or 503 while the file NAME.unhealthy exists in the cwd
   /status/CODE           -> that status
   /sleep/MS              -> answers after MS milliseconds
+  /drip/COUNT/MS         -> 200 with a body of COUNT bytes, one every MS milliseconds (a streaming answer)
 """
 
 from __future__ import annotations
@@ -31,6 +32,20 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):  # quiet
         pass
 
+    def _drip(self, count: int, every: float) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(count))
+        self.end_headers()
+        self.wfile.flush()
+        try:
+            for _ in range(count):
+                time.sleep(every)
+                self.wfile.write(b".")
+                self.wfile.flush()
+        except OSError:  # the caller left
+            self.close_connection = True
+
     def _answer(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
@@ -43,6 +58,9 @@ class Handler(BaseHTTPRequestHandler):
             status = int(path.split("/")[2])
         elif path.startswith("/sleep/"):
             time.sleep(int(path.split("/")[2]) / 1000)
+        elif path.startswith("/drip/"):
+            self._drip(int(path.split("/")[2]), int(path.split("/")[3]) / 1000)
+            return
         doc = {
             "name": name,
             "method": self.command,

@@ -66,6 +66,11 @@ def test_bad_entries_are_refused(bad):
         normalize_entry(bad)
 
 
+def specs_of(registry: Registry) -> dict:
+    """The merged services, as the registry hands them to its layers."""
+    return {key: svc.spec for key, svc in registry.snapshot().services.items()}
+
+
 def test_cloud_endpoints_follow_endpoint_types_and_the_long_form():
     registry = Registry()
     registry.set_manifests(
@@ -77,7 +82,7 @@ def test_cloud_endpoints_follow_endpoint_types_and_the_long_form():
             ),
         ]
     )
-    eps = {ep.service: ep for ep in cloud_endpoints(registry.snapshot(), broker_url="mqtt://b:1884", topics=TOPICS)}
+    eps = {ep.service: ep for ep in cloud_endpoints(specs_of(registry), broker_url="mqtt://b:1884", topics=TOPICS)}
     assert set(eps) == {"short", "long"}
     assert eps["short"].id == "default/short/cloud/mqtt" and eps["short"].priority == 7
     assert eps["short"].url == "mqtt://b:1884/hubmesh/home/svc/short" and eps["short"].target is None

@@ -21,9 +21,9 @@ from edged.config import (
     find_config,
     load_config,
     parse_listen,
-    toml_key_lines,
     user_paths,
 )
+from edged.document import toml_key_lines
 from edged.errors import ConfigError
 
 REPO = Path(__file__).parent.parent

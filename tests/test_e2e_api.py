@@ -89,6 +89,9 @@ def test_errors_are_json_with_the_contract_codes(backends, edged):
     assert doc["detail"]["tries"][0]["error"] == "connect_failed"
     status, _, body = d.api.request("GET", "/v1/services", headers=[("Authorization", "Bearer wrong")])
     assert status == 401 and json.loads(body)["error"] == "unauthorized"
+    metrics = d.api.request("GET", "/metrics")[2].decode()  # each refusal is counted by its status
+    for code, count in (("404", 3), ("503", 2), ("401", 1)):
+        assert f'edged_http_errors_total{{code="{code}"}} {count}' in metrics, code
 
 
 def test_backend_5xx_fails_over_and_post_is_not_replayed(backends, edged):

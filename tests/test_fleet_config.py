@@ -50,6 +50,7 @@ def source(registry: Registry | None = None, **kw) -> tuple[FleetConfigSource, R
     registry = registry or Registry()
     metrics = CloudMetrics(Metrics())
     src = FleetConfigSource(registry=registry, keys=TRUSTED, node="pi-1", fleet="home", metrics=metrics, **kw)
+    registry.add_layer(src.layer)
     return src, registry, metrics
 
 
@@ -171,9 +172,8 @@ def test_a_fleet_policy_changes_the_keys_it_names_and_keeps_the_manifests_others
     assert src.offer(signed({"version": 1, "policies": {"thermo": {"strategy": "round_robin"}}}), "fleet", "t")
     policy = registry.snapshot().get("default", "thermo").spec.policy
     assert (policy.strategy, policy.retries, policy.per_try_timeout, policy.timeout) == ("round_robin", 1, 0.3, 2.0)
-    # The manifest changes: the fleet keys stay laid over the new version.
+    # The manifest changes: the fleet keys stay laid over the new version (the layer is recomputed).
     registry.set_manifests([ServiceSpec(name="thermo", policy=PolicySpec(retries=3)), ServiceSpec(name="pump")])
-    src.refresh()
     policy = registry.snapshot().get("default", "thermo").spec.policy
     assert (policy.strategy, policy.retries) == ("round_robin", 3)
 

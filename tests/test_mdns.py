@@ -26,9 +26,9 @@ from edged.edge.txt import (
     service_path,
     txt_size,
 )
-from edged.edge.vitals import Vitals
 from edged.model import EndpointSpec, ServiceSpec
 from edged.registry import Registry
+from edged.vitals import Vitals
 
 # -- TXT ----------------------------------------------------------------------------------------------
 
@@ -93,11 +93,16 @@ def snapshot(*specs: ServiceSpec):
     return registry.snapshot()
 
 
+def merged(*specs: ServiceSpec):
+    """The merged services a registry with these manifests hands its layers."""
+    return {key: svc.spec for key, svc in snapshot(*specs).services.items()}
+
+
 def test_a_peers_service_becomes_an_edge_endpoint_and_is_declared_when_unknown_here():
     eps, specs = build(
         [peer("pi-b", vitals=Vitals(cpu=10, bat=50, power="battery")), peer("me"), peer("pi-x", fleet="other")],
         [],
-        snapshot(),
+        merged(),
         node="me",
         fleet="home",
     )
@@ -110,10 +115,10 @@ def test_a_peers_service_becomes_an_edge_endpoint_and_is_declared_when_unknown_h
 
 def test_declared_priority_is_kept_and_a_measured_link_stands_in_for_an_unknown_one():
     spec = ServiceSpec(name="thermo", priority=3, endpoint_types=("local", "edge"))
-    eps, _ = build([peer("pi-b")], [], snapshot(spec), node="me", fleet="home", links={"pi-b": 70})
+    eps, _ = build([peer("pi-b")], [], merged(spec), node="me", fleet="home", links={"pi-b": 70})
     assert eps[0].priority == 3 and dict(eps[0].meta)["link"] == "70"
     eps, _ = build(
-        [peer("pi-b", vitals=Vitals(link=20))], [], snapshot(spec), node="me", fleet="home", links={"pi-b": 70}
+        [peer("pi-b", vitals=Vitals(link=20))], [], merged(spec), node="me", fleet="home", links={"pi-b": 70}
     )
     assert dict(eps[0].meta)["link"] == "20"  # the peer's own Wi-Fi reading wins
 
@@ -138,7 +143,7 @@ def test_a_manifests_mdns_type_takes_every_instance_of_it_from_any_responder():
         instance("odd", {"path": "no slash"}, "fe80::1%2"),
     ]
     pb = Peer(peer("pi-b").record, "10.0.0.2", 8080, "pi-b", (("default", "thermo"),))
-    eps, specs = build([pb], typed, snapshot(spec), node="me", fleet="home")
+    eps, specs = build([pb], typed, merged(spec), node="me", fleet="home")
     urls = {e.id.rpartition(":")[2]: (e.url, e.priority, e.weight) for e in eps}
     assert urls == {
         "plain._thermo._tcp": ("http://10.0.0.9:8080/api", 2, 50),

@@ -3,7 +3,7 @@ from __future__ import annotations
 from helpers import endpoint
 
 from edged.model import EndpointSpec, ServiceSpec
-from edged.registry import Registry
+from edged.registry import Layer, Registry
 
 
 def spec(name: str, *urls: str, types=("local", "edge", "cloud"), source="a.toml") -> ServiceSpec:
@@ -62,10 +62,17 @@ def test_source_precedence_and_policy_overrides():
     assert reg.snapshot().get("default", "a").spec.source == "mqtt"
     reg.set_manifests([spec("a", "http://127.0.0.1:1")])
     assert reg.snapshot().get("default", "a").spec.source == "a.toml"
-    reg.set_policies("fleet", {("default", "a"): PolicySpec(strategy="weighted")})
+    fleet: dict = {}
+    api: dict = {}
+    reg.add_layer(Layer("fleet", policies=lambda draft: fleet))
+    reg.add_layer(Layer("api", policies=lambda draft: api))
+    fleet[("default", "a")] = PolicySpec(strategy="weighted")
+    reg.refresh()
     assert reg.snapshot().get("default", "a").spec.policy.strategy == "weighted"
-    reg.set_policies("api", {("default", "a"): PolicySpec(strategy="latency")})
+    api[("default", "a")] = PolicySpec(strategy="latency")
+    reg.refresh()
     assert reg.snapshot().get("default", "a").spec.policy.strategy == "latency"
     assert reg.policy_source("default", "a") == "api" and reg.policy_source("default", "b") == "declared"
-    reg.set_policies("api", {})
+    api.clear()
+    reg.refresh()
     assert reg.snapshot().get("default", "a").spec.policy.strategy == "weighted"

@@ -164,9 +164,12 @@ def test_a_call_can_be_limited_to_some_tiers():
 class HangingTransport(ScriptedTransport):
     """Endpoints scripted "hang" never answer: the try waits until it is cancelled."""
 
+    hanging: asyncio.Event
+
     async def send(self, ep, call, headers, timeout):
         if self.script[ep.id.rsplit("/", 1)[1]] == "hang":
             self.sent.append((ep.id.rsplit("/", 1)[1], timeout))
+            self.hanging.set()
             await asyncio.Event().wait()
         return await super().send(ep, call, headers, timeout)
 
@@ -181,9 +184,9 @@ def test_a_cancelled_call_gives_back_every_in_flight_place_and_held_answer(scrip
     router = Router(router._registry, health, {"local": transport}, MeshMetrics())
 
     async def scenario():
+        transport.hanging = asyncio.Event()
         task = asyncio.create_task(router.route_service_call(call))
-        while len(transport.sent) < len(script):
-            await asyncio.sleep(0)
+        await transport.hanging.wait()
         assert health.state(f"default/s/local/{transport.sent[-1][0]}").inflight == 1
         task.cancel()
         with pytest.raises(asyncio.CancelledError):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from fixtures_netns import fake_vitals_roots
 
-from edged.edge.vitals import Vitals, VitalsReader
+from edged.vitals import Vitals, VitalsReader
 
 
 def reader(proc: Path, sysfs: Path) -> VitalsReader:

@@ -2,9 +2,9 @@
 
 Subscribes with a shared subscription, `$share/{group}/{prefix}/+/svc/+/req`, so that several bridges of one
 group share the load (the broker hands each request to one of them). Each request is routed like a call
-that entered a daemon, by the same pieces: manifests -> registry -> health checks -> policy -> router, but
-restricted to the local tier (`Call.tiers`), over the pooled HTTP client. The answer is published to the
-request's reply topic with its correlation id.
+that entered a daemon, by the same pieces (the same `MeshCore`: manifests -> registry -> health checks ->
+policy -> router), but restricted to the local tier (`Call.tiers`), over the pooled HTTP client. The answer
+is published to the request's reply topic with its correlation id.
 
 Every group gets its own copy of each request, and within a group the broker picks one bridge, so: the
 bridges of one group serve the same services, and a bridge stays silent on a service it does not serve
@@ -22,24 +22,17 @@ import json
 import logging
 import os
 import secrets
-import signal
 import time
 
 from ..aio import cancel_and_wait
 from ..call import LOCAL_ONLY, new_call
 from ..config import Config
-from ..discovery.manifests import ManifestSource
+from ..core import MeshCore
+from ..core import run as run_process
 from ..errors import CallError, UpstreamError
-from ..health import HealthMonitor
-from ..http.client import UpstreamPool
 from ..http.message import strip_hop_by_hop
 from ..logs import log_event
-from ..policy import Ranker
-from ..registry import Registry, Snapshot
-from ..router import Router
-from ..state import StateStore
-from ..telemetry import MeshMetrics
-from ..transport.http import HttpTransport
+from ..registry import Snapshot
 from .envelope import CloudAnswer, CloudRequest, EnvelopeError, decode_request, encode_answer, error_answer
 from .persist import StateSaver
 from .registry_sync import RegistrySync
@@ -79,12 +72,9 @@ class Bridge:
         self.config = config
         self.node = config.node.name
         self.topics = Topics(mq.topic_prefix, config.node.fleet)
-        self.registry = Registry()
-        self.metrics = MeshMetrics()
-        self.health = HealthMonitor()
-        self.manifests = ManifestSource(self.registry, config.services.dirs)
-        self.pool = UpstreamPool()
-        self.router = Router(self.registry, self.health, {"local": HttpTransport(self.pool)}, self.metrics, Ranker())
+        self.core = core = MeshCore(config)  # no tiers: a bridge serves its own local endpoints only
+        self.registry, self.metrics, self.health = core.registry, core.metrics, core.health
+        self.manifests, self.pool, self.router = core.manifests, core.pool, core.router
         offline = json.dumps({"state": "offline", "node": self.node, "fleet": config.node.fleet, "reason": "lost"})
         self.session = MqttSession(
             mq,
@@ -99,7 +89,7 @@ class Bridge:
             topics=self.topics,
             node=self.node,
             zone=config.node.zone,
-            saver=StateSaver(StateStore(config.state.dir)),
+            saver=StateSaver(core.store),
             metrics=CloudMetrics(self.metrics.registry),
             status_extra=lambda: {"role": "bridge", "group": config.bridge.group},
             always_cloud=True,
@@ -108,7 +98,6 @@ class Bridge:
         self._max_inflight = max_inflight
         self._body_limit = max(0, mq.max_payload - ANSWER_OVERHEAD)
         self._inflight: set[asyncio.Task] = set()
-        self._tasks: list[asyncio.Task] = []
         self._closing = False
         self._ready_logged = False
         self.served = 0  # answered from an endpoint
@@ -124,15 +113,9 @@ class Bridge:
 
     async def start(self) -> None:
         """Load manifests, start health checks and the MQTT session (which may connect later)."""
-        self.manifests.reload()
-        snapshot = self.registry.snapshot()
-        self.health.sync(snapshot.services.values())
-        self.registry_sync.local_changed(snapshot)
+        await self.core.start()
+        self.registry_sync.local_changed(self.registry.snapshot())
         self.session.start()
-        loop = asyncio.get_running_loop()
-        self._tasks.append(
-            loop.create_task(self.manifests.watch(self.config.services.reload_interval), name="bridge manifests")
-        )
 
     async def stop(self, drain: float = 5.0) -> None:
         """Answer in-flight requests (up to `drain` seconds), say offline, disconnect, release everything."""
@@ -145,9 +128,7 @@ class Bridge:
             with contextlib.suppress(PublishError):
                 await self.session.publish(self.topics.status(self.node), payload, qos=1, retain=True, timeout=1.0)
         await self.session.close()
-        await cancel_and_wait(self._tasks)
-        await self.health.close()
-        await self.pool.close()
+        await self.core.stop()
         log_event(
             log,
             logging.INFO,
@@ -173,7 +154,6 @@ class Bridge:
             )
 
     def _on_registry_change(self, old: Snapshot, new: Snapshot) -> None:
-        self.health.sync(new.services.values())
         self.registry_sync.local_changed(new)
 
     # -- requests -------------------------------------------------------------------------------------------
@@ -267,28 +247,6 @@ class Bridge:
             log.debug("answer to %s not published: %s", req.reply, exc)
 
 
-async def serve(config: Config) -> None:
-    """Run a bridge until SIGTERM or SIGINT."""
-    loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    bridge = Bridge(config)
-    try:
-        await bridge.start()
-        await stopping.wait()
-    finally:
-        await bridge.stop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-
-
 def run(config: Config) -> int:
-    """`edged bridge`: run until a signal; uvloop when installed. Returns the exit code."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(serve(config))
-    else:
-        uvloop.run(serve(config))
-    return 0
+    """`edged bridge`: run until SIGTERM or SIGINT; uvloop when installed. Returns the exit code."""
+    return run_process(lambda: Bridge(config))

@@ -42,12 +42,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from ..config import Doc, Table, parse_toml, read_text, toml_locator
+from ..document import Doc, Table, parse_toml, read_text, toml_locator
 from ..errors import ConfigError, EdgedError
 from ..logs import log_event
 from ..manifest import parse_policy, policy_dict
 from ..model import DEFAULT_TENANT, PolicySpec
-from ..registry import Registry
+from ..registry import Draft, Key, Layer, Registry
 from .persist import StateSaver
 from .session import Inbound
 from .telemetry import CloudMetrics
@@ -318,8 +318,9 @@ def document_text(data: Mapping[str, Any]) -> str:
 
 
 class FleetConfigSource:
-    """Checks documents as they arrive, keeps the last good one per scope, applies them to the registry
-    (`set_policies("fleet", ...)`) and saves them. Sync: the session calls `on_message` on the event loop."""
+    """Checks documents as they arrive, keeps the last good one per scope, lays their policies over the
+    manifests as the registry's "fleet" policy layer (`layer`), and saves them. Sync: the session calls
+    `on_message` on the event loop."""
 
     def __init__(
         self,
@@ -342,6 +343,8 @@ class FleetConfigSource:
         self.docs: dict[str, FleetDocument] = {}  # scope -> the document in force
         self.refused: dict[str, int] = {}  # reason -> count
         self.applied_at: float | None = None  # unix time the config in force was applied
+        self._alone: set[tuple[Key, str]] = set()  # policies used alone (did not combine), already logged
+        self.layer = Layer("fleet", policies=self.policies)
 
     def __repr__(self) -> str:
         versions = {scope: doc.version for scope, doc in self.docs.items()}
@@ -406,9 +409,9 @@ class FleetConfigSource:
                 raise FleetConfigError("conflict", f"another document with version {doc.version} is in force")
         return doc
 
-    def policies(self) -> dict[tuple[str, str], PolicySpec]:
-        """Policies in force: each service's manifest `[policy]` with the fleet document's keys laid over
-        it, then this node's document's keys."""
+    def policies(self, draft: Draft) -> dict[Key, PolicySpec]:
+        """The layer: each service's manifest `[policy]` with the fleet document's keys laid over it, then
+        this node's document's keys."""
         tables: dict[tuple[str, str], dict[str, Any]] = {}
         alone: dict[tuple[str, str], PolicySpec] = {}
         for scope in SCOPES:
@@ -419,19 +422,16 @@ class FleetConfigSource:
                     alone[key] = doc.policies[key]
         out: dict[tuple[str, str], PolicySpec] = {}
         for key, table in tables.items():
-            declared = self._registry.declared_by_manifest(*key)
+            declared = draft.manifests.get(key)
             base = policy_dict(declared.policy) if declared is not None else {}
             try:
                 out[key] = parse_policy({**base, **table}, "fleet config")
             except ConfigError as exc:  # e.g. a longer per_try_timeout than the manifest's timeout
-                log.warning("fleet policy for %s does not combine with its manifest (%s): used alone", key, exc)
+                if (key, str(exc)) not in self._alone:
+                    self._alone.add((key, str(exc)))
+                    log.warning("fleet policy for %s does not combine with its manifest (%s): used alone", key, exc)
                 out[key] = alone[key]
         return out
-
-    def refresh(self) -> None:
-        """Lay the policies over the manifests again (a manifest changed); a no-op when nothing did."""
-        if self.docs:
-            self._registry.set_policies("fleet", self.policies())
 
     def settings(self) -> FleetSettings:
         merged = FleetSettings()
@@ -443,7 +443,7 @@ class FleetConfigSource:
 
     def apply(self) -> None:
         """Put the config in force into the registry and the settings into their owners."""
-        self._registry.set_policies("fleet", self.policies())
+        self._registry.refresh()
         for scope in SCOPES:
             doc = self.docs.get(scope)
             self._metrics.fleet_version.set((scope,), doc.version if doc else 0)

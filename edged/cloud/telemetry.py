@@ -1,4 +1,4 @@
-"""Telemetry of the cloud tier: its own metric families, this node's vitals, and the periodic MQTT summary.
+"""Telemetry of the cloud tier: its own metric families and the periodic MQTT summary (with the core's vitals).
 
 The summary on `{prefix}/{fleet}/telemetry/{node}` (JSON, QoS 0, not retained) counts calls, failures and
 failovers per service and tier since the previous summary, with the node's vitals. It is rate-limited:
@@ -12,8 +12,6 @@ import json
 import logging
 import time
 from collections.abc import Callable
-
-import psutil
 
 from ..telemetry import MeshMetrics, Metrics
 
@@ -44,30 +42,6 @@ class CloudMetrics:
         self.fleet_version = m.gauge(
             "edged_fleet_config_version", "Version of the fleet config in force, by scope (fleet, node).", ("scope",)
         )
-
-
-def _pct(value: float | None) -> str:
-    return "" if value is None else str(max(0, min(100, round(value))))
-
-
-def read_vitals() -> dict[str, str]:
-    """This node's vitals as the policy reads them: "cpu", "bat", "link" ("0".."100" or "" when unknown)
-    and "power" ("battery" | "mains" | ""). `psutil.cpu_percent` must have been primed (see `prime_vitals`)."""
-    cpu = psutil.cpu_percent(None)
-    bat = power = ""
-    try:
-        battery = psutil.sensors_battery()
-    except (OSError, RuntimeError, AttributeError):
-        battery = None
-    if battery is not None:
-        bat = _pct(battery.percent)
-        power = "mains" if battery.power_plugged else "battery"
-    return {"cpu": _pct(cpu), "bat": bat, "link": "", "power": power}
-
-
-def prime_vitals() -> None:
-    """`cpu_percent(None)` returns 0.0 on its first call: make that call now."""
-    psutil.cpu_percent(None)
 
 
 class TelemetryPublisher:

@@ -1,4 +1,4 @@
-"""`CloudTier`: the daemon component of the cloud tier, and the cloud endpoints it derives from the registry."""
+"""`CloudTier`: the cloud tier of the daemon, and the cloud endpoints it lays over the registry (a pure layer)."""
 
 from __future__ import annotations
 
@@ -6,24 +6,26 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from ..aio import cancel_and_wait
-from ..config import Config
 from ..logs import log_event
-from ..model import Endpoint
-from ..registry import Registry, Snapshot
-from ..state import StateStore
-from ..telemetry import MeshMetrics
+from ..model import Endpoint, ServiceSpec
+from ..registry import Key, Layer, Snapshot
+from ..vitals import Vitals
 from . import fleet as fleet_mod
 from . import registry_sync as registry_mod
 from .fleet import FleetConfigSource, FleetSettings, load_trusted_keys
 from .persist import StateSaver
 from .registry_sync import RegistrySync
 from .session import LastWill, MqttSession, PublishError, broker_address
-from .telemetry import CloudMetrics, TelemetryPublisher, prime_vitals, read_vitals
+from .telemetry import CloudMetrics, TelemetryPublisher
 from .topics import Topics
 from .transport import CloudTransport
+
+if TYPE_CHECKING:
+    from ..core import MeshCore, TierParts
 
 log = logging.getLogger("edged.cloud")
 
@@ -31,8 +33,8 @@ CLOUD_SOURCE = "mqtt"
 VITALS_STEP = 10  # re-publish the retained status when a vital moved by this many points
 
 
-def cloud_endpoints(snapshot: Snapshot, *, broker_url: str, topics: Topics) -> list[Endpoint]:
-    """One cloud endpoint per service whose endpoint types include "cloud".
+def cloud_endpoints(specs: Mapping[Key, ServiceSpec], *, broker_url: str, topics: Topics) -> list[Endpoint]:
+    """The "cloud" layer: one cloud endpoint per service whose endpoint types include "cloud".
 
     Priority and weight come from a long-form `[[endpoints]] type = "cloud"` when there is one, else the
     service's priority and weight 100.
@@ -40,8 +42,7 @@ def cloud_endpoints(snapshot: Snapshot, *, broker_url: str, topics: Topics) -> l
     host, port, tls = broker_address(broker_url)
     where = f"{'mqtts' if tls else 'mqtt'}://{host}:{port}/{topics.base}/svc"
     out = []
-    for svc in snapshot.services.values():
-        spec = svc.spec
+    for spec in specs.values():
         if "cloud" not in spec.endpoint_types:
             continue
         decl = next((d for d in spec.endpoints if d.tier == "cloud"), None)
@@ -62,29 +63,23 @@ def cloud_endpoints(snapshot: Snapshot, *, broker_url: str, topics: Topics) -> l
 
 
 class CloudTier:
-    """The daemon component of the cloud tier. Built in `Daemon.__init__`, started after the core."""
+    """The cloud tier, built by the core (`CloudTier(core)`), started after it."""
 
     name = "cloud"
 
-    def __init__(
-        self,
-        *,
-        config: Config,
-        registry: Registry,
-        store: StateStore,
-        metrics: MeshMetrics,
-        transports: dict,
-        peer_sources: list[Callable[[], list[dict]]],
-    ) -> None:
+    def __init__(self, core: MeshCore) -> None:
+        config = core.config
         mq = config.mqtt
         self.config = config
         self.node = config.node.name
         self.topics = Topics(mq.topic_prefix, config.node.fleet)
+        registry = core.registry
         self._registry = registry
-        self._store = store
-        self._mesh = metrics
-        self.metrics = CloudMetrics(metrics.registry)
-        self.saver = StateSaver(store)
+        self._store = core.store
+        self._mesh = core.metrics
+        self._node_vitals = core.vitals
+        self.metrics = CloudMetrics(core.metrics.registry)
+        self.saver = StateSaver(core.store)
         offline = json.dumps({"state": "offline", "node": self.node, "fleet": config.node.fleet, "reason": "lost"})
         self.session = MqttSession(
             mq,
@@ -96,7 +91,7 @@ class CloudTier:
         self.transport = CloudTransport(
             self.session, self.topics, self.node, max_payload=mq.max_payload, metrics=self.metrics
         )
-        self._vitals: dict[str, str] = {}
+        self._published: dict[str, str] = {}  # the vitals in the retained status
         self.registry_sync = RegistrySync(
             registry=registry,
             session=self.session,
@@ -105,7 +100,7 @@ class CloudTier:
             zone=config.node.zone,
             saver=self.saver,
             metrics=self.metrics,
-            status_extra=lambda: {"vitals": dict(self._vitals)},
+            status_extra=lambda: {"vitals": self._node_vitals.current.status()},
         )
         self.fleet = FleetConfigSource(
             registry=registry,
@@ -123,36 +118,47 @@ class CloudTier:
             topic=self.topics.telemetry(self.node),
             node=self.node,
             fleet=config.node.fleet,
-            mesh=metrics,
+            mesh=core.metrics,
             interval=mq.telemetry_interval,
             extra=self._telemetry_extra,
         )
-        transports["cloud"] = self.transport
-        peer_sources.append(self.registry_sync.peers)
-        registry.watch(self._on_registry_change)
-        metrics.add_collector(self._collect)
-        self._sync_scheduled = False
+        self._started = False
         self._tasks: list[asyncio.Task] = []
+
+    def parts(self) -> TierParts:
+        from ..core import TierParts
+
+        url, topics = self.config.mqtt.url, self.topics
+        return TierParts(
+            transports={"cloud": self.transport},
+            layers=(
+                Layer("cloud", endpoints=lambda specs: cloud_endpoints(specs, broker_url=url, topics=topics)),
+                self.fleet.layer,
+            ),
+            peers=self.registry_sync.peers,
+            collect=self._collect,
+            on_vitals=self._on_vitals,
+            on_registry_change=self._on_registry_change,
+        )
 
     def __repr__(self) -> str:
         return f"<CloudTier {self.node} {self.session!r} {self.fleet!r}>"
 
-    # -- Component ----------------------------------------------------------------------------------------
+    # -- Tier -----------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Restore the last known registry and fleet config, then connect in the background (never waits
         for the broker: a box with no network starts just the same)."""
-        prime_vitals()
-        self._vitals = read_vitals()
+        self._started = True
+        self._published = self._node_vitals.current.status()
         restored = self.fleet.load(self._store.read_json(fleet_mod.STATE_FILE, {}))
         known = self.registry_sync.load(self._store.read_json(registry_mod.STATE_FILE, {}))
-        self._sync()
+        self.registry_sync.local_changed(self._registry.snapshot())
         self.session.start()
         loop = asyncio.get_running_loop()
         for coro, name in (
             (self.telemetry.run(), "cloud telemetry"),
             (self.saver.run(), "cloud state saver"),
-            (self._watch_vitals(), "cloud vitals"),
         ):
             task = loop.create_task(coro, name=name)
             task.add_done_callback(_log_failure)
@@ -194,23 +200,9 @@ class CloudTier:
         self.transport.fail_all(f"broker disconnected: {reason}")
 
     def _on_registry_change(self, old: Snapshot, new: Snapshot) -> None:
-        # Deferred: changing the registry from inside its watcher would hand later watchers stale snapshots.
-        if self._sync_scheduled:
-            return
-        self._sync_scheduled = True
-        try:
-            asyncio.get_running_loop().call_soon(self._sync)
-        except RuntimeError:  # no loop yet (a change during construction): sync at start()
-            self._sync_scheduled = False
-
-    def _sync(self) -> None:
-        """Follow the registry: cloud endpoints of services that allow the tier; this node's entries."""
-        self._sync_scheduled = False
-        snapshot = self._registry.snapshot()
-        endpoints = cloud_endpoints(snapshot, broker_url=self.config.mqtt.url, topics=self.topics)
-        self._registry.set_endpoints("cloud", endpoints)
-        self.fleet.refresh()  # fleet policies are laid over manifests, which may have changed
-        self.registry_sync.local_changed(self._registry.snapshot())
+        # Observe only: this node's entries follow the registry (cloud endpoints and fleet policies are layers).
+        if self._started:
+            self.registry_sync.local_changed(new)
 
     def _on_settings(self, settings: FleetSettings) -> None:
         interval = settings.telemetry_interval
@@ -221,7 +213,7 @@ class CloudTier:
 
     def _telemetry_extra(self) -> dict:
         return {
-            "vitals": dict(self._vitals),
+            "vitals": self._node_vitals.current.status(),
             "mqtt": {
                 "connects": self.session.connects,
                 "pending": self.transport.pending,
@@ -231,22 +223,12 @@ class CloudTier:
             "fleet_config": self.fleet.versions(),
         }
 
-    async def _watch_vitals(self) -> None:
-        """Read vitals every `[vitals] interval`; re-publish the status when one moved noticeably."""
-        published = dict(self._vitals)
-        while True:
-            await asyncio.sleep(self.config.vitals.interval)
-            try:
-                self._vitals = read_vitals()
-            except Exception:  # psutil on an odd box: keep the last reading, try again next round
-                log.exception("reading vitals failed")
-                continue
-            for kind in ("cpu", "bat", "link"):
-                if self._vitals[kind]:
-                    self._mesh.node_vitals.set((kind,), float(self._vitals[kind]))
-            if _moved(published, self._vitals) and self.session.connected:
-                self.registry_sync.publish_status()
-                published = dict(self._vitals)
+    def _on_vitals(self, vitals: Vitals) -> None:
+        """Each reading of the core's sampler: re-publish the status when a vital moved noticeably."""
+        now = vitals.status()
+        if self._started and _moved(self._published, now) and self.session.connected:
+            self.registry_sync.publish_status()
+            self._published = now
 
 
 def _log_failure(task: asyncio.Task) -> None:

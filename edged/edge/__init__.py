@@ -1,12 +1,13 @@
-"""The edge tier: peers and services on the LAN over mDNS, the peer ingress, and this node's vitals.
+"""The edge tier: peers and services on the LAN over mDNS, the peer ingress, and this node's vitals in TXT.
 
-    vitals (psutil, /proc, /sys) --TXT--> mdns (advertise, browse, resolve, liveness) --> peers (pure mapping)
+    core vitals --TXT--> mdns (advertise, browse, resolve, liveness) --> Discovered --> edge_layer (pure)
         --> registry ("mdns" endpoints and services) --> router --> EdgeTransport --> a peer's ingress
                                                                                    --> its LOCAL endpoints
 
-`EdgeTier` is the daemon component that owns all of it: one task per loop (vitals, sync, advertiser), each
-cancelled and awaited on stop. Nothing here may take the daemon down: a taken ingress port or a box where
-mDNS cannot start is logged, and the local API keeps serving.
+`EdgeTier` is the tier that owns all of it: one task per loop (sync, advertiser), each cancelled and awaited
+on stop. It returns its transport, its registry layer, its check headers, its peers and a vitals listener.
+Nothing here may take the daemon down: a taken ingress port or a box where mDNS cannot start is logged,
+and the local API keeps serving.
 """
 
 from __future__ import annotations
@@ -19,21 +20,17 @@ import logging
 import math
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from ..aio import cancel_and_wait
-from ..config import Config
 from ..errors import EdgedError
-from ..events import EventBus
-from ..health import HealthMonitor
-from ..http.client import UpstreamPool
 from ..logs import log_event
 from ..model import Endpoint, parse_target
-from ..registry import Registry, Snapshot
-from ..router import Router
-from ..telemetry import MeshMetrics
+from ..registry import Snapshot
+from ..vitals import Vitals, VitalsReader
 from .ingress import SERVICES_PATH, EdgeTransport, FleetIdentity, Ingress, to_peer
 from .mdns import Mdns, MdnsError, local_addresses, service_info
-from .peers import LinkEstimator, Peer, build, offered, url_host
+from .peers import Discovered, LinkEstimator, Peer, edge_layer, offered, url_host
 from .txt import (
     HUBMESH_TYPE,
     PROTOCOL_VERSION,
@@ -45,43 +42,33 @@ from .txt import (
     parse_refs,
     service_path,
 )
-from .vitals import Vitals, VitalsReader
+
+if TYPE_CHECKING:
+    from ..core import MeshCore, TierParts
 
 __all__ = ["EdgeTier", "FleetIdentity", "Vitals", "VitalsReader"]
 
 log = logging.getLogger("edged.edge")
 
 FETCH_TIMEOUT = 2.0  # seconds to fetch a peer's service list from its ingress (TXT held only a hash)
-VITAL_KINDS = ("cpu", "bat", "link")
 
 
 class EdgeTier:
-    """The daemon component of the edge tier (see the module doc). Built in `Daemon.__init__`."""
+    """The edge tier (see the module doc), built by the core: `EdgeTier(core)`."""
 
     name = "edge"
 
-    def __init__(
-        self,
-        config: Config,
-        *,
-        registry: Registry,
-        router: Router,
-        health: HealthMonitor,
-        metrics: MeshMetrics,
-        events: EventBus,
-        pool: UpstreamPool,
-    ) -> None:
+    def __init__(self, core: MeshCore) -> None:
+        config = core.config
         self.config = config
-        self._registry = registry
-        self._health = health
-        self._metrics = metrics
-        self._events = events
-        self._pool = pool
+        self._registry = core.registry
+        self._health = core.health
+        self._metrics = core.metrics
+        self._events = core.events
+        self._pool = core.pool
+        self._vitals = core.vitals
         self.identity = FleetIdentity(config.node.name, config.node.fleet)
-        self.transport = EdgeTransport(pool, self.identity)
-        health.check_headers = self._check_headers
-        self.reader = VitalsReader(config.vitals.proc_root, config.vitals.sys_root)
-        self.vitals = Vitals()
+        self.transport = EdgeTransport(core.pool, self.identity)
         self._advertised: Vitals | None = None  # the vitals in our TXT record
         self._advertised_at = -math.inf
         ing = config.ingress
@@ -90,8 +77,8 @@ class EdgeTier:
             self.ingress = Ingress(
                 host=ing.listen_host,
                 port=ing.listen_port,
-                router=router,
-                registry=registry,
+                router=core.router,
+                registry=core.registry,
                 identity=self.identity,
                 max_header=config.api.max_header,
                 max_body=config.api.max_body,
@@ -99,21 +86,43 @@ class EdgeTier:
             )
         self.mdns: Mdns | None = None
         self._advertising = False
-        self._peers: list[Peer] = []
+        self._found = Discovered()
         self._links = LinkEstimator()
         self._fetched: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {}  # node -> (hash, services)
         self._dirty = asyncio.Event()
         self._advertise_wake = asyncio.Event()
-        self._tasks: list[asyncio.Task] = []  # vitals and sync loops
+        self._tasks: list[asyncio.Task] = []  # the sync loop
         self._advertiser: asyncio.Task | None = None  # ends first, at `leaving`
+        self._started = False
         self._stopped = False
+
+    def parts(self) -> TierParts:
+        from ..core import TierParts
+
+        return TierParts(
+            transports={"edge": self.transport},
+            layers=(edge_layer(lambda: self._found, node=self.config.node.name, fleet=self.config.node.fleet),),
+            check_headers={"edge": self._check_headers},
+            peers=self.peers,
+            on_vitals=self._on_vitals,
+            on_registry_change=self._on_registry_change,
+        )
+
+    @property
+    def vitals(self) -> Vitals:
+        """This node's vitals as last read by the core's sampler."""
+        return self._vitals.current
+
+    @property
+    def _peers(self) -> tuple[Peer, ...]:
+        return self._found.peers
 
     def __repr__(self) -> str:
         return f"<EdgeTier peers={[p.node for p in self._peers]} mdns={self.mdns!r} vitals={self.vitals}>"
 
     # -- lifecycle ------------------------------------------------------------------------------------
     async def start(self) -> None:
-        self._read_vitals()
+        self._started = True
         self._advertised, self._advertised_at = self.vitals, time.monotonic()
         listening = self.ingress is not None and await self.ingress.start()
         if self.config.mdns.enabled:
@@ -130,9 +139,7 @@ class EdgeTier:
             else:
                 self.mdns = mdns
         self._advertising = listening and self.mdns is not None
-        self._registry.watch(self._on_registry_change)
         loop = asyncio.get_running_loop()
-        self._tasks.append(loop.create_task(self._vitals_loop(), name="edged-edge:vitals"))
         if self.mdns is not None:
             self._tasks.append(loop.create_task(self._sync_loop(), name="edged-edge:sync"))
             self._dirty.set()
@@ -192,32 +199,18 @@ class EdgeTier:
         return out
 
     # -- vitals ---------------------------------------------------------------------------------------
-    def _read_vitals(self) -> None:
-        self.vitals = self.reader.read()
-        for kind in VITAL_KINDS:
-            value = getattr(self.vitals, kind)
-            if value is None:
-                self._metrics.node_vitals.remove((kind,))
-            else:
-                self._metrics.node_vitals.set((kind,), float(value))
-
-    async def _vitals_loop(self) -> None:
-        """Read vitals every `[vitals] interval`; peers hear of a meaningful change, at most every txt_min_interval."""
-        while True:
-            await asyncio.sleep(self.config.vitals.interval)
-            try:
-                self._read_vitals()
-            except Exception:  # the readers never raise; this guards the loop against what they did not foresee
-                log.exception("reading vitals failed")
-                continue
-            now = time.monotonic()
-            advertised = self._advertised
-            if advertised is not None and not self.vitals.differs_from(advertised):
-                continue
-            if now - self._advertised_at < self.config.mdns.txt_min_interval:
-                continue  # a later read sends it (no multicast storm from a flapping value)
-            self._advertised, self._advertised_at = self.vitals, now
-            self._advertise_wake.set()
+    def _on_vitals(self, vitals: Vitals) -> None:
+        """Each reading of the core's sampler: peers hear of a meaningful change, at most every txt_min_interval."""
+        if not self._started or self._stopped:
+            return
+        advertised = self._advertised
+        if advertised is not None and not vitals.differs_from(advertised):
+            return
+        now = time.monotonic()
+        if now - self._advertised_at < self.config.mdns.txt_min_interval:
+            return  # a later reading sends it (no multicast storm from a flapping value)
+        self._advertised, self._advertised_at = vitals, now
+        self._advertise_wake.set()
 
     # -- advertising ----------------------------------------------------------------------------------
     async def _advertise_loop(self) -> None:
@@ -280,8 +273,8 @@ class EdgeTier:
         self._dirty.set()
 
     def _on_registry_change(self, old: Snapshot, new: Snapshot) -> None:
-        # Never write to the registry from inside its watcher: the loops pick the change up.
-        if self._stopped:
+        # Observe only (the registry refuses writes from its watchers): the loops pick the change up.
+        if not self._started or self._stopped:
             return
         self._dirty.set()
         self._advertise_wake.set()
@@ -313,13 +306,10 @@ class EdgeTier:
         await mdns.browse({HUBMESH_TYPE, *types})
         peers = await self._live_peers(mdns)
         links = self._measure_links(peers, snap)
-        typed = [i for i in mdns.instances() if i.type != HUBMESH_TYPE]
-        node, fleet = self.config.node.name, self.config.node.fleet
-        endpoints, specs = build(peers, typed, snap, node=node, fleet=fleet, links=links)
+        typed = tuple(i for i in mdns.instances() if i.type != HUBMESH_TYPE)
         before = {p.node for p in self._peers}
-        self._peers = peers
-        self._registry.set_services("mdns", specs)
-        self._registry.set_endpoints("mdns", endpoints)
+        self._found = Discovered(tuple(peers), typed, links)
+        self._registry.refresh()  # the "mdns" layer reads what was just found
         self._metrics.mdns_peers.set((), len(peers))
         after = {p.node for p in peers}
         for gone in sorted(before - after):

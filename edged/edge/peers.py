@@ -12,14 +12,14 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 
 from ..model import Endpoint, Service, ServiceSpec, parse_target
-from ..registry import Snapshot
+from ..registry import Key, Layer, Snapshot
+from ..vitals import Vitals
 from .mdns import Instance
 from .txt import NodeRecord, service_path
-from .vitals import Vitals
 
 _PATH = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*")
 DEFAULT_PRIORITY = ServiceSpec(name="x").priority
@@ -68,10 +68,33 @@ def _txt_path(props: Mapping[str, str]) -> str:
     return path.rstrip("/") if _PATH.fullmatch(path) else ""
 
 
+@dataclass(frozen=True, slots=True)
+class Discovered:
+    """What the edge tier's last sync found: the whole input of its registry layer, replaced at each sync."""
+
+    peers: tuple[Peer, ...] = ()
+    typed: tuple[Instance, ...] = ()  # instances of the types manifests name (not `_hubmesh._tcp`)
+    links: Mapping[str, int | None] = field(default_factory=dict)  # node -> link quality measured here
+
+
+def edge_layer(discovered: Callable[[], Discovered], *, node: str, fleet: str) -> Layer:
+    """The registry layer "mdns": services peers offer (declared when unknown here) and edge endpoints for
+    the merged services, both pure functions of `discovered()` and of what the registry merged."""
+
+    def services() -> list[ServiceSpec]:
+        return build(discovered().peers, (), {}, node=node, fleet=fleet)[1]
+
+    def endpoints(specs: Mapping[Key, ServiceSpec]) -> list[Endpoint]:
+        found = discovered()
+        return build(found.peers, found.typed, specs, node=node, fleet=fleet, links=found.links)[0]
+
+    return Layer("mdns", services=services, endpoints=endpoints)
+
+
 def build(
     peers: Iterable[Peer],
     typed: Iterable[Instance],
-    snapshot: Snapshot,
+    specs: Mapping[Key, ServiceSpec],
     *,
     node: str,
     fleet: str,
@@ -86,8 +109,7 @@ def build(
     by_type: dict[str, list[Instance]] = {}
     for instance in typed:
         by_type.setdefault(instance.type, []).append(instance)
-    for svc in snapshot.services.values():
-        spec = svc.spec
+    for spec in specs.values():
         for decl in spec.endpoints:
             if decl.tier != "edge" or decl.mdns is None:
                 continue
@@ -125,7 +147,7 @@ def build(
             url = f"http://{url_host(peer.address)}:{peer.port}{service_path(tenant, name)}"
             if (tenant, name, url) in urls:
                 continue  # the same ingress route, already taken through the manifest's mdns type
-            svc = snapshot.get(tenant, name)
+            known = specs.get((tenant, name))
             eid = f"{tenant}/{name}/edge/mdns:{peer.node}"
             endpoints[eid] = Endpoint(
                 id=eid,
@@ -133,7 +155,7 @@ def build(
                 tenant=tenant,
                 tier="edge",
                 url=url,
-                priority=svc.spec.priority if svc is not None else DEFAULT_PRIORITY,
+                priority=known.priority if known is not None else DEFAULT_PRIORITY,
                 weight=100,
                 source="mdns",
                 target=parse_target(url),

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from ..model import DEFAULT_TENANT
-from .vitals import Vitals
+from ..vitals import Vitals
 
 PROTOCOL_VERSION = "1"
 HUBMESH_TYPE = "_hubmesh._tcp.local."

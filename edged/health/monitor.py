@@ -113,6 +113,7 @@ class HealthMonitor:
         clock: Callable[[], float] = time.monotonic,
         on_change: OnChange | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        check_headers: Callable[[Endpoint], Sequence[tuple[str, str]]] | None = None,
     ) -> None:
         self.version = 0
         self._outlier_config = outlier
@@ -127,7 +128,7 @@ class HealthMonitor:
         self._wake = asyncio.Event()
         self._closed = False
         # Extra headers for an endpoint's http checks (the edge tier sends its fleet identity to peers' ingresses).
-        self.check_headers: Callable[[Endpoint], Sequence[tuple[str, str]]] | None = None
+        self._check_headers = check_headers
 
     def __repr__(self) -> str:
         down = sum(1 for h in self._states.values() if not h.available(self._clock()))
@@ -347,7 +348,7 @@ class HealthMonitor:
         first = True
         while True:
             try:
-                headers = self.check_headers(endpoint) if self.check_headers is not None else ()
+                headers = self._check_headers(endpoint) if self._check_headers is not None else ()
                 result = await run_check(spec, endpoint, ssl_context=self._ssl_context, headers=headers)
             except asyncio.CancelledError:
                 raise

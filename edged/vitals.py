@@ -1,5 +1,9 @@
 """Node vitals: CPU load, battery and link quality, each 0..100 or unknown (None), read from psutil, /proc and /sys.
 
+One sampler per process (`NodeVitals`, owned by the core): `psutil.cpu_percent(None)` measures since its
+previous call, so a second reader would shorten the first one's window. Tiers hear of each reading (the
+edge tier puts it in its TXT record, the cloud tier in its retained status) and never read vitals themselves.
+
 Hardware that is absent (no battery, no Wi-Fi) reads as unknown, never as 0 and never as an error: a reader that
 meets a missing or garbled file returns None for that vital. The roots are injectable so that tests (and a
 container that mounts the host's /proc and /sys elsewhere) can point the readers at other trees.
@@ -7,14 +11,16 @@ container that mounts the host's /proc and /sys elsewhere) can point the readers
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
-log = logging.getLogger("edged.edge.vitals")
+log = logging.getLogger("edged.vitals")
 
 POWER_STATES = ("battery", "mains", "")
 # A change smaller than these is not worth a multicast TXT update (percentage points).
@@ -52,6 +58,10 @@ class Vitals:
             power=power if power in POWER_STATES else "",
             link=_percent(props.get("link")),
         )
+
+    def status(self) -> dict[str, str]:
+        """As the cloud tier's retained status carries them: "cpu", "bat", "link" ("" when unknown), "power"."""
+        return {"cpu": _text(self.cpu), "bat": _text(self.bat), "link": _text(self.link), "power": self.power}
 
     def differs_from(self, other: Vitals) -> bool:
         """Whether peers should hear about the change: known/unknown flips, power source, big steps, low battery."""
@@ -259,3 +269,54 @@ def _battery_charge(supply: Path) -> int | None:
         if b > 0:
             return _percent(100.0 * a / b)
     return None
+
+
+VITAL_KINDS = ("cpu", "bat", "link")
+
+
+class NodeVitals:
+    """The one vitals sampler of a process: reads every `interval`, keeps the gauge `edged_node_vitals`
+    current, and hands each reading to the listeners the tiers returned."""
+
+    def __init__(
+        self,
+        reader: VitalsReader,
+        *,
+        interval: float,
+        gauge,  # Gauge with the label ("kind",)
+        listeners: Sequence[Callable[[Vitals], None]] = (),
+    ) -> None:
+        self.reader = reader
+        self.interval = interval
+        self._gauge = gauge
+        self.listeners = list(listeners)
+        self.current = Vitals()
+
+    def __repr__(self) -> str:
+        return f"<NodeVitals every {self.interval}s {self.current}>"
+
+    def read(self) -> Vitals:
+        """Read now, update the gauge; listeners are told by `run` (not at this first reading)."""
+        self.current = self.reader.read()
+        for kind in VITAL_KINDS:
+            value = getattr(self.current, kind)
+            if value is None:
+                self._gauge.remove((kind,))
+            else:
+                self._gauge.set((kind,), float(value))
+        return self.current
+
+    async def run(self) -> None:
+        """Read every `interval` and tell each listener (a listener's bug is logged, not fatal)."""
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                vitals = self.read()
+            except Exception:  # the reader never raises; this guards the loop against what it did not foresee
+                log.exception("reading vitals failed")
+                continue
+            for listener in self.listeners:
+                try:
+                    listener(vitals)
+                except Exception:
+                    log.exception("a vitals listener failed")

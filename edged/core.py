@@ -1,0 +1,250 @@
+"""The mesh core every process kind is built on (`edged run`, `edged bridge`), and the `Tier` protocol.
+
+    manifests --> registry (+ the layers tiers return) --> health --> policy --> router --> transports
+                                                                 vitals (one sampler) --> tiers
+
+`MeshCore` builds these once, in one place, and owns their lifetimes. A tier plugs in by *returning* what
+it adds (`Tier.parts()` -> `TierParts`): the core folds transports into the router's table, layers into
+the registry's rebuild, check headers into health, peers into `edged status`, collectors into the
+metrics and vitals listeners into the sampler. No tier reaches into another object. `run()` is the one
+process runner (signals, uvloop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .aio import cancel_and_wait
+from .call import Transport
+from .config import Config
+from .discovery.manifests import ManifestSource
+from .errors import ConfigError
+from .events import EventBus
+from .health import HealthMonitor
+from .http.client import UpstreamPool
+from .model import Endpoint, ServiceSpec
+from .policy import Ranker
+from .registry import Layer, Registry, Snapshot
+from .router import Router
+from .state import StateStore
+from .telemetry import MeshMetrics
+from .transport.http import HttpTransport
+from .vitals import NodeVitals, Vitals, VitalsReader
+
+log = logging.getLogger("edged.core")
+
+CheckHeaders = Callable[[Endpoint], Sequence[tuple[str, str]]]
+
+
+@dataclass(frozen=True)
+class TierParts:
+    """What a tier adds to the core. Every field is optional: a tier returns only what it has."""
+
+    transports: Mapping[str, Transport] = field(default_factory=dict)  # endpoint tier -> how it is called
+    layers: tuple[Layer, ...] = ()  # folded into every registry rebuild
+    check_headers: Mapping[str, CheckHeaders] = field(default_factory=dict)  # endpoint tier -> check headers
+    peers: Callable[[], list[dict]] | None = None  # for `edged status` / `GET /v1/status`
+    collect: Callable[[], None] | None = None  # refreshes its gauges at scrape time
+    on_vitals: Callable[[Vitals], None] | None = None  # told of each vitals reading
+    on_registry_change: Callable[[Snapshot, Snapshot], None] | None = None  # observes; must not write
+
+
+class Tier(Protocol):
+    """A tier beyond local (edge, cloud). Built with the core (`make(core)`), it returns its parts once;
+    started after the core is up, told first when the process leaves, stopped last."""
+
+    name: str
+
+    def parts(self) -> TierParts: ...
+
+    async def start(self) -> None: ...
+
+    async def leaving(self) -> None:
+        """Shutdown began: announce it (mDNS goodbye, MQTT offline) while in-flight calls still drain."""
+
+    async def stop(self) -> None: ...
+
+
+TierFactory = Callable[["MeshCore"], Tier]
+
+
+class MeshCore:
+    """Registry, manifests, health, pool, router, metrics, events, state and the vitals sampler of one
+    process, and the tiers built on them (`tiers`: factories, in order of preference of nothing: the
+    router ranks endpoints, the list only says what is wired)."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        tiers: Sequence[TierFactory] = (),
+        extra_services: Sequence[ServiceSpec] = (),
+        on_health_change: Callable[[Endpoint, bool, str], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.metrics = MeshMetrics()
+        self.events = EventBus()
+        self.store = StateStore(config.state.dir)
+        self.registry = Registry()
+        self._check_headers: dict[str, CheckHeaders] = {}
+        self.health = HealthMonitor(on_change=self._on_health_change, check_headers=self._headers_for)
+        self.manifests = ManifestSource(
+            self.registry, config.services.dirs, extra=list(extra_services), on_errors=self._on_manifest_errors
+        )
+        self.pool = UpstreamPool()
+        self._transports: dict[str, Transport] = {"local": HttpTransport(self.pool)}
+        self.router = Router(self.registry, self.health, self._transports, self.metrics, Ranker())
+        self.vitals = NodeVitals(
+            VitalsReader(config.vitals.proc_root, config.vitals.sys_root),
+            interval=config.vitals.interval,
+            gauge=self.metrics.node_vitals,
+        )
+        self._peer_sources: list[Callable[[], list[dict]]] = []
+        self._on_health = on_health_change
+        self._tasks: list[asyncio.Task] = []
+        self.registry.watch(self._on_registry_change)
+        self.tiers: list[Tier] = []
+        for make in tiers:
+            tier = make(self)
+            self._fold(tier.parts())
+            self.tiers.append(tier)
+
+    def __repr__(self) -> str:
+        snap = self.registry.snapshot()
+        return f"<MeshCore gen={snap.generation} services={len(snap.services)} tiers={[t.name for t in self.tiers]}>"
+
+    def _fold(self, parts: TierParts) -> None:
+        for name, transport in parts.transports.items():
+            if name in self._transports:
+                raise ValueError(f"two transports for the {name!r} tier")
+            self._transports[name] = transport
+        self._check_headers.update(parts.check_headers)
+        for layer in parts.layers:
+            self.registry.add_layer(layer)
+        if parts.peers is not None:
+            self._peer_sources.append(parts.peers)
+        if parts.collect is not None:
+            self.metrics.add_collector(parts.collect)
+        if parts.on_vitals is not None:
+            self.vitals.listeners.append(parts.on_vitals)
+        if parts.on_registry_change is not None:
+            self.registry.watch(parts.on_registry_change)
+
+    # -- what processes read ------------------------------------------------------------------------------
+    def peers(self) -> list[dict]:
+        """Peers of every tier, for `edged status`."""
+        return [peer for source in self._peer_sources for peer in source()]
+
+    def transports(self) -> Mapping[str, Transport]:
+        """Endpoint tier -> transport, as the router uses them."""
+        return self._transports
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load manifests, start health checks, the vitals sampler and the manifest watch, then the tiers."""
+        self.manifests.reload()
+        self.health.sync(self.registry.snapshot().services.values())
+        self.vitals.read()
+        self.spawn(self.vitals.run(), "vitals")
+        self.spawn(self.manifests.watch(self.config.services.reload_interval), "manifest watch")
+
+    async def start_tiers(self) -> None:
+        for tier in self.tiers:
+            await tier.start()
+
+    async def leaving(self) -> None:
+        for tier in reversed(self.tiers):
+            await quietly(tier.leaving(), f"{tier.name}: leaving")
+
+    async def stop(self) -> None:
+        """Stop the tiers, then every task of the core, health checks and the pool."""
+        for tier in reversed(self.tiers):
+            await quietly(tier.stop(), f"{tier.name}: stop")
+        await cancel_and_wait(self._tasks)
+        self._tasks.clear()
+        await self.health.close()
+        await self.pool.close()
+
+    def spawn(self, coro, name: str) -> None:
+        """Run a background loop owned by the core (cancelled and awaited by `stop`)."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        task.add_done_callback(_task_done)
+        self._tasks.append(task)
+
+    # -- internals ----------------------------------------------------------------------------------------
+    def _headers_for(self, endpoint: Endpoint) -> Sequence[tuple[str, str]]:
+        headers = self._check_headers.get(endpoint.tier)
+        return headers(endpoint) if headers is not None else ()
+
+    def _on_registry_change(self, old: Snapshot, new: Snapshot) -> None:
+        self.health.sync(new.services.values())
+
+    def _on_health_change(self, endpoint: Endpoint, available: bool, reason: str) -> None:
+        if not available and reason.startswith("ejected"):
+            self.metrics.ejections.inc((endpoint.service,))
+        if self._on_health is not None:
+            self._on_health(endpoint, available, reason)
+
+    def _on_manifest_errors(self, errors: list[ConfigError]) -> None:
+        if errors:
+            self.metrics.manifest_errors.inc((), len(errors))
+
+
+def _task_done(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        # A background loop died: say so loudly; systemd's watchdog is not enough to explain why.
+        log.error("background task %r failed", task.get_name(), exc_info=task.exception())
+
+
+async def quietly(coro, what: str) -> None:
+    """Shutdown goes on whatever one part does: log its failure and continue with the next."""
+    try:
+        await coro
+    except Exception:
+        log.exception("%s failed", what)
+
+
+class Process(Protocol):
+    """A process kind: `start()` brings it up, `stop()` drains and releases everything it started."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+async def serve(make: Callable[[], Process], *, on_hup: Callable[[Process], None] | None = None) -> None:
+    """Build the process, run it until SIGTERM or SIGINT, then stop it; SIGHUP calls `on_hup` when given."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    process = make()
+    signals = [signal.SIGTERM, signal.SIGINT]
+    for sig in signals:
+        loop.add_signal_handler(sig, stopping.set)
+    if on_hup is not None:
+        loop.add_signal_handler(signal.SIGHUP, on_hup, process)
+        signals.append(signal.SIGHUP)
+    try:
+        await process.start()
+        await stopping.wait()
+    finally:
+        # Handlers stay during the drain: a repeated SIGTERM must not cut in-flight calls short.
+        await process.stop()
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+
+
+def run(make: Callable[[], Process], *, on_hup: Callable[[Process], None] | None = None) -> int:
+    """Run a process kind until a signal; uvloop when installed. Returns the process exit code."""
+    main = serve(make, on_hup=on_hup)
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
+    return 0

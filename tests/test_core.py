@@ -1,0 +1,176 @@
+"""The mesh core: what every process kind shares, how a tier plugs in by returning its parts, and the
+registry's layers as pure functions."""
+
+from __future__ import annotations
+
+import asyncio
+import textwrap
+from pathlib import Path
+
+import pytest
+from helpers import endpoint
+
+from edged.cloud.bridge import Bridge
+from edged.config import load_config
+from edged.core import MeshCore, TierParts
+from edged.daemon import Daemon
+from edged.edge.peers import Discovered, Peer, edge_layer
+from edged.edge.txt import HUBMESH_TYPE, node_txt, parse_node_txt
+from edged.events import EventBus
+from edged.model import PolicySpec, ServiceSpec
+from edged.policies import PolicyOverrides
+from edged.registry import Draft, Layer, Registry, RegistryError
+from edged.state import StateStore
+from edged.vitals import Vitals
+
+
+def config_file(tmp_path: Path, extra: str = "") -> Path:
+    (tmp_path / "services.d").mkdir(exist_ok=True)
+    path = tmp_path / "edged.toml"
+    path.write_text(
+        textwrap.dedent(
+            """
+            [node]
+            name = "n1"
+            [services]
+            dirs = ["services.d"]
+            [state]
+            dir = "state"
+            [mdns]
+            enabled = false
+            [ingress]
+            enabled = false
+            [mqtt]
+            enabled = true
+            url = "mqtt://127.0.0.1:1"
+            """
+        )
+        + extra
+    )
+    return path
+
+
+def families(text: str) -> set[str]:
+    return {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+
+
+def test_bridge_and_daemon_are_built_on_the_same_core(tmp_path):
+    config = load_config(str(config_file(tmp_path)))
+
+    async def build() -> tuple[Daemon, Bridge, MeshCore]:
+        return Daemon(config), Bridge(config), MeshCore(config)
+
+    daemon, bridge, bare = asyncio.run(build())
+    assert type(daemon.core) is MeshCore and type(bridge.core) is MeshCore
+    assert bridge.router is bridge.core.router and daemon.router is daemon.core.router
+    core_families = families(bare.metrics.render())
+    assert {"edged_calls_total", "edged_node_vitals", "edged_outlier_ejections_total"} <= core_families
+    # The same metric families, whichever process kind serves them (the cloud tier's in both).
+    assert families(daemon.metrics.render()) == families(bridge.metrics.render())
+    assert core_families <= families(bridge.metrics.render())
+    assert [t.name for t in daemon.core.tiers] == ["edge", "cloud"] and bridge.core.tiers == []
+
+
+class FakeTransport:
+    def unavailable(self):
+        return "scripted: off"
+
+    async def send(self, ep, call, headers, timeout):
+        raise AssertionError("never sent")
+
+
+class ExtraTier:
+    """A new tier is what it returns: here a transport, a layer, check headers, peers and a vitals listener."""
+
+    name = "extra"
+
+    def __init__(self, core: MeshCore) -> None:
+        self.core = core
+        self.heard: list[Vitals] = []
+        self.started = self.stopped = False
+
+    def parts(self) -> TierParts:
+        return TierParts(
+            transports={"cloud": FakeTransport()},
+            layers=(Layer("extra", endpoints=self.endpoints),),
+            check_headers={"cloud": lambda ep: [("x-extra", ep.service)]},
+            peers=lambda: [{"node": "far", "source": "extra"}],
+            on_vitals=self.heard.append,
+        )
+
+    @staticmethod
+    def endpoints(specs):
+        return [endpoint("far", 1, tier="cloud", svc=name) for (_, name) in specs]
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def leaving(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+
+def test_a_tier_plugs_in_by_being_in_the_list(tmp_path):
+    config = load_config(str(config_file(tmp_path)))
+    (tmp_path / "services.d" / "a.toml").write_text('service_name = "a"\nendpoint_types = ["local", "cloud"]\n')
+
+    async def scenario():
+        core = MeshCore(config, tiers=[ExtraTier])
+        await core.start()
+        await core.start_tiers()
+        (tier,) = core.tiers
+        svc = core.registry.snapshot().get("default", "a")
+        _, skipped = core.router.plan(svc)
+        headers = core._headers_for(svc.endpoints[0])
+        await core.stop()
+        return tier, svc, skipped, headers, core.peers()
+
+    tier, svc, skipped, headers, peers = asyncio.run(scenario())
+    assert [ep.id for ep in svc.endpoints] == ["default/a/cloud/far"]  # the layer's endpoint
+    assert skipped == [{"endpoint": "default/a/cloud/far", "tier": "cloud", "reason": "scripted: off"}]
+    assert list(headers) == [("x-extra", "a")]
+    assert peers == [{"node": "far", "source": "extra"}]
+    assert tier.started and tier.stopped
+
+
+def test_the_registry_refuses_a_write_from_inside_a_watcher():
+    registry = Registry()
+    registry.watch(lambda old, new: registry.set_endpoints("x", []))
+    with pytest.raises(RegistryError):
+        registry.set_manifests([ServiceSpec(name="a")])
+
+
+# -- layers as pure functions -------------------------------------------------------------------------------
+
+
+def peer(node: str, services=(("default", "thermo"),)) -> Peer:
+    props = node_txt(node=node, fleet="home", zone="", vitals=Vitals(cpu=5), services=["thermo"], addresses=[])
+    record = parse_node_txt(props)
+    assert record is not None
+    return Peer(record, "10.0.0.2", 7701, f"{node}.{HUBMESH_TYPE}", tuple(services))
+
+
+def test_the_edge_layer_is_a_function_of_what_was_discovered_and_of_the_manifests():
+    found = Discovered(peers=(peer("pi-b"),))
+    layer = edge_layer(lambda: found, node="me", fleet="home")
+    assert [s.source for s in layer.services()] == ["mdns:pi-b"]
+    declared = {("default", "thermo"): ServiceSpec(name="thermo", priority=4, endpoint_types=("local", "edge"))}
+    (ep,) = layer.endpoints(declared)
+    assert (ep.id, ep.priority, dict(ep.meta)["cpu"]) == ("default/thermo/edge/mdns:pi-b", 4, "5")
+    # In a registry: a manifest change re-prices the peer's endpoint with no sync and no watcher.
+    registry = Registry([layer])
+    registry.set_manifests([ServiceSpec(name="thermo", priority=9, endpoint_types=("local", "edge"))])
+    assert [e.priority for e in registry.snapshot().get("default", "thermo").endpoints] == [9]
+    assert edge_layer(Discovered, node="me", fleet="home").endpoints(declared) == []  # nothing found: nothing
+
+
+def test_api_policy_overrides_are_a_layer_over_what_lies_below(tmp_path):
+    registry = Registry()
+    overrides = PolicyOverrides(registry, StateStore(str(tmp_path)), EventBus())
+    overrides._tables[("default", "a")] = {"strategy": "latency"}
+    below = {("default", "a"): ServiceSpec(name="a", policy=PolicySpec(retries=3))}
+    (policy,) = overrides.policies(Draft(below, {})).values()
+    assert (policy.strategy, policy.retries) == ("latency", 3)  # the override's key, the base's others
+    assert overrides.policies(Draft({}, {})) == {}  # the service is gone: the override waits
