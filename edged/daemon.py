@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import time
@@ -72,7 +71,6 @@ class Daemon:
         self.policies = PolicyOverrides(self.registry, self.store, self.events)
         self.registry.add_layer(self.policies.layer)
         self._ready = False
-        self._stopping = asyncio.Event()
         self._up_labels: set[tuple[str, str, str]] = set()
         self.api = Api(
             node=NodeInfo(config.node.name, config.node.fleet, config.node.zone, __version__, time.time()),
@@ -98,11 +96,6 @@ class Daemon:
         self.metrics.add_collector(self._collect)
         self.metrics.build_info.set((__version__,), 1)
         self.registry.watch(self._on_registry_change)
-
-    @property
-    def edge(self):
-        """The edge tier (always wired; `[mdns]` and `[ingress]` say what of it runs)."""
-        return next(t for t in self.core.tiers if t.name == "edge")
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:

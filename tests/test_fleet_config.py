@@ -34,7 +34,7 @@ from edged.cloud.fleet import (
 )
 from edged.cloud.telemetry import CloudMetrics
 from edged.model import PolicySpec, ServiceSpec
-from edged.registry import Registry
+from edged.registry import Draft, Registry
 from edged.telemetry import Metrics
 
 KEY = Ed25519PrivateKey.generate()
@@ -310,3 +310,13 @@ def test_fleet_config_changes_routing_refuses_forgeries_and_survives_a_restart_w
     assert current_strategy() == "round_robin"
     assert d.get("/v1/services/thermo")["endpoints"] and answered_by() == {"p1", "p2"}
     assert d.stop() == 0
+
+
+def test_the_fleet_layer_is_a_function_of_the_documents_and_the_manifests():
+    src, _, _ = source()
+    assert src.offer(signed({"version": 1, "policies": {"thermo": {"strategy": "round_robin"}}}), "fleet", "t")
+    declared = {("default", "thermo"): ServiceSpec(name="thermo", policy=PolicySpec(retries=3))}
+    (policy,) = src.policies(Draft({}, declared)).values()
+    assert (policy.strategy, policy.retries) == ("round_robin", 3)  # laid over the manifest's policy
+    (alone,) = src.policies(Draft({}, {})).values()
+    assert (alone.strategy, alone.retries) == ("round_robin", PolicySpec().retries)  # no manifest: the defaults

@@ -288,3 +288,26 @@ def test_ingress_paths_name_the_tenant_and_the_service():
     assert _split("/t/garden/svc/pump/on") == ("garden", "pump", "/on")
     assert _split("/svc/thermo") == ("default", "thermo", "/")
     assert _split("/v1/status")[1] is None and _split("/t//svc/x")[1] is None and _split("/svc/")[1] is None
+
+
+def test_the_zeroconf_names_edged_relies_on_are_there_and_do_what_edged_expects():
+    """edged talks to zeroconf through its public API (`zeroconf.__all__`, `zeroconf.asyncio`), except for the
+    liveness probe, built with DNSOutgoing/DNSQuestion (exported, not listed as public). pyproject.toml pins
+    the tested zeroconf; an upgrade that changes any of this fails here, naming what broke."""
+    import zeroconf
+    import zeroconf.asyncio
+
+    from edged.edge.mdns import srv_query
+
+    public = {"InterfaceChoice", "IPVersion", "RecordUpdate", "RecordUpdateListener", "ServiceStateChange"}
+    public |= {"Zeroconf", "Error"}
+    assert public <= set(zeroconf.__all__), public - set(zeroconf.__all__)
+    assert {"AsyncServiceBrowser", "AsyncServiceInfo", "AsyncZeroconf"} <= set(zeroconf.asyncio.__all__)
+    for method in ("async_add_listener", "async_remove_listener", "async_send"):
+        assert callable(getattr(zeroconf.Zeroconf, method, None)), f"zeroconf.Zeroconf.{method} is gone"
+    (packet,) = srv_query(["pi-b._hubmesh._tcp.local.", "x._thermo._tcp.local."]).packets()
+    parsed = zeroconf.DNSIncoming(packet)
+    assert parsed.is_query() and [(q.name, q.type, q.class_) for q in parsed.questions] == [
+        ("pi-b._hubmesh._tcp.local.", 33, 1),  # SRV, IN: asked afresh, not answered from the cache
+        ("x._thermo._tcp.local.", 33, 1),
+    ]

@@ -210,3 +210,37 @@ def test_tls_with_a_ca_file_and_a_password_file(tls_broker):
                 await s.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["paho-fast-path", "public-api-fallback"])
+def test_both_paths_carry_qos0_qos1_and_properties_and_say_which_is_used(
+    broker: Broker, topic_prefix: str, fast_path: bool, caplog
+):
+    """The fast path uses aiomqtt's paho client (internals of the pinned aiomqtt); the fallback, which
+    another aiomqtt gets, uses only the public API. Both must work, and the log says which one runs."""
+    topic = f"{topic_prefix}/paths"
+    got: list[Inbound] = []
+
+    async def main() -> str:
+        s = MqttSession(config(broker.url), client_id=f"t-path-{fast_path}", fast_path=fast_path)
+        s.subscribe(topic, got.append)
+        s.start()
+        try:
+            assert await s.wait_connected(10)
+            await s.publish(topic, b"q0", response_topic="r/me", correlation=b"c-1")
+            await s.publish(topic, b"q1", qos=1)
+            assert s.post(topic, b"posted")
+            await until(lambda: len(got) == 3)
+            return s.path
+        finally:
+            await s.close()
+
+    caplog.set_level("INFO", logger="edged.cloud.session")
+    path = asyncio.run(main())
+    # On the pinned aiomqtt the fast path must be there: an upgrade that removes it fails here, loudly.
+    assert path == ("paho" if fast_path else "public")
+    assert sorted(m.payload for m in got) == [b"posted", b"q0", b"q1"]
+    q0 = next(m for m in got if m.payload == b"q0")
+    assert (q0.response_topic, q0.correlation) == ("r/me", b"c-1")
+    connected = [r for r in caplog.records if r.getMessage() == "mqtt.connected"]
+    assert connected and all(r.edged_fields["path"] == path for r in connected), caplog.text

@@ -1,17 +1,18 @@
 """The cloud tier: MQTT session, cloud calls, central registry, signed fleet config and telemetry.
 
-`CloudTier` is the daemon component (`[mqtt] enabled = true`). It owns one MQTT session and plugs into the
-daemon's seams: the "cloud" transport for the router, registry sources "mqtt" (remote services, and the
-cloud endpoints of every service whose endpoint types include "cloud") and policy source "fleet", and a
-peer source for `edged status`. Nothing here may slow local calls down: the broker can die at any time.
+`CloudTier` is the daemon's cloud tier (`[mqtt] enabled = true`). It owns one MQTT session and returns what
+it adds to the core (`parts()`): the "cloud" transport for the router, the registry layers "cloud" (the cloud
+endpoints of every service whose endpoint types include "cloud") and "fleet" (fleet policies), a peer source
+for `edged status`, a collector and a vitals listener; remote services come in as registry source "mqtt".
+Nothing here may slow local calls down: the broker can die at any time.
 
-    tier.py           CloudTier (the component) and the cloud endpoints of services
+    tier.py           CloudTier and the cloud endpoints of services (a pure layer)
     session.py        aiomqtt connection, supervisor, reconnect with backoff, outbox
     envelope.py       CBOR request/answer envelopes
     transport.py      the router's cloud transport (correlation ids, timeouts, 413)
     registry_sync.py  retained node status + service entries; remote services into the registry
     fleet.py          signed fleet config documents (Ed25519), versions, last good config
-    telemetry.py      metric families, vitals, periodic summaries
+    telemetry.py      metric families, periodic summaries
     bridge.py         `edged bridge`: the cloud side, MQTT requests -> real HTTP endpoints
     cli.py            `edged fleet keygen | sign | push`, `edged bridge`
 """

@@ -12,14 +12,17 @@ here), and its message iterator makes a task per message; together about 0.7 ms 
 aiomqtt 2.x, the session hands QoS 0 publishes to its paho client and writes them at once (`loop_write`),
 with paho's writer hook adding the writer at once too (see `_writer_hook`), and dispatches received messages
 from paho's `on_message` callback directly; the connection's end is still seen through aiomqtt. Connect,
-TLS, will, subscribe, QoS 1 and disconnect go through aiomqtt's public API. Without those internals (another
-aiomqtt), the session falls back to the public API throughout.
+TLS, will, subscribe, QoS 1 and disconnect go through aiomqtt's public API. pyproject.toml pins the aiomqtt
+and paho-mqtt minor versions this was tested with; without those internals (another aiomqtt, or
+`fast_path=False`) the session falls back to the public API throughout, and says so in its log
+(`mqtt.connected path=public`). Both paths are tested against a real broker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import logging
 import math
 import random
@@ -177,8 +180,11 @@ class MqttSession:
         on_connected: Callable[[], None] | None = None,
         on_disconnected: Callable[[str], None] | None = None,
         rng: random.Random | None = None,
+        fast_path: bool = True,
     ) -> None:
         self.config = config
+        self._fast_path = fast_path  # False: aiomqtt's public API only (the fallback, forced)
+        self.path = ""  # "paho" or "public": how the live connection publishes and receives
         self.host, self.port, self.tls = broker_address(config.url)
         self.client_id = client_id
         self.v5 = config.protocol == "5"
@@ -194,6 +200,7 @@ class MqttSession:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._up = asyncio.Event()
+        self._warned_internals = False
         # Counters, read by telemetry.
         self.connects = 0
         self.failed_connects = 0
@@ -379,6 +386,17 @@ class MqttSession:
         fast = isinstance(paho, paho_client.Client) and isinstance(
             getattr(client, "_disconnected", None), asyncio.Future
         )
+        if self._fast_path and not fast and not self._warned_internals:
+            self._warned_internals = True
+            log_event(
+                log,
+                logging.WARNING,
+                "mqtt.public_api_only",
+                aiomqtt=_version("aiomqtt"),
+                paho=_version("paho-mqtt"),
+                detail="this aiomqtt has not the internals of the pinned one: QoS 0 calls are slower",
+            )
+        fast = fast and self._fast_path
         if fast:
             paho.on_message = self._on_paho_message  # type: ignore[union-attr]
             paho.on_socket_register_write = self._writer_hook(client)  # type: ignore[union-attr]
@@ -391,10 +409,13 @@ class MqttSession:
                 granted = await client.subscribe(list(self._subs.items()))
                 self._check_granted(granted)
             self._paho = paho if fast else None
+            self.path = "paho" if fast else "public"
             self.connects += 1
             self.last_error = ""
             self._up.set()
-            log_event(log, logging.INFO, "mqtt.connected", broker=self.config.url, client_id=self.client_id)
+            log_event(
+                log, logging.INFO, "mqtt.connected", broker=self.config.url, client_id=self.client_id, path=self.path
+            )
             if self._on_connected is not None:
                 try:
                     self._on_connected()
@@ -416,6 +437,7 @@ class MqttSession:
         self._up.clear()
         self._client = None
         self._paho = None
+        self.path = ""
         self._outbox = None
         self.last_error = reason
         if was_up and self._on_disconnected is not None:
@@ -525,3 +547,10 @@ class MqttSession:
             for result in results:
                 if isinstance(result, BaseException):
                     raise result  # the connection is unusable: end it, the supervisor reconnects
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"

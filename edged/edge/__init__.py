@@ -27,7 +27,7 @@ from ..errors import EdgedError
 from ..logs import log_event
 from ..model import Endpoint, parse_target
 from ..registry import Snapshot
-from ..vitals import Vitals, VitalsReader
+from ..vitals import Vitals
 from .ingress import SERVICES_PATH, EdgeTransport, FleetIdentity, Ingress, to_peer
 from .mdns import Mdns, MdnsError, local_addresses, service_info
 from .peers import Discovered, LinkEstimator, Peer, edge_layer, offered, url_host
@@ -46,7 +46,7 @@ from .txt import (
 if TYPE_CHECKING:
     from ..core import MeshCore, TierParts
 
-__all__ = ["EdgeTier", "FleetIdentity", "Vitals", "VitalsReader"]
+__all__ = ["EdgeTier", "FleetIdentity"]
 
 log = logging.getLogger("edged.edge")
 

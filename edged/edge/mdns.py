@@ -28,7 +28,6 @@ from zeroconf import (
     RecordUpdateListener,
     ServiceStateChange,
     Zeroconf,
-    const,
 )
 from zeroconf import Error as ZeroconfError
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
@@ -47,6 +46,23 @@ RATE_LIMIT_SLACK = 1.0  # seconds: a responder may hold a repeated multicast ans
 
 class MdnsError(EdgedError):
     """mDNS could not be started or used (no usable interface, a socket error)."""
+
+
+# DNS constants (RFC 1035, RFC 2782), ours rather than zeroconf's private `const._...` names.
+DNS_FLAGS_QUERY = 0x0000
+DNS_TYPE_SRV = 33
+DNS_CLASS_IN = 1
+
+
+def srv_query(names: Iterable[str]) -> DNSOutgoing:
+    """A hand-built SRV query for these instances. zeroconf's own requests answer from its cache and add
+    known answers, which makes a responder stay silent; liveness must hear from the responder itself.
+    DNSOutgoing and DNSQuestion are exported by zeroconf but not listed in its `__all__`: pyproject.toml pins
+    the tested zeroconf, and tests/test_mdns.py fails loudly if an upgrade changes them."""
+    out = DNSOutgoing(DNS_FLAGS_QUERY)
+    for name in names:
+        out.add_question(DNSQuestion(name, DNS_TYPE_SRV, DNS_CLASS_IN))
+    return out
 
 
 def stale_after(resolve_interval: float) -> float:
@@ -437,12 +453,7 @@ class Mdns:
             if known.instance is None and silent < self.stale_after:
                 self._pending.add(key)
         if ask:
-            # A hand-built query: zeroconf's own requests answer from its cache and add known answers, which
-            # makes a responder stay silent. (const's names are private but have been stable for years.)
-            out = DNSOutgoing(const._FLAGS_QR_QUERY)
-            for name in ask:
-                out.add_question(DNSQuestion(name, const._TYPE_SRV, const._CLASS_IN))
-            self._aiozc.zeroconf.async_send(out)
+            self._aiozc.zeroconf.async_send(srv_query(ask))
         if self._pending:
             self._resolve_wake.set()
         for known in lost:
