@@ -140,10 +140,6 @@ class MeshCore:
         """Peers of every tier, for `edged status`."""
         return [peer for source in self._peer_sources for peer in source()]
 
-    def transports(self) -> Mapping[str, Transport]:
-        """Endpoint tier -> transport, as the router uses them."""
-        return self._transports
-
     # -- lifecycle ----------------------------------------------------------------------------------------
     async def start(self) -> None:
         """Load manifests, start health checks, the vitals sampler and the manifest watch, then the tiers."""

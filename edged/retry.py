@@ -20,13 +20,12 @@ def answer_error(status: int, policy: PolicySpec) -> str | None:
     return f"http_{status}" if status in policy.retry_on_status else None
 
 
-def why_not_retry(policy: PolicySpec, tries: int, last: dict | None, replay_ok: bool) -> str | None:
-    """Before try number `tries + 1`: None to go on (if the retry budget allows), else why the call stops.
-
-    `last` is the previous try as reported in call details (`reached`: the call may have arrived).
-    """
+def why_not_retry(policy: PolicySpec, tries: int, last: dict | None, method: str) -> str | None:
+    """After `tries` tries (at least one), before the next: None to go on (if the retry budget allows), else
+    why the call stops. `last` is the previous try as reported in call details (`reached`: it may have
+    arrived)."""
     if tries > policy.retries:
         return "retries"
-    if tries > 0 and last is not None and last.get("reached") and not replay_ok:
+    if last is not None and last.get("reached") and not may_replay(method, policy):
         return "not_idempotent"  # a call that may have arrived is not sent twice
     return None

@@ -111,16 +111,15 @@ class Router:
         budget = self._budget(service)
         budget.deposit()
         policy = spec.policy
-        replay_ok = retry.may_replay(call.method, policy)
         attempts: list[dict] = []
         held: Routed | None = None  # the last retryable answer: the caller's if every other try fails too
         tries = 0
         try:
             for choice in plan.choices:
                 ep = choice.endpoint
-                if retry.why_not_retry(policy, tries, attempts[-1] if attempts else None, replay_ok) is not None:
-                    break
-                if tries > 0:
+                if tries > 0:  # the first try always goes
+                    if retry.why_not_retry(policy, tries, attempts[-1] if attempts else None, call.method):
+                        break
                     if not budget.try_withdraw():
                         self._metrics.retry_budget_exhausted.inc((spec.name,))
                         attempts.append({"endpoint": ep.id, "error": "retry budget exhausted"})
@@ -131,18 +130,18 @@ class Router:
                     break
                 tries += 1
                 answer, failed = await self._attempt(ep, service, call, policy, remaining)
-                if failed is not None:
-                    attempts.append(failed)
-                if answer is None:
-                    continue
-                if held is not None:
-                    held.answer.discard()
-                held = Routed(answer, ep, tries, service, started, attempts)
-                if failed is None:
+                if failed is None:  # the caller's answer
+                    if held is not None:
+                        held.answer.discard()
+                        held = None
                     if tries > 1:
                         self._metrics.failovers.inc((spec.name,))
-                    routed, held = held, None
-                    return routed
+                    return Routed(answer, ep, tries, service, started, attempts)  # type: ignore[arg-type]
+                attempts.append(failed)
+                if answer is not None:
+                    if held is not None:
+                        held.answer.discard()
+                    held = Routed(answer, ep, tries, service, started, attempts)
             if held is not None:
                 # Every try failed and the last real answer was a retryable 5xx: the caller gets that answer.
                 held.tries = tries

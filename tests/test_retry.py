@@ -11,18 +11,19 @@ POLICY = PolicySpec(retries=2)
 
 
 @pytest.mark.parametrize(
-    ("tries", "last", "replay_ok", "expected"),
+    ("tries", "last", "method", "expected"),
     [
-        (0, None, False, None),  # the first try always goes
-        (1, {"error": "connect", "reached": False}, False, None),  # never arrived: safe to send elsewhere
-        (1, {"error": "reset", "reached": True}, False, "not_idempotent"),
-        (1, {"error": "reset", "reached": True}, True, None),
-        (2, {"error": "http_503", "reached": True}, True, None),
-        (3, {"error": "http_503", "reached": True}, True, "retries"),  # retries=2: three tries at most
+        (1, {"error": "connect", "reached": False}, "POST", None),  # never arrived: safe to send elsewhere
+        (1, {"error": "reset", "reached": True}, "POST", "not_idempotent"),
+        (1, {"error": "reset", "reached": True}, "GET", None),
+        (2, {"error": "http_503", "reached": True}, "PUT", None),
+        (3, {"error": "http_503", "reached": True}, "GET", "retries"),  # retries=2: three tries at most
     ],
 )
-def test_why_not_retry(tries, last, replay_ok, expected):
-    assert why_not_retry(POLICY, tries, last, replay_ok) == expected
+def test_why_not_retry(tries, last, method, expected):
+    assert why_not_retry(POLICY, tries, last, method) == expected
+    if expected == "not_idempotent":  # unless the policy allows replaying it
+        assert why_not_retry(PolicySpec(retries=2, retry_non_idempotent=True), tries, last, method) is None
 
 
 def test_answer_error_and_replay():
