@@ -23,7 +23,7 @@ from .aio import cancel_and_wait
 from .call import Transport
 from .config import Config
 from .discovery.manifests import ManifestSource
-from .errors import ConfigError
+from .errors import ConfigError, EdgedError
 from .events import EventBus
 from .health import HealthMonitor
 from .http.client import UpstreamPool
@@ -75,8 +75,8 @@ TierFactory = Callable[["MeshCore"], Tier]
 
 class MeshCore:
     """Registry, manifests, health, pool, router, metrics, events, state and the vitals sampler of one
-    process, and the tiers built on them (`tiers`: factories, in order of preference of nothing: the
-    router ranks endpoints, the list only says what is wired)."""
+    process, and the tiers built on them. `tiers` are factories (`make(core) -> Tier`); their order is the
+    order of start (and the reverse of stop), not a preference: the policy ranks endpoints."""
 
     def __init__(
         self,
@@ -121,7 +121,7 @@ class MeshCore:
     def _fold(self, parts: TierParts) -> None:
         for name, transport in parts.transports.items():
             if name in self._transports:
-                raise ValueError(f"two transports for the {name!r} tier")
+                raise EdgedError(f"two transports for the {name!r} tier")
             self._transports[name] = transport
         self._check_headers.update(parts.check_headers)
         for layer in parts.layers:

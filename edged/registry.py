@@ -152,7 +152,7 @@ class Registry:
         """Replace the services a source (one of `SERVICE_SOURCES`) declares."""
         self._writable()
         if source not in SERVICE_SOURCES:
-            raise ValueError(f"unknown service source {source!r}")
+            raise RegistryError(f"unknown service source {source!r}")
         new = {spec.key: spec for spec in specs}
         if self._sources.services.get(source) == new:
             return
