@@ -57,6 +57,7 @@ class Api:
         ready: Callable[[], bool],
         render_metrics: Callable[[], str],
         peers: Callable[[], list[dict]] = list,
+        providers: Callable[[str, str], list[dict]] = lambda tenant, name: [],
     ) -> None:
         self._node = node
         self._registry = registry
@@ -69,6 +70,7 @@ class Api:
         self._ready = ready
         self._render_metrics = render_metrics
         self._peers = peers
+        self._providers = providers
         self._policies: PolicyOverrides | None = None  # set by the daemon: `set_policies`
         self._routes: dict[tuple[str, str], Callable[..., Awaitable[None] | None]] = {
             ("GET", "services"): self._services,
@@ -218,6 +220,9 @@ class Api:
             "strategy": spec.policy.strategy,
             "endpoints": eps,
         }
+        providers = self._providers(spec.tenant, spec.name)
+        if providers:  # remote nodes serving it over MQTT: liveness and last-seen time
+            out["providers"] = providers
         if detail:
             out["priority"] = spec.priority
             out["endpoint_types"] = list(spec.endpoint_types)

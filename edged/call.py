@@ -75,8 +75,9 @@ class UpstreamAnswer(Protocol):
 class Transport(Protocol):
     """How endpoints of one tier are called."""
 
-    def unavailable(self) -> str | None:
-        """None when calls can be sent now, else why not (e.g. "broker disconnected")."""
+    def unavailable(self, endpoint: Endpoint) -> str | None:
+        """None when calls to this endpoint can be sent now, else why not ("broker disconnected", "no live
+        node serves it"): the router skips it at once instead of waiting for a per-try timeout."""
 
     async def send(self, endpoint: Endpoint, call: Call, headers: Headers, timeout: float) -> UpstreamAnswer:
         """One try. Raises `UpstreamError` subclasses; `timeout` covers everything up to the response head."""

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 
 from . import __version__
@@ -143,7 +144,7 @@ def _status(args) -> int:
     )
     peers = data.get("peers", [])
     if peers:
-        rows = [("PEER", "SOURCE", "STATE", "ADDRESS", "CPU", "BAT", "LINK", "SERVICES")]
+        rows = [("PEER", "SOURCE", "STATE", "SEEN", "ADDRESS", "CPU", "BAT", "LINK", "SERVICES")]
         for peer in peers:
             vitals = peer.get("vitals") or peer
             address = f"{peer['address']}:{peer['port']}" if peer.get("address") else "-"
@@ -152,6 +153,7 @@ def _status(args) -> int:
                     str(peer.get("node", "?")),
                     str(peer.get("source", "-")),
                     str(peer.get("state", "-")),
+                    _ago(peer.get("seen")),
                     address,
                     *(_vital(vitals.get(k)) for k in ("cpu", "bat", "link")),
                     ", ".join(peer.get("services", [])) or "-",
@@ -178,8 +180,18 @@ def _status(args) -> int:
                     f"{ep['calls_ok']}/{ep['calls_failed']}",
                 )
             )
+        for p in svc.get("providers", []):  # remote nodes serving it over MQTT
+            health = f"{p['state']}, seen {_ago(p['seen'])}"
+            rows.append((svc["name"], f"served by {p['node']}", "cloud", "-", health, "-", "-"))
     print(_table(rows))
     return 0
+
+
+def _ago(wall: float | None) -> str:
+    """A wall-clock time as "12s ago" (or "-")."""
+    if not isinstance(wall, (int, float)):
+        return "-"
+    return f"{max(0, round(time.time() - wall))}s ago"
 
 
 def _resolve(args) -> int:

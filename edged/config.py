@@ -124,10 +124,12 @@ class MqttConfig:
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
-    keepalive: float = 30.0
+    keepalive: float = 15.0  # the broker sees a silent box dead after 1.5x this
     max_payload: int = 256 * KIB
     telemetry_interval: float = 60.0
     reconnect_max: float = 30.0
+    announce_interval: float = 300.0  # re-post the retained online status at least this often
+    offline_ttl: float = 3600.0  # forget the entries of a node that has not been live for this long
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,6 +396,8 @@ class _Loader:
                 "max_payload",
                 "telemetry_interval",
                 "reconnect_max",
+                "announce_interval",
+                "offline_ttl",
             )
         )
         d = MqttConfig()
@@ -418,6 +422,8 @@ class _Loader:
             max_payload=t.size("max_payload", d.max_payload),
             telemetry_interval=t.duration("telemetry_interval", d.telemetry_interval),
             reconnect_max=t.duration("reconnect_max", d.reconnect_max),
+            announce_interval=t.duration("announce_interval", d.announce_interval),
+            offline_ttl=t.duration("offline_ttl", d.offline_ttl),
             **files,
         )
 

@@ -49,6 +49,8 @@ class TierParts:
     layers: tuple[Layer, ...] = ()  # folded into every registry rebuild
     check_headers: Mapping[str, CheckHeaders] = field(default_factory=dict)  # endpoint tier -> check headers
     peers: Callable[[], list[dict]] | None = None  # for `edged status` / `GET /v1/status`
+    # For `/v1/services`: the remote nodes serving (tenant, service), with liveness and last-seen time.
+    providers: Callable[[str, str], list[dict]] | None = None
     collect: Callable[[], None] | None = None  # refreshes its gauges at scrape time
     on_vitals: Callable[[Vitals], None] | None = None  # told of each vitals reading
     on_registry_change: Callable[[Snapshot, Snapshot], None] | None = None  # observes; must not write
@@ -105,6 +107,7 @@ class MeshCore:
             gauge=self.metrics.node_vitals,
         )
         self._peer_sources: list[Callable[[], list[dict]]] = []
+        self._provider_sources: list[Callable[[str, str], list[dict]]] = []
         self._on_health = on_health_change
         self._tasks: list[asyncio.Task] = []
         self.registry.watch(self._on_registry_change)
@@ -128,6 +131,8 @@ class MeshCore:
             self.registry.add_layer(layer)
         if parts.peers is not None:
             self._peer_sources.append(parts.peers)
+        if parts.providers is not None:
+            self._provider_sources.append(parts.providers)
         if parts.collect is not None:
             self.metrics.add_collector(parts.collect)
         if parts.on_vitals is not None:
@@ -139,6 +144,10 @@ class MeshCore:
     def peers(self) -> list[dict]:
         """Peers of every tier, for `edged status`."""
         return [peer for source in self._peer_sources for peer in source()]
+
+    def providers(self, tenant: str, service: str) -> list[dict]:
+        """Remote nodes serving a service, with their liveness, for `/v1/services`."""
+        return [p for source in self._provider_sources for p in source(tenant, service)]
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     async def start(self) -> None:

@@ -84,6 +84,7 @@ class Daemon:
             ready=lambda: self._ready,
             render_metrics=self.metrics.render,
             peers=core.peers,
+            providers=core.providers,
         )
         self.api.set_policies(self.policies)
         self.server = HttpServer(

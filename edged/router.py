@@ -88,7 +88,7 @@ class Router:
             if tiers is not None and ep.tier not in tiers:
                 continue
             transport = self._transports.get(ep.tier)
-            why = "no transport for this tier" if transport is None else transport.unavailable()
+            why = "no transport for this tier" if transport is None else transport.unavailable(ep)
             if why is None:
                 eps.append(ep)
             else:

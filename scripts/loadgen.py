@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -18,6 +19,7 @@ class Result:
     endpoint: str  # x-edged-endpoint of the answer, "" if none
     tries: int
     error: str = ""
+    path: str = ""  # with `paths`: the path of this call
 
 
 class _Conn:
@@ -63,16 +65,28 @@ class LoadGen:
         host_header: str = "localhost",
         timeout: float = 10.0,
         unix: str | None = None,
+        paths: Callable[[int], str] | None = None,
     ):
         self.host, self.port, self.path = host, port, path
         self.unix = unix  # a Unix socket path instead of host:port
         self.timeout = timeout
-        self._request = f"GET {path} HTTP/1.1\r\nHost: {host_header}\r\nUser-Agent: loadgen\r\n\r\n".encode()
+        self._host_header = host_header
+        self._request = self._make(path)
+        self._paths = paths  # the path of call i, when calls go to many paths
+        self._count = 0
         self._idle: list[_Conn] = []
         self.results: list[Result] = []
 
+    def _make(self, path: str) -> bytes:
+        return f"GET {path} HTTP/1.1\r\nHost: {self._host_header}\r\nUser-Agent: loadgen\r\n\r\n".encode()
+
     async def _one(self, t0: float) -> None:
         started = time.monotonic()
+        path, request = self.path, self._request
+        if self._paths is not None:
+            path = self._paths(self._count)
+            request = self._make(path)
+        self._count += 1
         conn = self._idle.pop() if self._idle else None
         try:
             if conn is None:
@@ -80,7 +94,7 @@ class LoadGen:
                     conn = _Conn(*await asyncio.open_unix_connection(self.unix))
                 else:
                     conn = _Conn(*await asyncio.open_connection(self.host, self.port))
-            conn.writer.write(self._request)
+            conn.writer.write(request)
             status, headers, _ = await asyncio.wait_for(_read_response(conn.reader), self.timeout)
             self._idle.append(conn)
             self.results.append(
@@ -90,12 +104,13 @@ class LoadGen:
                     status,
                     headers.get("x-edged-endpoint", ""),
                     int(headers.get("x-edged-tries", "1")),
+                    path=path,
                 )
             )
         except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError, IndexError) as exc:
             if conn is not None:
                 conn.writer.close()
-            self.results.append(Result(started - t0, time.monotonic() - started, 0, "", 0, repr(exc)))
+            self.results.append(Result(started - t0, time.monotonic() - started, 0, "", 0, repr(exc), path))
 
     async def run(self, rate: float, duration: float, at: dict[float, object] | None = None) -> list[Result]:
         """Run the load; `at` maps seconds-into-the-run to callables run then (e.g. kill a backend)."""

@@ -120,6 +120,7 @@ def test_remote_entries_become_services_and_go_away_with_their_entry(tmp_path):
         sync._on_service(entry_msg("pi-3", "junk", payload=b"\xff\x00"))
         sync._on_status(Inbound(TOPICS.status("pi-2"), b'{"state": "online", "vitals": {"cpu": "12"}}', True))
         sync._on_status(Inbound(TOPICS.status("pi-4"), b"not json", True))
+        sync.apply()  # a burst of messages is applied once, a moment later; now, for the test
         snap = registry.snapshot()
         assert sorted(name for _, name in snap.services) == ["thermo"]
         assert snap.get("default", "thermo").spec.source == "mqtt:pi-2"
@@ -128,6 +129,7 @@ def test_remote_entries_become_services_and_go_away_with_their_entry(tmp_path):
         assert peers["pi-2"]["state"] == "online" and peers["pi-2"]["services"] == ["private", "thermo"]
         saved = json.loads(json.dumps(sync.state()))  # as written to the state dir now
         sync._on_service(entry_msg("pi-2", "thermo", payload=b""))  # an empty retained message deletes
+        sync.apply()
         assert registry.snapshot().get("default", "thermo") is None
         # A restart with no broker: the saved registry brings the remote service back.
         again = Registry()

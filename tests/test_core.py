@@ -72,7 +72,7 @@ def test_bridge_and_daemon_are_built_on_the_same_core(tmp_path):
 
 
 class FakeTransport:
-    def unavailable(self):
+    def unavailable(self, endpoint):
         return "scripted: off"
 
     async def send(self, ep, call, headers, timeout):

@@ -36,7 +36,7 @@ class ScriptedTransport:
         self.sent: list[tuple[str, float]] = []
         self.answers: list[Answer] = []
 
-    def unavailable(self):
+    def unavailable(self, endpoint):
         return None
 
     async def send(self, ep, call, headers, timeout):

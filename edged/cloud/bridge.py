@@ -124,6 +124,7 @@ class Bridge:
             await asyncio.wait(list(self._inflight), timeout=drain)
         await cancel_and_wait(list(self._inflight))
         if self.session.connected:
+            await self.registry_sync.clear_own()  # no one should keep routing to what leaves with us
             payload = self.registry_sync.status_payload("offline", reason="shutdown")
             with contextlib.suppress(PublishError):
                 await self.session.publish(self.topics.status(self.node), payload, qos=1, retain=True, timeout=1.0)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import Callable
 
 from ..state import StateError, StateStore
@@ -13,32 +15,52 @@ log = logging.getLogger("edged.cloud.persist")
 
 class StateSaver:
     """Coalesces bursts of changes: `mark(name, build)` asks for a write, `run()` writes the newest state
-    of each document a moment later, in a thread (fsync must not stall calls). `flush()` writes now."""
+    of each document a moment later (`delay`, or the document's own `within`), in a thread (fsync must not
+    stall calls). `flush()` writes every marked document now."""
 
-    def __init__(self, store: StateStore, delay: float = 0.1) -> None:
+    def __init__(self, store: StateStore, delay: float = 0.1, clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self._delay = delay
-        self._pending: dict[str, Callable[[], object]] = {}
+        self._clock = clock
+        self._pending: dict[str, tuple[Callable[[], object], float]] = {}  # name -> (build, due)
         self._wake = asyncio.Event()
 
-    def mark(self, name: str, build: Callable[[], object]) -> None:
-        """Document `name` changed; `build()` makes its JSON value when it is written."""
-        self._pending[name] = build
+    def mark(self, name: str, build: Callable[[], object], *, within: float | None = None) -> None:
+        """Document `name` changed; `build()` makes its JSON value when it is written, at the latest
+        `within` seconds from the first mark since the last write (default: the saver's delay). A large
+        document that changes often (the fleet registry) asks for a longer `within`: one write per
+        interval, however many messages changed it."""
+        due = self._clock() + (self._delay if within is None else within)
+        previous = self._pending.get(name)
+        self._pending[name] = (build, due if previous is None else min(previous[1], due))
         self._wake.set()
 
     async def flush(self) -> None:
         """Write every marked document now."""
         pending, self._pending = self._pending, {}
-        for name, build in pending.items():
-            try:
-                await self.store.async_write_json(name, build())
-            except StateError as exc:
-                log.error("could not save %s: %s", name, exc)
+        for name, (build, _) in pending.items():
+            await self._write(name, build)
+
+    async def _write(self, name: str, build: Callable[[], object]) -> None:
+        try:
+            await self.store.async_write_json(name, build())
+        except StateError as exc:
+            log.error("could not save %s: %s", name, exc)
 
     async def run(self) -> None:
         """The write loop (owned and cancelled by the cloud tier, which then calls `flush()`)."""
         while True:
-            await self._wake.wait()
-            self._wake.clear()
-            await asyncio.sleep(self._delay)
-            await self.flush()
+            if not self._pending:
+                self._wake.clear()
+                await self._wake.wait()
+            due = min(d for _, d in self._pending.values())
+            wait = due - self._clock()
+            if wait > 0:
+                self._wake.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), wait)  # an earlier due may arrive meanwhile
+                continue
+            now = self._clock()
+            for name in [n for n, (_, d) in self._pending.items() if d <= now]:
+                build, _ = self._pending.pop(name)
+                await self._write(name, build)

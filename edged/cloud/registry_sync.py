@@ -9,14 +9,19 @@ Entries of other nodes that say `cloud = true` (the service is reachable over MQ
 endpoint type, or served by an `edged bridge`) become services of the registry source "mqtt", with a
 cloud endpoint. The last known registry is saved in the state dir and loaded at start, so a box that
 boots with no network still knows the remote services.
+
+Liveness (`liveness.py`): a node's offline status withdraws the cloud endpoints of services that only it
+(and other dead nodes) serve, at once; entries of a node that has not been live for `[mqtt] offline_ttl`
+are dropped from memory and state; a clean stop removes this node's own retained entries.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import cbor2
@@ -27,14 +32,17 @@ from ..logs import log_event
 from ..manifest import parse_policy, policy_dict
 from ..model import TIERS, InterfaceSpec, MethodRule, ServiceSpec
 from ..registry import Registry, Snapshot
+from .liveness import OFFLINE, ONLINE, STALE, SUSPECT, UNKNOWN, Liveness
 from .persist import StateSaver
-from .session import Inbound, MqttSession
+from .session import Inbound, MqttSession, PublishError
 from .telemetry import CloudMetrics
 from .topics import Topics, service_key, split_service_key
 
 log = logging.getLogger("edged.cloud.registry")
 
 STATE_FILE = "cloud-registry.json"
+APPLY_DELAY = 0.2  # seconds: a burst of registry messages (a reconnect, boxes leaving) makes one rebuild
+SAVE_WITHIN = 5.0  # seconds: the registry file is a cache for a boot without broker; one write per interval
 ENTRY_VERSION = 1
 SOURCE = "mqtt"
 
@@ -141,6 +149,9 @@ class RegistrySync:
         offers: Callable[[ServiceSpec], bool] | None = None,
         always_cloud: bool = False,  # a bridge: every service it offers is reachable over MQTT
         follow: bool = True,
+        stale_after: float = 0.0,  # an online status not renewed for this long counts as dead (0: never)
+        offline_ttl: float = 3600.0,  # entries of a node not live for this long are dropped
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._registry = registry
         self._session = session
@@ -156,6 +167,11 @@ class RegistrySync:
         self._posted: dict[str, bytes] = {}  # key -> payload last posted on this connection
         self.nodes: dict[str, dict] = {}  # other node -> last status document
         self.entries: dict[str, dict[str, dict]] = {}  # other node -> key -> entry
+        self.liveness = Liveness(stale_after=stale_after)
+        self._specs: dict[str, dict[str, ServiceSpec]] = {}  # node -> key -> the spec its cloud entry makes
+        self._apply_timer: asyncio.TimerHandle | None = None
+        self.offline_ttl = offline_ttl
+        self._clock = clock
         self.bad_messages = 0
         if follow:
             session.subscribe(topics.all_status, self._on_status, qos=1)
@@ -234,6 +250,7 @@ class RegistrySync:
             return
         if not msg.payload:
             if self.nodes.pop(node, None) is not None:
+                self.liveness.forget_status(node, self._clock())
                 self._changed()
             return
         try:
@@ -245,11 +262,14 @@ class RegistrySync:
             log.debug("bad status on %s: %s", msg.topic, exc)
             return
         doc = {k: v for k, v in doc.items() if isinstance(k, str)}
-        doc["seen"] = round(time.time(), 3)
-        previous = self.nodes.get(node, {}).get("state")
+        wall = round(time.time(), 3)
+        previous = self.nodes.get(node, {})
+        doc["seen"] = wall
+        doc["since"] = previous.get("since", wall) if previous.get("state") == doc["state"] else wall
         self.nodes[node] = doc
-        if previous != doc["state"]:
+        if previous.get("state") != doc["state"]:
             log_event(log, logging.INFO, "mqtt.node_state", node=node, state=doc["state"])
+        self.liveness.status(node, doc["state"], self._clock())
         self._changed(services=False)
 
     def _on_service(self, msg: Inbound) -> None:
@@ -263,7 +283,9 @@ class RegistrySync:
                 self._post_entry(key, b"")
             return
         if not msg.payload:
-            if self.entries.get(node, {}).pop(key, None) is not None:
+            old = self.entries.get(node, {}).pop(key, None)
+            if old is not None:
+                self._index(node, old, add=False, departed=True)
                 self._changed()
             return
         try:
@@ -272,40 +294,80 @@ class RegistrySync:
             self.bad_messages += 1
             log_event(log, logging.WARNING, "mqtt.bad_registry_entry", topic=msg.topic, error=str(exc)[:200])
             return
-        if self.entries.get(node, {}).get(key) == entry:
+        old = self.entries.get(node, {}).get(key)
+        if old == entry:
             return
+        if old is not None:
+            self._index(node, old, add=False)
         self.entries.setdefault(node, {})[key] = entry
+        self._index(node, entry, add=True)
         self._changed()
+
+    def _index(self, node: str, entry: Mapping[str, Any], *, add: bool, departed: bool = False) -> None:
+        """Keep the spec each cloud entry makes (parsed once, not at every change) and the providers of each
+        service (for liveness) in step with the entries. `departed`: the node deleted the entry itself."""
+        if not entry.get("cloud"):
+            return
+        key = (str(entry["tenant"]), str(entry["service"]))
+        skey = service_key(*key)
+        if add:
+            try:
+                self._specs.setdefault(node, {})[skey] = entry_spec(entry, source=f"{SOURCE}:{node}")
+            except ValueError:  # normalize_entry checked it: cannot happen, but never fatal
+                return
+            self.liveness.add_provider(key, node, self._clock())
+        else:
+            specs = self._specs.get(node, {})
+            specs.pop(skey, None)
+            if not specs:
+                self._specs.pop(node, None)
+            self.liveness.remove_provider(key, node, self._clock(), departed=departed)
 
     def _changed(self, services: bool = True) -> None:
         if services:
-            self.apply()
-        self._saver.mark(STATE_FILE, self.state)
-        states = [doc.get("state") for doc in self.nodes.values()]
-        for state in ("online", "offline"):
-            self._metrics.registry_nodes.set((state,), states.count(state))
+            self._schedule_apply()
+        self._saver.mark(STATE_FILE, self.state, within=SAVE_WITHIN)
+
+    def collect(self) -> None:
+        """At scrape time (not per message: a thousand boxes send a status every few seconds): nodes by
+        liveness."""
+        now = self._clock()
+        counts = dict.fromkeys((ONLINE, OFFLINE, STALE, SUSPECT, UNKNOWN), 0)
+        for node in self.nodes:
+            counts[self.liveness.state(node, now)] += 1
+        for state, n in counts.items():
+            self._metrics.registry_nodes.set((state,), n)
 
     def remote_specs(self) -> list[ServiceSpec]:
         """One spec per remote (tenant, service) reachable over MQTT; of several nodes, the first by name."""
         specs: dict[tuple[str, str], ServiceSpec] = {}
-        for node in sorted(self.entries):
-            for entry in self.entries[node].values():
-                if not entry.get("cloud"):
-                    continue
-                try:
-                    spec = entry_spec(entry, source=f"{SOURCE}:{node}")
-                except ValueError:
-                    continue
+        for node in sorted(self._specs):
+            for spec in self._specs[node].values():
                 specs.setdefault(spec.key, spec)
         return list(specs.values())
 
     def apply(self) -> None:
-        """Put the remote services into the registry (source "mqtt")."""
+        """Put the remote services into the registry (source "mqtt") now."""
+        if self._apply_timer is not None:
+            self._apply_timer.cancel()
+            self._apply_timer = None
         self._registry.set_services(SOURCE, self.remote_specs())
+
+    def _schedule_apply(self) -> None:
+        """Apply soon, once for a burst of messages; at once when no event loop runs (loading state)."""
+        if self._apply_timer is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.apply()
+            return
+        self._apply_timer = loop.call_later(APPLY_DELAY, self.apply)
 
     def peers(self) -> list[dict]:
         """Nodes known from the registry, for `edged status` / `GET /v1/status`."""
         out = []
+        now = self._clock()
         for node in sorted(set(self.nodes) | set(self.entries)):
             doc = self.nodes.get(node, {})
             out.append(
@@ -313,14 +375,83 @@ class RegistrySync:
                     "node": node,
                     "source": "mqtt",
                     "fleet": self._topics.fleet,
-                    "state": doc.get("state", "unknown"),
+                    "state": self.liveness.state(node, now),
                     "zone": doc.get("zone", ""),
                     "vitals": doc.get("vitals", {}),
                     "services": sorted(self.entries.get(node, {})),
                     "seen": doc.get("seen"),
+                    "since": doc.get("since"),
                 }
             )
         return out
+
+    # -- liveness -------------------------------------------------------------------------------------------
+
+    def unreachable(self, tenant: str, service: str) -> str | None:
+        """Why a cloud call to this service cannot be served now (every node known to serve it is dead), or
+        None. The per-call check of the cloud transport: a set lookup."""
+        if not self.liveness.is_withdrawn((tenant, service)):
+            return None
+        dead = [f"{node} {state}" for node, state in self.liveness.providers((tenant, service), self._clock())]
+        return "no live node serves it" + (f" ({', '.join(dead[:3])})" if dead else " (its last node left)")
+
+    def providers(self, tenant: str, service: str) -> list[dict]:
+        """The nodes that serve a service over MQTT, with liveness and last-seen time (wall clock)."""
+        out = []
+        for node, state in self.liveness.providers((tenant, service), self._clock()):
+            doc = self.nodes.get(node, {})
+            out.append({"node": node, "state": state, "seen": doc.get("seen"), "since": doc.get("since")})
+        return out
+
+    def call_timed_out(self, tenant: str, service: str, waited: float) -> None:
+        """Passive detection: a cloud call got no answer within `waited` seconds (`Liveness.timed_out`)."""
+        now = self._clock()
+        if self.liveness.timed_out((tenant, service), now, now - waited):
+            log_event(log, logging.WARNING, "mqtt.node_suspect", service=service, tenant=tenant)
+
+    def call_answered(self, node: str) -> None:
+        """An answer came from `node`: it is alive."""
+        if node:
+            self.liveness.answered(node, self._clock())
+
+    def sweep(self) -> None:
+        """Run now and then: apply what time alone changes (a status not renewed, the end of a suspicion)
+        and drop the entries of nodes that have not been live for `offline_ttl`."""
+        now = self._clock()
+        self.liveness.refresh(now)
+        self.liveness.forget_departed(now, self.offline_ttl)
+        dead = self.liveness.expired(now, self.offline_ttl)
+        if dead:
+            self.drop_nodes(dead)
+
+    def drop_nodes(self, nodes: Iterable[str]) -> None:
+        """Forget nodes and their entries (memory and state); their services leave the registry."""
+        dropped = []
+        for node in nodes:
+            self.nodes.pop(node, None)
+            self.entries.pop(node, None)
+            self._specs.pop(node, None)
+            self.liveness.forget(node, self._clock())
+            dropped.append(node)
+        if dropped:
+            log_event(log, logging.INFO, "mqtt.nodes_dropped", nodes=dropped[:20], count=len(dropped))
+            self._changed()
+
+    async def clear_own(self, timeout: float = 1.0) -> int:
+        """A clean stop: delete this node's retained entries, so that no one keeps routing to them.
+        Returns how many were deleted."""
+        cleared = 0
+        for key in list(self._own):
+            tenant, service = split_service_key(key)
+            try:
+                await self._session.publish(
+                    self._topics.service(self.node, tenant, service), b"", qos=1, retain=True, timeout=timeout
+                )
+            except PublishError:
+                break
+            cleared += 1
+            self._posted.pop(key, None)
+        return cleared
 
     # -- persistence ----------------------------------------------------------------------------------------
 
@@ -348,12 +479,17 @@ class RegistrySync:
                 continue
             for key, raw in entries.items():
                 try:
-                    self.entries.setdefault(node, {})[key] = normalize_entry(raw)
-                    kept += 1
+                    entry = normalize_entry(raw)
                 except ValueError:
                     continue
+                self.entries.setdefault(node, {})[key] = entry
+                self._index(node, entry, add=True)
+                kept += 1
+        now = self._clock()
         for node, status in (doc.get("nodes") or {}).items():
-            if node != self.node and isinstance(status, dict):
+            if node != self.node and isinstance(status, dict) and status.get("state") in ("online", "offline"):
                 self.nodes[node] = status
+                # Seen "now": a saved wall-clock time means little on a box whose clock jumps at boot.
+                self.liveness.status(node, status["state"], now)
         self.apply()
         return kept

@@ -540,8 +540,12 @@ class MqttSession:
             batch = [await outbox.get()]
             while not outbox.empty() and len(batch) < OUTBOX_BATCH:
                 batch.append(outbox.get_nowait())
+            # No deadline on the PUBACK: while a reconnect delivers thousands of retained messages, it can
+            # take longer than any fixed wait, and ending the connection for it starts the same burst again
+            # (a livelock seen with 1,000 boxes). A dead connection is found by the keepalive instead, and
+            # its end cancels this loop.
             results = await asyncio.gather(
-                *(client.publish(t, p, qos=q, retain=r, timeout=OP_TIMEOUT) for t, p, q, r in batch),
+                *(client.publish(t, p, qos=q, retain=r, timeout=math.inf) for t, p, q, r in batch),
                 return_exceptions=True,
             )
             for result in results:

@@ -34,7 +34,9 @@ class CloudMetrics:
         self.too_large = m.counter("edged_cloud_too_large_total", "Cloud calls over mqtt.max_payload (413).")
         self.connects = m.counter("edged_mqtt_connects_total", "Successful connections to the MQTT broker.")
         self.registry_nodes = m.gauge(
-            "edged_mqtt_registry_nodes", "Nodes known from the MQTT registry, by state.", ("state",)
+            "edged_mqtt_registry_nodes",
+            "Nodes known from the MQTT registry, by liveness (online, offline, stale, suspect, unknown).",
+            ("state",),
         )
         self.fleet_refused = m.counter(
             "edged_fleet_config_refused_total", "Fleet config documents refused, by reason.", ("reason",)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -31,10 +32,13 @@ log = logging.getLogger("edged.cloud")
 
 CLOUD_SOURCE = "mqtt"
 VITALS_STEP = 10  # re-publish the retained status when a vital moved by this many points
+SWEEP_INTERVAL = 2.0  # seconds: how often what time alone changes (stale status, end of suspicion) is applied
+STALE_ROUNDS = 3  # an online status not renewed for this many announce intervals counts as dead
 
 
 def cloud_endpoints(specs: Mapping[Key, ServiceSpec], *, broker_url: str, topics: Topics) -> list[Endpoint]:
-    """The "cloud" layer: one cloud endpoint per service whose endpoint types include "cloud".
+    """The "cloud" layer: one cloud endpoint per service whose endpoint types include "cloud". (Whether a
+    live node serves it right now is the transport's per-call check, not the registry's: see `liveness.py`.)
 
     Priority and weight come from a long-form `[[endpoints]] type = "cloud"` when there is one, else the
     service's priority and weight 100.
@@ -88,10 +92,8 @@ class CloudTier:
             on_connected=self._on_connected,
             on_disconnected=self._on_disconnected,
         )
-        self.transport = CloudTransport(
-            self.session, self.topics, self.node, max_payload=mq.max_payload, metrics=self.metrics
-        )
         self._published: dict[str, str] = {}  # the vitals in the retained status
+        self._status_posted = 0.0  # monotonic time of the last `online` status this node posted
         self.registry_sync = RegistrySync(
             registry=registry,
             session=self.session,
@@ -101,6 +103,18 @@ class CloudTier:
             saver=self.saver,
             metrics=self.metrics,
             status_extra=lambda: {"vitals": self._node_vitals.current.status()},
+            stale_after=STALE_ROUNDS * mq.announce_interval,
+            offline_ttl=mq.offline_ttl,
+        )
+        self.transport = CloudTransport(
+            self.session,
+            self.topics,
+            self.node,
+            max_payload=mq.max_payload,
+            metrics=self.metrics,
+            on_timeout=self.registry_sync.call_timed_out,
+            on_answer=self.registry_sync.call_answered,
+            unreachable=self.registry_sync.unreachable,
         )
         self.fleet = FleetConfigSource(
             registry=registry,
@@ -136,6 +150,7 @@ class CloudTier:
                 self.fleet.layer,
             ),
             peers=self.registry_sync.peers,
+            providers=self.registry_sync.providers,
             collect=self._collect,
             on_vitals=self._on_vitals,
             on_registry_change=self._on_registry_change,
@@ -159,6 +174,7 @@ class CloudTier:
         for coro, name in (
             (self.telemetry.run(), "cloud telemetry"),
             (self.saver.run(), "cloud state saver"),
+            (self._sweep(), "cloud liveness sweep"),
         ):
             task = loop.create_task(coro, name=name)
             task.add_done_callback(_log_failure)
@@ -174,9 +190,12 @@ class CloudTier:
         )
 
     async def leaving(self) -> None:
-        """Say `offline` (retained) while the connection is still up: a clean exit sends no last will."""
+        """Delete this node's retained entries and say `offline` (retained) while the connection is still
+        up: a clean exit sends no last will, and no one should keep routing to services that left."""
         if not self.session.connected:
             return
+        cleared = await self.registry_sync.clear_own()
+        log_event(log, logging.INFO, "cloud.leaving", cleared_entries=cleared)
         payload = self.registry_sync.status_payload("offline", reason="shutdown")
         with contextlib.suppress(PublishError):
             await self.session.publish(self.topics.status(self.node), payload, qos=1, retain=True, timeout=1.0)
@@ -194,6 +213,7 @@ class CloudTier:
         self.metrics.connects.inc()
         self._mesh.mqtt_connected.set((), 1)
         self.registry_sync.on_connected()
+        self._status_posted = time.monotonic()
 
     def _on_disconnected(self, reason: str) -> None:
         self._mesh.mqtt_connected.set((), 0)
@@ -210,6 +230,7 @@ class CloudTier:
 
     def _collect(self) -> None:
         self._mesh.mqtt_connected.set((), 1 if self.session.connected else 0)
+        self.registry_sync.collect()
 
     def _telemetry_extra(self) -> dict:
         return {
@@ -224,11 +245,21 @@ class CloudTier:
         }
 
     def _on_vitals(self, vitals: Vitals) -> None:
-        """Each reading of the core's sampler: re-publish the status when a vital moved noticeably."""
+        """Each reading of the core's sampler: re-publish the status when a vital moved noticeably, and at
+        least every announce interval (others take an online status that is not renewed for a few intervals
+        as a dead box: a last will the broker lost)."""
         now = vitals.status()
-        if self._started and _moved(self._published, now) and self.session.connected:
+        due = time.monotonic() - self._status_posted >= self.config.mqtt.announce_interval
+        if self._started and (_moved(self._published, now) or due) and self.session.connected:
             self.registry_sync.publish_status()
             self._published = now
+            self._status_posted = time.monotonic()
+
+    async def _sweep(self) -> None:
+        """Apply what time alone changes in the registry (see `RegistrySync.sweep`)."""
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            self.registry_sync.sweep()
 
 
 def _log_failure(task: asyncio.Task) -> None:

@@ -3,7 +3,8 @@
 Request: CBOR envelope published (QoS 0) to `{prefix}/{fleet}/svc/{service}/req`; the answer arrives on
 this node's `reply/{node}` topic and is matched by correlation id. QoS 0 on purpose: the router's per-try
 timeout and retries are the reliability layer, and a QoS 1 redelivery after a reconnect could run a POST
-twice. While the broker is down `unavailable()` says so and the router skips the tier instead of waiting;
+twice. While the broker is down, or no live node serves the service (the registry says so: see liveness.py),
+`unavailable(endpoint)` says why and the router skips the endpoint instead of waiting;
 calls in flight when the connection drops fail at once (`reset`), so the router fails over right away.
 """
 
@@ -14,6 +15,7 @@ import itertools
 import json
 import logging
 import os
+from collections.abc import Callable
 from http import HTTPStatus
 
 from ..call import Call
@@ -67,9 +69,21 @@ class CloudTransport:
     """The router's transport for tier "cloud". Subscribes to its reply topic on the given session."""
 
     def __init__(
-        self, session: MqttSession, topics: Topics, node: str, *, max_payload: int, metrics: CloudMetrics
+        self,
+        session: MqttSession,
+        topics: Topics,
+        node: str,
+        *,
+        max_payload: int,
+        metrics: CloudMetrics,
+        on_timeout: Callable[[str, str, float], None] = lambda tenant, service, waited: None,
+        on_answer: Callable[[str], None] = lambda node: None,
+        unreachable: Callable[[str, str], str | None] = lambda tenant, service: None,
     ) -> None:
         self._session = session
+        self._on_timeout = on_timeout  # passive liveness: (tenant, service) got no answer in `waited` s
+        self._on_answer_from = on_answer  # ... and an answer came from this node
+        self._unreachable = unreachable  # why no live node serves (tenant, service) now, or None
         self._topics = topics
         self._node = node
         self._reply = topics.reply(node)
@@ -90,8 +104,12 @@ class CloudTransport:
         """Calls waiting for their answer."""
         return len(self._pending)
 
-    def unavailable(self) -> str | None:
-        return None if self._session.connected else "broker disconnected"
+    def unavailable(self, endpoint: Endpoint) -> str | None:
+        """Skip the endpoint now when the broker is down, or when every node known to serve the service is
+        dead (the registry says so: a call would only wait for its per-try timeout)."""
+        if not self._session.connected:
+            return "broker disconnected"
+        return self._unreachable(endpoint.tenant, endpoint.service)
 
     async def send(
         self, endpoint: Endpoint, call: Call, headers: list[tuple[bytes, bytes]], timeout: float
@@ -121,7 +139,7 @@ class CloudTransport:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[CloudAnswer] = loop.create_future()
         self._pending[cid] = future
-        timer = loop.call_later(timeout, self._expire, cid, future, endpoint.url, timeout)
+        timer = loop.call_later(timeout, self._expire, cid, future, endpoint, call.tenant, timeout)
         try:
             try:
                 await self._session.publish(
@@ -149,11 +167,14 @@ class CloudTransport:
             if not future.done():
                 future.set_exception(UpstreamReset("mqtt", reason))
 
-    def _expire(self, cid: bytes, future: asyncio.Future[CloudAnswer], url: str, timeout: float) -> None:
+    def _expire(
+        self, cid: bytes, future: asyncio.Future[CloudAnswer], endpoint: Endpoint, tenant: str, timeout: float
+    ) -> None:
         self._pending.pop(cid, None)  # an answer after this is late: dropped and counted
         if not future.done():
             self._metrics.timeouts.inc()
-            future.set_exception(UpstreamTimeout(url, f"no answer over MQTT within {timeout:g}s"))
+            future.set_exception(UpstreamTimeout(endpoint.url, f"no answer over MQTT within {timeout:g}s"))
+            self._on_timeout(tenant, endpoint.service, timeout)
 
     def _on_answer(self, message) -> None:
         try:
@@ -167,3 +188,4 @@ class CloudTransport:
             self._metrics.late_answers.inc()
             return
         future.set_result(answer)
+        self._on_answer_from(answer.node)

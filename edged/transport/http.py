@@ -14,7 +14,7 @@ class HttpTransport:
     def __init__(self, pool: UpstreamPool) -> None:
         self._pool = pool
 
-    def unavailable(self) -> str | None:
+    def unavailable(self, endpoint: Endpoint) -> str | None:
         return None
 
     async def send(

@@ -1,0 +1,461 @@
+#!/usr/bin/env python3
+"""A simulated fleet on a real Mosquitto, and one real daemon among it: what a box learns and how fast it
+stops routing to boxes that die.
+
+Each simulated box has its own MQTT connection, publishes what a real box publishes (retained JSON status
+with its last will `offline`, one CBOR registry entry per service made with `spec_entry()`, the status
+again every `--status-every` s) and answers the cloud calls for its services. Boxes speak a tiny MQTT
+3.1.1 client of their own (below) because the simulator must die in ways no library allows on purpose:
+`abrupt` closes the socket with no DISCONNECT (the broker sends the will at once), `clean` deletes the
+box's retained entries, says offline and disconnects (as `edged` does on SIGTERM), `powercut` stops
+reading, writing and pinging with the socket left open (the broker notices only after 1.5 x keepalive).
+
+The liveness scenario (issue "a dead box's services stop being routed"), per death mode: the daemon starts
+with the fleet's registry in its state dir (as after a previous run), calls at `--rate` calls/s spread over
+the fleet's services, 10 % of the boxes die at once, and it reports the time from each death to the broker's
+announcement (the offline status an observer sees) and to the last call routed to the dead box, failed calls
+where another endpoint exists (services of dead boxes with a local fallback: target 0), and memory and
+state size before, after the deaths, and after `offline_ttl` (scaled down: simulated time).
+
+usage: scripts/fleetsim.py [--boxes 200] [--services 10] [--rate 100] [--modes abrupt,clean,powercut]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import resource
+import shutil
+import struct
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cbor2
+from harness import REPO, Backend, Edged, wait_for
+from loadgen import LoadGen, summary
+
+sys.path.insert(0, str(REPO / "tests"))
+
+from fixtures_mqtt import Broker, mqtt_section
+
+from edged.cloud.envelope import CloudAnswer, decode_request, encode_answer
+from edged.cloud.registry_sync import STATE_FILE, spec_entry
+from edged.cloud.topics import Topics, service_key
+from edged.manifest import parse_manifest_data
+
+FLEET = "home"
+
+
+# -- a tiny MQTT 3.1.1 client that can die on purpose ---------------------------------------------------------
+
+
+def _str(s: str | bytes) -> bytes:
+    b = s.encode() if isinstance(s, str) else s
+    return struct.pack("!H", len(b)) + b
+
+
+def _packet(first: int, body: bytes) -> bytes:
+    n, out = len(body), bytearray([first])
+    while True:
+        digit, n = n % 128, n // 128
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out) + body
+
+
+class MiniMqtt:
+    """CONNECT with a retained will, PUBLISH (QoS 0/1), SUBSCRIBE, keepalive pings; and ways to die."""
+
+    def __init__(self, host: str, port: int, client_id: str, keepalive: int) -> None:
+        self.host, self.port, self.client_id, self.keepalive = host, port, client_id, keepalive
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.on_publish = lambda topic, payload: None
+        self._ids = iter(range(1, 1 << 30))
+        self._tasks: list[asyncio.Task] = []
+
+    async def connect(self, will_topic: str, will_payload: bytes) -> None:
+        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        flags = 0x02 | 0x04 | (1 << 3) | 0x20  # clean session, will, will QoS 1, will retained
+        var = _str("MQTT") + bytes([4, flags]) + struct.pack("!H", self.keepalive)
+        self.writer.write(_packet(0x10, var + _str(self.client_id) + _str(will_topic) + _str(will_payload)))
+        head = await self.reader.readexactly(4)
+        if head[0] != 0x20 or head[3] != 0:
+            raise ConnectionError(f"CONNACK refused: {head!r}")
+        self._tasks = [asyncio.ensure_future(self._read()), asyncio.ensure_future(self._ping())]
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False) -> None:
+        assert self.writer is not None
+        var = _str(topic) + (struct.pack("!H", next(self._ids)) if qos else b"")
+        self.writer.write(_packet(0x30 | (qos << 1) | int(retain), var + payload))
+
+    def subscribe(self, filters: list[str]) -> None:
+        assert self.writer is not None
+        body = struct.pack("!H", next(self._ids)) + b"".join(_str(f) + b"\x00" for f in filters)
+        self.writer.write(_packet(0x82, body))
+
+    async def _read(self) -> None:
+        assert self.reader is not None and self.writer is not None
+        try:
+            while True:
+                first = (await self.reader.readexactly(1))[0]
+                length, shift = 0, 0
+                while True:
+                    b = (await self.reader.readexactly(1))[0]
+                    length |= (b & 0x7F) << shift
+                    shift += 7
+                    if not b & 0x80:
+                        break
+                body = await self.reader.readexactly(length)
+                if first >> 4 == 3:  # PUBLISH
+                    qos = (first >> 1) & 3
+                    tlen = struct.unpack("!H", body[:2])[0]
+                    topic, rest = body[2 : 2 + tlen].decode(), body[2 + tlen :]
+                    if qos:
+                        self.writer.write(_packet(0x40, rest[:2]))
+                        rest = rest[2:]
+                    self.on_publish(topic, rest)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+
+    async def _ping(self) -> None:
+        assert self.writer is not None
+        while True:
+            await asyncio.sleep(self.keepalive / 2)
+            self.writer.write(b"\xc0\x00")
+
+    async def disconnect(self) -> None:
+        """A clean end: DISCONNECT, so the broker drops the will."""
+        assert self.writer is not None
+        self.writer.write(b"\xe0\x00")
+        await self.writer.drain()
+        self._stop_tasks()
+        self.writer.close()
+
+    def abort(self) -> None:
+        """The process died: the socket closes with no DISCONNECT (the broker sends the will at once)."""
+        self._stop_tasks()
+        if self.writer is not None:
+            self.writer.transport.abort()
+
+    def freeze(self) -> None:
+        """The power is cut: nothing more is read, written or pinged; the socket stays open."""
+        self._stop_tasks()
+        if self.writer is not None:
+            self.writer.transport.pause_reading()
+
+    def _stop_tasks(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+
+
+# -- simulated boxes ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class SimBox:
+    index: int
+    services: int
+    topics: Topics
+    keepalive: int
+    name: str = ""
+    service_names: list[str] = field(default_factory=list)
+    mqtt: MiniMqtt | None = None
+    answered: int = 0
+
+    def __post_init__(self) -> None:
+        self.name = f"sim-{self.index:04d}"
+        self.service_names = [f"s{self.index:04d}-{j}" for j in range(self.services)]
+
+    def status(self, state: str, **extra: object) -> bytes:
+        doc = {"state": state, "node": self.name, "fleet": FLEET, "zone": "", **extra}
+        if state == "online":
+            doc.update(vitals={"cpu": "20", "bat": "", "link": "", "power": "mains"}, services=self.keys())
+            doc["ts"] = round(time.time(), 3)
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    def keys(self) -> list[str]:
+        return [service_key("default", s) for s in self.service_names]
+
+    def entries(self) -> dict[str, dict]:
+        out = {}
+        for svc in self.service_names:
+            spec = parse_manifest_data({"service_name": svc}, "sim.toml")
+            out[service_key("default", svc)] = spec_entry(spec, node=self.name, zone="", cloud=True)
+        return out
+
+    async def start(self, host: str, port: int) -> None:
+        self.mqtt = MiniMqtt(host, port, f"fleetsim-{self.name}-{os.getpid()}", self.keepalive)
+        self.mqtt.on_publish = self._on_request
+        await self.mqtt.connect(self.topics.status(self.name), self.status("offline", reason="lost"))
+        self.mqtt.subscribe([self.topics.request(s) for s in self.service_names])
+        self.mqtt.publish(self.topics.status(self.name), self.status("online"), qos=1, retain=True)
+        for svc, entry in zip(self.service_names, self.entries().values(), strict=True):
+            self.mqtt.publish(self.topics.service(self.name, "default", svc), cbor2.dumps(entry), qos=1, retain=True)
+
+    def _on_request(self, topic: str, payload: bytes) -> None:
+        try:
+            req = decode_request(payload)
+        except Exception:
+            return
+        body = json.dumps({"name": self.name, "service": req.service}).encode()
+        answer = CloudAnswer(req.id, 200, ((b"content-type", b"application/json"),), body, self.name)
+        assert self.mqtt is not None
+        self.mqtt.publish(req.reply, encode_answer(answer))
+        self.answered += 1
+
+    def announce(self) -> None:
+        assert self.mqtt is not None
+        self.mqtt.publish(self.topics.status(self.name), self.status("online"), qos=1, retain=True)
+
+    async def die(self, mode: str) -> None:
+        assert self.mqtt is not None
+        if mode == "abrupt":
+            self.mqtt.abort()
+        elif mode == "powercut":
+            self.mqtt.freeze()
+        else:  # clean: what edged does on SIGTERM
+            for svc in self.service_names:
+                self.mqtt.publish(self.topics.service(self.name, "default", svc), b"", qos=1, retain=True)
+            offline = self.status("offline", reason="shutdown")
+            self.mqtt.publish(self.topics.status(self.name), offline, qos=1, retain=True)
+            await asyncio.sleep(0.2)  # as edged does: each publish is acknowledged before the DISCONNECT
+            await self.mqtt.disconnect()
+
+
+class Fleet:
+    def __init__(self, boxes: int, services: int, prefix: str, keepalive: int) -> None:
+        self.topics = Topics(prefix, FLEET)
+        self.boxes = [SimBox(i, services, self.topics, keepalive) for i in range(boxes)]
+        self._announcer: asyncio.Task | None = None
+
+    async def start(self, host: str, port: int, parallel: int = 50) -> None:
+        sem = asyncio.Semaphore(parallel)
+
+        async def one(box: SimBox) -> None:
+            async with sem:
+                await box.start(host, port)
+
+        await asyncio.gather(*(one(b) for b in self.boxes))
+
+    def announce_every(self, seconds: float, alive: list[SimBox]) -> None:
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(seconds)
+                for box in alive:
+                    box.announce()
+
+        self._announcer = asyncio.ensure_future(loop())
+
+    def state_document(self) -> dict:
+        """The daemon's `cloud-registry.json` as a previous run would have saved it (a warm start)."""
+        now = round(time.time(), 3)
+        return {
+            "format": 1,
+            "prefix": self.topics.prefix,
+            "fleet": FLEET,
+            "saved": now,
+            "nodes": {b.name: {**json.loads(b.status("online")), "seen": now, "since": now} for b in self.boxes},
+            "entries": {b.name: b.entries() for b in self.boxes},
+        }
+
+    async def close(self) -> None:
+        if self._announcer is not None:
+            self._announcer.cancel()
+        for box in self.boxes:
+            if box.mqtt is not None:
+                box.mqtt.abort()
+
+
+class Observer:
+    """Another client of the broker: when each box's offline status is announced."""
+
+    def __init__(self, host: str, port: int, topics: Topics) -> None:
+        self.mqtt = MiniMqtt(host, port, f"fleetsim-observer-{os.getpid()}", 60)
+        self.topics = topics
+        self.offline_at: dict[str, float] = {}
+
+    async def start(self) -> None:
+        def on(topic: str, payload: bytes) -> None:
+            parsed = self.topics.parse_node_topic(topic)
+            if parsed and payload and json.loads(payload).get("state") == "offline":
+                self.offline_at.setdefault(parsed[0], time.monotonic())
+
+        self.mqtt.on_publish = on
+        await self.mqtt.connect(f"{self.topics.base}/observer/status", b"")
+        self.mqtt.subscribe([self.topics.all_status])
+
+
+# -- the scenario -------------------------------------------------------------------------------------------
+
+
+def fallback_manifest(service: str, port: int) -> str:
+    """A service of a remote box that this box can also serve locally (the other endpoint)."""
+    return f"""
+service_name = "{service}"
+endpoint_types = ["cloud", "local"]
+[[endpoints]]
+type = "cloud"
+priority = 1
+[[endpoints]]
+type = "local"
+url = "http://127.0.0.1:{port}"
+priority = 5
+[policy]
+per_try_timeout = "2s"
+timeout = "5s"
+"""
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def liveness_run(args, mode: str, tmp: Path) -> dict:
+    broker = Broker(tmp / f"broker-{mode}", extra=args.broker_conf.replace("\\n", "\n")).start()
+    fleet = Fleet(args.boxes, args.services, f"sim{os.getpid()}", args.keepalive)
+    dying = random.Random(7).sample(fleet.boxes, max(1, args.boxes // 10))
+    alive = [b for b in fleet.boxes if b not in dying]
+    backend = Backend("local-fallback", _free_port(), tmp).start()
+    fallbacks = {b.service_names[0] for b in dying} | {b.service_names[0] for b in alive[: len(dying)]}
+    manifests = {f"{s}.toml": fallback_manifest(s, backend.port) for s in sorted(fallbacks)}
+    d = Edged(
+        tmp / f"edged-{mode}",
+        manifests,
+        mqtt_section(broker, fleet.topics.prefix, keepalive=f"{args.keepalive}s", offline_ttl=f"{args.ttl}s"),
+    )
+    state = d.root / "state"
+    state.mkdir(parents=True, exist_ok=True)
+    (state / STATE_FILE).write_text(json.dumps(fleet.state_document()))
+    observer = Observer("127.0.0.1", broker.port, fleet.topics)
+    out: dict = {"mode": mode, "boxes": args.boxes, "services": args.boxes * args.services}
+    try:
+        await fleet.start("127.0.0.1", broker.port)
+        await observer.start()
+        fleet.announce_every(args.status_every, alive)
+        t0 = time.monotonic()
+        d.start()
+        out["warm_start_s"] = round(time.monotonic() - t0, 2)
+        pid = d.proc.pid
+        wait_for(lambda: d.get("/v1/status") is not None, 20)
+        await asyncio.sleep(2.0)  # let the retained burst settle
+        out["rss_before_mib"] = round(rss_kib(pid) / 1024, 1)
+        out["state_before_kb"] = round((state / STATE_FILE).stat().st_size / 1024)
+        all_services = [s for b in fleet.boxes for s in b.service_names]
+        rng = random.Random(1)
+        load = LoadGen("127.0.0.1", d.port, "/", timeout=10, paths=lambda i: f"/svc/{rng.choice(all_services)}/r")
+        died: dict[str, float] = {}
+
+        async def kill() -> None:
+            t = time.monotonic()
+            for box in dying:
+                died[box.name] = t
+            await asyncio.gather(*(box.die(mode) for box in dying))
+
+        cpu0 = cpu_s(pid)
+        duration = args.before + args.after + (1.5 * args.keepalive if mode == "powercut" else 0)
+        t_load = time.monotonic()
+        results = await load.run(args.rate, duration, at={args.before: kill})
+        out["cpu_during_s"] = round(cpu_s(pid) - cpu0, 2)
+        dead_services = {s: b.name for b in dying for s in b.service_names}
+        announce = [observer.offline_at.get(b.name, float("nan")) - died[b.name] for b in dying]
+        out["announce_s_max"] = round(max(announce), 3)
+        # A call routed to a dead box: it reached the cloud endpoint of a dead box's service (answered or not),
+        # or spent a try there before the local fallback.
+        last_routed = []
+        failed_fallback = failed_remote_only = 0
+        for r in results:
+            svc = r.path.split("/")[2]
+            node = dead_services.get(svc)
+            if node is None:
+                continue
+            started = t_load + r.started
+            if started < died[node]:
+                continue
+            routed = r.endpoint.endswith("/cloud/mqtt") or r.tries > 1 or (r.status >= 500 and r.latency > 1.0)
+            if routed:
+                last_routed.append(started - observer.offline_at.get(node, died[node]))
+            if r.status == 0 or r.status >= 500:
+                if svc in fallbacks:
+                    failed_fallback += 1
+                else:
+                    failed_remote_only += 1
+        out["last_routed_after_announce_s"] = round(max(last_routed), 3) if last_routed else None
+        out["calls"] = summary(results)
+        out["failed_with_fallback"] = failed_fallback
+        out["failed_remote_only"] = failed_remote_only
+        out["rss_after_deaths_mib"] = round(rss_kib(pid) / 1024, 1)
+        # Simulated time: offline_ttl is scaled down; after it the dead boxes' entries are gone.
+        announced = max(observer.offline_at.get(b.name, died[b.name]) for b in dying)
+        remaining = args.ttl + 3 - (time.monotonic() - announced)  # + the sweep interval (2 s) and a second
+        if remaining > 0:
+            await asyncio.sleep(remaining)
+        out["rss_after_ttl_mib"] = round(rss_kib(pid) / 1024, 1)
+        out["stop_exit"] = d.stop(timeout=60)  # a clean stop writes the registry file now
+        out["state_after_ttl_kb"] = round((state / STATE_FILE).stat().st_size / 1024)
+        saved = json.loads((state / STATE_FILE).read_text())
+        out["nodes_known_after_ttl"] = len(set(saved["nodes"]) | set(saved["entries"]))
+    finally:
+        await fleet.close()
+        observer.mqtt.abort()
+        if d.proc is not None and d.proc.poll() is None:
+            d.kill()
+        backend.kill()
+        broker.kill()
+    return out
+
+
+def _free_port() -> int:
+    from harness import free_port
+
+    return free_port()
+
+
+async def main() -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # one connection per simulated box
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--boxes", type=int, default=200)
+    ap.add_argument("--services", type=int, default=10, help="per box")
+    ap.add_argument("--rate", type=float, default=100.0, help="calls/s spread over the fleet's services")
+    ap.add_argument("--modes", default="abrupt,clean,powercut")
+    ap.add_argument("--keepalive", type=int, default=15, help="seconds, for the daemon and the boxes")
+    ap.add_argument("--status-every", type=float, default=5.0)
+    ap.add_argument("--before", type=float, default=5.0, help="seconds of load before the deaths")
+    ap.add_argument("--after", type=float, default=5.0, help="seconds of load after the deaths")
+    ap.add_argument("--ttl", type=float, default=20.0, help="offline_ttl: stands for an hour (simulated time)")
+    ap.add_argument(
+        "--broker-conf",
+        default="max_queued_messages 20000\\n",
+        help="extra mosquitto.conf lines (\\n between): a daemon subscribed to a whole fleet of N boxes gets "
+        "about 11 x N retained messages at connect; mosquitto's default queue of 1000 drops the rest",
+    )
+    ap.add_argument("--keep", action="store_true", help="keep the run's folder (daemon and broker logs)")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="fleetsim-"))
+    try:
+        for mode in args.modes.split(","):
+            print(json.dumps(await liveness_run(args, mode, tmp)), flush=True)
+    finally:
+        if args.keep:
+            print(f"logs kept in {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
