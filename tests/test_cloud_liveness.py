@@ -163,7 +163,8 @@ def status(node: str, state: str) -> Inbound:
 
 def routed(registry: Registry, sync: RegistrySync) -> list[str]:
     """Services whose cloud endpoint the cloud transport would send a call to now."""
-    eps = cloud_endpoints(registry.snapshot(), broker_url="mqtt://127.0.0.1:1883", topics=TOPICS)
+    specs = {key: svc.spec for key, svc in registry.snapshot().services.items()}
+    eps = cloud_endpoints(specs, broker_url="mqtt://127.0.0.1:1883", topics=TOPICS)
     return sorted(ep.service for ep in eps if sync.unreachable(ep.tenant, ep.service) is None)
 
 
