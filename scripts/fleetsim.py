@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import cbor2
@@ -313,6 +314,18 @@ timeout = "5s"
 """
 
 
+def daemon_learned(log_text: str, nodes: set[str]) -> dict[str, float]:
+    """When the daemon logged each node going offline (wall clock, from its JSON log)."""
+    out: dict[str, float] = {}
+    for line in log_text.splitlines():
+        if '"mqtt.node_state"' not in line or '"offline"' not in line:
+            continue
+        rec = json.loads(line)
+        if rec.get("node") in nodes and rec["node"] not in out:
+            out[rec["node"]] = datetime.fromisoformat(rec["ts"].replace("Z", "+00:00")).timestamp()
+    return out
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -359,21 +372,42 @@ async def liveness_run(args, mode: str, tmp: Path) -> dict:
         rng = random.Random(1)
         load = LoadGen("127.0.0.1", d.port, "/", timeout=10, paths=lambda i: f"/svc/{rng.choice(all_services)}/r")
         died: dict[str, float] = {}
+        died_wall: list[float] = []
 
         async def kill() -> None:
             t = time.monotonic()
+            died_wall.append(time.time())
             for box in dying:
                 died[box.name] = t
             await asyncio.gather(*(box.die(mode) for box in dying))
+
+        lags: list[float] = []
+
+        async def lag_probe() -> None:
+            """The simulator's own loop lag: when it is large, its boxes answer late (not the daemon's fault)."""
+            while True:
+                t = time.monotonic()
+                await asyncio.sleep(0.05)
+                lags.append(time.monotonic() - t - 0.05)
+
+        probe = asyncio.ensure_future(lag_probe())
 
         cpu0 = cpu_s(pid)
         duration = args.before + args.after + (1.5 * args.keepalive if mode == "powercut" else 0)
         t_load = time.monotonic()
         results = await load.run(args.rate, duration, at={args.before: kill})
+        probe.cancel()
         out["cpu_during_s"] = round(cpu_s(pid) - cpu0, 2)
+        out["sim_loop_lag_ms_p99"] = round(sorted(lags)[int(0.99 * len(lags))] * 1000, 1) if lags else None
         dead_services = {s: b.name for b in dying for s in b.service_names}
         announce = [observer.offline_at.get(b.name, float("nan")) - died[b.name] for b in dying]
         out["announce_s_max"] = round(max(announce), 3)
+        learned = daemon_learned(d.log_text(), {b.name for b in dying})
+        out["daemon_learned_s_max"] = (
+            round(max(learned.values()) - died_wall[0], 3)
+            if len(learned) == len(dying)
+            else f"{len(learned)} of {len(dying)}"
+        )
         # A call routed to a dead box: it reached the cloud endpoint of a dead box's service (answered or not),
         # or spent a try there before the local fallback.
         last_routed = []
