@@ -3,10 +3,15 @@
 
 Measures, per path: throughput on one core (wrk -t1 -c16, proxy pinned to one CPU, backend and client to
 the other), CPU per call of the proxy, latency at a fixed low rate (open loop, Python client), latency one
-call at a time on one keep-alive connection, and idle RSS. Prints a table, the issue's targets with
-PASS/MISS, then the figures as JSON. Installs nothing; ends every process it started.
+call at a time on one keep-alive connection, and idle RSS. Then the footprint of two idle daemons: the
+local tier alone, and everything on (mDNS on loopback, MQTT to a Mosquitto it starts, a fleet key, 20
+services with health checks): RSS, CPU and context switches per second. `--baseline REF` runs a second
+edged from that git ref (e.g. main) beside this tree's, in the same run, for before/after figures.
+Prints a table, the issue's targets with PASS/MISS, then the figures as JSON. Installs nothing; ends
+every process it started.
 
-usage: scripts/bench.py [--duration 5] [--rounds 2] [--rate 500] [--skip-haproxy] [--json-only]
+usage: scripts/bench.py [--duration 5] [--rounds 2] [--rate 500] [--baseline REF] [--skip-haproxy]
+                        [--skip-footprint] [--json-only]
 """
 
 from __future__ import annotations
@@ -40,11 +45,16 @@ CONNECTIONS = 16
 SEQUENTIAL_CALLS = 2000
 IDLE_CALLS = 100
 IDLE_WAIT = 3.0
-INSTALL_HINT = "apt-get install haproxy wrk nginx"
 
-TARGET_CALLS_PER_S = 10_000
-TARGET_VS_HAPROXY = 0.2
+IDLE_WINDOW = 10.0  # seconds over which idle CPU and context switches are counted
+FULL_SERVICES = 20
+FULL_SETTLE = 5.0  # seconds for the full daemon to probe mDNS names and connect to the broker
+INSTALL_HINT = "apt-get install haproxy wrk nginx mosquitto"
+
+TARGET_CALLS_PER_S = 14_000
+TARGET_VS_HAPROXY = 0.3
 TARGET_ADDED_P50_US = 150.0
+TARGET_CPU_AT_RATE_US = 150.0
 TARGET_IDLE_RSS_MIB = 35.0
 
 MANIFEST = """
@@ -52,6 +62,51 @@ service_name = "bench"
 [[endpoints]]
 type = "local"
 url = "http://127.0.0.1:{port}"
+"""
+
+# Everything on: the edge tier with mDNS on loopback, the cloud tier on a local Mosquitto, a trusted fleet
+# key, and FULL_SERVICES services each with an HTTP health check.
+FULL_CONFIG = """
+[node]
+name = "bench-full"
+fleet = "bench"
+[api]
+listen = "127.0.0.1:{api_port}"
+socket = "run/edged.sock"
+[services]
+dirs = ["services.d"]
+[state]
+dir = "state"
+[mdns]
+enabled = true
+interfaces = ["127.0.0.1"]
+[ingress]
+listen = "127.0.0.1:{ingress_port}"
+[mqtt]
+enabled = true
+url = "mqtt://127.0.0.1:{mqtt_port}"
+[fleet]
+keys = ["fleet.pub"]
+[log]
+level = "warning"
+"""
+
+FULL_MANIFEST = """
+service_name = "svc{i:02d}"
+[[endpoints]]
+type = "local"
+url = "http://127.0.0.1:{port}"
+[health_check]
+http = "/"
+interval = "2s"
+"""
+
+MOSQUITTO_CFG = """
+listener {port} 127.0.0.1
+allow_anonymous true
+set_tcp_nodelay true
+persistence false
+log_dest stderr
 """
 
 HAPROXY_CFG = """
@@ -165,6 +220,17 @@ def per_call_us(before: tuple[float, float], after: tuple[float, float], calls: 
     return round((after[0] - before[0]) * 1e6 / calls, 1), round((after[1] - before[1]) * 1e6 / calls, 1)
 
 
+def ctx_switches(pid: int) -> int:
+    """Voluntary and involuntary context switches of every thread of `pid` so far."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError):  # the thread ended meanwhile
+            for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
+                if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                    total += int(line.split()[1])
+    return total
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -267,12 +333,13 @@ def start_haproxy(tmp: Path, backend_port: int) -> tuple[Proc, int]:
     return proc, port
 
 
-def start_edged(tmp: Path, backend_port: int, stack: ExitStack) -> Edged:
-    """The daemon with one local endpoint, logging at warning so that logging is not what we measure.
+def start_edged(tmp: Path, backend_port: int, stack: ExitStack, source: Path = REPO, name: str = "edged") -> Edged:
+    """The daemon (from the edged tree `source`) with one local endpoint, logging at warning so that
+    logging is not what we measure.
 
     Its stop is on `stack` before it starts, so a daemon that never gets ready is stopped too.
     """
-    d = Edged(tmp / "edged", {"bench.toml": MANIFEST.format(port=backend_port)})
+    d = Edged(tmp / name, {"bench.toml": MANIFEST.format(port=backend_port)}, source=source)
     text = d.config.read_text()
     # The harness's test settings, back to production ones: quiet logs, manifests checked every 2 s.
     changes = (("[log]\n", '[log]\nlevel = "warning"\n'), ('reload_interval = "200ms"', 'reload_interval = "2s"'))
@@ -283,6 +350,93 @@ def start_edged(tmp: Path, backend_port: int, stack: ExitStack) -> Edged:
     d.config.write_text(text)
     stack.callback(stop_edged, d)
     return d.start()
+
+
+def start_mosquitto(tmp: Path) -> tuple[Proc, int] | None:
+    """A Mosquitto broker on a free loopback port, None when it is not installed."""
+    binary = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.access("/usr/sbin/mosquitto", os.X_OK) else None)
+    if binary is None:
+        return None
+    port = free_port()
+    conf = tmp / "mosquitto.conf"
+    conf.write_text(MOSQUITTO_CFG.format(port=port))
+    proc = Proc("mosquitto", [binary, "-c", str(conf)], tmp, tmp / "mosquitto.log")
+
+    def listening() -> bool:
+        proc.check()
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.settimeout(0.2)
+            s.connect(("127.0.0.1", port))
+            return True
+        return False
+
+    try:
+        wait_for(listening, 10, what=f"mosquitto on port {port}")
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, port
+
+
+def start_full_edged(tmp: Path, backend_port: int, mqtt_port: int, source: Path, name: str) -> Edged:
+    """The daemon with everything on (FULL_CONFIG), from the tree `source`; the caller stops it."""
+    root = tmp / name
+    manifests = {f"svc{i:02d}.toml": FULL_MANIFEST.format(i=i, port=backend_port) for i in range(FULL_SERVICES)}
+    api_port = free_port()
+    config = FULL_CONFIG.format(api_port=api_port, ingress_port=free_port(), mqtt_port=mqtt_port)
+    d = Edged(root, manifests, config_text=config, port=api_port, source=source)
+    env = dict(os.environ, PYTHONPATH=str(source))
+    keygen = [sys.executable, "-m", "edged", "fleet", "keygen", "fleet"]
+    subprocess.run(keygen, cwd=root, env=env, check=True, capture_output=True, timeout=30)
+    return d.start()
+
+
+def idle_figures(pids: dict[str, int], seconds: float) -> dict[str, dict]:
+    """RSS now, then CPU ms and context switches per second of each process over `seconds` of quiet."""
+    rss = {name: rss_mib(pid) for name, pid in pids.items()}
+    before = {name: (cpu_times(pid), ctx_switches(pid)) for name, pid in pids.items()}
+    time.sleep(seconds)
+    out = {}
+    for name, pid in pids.items():
+        (cpu0, sw0), cpu1, sw1 = before[name], cpu_times(pid), ctx_switches(pid)
+        out[name] = {
+            "rss_mib": rss[name],
+            "cpu_ms_per_s": round((sum(cpu1) - sum(cpu0)) * 1000 / seconds, 2),
+            "ctx_switches_per_s": round((sw1 - sw0) / seconds, 1),
+        }
+    return out
+
+
+def footprint(tmp: Path, backend_port: int, trees: dict[str, Path], notes: list[str]) -> dict[str, dict]:
+    """Idle figures of the full daemon of each tree, one at a time (their mDNS must not see each other)."""
+    started = start_mosquitto(tmp)
+    if started is None:
+        notes.append(f"mosquitto is not installed: no full-daemon footprint (install: {INSTALL_HINT})")
+        return {}
+    broker, mqtt_port = started
+    out = {}
+    try:
+        for name, source in trees.items():
+            log(f"[{name}] full daemon: mDNS + MQTT + {FULL_SERVICES} services; {FULL_SETTLE:g} s to settle")
+            d = start_full_edged(tmp, backend_port, mqtt_port, source, f"{name.replace('@', '-')}-full")
+            try:
+                assert d.proc is not None
+                time.sleep(FULL_SETTLE)
+                broker.check()
+                d.ready()
+                out[name] = idle_figures({name: d.proc.pid}, IDLE_WINDOW)[name]
+                snap = d.get("/v1/services")
+                up = sum(ep["up"] for svc in snap["services"] for ep in svc["endpoints"])
+                metrics = d.api.request("GET", "/metrics")[2].decode()
+                mqtt = "edged_mqtt_connected 1" in metrics.splitlines()
+                out[name].update(services=len(snap["services"]), endpoints_up=up, mqtt_connected=mqtt)
+                if not mqtt:
+                    notes.append(f"{name}: the full daemon was not connected to the broker when measured")
+            finally:
+                stop_edged(d)
+    finally:
+        broker.stop()
+    return out
 
 
 def runs_uvloop(pid: int) -> bool:
@@ -519,8 +673,8 @@ def throughput(paths: list[Route], args, use_wrk: bool, cpus: tuple[int, int] | 
     return best
 
 
-def idle_rss(paths: list[Route]) -> dict[str, float]:
-    """100 calls to each proxy, 3 s of quiet, then VmRSS."""
+def idle_footprint(paths: list[Route]) -> dict[str, dict]:
+    """100 calls to each proxy, 3 s of quiet, then RSS, CPU and context switches per second (`idle_figures`)."""
     for p in paths:
         c = SequentialClient(p.port, p.path)
         try:
@@ -528,7 +682,7 @@ def idle_rss(paths: list[Route]) -> dict[str, float]:
         finally:
             c.close()
     time.sleep(IDLE_WAIT)
-    return {p.name: rss_mib(p.pid) for p in paths}
+    return idle_figures({p.name: p.pid for p in paths}, IDLE_WINDOW)
 
 
 def choose_cpus(notes: list[str]) -> tuple[int, int] | None:
@@ -537,6 +691,15 @@ def choose_cpus(notes: list[str]) -> tuple[int, int] | None:
         notes.append(f"only {len(allowed)} CPU allowed: no pinning, proxy and client share the CPU")
         return None
     return allowed[0], allowed[1]
+
+
+def baseline_tree(ref: str, tmp: Path) -> Path:
+    """The edged tree at git ref `ref` of this repository, unpacked under `tmp` (the worktree is not touched)."""
+    out = tmp / "baseline-tree"
+    out.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", ref], capture_output=True, check=True, timeout=60)
+    subprocess.run(["tar", "-x", "-C", str(out)], input=archive.stdout, check=True, timeout=60)
+    return out
 
 
 def bench(args, tmp: Path, stack: ExitStack) -> dict:
@@ -560,14 +723,19 @@ def bench(args, tmp: Path, stack: ExitStack) -> dict:
     log(f"backend: {backend_name} on port {backend_port}")
     paths = [Route("direct", backend_port, "/x", backend.pid, backend.check)]
 
-    log("starting edged")
-    d = start_edged(tmp, backend_port, stack)
-    assert d.proc is not None
-    pin(d.proc.pid, proxy_cpus)
-    edged_uvloop = runs_uvloop(d.proc.pid)
-    if not edged_uvloop:
-        notes.append("edged is NOT running on uvloop (pip install uvloop): the target assumes uvloop")
-    paths.append(Route("edged", d.port, f"/svc/{SERVICE}/x", d.proc.pid, lambda: d.ready() and None))
+    trees = {"edged": REPO}
+    if args.baseline:
+        trees[f"edged@{args.baseline}"] = baseline_tree(args.baseline, tmp)
+    edged_uvloop = True
+    for name, source in trees.items():
+        log(f"starting {name}")
+        d = start_edged(tmp, backend_port, stack, source, name.replace("@", "-"))
+        assert d.proc is not None
+        pin(d.proc.pid, proxy_cpus)
+        if not runs_uvloop(d.proc.pid):
+            edged_uvloop = False
+            notes.append(f"{name} is NOT running on uvloop (pip install uvloop): the target assumes uvloop")
+        paths.append(Route(name, d.port, f"/svc/{SERVICE}/x", d.proc.pid, lambda d=d: d.ready() and None))
 
     if use_haproxy:
         hap, hap_port = start_haproxy(tmp, backend_port)
@@ -575,15 +743,18 @@ def bench(args, tmp: Path, stack: ExitStack) -> dict:
         pin(hap.pid, proxy_cpus)
         paths.append(Route("haproxy", hap_port, "/x", hap.pid, hap.check))
 
-    log(f"idle RSS: {IDLE_CALLS} calls each, then {IDLE_WAIT:g} s of quiet")
-    idle = idle_rss(paths[1:])
+    log(f"idle: {IDLE_CALLS} calls each, {IDLE_WAIT:g} s of quiet, then {IDLE_WINDOW:g} s counted")
+    idle = idle_footprint(paths[1:])
     figures = {p.name: latency(p, args) for p in paths}
     for name, tp in throughput(paths, args, use_wrk, cpus).items():
         figures[name]["throughput"] = tp
     for p in paths:
         figures[p.name]["rss_after_load_mib"] = rss_mib(p.pid)
-    for name, mib in idle.items():
-        figures[name]["idle_rss_mib"] = mib
+    for name, fig in idle.items():
+        figures[name]["idle_rss_mib"] = fig["rss_mib"]
+        figures[name]["idle_cpu_ms_per_s"] = fig["cpu_ms_per_s"]
+        figures[name]["idle_ctx_switches_per_s"] = fig["ctx_switches_per_s"]
+    full = {} if args.skip_footprint else footprint(tmp, backend_port, trees, notes)
     return {
         "backend": backend_name,
         "throughput_client": f"wrk -t1 -c{CONNECTIONS}"
@@ -595,6 +766,7 @@ def bench(args, tmp: Path, stack: ExitStack) -> dict:
         "duration_s": args.duration,
         "rate": args.rate,
         "paths": figures,
+        "full_daemon": full,
         "derived": derive(figures),
         "notes": notes,
     }
@@ -604,8 +776,8 @@ def derive(f: dict) -> dict:
     """Ratios and added latencies (through a proxy minus direct)."""
     out: dict = {}
     direct = f["direct"]
-    for name in ("edged", "haproxy"):
-        if name not in f:
+    for name in f:
+        if name == "direct":
             continue
         p = f[name]
         out[name] = {
@@ -615,7 +787,10 @@ def derive(f: dict) -> dict:
         }
     if "haproxy" in f:
         hp = f["haproxy"]["throughput"]["calls_per_s"]
-        out["edged_over_haproxy"] = round(f["edged"]["throughput"]["calls_per_s"] / hp, 3) if hp else None
+        for name in f:
+            if name.startswith("edged"):
+                ratio = round(f[name]["throughput"]["calls_per_s"] / hp, 3) if hp else None
+                out[f"{name}_over_haproxy" if name != "edged" else "edged_over_haproxy"] = ratio
     return out
 
 
@@ -634,6 +809,8 @@ def targets(r: dict) -> list[dict]:
     cps = e["throughput"]["calls_per_s"]
     ratio = dv.get("edged_over_haproxy")
     added, added_seq = dv["edged"]["added_p50_us"], dv["edged"]["added_seq_p50_us"]
+    cpu_at_rate = e["open_loop"]["cpu_us_per_call"]
+    full = r["full_daemon"].get("edged", {}).get("rss_mib")
     uv = "" if r["edged_uvloop"] else " (no uvloop)"
     return [
         row(f"calls/s on one core{uv}", cps, cps >= TARGET_CALLS_PER_S, f">= {TARGET_CALLS_PER_S:,}"),
@@ -643,10 +820,25 @@ def targets(r: dict) -> list[dict]:
             None if ratio is None else ratio >= TARGET_VS_HAPROXY,
             f">= {TARGET_VS_HAPROXY}x",
         ),
+        row(
+            f"CPU µs per call at {r['rate']:g}/s",
+            cpu_at_rate,
+            cpu_at_rate <= TARGET_CPU_AT_RATE_US,
+            f"<= {TARGET_CPU_AT_RATE_US:g}",
+        ),
         row("added p50 at fixed rate (µs)", added, added <= TARGET_ADDED_P50_US, f"<= {TARGET_ADDED_P50_US:g}"),
         row("added p50 one at a time (µs)", added_seq, added_seq <= TARGET_ADDED_P50_US, f"<= {TARGET_ADDED_P50_US:g}"),
         row(
-            "idle RSS (MiB)", e["idle_rss_mib"], e["idle_rss_mib"] <= TARGET_IDLE_RSS_MIB, f"<= {TARGET_IDLE_RSS_MIB:g}"
+            "idle RSS, local tier (MiB)",
+            e["idle_rss_mib"],
+            e["idle_rss_mib"] <= TARGET_IDLE_RSS_MIB,
+            f"<= {TARGET_IDLE_RSS_MIB:g}",
+        ),
+        row(
+            "idle RSS, everything on (MiB)",
+            full,
+            None if full is None else full <= TARGET_IDLE_RSS_MIB,
+            f"<= {TARGET_IDLE_RSS_MIB:g}",
         ),
     ]
 
@@ -682,23 +874,41 @@ def table(r: dict) -> str:
         ("p50 µs one at a time", "seq_p50_us"),
         ("p99 µs one at a time", "seq_p99_us"),
         ("idle RSS MiB", "idle_rss_mib"),
+        ("idle CPU ms/s", "idle_cpu_ms_per_s"),
+        ("idle context switches/s", "idle_ctx_switches_per_s"),
         ("RSS after load MiB", "rss_after_load_mib"),
     ]
     width = 30
-    lines = [f"{'':{width}}" + "".join(f"{n:>12}" for n in names)]
+    col = max(12, *(len(n) + 2 for n in names))
+    lines = [f"{'':{width}}" + "".join(f"{n:>{col}}" for n in names)]
     for label, key in rows:
-        lines.append(f"{label:{width}}" + "".join(f"{get(n, key)!s:>12}" for n in names))
-    for name in ("edged", "haproxy"):
+        lines.append(f"{label:{width}}" + "".join(f"{get(n, key)!s:>{col}}" for n in names))
+    for name in names:
         if name in r["derived"]:
             dv = r["derived"][name]
             lines.append(
                 f"added by {name}: p50 {dv['added_p50_us']} µs, p99 {dv['added_p99_us']} µs at "
                 f"{r['rate']:g}/s; p50 {dv['added_seq_p50_us']} µs one at a time"
             )
-    if r["derived"].get("edged_over_haproxy") is not None:
-        lines.append(f"edged / haproxy calls/s: {r['derived']['edged_over_haproxy']}")
+    for name in names:
+        key = "edged_over_haproxy" if name == "edged" else f"{name}_over_haproxy"
+        if r["derived"].get(key) is not None:
+            lines.append(f"{name} / haproxy calls/s: {r['derived'][key]}")
     lines.append("* of the proxy process; in the direct column, of the backend (on the client CPU, so there the")
     lines.append("  proxy CPU should be idle: what it shows busy is other work on this machine)")
+    full = r["full_daemon"]
+    if full:
+        lines.append("")
+        lines.append(f"idle, everything on (mDNS + MQTT + fleet key + {FULL_SERVICES} services with health checks):")
+        lines.append(f"{'':{width}}" + "".join(f"{n:>{col}}" for n in full))
+        for label, key in (
+            ("RSS MiB", "rss_mib"),
+            ("CPU ms/s", "cpu_ms_per_s"),
+            ("context switches/s", "ctx_switches_per_s"),
+            ("services / endpoints up", None),
+        ):
+            cells = [f"{f['services']}/{f['endpoints_up']}" if key is None else f[key] for f in full.values()]
+            lines.append(f"{label:{width}}" + "".join(f"{c!s:>{col}}" for c in cells))
     lines.append("")
     lines.append(f"{'target':34}{'goal':>12}{'value':>12}  result")
     for t in r["targets"]:
@@ -712,17 +922,22 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=5.0, help="seconds of each throughput and open-loop run")
     ap.add_argument("--rounds", type=int, default=2, help="throughput runs per path, interleaved; the best counts")
     ap.add_argument("--rate", type=float, default=500.0, help="calls/s of the open-loop latency run")
+    ap.add_argument("--baseline", metavar="REF", help="also run edged from this git ref (e.g. main), same run")
     ap.add_argument("--skip-haproxy", action="store_true")
+    ap.add_argument("--skip-footprint", action="store_true", help="no full daemon (mDNS + MQTT + 20 services)")
     ap.add_argument("--json-only", action="store_true", help="print only the JSON figures")
     args = ap.parse_args()
     QUIET = args.json_only
     # SIGTERM ends the run like Ctrl-C does: through the finally blocks that stop every child by PID.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.monotonic()
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="edged-bench-") as tmp, ExitStack() as stack:
         result = bench(args, Path(tmp), stack)
     result["targets"] = targets(result)
     result["wall_s"] = round(time.monotonic() - started, 1)
+    load = ", ".join(f"{x:.2f}" for x in (*load_before, *os.getloadavg()))
+    result["machine"] = f"{os.cpu_count()} CPUs; load average (1, 5, 15 min) before, after: {load}"
     if not args.json_only:
         print(f"backend: {result['backend']}; throughput client: {result['throughput_client']}")
         pinning = result["pinning"]
@@ -731,6 +946,7 @@ def main() -> int:
                 f"proxy on CPU {pinning['proxy_cpu']}; backend and clients on CPU {pinning['backend_and_client_cpu']}"
             )
         print(f"edged on uvloop: {'yes' if result['edged_uvloop'] else 'NO'}")
+        print(f"machine: {result['machine']}")
         for note in result["notes"]:
             print(f"note: {note}")
         print()

@@ -97,8 +97,10 @@ class Edged:
         port: int | None = None,
         netns: str | None = None,
         via_socket: bool = False,
+        source: Path = REPO,
     ) -> None:
         self.root = root
+        self.source = source  # the edged tree the daemon runs from (the benchmark also runs another version)
         self.port = port or free_port()
         self.netns = netns
         self.services = root / "services.d"
@@ -141,7 +143,7 @@ class Edged:
         (self.services / name).write_text(textwrap.dedent(text))
 
     def start(self, wait: bool = True) -> Edged:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(self.source))
         argv = [sys.executable, "-m", "edged", "run", "--config", str(self.config)]
         if self.netns is not None:
             argv = ["ip", "netns", "exec", self.netns, *argv]
