@@ -142,3 +142,9 @@ def process_gone(pid: int) -> bool:
     except FileNotFoundError:
         return True
     return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+def loads_package(pid: int, package: str) -> bool:
+    """Whether process `pid` has a native module of site-packages/`package` mapped (what it has imported)."""
+    marker = f"/site-packages/{package}/"
+    return any(marker in line for line in Path(f"/proc/{pid}/maps").read_text().splitlines())

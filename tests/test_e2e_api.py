@@ -12,6 +12,7 @@ import time
 
 from conftest import REPO, wait_for
 from harness import manifest
+from helpers import loads_package
 
 from edged.client import ApiClient
 
@@ -55,6 +56,9 @@ def test_calls_reach_the_backend_by_path_host_and_unix_socket(backends, edged):
     assert doc["headers"]["x-request-id"] == "req-42"
     assert 0 < int(doc["headers"]["x-edged-timeout-ms"]) <= 15000
     assert dict(headers)["x-edged-endpoint"] == f"default/thermo/local/{b.url}"
+    # The local tier alone pays for none of the other tiers' libraries (zeroconf: about 3.5 MiB of RSS).
+    assert d.proc is not None
+    assert not [p for p in ("zeroconf", "cryptography", "cbor2") if loads_package(d.proc.pid, p)]
     # Host: thermo.mesh routes the whole target to the service.
     status, _, body = d.api.request("GET", "/readings", headers=[("Host", "thermo.mesh")])
     assert status == 200 and json.loads(body)["path"] == "/readings"

@@ -17,11 +17,13 @@ import pytest
 from conftest import wait_for
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fixtures_mqtt import broker, mqtt_section, topic_prefix, wait_metric  # noqa: F401
+from helpers import loads_package
 
 from edged.cli import main as edged_main
 from edged.cloud.fleet import (
     FleetConfigError,
     FleetConfigSource,
+    FleetKeyError,
     FleetSettings,
     document_text,
     generate_key,
@@ -221,6 +223,43 @@ def test_keygen_sign_on_the_command_line(tmp_path: Path, monkeypatch, capsys):
     assert data["version"] == 7 and load_private_key(str(tmp_path / "ops.key"))
 
 
+def test_public_keys_are_read_without_cryptography_and_other_keys_are_refused(tmp_path: Path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    _, public_pem, kid = generate_key()
+    (tmp_path / "ok.pub").write_bytes(b"# a comment before the block\n" + public_pem)
+    raw = load_public_key(str(tmp_path / "ok.pub"))
+    assert len(raw) == 32 and key_id(raw) == kid
+    x25519 = X25519PrivateKey.generate().public_key()  # same size, another algorithm
+    x_pem = x25519.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    cases = {
+        "x25519.pub": (x_pem, "not an Ed25519 public key"),
+        "private.pem": (generate_key()[0], "not a PEM public key"),
+        "garbage.pub": (b"-----BEGIN PUBLIC KEY-----\n!!!\n-----END PUBLIC KEY-----\n", "not a PEM public key"),
+        "short.pub": (public_pem.replace(b"MCowBQYDK2VwAyEA", b"MCowBQYDK2Vw"), "not"),
+    }
+    for name, (data, message) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(FleetKeyError, match=message):
+            load_public_key(str(tmp_path / name))
+    # A whole round: the raw key verifies what the private half signed, in a process that had not
+    # loaded cryptography before the signature had to be checked.
+    private_pem, public_pem, _ = generate_key()
+    (tmp_path / "ops.key").write_bytes(private_pem)
+    (tmp_path / "ops.pub").write_bytes(public_pem)
+    wire = sign_document(document_text({"version": 1}), load_private_key(str(tmp_path / "ops.key")))
+    (tmp_path / "doc.json").write_bytes(wire)
+    probe = (
+        "import sys; from edged.cloud.fleet import load_trusted_keys, verify; "
+        f"keys = load_trusted_keys(({str(tmp_path / 'ops.pub')!r},)); "
+        "assert keys and 'cryptography' not in sys.modules, sys.modules.keys(); "
+        f"verify(open({str(tmp_path / 'doc.json')!r}, 'rb').read(), keys); "
+        "assert 'cryptography' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, timeout=60)
+
+
 def test_generate_key_gives_matching_halves():
     private_pem, public_pem, kid = generate_key()
     assert b"PRIVATE KEY" in private_pem and b"PUBLIC KEY" in public_pem and len(kid) == 16
@@ -270,6 +309,8 @@ def test_fleet_config_changes_routing_refuses_forgeries_and_survives_a_restart_w
         return d.get("/v1/services/thermo")["strategy"]
 
     assert answered_by() == {"p1"}
+    # cryptography (about 7 MiB) is loaded only once a document must be verified, not for the keys.
+    assert d.proc is not None and not loads_package(d.proc.pid, "cryptography")
     # The operator's way: sign a document and push it with the CLI (retained on {prefix}/home/config).
     (tmp_path / "rr.toml").write_text('version = 2\n[policies.thermo]\nstrategy = "round_robin"\n')
     signed_rr = subprocess.run(
@@ -289,6 +330,7 @@ def test_fleet_config_changes_routing_refuses_forgeries_and_survives_a_restart_w
     assert f"to {topic_prefix}/home/config" in pushed.stdout
     wait_for(lambda: current_strategy() == "round_robin", 5, what="fleet config applied")
     assert answered_by() == {"p1", "p2"}
+    assert loads_package(d.proc.pid, "cryptography")
 
     # A forged document (unknown key), a replayed older one (good signature) and garbage: all refused.
     topic = f"{topic_prefix}/home/config"

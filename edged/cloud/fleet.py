@@ -36,11 +36,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING, Any, Union
 
 from ..document import Doc, Table, parse_toml, read_text, toml_locator
 from ..errors import ConfigError, EdgedError
@@ -51,6 +47,14 @@ from ..registry import Draft, Key, Layer, Registry
 from .persist import StateSaver
 from .session import Inbound
 from .telemetry import CloudMetrics
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+# `cryptography` is imported only where a key is made, a document signed or a signature checked: loading its
+# Rust extension costs about 7 MiB of RSS, which a node pays only once a fleet document arrives.
+# A trusted key: its 32 raw bytes (as `[fleet] keys` are read), or a cryptography public key object.
+PublicKey = Union[bytes, "Ed25519PublicKey"]
 
 log = logging.getLogger("edged.cloud.fleet")
 
@@ -110,14 +114,42 @@ class FleetDocument:
 # -- keys ---------------------------------------------------------------------------------------------------
 
 
-def key_id(public_key: Ed25519PublicKey) -> str:
+# DER of an Ed25519 SubjectPublicKeyInfo up to the key (RFC 8410): SEQUENCE { SEQUENCE { OID 1.3.101.112 },
+# BIT STRING (32 bytes) }. A public key PEM is exactly these 12 bytes and the raw key.
+_ED25519_SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")
+_PEM_PUBLIC_KEY = re.compile(rb"-----BEGIN PUBLIC KEY-----\s*([A-Za-z0-9+/=\s]+?)\s*-----END PUBLIC KEY-----")
+
+
+def key_id(public_key: PublicKey) -> str:
     """16 hex digits naming a public key: the start of the SHA-256 of its raw bytes."""
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    if isinstance(public_key, bytes):
+        raw = public_key
+    else:
+        from cryptography.hazmat.primitives import serialization
+
+        raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def public_key_bytes(pem: bytes) -> bytes:
+    """The raw 32 bytes of an Ed25519 public key PEM (SubjectPublicKeyInfo); ValueError if it is not one."""
+    match = _PEM_PUBLIC_KEY.search(pem)
+    if match is None:
+        raise ValueError("no '-----BEGIN PUBLIC KEY-----' block")
+    try:
+        der = base64.b64decode(b"".join(match.group(1).split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("the PEM block is not base64") from None
+    if len(der) != len(_ED25519_SPKI_PREFIX) + 32 or not der.startswith(_ED25519_SPKI_PREFIX):
+        raise TypeError("not an Ed25519 public key")
+    return der[len(_ED25519_SPKI_PREFIX) :]
 
 
 def generate_key() -> tuple[bytes, bytes, str]:
     """A new Ed25519 key pair: (private PEM, public PEM, key id)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     private = Ed25519PrivateKey.generate()
     public = private.public_key()
     private_pem = private.private_bytes(
@@ -127,22 +159,24 @@ def generate_key() -> tuple[bytes, bytes, str]:
     return private_pem, public_pem, key_id(public)
 
 
-def load_public_key(path: str) -> Ed25519PublicKey:
-    """An Ed25519 public key from a PEM file (`edged fleet keygen` writes NAME.pub)."""
+def load_public_key(path: str) -> bytes:
+    """The raw bytes of an Ed25519 public key from a PEM file (`edged fleet keygen` writes NAME.pub)."""
     try:
         with open(path, "rb") as f:
-            key = serialization.load_pem_public_key(f.read())
+            return public_key_bytes(f.read(64 * 1024))
     except OSError as exc:
         raise FleetKeyError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except ValueError as exc:
         raise FleetKeyError(f"{path}: not a PEM public key: {exc}") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise FleetKeyError(f"{path}: not an Ed25519 public key")
-    return key
+    except TypeError:
+        raise FleetKeyError(f"{path}: not an Ed25519 public key") from None
 
 
 def load_private_key(path: str) -> Ed25519PrivateKey:
     """An Ed25519 private key from an unencrypted PEM file (`edged fleet keygen` writes NAME.key)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     try:
         with open(path, "rb") as f:
             key = serialization.load_pem_private_key(f.read(), password=None)
@@ -155,9 +189,9 @@ def load_private_key(path: str) -> Ed25519PrivateKey:
     return key
 
 
-def load_trusted_keys(paths: tuple[str, ...]) -> dict[str, Ed25519PublicKey]:
-    """The `[fleet] keys` by key id. A bad file is logged and skipped: the daemon runs without it."""
-    keys: dict[str, Ed25519PublicKey] = {}
+def load_trusted_keys(paths: tuple[str, ...]) -> dict[str, PublicKey]:
+    """The `[fleet] keys` by key id (raw bytes). A bad file is logged and skipped: the daemon runs without it."""
+    keys: dict[str, PublicKey] = {}
     for path in paths:
         try:
             key = load_public_key(path)
@@ -183,7 +217,7 @@ def sign_document(text: str, private_key: Ed25519PrivateKey) -> bytes:
     return (json.dumps(wire, indent=1) + "\n").encode("utf-8")
 
 
-def verify(signed: bytes, keys: Mapping[str, Ed25519PublicKey]) -> tuple[str, str]:
+def verify(signed: bytes, keys: Mapping[str, PublicKey]) -> tuple[str, str]:
     """(document text, key id) of a signed document; FleetConfigError when it is not one or does not verify."""
     try:
         wire = json.loads(signed)
@@ -207,10 +241,15 @@ def verify(signed: bytes, keys: Mapping[str, Ed25519PublicKey]) -> tuple[str, st
     named = str(wire.get("key_id", ""))
     message = SIGNING_CONTEXT + text.encode("utf-8")
     candidates = [named] if named in keys else list(keys)
+    if candidates:
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
     for kid in candidates:
+        key = keys[kid]
         try:
-            keys[kid].verify(raw, message)
-        except InvalidSignature:
+            public = Ed25519PublicKey.from_public_bytes(key) if isinstance(key, bytes) else key
+            public.verify(raw, message)
+        except (InvalidSignature, ValueError):  # ValueError: raw bytes that are not a valid key
             continue
         return text, kid
     if named in keys:
@@ -326,7 +365,7 @@ class FleetConfigSource:
         self,
         *,
         registry: Registry,
-        keys: Mapping[str, Ed25519PublicKey],
+        keys: Mapping[str, PublicKey],
         node: str,
         fleet: str,
         metrics: CloudMetrics,

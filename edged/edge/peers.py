@@ -14,12 +14,15 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..model import Endpoint, Service, ServiceSpec, parse_target
 from ..registry import Key, Layer, Snapshot
 from ..vitals import Vitals
-from .mdns import Instance
 from .txt import NodeRecord, service_path
+
+if TYPE_CHECKING:
+    from .mdns import Instance  # zeroconf is loaded only when mDNS is on
 
 _PATH = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*")
 DEFAULT_PRIORITY = ServiceSpec(name="x").priority
