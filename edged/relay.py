@@ -46,11 +46,8 @@ async def relay_answer(
     outcome = "success" if answer.status < 500 else "error"
     try:
         if answer.complete and req.method != "HEAD":
-            # The whole answer is already here (the common small answer): one write, one wake-up.
-            chunks = []
-            while chunk := await answer.read():
-                chunks.append(chunk)
-            resp.send(answer.status, out, b"".join(chunks))
+            # The whole answer is already here (the common small answer): one read gives all of it, one write.
+            resp.send(answer.status, out, await answer.read())
             return
         resp.start(answer.status, out, content_length=answer.content_length)
         while chunk := await answer.read():

@@ -496,3 +496,7 @@ def test_hop_by_hop_headers_are_stripped() -> None:
     assert strip_hop_by_hop(headers) == [(b"host", b"t"), (b"x-trace", b"1")]
     request = Request("GET", "/", "/", "", "1.1", headers, b"", "127.0.0.1", True)
     assert request.header(b"x-trace") == b"1" and request.header(b"missing") is None
+    twice = Request("GET", "/", "/", "", "1.1", [(b"x-a", b"1"), (b"x-a", b"2")], b"", "127.0.0.1", True)
+    assert twice.header(b"x-a") == b"1"  # the first value
+    plain = [(b"connection", b"close"), (b"x-a", b"1"), (b"content-length", b"0")]
+    assert strip_hop_by_hop(plain) == [(b"x-a", b"1")]

@@ -164,7 +164,8 @@ class _UpstreamConnection(asyncio.Protocol):
         self._idle_since = 0.0
         self._read_paused = False
         # Per-exchange state.
-        self._parser: httptools.HttpResponseParser | None = None
+        self._parser: httptools.HttpResponseParser | None = None  # set while an exchange is on
+        self._spare: httptools.HttpResponseParser | None = None  # the last parser, fit to parse the next answer
         self._head_waiter: asyncio.Future[UpstreamResponse] | None = None
         self._response: UpstreamResponse | None = None
         self._head_only = False  # HEAD: the answer ends with its head
@@ -173,6 +174,8 @@ class _UpstreamConnection(asyncio.Protocol):
         self._garbage = False  # bytes after the answer: do not reuse
         self._keep_alive = False
         self._close_delimited = False
+        self._chunked = False  # transfer-encoding: chunked
+        self._content_length: int | None = None
         self._interim = False  # parsing a 1xx answer, which is skipped
         self._reason: list[bytes] = []
         self._headers: Headers = []
@@ -180,7 +183,8 @@ class _UpstreamConnection(asyncio.Protocol):
     # -- exchange --
 
     def _begin(self, waiter: asyncio.Future[UpstreamResponse], head_only: bool) -> None:
-        self._parser = httptools.HttpResponseParser(self)
+        parser, self._spare = self._spare, None
+        self._parser = parser if parser is not None else httptools.HttpResponseParser(self)
         self._head_waiter = waiter
         self._response = None
         self._head_only = head_only
@@ -188,25 +192,41 @@ class _UpstreamConnection(asyncio.Protocol):
         self._done = False
         self._garbage = False
         self._close_delimited = False
+        self._chunked = False
+        self._content_length = None
         self._interim = False
         self._reason = []
         self._headers = []
 
-    def _on_head_timeout(self, timeout: float) -> None:
-        waiter = self._head_waiter
-        if waiter is not None and not waiter.done():
+    def _send(
+        self, data: bytes, head_only: bool, deadline: float, timeout: float
+    ) -> tuple[asyncio.Future[UpstreamResponse], asyncio.TimerHandle]:
+        """Start an exchange: send `data`. The future gets the answer head, or fails at `deadline` unless the
+        caller cancels the timer first."""
+        waiter: asyncio.Future[UpstreamResponse] = self._loop.create_future()
+        self._begin(waiter, head_only)
+        assert self._transport is not None
+        self._transport.write(data)
+        return waiter, self._loop.call_at(deadline, self._on_head_timeout, waiter, timeout)
+
+    def _on_head_timeout(self, waiter: asyncio.Future[UpstreamResponse], timeout: float) -> None:
+        if waiter is self._head_waiter and not waiter.done():
             waiter.set_exception(UpstreamTimeout(self._key, f"no answer head within {timeout:g}s"))
             self._abort()
 
     def _end_exchange(self) -> None:
         """The answer is complete: keep the connection for the next request, or close it."""
-        self._parser = None
+        parser, self._parser = self._parser, None
         self._head_waiter = None
         response = self._response
         self._response = None
         if response is not None:
             response._finish()
         if self._keep_alive and not self._garbage and not self._close_delimited:
+            # llhttp parses the next answer of a keep-alive connection where this one ended, except after a
+            # HEAD (it would wait for the announced body): then the next exchange starts a new parser.
+            if not self._head_only:
+                self._spare = parser
             self._resume()
             self._pool._release(self)
         else:
@@ -261,7 +281,7 @@ class _UpstreamConnection(asyncio.Protocol):
                 response._fail(UpstreamReset(self._key, "connection closed mid-body"))
         self._response = None
         self._head_waiter = None
-        self._parser = None
+        self._parser = self._spare = None
 
     # -- parser callbacks --
 
@@ -273,7 +293,13 @@ class _UpstreamConnection(asyncio.Protocol):
         self._reason.append(status)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.lower(), value))
+        name = name.lower()
+        self._headers.append((name, value))
+        if name == b"content-length":
+            with contextlib.suppress(ValueError):
+                self._content_length = int(value)
+        elif name == b"transfer-encoding":
+            self._chunked = b"chunked" in value.lower()
 
     def on_headers_complete(self) -> None:
         if self._done:
@@ -285,14 +311,8 @@ class _UpstreamConnection(asyncio.Protocol):
             self._interim = True  # 1xx: skipped; the real answer follows
             return
         headers = self._headers
-        content_length: int | None = None
-        chunked = False
-        for name, value in headers:
-            if name == b"content-length":
-                with contextlib.suppress(ValueError):
-                    content_length = int(value)
-            elif name == b"transfer-encoding":
-                chunked = b"chunked" in value.lower()
+        content_length = self._content_length
+        chunked = self._chunked
         no_body = self._head_only or status == 204 or status == 304  # HEAD and 304 keep their announced length
         self._keep_alive = parser.should_keep_alive()
         self._close_delimited = not no_body and not chunked and content_length is None
@@ -324,6 +344,8 @@ class _UpstreamConnection(asyncio.Protocol):
             self._interim = False
             self._reason = []
             self._headers = []
+            self._content_length = None
+            self._chunked = False
             return
         self._done = True
 
@@ -409,22 +431,24 @@ class UpstreamPool:
         head_only = method == "HEAD"
         conn = self._take_idle(key, loop.time())
         if conn is not None:
+            # The common case, inline rather than through _exchange: one coroutine less per call.
+            waiter, timer = conn._send(data, head_only, deadline, timeout)
             try:
-                return await self._exchange(conn, data, head_only, deadline, timeout)
+                return await waiter
             except _Stale:
                 pass  # the upstream closed it while idle: send once more on a fresh connection
+            except asyncio.CancelledError:
+                conn._abort()
+                raise
+            finally:
+                timer.cancel()
         conn = await self._connect(target, key, loop, deadline, timeout)
         return await self._exchange(conn, data, head_only, deadline, timeout)  # fresh: never _Stale
 
     async def _exchange(
         self, conn: _UpstreamConnection, data: bytes, head_only: bool, deadline: float, timeout: float
     ) -> UpstreamResponse:
-        loop = conn._loop
-        waiter: asyncio.Future[UpstreamResponse] = loop.create_future()
-        conn._begin(waiter, head_only)
-        assert conn._transport is not None
-        conn._transport.write(data)
-        timer = loop.call_at(deadline, conn._on_head_timeout, timeout)
+        waiter, timer = conn._send(data, head_only, deadline, timeout)
         try:
             return await waiter
         except asyncio.CancelledError:

@@ -22,6 +22,12 @@ HOP_BY_HOP: frozenset[bytes] = frozenset(
 )
 
 
+# What is never forwarded: hop-by-hop headers, and content-length (every sender frames the body itself).
+_NOT_FORWARDED: frozenset[bytes] = HOP_BY_HOP | {b"content-length"}
+# Connection values that name no header beyond HOP_BY_HOP (nearly every Connection header says one of these).
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
+
+
 @dataclass(slots=True)
 class Request:
     """One parsed request, body buffered whole. Header names are lower-case; values and order are as received."""
@@ -46,12 +52,15 @@ class Request:
 
 def strip_hop_by_hop(headers: Headers) -> Headers:
     """Headers fit to forward: without HOP_BY_HOP, those named in Connection, and content-length (callers reframe)."""
+    kept = [h for h in headers if h[0] not in _NOT_FORWARDED]
+    if len(kept) == len(headers):
+        return kept  # no Connection header among them
     named: set[bytes] | None = None
     for key, value in headers:
-        if key == b"connection":
+        if key == b"connection" and value not in _PLAIN_CONNECTION:
             if named is None:
                 named = set()
             named.update(token.strip().lower() for token in value.split(b","))
     if named:
-        return [(k, v) for k, v in headers if k not in HOP_BY_HOP and k != b"content-length" and k not in named]
-    return [(k, v) for k, v in headers if k not in HOP_BY_HOP and k != b"content-length"]
+        return [h for h in kept if h[0] not in named]
+    return kept
