@@ -879,10 +879,11 @@ def table(r: dict) -> str:
         ("RSS after load MiB", "rss_after_load_mib"),
     ]
     width = 30
-    col = max(12, *(len(n) + 2 for n in names))
+    cells = [(label, [str(get(n, key)) for n in names]) for label, key in rows]
+    col = max(12, *(len(n) + 2 for n in names), *(len(c) + 2 for _, row in cells for c in row))
     lines = [f"{'':{width}}" + "".join(f"{n:>{col}}" for n in names)]
-    for label, key in rows:
-        lines.append(f"{label:{width}}" + "".join(f"{get(n, key)!s:>{col}}" for n in names))
+    for label, row in cells:
+        lines.append(f"{label:{width}}" + "".join(f"{c:>{col}}" for c in row))
     for name in names:
         if name in r["derived"]:
             dv = r["derived"][name]

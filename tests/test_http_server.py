@@ -353,6 +353,7 @@ def test_handler_errors_and_missing_end() -> None:
 def test_slow_header_and_idle_connections_are_closed() -> None:
     async def main() -> None:
         server, port = await start(header_timeout=0.2, idle_timeout=0.3)
+        assert "sweeping=False" in repr(server)  # no connection, nothing to sweep: an idle daemon sleeps
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET / HTTP/1.1\r\nHost: t\r\n")  # never finishes its head
         assert await read_to_eof(reader) == b""
@@ -363,6 +364,8 @@ def test_slow_header_and_idle_connections_are_closed() -> None:
         assert response.status == 200
         assert await read_to_eof(reader) == b""  # idle keep-alive connection closed by the sweeper
         writer.close()
+        await asyncio.sleep(0.2)  # one more sweep finds no connection left and arms no timer
+        assert "connections=0" in repr(server) and "sweeping=False" in repr(server)
         await server.shutdown(1)
 
     asyncio.run(main())

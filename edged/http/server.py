@@ -1,8 +1,9 @@
 """HTTP/1.1 server on asyncio Protocols and httptools: buffered requests, streamed answers, one handler per connection.
 
 Each connection parses with llhttp (httptools) in `data_received`, queues complete requests, and answers them in
-order from one worker task that lives as long as the connection (no task per request). One periodic sweeper per
-server enforces the header, idle and lingering timeouts.
+order from one worker task that lives as long as the connection (no task per request). One sweep timer per
+server, armed only while it has connections (an idle daemon is not woken for it), enforces the header, idle and
+lingering timeouts.
 """
 
 from __future__ import annotations
@@ -228,6 +229,7 @@ class _ServerConnection(asyncio.Protocol):
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._server._conns.add(self)
+        self._server._arm_sweep()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -542,7 +544,8 @@ class HttpServer:
         self._unix_paths: list[tuple[str, int]] = []  # (path, inode) of sockets we created
         self._conns: set[_ServerConnection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._sweeper: asyncio.Task[None] | None = None
+        self._sweep_interval = max(0.05, min(1.0, header_timeout / 4, idle_timeout / 4))
+        self._sweep_timer: asyncio.TimerHandle | None = None
         self._in_flight = 0
         self._drained: asyncio.Future[None] | None = None  # set during shutdown when in_flight drops to 0
         self._shut = False
@@ -553,15 +556,16 @@ class HttpServer:
         return self._in_flight
 
     def __repr__(self) -> str:
-        return f"<HttpServer listeners={len(self._servers)} connections={len(self._conns)} in_flight={self._in_flight}>"
+        return (
+            f"<HttpServer listeners={len(self._servers)} connections={len(self._conns)} in_flight={self._in_flight}"
+            f" sweeping={self._sweep_timer is not None}>"
+        )
 
     def _start(self) -> None:
         if self._shut:
             raise ListenError("server is shut down")
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
-        if self._sweeper is None:
-            self._sweeper = self._loop.create_task(self._sweep_forever())
 
     async def listen_tcp(self, host: str, port: int) -> tuple[str, int]:
         """Listen on host:port; returns the bound address (port 0 picks a free port)."""
@@ -598,13 +602,20 @@ class HttpServer:
         except OSError as exc:
             raise ListenError(f"cannot set up {path}: {exc.strerror or exc}") from exc
 
-    async def _sweep_forever(self) -> None:
-        interval = max(0.05, min(1.0, self._header_timeout / 4, self._idle_timeout / 4))
-        while True:
-            await asyncio.sleep(interval)
+    def _arm_sweep(self) -> None:
+        if self._sweep_timer is None and not self._shut:
+            self._sweep_timer = self._loop.call_later(self._sweep_interval, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close the connections that waited too long; again after the interval while any are left."""
+        self._sweep_timer = None
+        try:
             now = self._loop.time()
             for conn in list(self._conns):
                 conn._sweep(now)
+        finally:
+            if self._conns:
+                self._arm_sweep()
 
     async def shutdown(self, drain_timeout: float) -> None:
         """Stop accepting, close idle connections, let running handlers finish up to drain_timeout, close the rest."""
@@ -622,10 +633,10 @@ class HttpServer:
             await asyncio.wait([self._drained], timeout=drain_timeout)
         for conn in list(self._conns):
             conn._abort()
-        tasks = list(self._tasks)
-        if self._sweeper is not None:
-            tasks.append(self._sweeper)
-        await cancel_and_wait(tasks)
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
+            self._sweep_timer = None
+        await cancel_and_wait(list(self._tasks))
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
