@@ -189,6 +189,40 @@ def test_silent_server_times_out() -> None:
     asyncio.run(main())
 
 
+def test_each_exchange_on_a_reused_connection_keeps_its_own_head_timeout() -> None:
+    """The head timeout is one lazy timer per connection: a short timeout after a long one still fires on time,
+    and a long one after a short one is not cut at the short one's deadline."""
+    delays = [0.0, 0.6, 0.0]  # seconds before each answer on a connection, one request after the other
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        for delay in delays:
+            await read_request(reader)
+            await asyncio.sleep(delay)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    async def main() -> None:
+        async with RawBackend(script) as backend:
+            pool = UpstreamPool()
+
+            async def call(timeout: float) -> None:
+                response = await pool.request(backend.target, "GET", "/", [], b"", timeout)
+                assert await read_all(response) == b"ok"
+
+            await call(10.0)  # arms the connection's timer 10 s ahead
+            with pytest.raises(UpstreamTimeout, match=r"within 0\.2s"):
+                # Answered after 0.6 s: fails at 0.2 s. Were it left to the 10 s timer, wait_for would end it
+                # with another error first (its 3 s only bound a hang; they time nothing).
+                await asyncio.wait_for(call(0.2), 3)
+            await asyncio.sleep(0.5)  # the late answer arrives on the closed connection, not ours
+            await call(0.15)  # a new connection (the timed-out one was closed): timer 0.15 s ahead
+            await call(2.0)  # answered after 0.6 s: the 0.15 s timer fired, saw a later deadline, re-armed
+            await call(2.0)
+            assert pool.stats()[backend.target.key]["opened"] == 2
+            await pool.close()
+
+    asyncio.run(main())
+
+
 def test_close_mid_head_is_reset() -> None:
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         await read_request(reader)

@@ -167,6 +167,10 @@ class _UpstreamConnection(asyncio.Protocol):
         self._parser: httptools.HttpResponseParser | None = None  # set while an exchange is on
         self._spare: httptools.HttpResponseParser | None = None  # the last parser, fit to parse the next answer
         self._head_waiter: asyncio.Future[UpstreamResponse] | None = None
+        self._deadline = 0.0  # when the exchange waiting for its head times out
+        self._timeout = 0.0  # the timeout it was given, for the error
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self._response: UpstreamResponse | None = None
         self._head_only = False  # HEAD: the answer ends with its head
         self._got_bytes = False
@@ -198,21 +202,33 @@ class _UpstreamConnection(asyncio.Protocol):
         self._reason = []
         self._headers = []
 
-    def _send(
-        self, data: bytes, head_only: bool, deadline: float, timeout: float
-    ) -> tuple[asyncio.Future[UpstreamResponse], asyncio.TimerHandle]:
-        """Start an exchange: send `data`. The future gets the answer head, or fails at `deadline` unless the
-        caller cancels the timer first."""
+    def _send(self, data: bytes, head_only: bool, deadline: float, timeout: float) -> asyncio.Future[UpstreamResponse]:
+        """Start an exchange: send `data`. The future gets the answer head, or fails once `deadline` passes."""
         waiter: asyncio.Future[UpstreamResponse] = self._loop.create_future()
         self._begin(waiter, head_only)
+        self._deadline, self._timeout = deadline, timeout
+        if self._timer is None or deadline < self._timer_at:
+            self._arm(deadline)
         assert self._transport is not None
         self._transport.write(data)
-        return waiter, self._loop.call_at(deadline, self._on_head_timeout, waiter, timeout)
+        return waiter
 
-    def _on_head_timeout(self, waiter: asyncio.Future[UpstreamResponse], timeout: float) -> None:
-        if waiter is self._head_waiter and not waiter.done():
-            waiter.set_exception(UpstreamTimeout(self._key, f"no answer head within {timeout:g}s"))
-            self._abort()
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._timer_at = self._loop.call_at(when, self._on_timer), when
+
+    def _on_timer(self) -> None:
+        """The head timeout: fail the exchange whose deadline passed; re-arm for one still in time."""
+        self._timer = None
+        waiter = self._head_waiter
+        if waiter is None or waiter.done() or self._closed:
+            return  # no exchange waits for its head: the next one arms the timer again
+        if self._loop.time() < self._deadline:
+            self._arm(self._deadline)
+            return
+        waiter.set_exception(UpstreamTimeout(self._key, f"no answer head within {self._timeout:g}s"))
+        self._abort()
 
     def _end_exchange(self) -> None:
         """The answer is complete: keep the connection for the next request, or close it."""
@@ -264,6 +280,9 @@ class _UpstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self._pool._drop(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         waiter = self._head_waiter
         if waiter is not None and not waiter.done():
             if self._reused and not self._got_bytes:
@@ -432,30 +451,24 @@ class UpstreamPool:
         conn = self._take_idle(key, loop.time())
         if conn is not None:
             # The common case, inline rather than through _exchange: one coroutine less per call.
-            waiter, timer = conn._send(data, head_only, deadline, timeout)
             try:
-                return await waiter
+                return await conn._send(data, head_only, deadline, timeout)
             except _Stale:
                 pass  # the upstream closed it while idle: send once more on a fresh connection
             except asyncio.CancelledError:
                 conn._abort()
                 raise
-            finally:
-                timer.cancel()
         conn = await self._connect(target, key, loop, deadline, timeout)
         return await self._exchange(conn, data, head_only, deadline, timeout)  # fresh: never _Stale
 
     async def _exchange(
         self, conn: _UpstreamConnection, data: bytes, head_only: bool, deadline: float, timeout: float
     ) -> UpstreamResponse:
-        waiter, timer = conn._send(data, head_only, deadline, timeout)
         try:
-            return await waiter
+            return await conn._send(data, head_only, deadline, timeout)
         except asyncio.CancelledError:
             conn._abort()
             raise
-        finally:
-            timer.cancel()
 
     async def _connect(
         self, target: Target, key: str, loop: asyncio.AbstractEventLoop, deadline: float, timeout: float
