@@ -8,11 +8,14 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from . import __version__
-from .client import ApiClient, ApiError
 from .config import Config, find_config
-from .errors import ConfigError
+from .errors import ConfigError, EdgedError
+
+if TYPE_CHECKING:
+    from .client import ApiClient  # loaded by the commands that talk to a daemon, not by `edged run`
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -26,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"edged: {exc}", file=sys.stderr)
         return 1
-    except ApiError as exc:
+    except EdgedError as exc:  # ApiError: the daemon could not be reached or answered with an error
         print(f"edged: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -123,6 +126,8 @@ def _check(args) -> int:
 
 # -- talking to a running daemon -------------------------------------------------------------------
 def _client(args) -> ApiClient:
+    from .client import ApiClient
+
     if args.api:
         return ApiClient(args.api, token=args.token)
     config: Config = find_config(args.config)
