@@ -333,12 +333,9 @@ def start_haproxy(tmp: Path, backend_port: int) -> tuple[Proc, int]:
     return proc, port
 
 
-def start_edged(tmp: Path, backend_port: int, stack: ExitStack, source: Path = REPO, name: str = "edged") -> Edged:
-    """The daemon (from the edged tree `source`) with one local endpoint, logging at warning so that
-    logging is not what we measure.
-
-    Its stop is on `stack` before it starts, so a daemon that never gets ready is stopped too.
-    """
+def bench_daemon(tmp: Path, backend_port: int, source: Path = REPO, name: str = "edged") -> Edged:
+    """The daemon (from the edged tree `source`) with one local endpoint, not started, logging at warning so
+    that logging is not what we measure."""
     d = Edged(tmp / name, {"bench.toml": MANIFEST.format(port=backend_port)}, source=source)
     text = d.config.read_text()
     # The harness's test settings, back to production ones: quiet logs, manifests checked every 2 s.
@@ -348,6 +345,13 @@ def start_edged(tmp: Path, backend_port: int, stack: ExitStack, source: Path = R
             raise RuntimeError(f"harness.Edged config has no {old.strip()!r}: update scripts/bench.py")
         text = text.replace(old, new, 1)
     d.config.write_text(text)
+    return d
+
+
+def start_edged(tmp: Path, backend_port: int, stack: ExitStack, source: Path = REPO, name: str = "edged") -> Edged:
+    """`bench_daemon`, started. Its stop is on `stack` before it starts, so a daemon that never gets ready is
+    stopped too."""
+    d = bench_daemon(tmp, backend_port, source, name)
     stack.callback(stop_edged, d)
     return d.start()
 

@@ -26,7 +26,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from bench import MANIFEST, SERVICE, SequentialClient, baseline_tree, start_backend, stop_edged
+from bench import SERVICE, SequentialClient, baseline_tree, bench_daemon, start_backend, stop_edged
 from harness import REPO, Edged, wait_for
 
 WARM_CALLS = 50
@@ -60,10 +60,8 @@ sys.exit(main())
 
 
 def daemon(tmp: Path, name: str, source: Path, backend_port: int, prefix: list[str]) -> Edged:
-    """The benchmark's daemon config, started as `prefix + [python, -m, edged, ...]`-like argv from `source`."""
-    d = Edged(tmp / name, {"bench.toml": MANIFEST.format(port=backend_port)}, source=source)
-    text = d.config.read_text().replace("[log]\n", '[log]\nlevel = "warning"\n', 1)
-    d.config.write_text(text.replace('reload_interval = "200ms"', 'reload_interval = "2s"'))
+    """The benchmark's daemon (`bench.bench_daemon`), started as `prefix + ["run", "--config", ...]`."""
+    d = bench_daemon(tmp, backend_port, source, name)
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(source))
     argv = [*prefix, "run", "--config", str(d.config)]
     d.proc = subprocess.Popen(argv, cwd=d.root, stdout=d.log.open("ab"), stderr=subprocess.STDOUT, env=env)
