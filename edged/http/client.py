@@ -315,8 +315,10 @@ class _UpstreamConnection(asyncio.Protocol):
         name = name.lower()
         self._headers.append((name, value))
         if name == b"content-length":
-            with contextlib.suppress(ValueError):
+            try:  # llhttp refuses a bad one first; a try costs nothing when it does not raise
                 self._content_length = int(value)
+            except ValueError:
+                self._content_length = None
         elif name == b"transfer-encoding":
             self._chunked = b"chunked" in value.lower()
 
