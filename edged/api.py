@@ -9,6 +9,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
+from .access import ADMIN, CALL, READ, WRITE, Access, Identity
+from .browser import SAFE_METHODS, HostGuard, require_json
 from .call import new_call
 from .discovery.registrations import Registrations
 from .errors import CallError
@@ -17,12 +19,13 @@ from .http.message import Request
 from .http.server import ResponseWriter
 from .manifest import policy_dict
 from .model import Service
+from .paths import normalize_path
 from .policies import PolicyOverrides
 from .registry import Registry
 from .relay import call_timeout, relay_answer, request_id
 from .router import Router
+from .state import StateError
 from .telemetry import MeshMetrics
-from .tenancy import Tenancy
 
 log = logging.getLogger("edged.api")
 
@@ -51,7 +54,8 @@ class Api:
         router: Router,
         health,  # HealthMonitor
         registrations: Registrations,
-        tenancy: Tenancy,
+        access: Access,
+        hosts: HostGuard,
         events: EventBus,
         metrics: MeshMetrics,
         ready: Callable[[], bool],
@@ -64,7 +68,8 @@ class Api:
         self._router = router
         self._health = health
         self._registrations = registrations
-        self._tenancy = tenancy
+        self._access = access
+        self._hosts = hosts
         self._events = events
         self._metrics = metrics
         self._ready = ready
@@ -72,19 +77,20 @@ class Api:
         self._peers = peers
         self._providers = providers
         self._policies: PolicyOverrides | None = None  # set by the daemon: `set_policies`
-        self._routes: dict[tuple[str, str], Callable[..., Awaitable[None] | None]] = {
-            ("GET", "services"): self._services,
-            ("GET", "resolve"): self._resolve,
-            ("GET", "status"): self._status,
-            ("GET", "events"): self._events_stream,
-            ("GET", "register"): self._list_registrations,
-            ("POST", "register"): self._register,
-            ("DELETE", "register"): self._deregister,
-            ("PUT", "register"): self._heartbeat,
-            ("GET", "policies"): self._policy_get,
-            ("PUT", "policies"): self._policy_set,
-            ("DELETE", "policies"): self._policy_delete,
-            ("POST", "policies"): self._policy_dry_run,
+        # (method, first segment) -> (the right it takes, handler)
+        self._routes: dict[tuple[str, str], tuple[str, Callable[..., Awaitable[None] | None]]] = {
+            ("GET", "services"): (READ, self._services),
+            ("GET", "resolve"): (READ, self._resolve),
+            ("GET", "status"): (READ, self._status),
+            ("GET", "events"): (READ, self._events_stream),
+            ("GET", "register"): (READ, self._list_registrations),
+            ("POST", "register"): (WRITE, self._register),
+            ("DELETE", "register"): (WRITE, self._deregister),
+            ("PUT", "register"): (WRITE, self._heartbeat),
+            ("GET", "policies"): (READ, self._policy_get),
+            ("PUT", "policies"): (WRITE, self._policy_set),
+            ("DELETE", "policies"): (WRITE, self._policy_delete),
+            ("POST", "policies"): (READ, self._policy_dry_run),
         }
 
     def set_policies(self, policies: PolicyOverrides) -> None:
@@ -95,18 +101,22 @@ class Api:
         """Entry point for every request the HTTP server parses."""
         try:
             host = req.header(b"host")
+            if req.peer != "unix":  # browsers reach TCP only
+                self._hosts.check_host(host)
+            if req.target[:1] != "/":
+                raise CallError(400, "bad_request", "absolute-form request targets are not served")
             if host is not None and host.split(b":", 1)[0].endswith(MESH_SUFFIX):
                 service = host.split(b":", 1)[0][: -len(MESH_SUFFIX)].decode("ascii", "replace")
-                await self._call(req, resp, service, req.target)
+                await self._call(req, resp, service, req.path)
                 return
             path = req.path
             if path.startswith("/svc/"):
                 service, _, rest = path[5:].partition("/")
-                query = f"?{req.query}" if req.query else ""
-                await self._call(req, resp, service, "/" + rest + query)
+                await self._call(req, resp, service, "/" + rest)
             elif path.startswith("/v1/"):
                 await self._v1(req, resp)
             elif path == "/metrics" and req.method in ("GET", "HEAD"):
+                self._access.identify(req).require(READ)
                 body = self._render_metrics().encode()
                 resp.send(200, [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")], body)
             elif path == "/healthz":
@@ -124,7 +134,15 @@ class Api:
 
     # -- the call path ---------------------------------------------------------------------------
     async def _call(self, req: Request, resp: ResponseWriter, service: str, path: str) -> None:
-        tenant, by_token = self._tenancy.identify(req.header(b"authorization"), req.peer)
+        caller = self._access.identify(req)
+        if CALL not in caller.rights:
+            caller.require(CALL)
+        if req.method not in SAFE_METHODS:
+            self._hosts.check_same_origin(req)
+        path = normalize_path(path)
+        if req.query:
+            path = f"{path}?{req.query}"
+        tenant, by_token = caller.tenant, caller.by_token
         if not service:
             raise CallError(404, "unknown_service", "no service named in the path")
         svc = self._router.service(tenant, service)
@@ -157,13 +175,18 @@ class Api:
         if parts[0] == "echo":
             self._echo(req, resp, "/" + "/".join(parts[1:]))
             return
-        tenant, _ = self._tenancy.identify(req.header(b"authorization"), req.peer)
-        handler = self._routes.get((req.method, parts[0]))
-        if handler is None:
+        caller = self._access.identify(req)
+        route = self._routes.get((req.method, parts[0]))
+        if route is None:
             if any(name == parts[0] for _, name in self._routes):
                 raise CallError(405, "method_not_allowed", f"{req.method} /v1/{parts[0]}")
             raise CallError(404, "not_found", f"no route for {req.method} {req.path}")
-        result = handler(req, resp, tenant, parts[1:])
+        right, handler = route
+        caller.require(right)
+        if req.method not in SAFE_METHODS:
+            self._hosts.check_same_origin(req)
+            require_json(req)
+        result = handler(req, resp, caller, parts[1:])
         if result is not None:
             await result
 
@@ -179,7 +202,8 @@ class Api:
         }
         resp.send_json(200, body)
 
-    def _services(self, req: Request, resp: ResponseWriter, tenant: str, rest: list[str]) -> None:
+    def _services(self, req: Request, resp: ResponseWriter, caller: Identity, rest: list[str]) -> None:
+        tenant = caller.tenant
         snap = self._registry.snapshot()
         now = time.monotonic()
         if rest and rest[0]:
@@ -240,7 +264,8 @@ class Api:
             out["policy_source"] = self._registry.policy_source(spec.tenant, spec.name)
         return out
 
-    def _resolve(self, req: Request, resp: ResponseWriter, tenant: str, rest: list[str]) -> None:
+    def _resolve(self, req: Request, resp: ResponseWriter, caller: Identity, rest: list[str]) -> None:
+        tenant = caller.tenant
         if not rest or not rest[0]:
             raise CallError(404, "unknown_service", "GET /v1/resolve/{service}")
         svc = self._router.service(tenant, rest[0])
@@ -256,7 +281,8 @@ class Api:
             },
         )
 
-    def _status(self, req: Request, resp: ResponseWriter, tenant: str, rest: list[str]) -> None:
+    def _status(self, req: Request, resp: ResponseWriter, caller: Identity, rest: list[str]) -> None:
+        tenant = caller.tenant
         snap = self._registry.snapshot()
         now = time.monotonic()
         node = self._node
@@ -290,6 +316,11 @@ class Api:
             raise CallError(404, "unknown_service", "name a service: /v1/policies/{name}")
         return self._router.service(tenant, name)
 
+    def _may_steer(self, caller: Identity, service: str) -> None:
+        """A service's policy is changed by an admin, or by the app that registered the whole service."""
+        if ADMIN not in caller.rights and self._registrations.owner_of_service(caller.tenant, service) != caller.name:
+            raise CallError(403, "forbidden", f"{caller.name} may not change the policy of {service!r}")
+
     def _policy_view(self, svc) -> dict:
         assert self._policies is not None
         return {
@@ -307,24 +338,30 @@ class Api:
         except ValueError as exc:
             raise CallError(400, "invalid_policy", f"body is not JSON: {exc}") from None
 
-    def _policy_get(self, req: Request, resp: ResponseWriter, tenant: str, rest: list[str]) -> None:
+    def _policy_get(self, req: Request, resp: ResponseWriter, caller: Identity, rest: list[str]) -> None:
+        tenant = caller.tenant
         resp.send_json(200, self._policy_view(self._policy_target(tenant, rest)))
 
-    def _policy_set(self, req: Request, resp: ResponseWriter, tenant: str, rest: list[str]) -> None:
+    def _policy_set(self, req: Request, resp: ResponseWriter, caller: Identity, rest: list[str]) -> None:
+        tenant = caller.tenant
         svc = self._policy_target(tenant, rest)
+        self._may_steer(caller, svc.name)
         assert self._policies is not None
         self._policies.set(tenant, svc.name, self._json_body(req))
         resp.send_json(200, self._policy_view(self._router.service(tenant, svc.name)))
 
-    def _policy_delete(self, req: Request, resp: ResponseWriter, tenant: str, rest: list[str]) -> None:
+    def _policy_delete(self, req: Request, resp: ResponseWriter, caller: Identity, rest: list[str]) -> None:
+        tenant = caller.tenant
         svc = self._policy_target(tenant, rest)
+        self._may_steer(caller, svc.name)
         assert self._policies is not None
         if not self._policies.delete(tenant, svc.name):
             raise CallError(404, "no_override", f"{svc.name} has no policy set through the API")
         resp.send_json(200, self._policy_view(self._router.service(tenant, svc.name)))
 
-    def _policy_dry_run(self, req: Request, resp: ResponseWriter, tenant: str, rest: list[str]) -> None:
+    def _policy_dry_run(self, req: Request, resp: ResponseWriter, caller: Identity, rest: list[str]) -> None:
         """What the plan would be under a proposed override, next to the plan now; changes nothing."""
+        tenant = caller.tenant
         svc = self._policy_target(tenant, rest, ":dry-run")
         assert self._policies is not None
         proposed = self._policies.preview(tenant, svc.name, self._json_body(req))
@@ -343,35 +380,40 @@ class Api:
             },
         )
 
-    def _list_registrations(self, req: Request, resp: ResponseWriter, tenant: str, rest: list[str]) -> None:
+    def _list_registrations(self, req: Request, resp: ResponseWriter, caller: Identity, rest: list[str]) -> None:
+        tenant = caller.tenant
         now = time.monotonic()
         resp.send_json(200, {"registrations": [r.describe(now) for r in self._registrations.all(tenant)]})
 
-    def _register(self, req: Request, resp: ResponseWriter, tenant: str, rest: list[str]) -> None:
+    async def _register(self, req: Request, resp: ResponseWriter, caller: Identity, rest: list[str]) -> None:
         if rest and rest[0]:
             raise CallError(404, "not_found", "POST /v1/register (no id in the path)")
         try:
             body = json.loads(req.body or b"null")
         except ValueError as exc:
             raise CallError(400, "invalid_registration", f"body is not JSON: {exc}") from None
-        reg, replaced = self._registrations.register(tenant, body)
+        reg, replaced, saved = self._registrations.register(caller, body)
+        await _on_disk(saved)  # acknowledged only once a restart keeps it
         resp.send_json(200 if replaced else 201, reg.describe(time.monotonic()))
 
-    def _deregister(self, req: Request, resp: ResponseWriter, tenant: str, rest: list[str]) -> None:
-        if not rest or not self._registrations.deregister(tenant, rest[0]):
+    async def _deregister(self, req: Request, resp: ResponseWriter, caller: Identity, rest: list[str]) -> None:
+        saved = self._registrations.deregister(caller, rest[0]) if rest else None
+        if saved is None:
             raise CallError(404, "unknown_registration", f"no registration {rest[0] if rest else ''!r}")
+        await _on_disk(saved)
         resp.send_json(200, {"id": rest[0], "deregistered": True})
 
-    def _heartbeat(self, req: Request, resp: ResponseWriter, tenant: str, rest: list[str]) -> None:
+    def _heartbeat(self, req: Request, resp: ResponseWriter, caller: Identity, rest: list[str]) -> None:
         if len(rest) != 2 or rest[1] != "ttl":
             raise CallError(404, "not_found", "PUT /v1/register/{id}/ttl")
-        reg = self._registrations.heartbeat(tenant, rest[0])
+        reg = self._registrations.heartbeat(caller, rest[0])
         if reg is None:
             raise CallError(404, "unknown_registration", f"no registration {rest[0]!r}")
         resp.send_json(200, reg.describe(time.monotonic()))
 
-    async def _events_stream(self, req: Request, resp: ResponseWriter, tenant: str, rest: list[str]) -> None:
+    async def _events_stream(self, req: Request, resp: ResponseWriter, caller: Identity, rest: list[str]) -> None:
         """Server-sent events: registrations, endpoint up/down, manifest reloads."""
+        tenant = caller.tenant
         resp.start(200, [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")])
         await resp.write(b": edged events\n\n")
         async with self._events.subscribe() as queue:
@@ -387,3 +429,11 @@ class Api:
                     continue
                 data = json.dumps(event, separators=(",", ":"))
                 await resp.write(f"event: {event['type']}\ndata: {data}\n\n".encode())
+
+
+async def _on_disk(saved: asyncio.Future[None]) -> None:
+    """Wait for a state write; 503 `not_persisted` when it failed (the change holds only until a restart)."""
+    try:
+        await saved
+    except StateError as exc:
+        raise CallError(503, "not_persisted", f"the change is in force but not on disk: {exc.reason}") from None

@@ -48,6 +48,8 @@ class ApiClient:
         hdrs = dict(headers or [])
         if self._token:
             hdrs.setdefault("Authorization", f"Bearer {self._token}")
+        if body and path.startswith("/v1/") and not any(k.lower() == "content-type" for k in hdrs):
+            hdrs["Content-Type"] = "application/json"  # the API takes JSON bodies only when they say so
         try:
             conn.request(method, path, body=body or None, headers=hdrs)
             resp = conn.getresponse()

@@ -13,6 +13,7 @@ import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 from urllib.parse import urlsplit
 
 from edged.document import Doc, Table, describe, parse_toml, read_text, toml_locator
@@ -36,6 +37,8 @@ SECTIONS = (
     "fleet",
     "bridge",
     "tenants",
+    "access",
+    "limits",
     "log",
     "demo",
 )
@@ -174,6 +177,17 @@ def _default_tenants() -> Mapping[str, TenantConfig]:
     return MappingProxyType({DEFAULT_TENANT: TenantConfig(DEFAULT_TENANT, open_on_loopback=True)})
 
 
+def _section(name: str) -> Any:
+    """The defaults of a section whose values live in their own module (which imports this one)."""
+    if name == "access":
+        from edged.access import AccessConfig
+
+        return AccessConfig()
+    from edged.limits import Limits
+
+    return Limits()
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """The whole daemon config. `path` is the file it came from, None for the embedded default."""
@@ -189,6 +203,8 @@ class Config:
     fleet: FleetConfig = FleetConfig()
     bridge: BridgeConfig = BridgeConfig()
     tenants: Mapping[str, TenantConfig] = field(default_factory=_default_tenants)
+    access: Any = field(default_factory=lambda: _section("access"))  # edged.access.AccessConfig
+    limits: Any = field(default_factory=lambda: _section("limits"))  # edged.limits.Limits
     log: LogConfig = LogConfig()
     demo: DemoConfig = DemoConfig()
     path: str | None = None
@@ -279,6 +295,8 @@ class _Loader:
             fleet=self.fleet(top.table("fleet")),
             bridge=self.bridge(top.table("bridge")),
             tenants=self.tenants(top.table("tenants")),
+            access=self.access(top.table("access")),
+            limits=self.limits(top.table("limits")),
             log=self.log(top.table("log")),
             demo=self.demo(top.table("demo")),
             path=path,
@@ -449,6 +467,16 @@ class _Loader:
             )
         result.setdefault(DEFAULT_TENANT, TenantConfig(DEFAULT_TENANT, open_on_loopback=True))
         return MappingProxyType(result)
+
+    def access(self, t: Table) -> Any:
+        from edged.access import load_access  # it imports this module
+
+        return load_access(t, self.read_tokens, self.resolve)
+
+    def limits(self, t: Table) -> Any:
+        from edged.limits import load_limits
+
+        return load_limits(t)
 
     @staticmethod
     def read_tokens(t: Table, path: str) -> list[str]:

@@ -32,7 +32,7 @@ from .policy import Ranker
 from .registry import Layer, Registry, Snapshot
 from .router import Router
 from .state import StateStore
-from .telemetry import MeshMetrics
+from .telemetry import MeshMetrics, Metrics
 from .transport.http import HttpTransport
 from .vitals import NodeVitals, Vitals, VitalsReader
 
@@ -89,7 +89,8 @@ class MeshCore:
         on_health_change: Callable[[Endpoint, bool, str], None] | None = None,
     ) -> None:
         self.config = config
-        self.metrics = MeshMetrics()
+        self.limits = config.limits
+        self.metrics = MeshMetrics(Metrics(max_series=self.limits.metric_series))
         self.events = EventBus()
         self.store = StateStore(config.state.dir)
         self.registry = Registry()
@@ -148,6 +149,21 @@ class MeshCore:
     def providers(self, tenant: str, service: str) -> list[dict]:
         """Remote nodes serving a service, with their liveness, for `/v1/services`."""
         return [p for source in self._provider_sources for p in source(tenant, service)]
+
+    def limit_hit(self, name: str) -> None:
+        """A limit of [limits] bit: count it (`edged_limit_hits_total{limit}`)."""
+        self.metrics.limit_hits.inc((name,))
+
+    def server_limits(self) -> dict:
+        """The [limits] of an HTTP listener (the API's and the ingress's), as HttpServer keywords."""
+        lim = self.limits
+        return {
+            "header_timeout": lim.header_timeout,
+            "body_timeout": lim.body_timeout,
+            "max_connections": lim.connections,
+            "max_output": lim.output_buffer,
+            "on_limit": self.limit_hit,
+        }
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     async def start(self) -> None:

@@ -7,7 +7,9 @@ import os
 import time
 
 from . import __version__
+from .access import Access
 from .api import Api, NodeInfo
+from .browser import HostGuard
 from .config import Config
 from .core import MeshCore, TierFactory
 from .core import run as run_process
@@ -18,7 +20,6 @@ from .model import Endpoint, EndpointSpec, HealthCheckSpec, ServiceSpec
 from .policies import PolicyOverrides
 from .registry import Snapshot
 from .systemd import Notifier
-from .tenancy import Tenancy
 
 log = logging.getLogger("edged.daemon")
 
@@ -65,8 +66,15 @@ class Daemon:
         self.metrics, self.events, self.registry = core.metrics, core.events, core.registry
         self.health, self.pool, self.router, self.store = core.health, core.pool, core.router, core.store
         self.manifests = core.manifests
+        limits = config.limits
         self.registrations = Registrations(
-            self.registry, self.store, self.events, on_heartbeat=lambda ids: [self.health.heartbeat(i) for i in ids]
+            self.registry,
+            self.store,
+            self.events,
+            on_heartbeat=lambda ids: [self.health.heartbeat(i) for i in ids],
+            max_total=limits.registrations,
+            max_per_owner=limits.registrations_per_owner,
+            on_limit=core.limit_hit,
         )
         self.policies = PolicyOverrides(self.registry, self.store, self.events)
         self.registry.add_layer(self.policies.layer)
@@ -78,7 +86,8 @@ class Daemon:
             router=self.router,
             health=self.health,
             registrations=self.registrations,
-            tenancy=Tenancy(config.tenants),
+            access=Access(config.access, config.tenants),
+            hosts=HostGuard(self._api_names(config)),
             events=self.events,
             metrics=self.metrics,
             ready=lambda: self._ready,
@@ -92,6 +101,7 @@ class Daemon:
             max_header_bytes=config.api.max_header,
             max_body_bytes=config.api.max_body,
             idle_timeout=config.api.idle_timeout,
+            **core.server_limits(),
         )
         self.listening: list[str] = []
         self.metrics.add_collector(self._collect)
@@ -149,8 +159,15 @@ class Daemon:
         self.events.close()
         await self.core.leaving()
         await self.server.shutdown(self.config.api.drain_timeout)
+        await self.registrations.close()
         await self.core.stop()
         log.info("edged stopped")
+
+    @staticmethod
+    def _api_names(config: Config) -> list[str]:
+        """Host names that name the API besides localhost, loopback addresses and *.mesh."""
+        node = config.node.name.lower()
+        return [config.api.listen_host, node, f"{node}.local", *config.access.hosts]
 
     # -- internals ---------------------------------------------------------------------------------
     def _on_registry_change(self, old: Snapshot, new: Snapshot) -> None:

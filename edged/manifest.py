@@ -33,6 +33,7 @@ from edged.document import (
     toml_locator,
 )
 from edged.errors import ConfigError
+from edged.methods import MAX_METHODS
 from edged.model import (
     DEFAULT_TENANT,
     STRATEGIES,
@@ -62,6 +63,7 @@ _TOP_KEYS = (
     "endpoints",
     "health_check",
     "policy",
+    "registration",
 )
 _CHECK_KINDS = ("http", "tcp", "command", "ttl")
 
@@ -108,7 +110,14 @@ def parse_manifest_data(
         policy=_policy(top.table("policy")),
         advertise=advertise,
         source=source,
+        registration_min_priority=_registration(top.table("registration")),
     )
+
+
+def _registration(t: Table) -> int | None:
+    """`[registration]`: how registered endpoints may rank in this service (default: after every declared one)."""
+    t.only(("min_priority",))
+    return t.integer("min_priority", None, lo=0)
 
 
 def load_manifest_dirs(dirs: Sequence[str]) -> tuple[list[ServiceSpec], list[ConfigError]]:
@@ -369,6 +378,8 @@ def _interface(top: Table, base_dir: str | None) -> InterfaceSpec:
     if not t.has("methods") and version is None:
         t.fail(None, 'expected methods = ["GET /path", ...] or proto = "file.proto"')
     methods = t.array("methods", [])
+    if len(methods) > MAX_METHODS:
+        t.fail("methods", f"at most {MAX_METHODS} methods, got {len(methods)}")
     rules = []
     for i in range(len(methods)):
         text = methods.string(i, what="a method like 'GET /readings'")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit
+
+from .methods import MethodTable, PathPattern
 
 Tier = Literal["local", "edge", "cloud"]
 TIERS: tuple[str, ...] = ("local", "edge", "cloud")
@@ -75,32 +76,23 @@ class MethodRule:
 
     verb: str
     pattern: str
-    regex: re.Pattern[str] = field(compare=False, repr=False)
+    matcher: PathPattern = field(compare=False, repr=False)
 
     @classmethod
     def parse(cls, text: str) -> MethodRule:
-        """From "GET /readings/{id}"; ValueError when it is not "VERB /path"."""
+        """From "GET /readings/{id}"; ValueError when it is not "VERB /path" (see edged/methods.py)."""
         parts = text.split()
         if len(parts) != 2 or not parts[1].startswith("/"):
             raise ValueError(f"method must look like 'GET /path', got {text!r}")
         verb = parts[0].upper()
         if verb not in HTTP_METHODS:
             raise ValueError(f"unknown HTTP method {parts[0]!r} in {text!r}")
-        pattern = parts[1]
-        rx = ""
-        for piece in re.split(r"(\{[^/{}]+\}|\*)", pattern):
-            if piece == "*":
-                rx += ".*"
-            elif piece.startswith("{") and piece.endswith("}"):
-                rx += "[^/]+"
-            else:
-                rx += re.escape(piece)
-        return cls(verb=verb, pattern=pattern, regex=re.compile(rx + "/?"))
+        return cls(verb=verb, pattern=parts[1], matcher=PathPattern.parse(parts[1]))
 
     def matches(self, method: str, path: str) -> bool:
         if self.verb != "*" and self.verb != method and not (self.verb == "GET" and method == "HEAD"):
             return False
-        return self.regex.fullmatch(path) is not None
+        return self.matcher.matches(path)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,12 +102,16 @@ class InterfaceSpec:
     version: str | None = None
     methods: tuple[MethodRule, ...] = ()
     source: str = "inline"  # "inline" or the .proto file it came from
+    table: MethodTable = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "table", MethodTable((rule.verb, rule.matcher) for rule in self.methods))
 
     def allows(self, method: str, path: str) -> bool:
         """Whether a call `method path` (path without query) is one the interface declares."""
         if not self.methods:
             return True
-        return any(rule.matches(method, path) for rule in self.methods)
+        return self.table.allows(method, path)
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +168,7 @@ class ServiceSpec:
     policy: PolicySpec = PolicySpec()
     advertise: str | None = None
     source: str = ""  # file path, or "register:<id>"
+    registration_min_priority: int | None = None  # `[registration] min_priority`: best rank a registration may take
 
     @property
     def key(self) -> tuple[str, str]:

@@ -120,7 +120,10 @@ class StateStore:
 
     def write_json(self, name: str, obj: object) -> None:
         """Write document `name` atomically (creating the folder, 0700, on first use); StateError on failure."""
-        data = self._encode(name, obj)
+        self.write_bytes(name, self._encode(name, obj))
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """`write_json` for a document its caller already encoded (as JSON)."""
         self._write_if_newest(name, data, self._next_seq())
 
     def async_write_json(self, name: str, obj: object) -> Awaitable[None]:

@@ -309,6 +309,11 @@ class Metrics:
             lines.append(f"# HELP {family.name} {_escape_help(family.help)}")
             lines.append(f"# TYPE {family.name} {family.kind}")
             lines.extend(family.lines())
+        # A full metric refuses new label sets (existing ones keep updating): say how many, per metric.
+        name = "edged_metric_series_refused_total"
+        lines.append(f"# HELP {name} New label sets refused because the metric held max_series series.")
+        lines.append(f"# TYPE {name} counter")
+        lines.extend(f'{name}{{metric="{f.name}"}} {f.dropped}' for f in self._families.values() if f.dropped)
         lines.append("")
         return "\n".join(lines)
 
@@ -372,6 +377,9 @@ class MeshMetrics:
         self.registrations = m.gauge("edged_registrations", "Services registered locally through the API.")
         self.http_errors = m.counter("edged_http_errors_total", "Requests the local API refused, by status.", ("code",))
         self.inflight = m.gauge("edged_inflight_calls", "Calls in flight through the mesh.")
+        self.limit_hits = m.counter(
+            "edged_limit_hits_total", "Times a resource limit ([limits]) refused or held back input.", ("limit",)
+        )
         self.build_info = m.gauge("edged_build_info", "Always 1; the version is the label.", ("version",))
         self.build_info.set((version,), 1)
 

@@ -137,6 +137,8 @@ class Edged:
         self.proc: subprocess.Popen | None = None
         self.socket = root / "run" / "edged.sock"
         self.api = ApiClient(f"unix:{self.socket}" if via_socket else f"http://127.0.0.1:{self.port}", timeout=10)
+        # Over its Unix socket the daemon's own user is an admin (edged/access.py): for registering and policies.
+        self.admin = ApiClient(f"unix:{self.socket}", timeout=10)
         self.started_at = 0.0
 
     def write_manifest(self, name: str, text: str) -> None:

@@ -19,6 +19,7 @@ from edged.cloud.telemetry import MIN_INTERVAL, CloudMetrics, TelemetryPublisher
 from edged.cloud.tier import cloud_endpoints
 from edged.cloud.topics import Topics
 from edged.config import MqttConfig
+from edged.limits import Limits
 from edged.manifest import parse_manifest_data
 from edged.registry import Registry
 from edged.state import StateStore
@@ -249,3 +250,41 @@ def test_entries_are_retained_on_the_broker_and_a_stale_one_is_removed_at_the_ne
     assert asyncio.run(run_node("thermo", "pump")) == {"thermo", "pump"}
     # pump's manifest went away while the node was down: its retained entry is removed at the next start.
     assert asyncio.run(run_node("thermo")) == {"thermo"}
+
+
+def test_learned_entries_and_tracked_nodes_are_bounded(tmp_path):
+    """Any client of the broker could publish entries and statuses without end; the known ones keep their place."""
+
+    async def main() -> None:
+        registry = Registry()
+        hits: list[str] = []
+        sync = RegistrySync(
+            registry=registry,
+            session=MqttSession(MqttConfig(enabled=True), client_id="t"),
+            topics=TOPICS,
+            node="me",
+            zone="",
+            saver=StateSaver(StateStore(str(tmp_path))),
+            metrics=CloudMetrics(Metrics()),
+            limits=Limits(learned_entries=5, learned_entries_per_node=3, peers=3),
+            on_limit=hits.append,
+        )
+        for i in range(5):
+            sync._on_service(entry_msg("pi-1", f"s{i}"))
+        assert sorted(sync.entries["pi-1"]) == ["s0", "s1", "s2"]
+        assert hits == ["learned_entries_per_node"] * 2
+        for node in ("pi-2", "pi-3"):
+            for i in range(2):
+                sync._on_service(entry_msg(node, f"t{i}"))
+        assert sum(len(e) for e in sync.entries.values()) == 5 and hits[-1] == "learned_entries"
+        sync._on_service(entry_msg("pi-1", "s0", payload=b""))  # a deleted entry makes room
+        sync._on_service(entry_msg("pi-3", "t1"))
+        sync._on_service(entry_msg("pi-2", "t1"))
+        assert "t1" in sync.entries["pi-2"]
+        for i in range(5):
+            sync._on_status(Inbound(TOPICS.status(f"n{i}"), b'{"state": "online"}', True))
+        assert sorted(sync.nodes) == ["n0", "n1", "n2"] and hits[-1] == "peers"
+        sync._on_status(Inbound(TOPICS.status("n0"), b'{"state": "offline"}', True))  # known ones keep updating
+        assert sync.nodes["n0"]["state"] == "offline"
+
+    asyncio.run(main())

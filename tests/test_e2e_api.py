@@ -146,20 +146,21 @@ def test_registration_ttl_and_restart(backends, edged):
     b = backends("b1")
     d = edged({"thermo.toml": 'service_name = "thermo"\nendpoint_types = ["local"]\n'})
     body = json.dumps({"service": "thermo", "endpoint": {"type": "local", "url": b.url}, "ttl": "1s"}).encode()
-    status, _, data = d.api.request("POST", "/v1/register", body)
+    status, _, data = d.admin.request("POST", "/v1/register", body)
     assert status == 201, data
     reg_id = json.loads(data)["id"]
     assert d.call("thermo", "/a")[0] == 200
     # Re-registering the same endpoint (an app restarting) keeps one registration.
-    status, _, data = d.api.request("POST", "/v1/register", body)
+    status, _, data = d.admin.request("POST", "/v1/register", body)
     assert status == 200 and json.loads(data)["id"] == reg_id
     # No heartbeat: the lease lapses and the endpoint leaves routing; a heartbeat brings it back.
     wait_for(lambda: d.call("thermo", "/a")[0] == 503, 5, what="lease lapsed")
-    assert d.api.request("PUT", f"/v1/register/{reg_id}/ttl")[0] == 200
+    assert d.admin.request("PUT", f"/v1/register/{reg_id}/ttl")[0] == 200
     assert d.call("thermo", "/a")[0] == 200
     # A whole service registered by manifest document.
     manifest = {"service_name": "lamp", "endpoints": [{"type": "local", "url": b.url}]}
-    status, _, data = d.api.request("POST", "/v1/register", json.dumps({"manifest": manifest, "id": "lamp-1"}).encode())
+    doc = json.dumps({"manifest": manifest, "id": "lamp-1"}).encode()
+    status, _, data = d.admin.request("POST", "/v1/register", doc)
     assert status == 201, data
     # Restart: both registrations survive.
     assert d.stop() == 0
@@ -167,9 +168,9 @@ def test_registration_ttl_and_restart(backends, edged):
     regs = {r["id"] for r in d.get("/v1/register")["registrations"]}
     assert regs == {reg_id, "lamp-1"}
     assert d.call("lamp", "/b")[0] == 200
-    assert d.api.request("PUT", f"/v1/register/{reg_id}/ttl")[0] == 200
+    assert d.admin.request("PUT", f"/v1/register/{reg_id}/ttl")[0] == 200
     assert d.call("thermo", "/a")[0] == 200
-    assert d.api.request("DELETE", "/v1/register/lamp-1")[0] == 200
+    assert d.admin.request("DELETE", "/v1/register/lamp-1")[0] == 200
     assert d.call("lamp", "/b")[0] == 404
 
 
@@ -196,7 +197,7 @@ def test_bad_registrations_are_refused_clearly(edged):
         (json.dumps({"manifest": {"service_name": "x", "priority": "high"}}), 400, "invalid_registration"),
     ]
     for body, code, error in cases:
-        status, _, data = d.api.request("POST", "/v1/register", body if isinstance(body, bytes) else body.encode())
+        status, _, data = d.admin.request("POST", "/v1/register", body if isinstance(body, bytes) else body.encode())
         assert (status, json.loads(data)["error"]) == (code, error), (body, data)
     assert d.get("/v1/register")["registrations"] == []
 
@@ -235,7 +236,7 @@ def test_hostile_http_input_gets_clear_errors_and_the_daemon_keeps_serving(backe
     b = backends("b1")
     d = edged({"thermo.toml": one_endpoint(b.port)})
     reg = json.dumps({"manifest": {"service_name": "lamp", "endpoints": [{"type": "local", "url": b.url}]}}).encode()
-    assert d.api.request("POST", "/v1/register", reg)[0] == 201
+    assert d.admin.request("POST", "/v1/register", reg)[0] == 201
     huge = b"GET /svc/thermo/readings HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 1_000_000 + b"\r\n\r\n"
     assert raw(d.port, huge).startswith(b"HTTP/1.1 431")
     assert raw(d.port, b"\x16\x03\x01\x00garbage\r\n\r\n").startswith(b"HTTP/1.1 400")

@@ -71,11 +71,11 @@ def test_bad_policies_are_refused_with_the_key(backends, edged):
         (["strategy"], 400, "invalid_policy", "JSON object"),
     ]
     for body, code, error, mentions in cases:
-        status, _, data = d.api.request("PUT", "/v1/policies/thermo", json.dumps(body).encode())
+        status, _, data = d.admin.request("PUT", "/v1/policies/thermo", json.dumps(body).encode())
         doc = json.loads(data)
         assert (status, doc["error"]) == (code, error) and mentions in str(doc["detail"]), doc
-    assert d.api.request("PUT", "/v1/policies/nope", b"{}")[0] == 404
-    assert d.api.request("DELETE", "/v1/policies/thermo")[0] == 404  # nothing to reset
+    assert d.admin.request("PUT", "/v1/policies/nope", b"{}")[0] == 404
+    assert d.admin.request("DELETE", "/v1/policies/thermo")[0] == 404  # nothing to reset
     assert d.get("/v1/policies/thermo")["source"] == "declared"
     out = edged_cli(d, "policy", "set", "thermo", "strategy=fastest")
     assert out.returncode == 1 and "invalid_policy" in out.stderr

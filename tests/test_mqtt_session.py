@@ -244,3 +244,34 @@ def test_both_paths_carry_qos0_qos1_and_properties_and_say_which_is_used(
     assert (q0.response_topic, q0.correlation) == ("r/me", b"c-1")
     connected = [r for r in caplog.records if r.getMessage() == "mqtt.connected"]
     assert connected and all(r.edged_fields["path"] == path for r in connected), caplog.text
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_large_incoming_messages_are_dropped_and_counted_not_handed_on(broker: Broker, topic_prefix: str, protocol):
+    """A retained 64 MB message took RSS from 46 to 185 MB at every start; now nothing over the limit gets in.
+    On MQTT 5 the broker is told the Maximum Packet Size and does not send it at all."""
+    topic = f"{topic_prefix}/big"
+    got: list[bytes] = []
+    hits: list[str] = []
+
+    async def main() -> None:
+        sender = MqttSession(config(broker.url, protocol="3.1.1"), client_id=f"t-send-{protocol}")
+        s = MqttSession(
+            config(broker.url, protocol=protocol), client_id=f"t-big-{protocol}", max_message=1000, on_limit=hits.append
+        )
+        s.subscribe(topic, lambda m: got.append(m.payload))
+        sender.start()
+        s.start()
+        try:
+            assert await s.wait_connected(10) and await sender.wait_connected(10)
+            await sender.publish(topic, b"x" * 20000, retain=True)
+            await sender.publish(topic, b"small")
+            await until(lambda: got == [b"small"])
+            assert hits == ([] if protocol == "5" else ["mqtt_message"])
+            assert s.connected  # and the session is fine
+        finally:
+            await sender.publish(topic, b"", retain=True)
+            await s.close()
+            await sender.close()
+
+    asyncio.run(main())

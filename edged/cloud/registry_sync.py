@@ -28,8 +28,10 @@ import cbor2
 
 from .. import __version__
 from ..errors import ConfigError
+from ..limits import Limits
 from ..logs import log_event
 from ..manifest import parse_policy, policy_dict
+from ..methods import MAX_METHODS
 from ..model import TIERS, InterfaceSpec, MethodRule, ServiceSpec
 from ..registry import Registry, Snapshot
 from .liveness import OFFLINE, ONLINE, STALE, SUSPECT, UNKNOWN, Liveness
@@ -88,6 +90,8 @@ def entry_spec(entry: Mapping[str, Any], *, source: str) -> ServiceSpec:
         if not isinstance(raw_iface, Mapping) or not isinstance(raw_iface.get("methods", []), list):
             raise ValueError("interface must be a map with a list of methods")
         version = raw_iface.get("version")
+        if len(raw_iface.get("methods", [])) > MAX_METHODS:
+            raise ValueError(f"more than {MAX_METHODS} methods")
         methods = tuple(MethodRule.parse(str(m)) for m in raw_iface.get("methods", []))
         interface = InterfaceSpec(version=version if isinstance(version, str) else None, methods=methods)
     try:
@@ -152,7 +156,11 @@ class RegistrySync:
         stale_after: float = 0.0,  # an online status not renewed for this long counts as dead (0: never)
         offline_ttl: float = 3600.0,  # entries of a node not live for this long are dropped
         clock: Callable[[], float] = time.monotonic,
+        limits: Limits | None = None,
+        on_limit: Callable[[str], None] | None = None,
     ) -> None:
+        self._limits = limits or Limits()
+        self._on_limit = on_limit or (lambda name: None)
         self._registry = registry
         self._session = session
         self._topics = topics
@@ -264,6 +272,9 @@ class RegistrySync:
         doc = {k: v for k, v in doc.items() if isinstance(k, str)}
         wall = round(time.time(), 3)
         previous = self.nodes.get(node, {})
+        if not previous and len(self.nodes) >= self._limits.peers:
+            self._on_limit("peers")  # a flood of made-up nodes: the known ones keep their place
+            return
         doc["seen"] = wall
         doc["since"] = previous.get("since", wall) if previous.get("state") == doc["state"] else wall
         self.nodes[node] = doc
@@ -288,13 +299,23 @@ class RegistrySync:
                 self._index(node, old, add=False, departed=True)
                 self._changed()
             return
+        known = self.entries.get(node, {})
+        if key not in known:
+            lim = self._limits
+            if len(known) >= lim.learned_entries_per_node or self._learned() >= lim.learned_entries:
+                per_node = len(known) >= lim.learned_entries_per_node
+                self._on_limit("learned_entries_per_node" if per_node else "learned_entries")
+                return
+            if not known and node not in self.nodes and len(self.entries) >= lim.peers:
+                self._on_limit("peers")
+                return
         try:
             entry = normalize_entry(cbor2.loads(msg.payload))
         except Exception as exc:  # garbage from any publisher: cbor2 and validation raise many types
             self.bad_messages += 1
             log_event(log, logging.WARNING, "mqtt.bad_registry_entry", topic=msg.topic, error=str(exc)[:200])
             return
-        old = self.entries.get(node, {}).get(key)
+        old = known.get(key)
         if old == entry:
             return
         if old is not None:
@@ -302,6 +323,10 @@ class RegistrySync:
         self.entries.setdefault(node, {})[key] = entry
         self._index(node, entry, add=True)
         self._changed()
+
+    def _learned(self) -> int:
+        """Entries learned from all nodes (at most `[limits] peers` nodes: a cheap sum)."""
+        return sum(len(entries) for entries in self.entries.values())
 
     def _index(self, node: str, entry: Mapping[str, Any], *, add: bool, departed: bool = False) -> None:
         """Keep the spec each cloud entry makes (parsed once, not at every change) and the providers of each
@@ -477,7 +502,10 @@ class RegistrySync:
         for node, entries in (doc.get("entries") or {}).items():
             if node == self.node or not isinstance(entries, dict):
                 continue
-            for key, raw in entries.items():
+            lim = self._limits
+            for key, raw in list(entries.items())[: lim.learned_entries_per_node]:
+                if kept >= lim.learned_entries:  # a state file written under larger limits
+                    break
                 try:
                     entry = normalize_entry(raw)
                 except ValueError:
@@ -486,7 +514,7 @@ class RegistrySync:
                 self._index(node, entry, add=True)
                 kept += 1
         now = self._clock()
-        for node, status in (doc.get("nodes") or {}).items():
+        for node, status in list((doc.get("nodes") or {}).items())[: self._limits.peers]:
             if node != self.node and isinstance(status, dict) and status.get("state") in ("online", "offline"):
                 self.nodes[node] = status
                 # Seen "now": a saved wall-clock time means little on a box whose clock jumps at boot.

@@ -181,10 +181,15 @@ class MqttSession:
         on_disconnected: Callable[[str], None] | None = None,
         rng: random.Random | None = None,
         fast_path: bool = True,
+        max_message: int = 1 << 20,
+        on_limit: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config
         self._fast_path = fast_path  # False: aiomqtt's public API only (the fallback, forced)
         self.path = ""  # "paho" or "public": how the live connection publishes and receives
+        self.max_message = max_message  # larger incoming messages are dropped (MQTT 5: the broker is told)
+        self._on_limit = on_limit
+        self.dropped_large = 0
         self.host, self.port, self.tls = broker_address(config.url)
         self.client_id = client_id
         self.v5 = config.protocol == "5"
@@ -380,6 +385,7 @@ class MqttSession:
             # Nagle + delayed ACK add 40-90 ms to every QoS 1 round trip (FIELD-NOTES): paho never sets it.
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
             max_queued_incoming_messages=INCOMING_QUEUE,
+            properties=self._connect_properties(),
             logger=log,
         )
         paho = getattr(client, "_client", None)
@@ -519,7 +525,23 @@ class MqttSession:
             return
         self._dispatch(topic, message.payload, bool(message.retain), getattr(message, "properties", None))
 
+    def _connect_properties(self) -> Any:
+        """MQTT 5 CONNECT properties: Maximum Packet Size, so the broker drops what we would refuse anyway
+        (before it crosses the network or fills paho's buffer). MQTT 3.1.1 has no way to say it."""
+        if not self.v5:
+            return None
+        props = Properties(PacketTypes.CONNECT)
+        props.MaximumPacketSize = self.max_message + 4096  # the payload plus a fixed header, topic and properties
+        return props
+
     def _dispatch(self, topic: str, payload: bytes, retain: bool, props: Any) -> None:
+        if len(payload) > self.max_message:
+            # Never handed on, so never kept (a retained one would come back at every start).
+            self.dropped_large += 1
+            if self._on_limit is not None:
+                self._on_limit("mqtt_message")
+            log.warning("MQTT message on %s dropped: %d bytes, over %d", topic, len(payload), self.max_message)
+            return
         inbound = Inbound(
             topic=topic,
             payload=payload,

@@ -91,6 +91,8 @@ class CloudTier:
             will=LastWill(self.topics.status(self.node), offline.encode()),
             on_connected=self._on_connected,
             on_disconnected=self._on_disconnected,
+            max_message=config.limits.mqtt_message,
+            on_limit=core.limit_hit,
         )
         self._published: dict[str, str] = {}  # the vitals in the retained status
         self._status_posted = 0.0  # monotonic time of the last `online` status this node posted
@@ -105,6 +107,8 @@ class CloudTier:
             status_extra=lambda: {"vitals": self._node_vitals.current.status()},
             stale_after=STALE_ROUNDS * mq.announce_interval,
             offline_ttl=mq.offline_ttl,
+            limits=config.limits,
+            on_limit=core.limit_hit,
         )
         self.transport = CloudTransport(
             self.session,

@@ -50,7 +50,9 @@ __all__ = ["EdgeTier", "FleetIdentity"]
 
 log = logging.getLogger("edged.edge")
 
-FETCH_TIMEOUT = 2.0  # seconds to fetch a peer's service list from its ingress (TXT held only a hash)
+
+class PeerListTooLarge(EdgedError):
+    """A peer's /peer/services answer is larger than `[limits] peer_services`."""
 
 
 class EdgeTier:
@@ -67,6 +69,7 @@ class EdgeTier:
         self._events = core.events
         self._pool = core.pool
         self._vitals = core.vitals
+        self.limits = config.limits
         self.identity = FleetIdentity(config.node.name, config.node.fleet)
         self.transport = EdgeTransport(core.pool, self.identity)
         self._advertised: Vitals | None = None  # the vitals in our TXT record
@@ -83,6 +86,7 @@ class EdgeTier:
                 max_header=config.api.max_header,
                 max_body=config.api.max_body,
                 idle_timeout=config.api.idle_timeout,
+                server_limits=core.server_limits(),
             )
         self.mdns: Mdns | None = None
         self._advertising = False
@@ -329,7 +333,9 @@ class EdgeTier:
     async def _live_peers(self, mdns: Mdns) -> list[Peer]:
         node, fleet = self.config.node.name, self.config.node.fleet
         peers: dict[str, Peer] = {}
-        for instance in mdns.instances(HUBMESH_TYPE):
+        known = {p.instance for p in self._peers}
+        # Peers already tracked first: a flood of made-up nodes past `[limits] peers` cannot push them out.
+        for instance in sorted(mdns.instances(HUBMESH_TYPE), key=lambda i: i.name not in known):
             record = parse_node_txt(instance.props)
             if record is None or record.node == node or record.fleet != fleet:
                 continue
@@ -337,6 +343,9 @@ class EdgeTier:
                 log.warning(
                     "two instances claim node %r: %s, %s", record.node, peers[record.node].instance, instance.name
                 )
+                continue
+            if len(peers) >= self.limits.peers:
+                self._metrics.limit_hits.inc(("peers",))
                 continue
             address = instance.addresses[0]
             services = record.services
@@ -353,12 +362,15 @@ class EdgeTier:
         if cached is not None and cached[0] == digest:
             return cached[1]
         target = parse_target(f"http://{url_host(address)}:{port}")
+        lim = self.limits
         try:
-            answer = await self._pool.request(target, "GET", SERVICES_PATH, self.identity.headers(), b"", FETCH_TIMEOUT)
-            body = b""
-            while chunk := await answer.read():
-                body += chunk
-            doc = json.loads(body) if answer.status == 200 else None
+            # The whole fetch has one deadline, not each read: a trickling peer cannot hold it open.
+            body = await asyncio.wait_for(self._read_services(target, lim.peer_services), lim.peer_services_timeout)
+            doc = json.loads(body) if body is not None else None
+        except asyncio.TimeoutError:
+            self._metrics.limit_hits.inc(("peer_services_timeout",))
+            log.warning("the service list of %s took over %.1f s", node, lim.peer_services_timeout)
+            return cached[1] if cached is not None else ()
         except (EdgedError, ValueError) as exc:
             log.warning("cannot fetch the service list of %s: %s", node, exc)
             return cached[1] if cached is not None else ()
@@ -368,6 +380,25 @@ class EdgeTier:
         services = parse_refs(doc["services"])
         self._fetched[node] = (digest, services)
         return services
+
+    async def _read_services(self, target, limit: int) -> bytes | None:
+        """The body of a peer's 200 answer to /peer/services (None: another status); LimitExceeded past `limit`."""
+        answer = await self._pool.request(target, "GET", SERVICES_PATH, self.identity.headers(), b"", 60.0)
+        if answer.status != 200 or (answer.content_length or 0) > limit:
+            answer.discard()
+            if answer.status == 200:
+                self._metrics.limit_hits.inc(("peer_services",))
+                raise PeerListTooLarge(f"announced {answer.content_length} bytes, over {limit}")
+            return None
+        chunks, size = [], 0
+        while chunk := await answer.read():
+            size += len(chunk)
+            if size > limit:
+                answer.discard()
+                self._metrics.limit_hits.inc(("peer_services",))
+                raise PeerListTooLarge(f"over {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     def _measure_links(self, peers: list[Peer], snap: Snapshot) -> dict[str, int | None]:
         """Per peer: link quality from the RTT and failures of calls and checks to its endpoints."""

@@ -22,6 +22,7 @@ from ..http.client import UpstreamPool, UpstreamResponse
 from ..http.message import Request
 from ..http.server import HttpServer, ListenError, ResponseWriter
 from ..model import DEFAULT_TENANT, Endpoint
+from ..paths import normalize_path
 from ..registry import Registry
 from ..relay import call_timeout, relay_answer, request_id
 from ..router import Router
@@ -94,6 +95,7 @@ class Ingress:
         max_body: int,
         idle_timeout: float,
         on_peer_call: Callable[[str], None] | None = None,
+        server_limits: dict | None = None,
     ) -> None:
         self._host, self._port = host, port
         self._router = router
@@ -101,7 +103,11 @@ class Ingress:
         self._identity = identity
         self._on_peer_call = on_peer_call
         self.server = HttpServer(
-            self.handle, max_header_bytes=max_header, max_body_bytes=max_body, idle_timeout=idle_timeout
+            self.handle,
+            max_header_bytes=max_header,
+            max_body_bytes=max_body,
+            idle_timeout=idle_timeout,
+            **(server_limits or {}),
         )
         self.address: tuple[str, int] | None = None  # where it listens, once it does
 
@@ -133,11 +139,13 @@ class Ingress:
                 refs = self.offered_refs()
                 resp.send_json(200, {"node": self._identity.node, "services": refs, "hash": services_hash(refs)})
                 return
+            if req.target[:1] != "/":
+                raise CallError(400, "bad_request", "absolute-form request targets are not served")
             tenant, service, rest = _split(path)
             if service is None:
                 raise CallError(404, "not_found", f"no route for {req.method} {path}")
             query = f"?{req.query}" if req.query else ""
-            await self._call(req, resp, caller, tenant, service, rest + query)
+            await self._call(req, resp, caller, tenant, service, normalize_path(rest) + query)
         except CallError as exc:
             if resp.started:
                 raise

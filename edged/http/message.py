@@ -41,6 +41,7 @@ class Request:
     body: bytes
     peer: str  # remote IP address, or "unix"
     keep_alive: bool
+    cred: tuple[int, int, int] | None = None  # Unix socket: the peer's (pid, uid, gid) from SO_PEERCRED
 
     def header(self, name: bytes) -> bytes | None:
         """First value of the header `name` (lower-case), or None."""

@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import stat
+import struct
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from urllib.parse import urlsplit
@@ -36,6 +37,7 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection", b"keep-alive"})
 _REASONS = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
 _STATUS_LINES: dict[int, bytes] = {}
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 class ListenError(EdgedError):
@@ -181,12 +183,15 @@ class _Reject(Exception):
 class _ServerConnection(asyncio.Protocol):
     """One client connection: parses requests, queues them, answers them in order from one worker task."""
 
-    def __init__(self, server: HttpServer, unix: bool) -> None:
+    def __init__(self, server: HttpServer, unix: bool, listener: _Listener) -> None:
         self._server = server
         self._loop = server._loop
         self._unix = unix
+        self._listener = listener
+        self._counted = False  # counted against its listener's connection limit
         self._transport: asyncio.Transport | None = None
         self._peer = "unix"
+        self._cred: tuple[int, int, int] | None = None
         self._parser = httptools.HttpRequestParser(self)
         self._queue: collections.deque[Request | _Fail] = collections.deque()
         self._worker: asyncio.Task[None] | None = None
@@ -221,19 +226,35 @@ class _ServerConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # uvloop transports are not asyncio.Transport
-        if not self._unix:
+        server = self._server
+        server._conns.add(self)
+        server._arm_sweep()
+        if self._listener.open >= server._max_connections:
+            server._limit_hit("connections")  # over the limit: a clear answer, then the door closes
+            self._fail(503, "overloaded", "too many connections")
+            return
+        self._listener.open += 1
+        self._counted = True
+        transport.set_write_buffer_limits(high=server._max_output)  # type: ignore[attr-defined]
+        if self._unix:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    self._cred = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        else:
             peer = transport.get_extra_info("peername")
             self._peer = peer[0] if isinstance(peer, tuple) else str(peer)
             sock = transport.get_extra_info("socket")
             if sock is not None:
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._server._conns.add(self)
-        self._server._arm_sweep()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self._server._conns.discard(self)
+        if self._counted:
+            self._counted = False
+            self._listener.open -= 1
         if self._worker is not None and not self._worker.done():
             self._worker.cancel()  # the client is gone: stop its handler too
         waiter = self._drain_waiter
@@ -259,13 +280,17 @@ class _ServerConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._discard:
             return
-        if self._in_head:  # llhttp buffers an unfinished header line without limit: bound the raw bytes too
+        in_head, done = self._in_head, self._requests
+        self._feed(data)
+        # llhttp buffers an unfinished header line without limit: bound the raw bytes of a head that spans
+        # reads too. Counted after feeding, and only for the same head: one read may also hold many whole
+        # pipelined requests (counting those made a false 431 under heavy pipelining).
+        if self._in_head and in_head and self._requests == done and not self._discard:
             self._raw_head += len(data)
             if self._raw_head > 2 * self._server._max_header_bytes + 4096:
                 self._fail(431, "header_too_large", "header section too large")
-                return
-        elif self._open:
-            self._since = self._loop.time()
+
+    def _feed(self, data: bytes) -> None:
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -357,6 +382,7 @@ class _ServerConnection(asyncio.Protocol):
             body[0] if len(body) == 1 else b"".join(body),
             self._peer,
             parser.should_keep_alive(),
+            self._cred,
         )
         self._body = []
         self._requests += 1
@@ -443,6 +469,17 @@ class _ServerConnection(asyncio.Protocol):
                 await self._wakeup
                 self._wakeup = None
                 continue
+            if self._write_paused:
+                # The client does not read its answers: stop reading its requests until it does.
+                self._server._limit_hit("output")
+                if not self._read_paused and self._transport is not None:
+                    self._transport.pause_reading()
+                    self._read_paused = True
+                try:
+                    await self._drain()
+                except ClientDisconnected:
+                    return
+                continue
             item = queue.popleft()
             if self._read_paused and len(queue) <= _RESUME_QUEUED and not self._discard:
                 self._read_paused = False
@@ -512,14 +549,30 @@ class _ServerConnection(asyncio.Protocol):
         if self._busy or self._queue:
             return
         if self._open:
-            limit = server._header_timeout if self._in_head else server._idle_timeout
+            # Whole-head and whole-body deadlines: a byte now and then does not keep a request open.
+            limit = server._header_timeout if self._in_head else server._body_timeout
         else:
             limit = server._header_timeout if self._requests == 0 else server._idle_timeout
         if now - self._since > limit:
+            if self._open and not self._in_head:
+                server._limit_hit("body_timeout")
+                self._fail(408, "timeout", "the request body took too long to arrive")
+                return
+            if self._open:
+                server._limit_hit("header_timeout")
             self._close()
 
 
 Handler = Callable[[Request, ResponseWriter], Awaitable[None]]
+
+
+class _Listener:
+    """One listening socket's count of open connections (the limit is per listener)."""
+
+    __slots__ = ("open",)
+
+    def __init__(self) -> None:
+        self.open = 0
 
 
 class HttpServer:
@@ -533,8 +586,16 @@ class HttpServer:
         max_body_bytes: int = 1 << 20,
         idle_timeout: float = 75.0,
         header_timeout: float = 10.0,
+        body_timeout: float = 30.0,
+        max_connections: int = 1024,
+        max_output: int = 256 * 1024,
+        on_limit: Callable[[str], None] | None = None,
     ) -> None:
         self._handler = handler
+        self._body_timeout = body_timeout
+        self._max_connections = max_connections
+        self._max_output = max_output
+        self._on_limit = on_limit
         self._max_header_bytes = max_header_bytes
         self._max_body_bytes = max_body_bytes
         self._idle_timeout = idle_timeout
@@ -544,11 +605,15 @@ class HttpServer:
         self._unix_paths: list[tuple[str, int]] = []  # (path, inode) of sockets we created
         self._conns: set[_ServerConnection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._sweep_interval = max(0.05, min(1.0, header_timeout / 4, idle_timeout / 4))
+        self._sweep_interval = max(0.05, min(1.0, header_timeout / 4, idle_timeout / 4, body_timeout / 4))
         self._sweep_timer: asyncio.TimerHandle | None = None
         self._in_flight = 0
         self._drained: asyncio.Future[None] | None = None  # set during shutdown when in_flight drops to 0
         self._shut = False
+
+    def _limit_hit(self, name: str) -> None:
+        if self._on_limit is not None:
+            self._on_limit(name)
 
     @property
     def in_flight(self) -> int:
@@ -571,8 +636,9 @@ class HttpServer:
         """Listen on host:port; returns the bound address (port 0 picks a free port)."""
         self._start()
         try:
+            listener = _Listener()
             server = await self._loop.create_server(
-                lambda: _ServerConnection(self, False), host, port, reuse_address=True, backlog=1024
+                lambda: _ServerConnection(self, False, listener), host, port, reuse_address=True, backlog=1024
             )
         except OSError as exc:
             raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
@@ -585,7 +651,10 @@ class HttpServer:
         self._start()
         _remove_stale_socket(path)
         try:
-            server = await self._loop.create_unix_server(lambda: _ServerConnection(self, True), path, backlog=1024)
+            listener = _Listener()
+            server = await self._loop.create_unix_server(
+                lambda: _ServerConnection(self, True, listener), path, backlog=1024
+            )
         except OSError as exc:
             raise ListenError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
         self._servers.append(server)

@@ -1,0 +1,170 @@
+"""Who is calling the local API, and what they may do: the identity seam.
+
+Every request gets an `Identity` (a name, a tenant, a set of rights) from, in this order: a bearer token
+(an app's or a tenant's), the Unix-socket peer credentials (`SO_PEERCRED` uid/gid, mapped to an app in
+`[access.apps.NAME]`; root and the daemon's own user are admins), or, from a loopback address, the anonymous
+identity (`[access] anonymous`: at most read + call). Rights: `read` (services, resolve, status, metrics,
+events), `call` (the call path), `write` (register, renew and remove its own registrations, set policies),
+`admin` (anyone's registrations). Richer identities (JWTs, rules, quotas) extend `Access.identify`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from .config import _LABEL, LABEL_WHAT, Table, TenantConfig
+from .errors import CallError
+from .http.message import Request
+from .model import DEFAULT_TENANT
+
+READ, CALL, WRITE, ADMIN = "read", "call", "write", "admin"
+ANONYMOUS_LEVELS: Mapping[str, frozenset[str]] = MappingProxyType(
+    {"none": frozenset(), "read": frozenset({READ}), "call": frozenset({READ, CALL})}
+)
+APP_RIGHTS = frozenset({READ, CALL, WRITE})
+ADMIN_RIGHTS = frozenset({READ, CALL, WRITE, ADMIN})
+LOOPBACK_PEERS = ("127.", "::1", "::ffff:127.")
+
+
+def is_loopback(peer: str) -> bool:
+    """Whether a TCP request came from this box."""
+    return peer.startswith(LOOPBACK_PEERS)
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """A caller: `name` owns what it registers; `tenant` scopes what it sees; `rights` is what it may do."""
+
+    name: str
+    tenant: str
+    rights: frozenset[str]
+    by_token: bool = False  # named by an Authorization header (which is then not passed upstream)
+
+    def require(self, right: str) -> None:
+        """403 `forbidden` (401 for the anonymous caller, who could bring a token) without `right`."""
+        if right not in self.rights:
+            status = 401 if self.name == "anonymous" and not self.rights else 403
+            raise CallError(status, "forbidden" if status == 403 else "unauthorized", f"{self.name} may not {right}")
+
+    def may_change(self, owner: str | None) -> bool:
+        """Whether this caller may renew, change or remove something `owner` registered."""
+        return ADMIN in self.rights or (WRITE in self.rights and owner == self.name)
+
+
+@dataclass(frozen=True, slots=True)
+class AppConfig:
+    """`[access.apps.NAME]`: a local application that may write, and how it is recognized."""
+
+    name: str
+    tenant: str = DEFAULT_TENANT
+    uids: frozenset[int] = frozenset()
+    gids: frozenset[int] = frozenset()
+    tokens: frozenset[str] = frozenset()
+    admin: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AccessConfig:
+    """`[access]`: the rights of callers without an identity, extra API host names, and the apps."""
+
+    anonymous: str = "call"  # "none" | "read" | "call"
+    anonymous_tenant: str = DEFAULT_TENANT
+    hosts: tuple[str, ...] = ()
+    apps: Mapping[str, AppConfig] = field(default_factory=lambda: MappingProxyType({}))
+
+
+def load_access(
+    t: Table, read_tokens: Callable[[Table, str], list[str]], resolve: Callable[[str], str]
+) -> AccessConfig:
+    """Read `[access]` (the config loader hands over its table, token-file reader and path resolver)."""
+    t.only(("anonymous", "anonymous_tenant", "hosts", "apps"))
+    d = AccessConfig()
+    apps: dict[str, AppConfig] = {}
+    at = t.table("apps")
+    for name in at.names():
+        if not _LABEL.fullmatch(name):
+            at.fail(name, f"expected an app name: {LABEL_WHAT}, got {name!r}")
+        a = at.table(name)
+        a.only(("tenant", "uids", "gids", "tokens", "token_file", "admin"))
+        ids = {}
+        for key in ("uids", "gids"):
+            arr = a.array(key, [])
+            ids[key] = frozenset(arr.integer(i, lo=0, hi=2**32 - 1) for i in range(len(arr)))
+        tokens = list(a.strings("tokens", (), what="a token (no spaces)"))
+        token_file = a.string("token_file", None, what="a file path")
+        if token_file is not None:
+            tokens += read_tokens(a, resolve(token_file))
+        apps[name] = AppConfig(
+            name=name,
+            tenant=a.string("tenant", DEFAULT_TENANT, pattern=_LABEL, what=LABEL_WHAT),
+            uids=ids["uids"],
+            gids=ids["gids"],
+            tokens=frozenset(tokens),
+            admin=a.boolean("admin", False),
+        )
+    return AccessConfig(
+        anonymous=t.choice("anonymous", d.anonymous, tuple(ANONYMOUS_LEVELS)),
+        anonymous_tenant=t.string("anonymous_tenant", d.anonymous_tenant, pattern=_LABEL, what=LABEL_WHAT),
+        hosts=tuple(h.lower() for h in t.strings("hosts", (), what="a host name")),
+        apps=MappingProxyType(apps),
+    )
+
+
+def _digest(token: bytes) -> bytes:
+    # Tokens are looked up by their hash: a dict probe then reveals nothing about a token's bytes.
+    return hashlib.sha256(token).digest()
+
+
+class Access:
+    """Maps a request to its `Identity` (see the module doc)."""
+
+    def __init__(
+        self, config: AccessConfig, tenants: Mapping[str, TenantConfig], *, daemon_uid: int | None = None
+    ) -> None:
+        self._admin_uids = {0, os.getuid() if daemon_uid is None else daemon_uid}
+        self._tokens: dict[bytes, Identity] = {}
+        for name, tenant in tenants.items():
+            ident = Identity(f"tenant:{name}", name, APP_RIGHTS, by_token=True)
+            self._tokens.update((_digest(tok.encode()), ident) for tok in tenant.tokens)
+        self._uids: dict[int, Identity] = {}
+        self._gids: dict[int, Identity] = {}
+        for app in config.apps.values():
+            rights = ADMIN_RIGHTS if app.admin else APP_RIGHTS
+            by_token = Identity(app.name, app.tenant, rights, True)
+            self._tokens.update((_digest(tok.encode()), by_token) for tok in app.tokens)
+            ident = Identity(app.name, app.tenant, rights)
+            self._uids.update((uid, ident) for uid in app.uids)
+            self._gids.update((gid, ident) for gid in app.gids)
+        tenant = config.anonymous_tenant
+        open_tenant = tenants[tenant].open_on_loopback if tenant in tenants else tenant == DEFAULT_TENANT
+        rights = ANONYMOUS_LEVELS[config.anonymous] if open_tenant else frozenset()
+        self.anonymous = Identity("anonymous", tenant, rights)
+        self.admin = Identity("admin", DEFAULT_TENANT, ADMIN_RIGHTS)
+
+    def identify(self, req: Request) -> Identity:
+        """The caller of `req`. 401 `unauthorized` for a bad token, or no identity from a remote address."""
+        authorization = req.header(b"authorization")
+        if authorization:
+            scheme, _, token = authorization.partition(b" ")
+            token = token.strip()
+            if scheme.lower() != b"bearer" or not token:
+                raise CallError(401, "unauthorized", "Authorization must be 'Bearer <token>'")
+            ident = self._tokens.get(_digest(token))
+            if ident is None:
+                raise CallError(401, "unauthorized", "unknown token")
+            return ident
+        cred = req.cred
+        if cred is not None:
+            _, uid, gid = cred
+            if uid in self._admin_uids:
+                return self.admin
+            return self._uids.get(uid) or self._gids.get(gid) or self.anonymous
+        if is_loopback(req.peer):
+            if not self.anonymous.rights:
+                raise CallError(401, "unauthorized", "a bearer token is required")
+            return self.anonymous
+        raise CallError(401, "unauthorized", "a bearer token is required from this address")
