@@ -81,6 +81,8 @@ class Bridge:
             client_id=mq.client_id or f"edged-bridge-{self.node}-{os.getpid()}",
             will=LastWill(self.topics.status(self.node), offline.encode()),
             on_connected=self._on_connected,
+            max_message=config.limits.mqtt_message,
+            on_limit=core.limit_hit,
         )
         self.session.subscribe(shared_request_filter(config.bridge.group, mq.topic_prefix), self._on_request, qos=0)
         self.registry_sync = RegistrySync(
@@ -94,6 +96,8 @@ class Bridge:
             status_extra=lambda: {"role": "bridge", "group": config.bridge.group},
             always_cloud=True,
             follow=False,
+            limits=config.limits,
+            on_limit=core.limit_hit,
         )
         self._max_inflight = max_inflight
         self._body_limit = max(0, mq.max_payload - ANSWER_OVERHEAD)
