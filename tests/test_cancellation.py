@@ -48,7 +48,7 @@ def test_a_client_that_leaves_leaves_every_count_at_zero(tmp_path, backends, sta
             (ep,) = daemon.registry.snapshot().get("default", "slow").endpoints
             health = daemon.health.state(ep.id)
             reader, writer = await asyncio.open_connection("127.0.0.1", layout.port)
-            writer.write(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())  # a Host that names the API
             if stage == "before-head":
                 await until(lambda: health.inflight == 1)  # the try is out, no head yet
             else:
