@@ -5,7 +5,7 @@ Runs the real daemon (scripts/harness.py) and real backends; prints one JSON doc
 checkout (copy this file into its scripts/) with `--before` to get the figures of code that knows no
 `[access]` / `[limits]` (the attacker then needs no identity at all).
 
-usage: scripts/security_figures.py [--before] [--only NAME,...]
+usage: scripts/security_figures.py [--before] [--only NAME,...]   (mqtt needs mosquitto installed)
 """
 
 from __future__ import annotations
@@ -308,11 +308,52 @@ def burst(s: Setup, count: int = 1000, workers: int = 16) -> dict:
     }
 
 
+def mqtt(s: Setup, size: int = 64 << 20) -> dict:
+    """A 64 MB retained message on a topic the daemon follows (any client of the broker may publish it)."""
+    import shutil
+    import subprocess
+
+    import paho.mqtt.client as paho
+
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    port = free_port()
+    conf = s.root / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\n")
+    broker = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        extra = f'[mqtt]\nenabled = true\nurl = "mqtt://127.0.0.1:{port}"\ntopic_prefix = "sec"\n'
+        d = s.daemon({}, extra)
+        time.sleep(1.0)
+        rss0 = rss_mib(d.proc.pid)
+        pub = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
+        pub.connect("127.0.0.1", port)
+        pub.loop_start()
+        pub.publish("sec/home/nodes/evil/services/x", b"\xa0" * size, qos=1, retain=True).wait_for_publish(60)
+        peak = rss0
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 8:
+            peak = max(peak, rss_mib(d.proc.pid))
+            time.sleep(0.1)
+        pub.publish("sec/home/nodes/evil/services/x", b"", qos=1, retain=True).wait_for_publish(10)
+        pub.loop_stop()
+        return {
+            "message MiB": size >> 20,
+            "rss before MiB": round(rss0, 1),
+            "rss peak MiB": round(peak, 1),
+            "daemon alive": d.proc.poll() is None,
+            "limit hits": d.api.request("GET", "/metrics")[2].decode().count('limit="mqtt_message"'),
+        }
+    finally:
+        broker.kill()
+        broker.wait()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--before", action="store_true", help="the daemon knows no [access]/[limits] (older code)")
     ap.add_argument(
-        "--only", default="", help="comma-separated: attacks,pipelining,slow_body,connections,patterns,burst"
+        "--only", default="", help="comma-separated: attacks,pipelining,slow_body,connections,patterns,burst,mqtt"
     )
     args = ap.parse_args()
     wanted = set(filter(None, args.only.split(","))) or {
@@ -322,10 +363,11 @@ def main() -> None:
         "connections",
         "patterns",
         "burst",
+        "mqtt",
     }
     figures: dict = {"code": "before" if args.before else "after"}
     with tempfile.TemporaryDirectory(prefix="edged-sec-") as tmp:
-        for name in ("attacks", "pipelining", "slow_body", "connections", "burst"):
+        for name in ("attacks", "pipelining", "slow_body", "connections", "burst", "mqtt"):
             if name not in wanted:
                 continue
             s = Setup(Path(tmp) / name, args.before)
