@@ -43,7 +43,10 @@ from .topics import Topics, service_key, split_service_key
 log = logging.getLogger("edged.cloud.registry")
 
 STATE_FILE = "cloud-registry.json"
-APPLY_DELAY = 0.2  # seconds: a burst of registry messages (a reconnect, boxes leaving) makes one rebuild
+APPLY_DELAY = 0.2  # seconds: a burst of new entries (a reconnect) makes one registry rebuild
+# Entries that went away reach the registry later, in one rebuild for a whole burst (a hundred boxes stopping
+# at once): routing does not wait for it, the transport already skips services no live node serves.
+REMOVAL_DELAY = 5.0
 SAVE_WITHIN = 5.0  # seconds: the registry file is a cache for a boot without broker; one write per interval
 ENTRY_VERSION = 1
 SOURCE = "mqtt"
@@ -259,7 +262,7 @@ class RegistrySync:
         if not msg.payload:
             if self.nodes.pop(node, None) is not None:
                 self.liveness.forget_status(node, self._clock())
-                self._changed()
+                self._changed(services=False)
             return
         try:
             doc = json.loads(msg.payload)
@@ -297,7 +300,7 @@ class RegistrySync:
             old = self.entries.get(node, {}).pop(key, None)
             if old is not None:
                 self._index(node, old, add=False, departed=True)
-                self._changed()
+                self._changed(removal=True)
             return
         known = self.entries.get(node, {})
         if key not in known:
@@ -348,9 +351,9 @@ class RegistrySync:
                 self._specs.pop(node, None)
             self.liveness.remove_provider(key, node, self._clock(), departed=departed)
 
-    def _changed(self, services: bool = True) -> None:
+    def _changed(self, services: bool = True, removal: bool = False) -> None:
         if services:
-            self._schedule_apply()
+            self._schedule_apply(REMOVAL_DELAY if removal else APPLY_DELAY)
         self._saver.mark(STATE_FILE, self.state, within=SAVE_WITHIN)
 
     def collect(self) -> None:
@@ -378,16 +381,19 @@ class RegistrySync:
             self._apply_timer = None
         self._registry.set_services(SOURCE, self.remote_specs())
 
-    def _schedule_apply(self) -> None:
-        """Apply soon, once for a burst of messages; at once when no event loop runs (loading state)."""
-        if self._apply_timer is not None:
-            return
+    def _schedule_apply(self, delay: float) -> None:
+        """Apply within `delay`, once for a burst of messages; at once when no event loop runs (loading)."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             self.apply()
             return
-        self._apply_timer = loop.call_later(APPLY_DELAY, self.apply)
+        timer = self._apply_timer
+        if timer is not None:
+            if timer.when() <= loop.time() + delay:
+                return
+            timer.cancel()
+        self._apply_timer = loop.call_later(delay, self.apply)
 
     def peers(self) -> list[dict]:
         """Nodes known from the registry, for `edged status` / `GET /v1/status`."""
@@ -460,7 +466,7 @@ class RegistrySync:
             dropped.append(node)
         if dropped:
             log_event(log, logging.INFO, "mqtt.nodes_dropped", nodes=dropped[:20], count=len(dropped))
-            self._changed()
+            self._changed(removal=True)
 
     async def clear_own(self, timeout: float = 1.0) -> int:
         """A clean stop: delete this node's retained entries, so that no one keeps routing to them.
