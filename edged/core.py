@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from . import aio
 from .aio import cancel_and_wait
 from .call import Transport
 from .config import Config
@@ -261,11 +262,5 @@ async def serve(make: Callable[[], Process], *, on_hup: Callable[[Process], None
 
 def run(make: Callable[[], Process], *, on_hup: Callable[[Process], None] | None = None) -> int:
     """Run a process kind until a signal; uvloop when installed. Returns the process exit code."""
-    main = serve(make, on_hup=on_hup)
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main)
-    else:
-        uvloop.run(main)
+    aio.run(serve(make, on_hup=on_hup))  # uvloop only from edged.aio.UVLOOP_MIN
     return 0

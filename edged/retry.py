@@ -29,3 +29,10 @@ def why_not_retry(policy: PolicySpec, tries: int, last: dict | None, method: str
     if last is not None and last.get("reached") and not may_replay(method, policy):
         return "not_idempotent"  # a call that may have arrived is not sent twice
     return None
+
+
+def spends_budget(last: dict | None) -> bool:
+    """Whether the next try draws on the retry budget. A try that never left (a connect failure: `reached` is
+    False) added no load anywhere, so failing over from it is free; the budget is there to keep retries from
+    multiplying the work of endpoints that did receive the call."""
+    return last is None or last.get("reached", True)

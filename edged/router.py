@@ -2,7 +2,8 @@
 
 Failover happens here, before the caller sees anything: a try that fails to connect, breaks, times out
 or answers with a retryable 5xx moves on to the next endpoint of the plan. Once a response head has
-been accepted, it is the answer (its body streams to the caller; no replay after that).
+been accepted, it is the answer (its body streams to the caller; no replay after that). Moving on from
+a connect failure (the request never left) does not spend the retry budget.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ class InFlight(Protocol):
 
     def __enter__(self) -> InFlight: ...
     def __exit__(self, *exc: object) -> None: ...
-    def finish(self, endpoint: Endpoint, service: Service, ok: bool, latency: float | None) -> None: ...
+    def finish(
+        self, endpoint: Endpoint, service: Service, ok: bool, latency: float | None, *, reached: bool = True
+    ) -> None: ...
 
 
 class HealthSink(Protocol):
@@ -118,9 +121,10 @@ class Router:
             for choice in plan.choices:
                 ep = choice.endpoint
                 if tries > 0:  # the first try always goes
-                    if retry.why_not_retry(policy, tries, attempts[-1] if attempts else None, call.method):
+                    last = attempts[-1] if attempts else None
+                    if retry.why_not_retry(policy, tries, last, call.method):
                         break
-                    if not budget.try_withdraw():
+                    if retry.spends_budget(last) and not budget.try_withdraw():
                         self._metrics.retry_budget_exhausted.inc((spec.name,))
                         attempts.append({"endpoint": ep.id, "error": "retry budget exhausted"})
                         break
@@ -180,7 +184,7 @@ class Router:
             try:
                 answer = await self._transports[ep.tier].send(ep, call, headers, timeout)
             except UpstreamError as exc:
-                flight.finish(ep, service, False, None)
+                flight.finish(ep, service, False, None, reached=exc.reached)
                 return None, {"endpoint": ep.id, "error": exc.kind, "detail": exc.detail, "reached": exc.reached}
             latency = self._clock() - t0
             error = retry.answer_error(answer.status, policy)

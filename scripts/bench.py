@@ -12,6 +12,7 @@ every process it started.
 
 usage: scripts/bench.py [--duration 5] [--rounds 2] [--rate 500] [--baseline REF] [--skip-haproxy]
                         [--skip-footprint] [--json-only]
+       scripts/bench.py --slow-cpu [FACTOR]   (only the daemon, capped at 1/FACTOR of a core: see slow_cpu_bench)
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from pathlib import Path
 
 from harness import REPO, Edged, free_port, wait_for
 from loadgen import LoadGen
+from slowcpu import DEFAULT_FACTOR
 
 BODY = "0123456789abcdef" * 4  # the 64-byte answer
 SERVICE = "bench"
@@ -921,6 +923,45 @@ def table(r: dict) -> str:
     return "\n".join(lines)
 
 
+SLOW_CPU_RATES = (50.0, 500.0)
+
+
+def slow_cpu_bench(args, tmp: Path, stack: ExitStack) -> dict:
+    """The daemon on a slow CPU (scripts/slowcpu.py: a cgroup caps it at 1/factor of one core), open loop at
+    50 and 500 calls/s: CPU per call, latency and failed calls at each rate; the same at full speed beside it."""
+    notes: list[str] = []
+    backend, backend_port, backend_name = start_backend(tmp, notes)
+    stack.callback(backend.stop)
+    rows = {}
+    for label, factor in (("native", None), (f"throttled 1/{args.slow_cpu:g} core", args.slow_cpu)):
+        if factor is None:
+            os.environ.pop("EDGED_SLOW_CPU", None)
+        else:
+            os.environ["EDGED_SLOW_CPU"] = str(factor)  # read by harness.Edged
+        log(f"edged {label}")
+        d = start_edged(tmp / label.replace(" ", "-").replace("/", ""), backend_port, stack)
+        assert d.proc is not None
+        path = f"/svc/{SERVICE}/x"
+        for _ in range(IDLE_CALLS):  # warm: connections made, code paths run once
+            http_get_once(d.port, path)
+        pid = d.proc.pid
+        rows[label] = {f"{rate:g}/s": open_loop_us(d.port, path, rate, args.duration, pid) for rate in SLOW_CPU_RATES}
+        stop_edged(d)
+    os.environ.pop("EDGED_SLOW_CPU", None)
+    return {"backend": backend_name, "slow_cpu_factor": args.slow_cpu, "duration_s": args.duration, "runs": rows,
+            "notes": notes}
+
+
+def slow_cpu_table(r: dict) -> str:
+    lines = [f"{'edged':24}{'rate':>8}{'CPU µs/call':>13}{'p50 µs':>10}{'p99 µs':>10}{'failed':>8}"]
+    for label, by_rate in r["runs"].items():
+        for rate, f in by_rate.items():
+            lines.append(
+                f"{label:24}{rate:>8}{f['cpu_us_per_call']:>13}{f['p50_us']:>10}{f['p99_us']:>10}{f['failed']:>8}"
+            )
+    return "\n".join(lines)
+
+
 def main() -> int:
     global QUIET
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -931,11 +972,22 @@ def main() -> int:
     ap.add_argument("--skip-haproxy", action="store_true")
     ap.add_argument("--skip-footprint", action="store_true", help="no full daemon (mDNS + MQTT + 20 services)")
     ap.add_argument("--json-only", action="store_true", help="print only the JSON figures")
+    ap.add_argument(
+        "--slow-cpu", type=float, nargs="?", const=DEFAULT_FACTOR, metavar="FACTOR",
+        help=f"only the slow-CPU run: the daemon capped at 1/FACTOR of a core (default {DEFAULT_FACTOR:g}; needs root)",
+    )
     args = ap.parse_args()
     QUIET = args.json_only
     # SIGTERM ends the run like Ctrl-C does: through the finally blocks that stop every child by PID.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.monotonic()
+    if args.slow_cpu is not None:
+        with tempfile.TemporaryDirectory(prefix="edged-bench-") as tmp, ExitStack() as stack:
+            result = slow_cpu_bench(args, Path(tmp), stack)
+        if not args.json_only:
+            print(slow_cpu_table(result))
+        print(json.dumps(result, indent=None if args.json_only else 2, ensure_ascii=False))
+        return 0
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="edged-bench-") as tmp, ExitStack() as stack:
         result = bench(args, Path(tmp), stack)

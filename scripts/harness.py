@@ -18,6 +18,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from slowcpu import CpuThrottle, factor_from_env  # noqa: E402
+
 from edged.client import ApiClient, ApiError  # noqa: E402
 
 
@@ -140,6 +142,9 @@ class Edged:
         # Over its Unix socket the daemon's own user is an admin (edged/access.py): for registering and policies.
         self.admin = ApiClient(f"unix:{self.socket}", timeout=10)
         self.started_at = 0.0
+        self.slow_cpu = factor_from_env()  # EDGED_SLOW_CPU: run the daemon on a throttled CPU
+        self.emulated_root = os.environ.get("EDGED_EMULATED_ROOT", "")  # or as arm64 code in this root
+        self.throttle: CpuThrottle | None = None
 
     def write_manifest(self, name: str, text: str) -> None:
         (self.services / name).write_text(textwrap.dedent(text))
@@ -147,8 +152,12 @@ class Edged:
     def start(self, wait: bool = True) -> Edged:
         env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(self.source))
         argv = [sys.executable, "-m", "edged", "run", "--config", str(self.config)]
+        if self.emulated_root:  # the daemon alone runs as arm64 code under QEMU (see scripts/arm64-root)
+            argv = ["chroot", self.emulated_root, "/opt/venv/bin/python", *argv[1:]]
         if self.netns is not None:
             argv = ["ip", "netns", "exec", self.netns, *argv]
+        if self.slow_cpu is not None and self.throttle is None:
+            self.throttle = CpuThrottle(self.slow_cpu)
         self.started_at = time.monotonic()
         self.proc = subprocess.Popen(
             argv,
@@ -156,6 +165,7 @@ class Edged:
             stdout=self.log.open("ab"),
             stderr=subprocess.STDOUT,
             env=env,
+            preexec_fn=None if self.throttle is None else self.throttle.enter,  # joins the cgroup before exec
         )
         if wait:
             wait_for(self.ready, 20, what=f"edged ready (log: {self.log})")
@@ -177,9 +187,9 @@ class Edged:
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                self.kill()
                 raise AssertionError("edged did not stop in time") from None
+        self.release()
         return self.proc.returncode
 
     def kill(self) -> None:
@@ -187,6 +197,13 @@ class Edged:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        self.release()
+
+    def release(self) -> None:
+        """Remove the CPU throttle's cgroup once the daemon is gone (a restart makes a new one)."""
+        if self.throttle is not None and (self.proc is None or self.proc.poll() is not None):
+            self.throttle.close()
+            self.throttle = None
 
     def call(self, service: str, path: str = "/", method: str = "GET", body: bytes = b"", headers=None):
         return self.api.request(method, f"/svc/{service}{path}", body, headers)

@@ -58,6 +58,7 @@ class FakeHealth:
         self.states: dict[str, FakeState] = {}
         self.stalled_ids: set[str] = set()
         self.results: list[tuple[str, bool]] = []
+        self.reached: list[bool] = []  # per result: did the try reach the endpoint
         self.started: list[str] = []
         self.released = 0  # in-flight handles given back
 
@@ -71,8 +72,9 @@ class FakeHealth:
         self.started.append(endpoint_id)
         return FakeFlight(self)
 
-    def call_finished(self, ep, service, ok, latency) -> None:
+    def call_finished(self, ep, service, ok, latency, *, reached=True) -> None:
         self.results.append((ep.id, ok))
+        self.reached.append(reached)
 
 
 class FakeFlight:
@@ -87,8 +89,8 @@ class FakeFlight:
     def __exit__(self, *exc: object) -> None:
         self.health.released += 1
 
-    def finish(self, ep, service, ok, latency) -> None:
-        self.health.call_finished(ep, service, ok, latency)
+    def finish(self, ep, service, ok, latency, *, reached=True) -> None:
+        self.health.call_finished(ep, service, ok, latency, reached=reached)
 
 
 class StatusServer:

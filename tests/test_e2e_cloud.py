@@ -8,6 +8,7 @@ import asyncio
 import json
 
 import aiomqtt
+import pytest
 from conftest import wait_for
 from fixtures_mqtt import (  # noqa: F401
     Broker,
@@ -61,6 +62,7 @@ def call_ok(d, path: str = "/readings") -> tuple[int, dict, list]:
     return status, (json.loads(body) if body.startswith(b"{") else {}), headers
 
 
+@pytest.mark.slowcpu
 def test_local_endpoint_down_the_call_is_answered_through_mqtt_by_a_bridge(
     backends, edged, broker, bridges, topic_prefix
 ):
@@ -104,6 +106,7 @@ def test_a_body_over_the_mqtt_limit_gets_413(backends, edged, broker, bridges, t
     assert wait_metric(d, "edged_cloud_too_large_total", lambda v: v >= 1) == 1
 
 
+@pytest.mark.slowcpu
 def test_broker_killed_mid_run_local_calls_never_fail_and_cloud_calls_come_back(
     backends, edged, broker, bridges, topic_prefix
 ):

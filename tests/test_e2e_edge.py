@@ -16,6 +16,7 @@ import sys
 import time
 from collections import Counter
 
+import pytest
 from fixtures_netns import (
     UnixLoadGen,
     edge_nodes,  # noqa: F401  (fixtures)
@@ -238,6 +239,7 @@ def test_two_boxes_find_each_other_with_no_configuration(lan, edge_nodes, ns_bac
     assert status.returncode == 0 and "10.77.0.2:7701" in peer_row and "thermo" in peer_row
 
 
+@pytest.mark.slowcpu
 def test_peer_killed_partitioned_and_healed_loses_no_call(lan, edge_nodes, ns_backends):
     net = lan(3)
     fleet = unique_fleet()

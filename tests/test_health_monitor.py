@@ -294,6 +294,17 @@ def test_close_kills_a_running_command_check() -> None:
     assert process_gone(pid)
 
 
+def test_a_late_event_loop_does_not_make_a_healthy_endpoint_look_stalled() -> None:
+    # On a slow CPU the answer may be in the socket while the daemon's own loop is behind: that time is not
+    # the endpoint's silence.
+    clock, lag = FakeClock(0.0), [0.0]
+    monitor = HealthMonitor(clock=clock, lag=lambda: lag[0])
+    monitor.call_started("a")
+    lag[0] = 0.8  # the loop ran 0.8 s late meanwhile
+    assert not monitor.stalled("a", 1.0, 1.0)  # 1.0 s passed, only 0.2 s of it the loop's own
+    assert monitor.stalled("a", 1.8, 1.0)
+
+
 def test_stalled_needs_calls_in_flight_and_silence() -> None:
     clock = FakeClock(0.0)
     monitor = HealthMonitor(clock=clock)

@@ -32,6 +32,23 @@ def test_ejected_after_n_consecutive_failures() -> None:
     assert not o.ejected() and o.expire() is True and o.ejected_until == 0.0
 
 
+def test_connect_failures_eject_after_a_shorter_streak() -> None:
+    o = Outlier(CFG, FakeClock())  # consecutive_connect_failures = 2 by default
+    assert [o.failure(1, connect=True) for _ in range(2)] == [False, True]
+    assert o.ejected() and o.reason == "2 failed connects"
+    # A failure that reached the endpoint (a reset, a 5xx) breaks the connect streak: the general rule applies.
+    o = Outlier(CFG, FakeClock())
+    assert [o.failure(1, connect=c) for c in (True, False, True)] == [False, False, True]
+    assert o.reason == "3 failed calls"
+    o = Outlier(CFG, FakeClock())
+    o.failure(1, connect=True)
+    o.success()
+    assert o.failure(1, connect=True) is False and not o.ejected()
+    # Never the last available endpoint, whatever the streak.
+    o = Outlier(CFG, FakeClock())
+    assert [o.failure(0, connect=True) for _ in range(4)] == [False] * 4
+
+
 def test_success_resets_the_streak() -> None:
     o = Outlier(CFG, FakeClock())
     fail(o, 2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from edged.model import PolicySpec
-from edged.retry import answer_error, may_replay, why_not_retry
+from edged.retry import answer_error, may_replay, spends_budget, why_not_retry
 
 POLICY = PolicySpec(retries=2)
 
@@ -31,3 +31,10 @@ def test_answer_error_and_replay():
     assert answer_error(200, POLICY) is None
     assert may_replay("GET", POLICY) and not may_replay("POST", POLICY)
     assert may_replay("POST", PolicySpec(retry_non_idempotent=True))
+
+
+def test_only_tries_that_may_have_arrived_spend_the_retry_budget():
+    assert not spends_budget({"error": "connect_failed", "reached": False})  # never left: free failover
+    assert spends_budget({"error": "reset", "reached": True})
+    assert spends_budget({"error": "http_503", "reached": True})
+    assert spends_budget(None)

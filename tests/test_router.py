@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 
 import pytest
@@ -122,7 +123,7 @@ def test_per_try_timeout_is_bounded_by_the_deadline():
 
 def test_retry_budget_stops_retry_storms():
     now = [0.0]
-    router, _transport, metrics, _, call = make({"a": ConnectFailed, "b": 200}, clock=lambda: now[0])
+    router, _transport, metrics, _, call = make({"a": UpstreamReset, "b": 200}, clock=lambda: now[0])
     call.deadline = 1e9
     outcomes = []
     for _ in range(300):
@@ -135,6 +136,23 @@ def test_retry_budget_stops_retry_storms():
     assert 155 <= retried <= 165, retried
     assert outcomes.count(0) == 300 - retried
     assert metrics.value("edged_retry_budget_exhausted_total", {"service": "s"}) == 300 - retried
+
+
+def test_connect_failures_fail_over_without_spending_the_retry_budget():
+    # A dead primary under load: every call's first try is refused (the request never left). All of them
+    # are answered by the second endpoint, and the budget is still whole for retries that do add load.
+    now = [0.0]
+    router, transport, metrics, health, call = make({"a": ConnectFailed, "b": 200}, clock=lambda: now[0])
+    call.deadline = 1e9
+    outcomes = [route(router, call).tries for _ in range(300)]
+    assert outcomes == [2] * 300
+    assert not metrics.value("edged_retry_budget_exhausted_total", {"service": "s"})
+    assert health.reached[:2] == [False, True]  # the health monitor is told the first try never arrived
+    transport.script["a"] = UpstreamReset  # retries that may have reached the endpoint still draw on it
+    for _ in range(300):
+        with contextlib.suppress(CallError):
+            route(router, call)
+    assert metrics.value("edged_retry_budget_exhausted_total", {"service": "s"}) > 0
 
 
 def test_interface_rejects_undeclared_methods_before_routing():

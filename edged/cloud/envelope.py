@@ -119,6 +119,8 @@ def error_answer(id: bytes, status: int, code: str, detail: object, node: str = 
 
 
 def _load(data: bytes, what: str) -> dict:
+    if data[:1] == b"\xff":  # a lone break code: cbor2 < 6.2 returns a marker object instead of raising
+        raise EnvelopeError(f"{what} is not CBOR: it starts with a break code")
     try:
         obj = cbor2.loads(data)
     except Exception as exc:  # cbor2 raises many types on garbage (decode, value, recursion, memory)

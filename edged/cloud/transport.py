@@ -15,11 +15,13 @@ import itertools
 import json
 import logging
 import os
+import time
 from collections.abc import Callable
 from http import HTTPStatus
 
 from ..call import Call
 from ..errors import ConnectFailed, UpstreamReset, UpstreamTimeout
+from ..looplag import TimeLimit
 from ..model import Endpoint
 from .envelope import CloudAnswer, CloudRequest, EnvelopeError, decode_answer, encode_request
 from .session import MqttSession, PublishError
@@ -139,7 +141,10 @@ class CloudTransport:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[CloudAnswer] = loop.create_future()
         self._pending[cid] = future
-        timer = loop.call_later(timeout, self._expire, cid, future, endpoint, call.tenant, timeout)
+        # The bridge has `timeout`; our own loop's lag is added back (an answer that came in time but was
+        # read late is not a timeout), never past the caller's deadline.
+        limit = TimeLimit(loop, timeout, loop.time() + max(timeout, call.deadline - time.monotonic()))
+        timer = limit.call_when_expired(lambda: self._expire(cid, future, endpoint, call.tenant, limit))
         try:
             try:
                 await self._session.publish(
@@ -168,13 +173,13 @@ class CloudTransport:
                 future.set_exception(UpstreamReset("mqtt", reason))
 
     def _expire(
-        self, cid: bytes, future: asyncio.Future[CloudAnswer], endpoint: Endpoint, tenant: str, timeout: float
+        self, cid: bytes, future: asyncio.Future[CloudAnswer], endpoint: Endpoint, tenant: str, limit: TimeLimit
     ) -> None:
         self._pending.pop(cid, None)  # an answer after this is late: dropped and counted
         if not future.done():
             self._metrics.timeouts.inc()
-            future.set_exception(UpstreamTimeout(endpoint.url, f"no answer over MQTT within {timeout:g}s"))
-            self._on_timeout(tenant, endpoint.service, timeout)
+            future.set_exception(UpstreamTimeout(endpoint.url, f"no answer over MQTT within {limit.describe()}"))
+            self._on_timeout(tenant, endpoint.service, limit.timeout)
 
     def _on_answer(self, message) -> None:
         try:

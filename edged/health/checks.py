@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from edged import looplag
 from edged.model import Endpoint, HealthCheckSpec, Target
 from edged.systemd import child_environ
 
@@ -64,7 +65,9 @@ async def run_check(
             probe = _command(spec, endpoint)
         else:
             return CheckResult(ok=False, detail=f"unknown check kind {spec.kind!r}", latency=0.0)
-        detail = await asyncio.wait_for(probe, timeout=spec.timeout)
+        # Only the loop's own time counts (edged.looplag): a slow box's lag must not fail a healthy endpoint;
+        # still, one probe never runs more than an interval past its timeout.
+        detail = await looplag.wait_for(probe, spec.timeout, limit=spec.timeout + spec.interval)
         ok = True
     except asyncio.TimeoutError:
         ok, detail = False, f"timeout {_human_duration(spec.timeout)}"

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from edged.health.checks import CheckResult, run_check
 from edged.health.outlier import Outlier, OutlierConfig
+from edged.looplag import LoopLag, loop_lag
 from edged.model import Endpoint, HealthCheckSpec, Service
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class EndpointHealth:
     __slots__ = (
         "_fail_detail",
         "_fail_streak",
+        "_lag_marks",
         "_ok_streak",
         "_outlier",
         "_published",
@@ -63,6 +65,7 @@ class EndpointHealth:
         self.inflight = 0
         self.busy_since = 0.0
         self.last_response_at = 0.0
+        self._lag_marks = (0.0, 0.0)  # the event loop's lag total at busy_since and at last_response_at
         self.checks_ok = 0
         self.checks_failed = 0
         self.calls_ok = 0
@@ -114,8 +117,10 @@ class HealthMonitor:
         on_change: OnChange | None = None,
         ssl_context: ssl.SSLContext | None = None,
         check_headers: Callable[[Endpoint], Sequence[tuple[str, str]]] | None = None,
+        lag: Callable[[], float] | None = None,
     ) -> None:
         self.version = 0
+        self._lag_source = lag  # seconds of event-loop lag so far (default: the running loop's, edged.looplag)
         self._outlier_config = outlier
         self._clock = clock
         self._on_change = on_change
@@ -127,6 +132,7 @@ class HealthMonitor:
         self._sweeper: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._closed = False
+        self._loop_lag: LoopLag | None = None
         # Extra headers for an endpoint's http checks (the edge tier sends its fleet identity to peers' ingresses).
         self._check_headers = check_headers
 
@@ -203,6 +209,7 @@ class HealthMonitor:
         h = self.state(endpoint_id)
         if h.inflight == 0:
             h.busy_since = self._clock()
+            h._lag_marks = (self._lag(), h._lag_marks[1])
         h.inflight += 1
         return InFlight(self, h)
 
@@ -215,8 +222,11 @@ class HealthMonitor:
         *,
         answered: bool | None = None,
         detail: str | None = None,
+        reached: bool = True,
     ) -> None:
         """A call ended. ok=False for connect errors, resets, timeouts and 5xx; feeds outlier detection.
+
+        `reached=False` says the try never reached the endpoint (a connect failure): a short streak of those ejects.
 
         `answered` says whether the endpoint sent a response at all (a 5xx did, a timeout did not) and drives
         stall detection; by default a call answered when it was ok or has a latency (the router measures one
@@ -228,6 +238,7 @@ class HealthMonitor:
             h.inflight -= 1
         if (ok or latency is not None) if answered is None else answered:
             h.last_response_at = now
+            h._lag_marks = (h._lag_marks[0], self._lag())
         if latency is not None:
             h.latency_ewma = (
                 latency if h.latency_ewma is None else h.latency_ewma + _EWMA_ALPHA * (latency - h.latency_ewma)
@@ -240,7 +251,7 @@ class HealthMonitor:
             return
         h.calls_failed += 1
         h.last_detail = detail or "call failed"
-        if outlier.failure(self._others_available(endpoint.id, service, now)):
+        if outlier.failure(self._others_available(endpoint.id, service, now), connect=not reached):
             h.ejected_until = outlier.ejected_until
             self._endpoints.setdefault(endpoint.id, endpoint)  # so that the sweeper can announce its return
             self._publish(h, now, endpoint)
@@ -248,11 +259,19 @@ class HealthMonitor:
             self._ensure_sweeper()
 
     def stalled(self, endpoint_id: str, now: float, threshold: float) -> bool:
-        """Calls are in flight and nothing came back for `threshold` seconds (a frozen endpoint)."""
+        """Calls are in flight and nothing came back for `threshold` seconds (a frozen endpoint).
+
+        Seconds the event loop itself ran late meanwhile do not count: on a slow CPU the answer may be there,
+        unread, and a healthy primary must not look frozen (edged.looplag).
+        """
         h = self._states.get(endpoint_id)
         if h is None or h.inflight <= 0:
             return False
-        return now - max(h.busy_since, h.last_response_at) >= threshold
+        if h.busy_since >= h.last_response_at:
+            since, lag_then = h.busy_since, h._lag_marks[0]
+        else:
+            since, lag_then = h.last_response_at, h._lag_marks[1]
+        return now - since - (self._lag() - lag_then) >= threshold
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 
@@ -297,6 +316,18 @@ class HealthMonitor:
         return nxt
 
     # -- internals -----------------------------------------------------------------------------------------
+
+    def _lag(self) -> float:
+        """Lag of the running event loop so far (seconds; 0.0 with no loop: pure use from tests)."""
+        if self._lag_source is not None:
+            return self._lag_source()
+        lag = self._loop_lag
+        if lag is None:
+            try:
+                lag = self._loop_lag = loop_lag()
+            except RuntimeError:
+                return 0.0
+        return lag.total()
 
     def _new_state(self, endpoint_id: str) -> EndpointHealth:
         return EndpointHealth(endpoint_id, Outlier(self._outlier_config, self._clock))
@@ -439,11 +470,13 @@ class InFlight:
     def __exit__(self, *exc: object) -> None:
         self.release()
 
-    def finish(self, endpoint: Endpoint, service: Service, ok: bool, latency: float | None) -> None:
+    def finish(
+        self, endpoint: Endpoint, service: Service, ok: bool, latency: float | None, *, reached: bool = True
+    ) -> None:
         """The call ended with this outcome (see `HealthMonitor.call_finished`)."""
         monitor, self._monitor = self._monitor, None
         if monitor is not None:
-            monitor.call_finished(endpoint, service, ok, latency)
+            monitor.call_finished(endpoint, service, ok, latency, reached=reached)
 
     def release(self) -> None:
         """Give the place back without an outcome (idempotent)."""

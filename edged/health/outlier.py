@@ -1,5 +1,8 @@
 """Passive outlier detection: calls that fail in a row eject an endpoint for a while (Envoy's consecutive_5xx).
 
+Connect failures (nothing listens, the request never left) eject after a shorter streak of their own: it
+is the clearest sign of a dead endpoint, and every call planned onto it meanwhile pays a failed try first.
+
 Pure logic over an injected clock; the request path reports results through HealthMonitor.call_finished.
 """
 
@@ -17,6 +20,7 @@ class OutlierConfig:
     consecutive_failures: int = 3
     base_ejection: float = 10.0
     max_ejection: float = 300.0
+    consecutive_connect_failures: int = 2  # a streak made only of connect failures ejects at this length
 
 
 class Outlier:
@@ -31,6 +35,7 @@ class Outlier:
         "_active_streak",
         "_clock",
         "_config",
+        "_connect_streak",
         "_decay_from",
         "_ejections",
         "consecutive_failures",
@@ -42,6 +47,7 @@ class Outlier:
         self._config = config
         self._clock = clock
         self.consecutive_failures = 0
+        self._connect_streak = 0  # the trailing connect failures of that streak
         self.ejected_until = 0.0  # clock time; 0.0 = not ejected
         self.reason = ""  # why the current or last ejection happened: "3 failed calls"
         self._ejections = 0
@@ -70,9 +76,10 @@ class Outlier:
     def success(self) -> None:
         """A call succeeded: the failure streak starts over."""
         self.consecutive_failures = 0
+        self._connect_streak = 0
 
-    def failure(self, others_available: int) -> bool:
-        """A call failed; True when this failure ejected the endpoint.
+    def failure(self, others_available: int, *, connect: bool = False) -> bool:
+        """A call failed (`connect`: it could not even connect); True when this failure ejected the endpoint.
 
         `others_available` is how many other endpoints of the service are available now: with none left,
         the endpoint is never ejected (a degraded endpoint beats no endpoint); the streak is kept, so the
@@ -82,15 +89,21 @@ class Outlier:
         if now < self.ejected_until:
             return False  # calls that were in flight when it was ejected
         self.consecutive_failures += 1
-        if self.consecutive_failures < self._config.consecutive_failures or others_available <= 0:
+        self._connect_streak = self._connect_streak + 1 if connect else 0
+        cfg = self._config
+        by_connects = self._connect_streak >= cfg.consecutive_connect_failures
+        if (self.consecutive_failures < cfg.consecutive_failures and not by_connects) or others_available <= 0:
             return False
         self._decay(now)
         self._ejections += 1
-        cfg = self._config
         self.ejected_until = now + min(cfg.base_ejection * self._ejections, cfg.max_ejection)
         self._decay_from = self.ejected_until
-        self.reason = f"{self.consecutive_failures} failed calls"
+        if by_connects:
+            self.reason = f"{self._connect_streak} failed connects"
+        else:
+            self.reason = f"{self.consecutive_failures} failed calls"
         self.consecutive_failures = 0
+        self._connect_streak = 0
         self._active_streak = 0
         return True
 

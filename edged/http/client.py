@@ -1,19 +1,24 @@
 """HTTP/1.1 upstream client: pooled keep-alive connections per target, streamed response bodies.
 
 Built on asyncio Protocols and httptools with no task per request: the response head arrives through a future
-guarded by a `call_later` timer, and body chunks through a small buffer that pauses the socket when it fills.
+guarded by a timer that counts the loop's own time (`edged.looplag`: a slow box's lag is not blamed on the
+upstream), and body chunks through a small buffer that pauses the socket when it fills.
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
+import fcntl
 import socket
+import termios
 
 import httptools
 
 from edged.errors import ConnectFailed, UpstreamError, UpstreamProtocolError, UpstreamReset, UpstreamTimeout
 from edged.http.message import Headers
+from edged.looplag import GRACE, TimeLimit
 from edged.model import Target
 
 _HIGH_WATER = 256 * 1024  # unread body bytes above which the upstream socket stops being read
@@ -167,8 +172,7 @@ class _UpstreamConnection(asyncio.Protocol):
         self._parser: httptools.HttpResponseParser | None = None  # set while an exchange is on
         self._spare: httptools.HttpResponseParser | None = None  # the last parser, fit to parse the next answer
         self._head_waiter: asyncio.Future[UpstreamResponse] | None = None
-        self._deadline = 0.0  # when the exchange waiting for its head times out
-        self._timeout = 0.0  # the timeout it was given, for the error
+        self._limit: TimeLimit | None = None  # when the exchange waiting for its head times out
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._response: UpstreamResponse | None = None
@@ -202,13 +206,18 @@ class _UpstreamConnection(asyncio.Protocol):
         self._reason = []
         self._headers = []
 
-    def _send(self, data: bytes, head_only: bool, deadline: float, timeout: float) -> asyncio.Future[UpstreamResponse]:
-        """Start an exchange: send `data`. The future gets the answer head, or fails once `deadline` passes."""
+    def _send(self, data: bytes, head_only: bool, limit: TimeLimit) -> asyncio.Future[UpstreamResponse]:
+        """Start an exchange: send `data`. The future gets the answer head, or fails once `limit` expires."""
+        if self._closed:  # closed by the upstream before we could send (a slow loop sees this): nothing left
+            if self._reused:
+                raise _Stale()
+            raise ConnectFailed(self._key, "closed by the upstream before the request was sent")
         waiter: asyncio.Future[UpstreamResponse] = self._loop.create_future()
         self._begin(waiter, head_only)
-        self._deadline, self._timeout = deadline, timeout
-        if self._timer is None or deadline < self._timer_at:
-            self._arm(deadline)
+        self._limit = limit
+        due = limit.due()
+        if self._timer is None or due < self._timer_at:
+            self._arm(due)
         assert self._transport is not None
         self._transport.write(data)
         return waiter
@@ -219,16 +228,35 @@ class _UpstreamConnection(asyncio.Protocol):
         self._timer, self._timer_at = self._loop.call_at(when, self._on_timer), when
 
     def _on_timer(self) -> None:
-        """The head timeout: fail the exchange whose deadline passed; re-arm for one still in time."""
+        """The head timeout: fail the exchange whose limit expired; re-arm for one still in time (lag of our
+        own loop moves the limit, edged.looplag), or shortly while its answer waits unread in the socket."""
         self._timer = None
         waiter = self._head_waiter
-        if waiter is None or waiter.done() or self._closed:
+        limit = self._limit
+        if waiter is None or waiter.done() or self._closed or limit is None:
             return  # no exchange waits for its head: the next one arms the timer again
-        if self._loop.time() < self._deadline:
-            self._arm(self._deadline)
+        now = self._loop.time()
+        due = limit.due()
+        if now < due:
+            self._arm(due)
             return
-        waiter.set_exception(UpstreamTimeout(self._key, f"no answer head within {self._timeout:g}s"))
+        if limit.held(now) and self._answer_waiting():
+            self._arm(now + GRACE)  # the upstream answered; our loop is behind
+            return
+        waiter.set_exception(UpstreamTimeout(self._key, f"no answer head within {limit.describe()}"))
         self._abort()
+
+    def _answer_waiting(self) -> bool:
+        """Bytes of the answer are in the socket, not yet read: the upstream answered, our loop is behind."""
+        sock = self._transport.get_extra_info("socket") if self._transport is not None else None
+        if sock is None:
+            return False
+        count = array.array("i", [0])
+        try:
+            fcntl.ioctl(sock.fileno(), termios.FIONREAD, count, True)
+        except (OSError, ValueError):
+            return False
+        return count[0] > 0
 
     def _end_exchange(self) -> None:
         """The answer is complete: keep the connection for the next request, or close it."""
@@ -432,12 +460,15 @@ class UpstreamPool:
         headers: Headers,
         body: bytes,
         timeout: float,
+        limit: float | None = None,
     ) -> UpstreamResponse:
         """Send `method path` (path includes the query) to `target`; returns once the answer head is in.
         Header names must be lower-case (as the parsers give them).
 
-        `timeout` covers connect, send and the whole answer head. Raises ConnectFailed, UpstreamReset,
-        UpstreamTimeout or UpstreamProtocolError. The caller must read the body to b"" or call discard().
+        `timeout` covers connect, send and the whole answer head, counting only the loop's own time: lag
+        of the event loop meanwhile is added to it, but never past `limit` seconds from now (the caller's
+        deadline; None = no bound). Raises ConnectFailed, UpstreamReset, UpstreamTimeout or
+        UpstreamProtocolError. The caller must read the body to b"" or call discard().
         """
         key = target.key
         if target.tls:
@@ -447,33 +478,33 @@ class UpstreamPool:
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        deadline = TimeLimit(loop, timeout, None if limit is None else loop.time() + max(limit, timeout))
         data = self._serialize(target, key, method, path, headers, body)
         head_only = method == "HEAD"
         conn = self._take_idle(key, loop.time())
         if conn is not None:
             # The common case, inline rather than through _exchange: one coroutine less per call.
             try:
-                return await conn._send(data, head_only, deadline, timeout)
+                return await conn._send(data, head_only, deadline)
             except _Stale:
                 pass  # the upstream closed it while idle: send once more on a fresh connection
             except asyncio.CancelledError:
                 conn._abort()
                 raise
-        conn = await self._connect(target, key, loop, deadline, timeout)
-        return await self._exchange(conn, data, head_only, deadline, timeout)  # fresh: never _Stale
+        conn = await self._connect(target, key, loop, deadline)
+        return await self._exchange(conn, data, head_only, deadline)  # fresh: never _Stale
 
     async def _exchange(
-        self, conn: _UpstreamConnection, data: bytes, head_only: bool, deadline: float, timeout: float
+        self, conn: _UpstreamConnection, data: bytes, head_only: bool, deadline: TimeLimit
     ) -> UpstreamResponse:
         try:
-            return await conn._send(data, head_only, deadline, timeout)
+            return await conn._send(data, head_only, deadline)
         except asyncio.CancelledError:
             conn._abort()
             raise
 
     async def _connect(
-        self, target: Target, key: str, loop: asyncio.AbstractEventLoop, deadline: float, timeout: float
+        self, target: Target, key: str, loop: asyncio.AbstractEventLoop, deadline: TimeLimit
     ) -> _UpstreamConnection:
         conn = _UpstreamConnection(self, key, loop)
         if target.kind == "unix":
@@ -487,14 +518,14 @@ class UpstreamPool:
             timed_out = True
             task.cancel()
 
-        timer = loop.call_at(deadline, on_timeout)
+        timer = deadline.call_when_expired(on_timeout)
         try:
             await task
         except asyncio.CancelledError:
             if task.done() and not task.cancelled() and task.exception() is None:
                 task.result()[0].abort()  # connected just as we were cancelled
             if timed_out:
-                raise ConnectFailed(key, f"connect timeout after {timeout:g}s") from None
+                raise ConnectFailed(key, f"connect timeout after {deadline.describe()}") from None
             raise
         except OSError as exc:
             raise ConnectFailed(key, exc.strerror or str(exc) or type(exc).__name__) from None

@@ -305,6 +305,8 @@ class _ServerConnection(asyncio.Protocol):
             elif isinstance(exc, httptools.HttpParserCallbackError):
                 log.error("request parsing failed", exc_info=exc.__context__)
                 self._fail(500, "internal", "request parsing failed")
+            elif self._in_head and "overflow" in str(exc).lower():  # httptools < 0.2 (http-parser) limits heads
+                self._fail(431, "header_too_large", "header section too large")
             else:
                 self._fail(400, "bad_request", str(exc) or type(exc).__name__)
 
@@ -346,6 +348,8 @@ class _ServerConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._since = self._loop.time()
+        if self._parser.get_http_version() not in ("1.0", "1.1"):  # llhttp refuses others, http-parser not
+            self._stop(400, "bad_request", "unsupported HTTP version")
         limit = self._server._max_body_bytes
         if self._content_length is not None and self._content_length > limit:
             self._stop(413, "too_large", f"request body over {limit} bytes")

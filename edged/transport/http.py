@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from ..call import Call
 from ..errors import UpstreamProtocolError
 from ..http.client import UpstreamPool, UpstreamResponse
@@ -22,4 +24,6 @@ class HttpTransport:
     ) -> UpstreamResponse:
         if endpoint.target is None:
             raise UpstreamProtocolError(endpoint.url, "endpoint has no HTTP address")
-        return await self._pool.request(endpoint.target, call.method, call.path, headers, call.body, timeout)
+        # The per-try timeout may stretch by the loop's lag on a slow box, never past the caller's deadline.
+        limit = call.deadline - time.monotonic()
+        return await self._pool.request(endpoint.target, call.method, call.path, headers, call.body, timeout, limit)

@@ -1,0 +1,179 @@
+"""Event-loop lag, and time limits that do not count it: a slow box must not blame a healthy endpoint.
+
+On a slow or busy CPU the event loop runs behind: a connection the kernel completed in 0.1 ms, or an answer
+already in the socket buffer, is seen only after the work queued ahead of it has run, hundreds of ms later
+on a Raspberry-Pi-class core under load. A per-try timeout that fires then blames the endpoint for the
+daemon's own delay: the try fails over (more work, more lag), healthy endpoints collect failures, and
+a short overload turns into a burst of failed calls. A `TimeLimit` therefore counts only the loop's own
+time: it expires once `timeout` seconds have passed *plus* whatever lag the loop showed meanwhile, and
+never later than its hard `limit` (the caller's deadline).
+
+`LoopLag` measures the lag with a tick every `TICK` seconds that runs only while some limit may still be
+pending (an idle daemon does not wake up for it): each tick adds how late it ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+TICK = 0.02  # seconds between lag samples while a limit is armed
+_SLACK = 0.001  # timer lateness that is only the loop's clock granularity, not lag
+GRACE = 0.005  # seconds: how soon an expired limit looks again while `waiting()` says the answer is in
+_KEEP = 1.0  # seconds the lag stays measured past the due time of the latest limit
+
+T = TypeVar("T")
+_lags: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopLag] = weakref.WeakKeyDictionary()
+
+
+class LoopLag:
+    """How far behind one event loop ran, summed over the times it was measured."""
+
+    __slots__ = ("__weakref__", "_due", "_handle", "_loop", "_total", "_until")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._total = 0.0
+        self._due = 0.0  # loop time the pending tick is due
+        self._handle: asyncio.TimerHandle | None = None
+        self._until = 0.0  # the tick runs until then (loop time)
+
+    def __repr__(self) -> str:
+        return f"<LoopLag total={self.total():.3f}s until={self._until:.1f}>"
+
+    def total(self) -> float:
+        """Seconds of lag so far, counting a tick that is overdue right now."""
+        overdue = self._loop.time() - self._due if self._handle is not None else 0.0
+        return self._total + max(0.0, overdue - _SLACK)
+
+    def keep(self, until: float) -> None:
+        """Measure the lag at least until `until` (loop time): starts the tick if it is not running."""
+        if until > self._until:
+            self._until = until
+        if self._handle is None:
+            self._due = self._loop.time() + TICK
+            self._handle = self._loop.call_at(self._due, self._tick)
+
+    def _tick(self) -> None:
+        now = self._loop.time()
+        self._total += max(0.0, now - self._due - _SLACK)
+        if now > self._until:
+            self._handle = None
+            return
+        self._due = now + TICK
+        self._handle = self._loop.call_at(self._due, self._tick)
+
+
+def loop_lag(loop: asyncio.AbstractEventLoop | None = None) -> LoopLag:
+    """The lag meter of `loop` (default: the running loop), made on first use."""
+    loop = loop or asyncio.get_running_loop()
+    lag = _lags.get(loop)
+    if lag is None:
+        lag = _lags[loop] = LoopLag(loop)
+    return lag
+
+
+class TimeLimit:
+    """`timeout` seconds of the loop's own time from now: time lost to loop lag is added back, up to `limit`.
+
+    `limit` is a hard loop-time bound (e.g. the caller's deadline); None = no bound beyond the lag's.
+    """
+
+    __slots__ = ("_lag", "_lag0", "_loop", "limit", "start", "timeout")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float, limit: float | None = None) -> None:
+        self._loop = loop
+        self._lag = loop_lag(loop)
+        self.start = loop.time()
+        self._lag0 = self._lag.total()
+        self.timeout = timeout
+        self.limit = limit
+
+    def lost(self) -> float:
+        """Seconds of loop lag since the limit began."""
+        return self._lag.total() - self._lag0
+
+    def due(self) -> float:
+        """When the limit expires (loop time), as far as the lag seen so far goes (keeps the lag measured
+        until a little past then)."""
+        due = self.start + self.timeout + self.lost()
+        if self.limit is not None and due > self.limit:
+            due = self.limit
+        self._lag.keep(due + _KEEP)
+        return due
+
+    def held(self, now: float) -> bool:
+        """Whether an expiry at `now` may still wait for an answer that arrived unread (before the hard limit)."""
+        return self.limit is None or now < self.limit
+
+    def describe(self) -> str:
+        """For error details: "0.3s" or "0.3s (+1.2s of loop lag)"."""
+        lost = self.lost()
+        return f"{self.timeout:g}s" if lost < 0.0005 else f"{self.timeout:g}s (+{lost:.3f}s of loop lag)"
+
+    def call_when_expired(self, callback: Callable[[], object], waiting: Callable[[], bool] | None = None) -> Alarm:
+        """Run `callback` once the limit has expired; cancel the returned alarm when the work is done.
+
+        `waiting()`, asked when the limit expires, says the awaited data has arrived but the loop has not read it
+        yet (e.g. bytes in the socket): then the alarm looks again in GRACE seconds, up to the hard `limit`.
+        """
+        return Alarm(self, callback, waiting)
+
+
+class Alarm:
+    """A timer for one `TimeLimit`: when it rings early because of lag, it sets itself again for the new due time."""
+
+    __slots__ = ("_callback", "_handle", "_limit", "_loop", "_waiting")
+
+    def __init__(self, limit: TimeLimit, callback: Callable[[], object], waiting: Callable[[], bool] | None) -> None:
+        self._limit = limit
+        self._loop = limit._loop
+        self._callback = callback
+        self._waiting = waiting
+        self._handle: asyncio.TimerHandle | None = self._loop.call_at(limit.due(), self._ring)
+
+    def _ring(self) -> None:
+        due = self._limit.due()
+        now = self._loop.time()
+        if now < due - _SLACK:
+            self._handle = self._loop.call_at(due, self._ring)  # lag moved the due time: not yet
+            return
+        if self._waiting is not None and self._limit.held(now) and self._waiting():
+            self._handle = self._loop.call_at(now + GRACE, self._ring)  # the answer is in; we are behind
+            return
+        self._handle = None
+        self._callback()
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
+async def wait_for(aw: Awaitable[T], timeout: float, limit: float | None = None) -> T:
+    """`asyncio.wait_for` that counts only the loop's own time (see `TimeLimit`); `limit` is in seconds from now.
+
+    Raises `asyncio.TimeoutError` when the limit expires (the awaitable is cancelled and awaited first).
+    """
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(aw)
+    expired = False
+
+    def ring() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    alarm = TimeLimit(loop, timeout, None if limit is None else loop.time() + limit).call_when_expired(ring)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        me = asyncio.current_task()
+        cancelling = getattr(me, "cancelling", lambda: 0)()  # Python 3.11+: was *this* task cancelled too?
+        if expired and not cancelling:
+            raise asyncio.TimeoutError from None
+        raise
+    finally:
+        alarm.cancel()
