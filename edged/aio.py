@@ -31,13 +31,14 @@ def run(main: Coroutine[Any, Any, object]) -> None:
         import uvloop
     except ImportError:
         uvloop = None
-    if uvloop is not None and _version(uvloop.__version__) >= UVLOOP_MIN:
+    if uvloop is not None and version_tuple(uvloop.__version__) >= UVLOOP_MIN:
         uvloop.run(main)
     else:
         asyncio.run(main)
 
 
-def _version(text: str) -> tuple[int, ...]:
+def version_tuple(text: str) -> tuple[int, ...]:
+    """"0.21.0" -> (0, 21, 0); "0.21.0rc1" -> (0, 21, 0): for checks of a library's version at import."""
     parts = []
     for part in text.split(".")[:3]:
         digits = "".join(itertools.takewhile(str.isdigit, part))

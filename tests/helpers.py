@@ -147,6 +147,7 @@ def process_gone(pid: int) -> bool:
 
 
 def loads_package(pid: int, package: str) -> bool:
-    """Whether process `pid` has a native module of site-packages/`package` mapped (what it has imported)."""
-    marker = f"/site-packages/{package}/"
+    """Whether process `pid` has a native module of site-packages/`package` mapped (what it has imported);
+    dist-packages too (Debian's own python3-* packages, scripts/test-floors)."""
+    marker = f"-packages/{package}/"
     return any(marker in line for line in Path(f"/proc/{pid}/maps").read_text().splitlines())
