@@ -62,6 +62,7 @@ class Api:
         render_metrics: Callable[[], str],
         peers: Callable[[], list[dict]] = list,
         providers: Callable[[str, str], list[dict]] = lambda tenant, name: [],
+        config_state: Callable[[], dict] = dict,
     ) -> None:
         self._node = node
         self._registry = registry
@@ -76,6 +77,7 @@ class Api:
         self._render_metrics = render_metrics
         self._peers = peers
         self._providers = providers
+        self._config_state = config_state  # the config file, reloads, keys pending restart
         self._policies: PolicyOverrides | None = None  # set by the daemon: `set_policies`
         # (method, first segment) -> (the right it takes, handler)
         self._routes: dict[tuple[str, str], tuple[str, Callable[..., Awaitable[None] | None]]] = {
@@ -92,6 +94,10 @@ class Api:
             ("DELETE", "policies"): (WRITE, self._policy_delete),
             ("POST", "policies"): (READ, self._policy_dry_run),
         }
+
+    def set_access(self, access: Access) -> None:
+        """New tokens and rights (a config reload): the next request is identified with them."""
+        self._access = access
 
     def set_policies(self, policies: PolicyOverrides) -> None:
         """Enable `/v1/policies` (the daemon builds the overrides after the API)."""
@@ -299,6 +305,7 @@ class Api:
                     "generation": snap.generation,
                 },
                 "peers": self._peers(),
+                "config": self._config_state(),
                 "services": [self._describe(s, now) for s in snap.for_tenant(tenant)],
             },
         )

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from . import __version__
-from .config import Config, find_config
-from .errors import ConfigError, EdgedError
+from .config import ApiConfig, Config, find_config, secret_file_warnings
+from .errors import EXIT_CONFIG, EXIT_START_FAILED, ConfigError, EdgedError
 
 if TYPE_CHECKING:
     from .client import ApiClient  # loaded by the commands that talk to a daemon, not by `edged run`
@@ -74,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("-d", "--data", default=None, help="request body; @FILE reads a file, @- stdin")
             sp.add_argument("-H", "--header", action="append", default=[], help="extra header 'Name: value'")
             sp.add_argument("-i", "--include", action="store_true", help="print status and headers too")
+    sp = client_command("reload", _reload, "make the running daemon re-read edged.toml and its manifests")
+    sp.add_argument("--pid", type=int, help="the daemon's process id (systemd's $MAINPID; default: asked over the API)")
+    sp.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the reload (default 30)")
     sp = client_command("policy", _policy, "read or change a service's policy at runtime")
     sp.add_argument("action", choices=("get", "set", "dry-run", "reset"))
     sp.add_argument("service")
@@ -87,16 +90,32 @@ def _parser() -> argparse.ArgumentParser:
 
 # -- run / check -------------------------------------------------------------------------------------
 def _run(args) -> int:
+    """Any error is one line on stderr (the journal) and an exit code: EXIT_CONFIG for a bad or unsafe config
+    (the unit does not restart then), EXIT_START_FAILED for the rest. The traceback only at log level debug."""
+    import logging
+
     from .daemon import run
     from .logs import setup_logging
 
-    config = find_config(args.config)
-    setup_logging(config.log.level, config.log.format)
+    debug = False
     try:
+        config = find_config(args.config)
+        setup_logging(config.log.level, config.log.format)
+        debug = config.log.level == "debug"
+        for warning in secret_file_warnings(config):
+            logging.getLogger("edged").warning("%s", warning)
         return run(config)
-    except OSError as exc:
+    except ConfigError as exc:
+        print(f"edged: bad config: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (EdgedError, OSError) as exc:
         print(f"edged: cannot start: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_START_FAILED
+    except Exception as exc:  # a bug: still one line, the traceback when asked for
+        if debug:
+            logging.getLogger("edged").exception("edged failed")
+        print(f"edged: failed: {type(exc).__name__}: {exc} ([log] level = \"debug\" shows where)", file=sys.stderr)
+        return EXIT_START_FAILED
 
 
 def _check(args) -> int:
@@ -119,9 +138,55 @@ def _check(args) -> int:
         )
         rows.append((spec.name, spec.tenant, spec.policy.strategy, eps, spec.source))
     print(_table(rows))
+    for warning in secret_file_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
     for err in errors:
         print(f"error: {err}", file=sys.stderr)
     return 1 if errors else 0
+
+
+def _reload(args) -> int:
+    """SIGHUP to the daemon, then wait until its reload count moves and print what the reload did.
+
+    systemd's ExecReload runs this: it needs no /bin/kill, and `systemctl reload` fails when the new
+    edged.toml is refused (the daemon keeps running on the old one).
+    """
+    import signal
+
+    from .client import ApiClient
+
+    try:
+        client = _client(args)
+    except ConfigError:  # the new file is broken: the daemon still listens where the running config says
+        client = ApiClient(f"unix:{ApiConfig().socket}", token=args.token)
+    before = client.get_json("/v1/status").get("config", {})
+    if "reloads" not in before:
+        print("edged: this daemon does not report reloads; use: kill -HUP PID", file=sys.stderr)
+        return EXIT_START_FAILED
+    pid = args.pid or before["pid"]
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as exc:
+        print(f"edged: cannot signal process {pid}: {exc.strerror}", file=sys.stderr)
+        return EXIT_START_FAILED
+    deadline = time.monotonic() + args.timeout
+    while True:
+        time.sleep(0.05)
+        state = client.get_json("/v1/status")["config"]
+        if state["reloads"] > before["reloads"]:
+            break
+        if time.monotonic() > deadline:
+            print(f"edged: no reload within {args.timeout:g}s", file=sys.stderr)
+            return EXIT_START_FAILED
+    last = state["last_reload"]
+    if last["error"]:
+        print(f"edged: reload refused, running config kept: {last['error']}", file=sys.stderr)
+        return EXIT_CONFIG
+    applied = ", ".join(last["applied"]) or "none"
+    print(f"reloaded in {last['ms']} ms: config keys applied: {applied}; manifest errors: {last['manifest_errors']}")
+    if state["pending_restart"]:
+        print(f"pending restart: {', '.join(state['pending_restart'])} (systemctl restart edged)")
+    return 0
 
 
 # -- talking to a running daemon -------------------------------------------------------------------
@@ -147,6 +212,7 @@ def _status(args) -> int:
         f"node {node['name']}  fleet {node['fleet']}  zone {node['zone'] or '-'}  "
         f"v{node['version']}  up {node['uptime_s']}s  {'ready' if node['ready'] else 'NOT READY'}"
     )
+    _print_config_state(data.get("config") or {})
     peers = data.get("peers", [])
     if peers:
         rows = [("PEER", "SOURCE", "STATE", "SEEN", "ADDRESS", "CPU", "BAT", "LINK", "SERVICES")]
@@ -245,6 +311,19 @@ def _call(args) -> int:
         out.write(b"\n")
     out.flush()
     return 0 if status < 400 else 1
+
+
+def _print_config_state(state: dict) -> None:
+    """The config line of `edged status`: its file, the last reload, keys pending restart."""
+    if not state:
+        return
+    line = f"config {state.get('file') or 'built-in'}  reloads {state.get('reloads', 0)}"
+    last = state.get("last_reload")
+    if last and last.get("error"):
+        line += f"  last reload FAILED: {last['error']}"
+    print(line)
+    if state.get("pending_restart"):
+        print(f"pending restart: {', '.join(state['pending_restart'])} (systemctl restart edged applies them)")
 
 
 def _vital(value: object) -> str:

@@ -6,12 +6,15 @@ dotted key (`api.listen`), so a user can fix it without reading the code.
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import os
+import pwd
 import re
 import socket
+import stat
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
@@ -208,6 +211,7 @@ class Config:
     log: LogConfig = LogConfig()
     demo: DemoConfig = DemoConfig()
     path: str | None = None
+    secret_files: tuple[str, ...] = ()  # files holding tokens, passwords or keys (edged.toml with inline tokens)
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -283,7 +287,8 @@ class _Loader:
     def build(self, path: str | None) -> Config:
         top = self.top
         top.only(SECTIONS)
-        return Config(
+        self.secrets: list[str] = []
+        config = Config(
             node=self.node(top.table("node")),
             api=self.api(top.table("api")),
             ingress=self.ingress(top.table("ingress")),
@@ -301,6 +306,19 @@ class _Loader:
             demo=self.demo(top.table("demo")),
             path=path,
         )
+        if path is not None and any(t.tokens for t in self.inline_tokens):
+            self.secrets.insert(0, path)
+        return replace(config, secret_files=tuple(self.secrets))
+
+    def secret_file(self, t: Table, key: str, path: str) -> None:
+        """Note a file that holds a secret; refuse it when every user may read it (ssh refuses such keys)."""
+        self.secrets.append(path)
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except OSError:
+            return  # missing: the part that reads it says so
+        if mode & stat.S_IROTH:
+            t.fail(key, f"{path} holds a secret and every user may read it (mode {mode:04o}): chmod o-rwx {path}")
 
     def node(self, t: Table) -> NodeConfig:
         t.only(("name", "fleet", "zone", "location"))
@@ -429,6 +447,8 @@ class _Loader:
         for key in ("password_file", "ca_file", "cert_file", "key_file"):
             value = t.string(key, None, what="a file path")
             files[key] = None if value is None else self.resolve(value)
+            if files[key] is not None and key in ("password_file", "key_file"):
+                self.secret_file(t, key, files[key])
         return MqttConfig(
             enabled=t.boolean("enabled", d.enabled),
             url=url,
@@ -448,14 +468,18 @@ class _Loader:
     def tenants(self, t: Table) -> Mapping[str, TenantConfig]:
         result: dict[str, TenantConfig] = {}
         owner: dict[str, str] = {}  # token -> tenant: one token must name one tenant
+        self.inline_tokens: list[TenantConfig] = []
         for name in t.names():
             if not _LABEL.fullmatch(name):
                 t.fail(name, f"expected a tenant name: {LABEL_WHAT}, got {name!r}")
             tt = t.table(name)
             tt.only(("tokens", "token_file", "open_on_loopback"))
             tokens = [(tok, "tokens") for tok in tt.strings("tokens", (), pattern=_TOKEN, what="a token (no spaces)")]
+            if tokens:
+                self.inline_tokens.append(TenantConfig(name, frozenset(tok for tok, _ in tokens)))
             token_file = tt.string("token_file", None, what="a file path")
             if token_file is not None:
+                self.secret_file(tt, "token_file", self.resolve(token_file))
                 tokens += [(tok, "token_file") for tok in self.read_tokens(tt, self.resolve(token_file))]
             for token, key in tokens:
                 if owner.setdefault(token, name) != name:
@@ -503,6 +527,59 @@ class _Loader:
     def demo(self, t: Table) -> DemoConfig:
         t.only(("echo",))
         return DemoConfig(echo=t.boolean("echo", False))
+
+
+def secret_file_warnings(config: Config) -> list[str]:
+    """Files holding secrets that users other than the daemon and the file's owner may read, one line each.
+
+    World-readable token, password and key files are refused when the config loads; this also covers
+    edged.toml with inline tokens and group-readable files whose group has other members (the API socket's
+    group `edged` has its users as members: they should call the API, not read its tokens).
+    """
+    warnings = []
+    for path in config.secret_files:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & stat.S_IROTH:
+            warnings.append(f"{path} holds secrets and every user may read it (mode {mode:04o}): chmod o-rwx {path}")
+        elif mode & stat.S_IRGRP:
+            readers = _group_readers(st.st_gid) - {_user_name(st.st_uid), _user_name(os.geteuid())}
+            if readers:
+                group = _group_name(st.st_gid)
+                warnings.append(
+                    f"{path} holds secrets and group {group} may read it (mode {mode:04o}; members: "
+                    f"{', '.join(sorted(readers))}): give it to the daemon's user alone (chown edged {path}; "
+                    f"chmod 0600 {path}) or move tokens and passwords to such a file"
+                )
+    return warnings
+
+
+def _group_readers(gid: int) -> set[str]:
+    """Users in group `gid`: its listed members and those whose primary group it is, but for the group's
+    namesake (a user-private group: the daemon's own `edged` user)."""
+    try:
+        group = grp.getgrgid(gid)
+    except KeyError:
+        return set()
+    users = set(group.gr_mem) | {u.pw_name for u in pwd.getpwall() if u.pw_gid == gid}
+    return users - {group.gr_name}
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 def load_config(path: str) -> Config:

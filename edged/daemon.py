@@ -10,14 +10,16 @@ from . import __version__
 from .access import Access
 from .api import Api, NodeInfo
 from .browser import HostGuard
-from .config import Config
+from .config import Config, load_config, secret_file_warnings
 from .core import MeshCore, TierFactory
 from .core import run as run_process
 from .discovery.registrations import Registrations
+from .errors import ConfigError
 from .http.server import HttpServer
-from .logs import log_event
+from .logs import log_event, setup_logging
 from .model import Endpoint, EndpointSpec, HealthCheckSpec, ServiceSpec
 from .policies import PolicyOverrides
+from .reconfig import changed_keys, is_live, with_live_keys
 from .registry import Snapshot
 from .systemd import Notifier
 
@@ -80,6 +82,9 @@ class Daemon:
         self.registry.add_layer(self.policies.layer)
         self._ready = False
         self._up_labels: set[tuple[str, str, str]] = set()
+        self.reloads = 0
+        self.last_reload: dict | None = None
+        self.pending_restart: list[str] = []  # keys of edged.toml changed since start that need a restart
         self.api = Api(
             node=NodeInfo(config.node.name, config.node.fleet, config.node.zone, __version__, time.time()),
             registry=self.registry,
@@ -94,6 +99,7 @@ class Daemon:
             render_metrics=self.metrics.render,
             peers=core.peers,
             providers=core.providers,
+            config_state=self.config_state,
         )
         self.api.set_policies(self.policies)
         self.server = HttpServer(
@@ -145,11 +151,77 @@ class Daemon:
         )
 
     def reload(self) -> None:
-        """SIGHUP: re-read manifests (a bad file keeps its last good version). Listener changes need a restart."""
+        """SIGHUP: re-read edged.toml and the manifests. Live keys apply at once; keys that need a restart are
+        reported as pending; a bad edged.toml keeps the running config (and a bad manifest its last good version).
+        """
         self.notifier.reloading()
-        errors = self.manifests.reload()
-        self.notifier.ready(f"reloaded, {len(errors)} manifest errors")
-        self.events.publish("reloaded", errors=[str(e) for e in errors])
+        t0 = time.monotonic()
+        error, applied = None, []
+        if self.config.path is not None:
+            try:
+                new = load_config(self.config.path)
+            except ConfigError as exc:
+                error = str(exc)
+                log_event(log, logging.ERROR, "reload refused: running config kept", error=error)
+            else:
+                applied = self._apply_config(new)
+        manifest_errors = self.manifests.reload()
+        self.reloads += 1
+        self.last_reload = {
+            "at": time.time(),
+            "ok": error is None,
+            "error": error,
+            "applied": applied,
+            "manifest_errors": len(manifest_errors),
+            "ms": round((time.monotonic() - t0) * 1000, 1),
+        }
+        if error is not None:
+            status = f"reload failed, running config kept: {error}"
+        else:
+            status = f"reloaded: {len(applied)} keys applied, {len(manifest_errors)} manifest errors"
+        if self.pending_restart:
+            status += f"; pending restart: {', '.join(self.pending_restart)}"
+        self.notifier.ready(status)
+        self.events.publish(
+            "reloaded",
+            errors=[str(e) for e in manifest_errors],
+            config_error=error,
+            applied=applied,
+            pending_restart=self.pending_restart,
+        )
+
+    def _apply_config(self, new: Config) -> list[str]:
+        """Apply the live keys of a freshly read edged.toml; returns them. The rest becomes `pending_restart`."""
+        applied = [key for key in changed_keys(self.config, new) if is_live(key)]
+        old, self.config = self.config, with_live_keys(self.config, new)
+        if old.log != new.log:
+            setup_logging(new.log.level, new.log.format)
+        if (old.access, old.tenants) != (new.access, new.tenants):
+            self.api.set_access(Access(new.access, new.tenants))
+        extra = [demo_echo_service(self.config)] if new.demo.echo else []
+        self.manifests.configure(new.services.dirs, extra, new.services.reload_interval)
+        self.pending_restart = changed_keys(self.config, new)
+        for warning in secret_file_warnings(new):
+            log.warning("%s", warning)
+        log_event(log, logging.INFO, "config reloaded", applied=applied, pending_restart=self.pending_restart)
+        if self.pending_restart:
+            log_event(
+                log,
+                logging.WARNING,
+                "config keys pending restart: systemctl restart edged applies them",
+                keys=self.pending_restart,
+            )
+        return applied
+
+    def config_state(self) -> dict:
+        """For `edged status` and `edged reload`: the config file, reloads so far, keys pending restart."""
+        return {
+            "file": self.config.path,
+            "pid": os.getpid(),
+            "reloads": self.reloads,
+            "last_reload": self.last_reload,
+            "pending_restart": self.pending_restart,
+        }
 
     async def stop(self) -> None:
         """SIGTERM: stop taking calls, let in-flight ones finish up to the drain timeout, release everything."""

@@ -68,3 +68,9 @@ class UpstreamProtocolError(UpstreamError):
     """The endpoint answered with something that is not HTTP/1.x."""
 
     kind = "protocol_error"
+
+
+# Exit codes of `edged run` (documented in README.md): systemd's RestartPreventExitStatus= names EXIT_CONFIG,
+# so a config error stops the unit instead of restarting it forever.
+EXIT_START_FAILED = 1  # could not start (a port in use, a folder it may not write): may succeed on a restart
+EXIT_CONFIG = 78  # the config is invalid or unsafe (EX_CONFIG of sysexits.h): fix it, then start again

@@ -29,6 +29,13 @@ from edged.errors import ConfigError
 REPO = Path(__file__).parent.parent
 
 
+def secret(path: Path, text: str) -> Path:
+    """A file holding secrets, readable by its owner only (edged refuses world-readable ones)."""
+    path.write_text(text)
+    path.chmod(0o600)
+    return path
+
+
 def write(folder: Path, text: str, name: str = "edged.toml") -> str:
     path = folder / name
     path.write_text(textwrap.dedent(text).lstrip("\n"))
@@ -71,7 +78,7 @@ def test_documented_config_equals_the_defaults():
 
 
 def test_every_key_set(tmp_path):
-    (tmp_path / "garden.tokens").write_text("# garden tokens\n\ng-one\n  g-two  \n")
+    secret(tmp_path / "garden.tokens", "# garden tokens\n\ng-one\n  g-two  \n")
     config = load_config(
         write(
             tmp_path,
@@ -157,7 +164,7 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path, monkeypatch)
     folder = tmp_path / "etc"
     folder.mkdir()
     (folder / "tokens").mkdir()
-    (folder / "tokens" / "home.txt").write_text("h-one\n")
+    secret(folder / "tokens" / "home.txt", "h-one\n")
     path = write(
         folder,
         """
@@ -255,7 +262,7 @@ def test_bad_values(tmp_path, text, key, words):
 
 
 def test_a_token_names_one_tenant(tmp_path):
-    (tmp_path / "shared.txt").write_text("t-1\nt-2\n")
+    secret(tmp_path / "shared.txt", "t-1\nt-2\n")
     err = refused(
         tmp_path,
         """
@@ -273,7 +280,7 @@ def test_a_token_names_one_tenant(tmp_path):
 
 def test_bad_line_in_token_file_names_that_file(tmp_path):
     tokens = tmp_path / "t.txt"
-    tokens.write_text("good\nbad token\n")
+    secret(tokens, "good\nbad token\n")
     path = write(tmp_path, '[tenants.x]\ntoken_file = "t.txt"\n')
     with pytest.raises(ConfigError) as info:
         load_config(path)

@@ -193,7 +193,8 @@ def test_unit_declares_what_the_daemon_relies_on() -> None:
         "Type": "notify",
         "NotifyAccess": "main",
         "ExecStart": "/usr/local/bin/edged run --config /etc/edged/edged.toml",
-        "ExecReload": "/bin/kill -HUP $MAINPID",
+        "ExecReload": "/usr/local/bin/edged reload --pid $MAINPID",
+        "RestartPreventExitStatus": "78",
         "WatchdogSec": "30s",
         "Restart": "on-failure",
         "RestartSec": "2s",
@@ -263,15 +264,19 @@ def test_sysusers_creates_user_and_group(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(shutil.which("systemd-tmpfiles") is None, reason="systemd-tmpfiles is not installed")
+@pytest.mark.skipif(shutil.which("systemd-sysusers") is None, reason="systemd-sysusers is not installed")
 @pytest.mark.skipif(os.geteuid() != 0, reason="the tmpfiles entries are owned by root")
-def test_tmpfiles_creates_the_manifest_folder(tmp_path: Path) -> None:
-    conf = (UNIT_DIR / "edged.tmpfiles").read_text()
-    done = subprocess.run(
-        ["systemd-tmpfiles", f"--root={tmp_path}", "--create", "-"],
-        input=conf,
-        capture_output=True,
-        text=True,
-        timeout=60,
+def test_tmpfiles_creates_the_config_folders_for_group_edged_only(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    for tool, conf in (("systemd-sysusers", "edged.sysusers"), ("systemd-tmpfiles", "edged.tmpfiles")):
+        args = [tool, f"--root={tmp_path}", *(["--create"] if tool == "systemd-tmpfiles" else []), "-"]
+        done = subprocess.run(args, input=(UNIT_DIR / conf).read_text(), capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+    gid = next(
+        int(line.split(":")[2])
+        for line in (tmp_path / "etc/group").read_text().splitlines()
+        if line.startswith("edged:")
     )
-    assert done.returncode == 0, done.stderr
-    assert (tmp_path / "etc/edged/services.d").is_dir()
+    for folder in ("etc/edged", "etc/edged/services.d"):
+        st = (tmp_path / folder).stat()
+        assert (oct(st.st_mode & 0o777), st.st_uid, st.st_gid) == (oct(0o750), 0, gid), folder

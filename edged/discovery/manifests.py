@@ -31,7 +31,14 @@ class ManifestSource:
         self._on_errors = on_errors
         self._by_file: dict[str, ServiceSpec] = {}
         self._signature: tuple = ()
+        self._interval = 2.0
         self.errors: list[ConfigError] = []
+
+    def configure(self, dirs: Sequence[str], extra: Sequence[ServiceSpec], interval: float) -> None:
+        """New folders, built-in services and watch interval (a config reload); `reload()` reads them."""
+        self._dirs = tuple(dirs)
+        self._extra = tuple(extra)
+        self._interval = interval
 
     def reload(self) -> list[ConfigError]:
         """Read every manifest again; returns the errors (also logged). Never raises for a bad file."""
@@ -67,9 +74,13 @@ class ManifestSource:
         return dirs_signature(self._dirs) != self._signature
 
     async def watch(self, interval: float) -> None:
-        """Reload when a file in the dirs changes (mtime or size): no SIGHUP needed after an edit."""
+        """Reload when a file in the dirs changes (mtime or size): no SIGHUP needed after an edit.
+
+        `configure()` may change the interval while this runs; it takes effect after the current wait.
+        """
+        self._interval = interval
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(self._interval)
             try:
                 if self.changed():
                     self.reload()

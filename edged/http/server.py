@@ -651,7 +651,11 @@ class HttpServer:
         return bound[0], bound[1]
 
     async def listen_unix(self, path: str, mode: int = 0o660, group: str | None = None) -> None:
-        """Listen on a Unix socket: a stale socket file is removed first; then chmod, and chgrp if `group` exists."""
+        """Listen on a Unix socket: a stale socket file is removed first; then chmod, and chgrp if `group` exists.
+
+        The chgrp happens only when the socket's group differs: under systemd (Group=edged) it already has
+        the right one, and the unit's SystemCallFilter=~@privileged makes chown fail with EPERM.
+        """
         self._start()
         _remove_stale_socket(path)
         try:
@@ -670,7 +674,8 @@ class HttpServer:
                 except KeyError:
                     log.info("group %r does not exist; %s keeps its group", group, path)
                 else:
-                    os.chown(path, -1, gid)
+                    if os.stat(path).st_gid != gid:
+                        os.chown(path, -1, gid)
             self._unix_paths.append((path, os.stat(path).st_ino))
         except OSError as exc:
             raise ListenError(f"cannot set up {path}: {exc.strerror or exc}") from exc

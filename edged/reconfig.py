@@ -1,0 +1,44 @@
+"""What a reload of edged.toml may change in a running daemon, and what has to wait for a restart.
+
+Pure functions over two `Config` values: the daemon applies the live part and reports the rest as
+"pending restart" until the file and the running config agree again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields, is_dataclass, replace
+
+from .config import SECTIONS, Config
+
+# Tables and keys a reload applies at once. Everything else (listen addresses, the socket, state dir, node
+# name, mDNS, MQTT, vitals, fleet keys) is read once at start: a change waits for `systemctl restart edged`.
+LIVE_SECTIONS = ("services", "tenants", "access", "log", "demo")
+
+# Field names that are one key in the file.
+_KEY_OF_FIELD = {"listen_host": "listen", "listen_port": "listen"}
+
+
+def changed_keys(old: Config, new: Config) -> list[str]:
+    """Dotted keys of edged.toml whose values differ (`api.listen`, `log.level`; `tenants` as a whole)."""
+    keys: list[str] = []
+    for section in SECTIONS:
+        a, b = getattr(old, section), getattr(new, section)
+        if a == b:
+            continue
+        if is_dataclass(a):
+            for f in fields(a):
+                key = f"{section}.{_KEY_OF_FIELD.get(f.name, f.name)}"
+                if getattr(a, f.name) != getattr(b, f.name) and key not in keys:
+                    keys.append(key)
+        else:
+            keys.append(section)
+    return keys
+
+
+def is_live(key: str) -> bool:
+    return key.split(".", 1)[0] in LIVE_SECTIONS
+
+
+def with_live_keys(running: Config, new: Config) -> Config:
+    """The config to run after a reload: the live tables from `new`, everything else as it runs now."""
+    return replace(running, secret_files=new.secret_files, **{s: getattr(new, s) for s in LIVE_SECTIONS})
