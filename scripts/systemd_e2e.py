@@ -407,7 +407,7 @@ class Container:
         code = self.proc.wait(timeout=timeout)
         if code not in (0, 133):
             raise StepFailed(f"systemd-nspawn exited {code} on reboot\n{self.tail_console()}")
-        return self.boot(timeout) + (time.monotonic() - t0) * 0  # the boot time; the caller times the whole
+        return self.boot(timeout - (time.monotonic() - t0))
 
     def shutdown(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -630,7 +630,7 @@ def steps_full(run: Run, c: Container, wheels: str) -> None:
         c.write("/srv/web/hello.txt", "hello from the backend\n")
         c.write("/etc/systemd/system/backend.service", BACKEND_UNIT)
         c.run(["systemctl", "daemon-reload"])
-        c.run(["systemctl", "start", "backend"])
+        c.run(["systemctl", "enable", "--now", "backend"])
         c.write("/srv/edged-extra/web.toml", MANIFEST)
         c.wait_for(
             "the web service through the mesh",
@@ -650,6 +650,7 @@ def steps_full(run: Run, c: Container, wheels: str) -> None:
         t0 = time.monotonic()
         c.run(["systemctl", "reload", "edged"])
         first = time.monotonic() - t0
+        time.sleep(2.5)  # the watcher's last 2 s wait ends: from now on only a reload reads the folders
         c.write("/etc/edged/services.d/web2.toml", MANIFEST.replace('"web"', '"web2"'))
         cfg = cfg.replace('level = "info"', 'level = "debug"').replace("127.0.0.1:7700", "127.0.0.1:7710")
         cfg = cfg.replace("[demo]", "") + "[demo]\necho = true\n"
@@ -764,10 +765,12 @@ def steps_full(run: Run, c: Container, wheels: str) -> None:
         t0 = time.monotonic()
         c.reboot(120)
         c.wait_for("edged after the reboot", lambda: c.show("edged", "ActiveState")["ActiveState"] == "active", 60)
+        active = time.monotonic() - t0
+        c.wait_for("an answer after the reboot", lambda: _call_ok(c, "web", "/hello.txt"), 30, 0.2)
         took = time.monotonic() - t0
-        if not _call_ok(c, "web", "/hello.txt"):
-            raise StepFailed("no answer after the reboot")
-        notes.append(f"edged active and serving {took:.1f}s after `systemctl reboot`")
+        ready = start_to_ready_ms(c)
+        run.figure("start to READY=1 (boot)", f"{ready:.0f} ms")
+        notes.append(f"active {active:.1f}s, serving {took:.1f}s after `systemctl reboot`; READY {ready:.0f} ms")
 
     with run.step("security") as notes:
         out = c.run(["systemd-analyze", "security", "edged"], check=False).stdout
@@ -808,7 +811,7 @@ def steps_arm(run: Run, c: Container, wheels: str) -> None:
         c.write("/etc/systemd/system/backend.service", BACKEND_UNIT)
         c.write("/etc/edged/services.d/web.toml", MANIFEST)
         c.run(["systemctl", "daemon-reload"])
-        c.run(["systemctl", "start", "backend"])
+        c.run(["systemctl", "enable", "--now", "backend"])
         c.run(["systemctl", "reload", "edged"], timeout=120)
         c.wait_for("the web service through the mesh", lambda: _call_ok(c, "web", "/hello.txt"), 120, 1.0)
         notes.append("edged call web /hello.txt answered by the backend")

@@ -280,3 +280,18 @@ def test_tmpfiles_creates_the_config_folders_for_group_edged_only(tmp_path: Path
     for folder in ("etc/edged", "etc/edged/services.d"):
         st = (tmp_path / folder).stat()
         assert (oct(st.st_mode & 0o777), st.st_uid, st.st_gid) == (oct(0o750), 0, gid), folder
+
+
+# --- scripts/install.sh (the whole install runs in scripts/systemd_e2e.py, in a booted container) ---
+
+INSTALL = REPO / "scripts" / "install.sh"
+
+
+def test_installer_parses_and_refuses_bad_options() -> None:
+    assert subprocess.run(["bash", "-n", str(INSTALL)], capture_output=True, timeout=30).returncode == 0
+    done = subprocess.run(["bash", str(INSTALL), "--help"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and "--uninstall" in done.stdout and "--prefix" in done.stdout
+    for args, says in ((["--prefix", "relative/dir"], "absolute path"), (["--frobnicate"], "unknown option")):
+        done = subprocess.run(["bash", str(INSTALL), *args], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 1 and says in done.stderr, done.stderr
+
