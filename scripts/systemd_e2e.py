@@ -399,15 +399,19 @@ class Container:
                 raise StepFailed(f"timed out after {timeout:g}s waiting for {what}")
             time.sleep(interval)
 
-    def reboot(self, timeout: float) -> float:
-        """`systemctl reboot` inside; systemd-nspawn ends (exit 133) and is started again on the same overlay."""
+    def reboot(self, timeout: float) -> tuple[float, float]:
+        """`systemctl reboot` inside; systemd-nspawn ends (exit 133) and is started again on the same overlay.
+
+        Returns (seconds to shut down, seconds to boot).
+        """
         t0 = time.monotonic()
         self.run(["systemctl", "reboot"], check=False)
         assert self.proc is not None
         code = self.proc.wait(timeout=timeout)
         if code not in (0, 133):
             raise StepFailed(f"systemd-nspawn exited {code} on reboot\n{self.tail_console()}")
-        return self.boot(timeout - (time.monotonic() - t0))
+        down = time.monotonic() - t0
+        return down, self.boot(timeout - down)
 
     def shutdown(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -763,7 +767,8 @@ def steps_full(run: Run, c: Container, wheels: str) -> None:
 
     with run.step("reboot") as notes:
         t0 = time.monotonic()
-        c.reboot(120)
+        down, up = c.reboot(120)
+        notes.append(f"container down in {down:.1f}s, up in {up:.1f}s")
         c.wait_for("edged after the reboot", lambda: c.show("edged", "ActiveState")["ActiveState"] == "active", 60)
         active = time.monotonic() - t0
         c.wait_for("an answer after the reboot", lambda: _call_ok(c, "web", "/hello.txt"), 30, 0.2)
