@@ -44,6 +44,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
@@ -218,7 +219,7 @@ def _requirements() -> list[str]:
 def ensure_wheelhouse(arch: str, log) -> Path:
     """Wheels (and sdists where no wheel exists) for edged's dependencies on `arch`, cached by pyproject.toml."""
     pyproject = hashlib.sha256((REPO / "pyproject.toml").read_bytes()).hexdigest()[:12]
-    name = f"systemd-e2e-wheels-{arch}-{pyproject}"
+    name = f"systemd-e2e-wheels-{arch}-{pyproject}-v2"
     path = CACHE / name
     with locked(name):
         if (path / ".ok").exists():
@@ -228,8 +229,8 @@ def ensure_wheelhouse(arch: str, log) -> Path:
         tmp.mkdir(parents=True)
         pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
         env = {k: v for k, v in os.environ.items() if k != "PIP_FIND_LINKS"}
-        # Build tools for the checkout's own wheel (and httptools' sdist on armhf) inside the container.
-        sh([*pip, "download", "-d", str(tmp), "setuptools>=61", "wheel", "Cython<3.2"], env=env)
+        # Build tools for the checkout's own wheel, built by pip inside the container.
+        sh([*pip, "download", "-d", str(tmp), "setuptools>=61", "wheel"], env=env)
         if arch == host_arch():
             sh([*pip, "download", "-d", str(tmp), *_requirements()], env=env, timeout=900)
         else:
@@ -273,6 +274,13 @@ def ensure_wheelhouse(arch: str, log) -> Path:
                         [*pip, "download", "--no-deps", "--no-binary=:all:", "-d", str(tmp), f"{name_}=={version}"],
                         env=env,
                     )
+                    # ... with the build tools its pyproject.toml asks for (pure Python: any wheel fits).
+                    sdist = next(tmp.glob(f"{name_}-{version}.tar.gz"))
+                    with tarfile.open(sdist) as tar:
+                        member = tar.extractfile(f"{name_}-{version}/pyproject.toml")
+                        build = tomllib.loads(member.read().decode())["build-system"]["requires"] if member else []
+                    if build:
+                        sh([*pip, "download", "-d", str(tmp), *build], env=env)
         (tmp / ".ok").write_text("")
         tmp.rename(path)
         return path
