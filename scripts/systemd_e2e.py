@@ -161,7 +161,8 @@ def ensure_root(arch: str, log) -> tuple[Path, bool]:
         if (path / ".edged-root-ok").exists():
             return path, True
         tmp = CACHE / f"{name}.partial"
-        if tmp.exists():
+        if tmp.exists():  # an interrupted build: debootstrap may have left /proc and /sys mounted in it
+            unmount_under(tmp)
             shutil.rmtree(tmp)
         cmd = [
             "debootstrap",
@@ -185,6 +186,15 @@ def ensure_root(arch: str, log) -> tuple[Path, bool]:
         (tmp / ".edged-root-ok").write_text(json.dumps({"packages": root_packages(arch), "made": time.time()}))
         tmp.rename(path)
         return path, False
+
+
+def unmount_under(folder: Path) -> None:
+    """Unmount (lazily, deepest first) whatever is mounted inside `folder`, so that deleting it stays inside it."""
+    prefix = str(folder.resolve()) + "/"
+    with open("/proc/self/mounts") as f:
+        points = [line.split()[1].replace("\\040", " ") for line in f]
+    for point in sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True)
 
 
 def _prepare_root(root: Path) -> None:
@@ -905,6 +915,7 @@ def main() -> int:
         if container is not None:
             container.shutdown()
         if not args.keep:
+            unmount_under(work)  # never delete through a still-mounted overlay
             shutil.rmtree(work, ignore_errors=True)
         print(run.summary(), flush=True)
     return 0 if ok else 1
