@@ -53,6 +53,10 @@ from pathlib import Path
 import tomllib
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+
+from harness import wait_for  # noqa: E402  (stdlib only, like this script)
+
 CACHE = Path(os.environ.get("EDGED_TEST_CACHE", "/var/cache/edged-test"))
 SUITE = "bookworm"
 MIRROR = os.environ.get("EDGED_TEST_MIRROR", "http://deb.debian.org/debian")
@@ -407,15 +411,8 @@ class Container:
         out = self.run(["systemctl", "show", unit, *(f"--property={p}" for p in props)]).stdout
         return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
-    def wait_for(self, what: str, predicate, timeout: float, interval: float = 0.1):
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise StepFailed(f"timed out after {timeout:g}s waiting for {what}")
-            time.sleep(interval)
+    def unit_state(self, unit: str = "edged") -> dict[str, str]:
+        return self.show(unit, "ActiveState", "SubState", "ExecMainStatus", "NRestarts", "Result")
 
     def reboot(self, timeout: float) -> tuple[float, float]:
         """`systemctl reboot` inside; systemd-nspawn ends (exit 133) and is started again on the same overlay.
@@ -588,10 +585,6 @@ def edged_status(c: Container, user: str | None = None) -> dict:
     return json.loads(out)
 
 
-def call(c: Container, service: str, path: str) -> str:
-    return c.run(["edged", "call", service, path, "--api", "unix:/run/edged/edged.sock"], timeout=60).stdout
-
-
 def install(c: Container, wheels: str, *args: str) -> subprocess.CompletedProcess:
     return c.run(
         ["/usr/src/edged/scripts/install.sh", *args],
@@ -654,13 +647,7 @@ def steps_full(run: Run, c: Container, wheels: str) -> None:
         c.run(["systemctl", "daemon-reload"])
         c.run(["systemctl", "enable", "--now", "backend"])
         c.write("/srv/edged-extra/web.toml", MANIFEST)
-        c.wait_for(
-            "the web service through the mesh",
-            lambda: (
-                "hello from the backend" in call(c, "web", "/hello.txt") if _call_ok(c, "web", "/hello.txt") else False
-            ),
-            30,
-        )
+        wait_for(lambda: "hello from the backend" in _answer(c, "web", "/hello.txt"), 30, 0.2, what="a web answer")
         notes.append("edged call web /hello.txt answered by the backend")
 
     with run.step("reload") as notes:
@@ -715,15 +702,10 @@ def steps_full(run: Run, c: Container, wheels: str) -> None:
 
     with run.step("bad start") as notes:
         c.run(["systemctl", "restart", "edged"], check=False)
-        p = c.wait_for(
-            "edged to fail",
-            lambda: (lambda s: s if s["ActiveState"] == "failed" else None)(
-                c.show("edged", "ActiveState", "ExecMainStatus", "NRestarts", "Result")
-            ),
-            20,
-        )
+        wait_for(lambda: c.unit_state()["ActiveState"] == "failed", 20, 0.2, what="edged to fail")
+        p = c.unit_state()
         time.sleep(3)  # RestartSec=2s: a restart loop would have begun by now
-        again = c.show("edged", "ActiveState", "ExecMainStatus", "NRestarts")
+        again = c.unit_state()
         if p["ExecMainStatus"] != "78" or again["ActiveState"] != "failed" or again["NRestarts"] != p["NRestarts"]:
             raise StepFailed(f"expected exit 78 and no restart, got {p} then {again}")
         lines = [ln for ln in c.journal().splitlines() if "level_typo" in ln]
@@ -746,15 +728,12 @@ def steps_full(run: Run, c: Container, wheels: str) -> None:
         p = expect_running(c)
         c.run(["systemctl", "kill", "--signal=SIGSTOP", "edged"])
         t0 = time.monotonic()
-        c.wait_for(
-            "a watchdog restart",
-            lambda: (
-                lambda s: (
-                    s["NRestarts"] != p["NRestarts"] and s["ActiveState"] == "active" and s["SubState"] == "running"
-                )
-            )(c.show("edged", "NRestarts", "ActiveState", "SubState")),
-            60,
-        )
+
+        def restarted() -> bool:
+            s = c.unit_state()
+            return s["NRestarts"] != p["NRestarts"] and (s["ActiveState"], s["SubState"]) == ("active", "running")
+
+        wait_for(restarted, 60, 0.1, what="a watchdog restart")
         took = time.monotonic() - t0
         run.figure("SIGSTOP to running again (WatchdogSec=3s)", f"{took:.1f} s")
         if "watchdog timeout" not in c.journal().lower():
@@ -787,9 +766,9 @@ def steps_full(run: Run, c: Container, wheels: str) -> None:
         t0 = time.monotonic()
         down, up = c.reboot(120)
         notes.append(f"container down in {down:.1f}s, up in {up:.1f}s")
-        c.wait_for("edged after the reboot", lambda: c.show("edged", "ActiveState")["ActiveState"] == "active", 60)
+        wait_for(lambda: c.unit_state()["ActiveState"] == "active", 60, 0.1, what="edged after the reboot")
         active = time.monotonic() - t0
-        c.wait_for("an answer after the reboot", lambda: _call_ok(c, "web", "/hello.txt"), 30, 0.2)
+        wait_for(lambda: _call_ok(c, "web", "/hello.txt"), 30, 0.2, what="an answer after the reboot")
         took = time.monotonic() - t0
         ready = start_to_ready_ms(c)
         run.figure("start to READY=1 (boot)", f"{ready:.0f} ms")
@@ -836,7 +815,7 @@ def steps_arm(run: Run, c: Container, wheels: str) -> None:
         c.run(["systemctl", "daemon-reload"])
         c.run(["systemctl", "enable", "--now", "backend"])
         c.run(["systemctl", "reload", "edged"], timeout=120)
-        c.wait_for("the web service through the mesh", lambda: _call_ok(c, "web", "/hello.txt"), 120, 1.0)
+        wait_for(lambda: _call_ok(c, "web", "/hello.txt"), 120, 1.0, what="the web service through the mesh")
         notes.append("edged call web /hello.txt answered by the backend")
     with run.step("stop") as notes:
         t0 = time.monotonic()
@@ -849,9 +828,14 @@ def steps_arm(run: Run, c: Container, wheels: str) -> None:
         notes.append(f"exit 0 in {took * 1000:.0f} ms")
 
 
-def _call_ok(c: Container, service: str, path: str) -> bool:
+def _answer(c: Container, service: str, path: str) -> str:
+    """The answer of a call through the mesh, "" when the call failed."""
     done = c.run(["edged", "call", service, path, "--api", "unix:/run/edged/edged.sock"], check=False, timeout=60)
-    return done.returncode == 0 and bool(done.stdout)
+    return done.stdout if done.returncode == 0 else ""
+
+
+def _call_ok(c: Container, service: str, path: str) -> bool:
+    return bool(_answer(c, service, path))
 
 
 def _read_until(proc: subprocess.Popen, lines: list[str], want, timeout: float) -> str:
@@ -907,7 +891,7 @@ def main() -> int:
             notes.append(f"systemd running in {took:.1f}s")
         (steps_full if arch == host_arch() else steps_arm)(run, container, "/var/tmp/wheels")
         ok = True
-    except (StepFailed, subprocess.TimeoutExpired) as exc:
+    except (StepFailed, AssertionError, subprocess.TimeoutExpired) as exc:
         if container is not None:
             print("--- edged journal (tail) ---\n" + "\n".join(container.journal().splitlines()[-40:]), flush=True)
         print(f"systemd e2e: {exc}", file=sys.stderr)
