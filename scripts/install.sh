@@ -7,7 +7,7 @@
 #   sudo scripts/install.sh --uninstall --purge   # also /etc/edged, /var/lib/edged and the edged user
 #
 # What it does (each step is skipped when already done, so running it again is safe and upgrades):
-#   - Debian packages it needs (python3-venv; on armhf also a compiler and Debian's psutil, PyYAML, cffi)
+#   - Debian packages it needs (python3-venv; on armhf also gcc and Debian's psutil, PyYAML, cffi)
 #   - a virtualenv at PREFIX (default /opt/edged) with edged in it; /usr/local/bin/edged links to it
 #   - the edged user and group (sysusers.d), /etc/edged and /etc/edged/services.d (tmpfiles.d)
 #   - /etc/edged/edged.toml from config/edged.toml if there is none (0640 root:edged; an existing file is kept,
@@ -24,7 +24,7 @@ START=1
 # armhf (32-bit Raspberry Pi OS): PyPI has no wheels for psutil, httptools, uvloop or cffi. Debian's psutil,
 # PyYAML and cffi meet edged's floors and come in through --system-site-packages; httptools is compiled
 # (Debian's 0.1 is too old); uvloop is left out (19 minutes to compile on a Pi; asyncio's loop is used).
-ARMHF_APT="python3-dev build-essential python3-psutil python3-yaml python3-cffi"
+ARMHF_APT="python3-dev gcc libc6-dev python3-psutil python3-yaml python3-cffi"
 
 die() { echo "install.sh: $*" >&2; exit 1; }
 say() { echo "install.sh: $*"; }
