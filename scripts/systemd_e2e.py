@@ -500,14 +500,17 @@ rise = 1
 
 # The browser that sees the daemon's mDNS goodbye: zeroconf from edged's own virtualenv, on 127.0.0.1.
 BROWSER = r"""
-import sys, time
+import sys, threading, time
 from zeroconf import ServiceBrowser, ServiceStateChange, Zeroconf
 zc = Zeroconf(interfaces=["127.0.0.1"])
+gone = threading.Event()
 def seen(zeroconf, service_type, name, state_change):
     print(f"{state_change.name} {name} {time.monotonic():.3f}", flush=True)
+    if state_change is ServiceStateChange.Removed:
+        gone.set()
 ServiceBrowser(zc, "_hubmesh._tcp.local.", handlers=[seen])
 print("browsing", flush=True)
-time.sleep(float(sys.argv[1]))
+gone.wait(float(sys.argv[1]))  # then exit: a process left behind in the container would slow its shutdown
 zc.close()
 """
 
@@ -756,8 +759,7 @@ def steps_full(run: Run, c: Container, wheels: str) -> None:
         took = time.monotonic() - t0
         run.figure("systemctl stop", f"{took * 1000:.0f} ms")
         _read_until(browser, lines, lambda line: line.startswith("Removed"), 10)
-        browser.kill()
-        browser.wait()
+        browser.wait(timeout=20)  # it exits once it has seen the goodbye
         p = c.show("edged", "ActiveState", "ExecMainStatus", "Result")
         if p["ExecMainStatus"] != "0" or p["Result"] != "success" or p["ActiveState"] != "inactive":
             raise StepFailed(f"stop did not end cleanly: {p}")
