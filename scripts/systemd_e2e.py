@@ -540,6 +540,7 @@ class Run:
         self.arch = arch
         self.rows: list[tuple[str, str, float, str]] = []
         self.figures: dict[str, str] = {}
+        self.started = time.monotonic()
 
     @contextlib.contextmanager
     def step(self, name: str) -> Iterator[list[str]]:
@@ -561,7 +562,7 @@ class Run:
         self.figures[name] = value
 
     def summary(self) -> str:
-        lines = [f"systemd e2e on {self.arch}:"]
+        lines = [f"systemd e2e on {self.arch}: {time.monotonic() - self.started:.0f} s in all"]
         for name, result, took, note in self.rows:
             lines.append(f"  {name:<12} {result:<4} {took:7.1f}s  {note}")
         for name, value in self.figures.items():
