@@ -25,6 +25,9 @@ START=1
 # PyYAML and cffi meet edged's floors and come in through --system-site-packages; httptools is compiled
 # (Debian's 0.1 is too old); uvloop is left out (19 minutes to compile on a Pi; asyncio's loop is used).
 ARMHF_APT="python3-dev gcc libc6-dev python3-psutil python3-yaml python3-cffi"
+# cryptography 46 and later need cffi 2, which has no armhf wheel either (and Debian 12 has cffi 1.15):
+# 45 has an armhf wheel and works with Debian's cffi.
+ARMHF_PIP_CONSTRAINTS="cryptography<46"
 
 die() { echo "install.sh: $*" >&2; exit 1; }
 say() { echo "install.sh: $*"; }
@@ -92,14 +95,20 @@ fi
 # 2. The virtualenv and edged in it.
 venv_opts=""
 extras="[speed]"
-if [ "$ARCH" = armhf ]; then venv_opts="--system-site-packages"; extras=""; fi
+pip_opts=""
+if [ "$ARCH" = armhf ]; then
+  venv_opts="--system-site-packages"; extras=""
+  constraints="$(mktemp)"; trap 'rm -f "$constraints"' EXIT
+  printf '%s\n' $ARMHF_PIP_CONSTRAINTS >"$constraints"
+  pip_opts="-c $constraints"
+fi
 if [ ! -x "$PREFIX/bin/python" ] || ! "$PREFIX/bin/python" -c 'import sys' 2>/dev/null; then
   say "creating the virtualenv $PREFIX"
   python3 -m venv $venv_opts "$PREFIX" || die "python3 -m venv $PREFIX failed"
 fi
 touch "$PREFIX/.edged-install"  # marks the folder as ours for --uninstall
 say "installing edged from $SRC into $PREFIX"
-"$PREFIX/bin/python" -m pip install -q --disable-pip-version-check --no-warn-script-location "$SRC$extras" \
+"$PREFIX/bin/python" -m pip install -q --disable-pip-version-check --no-warn-script-location $pip_opts "$SRC$extras" \
   || die "pip install failed (see above)"
 ln -sfn "$PREFIX/bin/edged" "$LINK"
 

@@ -90,12 +90,17 @@ def sh(cmd: list[str], *, timeout: float = 600, check: bool = True, **kw) -> sub
     return done
 
 
-def armhf_packages() -> tuple[str, ...]:
-    """The Debian packages scripts/install.sh installs on armhf: the root must have them (no network inside)."""
-    m = re.search(r'^ARMHF_APT="([^"]*)"', (REPO / "scripts/install.sh").read_text(), re.M)
+def installer_list(name: str) -> tuple[str, ...]:
+    """A list the installer keeps for armhf (ARMHF_APT: Debian packages the root must have, as there is no
+    network inside; ARMHF_PIP_CONSTRAINTS: what pip may pick, so the wheelhouse must hold those versions)."""
+    m = re.search(rf'^{name}="([^"]*)"', (REPO / "scripts/install.sh").read_text(), re.M)
     if not m:
-        raise SystemExit("scripts/install.sh has no ARMHF_APT= line")
+        raise SystemExit(f"scripts/install.sh has no {name}= line")
     return tuple(m.group(1).split())
+
+
+def armhf_packages() -> tuple[str, ...]:
+    return installer_list("ARMHF_APT")
 
 
 def root_packages(arch: str) -> tuple[str, ...]:
@@ -235,8 +240,9 @@ def _requirements() -> list[str]:
 
 def ensure_wheelhouse(arch: str, log) -> Path:
     """Wheels (and sdists where no wheel exists) for edged's dependencies on `arch`, cached by pyproject.toml."""
-    pyproject = hashlib.sha256((REPO / "pyproject.toml").read_bytes()).hexdigest()[:12]
-    name = f"systemd-e2e-wheels-{arch}-{pyproject}-v2"
+    constraints = installer_list("ARMHF_PIP_CONSTRAINTS") if arch == "armhf" else ()
+    key = (REPO / "pyproject.toml").read_bytes() + repr(constraints).encode()
+    name = f"systemd-e2e-wheels-{arch}-{hashlib.sha256(key).hexdigest()[:12]}-v2"
     path = CACHE / name
     with locked(name):
         if (path / ".ok").exists():
@@ -253,8 +259,19 @@ def ensure_wheelhouse(arch: str, log) -> Path:
         else:
             # Resolve on the host, then fetch each pinned package for the target; Debian provides some on armhf.
             report = tmp / "report.json"
+            (tmp / "constraints.txt").write_text("".join(f"{c}\n" for c in constraints))
             sh(
-                [*pip, "install", "--dry-run", "--ignore-installed", "--report", str(report), *_requirements()],
+                [
+                    *pip,
+                    "install",
+                    "--dry-run",
+                    "--ignore-installed",
+                    "--report",
+                    str(report),
+                    "-c",
+                    str(tmp / "constraints.txt"),
+                    *_requirements(),
+                ],
                 env=env,
                 timeout=900,
             )
@@ -262,6 +279,7 @@ def ensure_wheelhouse(arch: str, log) -> Path:
                 (i["metadata"]["name"], i["metadata"]["version"]) for i in json.loads(report.read_text())["install"]
             ]
             report.unlink()
+            (tmp / "constraints.txt").unlink()
             debian = {"psutil", "pyyaml", "cffi", "uvloop"} if arch == "armhf" else set()
             platforms = [x for p in PIP_PLATFORMS[arch] for x in ("--platform", p)]
             for name_, version in pins:
