@@ -26,8 +26,9 @@ START=1
 # (Debian's 0.1 is too old); uvloop is left out (19 minutes to compile on a Pi; asyncio's loop is used).
 ARMHF_APT="python3-dev gcc libc6-dev python3-psutil python3-yaml python3-cffi"
 # cryptography 46 and later need cffi 2, which has no armhf wheel either (and Debian 12 has cffi 1.15):
-# 45 has an armhf wheel and works with Debian's cffi.
-ARMHF_PIP_CONSTRAINTS="cryptography<46"
+# 45 has an armhf wheel and works with Debian's cffi. cbor2 6 has no armhf wheel and needs Rust to build;
+# 5.x comes as a pure-Python wheel.
+ARMHF_PIP_CONSTRAINTS="cryptography<46 cbor2<6"
 
 die() { echo "install.sh: $*" >&2; exit 1; }
 say() { echo "install.sh: $*"; }
