@@ -479,7 +479,6 @@ class _Loader:
                 self.inline_tokens.append(TenantConfig(name, frozenset(tok for tok, _ in tokens)))
             token_file = tt.string("token_file", None, what="a file path")
             if token_file is not None:
-                self.secret_file(tt, "token_file", self.resolve(token_file))
                 tokens += [(tok, "token_file") for tok in self.read_tokens(tt, self.resolve(token_file))]
             for token, key in tokens:
                 if owner.setdefault(token, name) != name:
@@ -502,9 +501,9 @@ class _Loader:
 
         return load_limits(t)
 
-    @staticmethod
-    def read_tokens(t: Table, path: str) -> list[str]:
-        """One token a line; blank lines and `#` comments skipped."""
+    def read_tokens(self, t: Table, path: str) -> list[str]:
+        """One token a line; blank lines and `#` comments skipped. Refused when every user may read it."""
+        self.secret_file(t, "token_file", path)
         try:
             with open(path, encoding="utf-8") as f:
                 lines = f.read().splitlines()
