@@ -226,3 +226,13 @@ def test_status_json_carries_the_config_state(edged) -> None:
     state = json.loads(edged_cli("status", "--json", "--api", f"unix:{d.socket}", check=True).stdout)["config"]
     assert state["file"] == str(d.config) and state["reloads"] == 0 and state["pending_restart"] == []
     assert state["pid"] == d.proc.pid
+
+
+def test_access_rules_change_on_reload(edged) -> None:
+    """[access] is live: anonymous loopback callers lose their rights at once; the socket's admin keeps them."""
+    d = edged({})
+    assert d.api.request("GET", "/v1/status")[0] == 200  # loopback TCP, no token: anonymous read + call
+    d.config.write_text(d.config.read_text() + '[access]\nanonymous = "none"\n')
+    done = edged_cli("reload", "--api", f"unix:{d.socket}", check=True)
+    assert "access.anonymous" in done.stdout
+    assert d.api.request("GET", "/v1/status")[0] == 401
