@@ -23,7 +23,8 @@ PURGE=0
 START=1
 # armhf (32-bit Raspberry Pi OS): PyPI has no wheels for psutil, httptools, uvloop or cffi. Debian's psutil,
 # PyYAML and cffi meet edged's floors and come in through --system-site-packages; httptools is compiled
-# (Debian's 0.1 is too old); uvloop is left out (19 minutes to compile on a Pi; asyncio's loop is used).
+# (Debian's 0.1 works but without the client's parser reuse, which needs 0.6.3); uvloop is left out (19
+# minutes to compile on a Pi; asyncio's loop is used).
 ARMHF_APT="python3-dev gcc libc6-dev python3-psutil python3-yaml python3-cffi"
 # cryptography 46 and later need cffi 2, which has no armhf wheel either (and Debian 12 has cffi 1.15):
 # 45 has an armhf wheel and works with Debian's cffi. cbor2 6 has no armhf wheel and needs Rust to build;
