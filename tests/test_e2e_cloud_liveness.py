@@ -55,17 +55,24 @@ def provider_state(d, node: str) -> str | None:
     return None
 
 
-def test_a_killed_box_is_not_routed_to_after_its_last_will_and_is_again_when_it_returns(
-    backends, edged, broker, bridges, topic_prefix
-):
+def bridge_and_daemon(backends, edged, broker, bridges, topic_prefix, node: str):
+    """A bridge `node` serving thermo from a backend "remote"; a daemon that prefers the cloud tier for thermo
+    and has a local endpoint (backend "local") too, connected and knowing the bridge is online."""
     local = backends("local")
     remote = backends("remote")
     bridge = bridges(
-        bridge_config(broker, topic_prefix, node="cloud-1"), {"thermo.toml": BRIDGE_THERMO.format(port=remote.port)}
+        bridge_config(broker, topic_prefix, node=node), {"thermo.toml": BRIDGE_THERMO.format(port=remote.port)}
     )
     d = edged({"thermo.toml": CLOUD_FIRST.format(port=local.port)}, mqtt_section(broker, topic_prefix))
     wait_metric(d, "edged_mqtt_connected", lambda v: v == 1)
-    wait_for(lambda: provider_state(d, "cloud-1") == "online", 10, what="the daemon learns the bridge")
+    wait_for(lambda: provider_state(d, node) == "online", 10, what="the daemon learns the bridge")
+    return local, bridge, d
+
+
+def test_a_killed_box_is_not_routed_to_after_its_last_will_and_is_again_when_it_returns(
+    backends, edged, broker, bridges, topic_prefix
+):
+    local, bridge, d = bridge_and_daemon(backends, edged, broker, bridges, topic_prefix, "cloud-1")
     assert answer(d) == (200, "remote", "default/thermo/cloud/mqtt", "1")
 
     bridge.kill()  # SIGKILL: the broker publishes its last will
@@ -89,14 +96,7 @@ def test_a_killed_box_is_not_routed_to_after_its_last_will_and_is_again_when_it_
 def test_a_box_that_stops_cleanly_removes_its_retained_entries_and_is_not_routed_to(
     backends, edged, broker, bridges, topic_prefix
 ):
-    local = backends("local")
-    remote = backends("remote")
-    bridge = bridges(
-        bridge_config(broker, topic_prefix, node="cloud-2"), {"thermo.toml": BRIDGE_THERMO.format(port=remote.port)}
-    )
-    d = edged({"thermo.toml": CLOUD_FIRST.format(port=local.port)}, mqtt_section(broker, topic_prefix))
-    wait_metric(d, "edged_mqtt_connected", lambda v: v == 1)
-    wait_for(lambda: provider_state(d, "cloud-2") == "online", 10, what="the daemon learns the bridge")
+    local, bridge, d = bridge_and_daemon(backends, edged, broker, bridges, topic_prefix, "cloud-2")
     assert answer(d)[1] == "remote"
 
     assert bridge.stop() == 0
