@@ -11,7 +11,6 @@ from dataclasses import dataclass, replace
 
 from .access import ADMIN, CALL, READ, WRITE, Access, Identity
 from .browser import SAFE_METHODS, HostGuard, require_json
-from .call import new_call
 from .discovery.registrations import Registrations
 from .errors import CallError
 from .events import EventBus
@@ -22,7 +21,7 @@ from .model import Service
 from .paths import normalize_path
 from .policies import PolicyOverrides
 from .registry import Registry
-from .relay import call_timeout, relay_answer, request_id
+from .relay import call_for, relay_answer
 from .router import Router
 from .state import StateError
 from .telemetry import MeshMetrics
@@ -152,21 +151,15 @@ class Api:
         if not service:
             raise CallError(404, "unknown_service", "no service named in the path")
         svc = self._router.service(tenant, service)
-        deadline = time.monotonic() + call_timeout(req, svc.spec.policy.timeout)
-        rid = request_id(req)
         host = req.header(b"host")
-        call = new_call(
-            tenant,
-            service,
-            req.method,
+        call = call_for(
+            req,
+            svc,
             path,
-            req.headers,
-            req.body,
-            deadline=deadline,
-            request_id=rid,
             drop=_AUTHORIZATION if by_token else frozenset(),
             add=[(b"x-forwarded-host", host)] if host is not None else (),
         )
+        rid = call.request_id
         routed = await self._router.route_service_call(call)
         extra = [
             (b"x-edged-endpoint", routed.endpoint.id.encode()),

@@ -6,10 +6,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import secrets
+import time
+from collections.abc import Iterable
 
+from .call import Call, new_call
 from .errors import CallError, UpstreamError
 from .http.message import Request, strip_hop_by_hop
 from .http.server import ResponseWriter
+from .model import Service
 from .router import Routed, Router
 
 # Request ids: a random per-process prefix and a counter (no syscall per call, unique across restarts).
@@ -34,6 +38,33 @@ def call_timeout(req: Request, policy_timeout: float) -> float:
         return min(policy_timeout, max(0.0, int(asked) / 1000))
     except ValueError:
         raise CallError(400, "bad_request", "x-edged-timeout-ms must be an integer") from None
+
+
+def call_for(
+    req: Request,
+    svc: Service,
+    path: str,
+    *,
+    tiers: frozenset[str] | None = None,
+    drop: frozenset[bytes] = frozenset(),
+    add: Iterable[tuple[bytes, bytes]] = (),
+) -> Call:
+    """The call an entry point makes of `req` for `svc`: its deadline (the service's timeout, or the caller's
+    shorter one) and request id, with `new_call`'s header rules."""
+    deadline = time.monotonic() + call_timeout(req, svc.spec.policy.timeout)
+    return new_call(
+        svc.tenant,
+        svc.name,
+        req.method,
+        path,
+        req.headers,
+        req.body,
+        deadline=deadline,
+        request_id=request_id(req),
+        tiers=tiers,
+        drop=drop,
+        add=add,
+    )
 
 
 async def relay_answer(

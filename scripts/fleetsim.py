@@ -43,7 +43,7 @@ from loadgen import LoadGen, summary
 
 sys.path.insert(0, str(REPO / "tests"))
 
-from fixtures_mqtt import Broker, mqtt_section
+from fixtures_mqtt import Broker, cloud_first_manifest, mqtt_section
 
 from edged.cloud.envelope import CloudAnswer, decode_request, encode_answer
 from edged.cloud.registry_sync import STATE_FILE, spec_entry
@@ -296,24 +296,6 @@ class Observer:
 # -- the scenario -------------------------------------------------------------------------------------------
 
 
-def fallback_manifest(service: str, port: int) -> str:
-    """A service of a remote box that this box can also serve locally (the other endpoint)."""
-    return f"""
-service_name = "{service}"
-endpoint_types = ["cloud", "local"]
-[[endpoints]]
-type = "cloud"
-priority = 1
-[[endpoints]]
-type = "local"
-url = "http://127.0.0.1:{port}"
-priority = 5
-[policy]
-per_try_timeout = "2s"
-timeout = "5s"
-"""
-
-
 def daemon_learned(log_text: str, nodes: set[str]) -> dict[str, float]:
     """When the daemon logged each node going offline (wall clock, from its JSON log)."""
     out: dict[str, float] = {}
@@ -345,7 +327,10 @@ async def liveness_run(args, mode: str, tmp: Path) -> dict:
     alive = [b for b in fleet.boxes if b not in dying]
     backend = Backend("local-fallback", _free_port(), tmp).start()
     fallbacks = {b.service_names[0] for b in dying} | {b.service_names[0] for b in alive[: len(dying)]}
-    manifests = {f"{s}.toml": fallback_manifest(s, backend.port) for s in sorted(fallbacks)}
+    # The other endpoint of some services: a local one on the daemon, the cloud tier first.
+    manifests = {
+        f"{s}.toml": cloud_first_manifest(s, backend.port, per_try="2s", timeout="5s") for s in sorted(fallbacks)
+    }
     d = Edged(
         tmp / f"edged-{mode}",
         manifests,

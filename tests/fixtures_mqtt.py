@@ -155,6 +155,24 @@ def mqtt_section(broker: Broker, prefix: str, **keys: object) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cloud_first_manifest(service: str, port: int, *, per_try: str, timeout: str) -> str:
+    """A service this box serves over the cloud tier first, with a local endpoint (`port`) as the other one."""
+    return f"""
+service_name = "{service}"
+endpoint_types = ["cloud", "local"]
+[[endpoints]]
+type = "cloud"
+priority = 1
+[[endpoints]]
+type = "local"
+url = "http://127.0.0.1:{port}"
+priority = 5
+[policy]
+per_try_timeout = "{per_try}"
+timeout = "{timeout}"
+"""
+
+
 def name_node(d: Edged, name: str) -> Edged:
     """Give a harness daemon (made with start=False) its own node name: the harness writes "test-node"."""
     d.config.write_text(d.config.read_text().replace('name = "test-node"', f'name = "{name}"', 1))

@@ -12,23 +12,15 @@ import json
 
 import aiomqtt
 from conftest import wait_for
-from fixtures_mqtt import bridge_config, bridges, broker, mqtt_section, topic_prefix, wait_metric  # noqa: F401
-
-CLOUD_FIRST = """
-service_name = "thermo"
-endpoint_types = ["cloud", "local"]
-[[endpoints]]
-type = "cloud"
-priority = 1
-[[endpoints]]
-type = "local"
-url = "http://127.0.0.1:{port}"
-priority = 5
-[policy]
-retries = 2
-per_try_timeout = "3s"
-timeout = "10s"
-"""
+from fixtures_mqtt import (  # noqa: F401
+    bridge_config,
+    bridges,
+    broker,
+    cloud_first_manifest,
+    mqtt_section,
+    topic_prefix,
+    wait_metric,
+)
 
 BRIDGE_THERMO = """
 service_name = "thermo"
@@ -63,7 +55,8 @@ def bridge_and_daemon(backends, edged, broker, bridges, topic_prefix, node: str)
     bridge = bridges(
         bridge_config(broker, topic_prefix, node=node), {"thermo.toml": BRIDGE_THERMO.format(port=remote.port)}
     )
-    d = edged({"thermo.toml": CLOUD_FIRST.format(port=local.port)}, mqtt_section(broker, topic_prefix))
+    manifest = cloud_first_manifest("thermo", local.port, per_try="3s", timeout="10s")
+    d = edged({"thermo.toml": manifest}, mqtt_section(broker, topic_prefix))
     wait_metric(d, "edged_mqtt_connected", lambda v: v == 1)
     wait_for(lambda: provider_state(d, node) == "online", 10, what="the daemon learns the bridge")
     return local, bridge, d

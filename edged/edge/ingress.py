@@ -13,10 +13,9 @@ mutual TLS (the security issue) replaces `headers()` and `check()` without touch
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 
-from ..call import LOCAL_ONLY, Call, new_call
+from ..call import LOCAL_ONLY, Call
 from ..errors import CallError
 from ..http.client import UpstreamPool, UpstreamResponse
 from ..http.message import Request
@@ -24,7 +23,7 @@ from ..http.server import HttpServer, ListenError, ResponseWriter
 from ..model import DEFAULT_TENANT, Endpoint
 from ..paths import normalize_path
 from ..registry import Registry
-from ..relay import call_timeout, relay_answer, request_id
+from ..relay import call_for, relay_answer
 from ..router import Router
 from ..transport.http import HttpTransport
 from .peers import offered
@@ -159,21 +158,9 @@ class Ingress:
             "edge" in svc.spec.endpoint_types or svc.spec.advertise is not None
         ):
             raise CallError(404, "unknown_service", f"{service!r} is not offered to peers by {self._identity.node}")
-        deadline = time.monotonic() + call_timeout(req, svc.spec.policy.timeout)
+        call = call_for(req, svc, path, tiers=LOCAL_ONLY, add=[(b"x-forwarded-for", req.peer.encode())])
         if self._on_peer_call is not None:
             self._on_peer_call(caller)
-        call = new_call(
-            tenant,
-            service,
-            req.method,
-            path,
-            req.headers,
-            req.body,
-            deadline=deadline,
-            request_id=request_id(req),
-            tiers=LOCAL_ONLY,
-            add=[(b"x-forwarded-for", req.peer.encode())],
-        )
         routed = await self._router.route_service_call(call)
         extra = [
             (b"x-edged-peer-endpoint", routed.endpoint.id.encode()),
