@@ -115,7 +115,8 @@ def test_a_tampered_document_or_a_stolen_key_id_fails_the_signature():
 
 def test_good_documents_apply_and_every_bad_one_is_refused_counted_and_changes_nothing():
     src, registry, metrics = source(registry_with("thermo", "pump"))
-    assert src.offer(signed({"version": 5, "policies": {"thermo": {"strategy": "round_robin"}}}), "fleet", "t")
+    good = signed({"version": 5, "policies": {"thermo": {"strategy": "round_robin"}}})
+    assert src.offer(good, "fleet", "t")
     assert strategy(registry, "thermo") == "round_robin" and strategy(registry, "pump") == "priority"
     assert registry.policy_source("default", "thermo") == "fleet"
     bad = [
@@ -135,8 +136,9 @@ def test_good_documents_apply_and_every_bad_one_is_refused_counted_and_changes_n
         assert metrics.fleet_refused.get((reason,)) == before + 1, reason
     assert strategy(registry, "thermo") == "round_robin"
     assert src.versions() == {"fleet": 5}
-    # The same document again (retained, re-delivered on every reconnect) is not a refusal.
-    assert src.offer(signed({"version": 5, "policies": {"thermo": {"strategy": "round_robin"}}}), "fleet", "t")
+    # The same document again (retained, re-delivered on every reconnect: the same bytes, the same
+    # `issued_at` stamp) is not a refusal.
+    assert src.offer(good, "fleet", "t")
     assert sum(src.refused.values()) == len(bad)
 
 
