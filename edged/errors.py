@@ -74,3 +74,7 @@ class UpstreamProtocolError(UpstreamError):
 # so a config error stops the unit instead of restarting it forever.
 EXIT_START_FAILED = 1  # could not start (a port in use, a folder it may not write): may succeed on a restart
 EXIT_CONFIG = 78  # the config is invalid or unsafe (EX_CONFIG of sysexits.h): fix it, then start again
+
+
+class IdentityError(EdgedError):
+    """A certificate, key, signature or trust bundle is missing, invalid, expired or not trusted: says which."""

@@ -1,0 +1,50 @@
+"""TLS 1.3 contexts for mutual authentication between fleet members, with the stdlib `ssl` (no `cryptography`).
+
+Both sides present their node certificate and require the other's, verified against the trust bundle by
+OpenSSL; host names are not checked (peers are found by mDNS, at addresses no certificate could name): the
+caller checks the SPIFFE ID instead, with `peer_name()`.
+"""
+
+from __future__ import annotations
+
+import ssl
+
+from ..errors import IdentityError
+from .files import IdentityFiles, check_key_mode, peer_name_of
+from .names import PeerName
+
+
+def _context(files: IdentityFiles, purpose: int) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(purpose)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    if purpose == ssl.PROTOCOL_TLS_CLIENT:
+        ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    check_key_mode(files.key)
+    try:
+        ctx.load_cert_chain(files.cert, files.key)
+    except (ssl.SSLError, OSError) as exc:
+        raise IdentityError(f"{files.cert}: cannot use the node certificate and key: {exc}") from exc
+    try:
+        ctx.load_verify_locations(cafile=files.ca)
+    except (ssl.SSLError, OSError) as exc:
+        raise IdentityError(f"{files.ca}: cannot use the trust bundle: {exc}") from exc
+    return ctx
+
+
+def server_context(files: IdentityFiles) -> ssl.SSLContext:
+    """For the peer ingress: TLS 1.3 only, a client certificate from the trust bundle required."""
+    return _context(files, ssl.PROTOCOL_TLS_SERVER)
+
+
+def client_context(files: IdentityFiles) -> ssl.SSLContext:
+    """For calls to peers (and the broker): TLS 1.3 only, presents the node certificate, verifies the server's."""
+    return _context(files, ssl.PROTOCOL_TLS_CLIENT)
+
+
+def peer_name(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> PeerName:
+    """The (fleet, node) of the verified certificate the other side presented on a finished handshake."""
+    cert = ssl_object.getpeercert() if ssl_object is not None else None
+    if not cert:
+        raise IdentityError("the peer presented no certificate")
+    return peer_name_of(cert)
