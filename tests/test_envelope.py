@@ -87,7 +87,9 @@ def test_answer_round_trips_and_error_answers_carry_the_mesh_error_body():
         (raw_request(headers=[["bad name", "v"]]), "bad name or value"),
         (raw_request(headers=[["x-a", "\u20ac"]]), "not latin-1"),
         (raw_request(headers=[["x-a"]]), "pair of strings"),
-        (raw_request(deadline=0), "deadline must be > 0"),
+        (raw_request(deadline=0), "deadline must be 1..3600000 ms"),
+        (raw_request(deadline=2**80), "deadline must be 1..3600000 ms"),
+        (raw_request(deadline=3_600_001), "deadline must be 1..3600000 ms"),
         (raw_request(deadline="soon"), "wrong type"),
         (raw_request(tenant=None), "missing 'tenant'"),
         (raw_request(body="text, not bytes"), "wrong type"),
@@ -113,14 +115,21 @@ def test_a_refused_request_keeps_id_and_reply_when_they_are_sound_so_it_can_be_a
     "obj",
     [
         {"v": 1, "id": b"i", "status": 99, "body": b""},
+        {"v": 1, "id": b"i", "status": 101},
+        {"v": 1, "id": b"i", "status": 100},
+        {"v": 1, "id": b"i", "status": 600},
+        {"v": 1, "id": b"i", "status": -200},
+        {"v": 1, "id": b"i", "status": 2**80},
         {"v": 1, "id": b"i", "status": True},
         {"v": 1, "id": "text-id", "status": 200},
         {"v": 1, "status": 200},
     ],
 )
 def test_bad_answers_are_refused(obj):
-    with pytest.raises(EnvelopeError):
+    with pytest.raises(EnvelopeError) as info:
         decode_answer(cbor2.dumps(obj))
+    # The id, when sound, is kept: the call it answers fails at once (502) instead of waiting.
+    assert info.value.id == (obj["id"] if isinstance(obj.get("id"), bytes) else None)
 
 
 def test_topics_of_a_fleet():

@@ -9,7 +9,10 @@ headers are `[name, value]` text pairs (latin-1, names lower-case):
     answer:  {"v": 1, "id": bytes, "status": int, "headers": [[str, str]...], "body": bytes, "node": str}
 
 `deadline` is the milliseconds the caller still waits, counted from when the request was published
-(relative, so that clocks of node and cloud need not agree; MQTT 5 message expiry says the same).
+(relative, so that clocks of node and cloud need not agree; MQTT 5 message expiry says the same), from 1 to
+MAX_DEADLINE_MS. An answer's `status` is a final HTTP status, 200 to 599: an interim (1xx) or a 101 Switching
+Protocols answer cannot be relayed as the one answer to a request (the caller's keep-alive connection would
+desynchronize), so it is refused like any other bad answer.
 Decoding never trusts its input: anything that would not make a clean HTTP request is refused.
 """
 
@@ -25,6 +28,7 @@ from ..errors import EdgedError
 
 VERSION = 1
 MAX_ID_BYTES = 64
+MAX_DEADLINE_MS = 3_600_000  # an hour: no call waits longer, and a bignum never reaches float arithmetic
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token: header names, methods
 _BAD_VALUE = re.compile(rb"[\x00\r\n]")
 _BAD_PATH = re.compile(r"[\x00-\x20\x7f]")  # the path goes into a request line: no spaces, no controls
@@ -196,8 +200,8 @@ def decode_request(data: bytes) -> CloudRequest:
         if not path.startswith("/") or _BAD_PATH.search(path):
             raise EnvelopeError(f"request: bad path {path!r}")
         deadline = _int(obj, "deadline", what)
-        if deadline <= 0:
-            raise EnvelopeError(f"request: deadline must be > 0 ms, got {deadline}")
+        if not 0 < deadline <= MAX_DEADLINE_MS:
+            raise EnvelopeError(f"request: deadline must be 1..{MAX_DEADLINE_MS} ms, got {str(deadline)[:20]}")
         return CloudRequest(
             id=cid,
             reply=reply,
@@ -220,15 +224,20 @@ def decode_request(data: bytes) -> CloudRequest:
 
 
 def decode_answer(data: bytes) -> CloudAnswer:
-    """An answer envelope from CBOR bytes; EnvelopeError if invalid."""
+    """An answer envelope from CBOR bytes; EnvelopeError if invalid (with `id` when it could be read, so that
+    the call waiting for it fails at once instead of waiting for its timeout)."""
     obj = _load(data, "answer")
-    status = _int(obj, "status", "answer")
-    if not 100 <= status <= 599:
-        raise EnvelopeError(f"answer: bad status {status}")
-    return CloudAnswer(
-        id=_id(obj, "answer"),
-        status=status,
-        headers=_headers_in(obj, "answer"),
-        body=_bytes(obj, "body", "answer"),
-        node=_str(obj, "node", "answer", ""),
-    )
+    cid = _id(obj, "answer")
+    try:
+        status = _int(obj, "status", "answer")
+        if not 200 <= status <= 599:
+            raise EnvelopeError(f"answer: status {str(status)[:20]} is not a final status (200..599)")
+        return CloudAnswer(
+            id=cid,
+            status=status,
+            headers=_headers_in(obj, "answer"),
+            body=_bytes(obj, "body", "answer"),
+            node=_str(obj, "node", "answer", ""),
+        )
+    except EnvelopeError as exc:
+        raise EnvelopeError(str(exc), id=cid) from None

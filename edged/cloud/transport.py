@@ -23,7 +23,7 @@ from ..call import Call
 from ..errors import ConnectFailed, UpstreamReset, UpstreamTimeout
 from ..looplag import TimeLimit
 from ..model import Endpoint
-from .envelope import CloudAnswer, CloudRequest, EnvelopeError, decode_answer, encode_request
+from .envelope import CloudAnswer, CloudRequest, EnvelopeError, decode_answer, encode_request, error_answer
 from .session import MqttSession, PublishError
 from .telemetry import CloudMetrics
 from .topics import Topics
@@ -187,6 +187,10 @@ class CloudTransport:
         except EnvelopeError as exc:
             self._metrics.bad_answers.inc()
             log.debug("dropped a bad answer on %s: %s", message.topic, exc)
+            future = self._pending.pop(exc.id, None) if exc.id is not None else None
+            if future is not None and not future.done():
+                # The call it answers fails now, as a bad gateway would (the router may try the next endpoint).
+                future.set_result(error_answer(exc.id, 502, "bad_answer", str(exc)[:200]))
             return
         future = self._pending.pop(answer.id, None)
         if future is None or future.done():
