@@ -140,9 +140,11 @@ class MqttConfig:
 
 @dataclass(frozen=True, slots=True)
 class FleetConfig:
-    """`[fleet]`: Ed25519 public keys (files) whose signatures fleet config documents must carry."""
+    """`[fleet]`: Ed25519 public keys (files) whose signatures fleet config documents must carry, and the
+    oldest document (by `issued_at`) a node with no fleet config in its state still takes."""
 
     keys: tuple[str, ...] = ()
+    max_age: float = 30 * 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -407,9 +409,10 @@ class _Loader:
         )
 
     def fleet(self, t: Table) -> FleetConfig:
-        t.only(("keys",))
+        t.only(("keys", "max_age"))
         keys = t.strings("keys", (), what="a public key file path")
-        return FleetConfig(keys=tuple(self.resolve(k) for k in keys))
+        max_age = t.duration("max_age", FleetConfig().max_age)
+        return FleetConfig(keys=tuple(self.resolve(k) for k in keys), max_age=max_age)
 
     def bridge(self, t: Table) -> BridgeConfig:
         t.only(("group",))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_DURATION_SCALE = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_SCALE = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|KiB|MB|MiB|GB|GiB|k|K|M|G)?\s*$")
 _SIZE_SCALE = {
     None: 1,
@@ -24,7 +24,7 @@ _SIZE_SCALE = {
 
 
 def parse_duration(value: object) -> float:
-    """Seconds from "300ms", "2s", "1.5m", "1h" or a bare number of seconds; ValueError otherwise."""
+    """Seconds from "300ms", "2s", "1.5m", "1h", "30d" or a bare number of seconds; ValueError otherwise."""
     if isinstance(value, bool):
         raise ValueError(f"expected a duration like '2s' or '300ms', got {value!r}")
     if isinstance(value, (int, float)):

@@ -162,7 +162,7 @@ def fleet_push(broker: Broker, prefix: str, daemons: list[Edged], key_file: Path
     for i in range(pushes):
         version = 10 + i
         chosen = "round_robin" if i % 2 == 0 else "priority"
-        doc = document_text({"version": version, "policies": {"thermo": {"strategy": chosen}}})
+        doc = document_text({"version": version, "fleet": "home", "policies": {"thermo": {"strategy": chosen}}})
         wire = sign_document(doc, key)
 
         t0 = asyncio.run(publish_retained(broker.port, f"{prefix}/home/config", wire))

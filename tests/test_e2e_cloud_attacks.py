@@ -8,12 +8,16 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import shutil
+from datetime import datetime, timedelta, timezone
 
 import aiomqtt
 import cbor2
+from conftest import wait_for
 from fixtures_mqtt import broker, mqtt_section, topic_prefix, wait_metric  # noqa: F401
 
 from edged.cloud.envelope import decode_request
+from edged.cloud.fleet import document_text, generate_key, load_private_key, sign_document
 
 CLOUD_ONLY = """
 service_name = "slow"
@@ -67,3 +71,108 @@ def test_interim_and_made_up_statuses_from_the_cloud_become_502_and_keep_alive_s
         assert json.loads(body)["error"] == "bad_answer", body
     assert seen[-1][0] == 200
     assert wait_metric(d, "edged_cloud_bad_answers_total", lambda v: v >= len(statuses)) == len(statuses)
+
+
+# -- fleet config: cross-fleet and replayed documents ----------------------------------------------------------
+
+THERMO = """
+service_name = "thermo"
+[[endpoints]]
+type = "local"
+url = "http://127.0.0.1:{port}"
+"""
+
+
+def publish_retained(port: int, topic: str, payload: bytes) -> None:
+    async def go() -> None:
+        async with aiomqtt.Client("127.0.0.1", port) as c:
+            await c.publish(topic, payload, qos=1, retain=True)
+
+    asyncio.run(go())
+
+
+def refused(d, reason: str) -> float:
+    for line in d.api.request("GET", "/metrics")[2].decode().splitlines():
+        if line.startswith(f'edged_fleet_config_refused_total{{reason="{reason}"}} '):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_a_document_for_one_fleet_or_for_no_fleet_is_refused_by_another_fleet(
+    tmp_path, backends, edged, broker, topic_prefix
+):
+    """Before: `fleet` was optional and `edged fleet sign` did not add it, so a document signed for `home` was
+    applied by an `office` node trusting the same key. Now: a document names its fleet, or is refused."""
+    private_pem, public_pem, _ = generate_key()
+    (tmp_path / "ops.pub").write_bytes(public_pem)
+    (tmp_path / "ops.key").write_bytes(private_pem)
+    key = load_private_key(str(tmp_path / "ops.key"))
+    backend = backends("b")
+    extra = mqtt_section(broker, topic_prefix) + f'[fleet]\nkeys = ["{tmp_path / "ops.pub"}"]\n'
+    home = edged({"thermo.toml": THERMO.format(port=backend.port)}, extra)
+    office = edged({"thermo.toml": THERMO.format(port=backend.port)}, extra, start=False)
+    office.config.write_text(office.config.read_text().replace('name = "test-node"', 'name = "o-1"\nfleet = "office"'))
+    office.start()
+    for d in (home, office):
+        wait_metric(d, "edged_mqtt_connected", lambda v: v == 1)
+    rr = {"policies": {"thermo": {"strategy": "round_robin"}}}
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+    # A document as `edged fleet sign` made it before: no fleet named.
+    unnamed = sign_document(json.dumps({"version": 5, "issued_at": now, **rr}), key)
+    publish_retained(broker.port, f"{topic_prefix}/office/config", unnamed)
+    wait_for(lambda: refused(office, "wrong_scope") >= 1, 10, what="the unnamed document refused")
+    # The operator's document for home, copied by anyone to the office fleet's topic.
+    for_home = sign_document(document_text({"version": 6, "fleet": "home", **rr}), key)
+    publish_retained(broker.port, f"{topic_prefix}/home/config", for_home)
+    publish_retained(broker.port, f"{topic_prefix}/office/config", for_home)
+    wait_for(lambda: home.get("/v1/services/thermo")["strategy"] == "round_robin", 10, what="applied at home")
+    wait_for(lambda: refused(office, "wrong_scope") >= 2, 10, what="home's document refused by office")
+    assert office.get("/v1/services/thermo")["strategy"] == "priority"
+    assert refused(home, "wrong_scope") == 0
+
+
+def test_replayed_fleet_documents_are_refused_even_by_a_box_with_no_state(
+    tmp_path, backends, edged, broker, topic_prefix
+):
+    """Before: rollback protection lived only in the state dir: a box with no state took v3 although v12
+    exists, and took an old retained document again after a state wipe. Now: with no state, a document
+    issued longer ago than `[fleet] max_age` is refused; with state, an older version is."""
+    private_pem, public_pem, _ = generate_key()
+    (tmp_path / "ops.pub").write_bytes(public_pem)
+    (tmp_path / "ops.key").write_bytes(private_pem)
+    key = load_private_key(str(tmp_path / "ops.key"))
+    backend = backends("b")
+    extra = mqtt_section(broker, topic_prefix) + f'[fleet]\nkeys = ["{tmp_path / "ops.pub"}"]\nmax_age = "7d"\n'
+    topic = f"{topic_prefix}/home/config"
+
+    def doc(version: int, strategy: str, days_ago: float) -> bytes:
+        issued = datetime.now(timezone.utc) - timedelta(days=days_ago)
+        text = json.dumps(
+            {
+                "version": version,
+                "fleet": "home",
+                "issued_at": issued.isoformat(timespec="seconds"),
+                "policies": {"thermo": {"strategy": strategy}},
+            }
+        )
+        return sign_document(text, key)
+
+    old_v3 = doc(3, "weighted", days_ago=60)  # captured by the attacker two months ago
+    publish_retained(broker.port, topic, old_v3)
+    d = edged({"thermo.toml": THERMO.format(port=backend.port)}, extra)
+    wait_for(lambda: refused(d, "stale") >= 1, 10, what="the old document refused")
+    assert d.get("/v1/services/thermo")["strategy"] == "priority"
+
+    publish_retained(broker.port, topic, doc(12, "round_robin", days_ago=0))
+    wait_for(lambda: d.get("/v1/services/thermo")["strategy"] == "round_robin", 10, what="v12 applied")
+    publish_retained(broker.port, topic, old_v3)
+    wait_for(lambda: refused(d, "older") >= 1, 10, what="v3 refused after v12")
+
+    # The state is wiped; the broker still holds the attacker's retained v3.
+    assert d.stop() == 0
+    shutil.rmtree(d.root / "state")
+    d.start()
+    wait_metric(d, "edged_mqtt_connected", lambda v: v == 1)
+    wait_for(lambda: refused(d, "stale") >= 1, 10, what="the old document refused after the wipe")
+    assert d.get("/v1/services/thermo")["strategy"] == "priority"

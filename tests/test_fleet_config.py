@@ -10,6 +10,8 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import aiomqtt
@@ -27,11 +29,14 @@ from edged.cloud.fleet import (
     FleetSettings,
     document_text,
     generate_key,
+    issued_time,
     key_id,
     load_private_key,
     load_public_key,
+    parse_document,
     read_source_document,
     sign_document,
+    tombstone,
     verify,
 )
 from edged.cloud.telemetry import CloudMetrics
@@ -45,7 +50,8 @@ TRUSTED = {key_id(KEY.public_key()): KEY.public_key()}
 
 
 def signed(doc: dict, key: Ed25519PrivateKey = KEY) -> bytes:
-    return sign_document(document_text(doc), key)
+    """A document as `edged fleet sign` makes it: named for fleet "home" unless it names another."""
+    return sign_document(document_text({"fleet": "home", **doc}), key)
 
 
 def source(registry: Registry | None = None, **kw) -> tuple[FleetConfigSource, Registry, CloudMetrics]:
@@ -212,11 +218,28 @@ def test_keygen_sign_on_the_command_line(tmp_path: Path, monkeypatch, capsys):
     assert (tmp_path / "ops.key").stat().st_mode & 0o777 == 0o600
     assert edged_main(["fleet", "keygen", "ops"]) == 1  # never overwrites a private key
     (tmp_path / "doc.toml").write_text('version = 7\n[policies.thermo]\nstrategy = "round_robin"\n')
-    assert edged_main(["fleet", "sign", "doc.toml", "--key", "ops.key", "--node", "pi-1"]) == 0
+    capsys.readouterr()
+    assert edged_main(["fleet", "sign", "doc.toml", "--key", "ops.key", "--node", "pi-1"]) == 1
+    assert "name the fleet" in capsys.readouterr().err  # never a default fleet: a document names its own
+    assert edged_main(["fleet", "sign", "doc.toml", "--key", "ops.key", "--node", "pi-1", "--fleet", "home"]) == 0
     wire = (tmp_path / "doc.signed.json").read_bytes()
     public = load_public_key(str(tmp_path / "ops.pub"))
     text, _ = verify(wire, {key_id(public): public})
-    assert json.loads(text)["node"] == "pi-1" and json.loads(text)["version"] == 7
+    doc = json.loads(text)
+    assert (doc["node"], doc["version"], doc["fleet"]) == ("pi-1", 7, "home")
+    assert issued_time(doc["issued_at"]) == pytest.approx(time.time(), abs=5)
+    # The fleet can come from a config's [node] fleet, and a document naming another fleet is refused.
+    (tmp_path / "office.toml").write_text('[node]\nname = "x"\nfleet = "office"\n')
+    assert edged_main(["fleet", "sign", "doc.toml", "-k", "ops.key", "-c", "office.toml", "-o", "o.json"]) == 0
+    assert json.loads(verify((tmp_path / "o.json").read_bytes(), {key_id(public): public})[0])["fleet"] == "office"
+    (tmp_path / "home.toml").write_text('fleet = "home"\nversion = 3\n')
+    capsys.readouterr()
+    assert edged_main(["fleet", "sign", "home.toml", "-k", "ops.key", "--fleet", "office"]) == 1
+    assert "names fleet 'home', not 'office'" in capsys.readouterr().err
+    # A tombstone for a node's document.
+    assert edged_main(["fleet", "withdraw", "pi-1", "-k", "ops.key", "--fleet", "home", "--version", "9"]) == 0
+    tomb = json.loads(verify((tmp_path / "withdraw-pi-1.signed.json").read_bytes(), {key_id(public): public})[0])
+    assert (tomb["node"], tomb["version"], tomb["withdrawn"], tomb["fleet"]) == ("pi-1", 9, True, "home")
     (tmp_path / "bad.toml").write_text('version = 8\n[policies.thermo]\nretries = "x"\n')
     capsys.readouterr()
     assert edged_main(["fleet", "sign", "bad.toml", "--key", "ops.key"]) == 1
@@ -316,7 +339,7 @@ def test_fleet_config_changes_routing_refuses_forgeries_and_survives_a_restart_w
     # The operator's way: sign a document and push it with the CLI (retained on {prefix}/home/config).
     (tmp_path / "rr.toml").write_text('version = 2\n[policies.thermo]\nstrategy = "round_robin"\n')
     signed_rr = subprocess.run(
-        [sys.executable, "-m", "edged", "fleet", "sign", "rr.toml", "--key", "ops.key", "--out", "-"],
+        [sys.executable, "-m", "edged", "fleet", "sign", "rr.toml", "--key", "ops.key", "-c", str(d.config), "-o", "-"],
         cwd=tmp_path,
         capture_output=True,
         check=True,
@@ -337,7 +360,7 @@ def test_fleet_config_changes_routing_refuses_forgeries_and_survives_a_restart_w
     # A forged document (unknown key), a replayed older one (good signature) and garbage: all refused.
     topic = f"{topic_prefix}/home/config"
     forged = sign_document(document_text({"version": 3, "policies": {"thermo": {"strategy": "latency"}}}), OTHER)
-    older = sign_document(document_text({"version": 1, "policies": {"thermo": {"strategy": "weighted"}}}), key)
+    older = signed({"version": 1, "policies": {"thermo": {"strategy": "weighted"}}}, key)
     for payload in (forged, older, b"\x00 garbage {"):
         publish_retained(broker.port, topic, payload)
     wait_metric(d, "edged_fleet_config_refused_total", lambda v: v >= 3)
@@ -364,3 +387,62 @@ def test_the_fleet_layer_is_a_function_of_the_documents_and_the_manifests():
     assert (policy.strategy, policy.retries) == ("round_robin", 3)  # laid over the manifest's policy
     (alone,) = src.policies(Draft({}, {})).values()
     assert (alone.strategy, alone.retries) == ("round_robin", PolicySpec().retries)  # no manifest: the defaults
+
+
+def dated(doc: dict, issued_at: float, key: Ed25519PrivateKey = KEY) -> bytes:
+    """A document signed with a given issue time (what a replay of an old one looks like)."""
+    stamp = datetime.fromtimestamp(issued_at, timezone.utc).isoformat(timespec="seconds")
+    text = json.dumps({"fleet": "home", **doc, "issued_at": stamp}, sort_keys=True)
+    return sign_document(text, key)
+
+
+def test_documents_must_name_their_fleet_and_node_and_carry_an_issue_time():
+    src, _, _ = source(registry_with("thermo"))
+    rr = {"policies": {"thermo": {"strategy": "round_robin"}}}
+    unnamed = sign_document(document_text({"version": 5, **rr}), KEY)  # as `edged fleet sign` made them before
+    assert not src.offer(unnamed, "fleet", "t")
+    assert not src.offer(signed({"version": 5, "fleet": "office", **rr}), "fleet", "t")
+    assert not src.offer(signed({"version": 5, **rr}), "node", "t")  # on config/pi-1 without naming pi-1
+    assert not src.offer(signed({"version": 5, "node": "pi-2", **rr}), "node", "t")
+    assert not src.offer(sign_document(json.dumps({"version": 5, "fleet": "home", **rr}), KEY), "fleet", "t")
+    yesterday = json.dumps({"version": 5, "fleet": "home", "issued_at": "yesterday"})
+    assert not src.offer(sign_document(yesterday, KEY), "fleet", "t")
+    assert not src.offer(signed({"version": 2**60, **rr}), "fleet", "t")
+    assert src.refused == {"wrong_scope": 4, "invalid": 3}
+    assert src.offer(signed({"version": 5, "node": "pi-1", **rr}), "node", "t")
+    assert src.versions() == {"node": 5}
+
+
+def test_with_no_state_an_old_document_is_refused_and_with_state_an_older_version_is():
+    now = time.time()
+    src, registry, _ = source(registry_with("thermo"), max_age=30 * 86400, clock=lambda: now)
+    rr = {"policies": {"thermo": {"strategy": "round_robin"}}}
+    # A node that has never seen v12: a v3 retained two months ago (replayed) is refused as stale ...
+    assert not src.offer(dated({"version": 3, **rr}, now - 60 * 86400), "fleet", "t")
+    assert src.refused == {"stale": 1} and strategy(registry, "thermo") == "priority"
+    # ... a recent one is taken, and from then on the version decides, whatever the issue time.
+    assert src.offer(dated({"version": 12, **rr}, now - 86400), "fleet", "t")
+    assert not src.offer(dated({"version": 3, **rr}, now), "fleet", "t")
+    assert src.refused == {"stale": 1, "older": 1}
+    # The saved state restores a document older than max_age (it is memory, not a replay).
+    later, registry2, _ = source(registry_with("thermo"), max_age=3600, clock=lambda: now + 86400 * 365)
+    assert later.load(json.loads(json.dumps(src.state()))) == ["fleet"]
+    assert strategy(registry2, "thermo") == "round_robin"
+
+
+def test_a_node_document_is_withdrawn_by_a_newer_tombstone_and_stays_withdrawn():
+    src, registry, _ = source(registry_with("thermo"))
+    src.offer(signed({"version": 1, "policies": {"thermo": {"strategy": "weighted"}}}), "fleet", "t")
+    node_doc = signed({"version": 4, "node": "pi-1", "policies": {"thermo": {"strategy": "round_robin"}}})
+    assert src.offer(node_doc, "node", "t") and strategy(registry, "thermo") == "round_robin"
+    assert not src.offer(signed(tombstone("pi-1", 3)), "node", "t")  # not newer: refused
+    assert src.offer(signed(tombstone("pi-1", 5)), "node", "t")
+    assert strategy(registry, "thermo") == "weighted"  # the fleet's document again
+    assert not src.offer(node_doc, "node", "t")  # a replay of the withdrawn document
+    assert src.refused == {"older": 2}
+    again, registry2, _ = source(registry_with("thermo"))
+    assert again.load(json.loads(json.dumps(src.state()))) == ["fleet", "node"]
+    assert strategy(registry2, "thermo") == "weighted" and not again.offer(node_doc, "node", "t")
+    with pytest.raises(FleetConfigError, match="only a node's document"):
+        text = document_text({"version": 6, "fleet": "home", "withdrawn": True})
+        parse_document(text, key="k", signed=b"", source="t")

@@ -30,19 +30,45 @@ def add_cloud_commands(sub, command: Callable[..., argparse.ArgumentParser]) -> 
     kg = actions.add_parser("keygen", help="make an Ed25519 key pair: NAME.key (private, 0600) and NAME.pub")
     kg.add_argument("name", nargs="?", default="fleet", help="path prefix of the two files (default: fleet)")
     kg.set_defaults(func=_keygen)
-    sg = actions.add_parser("sign", help="sign a document (TOML or JSON) into its wire form")
+    sg = actions.add_parser(
+        "sign", help="sign a document (TOML or JSON) into its wire form, stamped with fleet, version, issued_at"
+    )
     sg.add_argument("file", help="the document: version, policies, settings (TOML, or .json)")
     sg.add_argument("--key", "-k", required=True, help="private key file (from keygen)")
     sg.add_argument("--node", help="address the document to one node (pushed to config/NODE)")
+    _fleet_args(sg)
     sg.add_argument("--out", "-o", help="output file; '-' for stdout (default: FILE.signed.json)")
     sg.set_defaults(func=_sign)
+    wd = actions.add_parser("withdraw", help="sign a tombstone that withdraws a node's document")
+    wd.add_argument("node", help="the node whose config/NODE document ends")
+    wd.add_argument("--key", "-k", required=True, help="private key file (from keygen)")
+    wd.add_argument("--version", type=int, help="must be above the node's document's (default: now, in seconds)")
+    _fleet_args(wd)
+    wd.add_argument("--out", "-o", help="output file; '-' for stdout (default: withdraw-NODE.signed.json)")
+    wd.set_defaults(func=_withdraw)
     ps = actions.add_parser("push", help="publish a signed document, retained, to the fleet's config topic")
     ps.add_argument("file", help="a signed document (from sign), or a source document with --key")
     ps.add_argument("--key", "-k", help="sign the source document with this key first")
     ps.add_argument("--node", help="with --key: address the document to one node")
+    ps.add_argument("--fleet", help="with --key: the fleet it is for (default: [node] fleet of --config)")
     ps.add_argument("--config", "-c", help="config file with [mqtt] and [node] fleet (default: /etc/edged/edged.toml)")
     ps.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the broker (default 10)")
     ps.set_defaults(func=_push)
+
+
+def _fleet_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--fleet", help="the fleet it is for (default: the document's, else [node] fleet of --config)")
+    parser.add_argument("--config", "-c", help="read the fleet from this config's [node] fleet")
+
+
+def _fleet_of(args, data: dict | None = None) -> str | None:
+    """The fleet a document is signed for: --fleet, the document's own, else --config's [node] fleet (`push`
+    pushes to that fleet's topic, so it reads its config's even when --config is not given)."""
+    if args.fleet or (data and data.get("fleet")):
+        return args.fleet
+    if args.config or args.func is _push:
+        return find_config(args.config).node.fleet
+    return None
 
 
 def _fail(exc: Exception) -> int:
@@ -87,18 +113,17 @@ def _keygen(args) -> int:
     return 0
 
 
-def _signed_from_source(path: str, key_path: str, node: str | None) -> bytes:
-    from .fleet import document_text, load_private_key, read_source_document, sign_document
+def _signed_from_source(path: str, key_path: str, args) -> bytes:
+    from .fleet import addressed, document_text, load_private_key, read_source_document, sign_document
 
     data = read_source_document(path)
-    if node:
-        data["node"] = node
+    data = addressed(data, fleet=_fleet_of(args, data), node=args.node)
     return sign_document(document_text(data), load_private_key(key_path))
 
 
 def _sign(args) -> int:
     try:
-        signed = _signed_from_source(args.file, args.key, args.node)
+        signed = _signed_from_source(args.file, args.key, args)
     except EdgedError as exc:
         return _fail(exc)
     doc = json.loads(json.loads(signed)["document"])
@@ -109,7 +134,25 @@ def _sign(args) -> int:
         with open(out, "wb") as f:
             f.write(signed)
         where = f"config/{doc['node']}" if doc.get("node") else "config"
-        print(f"signed version {doc['version']} ({where}) -> {out}")
+        print(f"signed version {doc['version']} for fleet {doc['fleet']} ({where}) -> {out}")
+    return 0
+
+
+def _withdraw(args) -> int:
+    from .fleet import addressed, document_text, load_private_key, sign_document, tombstone
+
+    try:
+        data = addressed(tombstone(args.node, args.version), fleet=_fleet_of(args), node=None)
+        signed = sign_document(document_text(data), load_private_key(args.key))
+    except EdgedError as exc:
+        return _fail(exc)
+    out = args.out or f"withdraw-{args.node}.signed.json"
+    if out == "-":
+        sys.stdout.write(signed.decode())
+    else:
+        with open(out, "wb") as f:
+            f.write(signed)
+        print(f"signed tombstone version {data['version']} for fleet {data['fleet']} (config/{args.node}) -> {out}")
     return 0
 
 
@@ -118,7 +161,7 @@ def _push(args) -> int:
 
     try:
         if args.key:
-            signed = _signed_from_source(args.file, args.key, args.node)
+            signed = _signed_from_source(args.file, args.key, args)
         else:
             with open(args.file, "rb") as f:
                 signed = f.read()

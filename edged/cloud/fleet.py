@@ -12,13 +12,23 @@ A policy table overrides the keys it names: the other keys keep the values of th
 is listed in `[fleet] keys`. The document itself:
 
     {"version": 7,                       # integer, must grow with each push (per topic)
-     "fleet": "home",                    # optional: must be this node's fleet
-     "node": "pi-kitchen",               # only on config/{node}, and must be that node
+     "fleet": "home",                    # required: must be this node's fleet
+     "node": "pi-kitchen",               # required on config/{node}, and must be that node; never on config
+     "issued_at": "2026-12-02T08:00:00+00:00",   # required: when it was signed (ISO 8601, with its offset)
      "policies": {"thermo": {...}, "garden/pump": {...}},   # [policy] keys, by service or tenant/service
      "settings": {"telemetry_interval": "30s"},
-     "comment": "...", "issued_at": "..."}
+     "comment": "..."}
 
-Unsigned, badly signed, unparseable, invalid, misaddressed or older documents are refused, counted
+A node document is withdrawn by a signed tombstone, `{"version", "fleet", "node", "issued_at",
+"withdrawn": true}` on `config/{node}` with a higher version: the node's own overrides end, and its version
+stays the newest seen (an old node document replayed afterwards is still refused).
+
+Replays. A node refuses a document older (by version) than the one in force for that topic, which it keeps
+in its state dir; with none (a new box, or a wiped state), it refuses one issued longer ago than
+`[fleet] max_age`, so that an old retained document cannot roll a fresh box back. (A box whose clock is far
+behind takes every document as recent: the version check still holds once it has one.)
+
+Unsigned, badly signed, unparseable, invalid, misaddressed, older or stale documents are refused, counted
 (`edged_fleet_config_refused_total{reason}`) and logged; the last good config stays in force, and is
 kept in the state dir so that it survives a restart with the broker down.
 """
@@ -62,8 +72,20 @@ SIGNED_FORMAT = "hubmesh-fleet-config/1"
 SIGNING_CONTEXT = b"hubmesh-fleet-config/1\x00"  # a signature made for something else never verifies here
 STATE_FILE = "fleet-config.json"
 SCOPES = ("fleet", "node")
-REASONS = ("unsigned", "unparseable", "unknown_key", "bad_signature", "invalid", "wrong_scope", "older", "conflict")
-_DOC_KEYS = ("version", "fleet", "node", "policies", "settings", "comment", "issued_at")
+REASONS = (
+    "unsigned",
+    "unparseable",
+    "unknown_key",
+    "bad_signature",
+    "invalid",
+    "wrong_scope",
+    "older",
+    "stale",
+    "conflict",
+)
+_DOC_KEYS = ("version", "fleet", "node", "policies", "settings", "comment", "issued_at", "withdrawn")
+MAX_VERSION = 2**53  # versions stay exact in JSON everywhere (a bignum is refused before any comparison)
+DEFAULT_MAX_AGE = 30 * 86400.0
 _SETTINGS = ("telemetry_interval",)
 _LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
@@ -109,6 +131,8 @@ class FleetDocument:
     key_id: str
     signed: bytes = field(repr=False)
     ignored_settings: tuple[str, ...] = ()
+    issued_at: float = 0.0  # unix time
+    withdrawn: bool = False  # a tombstone: ends the node's document, keeps its version
 
 
 # -- keys ---------------------------------------------------------------------------------------------------
@@ -281,10 +305,18 @@ def check_document(data: object, source: str, locate=None) -> tuple[dict, dict, 
         raise doc.error((), "a fleet config document must be a table of keys")
     top = Table(doc, data)
     top.only(_DOC_KEYS)
-    top.integer("version", lo=1)
+    top.integer("version", lo=1, hi=MAX_VERSION)
     top.string("fleet", None)
     top.string("node", None)
     top.string("comment", None, allow_empty=True)
+    issued = top.string("issued_at", None)
+    if issued is not None and issued_time(issued) is None:
+        top.fail("issued_at", f"expected an ISO 8601 time with its UTC offset, got {issued!r}")
+    if top.boolean("withdrawn", False):
+        if top.get("node", None) is None:
+            top.fail("withdrawn", "only a node's document can be withdrawn (name the node)")
+        if any(top.has(k) for k in ("policies", "settings")):
+            top.fail("withdrawn", "a tombstone carries no policies or settings")
     policies: dict[tuple[str, str], PolicySpec] = {}
     tables: dict[tuple[str, str], dict[str, Any]] = {}
     table = top.table("policies")
@@ -305,8 +337,18 @@ def check_document(data: object, source: str, locate=None) -> tuple[dict, dict, 
     return policies, tables, FleetSettings(telemetry_interval=interval), ignored
 
 
+def issued_time(text: str) -> float | None:
+    """Unix time of an `issued_at` (ISO 8601 with an offset, as `document_text` writes it), or None."""
+    try:
+        when = datetime.fromisoformat(text)
+    except (ValueError, TypeError):
+        return None
+    return when.timestamp() if when.tzinfo is not None else None
+
+
 def parse_document(text: str, *, key: str, signed: bytes, source: str) -> FleetDocument:
-    """A verified document's text, parsed and validated; FleetConfigError("unparseable" | "invalid")."""
+    """A verified document's text, parsed and validated; FleetConfigError("unparseable" | "invalid"), or
+    "wrong_scope" when it does not name its fleet."""
     try:
         data = json.loads(text)
     except (ValueError, RecursionError) as exc:
@@ -315,6 +357,10 @@ def parse_document(text: str, *, key: str, signed: bytes, source: str) -> FleetD
         policies, tables, settings, ignored = check_document(data, source)
     except ConfigError as exc:
         raise FleetConfigError("invalid", str(exc)) from None
+    if not isinstance(data.get("fleet"), str):
+        raise FleetConfigError("wrong_scope", "the document names no fleet: sign it again with `edged fleet sign`")
+    if not isinstance(data.get("issued_at"), str):
+        raise FleetConfigError("invalid", "the document has no issued_at: sign it again with `edged fleet sign`")
     return FleetDocument(
         version=data["version"],
         fleet=data.get("fleet"),
@@ -325,6 +371,8 @@ def parse_document(text: str, *, key: str, signed: bytes, source: str) -> FleetD
         key_id=key,
         signed=signed,
         ignored_settings=ignored,
+        issued_at=issued_time(data["issued_at"]) or 0.0,
+        withdrawn=data.get("withdrawn") is True,
     )
 
 
@@ -347,10 +395,30 @@ def read_source_document(path: str) -> dict:
 
 
 def document_text(data: Mapping[str, Any]) -> str:
-    """The document as the text that gets signed (JSON, sorted keys), stamped with `issued_at`."""
-    stamped = dict(data)
-    stamped.setdefault("issued_at", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    """The document as the text that gets signed (JSON, sorted keys), stamped with `issued_at` (now)."""
+    stamped = {**data, "issued_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     return json.dumps(stamped, sort_keys=True, separators=(",", ":"))
+
+
+def addressed(data: Mapping[str, Any], *, fleet: str | None, node: str | None) -> dict[str, Any]:
+    """A source document named for its fleet (and node): what `edged fleet sign` fills in. EdgedError when
+    the document already names another one, or when no fleet is known."""
+    out = dict(data)
+    for key, value in (("fleet", fleet), ("node", node)):
+        if value is None:
+            continue
+        if out.get(key, value) != value:
+            raise EdgedError(f"the document names {key} {out[key]!r}, not {value!r}")
+        out[key] = value
+    if not out.get("fleet"):
+        raise EdgedError("name the fleet: --fleet NAME, --config with [node] fleet, or fleet = ... in the document")
+    return out
+
+
+def tombstone(node: str, version: int | None = None) -> dict[str, Any]:
+    """The document that withdraws a node's document (its version defaults to now, as with sources); name
+    its fleet with `addressed`."""
+    return {"version": version or int(time.time()), "node": node, "withdrawn": True}
 
 
 # -- the source of fleet policies in a running daemon ---------------------------------------------------------
@@ -371,8 +439,12 @@ class FleetConfigSource:
         metrics: CloudMetrics,
         saver: StateSaver | None = None,
         on_settings: Callable[[FleetSettings], None] | None = None,
+        max_age: float = DEFAULT_MAX_AGE,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._registry = registry
+        self._max_age = max_age
+        self._clock = clock
         self._keys = dict(keys)
         self.node = node
         self.fleet = fleet
@@ -390,6 +462,7 @@ class FleetConfigSource:
         return f"<FleetConfigSource {self.node}@{self.fleet} versions={versions} refused={self.refused}>"
 
     def versions(self) -> dict[str, int]:
+        """The version in force per scope (a withdrawn node document keeps its version)."""
         return {scope: doc.version for scope, doc in self.docs.items()}
 
     def on_message(self, msg: Inbound, scope: str) -> None:
@@ -418,7 +491,7 @@ class FleetConfigSource:
         log_event(
             log,
             logging.INFO,
-            "fleet_config.applied",
+            "fleet_config.withdrawn" if doc.withdrawn else "fleet_config.applied",
             scope=scope,
             version=doc.version,
             key_id=doc.key_id,
@@ -427,12 +500,12 @@ class FleetConfigSource:
         )
         return True
 
-    def _check(self, signed: bytes, scope: str, origin: str) -> FleetDocument | None:
+    def _check(self, signed: bytes, scope: str, origin: str, *, restoring: bool = False) -> FleetDocument | None:
         if not self._keys:
             raise FleetConfigError("unknown_key", "no trusted keys: set [fleet] keys to accept fleet config")
         text, kid = verify(signed, self._keys)
         doc = parse_document(text, key=kid, signed=signed, source=origin)
-        if doc.fleet is not None and doc.fleet != self.fleet:
+        if doc.fleet != self.fleet:
             raise FleetConfigError("wrong_scope", f"document is for fleet {doc.fleet!r}, this is {self.fleet!r}")
         if scope == "node" and doc.node != self.node:
             raise FleetConfigError("wrong_scope", f"document is for node {doc.node!r}, this is {self.node!r}")
@@ -446,6 +519,15 @@ class FleetConfigSource:
                 if doc.signed == current.signed or text == _text_of(current.signed):
                     return None
                 raise FleetConfigError("conflict", f"another document with version {doc.version} is in force")
+        elif not restoring:
+            age = self._clock() - doc.issued_at
+            if age > self._max_age:
+                days = age / 86400
+                raise FleetConfigError(
+                    "stale",
+                    f"issued {days:.1f} days ago, over [fleet] max_age, and no newer document is known here "
+                    "(sign it again to push it to new boxes)",
+                )
         return doc
 
     def policies(self, draft: Draft) -> dict[Key, PolicySpec]:
@@ -505,7 +587,7 @@ class FleetConfigSource:
             if not isinstance(text, str):
                 continue
             try:
-                doc = self._check(text.encode("utf-8"), scope, f"{STATE_FILE}:{scope}")
+                doc = self._check(text.encode("utf-8"), scope, f"{STATE_FILE}:{scope}", restoring=True)
             except FleetConfigError as exc:
                 log.warning("saved fleet config (%s) no longer accepted: %s", scope, exc)
                 continue

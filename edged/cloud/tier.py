@@ -128,6 +128,7 @@ class CloudTier:
             metrics=self.metrics,
             saver=self.saver,
             on_settings=self._on_settings,
+            max_age=config.fleet.max_age,
         )
         self.session.subscribe(self.topics.config(), lambda m: self.fleet.on_message(m, "fleet"), qos=1)
         self.session.subscribe(self.topics.config(self.node), lambda m: self.fleet.on_message(m, "node"), qos=1)
