@@ -18,8 +18,11 @@ from .errors import EdgedError
 from .model import TIERS, Endpoint, EndpointSpec, PolicySpec, Service, ServiceSpec, parse_target
 
 # Who wins when two sources declare the same (tenant, service): files the operator wrote, then local
-# registration, then what was learned from the fleet registry (MQTT) and from the LAN (mDNS).
-SERVICE_SOURCES = ("manifest", "register", "mqtt", "mdns")
+# registration, then what was learned from the LAN (mDNS), then from the fleet registry (MQTT): an entry
+# anyone on the broker could have retained never hides the edge endpoints of a service found on the LAN.
+SERVICE_SOURCES = ("manifest", "register", "mdns", "mqtt")
+# A service that several of these learned keeps the tiers of each, the stronger source's first.
+LEARNED_SOURCES = frozenset({"mdns", "mqtt"})
 # Who wins when a policy is set outside the manifest: the local API, then fleet config.
 POLICY_SOURCES = ("api", "fleet")
 
@@ -193,10 +196,12 @@ class Registry:
         self._writable()
         specs: dict[Key, ServiceSpec] = {}
         for source in reversed(SERVICE_SOURCES):  # later sources first, so earlier ones overwrite them
-            specs.update(self._sources.services.get(source, {}))
+            declared = list(self._sources.services.get(source, {}).values())
             for layer in self._layers:
                 if layer.name == source and layer.services is not None:
-                    specs.update((spec.key, spec) for spec in layer.services())
+                    declared.extend(layer.services())
+            for spec in declared:
+                specs[spec.key] = _over(spec, specs.get(spec.key), source)
         manifests = MappingProxyType(self._sources.services.get("manifest", {}))
         below: dict[str, Mapping[Key, ServiceSpec]] = {}
         policy_from: dict[Key, str] = {}
@@ -236,6 +241,15 @@ class Registry:
                 fn(old, self._snapshot)
         finally:
             self._notifying = False
+
+
+def _over(spec: ServiceSpec, weaker: ServiceSpec | None, source: str) -> ServiceSpec:
+    """`spec` of `source` over what a weaker source declared: a learned service keeps a weaker learner's tiers
+    after its own (found on the LAN and in the fleet registry: edge first, then cloud)."""
+    if weaker is None or source not in LEARNED_SOURCES or weaker.source.partition(":")[0] not in LEARNED_SOURCES:
+        return spec
+    extra = tuple(t for t in weaker.endpoint_types if t not in spec.endpoint_types)
+    return replace(spec, endpoint_types=spec.endpoint_types + extra) if extra else spec
 
 
 def _dedupe(endpoints: list[Endpoint]) -> list[Endpoint]:

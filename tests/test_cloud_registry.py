@@ -11,6 +11,7 @@ import json
 import cbor2
 import pytest
 from fixtures_mqtt import Broker, broker, topic_prefix  # noqa: F401
+from helpers import FakeHealth
 
 from edged.cloud.persist import StateSaver
 from edged.cloud.registry_sync import RegistrySync, entry_spec, normalize_entry, spec_entry
@@ -21,7 +22,9 @@ from edged.cloud.topics import Topics
 from edged.config import MqttConfig
 from edged.limits import Limits
 from edged.manifest import parse_manifest_data
-from edged.registry import Registry
+from edged.model import Endpoint, ServiceSpec, parse_target
+from edged.policy import Ranker
+from edged.registry import Layer, Registry
 from edged.state import StateStore
 from edged.telemetry import MeshMetrics, Metrics
 
@@ -40,7 +43,8 @@ def test_an_entry_carries_interface_and_policy_and_makes_a_cloud_only_spec():
         endpoints=[{"type": "local", "url": "http://127.0.0.1:9"}],
         policy={"strategy": "round_robin", "per_try_timeout": "250ms", "battery_min": 20},
     )
-    entry = normalize_entry(cbor2.loads(cbor2.dumps(spec_entry(spec, node="pi-1", zone="hall", cloud=True))))
+    wire = cbor2.loads(cbor2.dumps(spec_entry(spec, node="pi-1", zone="hall", cloud=True)))
+    entry = normalize_entry(wire, node="pi-1")
     remote = entry_spec(entry, source="mqtt:pi-1")
     assert remote.endpoint_types == ("cloud",) and remote.endpoints == ()
     assert remote.priority == 4 and remote.source == "mqtt:pi-1"
@@ -57,14 +61,72 @@ def test_an_entry_carries_interface_and_policy_and_makes_a_cloud_only_spec():
         {"v": 2, "service": "x", "tenant": "default", "priority": 1},
         {"v": 1, "service": "", "tenant": "default", "priority": 1},
         {"v": 1, "service": "x", "tenant": "default", "priority": -1},
+        {"v": 1, "service": "x", "tenant": "default", "priority": 2**31},
+        {"v": 1, "service": "x", "tenant": "default", "priority": 2**80},
         {"v": 1, "service": "x", "tenant": "default", "priority": 1, "policy": {"strategy": "fastest"}},
         {"v": 1, "service": "x", "tenant": "default", "priority": 1, "interface": {"methods": ["nonsense"]}},
         {"v": 1, "service": "x", "tenant": "default", "priority": 1, "interface": {"methods": [b"bytes"]}},
     ],
 )
 def test_bad_entries_are_refused(bad):
+    if isinstance(bad, dict):
+        bad = {**bad, "node": "pi-1"}
     with pytest.raises(ValueError):
-        normalize_entry(bad)
+        normalize_entry(bad, node="pi-1")
+
+
+def test_an_entry_or_a_status_is_taken_only_from_the_node_it_describes(tmp_path):
+    """Before: `nodes/ghost/services/x` carrying `node: pi-2` was learned (and `edged status` showed pi-2
+    serving x); a status on `nodes/ghost/status` could speak for any node."""
+    registry = Registry()
+    sync = registry_sync(tmp_path, registry)
+    spec = parse_manifest_data({"service_name": "x"}, "x.toml")
+    forged = cbor2.dumps(spec_entry(spec, node="pi-2", zone="", cloud=True))
+    sync._on_service(Inbound(TOPICS.service("ghost", "default", "x"), forged, retain=True))
+    sync._on_status(Inbound(TOPICS.status("ghost"), b'{"state": "online", "node": "pi-2"}', True))
+    assert sync.entries == {} and sync.nodes == {} and sync.bad_messages == 2
+    # A saved registry is checked the same way when it is loaded.
+    entry = spec_entry(spec, node="pi-2", zone="", cloud=True)
+    doc = {"format": 1, "prefix": "hubmesh", "fleet": "home", "entries": {"ghost": {"x": entry}, "pi-2": {"x": entry}}}
+    assert sync.load(doc) == 1 and list(sync.entries) == ["pi-2"]
+
+
+def test_an_entry_on_the_broker_never_hides_or_outranks_a_service_found_on_the_lan(tmp_path):
+    """Before: a retained `nodes/ghost/services/lamp` (priority 0) replaced the service that mDNS had learned:
+    its spec said endpoint types ("cloud",), so the peer's edge endpoint was dropped and every call went to
+    whoever answers on the broker. Now the LAN's declaration wins; the cloud endpoint stays as a fallback."""
+    registry = Registry()
+    lan = ServiceSpec(name="lamp", endpoint_types=("edge",), source="mdns:pi-2")
+    edge = Endpoint(
+        id="default/lamp/edge/mdns:pi-2",
+        service="lamp",
+        tenant="default",
+        tier="edge",
+        url="http://10.0.0.2:7701/svc/lamp",
+        priority=lan.priority,
+        weight=100,
+        source="mdns",
+        target=parse_target("http://10.0.0.2:7701/svc/lamp"),
+    )
+    registry.add_layer(Layer("mdns", services=lambda: [lan], endpoints=lambda specs: [edge]))
+    registry.add_layer(
+        Layer("cloud", endpoints=lambda specs: cloud_endpoints(specs, broker_url="mqtt://b", topics=TOPICS))
+    )
+    sync = registry_sync(tmp_path, registry)
+    ghost = parse_manifest_data({"service_name": "lamp", "priority": 0}, "x.toml")
+    sync._on_service(
+        Inbound(
+            TOPICS.service("ghost", "default", "lamp"),
+            cbor2.dumps(spec_entry(ghost, node="ghost", zone="", cloud=True)),
+            retain=True,
+        )
+    )
+    sync.apply()
+    svc = registry.snapshot().get("default", "lamp")
+    assert svc is not None and svc.spec.source == "mdns:pi-2"
+    assert svc.spec.endpoint_types == ("edge", "cloud")
+    plan = [c.endpoint.tier for c in Ranker().plan(svc, FakeHealth(), 0.0).choices]
+    assert plan == ["edge", "cloud"]
 
 
 def specs_of(registry: Registry) -> dict:

@@ -50,6 +50,7 @@ REMOVAL_DELAY = 5.0
 SAVE_WITHIN = 5.0  # seconds: the registry file is a cache for a boot without broker; one write per interval
 ENTRY_VERSION = 1
 SOURCE = "mqtt"
+MAX_PRIORITY = 2**31 - 1  # CBOR integers are unbounded: a bignum is refused before any comparison
 
 
 # -- entries: ServiceSpec <-> a plain dict (CBOR on the wire, JSON on disk) --------------------------------
@@ -85,8 +86,8 @@ def entry_spec(entry: Mapping[str, Any], *, source: str) -> ServiceSpec:
     name, tenant, priority = entry.get("service"), entry.get("tenant"), entry.get("priority")
     if not isinstance(name, str) or not isinstance(tenant, str) or not name or not tenant:
         raise ValueError("service and tenant must be non-empty strings")
-    if not isinstance(priority, int) or isinstance(priority, bool) or priority < 0:
-        raise ValueError("priority must be an integer >= 0")
+    if not isinstance(priority, int) or isinstance(priority, bool) or not 0 <= priority <= MAX_PRIORITY:
+        raise ValueError(f"priority must be an integer from 0 to {MAX_PRIORITY}")
     interface = None
     raw_iface = entry.get("interface")
     if raw_iface is not None:
@@ -112,10 +113,13 @@ def entry_spec(entry: Mapping[str, Any], *, source: str) -> ServiceSpec:
     )
 
 
-def normalize_entry(obj: object) -> dict[str, Any]:
-    """A received entry reduced to its known fields (JSON-safe), or ValueError."""
+def normalize_entry(obj: object, *, node: str) -> dict[str, Any]:
+    """A received entry reduced to its known fields (JSON-safe), or ValueError. An entry is taken only from
+    the node it describes: `node` is the one whose topic it came on (and, signed, whose key signed it)."""
     if not isinstance(obj, Mapping):
         raise ValueError("an entry must be a map")
+    if obj.get("node") != node:
+        raise ValueError(f"an entry for node {str(obj.get('node'))[:64]!r} published as node {node!r}")
     entry = {
         "v": obj.get("v"),
         "node": str(obj.get("node", "")),
@@ -268,6 +272,8 @@ class RegistrySync:
             doc = json.loads(msg.payload)
             if not isinstance(doc, dict) or doc.get("state") not in ("online", "offline"):
                 raise ValueError("expected a JSON object with state online|offline")
+            if doc.get("node", node) != node:
+                raise ValueError(f"a status of node {str(doc.get('node'))[:64]!r} published as node {node!r}")
         except ValueError as exc:
             self.bad_messages += 1
             log.debug("bad status on %s: %s", msg.topic, exc)
@@ -313,7 +319,7 @@ class RegistrySync:
                 self._on_limit("peers")
                 return
         try:
-            entry = normalize_entry(cbor2.loads(msg.payload))
+            entry = normalize_entry(cbor2.loads(msg.payload), node=node)
         except Exception as exc:  # garbage from any publisher: cbor2 and validation raise many types
             self.bad_messages += 1
             log_event(log, logging.WARNING, "mqtt.bad_registry_entry", topic=msg.topic, error=str(exc)[:200])
@@ -513,7 +519,7 @@ class RegistrySync:
                 if kept >= lim.learned_entries:  # a state file written under larger limits
                     break
                 try:
-                    entry = normalize_entry(raw)
+                    entry = normalize_entry(raw, node=node)
                 except ValueError:
                     continue
                 self.entries.setdefault(node, {})[key] = entry
