@@ -136,6 +136,7 @@ class MqttConfig:
     reconnect_max: float = 30.0
     announce_interval: float = 300.0  # re-post the retained online status at least this often
     offline_ttl: float = 3600.0  # forget the entries of a node that has not been live for this long
+    signed: str = "auto"  # seal requests, answers and entries with the node identity: auto | required | off
 
 
 @dataclass(frozen=True, slots=True)
@@ -437,6 +438,7 @@ class _Loader:
                 "reconnect_max",
                 "announce_interval",
                 "offline_ttl",
+                "signed",
             )
         )
         d = MqttConfig()
@@ -465,6 +467,7 @@ class _Loader:
             reconnect_max=t.duration("reconnect_max", d.reconnect_max),
             announce_interval=t.duration("announce_interval", d.announce_interval),
             offline_ttl=t.duration("offline_ttl", d.offline_ttl),
+            signed=t.choice("signed", d.signed, ("auto", "required", "off")),
             **files,
         )
 

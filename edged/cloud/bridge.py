@@ -12,12 +12,17 @@ bridges of one group serve the same services, and a bridge stays silent on a ser
 
 The bridge also publishes its services in the central registry (retained entries with `cloud = true`), so
 that nodes without a manifest for them learn them.
+
+Signed (`signing.py`, when the bridge has a node identity): a request is served only when sealed by a node
+of the fleet whose topic it came on, and only to that node's own reply topic; anything else gets no answer
+at all (an unverified reply topic is the one thing a bridge must never publish to). Answers are sealed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -37,6 +42,7 @@ from .envelope import CloudAnswer, CloudRequest, EnvelopeError, decode_request, 
 from .persist import StateSaver
 from .registry_sync import RegistrySync
 from .session import Inbound, LastWill, MqttSession, PublishError
+from .signing import SealError, identity_files, node_seals
 from .telemetry import CloudMetrics
 from .topics import Topics, parse_request_topic, shared_request_filter
 
@@ -76,6 +82,8 @@ class Bridge:
         self.registry, self.metrics, self.health = core.registry, core.metrics, core.health
         self.manifests, self.pool, self.router = core.manifests, core.pool, core.router
         offline = json.dumps({"state": "offline", "node": self.node, "fleet": config.node.fleet, "reason": "lost"})
+        self.seals = node_seals(config)
+        self.metrics_cloud = CloudMetrics(self.metrics.registry)
         self.session = MqttSession(
             mq,
             client_id=mq.client_id or f"edged-bridge-{self.node}-{os.getpid()}",
@@ -83,6 +91,7 @@ class Bridge:
             on_connected=self._on_connected,
             max_message=config.limits.mqtt_message,
             on_limit=core.limit_hit,
+            identity=identity_files(config),
         )
         self.session.subscribe(shared_request_filter(config.bridge.group, mq.topic_prefix), self._on_request, qos=0)
         self.registry_sync = RegistrySync(
@@ -92,12 +101,13 @@ class Bridge:
             node=self.node,
             zone=config.node.zone,
             saver=StateSaver(core.store),
-            metrics=CloudMetrics(self.metrics.registry),
+            metrics=self.metrics_cloud,
             status_extra=lambda: {"role": "bridge", "group": config.bridge.group},
             always_cloud=True,
             follow=False,
             limits=config.limits,
             on_limit=core.limit_hit,
+            seals=self.seals,
         )
         self._max_inflight = max_inflight
         self._body_limit = max(0, mq.max_payload - ANSWER_OVERHEAD)
@@ -165,15 +175,30 @@ class Bridge:
 
     def _on_request(self, msg: Inbound) -> None:
         received = time.monotonic()
+        payload = msg.payload
+        sender = None
+        if self.seals is not None:
+            try:
+                sender, payload = self.seals.open(msg.topic, payload)
+            except SealError as exc:
+                self._unverified(msg.topic, str(exc))
+                return
         try:
-            req = decode_request(msg.payload)
+            req = decode_request(payload)
         except EnvelopeError as exc:
             self.refused += 1
             log_event(log, logging.WARNING, "bridge.bad_request", topic=msg.topic, error=str(exc)[:200])
-            if exc.id is not None and exc.reply is not None:
+            own = exc.reply if sender is None else Topics(self.topics.prefix, sender.fleet).reply(sender.node)
+            if exc.id is not None and exc.reply is not None and exc.reply == own:
                 self._answer_now(exc.reply, error_answer(exc.id, 400, "bad_request", str(exc), self.node))
             return
         where = parse_request_topic(self.topics.prefix, msg.topic)
+        if sender is not None:
+            own_reply = Topics(self.topics.prefix, sender.fleet).reply(sender.node)
+            if where is None or where[0] != sender.fleet or req.reply != own_reply:
+                self._unverified(msg.topic, f"{sender.fleet}/{sender.node} asks for an answer on {req.reply}")
+                return
+            req = dataclasses.replace(req, node=sender.node)
         if where is None or where[1] != req.service:
             self.refused += 1
             detail = f"request for {req.service!r} published on {msg.topic}"
@@ -192,9 +217,20 @@ class Bridge:
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
 
+    def _unverified(self, topic: str, why: str) -> None:
+        """A request that is not sealed by a node of this fleet, or asks for an answer elsewhere than to its
+        sender: no answer (its reply topic cannot be trusted), counted."""
+        self.refused += 1
+        self.metrics_cloud.unsealed.inc(("request",))
+        log.debug("request on %s refused: %s", topic, why)  # counted: anyone could flood a log
+
+    def _answer_wire(self, topic: str, answer: CloudAnswer) -> bytes:
+        payload = encode_answer(answer)
+        return self.seals.seal(topic, payload) if self.seals is not None else payload
+
     def _answer_now(self, topic: str, answer: CloudAnswer) -> None:
         """Error answers made without routing: through the outbox (no task needed)."""
-        self.session.post(topic, encode_answer(answer), qos=0)
+        self.session.post(topic, self._answer_wire(topic, answer), qos=0)
 
     async def _serve(self, req: CloudRequest, received: float) -> None:
         timeout = req.deadline_ms / 1000
@@ -246,7 +282,7 @@ class Bridge:
             self.router.record(req.service, tier, outcome, started)
         try:
             await self.session.publish(
-                req.reply, encode_answer(answer), qos=0, correlation=req.id, timeout=max(0.1, timeout)
+                req.reply, self._answer_wire(req.reply, answer), qos=0, correlation=req.id, timeout=max(0.1, timeout)
             )
         except PublishError as exc:
             log.debug("answer to %s not published: %s", req.reply, exc)

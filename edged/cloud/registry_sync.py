@@ -10,6 +10,10 @@ endpoint type, or served by an `edged bridge`) become services of the registry s
 cloud endpoint. The last known registry is saved in the state dir and loaded at start, so a box that
 boots with no network still knows the remote services.
 
+Signed (`signing.py`, when this node has an identity): entries are sealed by the node's key, and an entry is
+taken only when sealed by the node its topic names, in this fleet (a deletion, an empty retained message,
+cannot be sealed: it only ever removes).
+
 Liveness (`liveness.py`): a node's offline status withdraws the cloud endpoints of services that only it
 (and other dead nodes) serve, at once; entries of a node that has not been live for `[mqtt] offline_ttl`
 are dropped from memory and state; a clean stop removes this node's own retained entries.
@@ -37,6 +41,7 @@ from ..registry import Registry, Snapshot
 from .liveness import OFFLINE, ONLINE, STALE, SUSPECT, UNKNOWN, Liveness
 from .persist import StateSaver
 from .session import Inbound, MqttSession, PublishError
+from .signing import SealError, Seals
 from .telemetry import CloudMetrics
 from .topics import Topics, service_key, split_service_key
 
@@ -165,7 +170,9 @@ class RegistrySync:
         clock: Callable[[], float] = time.monotonic,
         limits: Limits | None = None,
         on_limit: Callable[[str], None] | None = None,
+        seals: Seals | None = None,
     ) -> None:
+        self._seals = seals  # None: unsigned entries, taken from whoever publishes on a node's topic
         self._limits = limits or Limits()
         self._on_limit = on_limit or (lambda name: None)
         self._registry = registry
@@ -248,7 +255,9 @@ class RegistrySync:
 
     def _post_entry(self, key: str, payload: bytes) -> None:
         tenant, service = split_service_key(key)
-        if self._session.post(self._topics.service(self.node, tenant, service), payload, qos=1, retain=True):
+        topic = self._topics.service(self.node, tenant, service)
+        wire = self._seals.seal(topic, payload) if payload and self._seals is not None else payload
+        if self._session.post(topic, wire, qos=1, retain=True):
             if payload:
                 self._posted[key] = payload
             else:
@@ -318,8 +327,19 @@ class RegistrySync:
             if not known and node not in self.nodes and len(self.entries) >= lim.peers:
                 self._on_limit("peers")
                 return
+        payload = msg.payload
+        if self._seals is not None:
+            try:
+                sender, payload = self._seals.open(msg.topic, payload)
+                if (sender.fleet, sender.node) != (self._topics.fleet, node):
+                    raise SealError(f"sealed by {sender.fleet}/{sender.node}, not by {self._topics.fleet}/{node}")
+            except SealError as exc:
+                self.bad_messages += 1
+                self._metrics.unsealed.inc(("entry",))
+                log.debug("entry on %s refused: %s", msg.topic, exc)  # counted: anyone could flood a log
+                return
         try:
-            entry = normalize_entry(cbor2.loads(msg.payload), node=node)
+            entry = normalize_entry(cbor2.loads(payload), node=node)
         except Exception as exc:  # garbage from any publisher: cbor2 and validation raise many types
             self.bad_messages += 1
             log_event(log, logging.WARNING, "mqtt.bad_registry_entry", topic=msg.topic, error=str(exc)[:200])
@@ -431,6 +451,12 @@ class RegistrySync:
             return None
         dead = [f"{node} {state}" for node, state in self.liveness.providers((tenant, service), self._clock())]
         return "no live node serves it" + (f" ({', '.join(dead[:3])})" if dead else " (its last node left)")
+
+    def serves(self, node: str, tenant: str, service: str) -> bool:
+        """Whether `node` has an entry saying it serves (tenant, service) over MQTT (the cloud transport takes
+        answers only from such nodes)."""
+        entry = self.entries.get(node, {}).get(service_key(tenant, service))
+        return entry is not None and entry.get("cloud") is True
 
     def providers(self, tenant: str, service: str) -> list[dict]:
         """The nodes that serve a service over MQTT, with liveness and last-seen time (wall clock)."""

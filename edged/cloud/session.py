@@ -44,6 +44,7 @@ from paho.mqtt.properties import Properties
 from ..aio import cancel_and_wait
 from ..config import MqttConfig
 from ..errors import EdgedError
+from ..identity import IdentityFiles
 from ..logs import log_event
 from .topics import topic_matches
 
@@ -183,8 +184,10 @@ class MqttSession:
         fast_path: bool = True,
         max_message: int = 1 << 20,
         on_limit: Callable[[str], None] | None = None,
+        identity: IdentityFiles | None = None,
     ) -> None:
         self.config = config
+        self._identity = identity  # mqtts:// without cert_file: the node certificate is the client certificate
         self._fast_path = fast_path  # False: aiomqtt's public API only (the fallback, forced)
         self.path = ""  # "paho" or "public": how the live connection publishes and receives
         self.max_message = max_message  # larger incoming messages are dropped (MQTT 5: the broker is told)
@@ -465,12 +468,17 @@ class MqttSession:
                 raise SessionError(f"cannot read mqtt.password_file {cfg.password_file}: {exc}") from None
         context = None
         if self.tls:
+            cert, key, ca = cfg.cert_file, cfg.key_file, cfg.ca_file
+            if cert is None and self._identity is not None and self._identity.present():
+                # Read at every connect: a renewed certificate is used from the next connection on.
+                cert, key, ca = self._identity.cert, self._identity.key, ca or self._identity.ca
             try:
-                context = ssl.create_default_context(cafile=cfg.ca_file)
-                if cfg.cert_file:
-                    context.load_cert_chain(cfg.cert_file, cfg.key_file)
+                context = ssl.create_default_context(cafile=ca)
+                if cert:
+                    context.load_cert_chain(cert, key)
             except (OSError, ssl.SSLError) as exc:
-                raise SessionError(f"TLS setup failed (ca_file, cert_file, key_file): {exc}") from None
+                detail = f"TLS setup failed (ca_file, cert_file, key_file, or the node identity): {exc}"
+                raise SessionError(detail) from None
         elif cfg.cert_file or cfg.ca_file:
             log.warning("mqtt.ca_file / cert_file are set but the URL is mqtt://: TLS is off (use mqtts://)")
         return password, context

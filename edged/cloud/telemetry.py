@@ -32,6 +32,12 @@ class CloudMetrics:
         )
         self.bad_answers = m.counter("edged_cloud_bad_answers_total", "Answers on the reply topic that were invalid.")
         self.too_large = m.counter("edged_cloud_too_large_total", "Cloud calls over mqtt.max_payload (413).")
+        self.unsealed = m.counter(
+            "edged_cloud_refused_messages_total",
+            "Requests, answers and registry entries refused: not sealed by a fleet certificate, or sealed by one"
+            " that may not send them (kind: request, answer, entry).",
+            ("kind",),
+        )
         self.connects = m.counter("edged_mqtt_connects_total", "Successful connections to the MQTT broker.")
         self.registry_nodes = m.gauge(
             "edged_mqtt_registry_nodes",

@@ -21,6 +21,7 @@ from .fleet import FleetConfigSource, FleetSettings, load_trusted_keys
 from .persist import StateSaver
 from .registry_sync import RegistrySync
 from .session import LastWill, MqttSession, PublishError, broker_address
+from .signing import identity_files, node_seals
 from .telemetry import CloudMetrics, TelemetryPublisher
 from .topics import Topics
 from .transport import CloudTransport
@@ -85,6 +86,7 @@ class CloudTier:
         self.metrics = CloudMetrics(core.metrics.registry)
         self.saver = StateSaver(core.store)
         offline = json.dumps({"state": "offline", "node": self.node, "fleet": config.node.fleet, "reason": "lost"})
+        self.seals = node_seals(config)  # None without a node identity: nothing is signed
         self.session = MqttSession(
             mq,
             client_id=mq.client_id or f"edged-{self.node}",
@@ -93,6 +95,7 @@ class CloudTier:
             on_disconnected=self._on_disconnected,
             max_message=config.limits.mqtt_message,
             on_limit=core.limit_hit,
+            identity=identity_files(config),
         )
         self._published: dict[str, str] = {}  # the vitals in the retained status
         self._status_posted = 0.0  # monotonic time of the last `online` status this node posted
@@ -109,6 +112,7 @@ class CloudTier:
             offline_ttl=mq.offline_ttl,
             limits=config.limits,
             on_limit=core.limit_hit,
+            seals=self.seals,
         )
         self.transport = CloudTransport(
             self.session,
@@ -119,6 +123,8 @@ class CloudTier:
             on_timeout=self.registry_sync.call_timed_out,
             on_answer=self.registry_sync.call_answered,
             unreachable=self.registry_sync.unreachable,
+            seals=self.seals,
+            serves=self.registry_sync.serves,
         )
         self.fleet = FleetConfigSource(
             registry=registry,

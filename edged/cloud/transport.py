@@ -6,6 +6,11 @@ timeout and retries are the reliability layer, and a QoS 1 redelivery after a re
 twice. While the broker is down, or no live node serves the service (the registry says so: see liveness.py),
 `unavailable(endpoint)` says why and the router skips the endpoint instead of waiting;
 calls in flight when the connection drops fail at once (`reset`), so the router fails over right away.
+
+Signed (`signing.py`, when this node has an identity): each request is sealed with the node's key, and an
+answer is taken only when it is sealed by a node of this fleet that serves the service (it has a sealed
+registry entry saying so): an answer forged by any other client of the broker is dropped, and the call
+waits for the real one.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from ..looplag import TimeLimit
 from ..model import Endpoint
 from .envelope import CloudAnswer, CloudRequest, EnvelopeError, decode_answer, encode_request, error_answer
 from .session import MqttSession, PublishError
+from .signing import SealError, Seals
 from .telemetry import CloudMetrics
 from .topics import Topics
 
@@ -81,8 +87,12 @@ class CloudTransport:
         on_timeout: Callable[[str, str, float], None] = lambda tenant, service, waited: None,
         on_answer: Callable[[str], None] = lambda node: None,
         unreachable: Callable[[str, str], str | None] = lambda tenant, service: None,
+        seals: Seals | None = None,
+        serves: Callable[[str, str, str], bool] = lambda node, tenant, service: True,
     ) -> None:
         self._session = session
+        self._seals = seals  # None: unsigned (no node identity): answers are taken from anyone
+        self._serves = serves  # whether a node (of this fleet) serves (tenant, service): its answers count
         self._on_timeout = on_timeout  # passive liveness: (tenant, service) got no answer in `waited` s
         self._on_answer_from = on_answer  # ... and an answer came from this node
         self._unreachable = unreachable  # why no live node serves (tenant, service) now, or None
@@ -92,6 +102,7 @@ class CloudTransport:
         self._max_payload = max_payload
         self._metrics = metrics
         self._pending: dict[bytes, asyncio.Future[CloudAnswer]] = {}
+        self._calls: dict[bytes, tuple[str, str]] = {}  # id -> (tenant, service) of the call, to check who answers
         # Ids: a random prefix per process (a restarted daemon ignores answers meant for its past life),
         # then a counter.
         self._id_prefix = os.urandom(6)
@@ -133,7 +144,10 @@ class CloudTransport:
             node=self._node,
             request_id=call.request_id,
         )
+        topic = self._topics.request(endpoint.service)
         payload = encode_request(request)
+        if self._seals is not None:
+            payload = self._seals.seal(topic, payload)
         if len(payload) > self._max_payload:
             self._metrics.too_large.inc()
             detail = f"request of {len(payload)} bytes is over the MQTT limit of {self._max_payload} (mqtt.max_payload)"
@@ -141,6 +155,7 @@ class CloudTransport:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[CloudAnswer] = loop.create_future()
         self._pending[cid] = future
+        self._calls[cid] = (call.tenant, endpoint.service)
         # The bridge has `timeout`; our own loop's lag is added back (an answer that came in time but was
         # read late is not a timeout), never past the caller's deadline.
         limit = TimeLimit(loop, timeout, loop.time() + max(timeout, call.deadline - time.monotonic()))
@@ -148,7 +163,7 @@ class CloudTransport:
         try:
             try:
                 await self._session.publish(
-                    self._topics.request(endpoint.service),
+                    topic,
                     payload,
                     qos=0,
                     response_topic=self._reply,
@@ -163,6 +178,7 @@ class CloudTransport:
         finally:
             timer.cancel()
             self._pending.pop(cid, None)
+            self._calls.pop(cid, None)
         return MqttAnswer(answer.status, list(answer.headers), answer.body)
 
     def fail_all(self, reason: str) -> None:
@@ -182,19 +198,45 @@ class CloudTransport:
             self._on_timeout(tenant, endpoint.service, limit.timeout)
 
     def _on_answer(self, message) -> None:
+        payload, sender = message.payload, None
+        if self._seals is not None:
+            try:
+                sender, payload = self._seals.open(message.topic, payload)
+            except SealError as exc:
+                self._refused(message.topic, str(exc))
+                return
         try:
-            answer = decode_answer(message.payload)
+            answer = decode_answer(payload)
         except EnvelopeError as exc:
             self._metrics.bad_answers.inc()
             log.debug("dropped a bad answer on %s: %s", message.topic, exc)
-            future = self._pending.pop(exc.id, None) if exc.id is not None else None
-            if future is not None and not future.done():
-                # The call it answers fails now, as a bad gateway would (the router may try the next endpoint).
-                future.set_result(error_answer(exc.id, 502, "bad_answer", str(exc)[:200]))
+            if exc.id is not None and self._may_answer(exc.id, sender, message.topic):
+                future = self._pending.pop(exc.id, None)
+                if future is not None and not future.done():
+                    # The call fails now, as with a bad gateway (the router may try the next endpoint).
+                    future.set_result(error_answer(exc.id, 502, "bad_answer", str(exc)[:200]))
             return
-        future = self._pending.pop(answer.id, None)
+        future = self._pending.get(answer.id)
         if future is None or future.done():
             self._metrics.late_answers.inc()
             return
+        if not self._may_answer(answer.id, sender, message.topic):
+            return  # forged: the call keeps waiting for its real answer
+        del self._pending[answer.id]
         future.set_result(answer)
-        self._on_answer_from(answer.node)
+        self._on_answer_from(sender.node if sender is not None else answer.node)
+
+    def _may_answer(self, cid: bytes, sender, topic: str) -> bool:
+        """Whether `sender` (verified; None when unsigned) may answer call `cid`: a node of this fleet that
+        serves the call's service."""
+        if sender is None:
+            return True
+        tenant, service = self._calls.get(cid, ("", ""))
+        if sender.fleet == self._topics.fleet and self._serves(sender.node, tenant, service):
+            return True
+        self._refused(topic, f"{sender.fleet}/{sender.node} does not serve {tenant}/{service}")
+        return False
+
+    def _refused(self, topic: str, why: str) -> None:
+        self._metrics.unsealed.inc(("answer",))
+        log.debug("answer on %s refused: %s", topic, why)

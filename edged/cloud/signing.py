@@ -1,0 +1,241 @@
+"""Signed MQTT messages: who sent a cloud request, an answer or a registry entry, whatever the broker allows.
+
+With a node identity (`edged.identity`: the node's key and certificate from the fleet CA), every request,
+answer and registry entry this node publishes is sealed: a CBOR map around the payload with the sender's
+certificate chain and an ECDSA P-256 signature over a context string, the topic and the payload,
+
+    {"sv": 1, "p": payload bytes, "c": [leaf DER, intermediate DER...], "s": signature}
+
+and every one it receives must be sealed by a certificate of its trust bundle (`ca.pem`). The topic is
+signed too: a sealed message replayed on another topic (an entry of one service on another's topic, an
+answer on another node's reply topic) does not verify. Who the sender is (`PeerName(fleet, node)`) is then
+checked by the receiver against what the message claims: the node of a registry topic, the reply topic of
+a request, the providers of a service.
+
+Cost: one signature (about 55 us here) per message sent and one verification (about 90 us) per message
+received; a chain is verified once and cached by its bytes (certificates are renewed every 16 h or so).
+`cryptography` is loaded only when signatures are on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import cbor2
+
+from ..errors import EdgedError
+from ..identity import IdentityFiles, PeerName, identity_dir
+from ..logs import log_event
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+    from ..identity import NodeIdentity, TrustBundle
+
+log = logging.getLogger("edged.cloud.signing")
+
+SEAL_VERSION = 1
+CONTEXT = b"hubmesh-mqtt-sealed/1\x00"  # a signature made for anything else never verifies here
+MAX_CHAIN_BYTES = 8 * 1024  # a leaf and an intermediate take about 1.2 KiB
+CHAIN_CACHE = 1024  # verified chains kept (a fleet of a thousand boxes fits)
+RELOAD_CHECK = 30.0  # seconds between looks at the certificate file (renewal replaces it)
+DEFAULT_SKEW = 20.0  # seconds, as edged.identity's (whose module loads cryptography: not imported for it)
+
+
+class SealError(EdgedError):
+    """A message is not sealed, or its seal does not verify (bad chain, bad signature, expired)."""
+
+
+def _signed_bytes(topic: str, payload: bytes) -> bytes:
+    return b"".join((CONTEXT, topic.encode("utf-8"), b"\x00", payload))
+
+
+class Seals:
+    """Seals what this node publishes and opens what it receives. One per process (daemon or bridge)."""
+
+    def __init__(
+        self,
+        files: IdentityFiles,
+        *,
+        skew: float,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._files = files
+        self._skew = skew
+        self._clock = clock
+        self._monotonic = monotonic
+        self._chains: OrderedDict[bytes, tuple[PeerName, x509.Certificate, float, float]] = OrderedDict()
+        self.opened = 0
+        self.refused = 0
+        self._load()
+
+    def __repr__(self) -> str:
+        return f"<Seals {self.name} opened={self.opened} refused={self.refused} chains={len(self._chains)}>"
+
+    def _load(self) -> None:
+        from ..identity import TrustBundle, load_identity
+
+        identity = load_identity(self._files.dir)
+        if identity is None:
+            raise SealError(f"{self._files.dir}: no node identity (edged fleet enroll)")
+        self._identity: NodeIdentity = identity
+        self._bundle: TrustBundle = TrustBundle.load(self._files.ca)
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        self._chain_der = [c.public_bytes(Encoding.DER) for c in identity.chain]
+        self._chains.clear()  # a new bundle (CA rotation) may trust other chains
+        self._stamp = self._file_stamp()
+        self._checked = self._monotonic()
+
+    def _file_stamp(self) -> tuple[float, ...]:
+        stamps = []
+        for path in (self._files.cert, self._files.ca):
+            try:
+                stamps.append(os.stat(path).st_mtime)
+            except OSError:
+                stamps.append(0.0)
+        return tuple(stamps)
+
+    def _maybe_reload(self) -> None:
+        """Renewal writes a new certificate (and CA rotation a new bundle): take them, at most every 30 s."""
+        now = self._monotonic()
+        if now - self._checked < RELOAD_CHECK:
+            return
+        self._checked = now
+        if self._file_stamp() != self._stamp:
+            try:
+                self._load()
+                log.info("node identity reloaded: %s", self.name)
+            except EdgedError as exc:
+                log.error("node identity not reloaded, the old one stays: %s", exc)
+
+    @property
+    def name(self) -> PeerName:
+        """This node, as its certificate names it."""
+        return PeerName(self._identity.fleet, self._identity.node)
+
+    def seal(self, topic: str, payload: bytes) -> bytes:
+        """The sealed form of `payload`, to be published on `topic`."""
+        self._maybe_reload()
+        signature = self._identity.sign(_signed_bytes(topic, payload))
+        return cbor2.dumps({"sv": SEAL_VERSION, "p": payload, "c": self._chain_der, "s": signature})
+
+    def open(self, topic: str, data: bytes) -> tuple[PeerName, bytes]:
+        """(sender, payload) of a sealed message received on `topic`; SealError when it is not sealed, or not
+        by a certificate of the trust bundle, or the signature does not match."""
+        try:
+            name, payload = self._open(topic, data)
+        except SealError:
+            self.refused += 1
+            raise
+        self.opened += 1
+        return name, payload
+
+    def _open(self, topic: str, data: bytes) -> tuple[PeerName, bytes]:
+        if data[:1] == b"\xff":
+            raise SealError("not a sealed message (a CBOR break code)")
+        try:
+            obj = cbor2.loads(data)
+        except Exception as exc:  # cbor2 raises many types on garbage
+            raise SealError(f"not a sealed message: {type(exc).__name__}") from None
+        if not isinstance(obj, dict) or obj.get("sv") != SEAL_VERSION:
+            raise SealError("not a sealed message (unsigned, or another format)")
+        payload, chain, signature = obj.get("p"), obj.get("c"), obj.get("s")
+        if not isinstance(payload, bytes) or not isinstance(signature, bytes) or len(signature) > 128:
+            raise SealError("a sealed message needs a payload and a signature (bytes)")
+        if not isinstance(chain, list) or not chain or not all(isinstance(c, bytes) for c in chain):
+            raise SealError("a sealed message needs its certificate chain (DER byte strings)")
+        if sum(map(len, chain)) > MAX_CHAIN_BYTES:
+            raise SealError(f"certificate chain over {MAX_CHAIN_BYTES} bytes")
+        name, leaf = self._verified_chain(chain)
+        from ..identity import verify_signature
+
+        try:
+            verify_signature(leaf, _signed_bytes(topic, payload), signature)
+        except EdgedError as exc:
+            raise SealError(f"bad signature: {exc}") from None
+        return name, payload
+
+    def _verified_chain(self, chain: list[bytes]) -> tuple[PeerName, x509.Certificate]:
+        key = b"".join(len(c).to_bytes(4, "big") + c for c in chain)
+        now = self._clock()
+        cached = self._chains.get(key)
+        if cached is not None:
+            name, leaf, start, end = cached
+            if start - self._skew <= now <= end + self._skew:
+                self._chains.move_to_end(key)
+                return name, leaf
+            del self._chains[key]  # expired since: verified again below, which says why
+        from cryptography import x509
+
+        try:
+            certs = [x509.load_der_x509_certificate(c) for c in chain]
+        except ValueError as exc:
+            raise SealError(f"a certificate of the chain is not DER: {exc}") from None
+        try:
+            name = self._bundle.verify(certs, now, self._skew)
+        except EdgedError as exc:
+            raise SealError(f"certificate not trusted: {exc}") from None
+        leaf = certs[0]
+        start = _timestamp(leaf, "not_valid_before")
+        end = min(_timestamp(c, "not_valid_after") for c in certs)
+        self._chains[key] = (name, leaf, start, end)
+        if len(self._chains) > CHAIN_CACHE:
+            self._chains.popitem(last=False)
+        return name, leaf
+
+
+def _timestamp(cert: x509.Certificate, field: str) -> float:
+    value = getattr(cert, f"{field}_utc", None)  # cryptography >= 42
+    if value is None:
+        import datetime as dt
+
+        value = getattr(cert, field).replace(tzinfo=dt.timezone.utc)
+    return value.timestamp()
+
+
+def identity_files(config) -> IdentityFiles:
+    """Where this node's identity lives (`{state.dir}/identity`, or `[identity] dir` where configured)."""
+    folder = getattr(config, "identity_dir", None)
+    return IdentityFiles(folder if isinstance(folder, str) else identity_dir(config.state.dir))
+
+
+def node_seals(config) -> Seals | None:
+    """The seals of a daemon or bridge by `[mqtt] signed`: "auto" signs when the node has an identity,
+    "required" refuses to run without one, "off" never signs (and takes unsigned messages)."""
+    mode = config.mqtt.signed
+    if mode == "off":
+        return None
+    identity = getattr(config, "identity", None)
+    skew = getattr(identity, "clock_skew", DEFAULT_SKEW)
+    seals = load_seals(identity_files(config).dir, skew=skew, required=mode == "required")
+    if seals is None:
+        log_event(
+            log,
+            logging.WARNING,
+            "mqtt.unsigned",
+            detail="no node identity: cloud calls, answers and registry entries are not signed, and are taken "
+            "from anyone on the broker (edged fleet enroll; [mqtt] signed)",
+        )
+    return seals
+
+
+def load_seals(identity_folder: str, *, skew: float, required: bool) -> Seals | None:
+    """This node's seals when it has an identity in `identity_folder`; None when it has none and `required`
+    is False (the cloud tier then trusts anyone on the broker, and says so). SealError when required and
+    missing, or when the files are there but unusable."""
+    files = IdentityFiles(identity_folder)
+    if not files.present():
+        if required:
+            raise SealError(f'[mqtt] signed = "required" but {identity_folder} holds no identity (edged fleet enroll)')
+        return None
+    try:
+        return Seals(files, skew=skew)
+    except EdgedError as exc:
+        raise SealError(f"cannot sign MQTT messages: {exc}") from None
