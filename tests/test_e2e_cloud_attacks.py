@@ -6,18 +6,28 @@ Mosquitto, and an attacker that is any MQTT client (here: aiomqtt in the test)."
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import http.client
 import json
 import shutil
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import aiomqtt
 import cbor2
 from conftest import wait_for
-from fixtures_mqtt import broker, mqtt_section, topic_prefix, wait_metric  # noqa: F401
+from fixtures_fleet_broker import fleet_broker  # noqa: F401
+from fixtures_identity import FleetCA
+from fixtures_mqtt import bridge_config, bridges, broker, mqtt_section, topic_prefix, wait_metric  # noqa: F401
+from test_e2e_cloud import bridge_manifest, header
 
-from edged.cloud.envelope import decode_request
+from edged.cloud.envelope import CloudAnswer, CloudRequest, decode_answer, decode_request, encode_answer, encode_request
 from edged.cloud.fleet import document_text, generate_key, load_private_key, sign_document
+from edged.cloud.registry_sync import spec_entry
+from edged.cloud.signing import Seals
+from edged.identity import IdentityFiles
+from edged.model import ServiceSpec
 
 CLOUD_ONLY = """
 service_name = "slow"
@@ -91,11 +101,16 @@ def publish_retained(port: int, topic: str, payload: bytes) -> None:
     asyncio.run(go())
 
 
-def refused(d, reason: str) -> float:
+def sample(d, series: str) -> float:
+    """One sample of the daemon's /metrics (`name` or `name{labels}`), 0 when absent."""
     for line in d.api.request("GET", "/metrics")[2].decode().splitlines():
-        if line.startswith(f'edged_fleet_config_refused_total{{reason="{reason}"}} '):
+        if line.startswith(series + " "):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def refused(d, reason: str) -> float:
+    return sample(d, f'edged_fleet_config_refused_total{{reason="{reason}"}}')
 
 
 def test_a_document_for_one_fleet_or_for_no_fleet_is_refused_by_another_fleet(
@@ -176,3 +191,139 @@ def test_replayed_fleet_documents_are_refused_even_by_a_box_with_no_state(
     wait_metric(d, "edged_mqtt_connected", lambda v: v == 1)
     wait_for(lambda: refused(d, "stale") >= 1, 10, what="the old document refused after the wipe")
     assert d.get("/v1/services/thermo")["strategy"] == "priority"
+
+
+# -- a client on the broker: reads calls, forges answers, injects registry entries -----------------------------
+
+CLOUD_THERMO = """
+service_name = "thermo"
+endpoint_types = ["cloud"]
+[policy]
+retries = 0
+per_try_timeout = "3s"
+"""
+
+
+def enrolled(ca: FleetCA, root: Path, node: str) -> IdentityFiles:
+    """A node's identity where the daemon (or bridge) with this root finds it: {state.dir}/identity."""
+    folder = root / "state" / "identity"
+    folder.mkdir(parents=True, exist_ok=True)
+    return ca.enroll(folder, node)
+
+
+def inner(payload: bytes) -> bytes:
+    """What a sealed message carries (as any reader of the broker can see: sealing signs, it does not hide)."""
+    obj = cbor2.loads(payload)
+    return obj["p"] if isinstance(obj, dict) and "sv" in obj else payload
+
+
+def test_a_client_on_the_broker_cannot_answer_for_a_bridge_nor_inject_a_registry_entry(
+    tmp_path, backends, edged, bridges, broker, topic_prefix
+):
+    """Before: any client of the broker read every call on `svc/+/req`, answered first with the matching
+    correlation id and its answer was the caller's; it retained `nodes/ghost/services/x` and the service
+    appeared. Now (each box sealing with its node certificate, on a broker with no ACL at all): the forged
+    answers (unsealed, or sealed by a fleet box that does not serve the service) are dropped and the bridge's
+    answer is the caller's; entries not sealed by the node their topic names are not learned."""
+    ca = FleetCA("home")
+    backend = backends("cloud-backend")
+    bridge = bridges(bridge_config(broker, topic_prefix), {"thermo.toml": bridge_manifest(backend.port)}, start=False)
+    enrolled(ca, bridge.root, "cloud-1")
+    bridge.start()
+    d = edged({"thermo.toml": CLOUD_THERMO}, mqtt_section(broker, topic_prefix), start=False)
+    enrolled(ca, d.root, "test-node")
+    d.start()
+    wait_metric(d, "edged_mqtt_connected", lambda v: v == 1)
+    evil = Seals(ca.enroll(tmp_path / "evil", "evil"), skew=20)  # a box of the fleet, taken over
+    base = f"{topic_prefix}/home"
+    forged = CloudAnswer(b"", 200, ((b"content-type", b"application/json"),), b'{"name": "forged"}', "cloud-1")
+    ghost = spec_entry(ServiceSpec(name="lamp", priority=0), node="ghost", zone="", cloud=True)
+    results: list[tuple[int, list, bytes]] = []
+    reads: list[str] = []
+
+    def caller() -> None:
+        results.extend(d.call("thermo", "/r") for _ in range(5))
+
+    async def attacker() -> None:
+        async with aiomqtt.Client("127.0.0.1", broker.port, protocol=aiomqtt.ProtocolVersion.V5) as c:
+            topic = f"{base}/nodes/ghost/services/lamp"
+            await c.publish(topic, cbor2.dumps(ghost), qos=1, retain=True)
+            await c.publish(f"{base}/nodes/ghost/status", b'{"state": "online"}', qos=1, retain=True)
+            topic2 = f"{base}/nodes/ghost/services/lamp2"  # sealed, by a box that is not ghost
+            ghost2 = cbor2.dumps({**ghost, "service": "lamp2"})
+            await c.publish(topic2, evil.seal(topic2, ghost2), qos=1, retain=True)
+            await c.subscribe(f"{topic_prefix}/+/svc/+/req")
+            calls = asyncio.create_task(asyncio.to_thread(caller))
+            async for msg in c.messages:
+                req = decode_request(inner(msg.payload))
+                reads.append(req.path)
+                answer = encode_answer(dataclasses.replace(forged, id=req.id))
+                await c.publish(req.reply, answer)  # unsealed
+                await c.publish(req.reply, evil.seal(req.reply, answer))  # sealed by a box that does not serve it
+                if len(reads) == 5:
+                    break
+            await calls
+
+    asyncio.run(asyncio.wait_for(attacker(), 60))
+    assert reads == ["/r"] * 5  # sealing signs; it does not hide (the broker's TLS and ACL do: test_mqtt_acl.py)
+    for status, headers, body in results:
+        assert status == 200 and json.loads(body)["name"] == "cloud-backend", body
+        assert header(headers, "x-edged-bridge") == "cloud-1"
+    # A box of the fleet asks the bridge to answer on another node's reply topic: no answer goes there; its
+    # own request, answered on its own reply topic, shows the bridge at work meanwhile.
+    answers = asyncio.run(asyncio.wait_for(reflect(broker.port, base, evil), 20))
+    assert answers == [b"own"], answers
+    # Each forged answer was refused, or came after the bridge's (late: its call had its answer).
+    wait_for(
+        lambda: (
+            sample(d, 'edged_cloud_refused_messages_total{kind="answer"}') + sample(d, "edged_cloud_late_answers_total")
+            == 10
+        ),
+        10,
+        what="forged answers dropped",
+    )
+    assert sample(d, 'edged_cloud_refused_messages_total{kind="answer"}') >= 1
+    wait_for(lambda: sample(d, 'edged_cloud_refused_messages_total{kind="entry"}') == 2, 10, what="ghost entries")
+    for name in ("lamp", "lamp2"):
+        assert d.api.request("GET", f"/v1/services/{name}")[0] == 404
+
+
+async def reflect(port: int, base: str, evil: Seals) -> list[bytes]:
+    """Ids of the answers published on any reply topic after two sealed requests of box `evil`: one asking for
+    the answer on `test-node`'s reply topic (`reflected`), one on its own (`own`)."""
+    topic = f"{base}/svc/thermo/req"
+    async with aiomqtt.Client("127.0.0.1", port, protocol=aiomqtt.ProtocolVersion.V5) as c:
+        await c.subscribe(f"{base}/reply/+")
+        for cid, node in ((b"reflected", "test-node"), (b"own", "evil")):
+            req = CloudRequest(cid, f"{base}/reply/{node}", "GET", "/r", (), b"", 2000, "default", "thermo", "evil")
+            await c.publish(topic, evil.seal(topic, encode_request(req)))
+        seen: list[bytes] = []
+
+        async def collect() -> None:
+            async for msg in c.messages:
+                seen.append(decode_answer(inner(msg.payload)).id)
+
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(collect(), 2.0)  # the bridge answers within milliseconds
+        return seen
+
+
+def test_cloud_calls_over_the_shipped_broker_configuration_with_node_certificates(
+    tmp_path, backends, edged, bridges, fleet_broker, topic_prefix
+):
+    """The daemon and a bridge on Mosquitto as config/mosquitto/ ships it (TLS, client certificates, ACL):
+    their node certificates are their client certificates and what the ACL knows them by."""
+    backend = backends("cloud-backend")
+    manifests = {"thermo.toml": bridge_manifest(backend.port)}
+    bridge = bridges(bridge_config(fleet_broker, topic_prefix), manifests, start=False)
+    enrolled(fleet_broker.ca, bridge.root, "cloud-1")
+    bridge.start()
+    d = edged({"thermo.toml": CLOUD_THERMO}, mqtt_section(fleet_broker, topic_prefix), start=False)
+    enrolled(fleet_broker.ca, d.root, "test-node")
+    d.start()
+    wait_metric(d, "edged_mqtt_connected", lambda v: v == 1)
+    for _ in range(3):
+        status, headers, body = d.call("thermo", "/r")
+        assert status == 200 and json.loads(body)["name"] == "cloud-backend", body
+        assert header(headers, "x-edged-bridge") == "cloud-1"
+    assert "mqtts://127.0.0.1" in d.log_text()

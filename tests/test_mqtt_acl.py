@@ -39,14 +39,14 @@ def client(broker: FleetBroker, files: IdentityFiles | None, name: str) -> aiomq
 def refused_by_tls(broker: FleetBroker, files: IdentityFiles | None) -> bool:
     """Whether the broker ends the TLS session of a client with this certificate (or none) before MQTT."""
     ctx = tls(files, broker.root / "ca.pem")
-    with socket.create_connection(("127.0.0.1", broker.port), timeout=5) as raw:
-        with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
-            try:
-                # CONNECT, MQTT 3.1.1, clean session, keepalive 5 s, client id "x"
-                sock.sendall(bytes.fromhex("100d00044d51545404020005000178"))
-                return sock.recv(4) == b""  # a CONNACK is 4 bytes
-            except (ssl.SSLError, ConnectionError):
-                return True
+    raw = socket.create_connection(("127.0.0.1", broker.port), timeout=5)
+    with raw, ctx.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+        try:
+            # CONNECT, MQTT 3.1.1, clean session, keepalive 5 s, client id "x"
+            sock.sendall(bytes.fromhex("100d00044d51545404020005000178"))
+            return sock.recv(4) == b""  # a CONNACK is 4 bytes
+        except (ssl.SSLError, ConnectionError):
+            return True
 
 
 async def received(c: aiomqtt.Client, within: float) -> list[tuple[str, bytes]]:
