@@ -8,8 +8,13 @@ and a real HTTP backend (tests/backend.py).
 2. Broker restart -> first successful cloud call (daemon and bridge both reconnect; `reconnect_max`).
 3. Fleet config pushed once, applied on N daemons: time from the publish to each daemon's
    `fleet_config.applied` log record (same clock, ms resolution), and confirmed through the API.
+4. Signed against unsigned cloud calls in the same run: a second daemon and bridge with node identities
+   (a test fleet CA) seal requests, answers and entries; the two paths and a direct call interleaved, one
+   call at a time (p50/p99), then calls/s and CPU per call (daemon + bridge) of each, and what one seal
+   and one open cost in this process.
 
 usage: scripts/cloud_figures.py [--calls 2000] [--nodes 5] [--restarts 5] [--reconnect-max 1s]
+                                [--only round_trip,throughput,fleet_config,broker_restart,signatures]
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -31,9 +37,11 @@ from loadgen import _read_response
 
 sys.path.insert(0, str(REPO / "tests"))
 
+from fixtures_identity import FleetCA
 from fixtures_mqtt import BridgeProc, Broker, bridge_config, mosquitto_path, mqtt_section, name_node
 
 from edged.cloud.fleet import document_text, generate_key, load_private_key, sign_document
+from edged.cloud.signing import Seals
 
 CLOUD_ONLY = """
 service_name = "thermo"
@@ -120,6 +128,90 @@ async def throughput(edged_port: int, seconds: float, in_flight: int = 16) -> di
     return {"calls_per_s": round(done / (time.perf_counter() - t0)), "in_flight": in_flight, "failed": failed}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def three_way(edged_plain: int, edged_signed: int, backend_port: int, calls: int) -> dict:
+    paths = {
+        "direct": KeepAlive(backend_port, "/readings"),
+        "unsigned": KeepAlive(edged_plain, "/svc/thermo/readings"),
+        "signed": KeepAlive(edged_signed, "/svc/thermo/readings"),
+    }
+    for _ in range(200):
+        for c in paths.values():
+            await c.call()
+    lat: dict[str, list[float]] = {k: [] for k in paths}
+    for _ in range(calls):
+        for name, c in paths.items():
+            took, status, _ = await c.call()
+            assert status == 200, (name, status)
+            lat[name].append(took)
+    for c in paths.values():
+        c.close()
+    out = {f"{k}_p50_ms": round(pct(v, 0.5), 3) for k, v in lat.items()}
+    out.update({f"{k}_p99_ms": round(pct(v, 0.99), 3) for k, v in lat.items()})
+    out["signing_added_p50_ms"] = round(pct(lat["signed"], 0.5) - pct(lat["unsigned"], 0.5), 3)
+    out["signing_added_p99_ms"] = round(pct(lat["signed"], 0.99) - pct(lat["unsigned"], 0.99), 3)
+    out["calls"] = calls
+    return out
+
+
+def seal_costs(folder: Path, ca: FleetCA, rounds: int = 2000) -> dict:
+    """Microseconds per seal and per open (a typical 300-byte request), in this process."""
+    me = Seals(ca.enroll(folder / "a", "bench-a"), skew=20)
+    peer = Seals(ca.enroll(folder / "b", "bench-b"), skew=20)
+    payload, topic = b"x" * 300, "hubmesh/home/svc/thermo/req"
+    t0 = time.perf_counter()
+    sealed = [me.seal(topic, payload) for _ in range(rounds)]
+    t1 = time.perf_counter()
+    for data in sealed:
+        peer.open(topic, data)
+    t2 = time.perf_counter()
+    return {
+        "seal_us": round((t1 - t0) / rounds * 1e6, 1),
+        "open_us": round((t2 - t1) / rounds * 1e6, 1),
+        "sealed_overhead_bytes": len(sealed[0]) - len(payload),
+        "per_call_us": round(2 * ((t2 - t0) / rounds) * 1e6, 1),  # request and answer: two seals, two opens
+    }
+
+
+def signatures(root: Path, broker: Broker, backend: Backend, plain: tuple[Edged, BridgeProc], args) -> dict:
+    """The signed pair next to the unsigned one (`plain`), same broker and backend."""
+    ca = FleetCA("home")
+    prefix = f"sig{int(time.time())}"
+    bridge = BridgeProc(
+        root / "bridge-signed", bridge_config(broker, prefix), {"thermo.toml": backend_manifest(backend.port)}
+    )
+    (bridge.root / "state" / "identity").mkdir(parents=True)
+    ca.enroll(bridge.root / "state" / "identity", "cloud-1")
+    started: list = [bridge.start()]
+    try:
+        d = name_node(Edged(root / "node-signed", {"thermo.toml": CLOUD_ONLY}, mqtt_section(broker, prefix)), "node-s")
+        (d.root / "state" / "identity").mkdir(parents=True)
+        ca.enroll(d.root / "state" / "identity", "node-s")
+        started.append(d.start())
+        wait_for(lambda: d.call("thermo", "/r")[0] == 200, 15, what="first signed cloud call")
+        assert '"mqtt.unsigned"' not in d.log_text()
+        out: dict = {"round_trip": asyncio.run(three_way(plain[0].port, d.port, backend.port, args.calls))}
+        for name, (dd, bb) in (("unsigned", plain), ("signed", (d, bridge))):
+            pids = [dd.proc.pid, bb.proc.pid]
+            cpu0 = [cpu_seconds(pid) for pid in pids]
+            tp = asyncio.run(throughput(dd.port, args.seconds))
+            calls = tp["calls_per_s"] * args.seconds
+            cpu = [cpu_seconds(pid) - c0 for pid, c0 in zip(pids, cpu0, strict=True)]
+            tp["daemon_cpu_us_per_call"] = round(cpu[0] / calls * 1e6, 1)
+            tp["bridge_cpu_us_per_call"] = round(cpu[1] / calls * 1e6, 1)
+            out[f"throughput_{name}"] = tp
+        out["seal_costs"] = seal_costs(root / "seal-costs", ca)
+        return out
+    finally:
+        for p in reversed(started):
+            (p.stop if isinstance(p, Edged) else p.kill)()
+
+
 def restart_to_first_call(broker: Broker, d: Edged, restarts: int, down_for: float) -> dict:
     samples = []
     for _ in range(restarts):
@@ -191,7 +283,9 @@ def main() -> int:
     ap.add_argument("--down-for", type=float, default=2.0, help="seconds the broker stays down each time")
     ap.add_argument("--reconnect-max", default="1s", help="[mqtt] reconnect_max of daemon and bridge")
     ap.add_argument("--keep", action="store_true", help="keep the logs and configs (printed) instead of removing them")
+    ap.add_argument("--only", default="round_trip,throughput,fleet_config,broker_restart,signatures")
     args = ap.parse_args()
+    only = set(args.only.split(","))
     if mosquitto_path() is None:
         print("mosquitto is not installed (apt-get install mosquitto)", file=sys.stderr)
         return 2
@@ -220,11 +314,17 @@ def main() -> int:
             daemons.append(d)
         first = daemons[0]
         wait_for(lambda: first.call("thermo", "/r")[0] == 200, 15, what="first cloud call")
-        out["round_trip"] = asyncio.run(round_trips(first.port, backend.port, args.calls))
-        out["throughput"] = asyncio.run(throughput(first.port, args.seconds))
-        out["fleet_config"] = fleet_push(broker, prefix, daemons, root / "ops.key", args.pushes)
-        out["broker_restart"] = restart_to_first_call(broker, first, args.restarts, args.down_for)
-        out["broker_restart"]["reconnect_max"] = args.reconnect_max
+        if "round_trip" in only:
+            out["round_trip"] = asyncio.run(round_trips(first.port, backend.port, args.calls))
+        if "throughput" in only:
+            out["throughput"] = asyncio.run(throughput(first.port, args.seconds))
+        if "signatures" in only:
+            out["signatures"] = signatures(root, broker, backend, (first, bridge), args)
+        if "fleet_config" in only:
+            out["fleet_config"] = fleet_push(broker, prefix, daemons, root / "ops.key", args.pushes)
+        if "broker_restart" in only:
+            out["broker_restart"] = restart_to_first_call(broker, first, args.restarts, args.down_for)
+            out["broker_restart"]["reconnect_max"] = args.reconnect_max
     finally:
         for p in reversed(started):
             (p.stop if isinstance(p, Edged) else p.kill)()

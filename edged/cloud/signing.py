@@ -24,7 +24,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import cbor2
 
@@ -70,7 +70,12 @@ class Seals:
         self._skew = skew
         self._clock = clock
         self._monotonic = monotonic
-        self._chains: OrderedDict[bytes, tuple[PeerName, x509.Certificate, float, float]] = OrderedDict()
+        # Verified chains by their bytes: (sender, the leaf's public key, valid from, valid until).
+        self._chains: OrderedDict[bytes, tuple[PeerName, Any, float, float]] = OrderedDict()
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        self._algorithm = ec.ECDSA(hashes.SHA256())  # made once: it is per message otherwise
         self.opened = 0
         self.refused = 0
         self._load()
@@ -123,7 +128,7 @@ class Seals:
     def seal(self, topic: str, payload: bytes) -> bytes:
         """The sealed form of `payload`, to be published on `topic`."""
         self._maybe_reload()
-        signature = self._identity.sign(_signed_bytes(topic, payload))
+        signature = self._identity.key.sign(_signed_bytes(topic, payload), self._algorithm)
         return cbor2.dumps({"sv": SEAL_VERSION, "p": payload, "c": self._chain_der, "s": signature})
 
     def open(self, topic: str, data: bytes) -> tuple[PeerName, bytes]:
@@ -153,24 +158,24 @@ class Seals:
             raise SealError("a sealed message needs its certificate chain (DER byte strings)")
         if sum(map(len, chain)) > MAX_CHAIN_BYTES:
             raise SealError(f"certificate chain over {MAX_CHAIN_BYTES} bytes")
-        name, leaf = self._verified_chain(chain)
-        from ..identity import verify_signature
+        name, key = self._verified_chain(chain)
+        from cryptography.exceptions import InvalidSignature
 
         try:
-            verify_signature(leaf, _signed_bytes(topic, payload), signature)
-        except EdgedError as exc:
-            raise SealError(f"bad signature: {exc}") from None
+            key.verify(signature, _signed_bytes(topic, payload), self._algorithm)
+        except (InvalidSignature, ValueError):
+            raise SealError(f"bad signature: it does not match the certificate of {name.fleet}/{name.node}") from None
         return name, payload
 
-    def _verified_chain(self, chain: list[bytes]) -> tuple[PeerName, x509.Certificate]:
+    def _verified_chain(self, chain: list[bytes]) -> tuple[PeerName, Any]:
         key = b"".join(len(c).to_bytes(4, "big") + c for c in chain)
         now = self._clock()
         cached = self._chains.get(key)
         if cached is not None:
-            name, leaf, start, end = cached
+            name, public, start, end = cached
             if start - self._skew <= now <= end + self._skew:
                 self._chains.move_to_end(key)
-                return name, leaf
+                return name, public
             del self._chains[key]  # expired since: verified again below, which says why
         from cryptography import x509
 
@@ -182,13 +187,17 @@ class Seals:
             name = self._bundle.verify(certs, now, self._skew)
         except EdgedError as exc:
             raise SealError(f"certificate not trusted: {exc}") from None
-        leaf = certs[0]
-        start = _timestamp(leaf, "not_valid_before")
+        public = certs[0].public_key()
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        if not isinstance(public, ec.EllipticCurvePublicKey):
+            raise SealError(f"the certificate of {name.fleet}/{name.node} does not carry an ECDSA key")
+        start = _timestamp(certs[0], "not_valid_before")
         end = min(_timestamp(c, "not_valid_after") for c in certs)
-        self._chains[key] = (name, leaf, start, end)
+        self._chains[key] = (name, public, start, end)
         if len(self._chains) > CHAIN_CACHE:
             self._chains.popitem(last=False)
-        return name, leaf
+        return name, public
 
 
 def _timestamp(cert: x509.Certificate, field: str) -> float:
