@@ -109,6 +109,14 @@ def sample(d, series: str) -> float:
     return 0.0
 
 
+def ops_key(folder: Path):
+    """An operator's fleet key pair in `folder` (ops.key, ops.pub, as `edged fleet keygen ops` makes it)."""
+    private_pem, public_pem, _ = generate_key()
+    (folder / "ops.pub").write_bytes(public_pem)
+    (folder / "ops.key").write_bytes(private_pem)
+    return load_private_key(str(folder / "ops.key"))
+
+
 def refused(d, reason: str) -> float:
     return sample(d, f'edged_fleet_config_refused_total{{reason="{reason}"}}')
 
@@ -118,10 +126,7 @@ def test_a_document_for_one_fleet_or_for_no_fleet_is_refused_by_another_fleet(
 ):
     """Before: `fleet` was optional and `edged fleet sign` did not add it, so a document signed for `home` was
     applied by an `office` node trusting the same key. Now: a document names its fleet, or is refused."""
-    private_pem, public_pem, _ = generate_key()
-    (tmp_path / "ops.pub").write_bytes(public_pem)
-    (tmp_path / "ops.key").write_bytes(private_pem)
-    key = load_private_key(str(tmp_path / "ops.key"))
+    key = ops_key(tmp_path)
     backend = backends("b")
     extra = mqtt_section(broker, topic_prefix) + f'[fleet]\nkeys = ["{tmp_path / "ops.pub"}"]\n'
     home = edged({"thermo.toml": THERMO.format(port=backend.port)}, extra)
@@ -153,10 +158,7 @@ def test_replayed_fleet_documents_are_refused_even_by_a_box_with_no_state(
     """Before: rollback protection lived only in the state dir: a box with no state took v3 although v12
     exists, and took an old retained document again after a state wipe. Now: with no state, a document
     issued longer ago than `[fleet] max_age` is refused; with state, an older version is."""
-    private_pem, public_pem, _ = generate_key()
-    (tmp_path / "ops.pub").write_bytes(public_pem)
-    (tmp_path / "ops.key").write_bytes(private_pem)
-    key = load_private_key(str(tmp_path / "ops.key"))
+    key = ops_key(tmp_path)
     backend = backends("b")
     extra = mqtt_section(broker, topic_prefix) + f'[fleet]\nkeys = ["{tmp_path / "ops.pub"}"]\nmax_age = "7d"\n'
     topic = f"{topic_prefix}/home/config"
