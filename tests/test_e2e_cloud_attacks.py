@@ -328,4 +328,5 @@ def test_cloud_calls_over_the_shipped_broker_configuration_with_node_certificate
         status, headers, body = d.call("thermo", "/r")
         assert status == 200 and json.loads(body)["name"] == "cloud-backend", body
         assert header(headers, "x-edged-bridge") == "cloud-1"
-    assert "mqtts://127.0.0.1" in d.log_text()
+    assert "mqtts://127.0.0.1" in d.log_text() and '"signed_as":"test-node"' in d.log_text().replace(" ", "")
+    assert '"signed_as":"cloud-1"' in bridge.log.read_text().replace(" ", "")

@@ -57,9 +57,11 @@ def test_source_precedence_and_policy_overrides():
     from edged.model import PolicySpec
 
     reg = Registry()
-    reg.set_services("mdns", [spec("a", source="mdns:peer"), spec("b", source="mdns:peer")])
-    reg.set_services("mqtt", [spec("a", source="mqtt")])
-    assert reg.snapshot().get("default", "a").spec.source == "mqtt"
+    reg.set_services("mdns", [spec("a", types=("edge",), source="mdns:peer"), spec("b", source="mdns:peer")])
+    reg.set_services("mqtt", [spec("a", types=("cloud",), source="mqtt:box")])
+    # What the LAN found wins over what the broker says; the broker's tier stays, after the LAN's.
+    learned = reg.snapshot().get("default", "a").spec
+    assert (learned.source, learned.endpoint_types) == ("mdns:peer", ("edge", "cloud"))
     reg.set_manifests([spec("a", "http://127.0.0.1:1")])
     assert reg.snapshot().get("default", "a").spec.source == "a.toml"
     fleet: dict = {}

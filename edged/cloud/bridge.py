@@ -166,6 +166,7 @@ class Bridge:
                 node=self.node,
                 group=self.config.bridge.group,
                 services=sorted(name for (_, name) in snapshot.services),
+                signed_as=self.seals.name.node if self.seals is not None else None,
             )
 
     def _on_registry_change(self, old: Snapshot, new: Snapshot) -> None:

@@ -198,6 +198,7 @@ class CloudTier:
             fleet_config=self.fleet.versions(),
             restored_fleet_config=restored,
             restored_remote_entries=known,
+            signed_as=self.seals.name.node if self.seals is not None else None,
         )
 
     async def leaving(self) -> None:
