@@ -11,6 +11,7 @@ import dataclasses
 import http.client
 import json
 import shutil
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -272,7 +273,8 @@ def test_a_client_on_the_broker_cannot_answer_for_a_bridge_nor_inject_a_registry
         assert status == 200 and json.loads(body)["name"] == "cloud-backend", body
         assert header(headers, "x-edged-bridge") == "cloud-1"
     # A box of the fleet asks the bridge to answer on another node's reply topic: no answer goes there; its
-    # own request, answered on its own reply topic, shows the bridge at work meanwhile.
+    # own request, answered on its own reply topic, shows the bridge at work meanwhile; replayed, it is not
+    # run again.
     answers = asyncio.run(asyncio.wait_for(reflect(broker.port, base, evil), 20))
     assert answers == [b"own"], answers
     # Each forged answer was refused, or came after the bridge's (late: its call had its answer).
@@ -291,14 +293,17 @@ def test_a_client_on_the_broker_cannot_answer_for_a_bridge_nor_inject_a_registry
 
 
 async def reflect(port: int, base: str, evil: Seals) -> list[bytes]:
-    """Ids of the answers published on any reply topic after two sealed requests of box `evil`: one asking for
-    the answer on `test-node`'s reply topic (`reflected`), one on its own (`own`)."""
+    """Ids of the answers published on any reply topic after sealed requests of box `evil`: one asking for the
+    answer on `test-node`'s reply topic (`reflected`), one on its own (`own`), and `own` once more."""
     topic = f"{base}/svc/thermo/req"
+    sent = int(time.time() * 1000)
     async with aiomqtt.Client("127.0.0.1", port, protocol=aiomqtt.ProtocolVersion.V5) as c:
         await c.subscribe(f"{base}/reply/+")
         for cid, node in ((b"reflected", "test-node"), (b"own", "evil")):
             req = CloudRequest(cid, f"{base}/reply/{node}", "GET", "/r", (), b"", 2000, "default", "thermo", "evil")
-            await c.publish(topic, evil.seal(topic, encode_request(req)))
+            sealed = evil.seal(topic, encode_request(dataclasses.replace(req, sent_ms=sent)))
+            await c.publish(topic, sealed)
+        await c.publish(topic, sealed)  # the same sealed request again (replayed): not run, not answered
         seen: list[bytes] = []
 
         async def collect() -> None:

@@ -10,7 +10,7 @@ import cbor2
 import pytest
 from fixtures_identity import FleetCA
 
-from edged.cloud.signing import RELOAD_CHECK, SealError, Seals, load_seals
+from edged.cloud.signing import RELOAD_CHECK, ReplayGuard, SealError, Seals, load_seals
 from edged.identity import PeerName
 from edged.identity.files import write_file
 
@@ -99,3 +99,21 @@ def test_no_identity_is_none_unless_required(tmp_path):
     assert load_seals(str(tmp_path), skew=20, required=False) is None
     with pytest.raises(SealError, match="holds no identity"):
         load_seals(str(tmp_path), skew=20, required=True)
+
+
+def test_a_bridge_runs_a_sealed_request_once_and_only_within_its_deadline():
+    now = [1_000_000.0]
+    guard = ReplayGuard(20, cap=3, clock=lambda: now[0])
+    pi1, pi2 = PeerName("home", "pi-1"), PeerName("home", "pi-2")
+    sent = int(now[0] * 1000)
+    assert guard.check(pi1, b"a", sent, 5000) is None
+    assert guard.check(pi1, b"a", sent, 5000) == "replayed"
+    assert guard.check(pi2, b"a", sent, 5000) is None  # ids are per sender
+    assert "past its deadline" in guard.check(pi1, b"b", sent - 60_000, 5000)
+    assert "in the future" in guard.check(pi1, b"c", sent + 60_000, 5000)
+    assert guard.check(pi1, b"d", 0, 5000) == "no send time (ts)"
+    assert guard.check(pi1, b"e", sent, 5000) is None
+    assert "more than 3" in guard.check(pi1, b"f", sent, 5000)  # the memory is bounded ...
+    now[0] += 26  # ... and forgets what is past its deadline and the skew
+    assert guard.check(pi1, b"f", int(now[0] * 1000), 5000) is None and len(guard) == 1
+    assert "past its deadline" in guard.check(pi1, b"a", sent, 5000)  # the first one, later: still refused

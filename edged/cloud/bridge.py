@@ -14,8 +14,9 @@ The bridge also publishes its services in the central registry (retained entries
 that nodes without a manifest for them learn them.
 
 Signed (`signing.py`, when the bridge has a node identity): a request is served only when sealed by a node
-of the fleet whose topic it came on, and only to that node's own reply topic; anything else gets no answer
-at all (an unverified reply topic is the one thing a bridge must never publish to). Answers are sealed.
+of the fleet whose topic it came on, and only to that node's own reply topic, and once (`ReplayGuard`);
+anything else gets no answer at all (an unverified reply topic is the one thing a bridge must never publish
+to). Answers are sealed.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from .envelope import CloudAnswer, CloudRequest, EnvelopeError, decode_request, 
 from .persist import StateSaver
 from .registry_sync import RegistrySync
 from .session import Inbound, LastWill, MqttSession, PublishError
-from .signing import SealError, identity_files, node_seals
+from .signing import ReplayGuard, SealError, identity_files, node_seals
 from .telemetry import CloudMetrics
 from .topics import Topics, parse_request_topic, shared_request_filter
 
@@ -83,6 +84,7 @@ class Bridge:
         self.manifests, self.pool, self.router = core.manifests, core.pool, core.router
         offline = json.dumps({"state": "offline", "node": self.node, "fleet": config.node.fleet, "reason": "lost"})
         self.seals = node_seals(config)
+        self.replays = ReplayGuard(self.seals.skew) if self.seals is not None else None
         self.metrics_cloud = CloudMetrics(self.metrics.registry)
         self.session = MqttSession(
             mq,
@@ -198,6 +200,11 @@ class Bridge:
             own_reply = Topics(self.topics.prefix, sender.fleet).reply(sender.node)
             if where is None or where[0] != sender.fleet or req.reply != own_reply:
                 self._unverified(msg.topic, f"{sender.fleet}/{sender.node} asks for an answer on {req.reply}")
+                return
+            assert self.replays is not None
+            stale = self.replays.check(sender, req.id, req.sent_ms, req.deadline_ms)
+            if stale is not None:
+                self._unverified(msg.topic, f"request {req.id.hex()} of {sender.fleet}/{sender.node}: {stale}")
                 return
             req = dataclasses.replace(req, node=sender.node)
         if where is None or where[1] != req.service:

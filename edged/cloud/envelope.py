@@ -5,7 +5,8 @@ the same values also travel as properties. Keys are short text strings, the body
 headers are `[name, value]` text pairs (latin-1, names lower-case):
 
     request: {"v": 1, "id": bytes, "reply": str, "method": str, "path": str, "headers": [[str, str]...],
-              "body": bytes, "deadline": int, "tenant": str, "service": str, "node": str, "rid": str}
+              "body": bytes, "deadline": int, "tenant": str, "service": str, "node": str, "rid": str,
+              "ts": int}  # ts (optional): the sender's wall clock, ms, for a bridge's replay check
     answer:  {"v": 1, "id": bytes, "status": int, "headers": [[str, str]...], "body": bytes, "node": str}
 
 `deadline` is the milliseconds the caller still waits, counted from when the request was published
@@ -29,6 +30,7 @@ from ..errors import EdgedError
 VERSION = 1
 MAX_ID_BYTES = 64
 MAX_DEADLINE_MS = 3_600_000  # an hour: no call waits longer, and a bignum never reaches float arithmetic
+MAX_TS_MS = 2**53
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token: header names, methods
 _BAD_VALUE = re.compile(rb"[\x00\r\n]")
 _BAD_PATH = re.compile(r"[\x00-\x20\x7f]")  # the path goes into a request line: no spaces, no controls
@@ -62,6 +64,7 @@ class CloudRequest:
     service: str
     node: str = ""  # the calling node, for logs
     request_id: str = ""  # x-request-id of the call
+    sent_ms: int = 0  # the sender's wall clock when sent (Unix ms), 0 when not given
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +98,7 @@ def encode_request(req: CloudRequest) -> bytes:
             "service": req.service,
             "node": req.node,
             "rid": req.request_id,
+            **({"ts": req.sent_ms} if req.sent_ms else {}),
         }
     )
 
@@ -184,6 +188,13 @@ def _headers_in(obj: dict, what: str) -> Headers:
     return tuple(out)
 
 
+def _sent(obj: dict, what: str) -> int:
+    sent = _field(obj, "ts", int, what, 0)
+    if not 0 <= sent <= MAX_TS_MS:  # type: ignore[operator]
+        raise EnvelopeError(f"{what}: ts must be 0..{MAX_TS_MS} (Unix ms)")
+    return sent  # type: ignore[return-value]
+
+
 def decode_request(data: bytes) -> CloudRequest:
     """A request envelope from CBOR bytes; EnvelopeError (with `id` / `reply` when readable) if invalid."""
     obj = _load(data, "request")
@@ -214,6 +225,7 @@ def decode_request(data: bytes) -> CloudRequest:
             service=_str(obj, "service", what),
             node=_str(obj, "node", what, ""),
             request_id=_str(obj, "rid", what, ""),
+            sent_ms=_sent(obj, what),
         )
     except EnvelopeError as exc:
         # Keep what is needed to answer 400, when it is sound.

@@ -19,6 +19,7 @@ received; a chain is verified once and cached by its bytes (certificates are ren
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 import time
@@ -67,7 +68,7 @@ class Seals:
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._files = files
-        self._skew = skew
+        self.skew = skew  # seconds of clock difference tolerated (certificates, and the bridge's replay check)
         self._clock = clock
         self._monotonic = monotonic
         # Verified chains by their bytes: (sender, the leaf's public key, valid from, valid until).
@@ -173,7 +174,7 @@ class Seals:
         cached = self._chains.get(key)
         if cached is not None:
             name, public, start, end = cached
-            if start - self._skew <= now <= end + self._skew:
+            if start - self.skew <= now <= end + self.skew:
                 self._chains.move_to_end(key)
                 return name, public
             del self._chains[key]  # expired since: verified again below, which says why
@@ -184,7 +185,7 @@ class Seals:
         except ValueError as exc:
             raise SealError(f"a certificate of the chain is not DER: {exc}") from None
         try:
-            name = self._bundle.verify(certs, now, self._skew)
+            name = self._bundle.verify(certs, now, self.skew)
         except EdgedError as exc:
             raise SealError(f"certificate not trusted: {exc}") from None
         public = certs[0].public_key()
@@ -198,6 +199,46 @@ class Seals:
         if len(self._chains) > CHAIN_CACHE:
             self._chains.popitem(last=False)
         return name, public
+
+
+class ReplayGuard:
+    """A bridge's memory of the sealed requests it took: a captured request published again (by anyone who can
+    read the broker) is not run twice. A request carries its sender's clock (`ts`): it is taken only within
+    its own deadline (plus the clock skew) of being sent, and only once per (sender, id) meanwhile, so the
+    memory holds what arrived in the last deadline's worth of time, at most `cap` requests."""
+
+    def __init__(self, skew: float, *, cap: int = 65536, clock: Callable[[], float] = time.time) -> None:
+        self._skew = skew
+        self._cap = cap
+        self._clock = clock
+        self._seen: dict[tuple[PeerName, bytes], float] = {}  # -> when it may be forgotten
+        self._expiry: list[tuple[float, tuple[PeerName, bytes]]] = []  # a heap of the same
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def check(self, sender: PeerName, cid: bytes, sent_ms: int, deadline_ms: int) -> str | None:
+        """Why the request must not run (replayed, stale, from the future, memory full), or None (noted)."""
+        now = self._clock()
+        sent = sent_ms / 1000
+        if not sent_ms:
+            return "no send time (ts)"
+        if sent > now + self._skew:
+            return f"sent {sent - now:.0f} s in the future: is the sender's clock (or this one) right?"
+        until = sent + deadline_ms / 1000 + self._skew
+        if until < now:
+            return f"sent {now - sent:.0f} s ago, past its deadline: replayed, or a clock is wrong"
+        while self._expiry and self._expiry[0][0] < now:
+            _, key = heapq.heappop(self._expiry)
+            self._seen.pop(key, None)
+        key = (sender, cid)
+        if key in self._seen:
+            return "replayed"
+        if len(self._seen) >= self._cap:
+            return f"more than {self._cap} requests within their deadlines"
+        self._seen[key] = until
+        heapq.heappush(self._expiry, (until, key))
+        return None
 
 
 def _timestamp(cert: x509.Certificate, field: str) -> float:

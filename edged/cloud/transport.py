@@ -143,6 +143,7 @@ class CloudTransport:
             service=endpoint.service,
             node=self._node,
             request_id=call.request_id,
+            sent_ms=int(time.time() * 1000) if self._seals is not None else 0,
         )
         topic = self._topics.request(endpoint.service)
         payload = encode_request(request)
