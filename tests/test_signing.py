@@ -117,3 +117,13 @@ def test_a_bridge_runs_a_sealed_request_once_and_only_within_its_deadline():
     now[0] += 26  # ... and forgets what is past its deadline and the skew
     assert guard.check(pi1, b"f", int(now[0] * 1000), 5000) is None and len(guard) == 1
     assert "past its deadline" in guard.check(pi1, b"a", sent, 5000)  # the first one, later: still refused
+
+
+def test_a_node_whose_certificate_names_another_node_does_not_start_its_cloud_tier(tmp_path):
+    from edged.cloud.signing import node_seals
+    from edged.config import load_config
+
+    FleetCA("home").enroll(tmp_path / "state" / "identity", "pi-2")
+    (tmp_path / "edged.toml").write_text('[node]\nname = "pi-1"\n[state]\ndir = "state"\n[mqtt]\nenabled = true\n')
+    with pytest.raises(SealError, match="names home/pi-2, the config home/pi-1"):
+        node_seals(load_config(str(tmp_path / "edged.toml")))

@@ -265,6 +265,12 @@ def node_seals(config) -> Seals | None:
     identity = getattr(config, "identity", None)
     skew = getattr(identity, "clock_skew", DEFAULT_SKEW)
     seals = load_seals(identity_files(config).dir, skew=skew, required=mode == "required")
+    if seals is not None and seals.name != (config.node.fleet, config.node.name):
+        # Others check the reply topic and registry topics against the certificate: nothing would work.
+        raise SealError(
+            f"the node certificate names {seals.name.fleet}/{seals.name.node}, the config "
+            f"{config.node.fleet}/{config.node.name} ([node] fleet and name must match it)"
+        )
     if seals is None:
         log_event(
             log,
