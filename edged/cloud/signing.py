@@ -12,9 +12,10 @@ answer on another node's reply topic) does not verify. Who the sender is (`PeerN
 checked by the receiver against what the message claims: the node of a registry topic, the reply topic of
 a request, the providers of a service.
 
-Cost: one signature (about 55 us here) per message sent and one verification (about 90 us) per message
-received; a chain is verified once and cached by its bytes (certificates are renewed every 16 h or so).
-`cryptography` is loaded only when signatures are on.
+Cost (CPU, on the 2-core x86 test machine): about 40 us to seal a message and 105 us to open one, two of
+each per cloud call (request and answer), and 567 bytes more per message; a chain is verified once and
+cached by its bytes (certificates are renewed every 16 h or so). `cryptography` is loaded only when
+signatures are on. A bridge also runs a sealed request only once, within its deadline (`ReplayGuard`).
 """
 
 from __future__ import annotations
