@@ -80,6 +80,7 @@ class Seals:
         self._algorithm = ec.ECDSA(hashes.SHA256())  # made once: it is per message otherwise
         self.opened = 0
         self.refused = 0
+        self.chains_verified = 0  # chain verifications (the cache's misses)
         self._load()
 
     def __repr__(self) -> str:
@@ -185,6 +186,7 @@ class Seals:
             certs = [x509.load_der_x509_certificate(c) for c in chain]
         except ValueError as exc:
             raise SealError(f"a certificate of the chain is not DER: {exc}") from None
+        self.chains_verified += 1
         try:
             name = self._bundle.verify(certs, now, self.skew)
         except EdgedError as exc:
