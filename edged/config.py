@@ -121,7 +121,10 @@ class MqttConfig:
     """`[mqtt]`: the cloud tier's broker."""
 
     enabled: bool = False
-    url: str = "mqtt://127.0.0.1:1883"
+    url: str = "mqtt://127.0.0.1:1883"  # the first broker of `url` (a list in the file: see `urls`)
+    fallback_urls: tuple[str, ...] = ()  # the other brokers, tried in order when the ones before are down
+    switch_back: float = 30.0  # while on a fallback broker, try the first one again this often
+    follow: tuple[str, ...] = ()  # remote services to learn beyond those routed to the cloud ("*": all)
     topic_prefix: str = "hubmesh"
     protocol: str = "5"  # "5" or "3.1.1"
     client_id: str = ""  # default: edged-{node}
@@ -137,6 +140,11 @@ class MqttConfig:
     announce_interval: float = 300.0  # re-post the retained online status at least this often
     offline_ttl: float = 3600.0  # forget the entries of a node that has not been live for this long
     signed: str = "auto"  # seal requests, answers and entries with the node identity: auto | required | off
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """Every broker, in the order they are tried."""
+        return (self.url, *self.fallback_urls)
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +233,9 @@ _NODE_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,62})")
 _NODE_WHAT = "a name of letters, digits, '.', '_' and '-' (at most 63 characters)"
 _TOPIC_PREFIX = re.compile(r"[^/+#\s]+(/[^/+#\s]+)*")
 _TOKEN = re.compile(r"\S+")
+# `[mqtt] follow`: a service (default tenant), tenant.service (DNS labels, as `service_key` writes them), or "*"
+_FOLLOW = re.compile(r"\*|([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)?[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+MAX_BROKERS = 8  # `[mqtt] url` as a list
 _HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("json", "text")
@@ -439,14 +450,24 @@ class _Loader:
                 "announce_interval",
                 "offline_ttl",
                 "signed",
+                "switch_back",
+                "follow",
             )
         )
         d = MqttConfig()
-        url = t.string("url", d.url, what="an mqtt:// or mqtts:// URL")
-        try:
-            _check_mqtt_url(url)
-        except ValueError as exc:
-            t.fail("url", str(exc))
+        what = "an mqtt:// or mqtts:// URL"
+        if isinstance(t.get("url", None), list):
+            urls = t.strings("url", what=what)
+            if not urls or len(urls) > MAX_BROKERS:
+                t.fail("url", f"expected 1 to {MAX_BROKERS} broker URLs, got {len(urls)}")
+        else:
+            urls = (t.string("url", d.url, what=what),)
+        for url in urls:
+            try:
+                _check_mqtt_url(url)
+            except ValueError as exc:
+                t.fail("url", str(exc))
+        follow = t.strings("follow", (), pattern=_FOLLOW, what="a service name, tenant.service, or *")
         prefix = t.string("topic_prefix", d.topic_prefix, pattern=_TOPIC_PREFIX, what="an MQTT topic prefix (no +, #)")
         files = {}
         for key in ("password_file", "ca_file", "cert_file", "key_file"):
@@ -456,7 +477,10 @@ class _Loader:
                 self.secret_file(t, key, files[key])
         return MqttConfig(
             enabled=t.boolean("enabled", d.enabled),
-            url=url,
+            url=urls[0],
+            fallback_urls=tuple(urls[1:]),
+            switch_back=t.duration("switch_back", d.switch_back),
+            follow=tuple(dict.fromkeys(follow)),
             topic_prefix=prefix,
             protocol=t.choice("protocol", d.protocol, ("5", "3.1.1")),
             client_id=t.string("client_id", d.client_id, allow_empty=True),

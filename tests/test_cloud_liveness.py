@@ -147,6 +147,7 @@ def make_sync(tmp_path, registry: Registry, clock: Clock) -> RegistrySync:
         stale_after=900,
         offline_ttl=3600,
         clock=clock,
+        follow=("*",),
     )
 
 

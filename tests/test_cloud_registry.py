@@ -163,6 +163,7 @@ def registry_sync(tmp_path, registry: Registry, session: MqttSession | None = No
         zone="",
         saver=StateSaver(StateStore(str(tmp_path))),
         metrics=CloudMetrics(Metrics()),
+        follow=("*",),
     )
 
 
@@ -202,6 +203,91 @@ def test_remote_entries_become_services_and_go_away_with_their_entry(tmp_path):
     asyncio.run(main())
 
 
+def test_a_box_learns_the_services_it_routes_to_over_the_cloud_and_those_it_follows_and_no_others(tmp_path):
+    async def main() -> None:
+        registry = Registry()
+        session = MqttSession(MqttConfig(enabled=True), client_id="t")
+        sync = RegistrySync(
+            registry=registry,
+            session=session,
+            topics=TOPICS,
+            node="me",
+            zone="",
+            saver=StateSaver(StateStore(str(tmp_path))),
+            metrics=CloudMetrics(Metrics()),
+            follow=("weather",),
+        )
+        thermo = manifest(endpoint_types=["local", "cloud"], endpoints=[{"type": "local", "url": "http://127.0.0.1:1"}])
+        lamp = parse_manifest_data(
+            {"service_name": "lamp", "endpoints": [{"type": "local", "url": "http://127.0.0.1:2"}]}, "lamp.toml"
+        )
+        registry.set_manifests([thermo, lamp])
+        sync.local_changed(registry.snapshot())  # the cloud tier does this on every registry change
+        assert sync.learning == {"thermo", "weather"}
+        assert set(session.filters) == {
+            TOPICS.all_status,
+            TOPICS.service_filter("thermo"),
+            TOPICS.service_filter("weather"),
+            "hubmesh/home/nodes/me/services/+",  # our own retained entries (stale ones are removed)
+        }
+        for node in ("pi-2", "pi-3"):
+            for name in ("thermo", "weather", "lamp", "other"):
+                sync._on_service(entry_msg(node, name))
+        sync.apply()
+        assert sorted(sync.entries["pi-2"]) == ["thermo", "weather"]  # lamp is served here; other not needed
+        assert registry.snapshot().get("default", "weather").spec.source == "mqtt:pi-2"
+        assert registry.snapshot().get("default", "other") is None
+        assert [p["node"] for p in sync.providers("default", "thermo")] == ["pi-2", "pi-3"]
+
+        # thermo's manifest goes: its subscription and its learned entries go too.
+        registry.set_manifests([lamp])
+        sync.local_changed(registry.snapshot())
+        assert sync.learning == {"weather"} and TOPICS.service_filter("thermo") not in session.filters
+        assert sorted(sync.entries["pi-2"]) == ["weather"] and sync.providers("default", "thermo") == []
+        sync._on_service(entry_msg("pi-2", "thermo"))  # one already on its way when the filter went
+        assert "thermo" not in sync.entries["pi-2"]
+        # And a saved registry keeps only what is followed today.
+        saved = json.loads(json.dumps(sync.state()))
+        saved["entries"]["pi-4"] = {"other": saved["entries"]["pi-2"]["weather"] | {"service": "other"}}
+        again = RegistrySync(
+            registry=Registry(),
+            session=MqttSession(MqttConfig(enabled=True), client_id="t2"),
+            topics=TOPICS,
+            node="me",
+            zone="",
+            saver=StateSaver(StateStore(str(tmp_path))),
+            metrics=CloudMetrics(Metrics()),
+            follow=("weather",),
+        )
+        assert again.load(saved) == 2 and "pi-4" not in again.entries
+
+    asyncio.run(main())
+
+
+def test_node_status_is_kept_compact_and_a_renewed_status_writes_nothing(tmp_path):
+    async def main() -> None:
+        store = StateStore(str(tmp_path))
+        sync = registry_sync(tmp_path, Registry())
+        sync._saver = saver = StateSaver(store)
+        doc = {"state": "online", "node": "pi-2", "zone": "attic", "vitals": {"cpu": "12"}, "services": ["a"] * 50}
+        sync._on_status(Inbound(TOPICS.status("pi-2"), json.dumps({**doc, "ts": 1.0}).encode(), True))
+        assert set(sync.nodes["pi-2"]) == {"state", "zone", "vitals", "seen", "since"}
+        await saver.flush()
+        path = tmp_path / "cloud-registry.json"
+        assert json.loads(path.read_text())["nodes"]["pi-2"]["zone"] == "attic"
+        path.unlink()
+        sync._on_status(Inbound(TOPICS.status("pi-2"), json.dumps({**doc, "ts": 2.0}).encode(), True))
+        await saver.flush()
+        assert not path.exists()  # the same node, the same state: no write
+        will = {"state": "offline", "node": "pi-2", "reason": "lost"}
+        sync._on_status(Inbound(TOPICS.status("pi-2"), json.dumps(will).encode(), True))
+        await saver.flush()
+        assert json.loads(path.read_text())["nodes"]["pi-2"]["state"] == "offline"
+        assert sync.nodes["pi-2"]["reason"] == "lost"
+
+    asyncio.run(main())
+
+
 def test_a_saved_registry_of_another_fleet_or_prefix_is_ignored(tmp_path):
     async def main() -> None:
         sync = registry_sync(tmp_path, Registry())
@@ -215,6 +301,7 @@ def test_a_saved_registry_of_another_fleet_or_prefix_is_ignored(tmp_path):
             zone="",
             saver=StateSaver(StateStore(str(tmp_path))),
             metrics=CloudMetrics(Metrics()),
+            follow=("*",),
         )
         assert other.load(saved) == 0
 
@@ -330,6 +417,7 @@ def test_learned_entries_and_tracked_nodes_are_bounded(tmp_path):
             metrics=CloudMetrics(Metrics()),
             limits=Limits(learned_entries=5, learned_entries_per_node=3, peers=3),
             on_limit=hits.append,
+            follow=("*",),
         )
         for i in range(5):
             sync._on_service(entry_msg("pi-1", f"s{i}"))

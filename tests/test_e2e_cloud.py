@@ -248,7 +248,8 @@ def test_remote_services_come_from_the_registry_and_survive_a_restart_without_br
     backend = backends("site-a")
     site_a = edged({"thermo.toml": thermo_manifest(backend.port)}, mqtt_section(broker, topic_prefix), start=False)
     name_node(site_a, "site-a").start()
-    site_b = edged({}, mqtt_section(broker, topic_prefix), start=False)
+    # site-b has no manifest of its own: it learns thermo because its config follows it.
+    site_b = edged({}, mqtt_section(broker, topic_prefix) + 'follow = ["thermo"]\n', start=False)
     name_node(site_b, "site-b").start()
     bridges(bridge_config(broker, topic_prefix), {"thermo.toml": bridge_manifest(backend.port)})
 

@@ -106,7 +106,7 @@ class Bridge:
             metrics=self.metrics_cloud,
             status_extra=lambda: {"role": "bridge", "group": config.bridge.group},
             always_cloud=True,
-            follow=False,
+            follow=None,
             limits=config.limits,
             on_limit=core.limit_hit,
             seals=self.seals,

@@ -14,6 +14,18 @@ Signed (`signing.py`, when this node has an identity): entries are sealed by the
 taken only when sealed by the node its topic names, in this fleet (a deletion, an empty retained message,
 cannot be sealed: it only ever removes).
 
+What a box learns (`[mqtt] follow`): the entries of the services it routes to over the cloud tier (those its
+manifests and registrations declare with a "cloud" endpoint type) and of the services `follow` names, one
+subscription `nodes/+/services/{key}` each, changed at run time as manifests come and go; `follow = ["*"]`
+learns the whole fleet (a dashboard, a central box). Every box follows every node's status (the topic of
+the last wills), kept in a compact form: state, zone, vitals, and when it was seen and changed. The whole
+fleet stays one command away: `edged fleet ls` reads it from the broker.
+
+Cost per message: a handful of dict operations plus parsing the entry itself; a burst (the retained
+messages of a reconnect) becomes one registry rebuild per `APPLY_DELAY`, and the state file is written
+at most every `SAVE_WITHIN` seconds, and only when an entry or a node's state changed (not for a renewed
+status).
+
 Liveness (`liveness.py`): a node's offline status withdraws the cloud endpoints of services that only it
 (and other dead nodes) serve, at once; entries of a node that has not been live for `[mqtt] offline_ttl`
 are dropped from memory and state; a clean stop removes this node's own retained entries.
@@ -144,6 +156,19 @@ def normalize_entry(obj: object, *, node: str) -> dict[str, Any]:
     return entry
 
 
+def compact_status(doc: Mapping[str, Any], *, seen: object, since: object) -> dict[str, Any]:
+    """What a box keeps of another node's status: its state, zone and vitals (short strings), and when it was
+    seen and changed (wall clock), not the whole document (a thousand of them live in every box)."""
+    vitals = doc.get("vitals")
+    if isinstance(vitals, Mapping):
+        vitals = {str(k)[:16]: str(v)[:16] for k, v in list(vitals.items())[:8]}
+    out = {"state": doc["state"], "zone": str(doc.get("zone") or "")[:64], "vitals": vitals or {}}
+    out["seen"], out["since"] = seen, since
+    if doc["state"] == "offline" and isinstance(doc.get("reason"), str):
+        out["reason"] = doc["reason"][:32]
+    return out
+
+
 # -- the sync -----------------------------------------------------------------------------------------------
 
 
@@ -164,13 +189,13 @@ class RegistrySync:
         status_extra: Callable[[], dict] = dict,
         offers: Callable[[ServiceSpec], bool] | None = None,
         always_cloud: bool = False,  # a bridge: every service it offers is reachable over MQTT
-        follow: bool = True,
         stale_after: float = 0.0,  # an online status not renewed for this long counts as dead (0: never)
         offline_ttl: float = 3600.0,  # entries of a node not live for this long are dropped
         clock: Callable[[], float] = time.monotonic,
         limits: Limits | None = None,
         on_limit: Callable[[str], None] | None = None,
         seals: Seals | None = None,
+        follow: Iterable[str] | None = (),  # service keys to learn beyond the needed ones; "*": all; None: none
     ) -> None:
         self._seals = seals  # None: unsigned entries, taken from whoever publishes on a node's topic
         self._limits = limits or Limits()
@@ -191,15 +216,25 @@ class RegistrySync:
         self.entries: dict[str, dict[str, dict]] = {}  # other node -> key -> entry
         self.liveness = Liveness(stale_after=stale_after)
         self._specs: dict[str, dict[str, ServiceSpec]] = {}  # node -> key -> the spec its cloud entry makes
+        self._serving: dict[tuple[str, str], set[str]] = {}  # (tenant, service) -> nodes with a cloud entry
+        self._chosen: dict[tuple[str, str], ServiceSpec] = {}  # (tenant, service) -> the spec put in the registry
+        self._learned = 0  # entries kept, over all nodes
         self._apply_timer: asyncio.TimerHandle | None = None
         self.offline_ttl = offline_ttl
         self._clock = clock
         self.bad_messages = 0
-        if follow:
-            session.subscribe(topics.all_status, self._on_status, qos=1)
-            session.subscribe(topics.all_services, self._on_service, qos=1)
-        else:  # a bridge: only its own entries, to remove stale ones
-            session.subscribe(f"{topics.base}/nodes/{node}/services/+", self._on_service, qos=1)
+        self.follows_all = follow is not None and "*" in follow
+        self._follow = frozenset(follow or ()) - {"*"}  # keys learned whatever the manifests say
+        self._needed: frozenset[str] = frozenset()  # keys this node's own services route to over the cloud
+        self.learning: frozenset[str] = frozenset()  # the keys subscribed to now (follow | needed)
+        own = f"{topics.base}/nodes/{node}/services/+"  # this node's own entries: stale ones are removed
+        if follow is None:  # a bridge: only its own entries
+            session.subscribe(own, self._on_service, qos=1)
+            return
+        session.subscribe(topics.all_status, self._on_status, qos=1)
+        session.route(topics.all_services, self._on_service)
+        session.add_filter(topics.all_services if self.follows_all else own, qos=1)
+        self._learn(self._follow)
 
     # -- payloads of this node ------------------------------------------------------------------------------
 
@@ -224,18 +259,25 @@ class RegistrySync:
         self._post_entries()
 
     def local_changed(self, snapshot: Snapshot) -> None:
-        """Recompute the entries this node offers from a registry snapshot; post what changed."""
+        """Recompute the entries this node offers, and the services it needs to learn, from a registry
+        snapshot; post what changed."""
         own: dict[str, bytes] = {}
+        needed: set[str] = set()
         for svc in snapshot.services.values():
             spec = svc.spec
             if spec.source.startswith(f"{SOURCE}:"):
                 continue  # learned from the registry: not ours to offer
+            if "cloud" in spec.endpoint_types:
+                needed.add(service_key(spec.tenant, spec.name))
             offered = self._offers(spec) if self._offers else any(ep.tier == "local" for ep in svc.endpoints)
             if not offered:
                 continue
             cloud = self._always_cloud or "cloud" in spec.endpoint_types
             entry = spec_entry(spec, node=self.node, zone=self._zone, cloud=cloud)
             own[service_key(spec.tenant, spec.name)] = cbor2.dumps(entry)
+        if needed != self._needed:
+            self._needed = frozenset(needed)
+            self._learn(self._follow | self._needed)
         if own == self._own:
             return
         changed_set = set(own) != set(self._own)
@@ -263,6 +305,38 @@ class RegistrySync:
             else:
                 self._posted.pop(key, None)
 
+    # -- what this node learns ------------------------------------------------------------------------------
+
+    def _learn(self, keys: Iterable[str]) -> None:
+        """Subscribe to the entries of `keys` (and no others): one filter per service. Entries of services no
+        longer followed are forgotten."""
+        keys = frozenset(keys)
+        if self.follows_all or keys == self.learning:
+            return
+        for key in self.learning - keys:
+            self._session.remove_filter(self._topics.service_filter(key))
+        for key in keys - self.learning:
+            self._session.add_filter(self._topics.service_filter(key), qos=1)
+        dropped = self.learning - keys
+        self.learning = keys
+        if dropped:
+            self._forget_keys(dropped)
+
+    def _wants(self, key: str) -> bool:
+        return self.follows_all or key in self.learning
+
+    def _forget_keys(self, keys: frozenset[str]) -> None:
+        forgotten = 0
+        for node, known in list(self.entries.items()):
+            for key in keys & known.keys():
+                self._index(node, known.pop(key), add=False)
+                forgotten += 1
+            if not known:
+                del self.entries[node]
+        if forgotten:
+            self._learned -= forgotten
+            self._changed(removal=True)
+
     # -- what the others publish ----------------------------------------------------------------------------
 
     def _on_status(self, msg: Inbound) -> None:
@@ -287,19 +361,19 @@ class RegistrySync:
             self.bad_messages += 1
             log.debug("bad status on %s: %s", msg.topic, exc)
             return
-        doc = {k: v for k, v in doc.items() if isinstance(k, str)}
         wall = round(time.time(), 3)
         previous = self.nodes.get(node, {})
         if not previous and len(self.nodes) >= self._limits.peers:
             self._on_limit("peers")  # a flood of made-up nodes: the known ones keep their place
             return
-        doc["seen"] = wall
-        doc["since"] = previous.get("since", wall) if previous.get("state") == doc["state"] else wall
-        self.nodes[node] = doc
-        if previous.get("state") != doc["state"]:
-            log_event(log, logging.INFO, "mqtt.node_state", node=node, state=doc["state"])
-        self.liveness.status(node, doc["state"], self._clock())
-        self._changed(services=False)
+        state = doc["state"]
+        changed = previous.get("state") != state
+        self.nodes[node] = compact_status(doc, seen=wall, since=wall if changed else previous.get("since", wall))
+        self.liveness.status(node, state, self._clock())
+        if changed or previous.get("zone") != self.nodes[node]["zone"]:
+            if changed:
+                log_event(log, logging.INFO, "mqtt.node_state", node=node, state=state)
+            self._changed(services=False)  # a renewed status changes nothing worth a write
 
     def _on_service(self, msg: Inbound) -> None:
         parsed = self._topics.parse_node_topic(msg.topic)
@@ -311,16 +385,22 @@ class RegistrySync:
                 # A stale entry of ours (the service went away while we were offline): remove it.
                 self._post_entry(key, b"")
             return
+        if not self._wants(key):
+            return  # a service no longer followed (its filter was just removed)
         if not msg.payload:
-            old = self.entries.get(node, {}).pop(key, None)
+            known = self.entries.get(node, {})
+            old = known.pop(key, None)
             if old is not None:
+                self._learned -= 1
+                if not known:
+                    del self.entries[node]
                 self._index(node, old, add=False, departed=True)
                 self._changed(removal=True)
             return
         known = self.entries.get(node, {})
         if key not in known:
             lim = self._limits
-            if len(known) >= lim.learned_entries_per_node or self._learned() >= lim.learned_entries:
+            if len(known) >= lim.learned_entries_per_node or self._learned >= lim.learned_entries:
                 per_node = len(known) >= lim.learned_entries_per_node
                 self._on_limit("learned_entries_per_node" if per_node else "learned_entries")
                 return
@@ -349,13 +429,11 @@ class RegistrySync:
             return
         if old is not None:
             self._index(node, old, add=False)
+        else:
+            self._learned += 1
         self.entries.setdefault(node, {})[key] = entry
         self._index(node, entry, add=True)
         self._changed()
-
-    def _learned(self) -> int:
-        """Entries learned from all nodes (at most `[limits] peers` nodes: a cheap sum)."""
-        return sum(len(entries) for entries in self.entries.values())
 
     def _index(self, node: str, entry: Mapping[str, Any], *, add: bool, departed: bool = False) -> None:
         """Keep the spec each cloud entry makes (parsed once, not at every change) and the providers of each
@@ -369,13 +447,29 @@ class RegistrySync:
                 self._specs.setdefault(node, {})[skey] = entry_spec(entry, source=f"{SOURCE}:{node}")
             except ValueError:  # normalize_entry checked it: cannot happen, but never fatal
                 return
+            self._serving.setdefault(key, set()).add(node)
             self.liveness.add_provider(key, node, self._clock())
         else:
             specs = self._specs.get(node, {})
             specs.pop(skey, None)
             if not specs:
                 self._specs.pop(node, None)
+            serving = self._serving.get(key, set())
+            serving.discard(node)
+            if not serving:
+                self._serving.pop(key, None)
             self.liveness.remove_provider(key, node, self._clock(), departed=departed)
+        self._choose(key)
+
+    def _choose(self, key: tuple[str, str]) -> None:
+        """The spec a service gets in the registry: of the nodes serving it, the first by name's (O(nodes
+        serving this one service), so that a registry message never costs a pass over all of them)."""
+        serving = self._serving.get(key)
+        if not serving:
+            self._chosen.pop(key, None)
+            return
+        node = min(serving)
+        self._chosen[key] = self._specs[node][service_key(*key)]
 
     def _changed(self, services: bool = True, removal: bool = False) -> None:
         if services:
@@ -394,11 +488,7 @@ class RegistrySync:
 
     def remote_specs(self) -> list[ServiceSpec]:
         """One spec per remote (tenant, service) reachable over MQTT; of several nodes, the first by name."""
-        specs: dict[tuple[str, str], ServiceSpec] = {}
-        for node in sorted(self._specs):
-            for spec in self._specs[node].values():
-                specs.setdefault(spec.key, spec)
-        return list(specs.values())
+        return list(self._chosen.values())
 
     def apply(self) -> None:
         """Put the remote services into the registry (source "mqtt") now."""
@@ -492,7 +582,9 @@ class RegistrySync:
         dropped = []
         for node in nodes:
             self.nodes.pop(node, None)
-            self.entries.pop(node, None)
+            for entry in self.entries.pop(node, {}).values():
+                self._learned -= 1
+                self._index(node, entry, add=False)
             self._specs.pop(node, None)
             self.liveness.forget(node, self._clock())
             dropped.append(node)
@@ -544,6 +636,8 @@ class RegistrySync:
             for key, raw in list(entries.items())[: lim.learned_entries_per_node]:
                 if kept >= lim.learned_entries:  # a state file written under larger limits
                     break
+                if not self._wants(key) or key in self.entries.get(node, {}):
+                    continue  # a service this node no longer follows
                 try:
                     entry = normalize_entry(raw, node=node)
                 except ValueError:
@@ -551,10 +645,12 @@ class RegistrySync:
                 self.entries.setdefault(node, {})[key] = entry
                 self._index(node, entry, add=True)
                 kept += 1
+        self._learned += kept
         now = self._clock()
         for node, status in list((doc.get("nodes") or {}).items())[: self._limits.peers]:
             if node != self.node and isinstance(status, dict) and status.get("state") in ("online", "offline"):
-                self.nodes[node] = status
+                seen = status.get("seen")
+                self.nodes[node] = compact_status(status, seen=seen, since=status.get("since", seen))
                 # Seen "now": a saved wall-clock time means little on a box whose clock jumps at boot.
                 self.liveness.status(node, status["state"], now)
         self.apply()

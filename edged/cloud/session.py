@@ -5,6 +5,13 @@ loop together: when the broker dies, the receive loop fails within milliseconds 
 with it (a QoS 1 publish in flight would otherwise block until its timeout). It then waits with
 exponential backoff and jitter, capped at `[mqtt] reconnect_max`, and tries again; it never busy-loops.
 
+Brokers (`[mqtt] url` as a list): each failed try moves on to the next broker, and the backoff grows once
+per round of them; a connection that was up and ended starts again from the first. While on another
+broker, the session checks the first one every `[mqtt] switch_back` seconds (a TCP connect) and, once it
+answers, leaves cleanly (no last will) and connects to it. Subscriptions and retained state are made again
+on every connect, so nothing depends on the broker keeping a session. Subscriptions may change at run
+time (`add_filter` / `remove_filter`): the live connection subscribes or unsubscribes at once.
+
 aiomqtt and paho stay inside this module: callers see `Inbound` messages and `EdgedError` subclasses.
 
 Hot path. aiomqtt's own QoS 0 publish waits for a writer callback a few loop turns later (0.25 ms a publish
@@ -65,6 +72,10 @@ class SessionError(EdgedError):
 
 class PublishError(EdgedError):
     """A publish did not happen: not connected, or the broker did not take it in time."""
+
+
+class _SwitchBack(Exception):
+    """The first broker answers again: leave the fallback broker (cleanly) for it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,7 +204,9 @@ class MqttSession:
         self.max_message = max_message  # larger incoming messages are dropped (MQTT 5: the broker is told)
         self._on_limit = on_limit
         self.dropped_large = 0
-        self.host, self.port, self.tls = broker_address(config.url)
+        self._brokers = [broker_address(url) for url in config.urls]
+        self._index = 0  # the broker of the current (or next) try
+        self.host, self.port, self.tls = self._brokers[0]
         self.client_id = client_id
         self.v5 = config.protocol == "5"
         self._will = will
@@ -201,6 +214,7 @@ class MqttSession:
         self._on_disconnected = on_disconnected
         self._rng = rng or random.Random()
         self._subs: dict[str, int] = {}  # filter -> QoS
+        self._subs_changed = asyncio.Event()
         self._routes: list[tuple[str, Handler]] = []
         self._client: aiomqtt.Client | None = None
         self._paho: paho_client.Client | None = None  # the fast path (see the module doc), while connected
@@ -220,14 +234,42 @@ class MqttSession:
         state = "connected" if self.connected else f"down ({self.last_error or 'not started'})"
         return f"<MqttSession {self.client_id} {self.host}:{self.port} {state} connects={self.connects}>"
 
+    @property
+    def broker(self) -> str:
+        """The URL of the broker in use (or tried next)."""
+        return self.config.urls[self._index]
+
     # -- setup --------------------------------------------------------------------------------------------
 
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 0) -> None:
         """Route messages matching `topic_filter` to `handler` (called on the event loop; must not block)."""
         if self._task is not None:
             raise SessionError("subscriptions must be declared before start()")
-        self._subs[topic_filter] = max(qos, self._subs.get(topic_filter, 0))
+        self.route(topic_filter, handler)
+        self.add_filter(topic_filter, qos)
+
+    def route(self, topic_filter: str, handler: Handler) -> None:
+        """Hand messages matching `topic_filter` to `handler`, without subscribing to it: one route may serve
+        many narrower filters added at run time (each route costs a match per message received)."""
+        if self._task is not None:
+            raise SessionError("routes must be declared before start()")
         self._routes.append((topic_filter, handler))
+
+    def add_filter(self, topic_filter: str, qos: int = 0) -> None:
+        """Subscribe to `topic_filter` (now when connected, and on every connect); a route must match it."""
+        if self._subs.get(topic_filter, -1) < qos:
+            self._subs[topic_filter] = qos
+            self._subs_changed.set()
+
+    def remove_filter(self, topic_filter: str) -> None:
+        """Stop subscribing to `topic_filter` (unsubscribe now when connected)."""
+        if self._subs.pop(topic_filter, None) is not None:
+            self._subs_changed.set()
+
+    @property
+    def filters(self) -> dict[str, int]:
+        """The filters subscribed on every connect, with their QoS."""
+        return dict(self._subs)
 
     def start(self) -> None:
         """Start the supervisor. Returns at once: the broker may well be down."""
@@ -338,6 +380,7 @@ class MqttSession:
     async def _supervise(self) -> None:
         attempt = 0
         while not self._closing:
+            self.host, self.port, self.tls = self._brokers[self._index]
             started = time.monotonic()
             was_up = False
             try:
@@ -346,6 +389,11 @@ class MqttSession:
             except asyncio.CancelledError:
                 self._mark_down("closing")
                 raise
+            except _SwitchBack:
+                self._mark_down(f"switching back to {self.config.urls[0]}")
+                log_event(log, logging.INFO, "mqtt.switch_back", broker=self.config.urls[0], left=self.broker)
+                self._index, attempt = 0, 0
+                continue
             except (aiomqtt.MqttError, OSError, EdgedError, ssl.SSLError) as exc:
                 reason = str(exc) or type(exc).__name__
             except Exception as exc:  # a bug must not end the session for good: log it, back off, retry
@@ -358,11 +406,17 @@ class MqttSession:
                 attempt = 0
             if not was_up:
                 self.failed_connects += 1
-            delay = backoff_delay(attempt, self.config.reconnect_max, self._rng)
+            # The backoff grows once per round of brokers: a dead first broker delays the second by one step.
+            delay = backoff_delay(attempt // len(self._brokers), self.config.reconnect_max, self._rng)
+            broker = self.broker
             if was_up or attempt == 0:
-                log_event(log, logging.WARNING, "mqtt.down", broker=self.config.url, reason=reason, retry_in=delay)
+                log_event(log, logging.WARNING, "mqtt.down", broker=broker, reason=reason, retry_in=delay)
             else:
-                log_event(log, logging.DEBUG, "mqtt.retry", reason=reason, attempt=attempt, retry_in=round(delay, 3))
+                log_event(
+                    log, logging.DEBUG, "mqtt.retry", broker=broker, reason=reason, attempt=attempt, retry_in=delay
+                )
+            # A connection that was up starts the round again from the first broker; a failed try moves on.
+            self._index = 0 if was_up else (self._index + 1) % len(self._brokers)
             attempt += 1
             await asyncio.sleep(delay)
 
@@ -414,28 +468,60 @@ class MqttSession:
             # waiter resumes, and their handlers may post (a stale entry of ours to delete).
             outbox: asyncio.Queue[tuple[str, bytes, int, bool]] = asyncio.Queue(OUTBOX_SIZE)
             self._client, self._outbox = client, outbox
-            if self._subs:
-                granted = await client.subscribe(list(self._subs.items()))
-                self._check_granted(granted)
+            subscribed = dict(self._subs)
+            if subscribed:
+                granted = await client.subscribe(list(subscribed.items()))
+                self._check_granted(list(subscribed), granted)
             self._paho = paho if fast else None
             self.path = "paho" if fast else "public"
             self.connects += 1
             self.last_error = ""
             self._up.set()
-            log_event(
-                log, logging.INFO, "mqtt.connected", broker=self.config.url, client_id=self.client_id, path=self.path
-            )
+            log_event(log, logging.INFO, "mqtt.connected", broker=self.broker, client_id=self.client_id, path=self.path)
             if self._on_connected is not None:
                 try:
                     self._on_connected()
                 except Exception:
                     log.exception("on_connected hook failed")
-            await run_together(self._receive(client), self._drain(client, outbox))
+            loops = [self._receive(client), self._drain(client, outbox), self._follow_filters(client, subscribed)]
+            if self._index > 0:
+                loops.append(self._watch_first())
+            await run_together(*loops)
         return True
 
-    def _check_granted(self, granted: Any) -> None:
+    async def _follow_filters(self, client: aiomqtt.Client, subscribed: dict[str, int]) -> None:
+        """Subscribe and unsubscribe on the live connection as the filters change (`add_filter`)."""
+        while True:
+            if subscribed == self._subs:
+                self._subs_changed.clear()
+                await self._subs_changed.wait()
+                continue
+            want = dict(self._subs)
+            gone = [f for f in subscribed if f not in want]
+            new = [(f, q) for f, q in want.items() if subscribed.get(f, -1) < q]
+            if gone:
+                await client.unsubscribe(gone, timeout=OP_TIMEOUT)
+            if new:
+                granted = await client.subscribe(new, timeout=OP_TIMEOUT)
+                self._check_granted([f for f, _ in new], granted)
+            subscribed.clear()
+            subscribed.update(want)
+
+    async def _watch_first(self) -> None:
+        """On a fallback broker: end this connection (`_SwitchBack`) once the first broker accepts TCP."""
+        host, port, _ = self._brokers[0]
+        while True:
+            await asyncio.sleep(self.config.switch_back)
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), OP_TIMEOUT)
+            except (OSError, asyncio.TimeoutError):
+                continue
+            writer.close()
+            raise _SwitchBack()
+
+    def _check_granted(self, filters: list[str], granted: Any) -> None:
         """A broker may refuse a subscription (ACL): say which, loudly; the rest still works."""
-        for topic_filter, code in zip(self._subs, granted, strict=False):
+        for topic_filter, code in zip(filters, granted, strict=False):
             value = getattr(code, "value", code)
             if isinstance(value, int) and value >= 0x80:
                 log_event(log, logging.ERROR, "mqtt.subscribe_refused", filter=topic_filter, code=str(code))

@@ -113,6 +113,7 @@ class CloudTier:
             limits=config.limits,
             on_limit=core.limit_hit,
             seals=self.seals,
+            follow=mq.follow,
         )
         self.transport = CloudTransport(
             self.session,
@@ -178,8 +179,8 @@ class CloudTier:
         self._started = True
         self._published = self._node_vitals.current.status()
         restored = self.fleet.load(self._store.read_json(fleet_mod.STATE_FILE, {}))
+        self.registry_sync.local_changed(self._registry.snapshot())  # first: what to learn (and keep)
         known = self.registry_sync.load(self._store.read_json(registry_mod.STATE_FILE, {}))
-        self.registry_sync.local_changed(self._registry.snapshot())
         self.session.start()
         loop = asyncio.get_running_loop()
         for coro, name in (

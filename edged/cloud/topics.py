@@ -77,6 +77,10 @@ class Topics:
     def all_services(self) -> str:
         return f"{self.base}/nodes/+/services/+"
 
+    def service_filter(self, key: str) -> str:
+        """Every node's entry of one service (`service_key`)."""
+        return f"{self.base}/nodes/+/services/{key}"
+
     def parse_node_topic(self, topic: str) -> tuple[str, str, str] | None:
         """(node, "status", "") or (node, "services", key) for a registry topic of this fleet, else None."""
         head = f"{self.base}/nodes/"
