@@ -148,6 +148,8 @@ def mqtt_section(broker: Broker, prefix: str, **keys: object) -> str:
     for key, value in values.items():
         if isinstance(value, bool):
             lines.append(f"{key} = {'true' if value else 'false'}")
+        elif isinstance(value, (list, tuple)):
+            lines.append(f"{key} = [{', '.join(repr(str(v)).replace(chr(39), chr(34)) for v in value)}]")
         elif isinstance(value, (int, float)):
             lines.append(f"{key} = {value}")
         else:
