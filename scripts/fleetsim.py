@@ -17,7 +17,20 @@ announcement (the offline status an observer sees) and to the last call routed t
 where another endpoint exists (services of dead boxes with a local fallback: target 0), and memory and
 state size before, after the deaths, and after `offline_ttl` (scaled down: simulated time).
 
+The learn scenario (issue "a fleet of a thousand boxes"; `--scenario learn`), for each `--boxes` count: the
+fleet is on the broker first; the daemon routes `--needed` of the fleet's services over the cloud tier
+(cloud-only manifests) and serves one of its own (`here`, a local backend). It reports the time from the
+daemon's connect to knowing every needed service with its provider online, the CPU and RSS it took (RSS
+against the same daemon on an empty broker: its idle RSS), a local call's latency next to a direct call to
+the same backend while the retained burst arrives (a separate process calls, one call at a time; the burst
+is made again by taking over the daemon's MQTT client id, as a reconnect does), the state file, a warm
+start, the time from a provider's death to the daemon withdrawing it (last will) and the time to answer
+cloud calls again after the daemon's broker is killed (`[mqtt] url` = the site broker, then the central
+one). `--topology bridge` puts the fleet on a central broker and the daemon on a site broker bridged to it
+with config/mosquitto/bridge.conf; `direct` puts both on one broker (failover: a second, empty broker).
+
 usage: scripts/fleetsim.py [--boxes 200] [--services 10] [--rate 100] [--modes abrupt,clean,powercut]
+       scripts/fleetsim.py --scenario learn --boxes 50,200,500,1000,2000 [--topology direct,bridge]
 """
 
 from __future__ import annotations
@@ -334,7 +347,10 @@ async def liveness_run(args, mode: str, tmp: Path) -> dict:
     d = Edged(
         tmp / f"edged-{mode}",
         manifests,
-        mqtt_section(broker, fleet.topics.prefix, keepalive=f"{args.keepalive}s", offline_ttl=f"{args.ttl}s"),
+        # Calls go to every service of the fleet: this daemon follows the whole registry.
+        mqtt_section(
+            broker, fleet.topics.prefix, keepalive=f"{args.keepalive}s", offline_ttl=f"{args.ttl}s", follow=["*"]
+        ),
     )
     state = d.root / "state"
     state.mkdir(parents=True, exist_ok=True)
@@ -444,11 +460,224 @@ def _free_port() -> int:
     return free_port()
 
 
+# -- the learn scenario -------------------------------------------------------------------------------------
+
+PROBE = r"""
+import http.client, json, sys, time
+port, direct, seconds, gap = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+out = {"mesh": [], "direct": []}
+conns = {k: http.client.HTTPConnection("127.0.0.1", p) for k, p in (("mesh", port), ("direct", direct))}
+paths = {"mesh": "/svc/here/x", "direct": "/x"}
+print("ready", flush=True)
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    for kind in ("mesh", "direct"):
+        t = time.perf_counter()
+        conns[kind].request("GET", paths[kind])
+        r = conns[kind].getresponse(); r.read()
+        out[kind].append((time.perf_counter() - t, r.status))
+    time.sleep(gap)
+print(json.dumps(out), flush=True)
+"""
+
+
+async def probe_calls(port: int, direct: int, seconds: float, gap: float = 0.005) -> asyncio.subprocess.Process:
+    """A separate process calling the daemon's local service and the backend directly, one call at a time
+    (the simulator's own event loop is busy with a thousand boxes: it must not time the calls)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", PROBE, str(port), str(direct), str(seconds), str(gap), stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    assert (await proc.stdout.readline()).strip() == b"ready"
+    return proc
+
+
+async def probe_result(proc: asyncio.subprocess.Process) -> dict:
+    out, _ = await proc.communicate()
+    doc = json.loads(out.decode().strip().splitlines()[-1])
+    res = {}
+    for kind, calls in doc.items():
+        lat = sorted(t for t, _ in calls)
+        res[kind] = {
+            "calls": len(lat),
+            "failed": sum(1 for _, st in calls if st != 200),
+            "p50_ms": round(lat[len(lat) // 2] * 1000, 2),
+            "p99_ms": round(lat[int(0.99 * len(lat))] * 1000, 2),
+            "max_ms": round(lat[-1] * 1000, 2),
+        }
+    return res
+
+
+def connected_at(log_text: str, after: float = 0.0) -> float | None:
+    """Wall-clock time of the daemon's first `mqtt.connected` after `after`."""
+    for line in log_text.splitlines():
+        if '"mqtt.connected"' in line:
+            ts = datetime.fromisoformat(json.loads(line)["ts"].replace("Z", "+00:00")).timestamp()
+            if ts >= after:
+                return ts
+    return None
+
+
+def site_broker_conf(central_port: int, prefix: str) -> str:
+    """config/mosquitto/bridge.conf with the central broker's address and the run's topic prefix."""
+    lines = []
+    for raw in (REPO / "config" / "mosquitto" / "bridge.conf").read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("address "):
+            line = f"address 127.0.0.1:{central_port}"
+        elif line.startswith("topic hubmesh/"):
+            line = line.replace("hubmesh/", f"{prefix}/", 1)
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+async def poll_until(check, timeout: float, interval: float = 0.01) -> bool:
+    """Call `check` (blocking: in a thread) until it is true or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if await asyncio.to_thread(check):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(interval)
+
+
+async def learn_run(args, boxes: int, topology: str, tmp: Path) -> dict:
+    """One row of the learn table (see the module doc)."""
+    root = tmp / f"learn-{topology}-{boxes}"
+    extra = args.broker_conf.replace("\\n", "\n")
+    fleet = Fleet(boxes, args.services, f"sim{os.getpid()}x{boxes}", args.keepalive)
+    central = Broker(root / "central", extra=extra).start()
+    if topology == "bridge":
+        site = Broker(root / "site", extra=site_broker_conf(central.port, fleet.topics.prefix)).start()
+        wait_for(lambda: "hubmesh-bridge" in central.log.read_text(), 10)
+        second = central  # the daemon fails over from the site broker to the central one
+    else:  # one broker (failover is measured with the bridge: the fleet is on the broker the daemon moves to)
+        site = second = central
+    rng = random.Random(boxes)
+    needed_boxes = rng.sample(fleet.boxes, min(args.needed, boxes))
+    needed = [b.service_names[0] for b in needed_boxes]
+    backend = Backend("here", _free_port(), root).start()
+    manifests = {f"{s}.toml": f'service_name = "{s}"\nendpoint_types = ["cloud"]\n' for s in needed}
+    manifests["here.toml"] = f'service_name = "here"\n[[endpoints]]\ntype = "local"\nurl = "{backend.url}"\n'
+    urls = list(dict.fromkeys([site.url, second.url]))
+    section = (
+        mqtt_section(site, fleet.topics.prefix, keepalive=f"{args.keepalive}s", url=urls, switch_back="600s")
+        + "[limits]\npeers = 8192\n"
+    )
+    out: dict = {"topology": topology, "boxes": boxes, "entries": boxes * args.services, "needed": len(needed)}
+    daemons: list[Edged] = []
+    try:
+        # The same daemon on an empty broker first: its idle RSS.
+        idle = Edged(root / "idle", manifests, section.replace(fleet.topics.prefix, fleet.topics.prefix + "-idle"))
+        daemons.append(idle)
+        t = time.monotonic()
+        idle.start()
+        out["idle_start_s"] = round(time.monotonic() - t, 3)
+        await asyncio.sleep(3.0)
+        out["idle_rss_mib"] = round(rss_kib(idle.proc.pid) / 1024, 1)
+        out["idle_cpu_s"] = round(cpu_s(idle.proc.pid), 2)
+        idle.stop()
+
+        t0 = time.monotonic()
+        await fleet.start("127.0.0.1", central.port)
+        out["fleet_start_s"] = round(time.monotonic() - t0, 1)
+        alive = list(fleet.boxes)
+        fleet.announce_every(args.status_every, alive)
+        await asyncio.sleep(1.0)
+        d = Edged(root / "edged", manifests, section)
+        daemons.append(d)
+        state = d.root / "state" / STATE_FILE
+        wall0 = time.time()
+        await asyncio.to_thread(d.start)
+        pid = d.proc.pid
+
+        def learned() -> bool:
+            for svc in needed:
+                providers = d.get(f"/v1/services/{svc}").get("providers", [])
+                if not any(p["state"] == "online" for p in providers):
+                    return False
+            return True
+
+        if await poll_until(learned, args.learn_timeout, interval=0.05):
+            conn = connected_at(d.log_text(), wall0) or wall0
+            out["learn_s"] = round(time.time() - conn, 3)
+        else:
+            out["learn_s"] = f"not after {args.learn_timeout} s"
+        out["cpu_to_learn_s"] = round(cpu_s(pid), 2)
+        await asyncio.sleep(3.0)
+        status = await asyncio.to_thread(d.get, "/v1/status")
+        out["nodes_known"] = len(status.get("peers", []))
+        out["rss_mib"] = round(rss_kib(pid) / 1024, 1)
+        out["rss_over_idle_mib"] = round(out["rss_mib"] - out["idle_rss_mib"], 1)
+
+        # Local calls with the fleet quiet (status messages only), then around the burst of a reconnect: another
+        # client takes the daemon's client id, the daemon reconnects and gets every retained message again.
+        for phase in ("quiet", "burst"):
+            probe = await probe_calls(d.port, backend.port, args.burst_window)
+            cpu0 = cpu_s(pid)
+            if phase == "burst":
+                await asyncio.sleep(0.5)
+                kicker = MiniMqtt("127.0.0.1", site.port, "edged-test-node", 60)
+                await kicker.connect(f"{fleet.topics.base}/kick", b"")
+                kicker.abort()
+            out[f"calls_{phase}"] = await probe_result(probe)
+            out[f"cpu_{phase}_s"] = round(cpu_s(pid) - cpu0, 2)
+
+        # A provider dies (its connection breaks: the broker sends its last will).
+        victim = needed_boxes[0]
+        alive.remove(victim)
+        t = time.monotonic()
+        assert victim.mqtt is not None
+        victim.mqtt.abort()
+
+        def withdrawn() -> bool:
+            providers = d.get(f"/v1/services/{victim.service_names[0]}").get("providers", [])
+            return any(p["node"] == victim.name and p["state"] == "offline" for p in providers)
+
+        await poll_until(withdrawn, 30)
+        out["last_will_s"] = round(time.monotonic() - t, 3)
+
+        if topology == "bridge":
+            # The site broker dies: time until a cloud call is answered again (over the central broker).
+            svc = needed[-1]
+            t = time.monotonic()
+            site.kill()
+            await poll_until(lambda: d.call(svc, "/r")[0] == 200, 60)
+            out["failover_s"] = round(time.monotonic() - t, 3)
+
+        # Warm start: a clean stop writes the state; the next start knows the needed services at once.
+        assert d.stop(timeout=60) == 0
+        out["state_kb"] = round(state.stat().st_size / 1024, 1)
+        t = time.monotonic()
+        await asyncio.to_thread(d.start)
+        out["warm_start_s"] = round(time.monotonic() - t, 3)
+        known = await asyncio.to_thread(lambda: [bool(d.get(f"/v1/services/{s}").get("providers")) for s in needed])
+        out["warm_known"] = f"{sum(known)} of {len(needed)}"
+        d.stop(timeout=60)
+    finally:
+        await fleet.close()
+        for daemon in daemons:
+            if daemon.proc is not None and daemon.proc.poll() is None:
+                daemon.kill()
+        backend.kill()
+        for b in {id(x): x for x in (site, second, central)}.values():
+            b.kill()
+    return out
+
+
 async def main() -> None:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # one connection per simulated box
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--boxes", type=int, default=200)
+    ap.add_argument("--scenario", choices=("liveness", "learn"), default="liveness")
+    ap.add_argument("--boxes", default="200", help="a number, or several (learn): 50,200,1000")
+    ap.add_argument("--needed", type=int, default=10, help="learn: services the daemon routes over the cloud")
+    ap.add_argument("--topology", default="direct,bridge", help="learn: direct, bridge or both")
+    ap.add_argument("--learn-timeout", type=float, default=120.0)
+    ap.add_argument("--burst-window", type=float, default=4.0, help="learn: seconds of local calls around the burst")
     ap.add_argument("--services", type=int, default=10, help="per box")
     ap.add_argument("--rate", type=float, default=100.0, help="calls/s spread over the fleet's services")
     ap.add_argument("--modes", default="abrupt,clean,powercut")
@@ -466,7 +695,14 @@ async def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the run's folder (daemon and broker logs)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="fleetsim-"))
+    counts = [int(n) for n in str(args.boxes).split(",")]
     try:
+        if args.scenario == "learn":
+            for n in counts:
+                for topology in args.topology.split(","):
+                    print(json.dumps(await learn_run(args, n, topology, tmp)), flush=True)
+            return
+        args.boxes = counts[0]
         for mode in args.modes.split(","):
             print(json.dumps(await liveness_run(args, mode, tmp)), flush=True)
     finally:
