@@ -564,10 +564,18 @@ async def learn_run(args, boxes: int, topology: str, tmp: Path) -> dict:
     manifests["here.toml"] = f'service_name = "here"\n[[endpoints]]\ntype = "local"\nurl = "{backend.url}"\n'
     urls = list(dict.fromkeys([site.url, second.url]))
     section = (
-        mqtt_section(site, fleet.topics.prefix, keepalive=f"{args.keepalive}s", url=urls, switch_back="600s")
-        + "[limits]\npeers = 8192\n"
+        mqtt_section(
+            site,
+            fleet.topics.prefix,
+            keepalive=f"{args.keepalive}s",
+            url=urls,
+            switch_back="600s",
+            follow=["*"] if args.follow_all else [],
+        )
+        + f"[limits]\npeers = 8192\nlearned_entries = {max(12000, 2 * boxes * args.services)}\n"
     )
-    out: dict = {"topology": topology, "boxes": boxes, "entries": boxes * args.services, "needed": len(needed)}
+    out: dict = {"topology": topology, "follow": "*" if args.follow_all else "needed", "boxes": boxes}
+    out.update(entries=boxes * args.services, needed=len(needed))
     daemons: list[Edged] = []
     try:
         # The same daemon on an empty broker first: its idle RSS.
@@ -676,6 +684,7 @@ async def main() -> None:
     ap.add_argument("--boxes", default="200", help="a number, or several (learn): 50,200,1000")
     ap.add_argument("--needed", type=int, default=10, help="learn: services the daemon routes over the cloud")
     ap.add_argument("--topology", default="direct,bridge", help="learn: direct, bridge or both")
+    ap.add_argument("--follow-all", action="store_true", help="learn: the daemon learns the whole fleet's registry")
     ap.add_argument("--learn-timeout", type=float, default=120.0)
     ap.add_argument("--burst-window", type=float, default=4.0, help="learn: seconds of local calls around the burst")
     ap.add_argument("--services", type=int, default=10, help="per box")

@@ -248,7 +248,12 @@ def test_a_box_learns_the_services_it_routes_to_over_the_cloud_and_those_it_foll
         assert "thermo" not in sync.entries["pi-2"]
         # And a saved registry keeps only what is followed today.
         saved = json.loads(json.dumps(sync.state()))
-        saved["entries"]["pi-4"] = {"other": saved["entries"]["pi-2"]["weather"] | {"service": "other"}}
+        def entry(name: str, node: str) -> dict:
+            return spec_entry(parse_manifest_data({"service_name": name}, "x.toml"), node=node, zone="", cloud=True)
+
+        assert saved["format"] == 2 and isinstance(saved["entries"]["pi-2"]["weather"], str)  # CBOR, base64
+        saved["entries"]["pi-4"] = {"weather": entry("weather", "pi-4")}  # format 1 (a JSON map) is read too
+        saved["entries"]["pi-5"] = {"other": entry("other", "pi-5"), "weather": entry("lamp", "pi-5")}
         again = RegistrySync(
             registry=Registry(),
             session=MqttSession(MqttConfig(enabled=True), client_id="t2"),
@@ -259,7 +264,8 @@ def test_a_box_learns_the_services_it_routes_to_over_the_cloud_and_those_it_foll
             metrics=CloudMetrics(Metrics()),
             follow=("weather",),
         )
-        assert again.load(saved) == 2 and "pi-4" not in again.entries
+        # pi-5's "other" is not followed; its "weather" describes another service (refused).
+        assert again.load(saved) == 3 and sorted(again.entries) == ["pi-2", "pi-3", "pi-4"]
 
     asyncio.run(main())
 
@@ -271,7 +277,7 @@ def test_node_status_is_kept_compact_and_a_renewed_status_writes_nothing(tmp_pat
         sync._saver = saver = StateSaver(store)
         doc = {"state": "online", "node": "pi-2", "zone": "attic", "vitals": {"cpu": "12"}, "services": ["a"] * 50}
         sync._on_status(Inbound(TOPICS.status("pi-2"), json.dumps({**doc, "ts": 1.0}).encode(), True))
-        assert set(sync.nodes["pi-2"]) == {"state", "zone", "vitals", "seen", "since"}
+        assert set(sync.nodes["pi-2"].as_dict()) == {"state", "zone", "vitals", "seen", "since"}
         await saver.flush()
         path = tmp_path / "cloud-registry.json"
         assert json.loads(path.read_text())["nodes"]["pi-2"]["zone"] == "attic"
@@ -283,7 +289,7 @@ def test_node_status_is_kept_compact_and_a_renewed_status_writes_nothing(tmp_pat
         sync._on_status(Inbound(TOPICS.status("pi-2"), json.dumps(will).encode(), True))
         await saver.flush()
         assert json.loads(path.read_text())["nodes"]["pi-2"]["state"] == "offline"
-        assert sync.nodes["pi-2"]["reason"] == "lost"
+        assert sync.nodes["pi-2"].reason == "lost"
 
     asyncio.run(main())
 
@@ -435,6 +441,6 @@ def test_learned_entries_and_tracked_nodes_are_bounded(tmp_path):
             sync._on_status(Inbound(TOPICS.status(f"n{i}"), b'{"state": "online"}', True))
         assert sorted(sync.nodes) == ["n0", "n1", "n2"] and hits[-1] == "peers"
         sync._on_status(Inbound(TOPICS.status("n0"), b'{"state": "offline"}', True))  # known ones keep updating
-        assert sync.nodes["n0"]["state"] == "offline"
+        assert sync.nodes["n0"].state == "offline"
 
     asyncio.run(main())

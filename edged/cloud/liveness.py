@@ -92,6 +92,10 @@ class Liveness:
         for key in list(self._offers.get(node, ())):
             self.remove_provider(key, node, now)
 
+    def serving(self, key: ServiceKey) -> frozenset[str] | set[str]:
+        """The nodes known to provide `key` (do not change the set returned)."""
+        return self._providers.get(key, frozenset())
+
     def add_provider(self, key: ServiceKey, node: str, now: float) -> None:
         self._providers.setdefault(key, set()).add(node)
         self._offers.setdefault(node, set()).add(key)

@@ -34,10 +34,12 @@ are dropped from memory and state; a clean stop removes this node's own retained
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import cbor2
@@ -48,7 +50,7 @@ from ..limits import Limits
 from ..logs import log_event
 from ..manifest import parse_policy, policy_dict
 from ..methods import MAX_METHODS
-from ..model import TIERS, InterfaceSpec, MethodRule, ServiceSpec
+from ..model import TIERS, InterfaceSpec, MethodRule, PolicySpec, ServiceSpec
 from ..registry import Registry, Snapshot
 from .liveness import OFFLINE, ONLINE, STALE, SUSPECT, UNKNOWN, Liveness
 from .persist import StateSaver
@@ -68,6 +70,7 @@ SAVE_WITHIN = 5.0  # seconds: the registry file is a cache for a boot without br
 ENTRY_VERSION = 1
 SOURCE = "mqtt"
 MAX_PRIORITY = 2**31 - 1  # CBOR integers are unbounded: a bignum is refused before any comparison
+CLOUD_ONLY = ("cloud",)
 
 
 # -- entries: ServiceSpec <-> a plain dict (CBOR on the wire, JSON on disk) --------------------------------
@@ -96,6 +99,19 @@ def spec_entry(spec: ServiceSpec, *, node: str, zone: str, cloud: bool) -> dict[
     }
 
 
+_POLICIES: dict[PolicySpec, PolicySpec] = {}  # one object for equal policies (most entries: the default)
+_POLICIES_MAX = 1024
+
+
+def _shared_policy(policy: PolicySpec) -> PolicySpec:
+    found = _POLICIES.get(policy)
+    if found is not None:
+        return found
+    if len(_POLICIES) < _POLICIES_MAX:
+        _POLICIES[policy] = policy
+    return policy
+
+
 def entry_spec(entry: Mapping[str, Any], *, source: str) -> ServiceSpec:
     """The ServiceSpec a remote entry declares: reachable over the cloud tier only. ValueError if invalid."""
     if entry.get("v") != ENTRY_VERSION:
@@ -121,13 +137,22 @@ def entry_spec(entry: Mapping[str, Any], *, source: str) -> ServiceSpec:
         raise ValueError(str(exc)) from None
     return ServiceSpec(
         name=name,
-        tenant=tenant,
+        tenant=_share(tenant),
         priority=priority,
         interface=interface,
-        endpoint_types=("cloud",),
-        policy=policy,
+        endpoint_types=CLOUD_ONLY,
+        policy=_shared_policy(policy),
         source=source,
     )
+
+
+def compact_entry(entry: Mapping[str, Any], key: str) -> tuple[bytes, tuple[str, str] | None]:
+    """How a box keeps a normalized entry found under `key` (its topic's last level): its CBOR, and its
+    (tenant, service) when reachable over MQTT. ValueError when the entry names another service."""
+    if service_key(entry["tenant"], entry["service"]) != key:
+        raise ValueError(f"the entry describes {entry['tenant']}/{entry['service']}, not {key}")
+    service = (_share(entry["tenant"]), entry["service"]) if entry["cloud"] else None
+    return cbor2.dumps(entry), service
 
 
 def normalize_entry(obj: object, *, node: str) -> dict[str, Any]:
@@ -156,17 +181,54 @@ def normalize_entry(obj: object, *, node: str) -> dict[str, Any]:
     return entry
 
 
-def compact_status(doc: Mapping[str, Any], *, seen: object, since: object) -> dict[str, Any]:
-    """What a box keeps of another node's status: its state, zone and vitals (short strings), and when it was
-    seen and changed (wall clock), not the whole document (a thousand of them live in every box)."""
-    vitals = doc.get("vitals")
-    if isinstance(vitals, Mapping):
-        vitals = {str(k)[:16]: str(v)[:16] for k, v in list(vitals.items())[:8]}
-    out = {"state": doc["state"], "zone": str(doc.get("zone") or "")[:64], "vitals": vitals or {}}
-    out["seen"], out["since"] = seen, since
-    if doc["state"] == "offline" and isinstance(doc.get("reason"), str):
-        out["reason"] = doc["reason"][:32]
-    return out
+_SHARED: dict[str, str] = {}  # one copy of the short strings every node repeats ("online", "mains", "20")
+_SHARED_MAX = 4096  # bounded: made-up values from a hostile node must not grow it without end
+
+
+def _share(text: str) -> str:
+    """One string object for equal short strings (vitals, zones), in a bounded table."""
+    found = _SHARED.get(text)
+    if found is not None:
+        return found
+    if len(_SHARED) < _SHARED_MAX:
+        _SHARED[text] = text
+    return text
+
+
+@dataclass(slots=True)
+class NodeStatus:
+    """What a box keeps of another node's status (a thousand of them live in every box, so not the whole
+    document): its state, zone, vitals (a few short strings), and when it was seen and changed (wall clock)."""
+
+    state: str
+    zone: str = ""
+    vitals: tuple[tuple[str, str], ...] = ()
+    seen: float | None = None
+    since: float | None = None
+    reason: str = ""  # of an offline status: "lost" (the last will) or "shutdown"
+
+    @classmethod
+    def of(cls, doc: Mapping[str, Any], *, seen: Any, since: Any) -> NodeStatus:
+        vitals = doc.get("vitals")
+        pairs: tuple[tuple[str, str], ...] = ()
+        if isinstance(vitals, Mapping):
+            pairs = tuple((_share(str(k)[:16]), _share(str(v)[:16])) for k, v in list(vitals.items())[:8])
+        reason = doc.get("reason") if doc["state"] == "offline" else ""
+        return cls(
+            state=_share(doc["state"]),
+            zone=_share(str(doc.get("zone") or "")[:64]),
+            vitals=pairs,
+            seen=seen if isinstance(seen, (int, float)) else None,
+            since=since if isinstance(since, (int, float)) else None,
+            reason=_share(reason[:32]) if isinstance(reason, str) else "",
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {"state": self.state, "zone": self.zone, "vitals": dict(self.vitals), "seen": self.seen}
+        out["since"] = self.since
+        if self.reason:
+            out["reason"] = self.reason
+        return out
 
 
 # -- the sync -----------------------------------------------------------------------------------------------
@@ -212,12 +274,14 @@ class RegistrySync:
         self._always_cloud = always_cloud
         self._own: dict[str, bytes] = {}  # key -> entry payload this node offers now
         self._posted: dict[str, bytes] = {}  # key -> payload last posted on this connection
-        self.nodes: dict[str, dict] = {}  # other node -> last status document
-        self.entries: dict[str, dict[str, dict]] = {}  # other node -> key -> entry
+        self.nodes: dict[str, NodeStatus] = {}  # other node -> its last status, compact
+        # other node -> key -> (the entry, normalized, as CBOR; its (tenant, service) when reachable over MQTT):
+        # bytes, not a decoded map (a map costs about 1.3 KiB more per entry).
+        self.entries: dict[str, dict[str, tuple[bytes, tuple[str, str] | None]]] = {}
         self.liveness = Liveness(stale_after=stale_after)
-        self._specs: dict[str, dict[str, ServiceSpec]] = {}  # node -> key -> the spec its cloud entry makes
-        self._serving: dict[tuple[str, str], set[str]] = {}  # (tenant, service) -> nodes with a cloud entry
-        self._chosen: dict[tuple[str, str], ServiceSpec] = {}  # (tenant, service) -> the spec put in the registry
+        # (tenant, service) -> (node, its entry, the spec it makes): the one put in the registry
+        self._chosen: dict[tuple[str, str], tuple[str, bytes, ServiceSpec]] = {}
+        self._sources: dict[str, str] = {}  # node -> "mqtt:{node}"
         self._learned = 0  # entries kept, over all nodes
         self._apply_timer: asyncio.TimerHandle | None = None
         self.offline_ttl = offline_ttl
@@ -329,7 +393,7 @@ class RegistrySync:
         forgotten = 0
         for node, known in list(self.entries.items()):
             for key in keys & known.keys():
-                self._index(node, known.pop(key), add=False)
+                self._index(node, known.pop(key)[1], add=False)
                 forgotten += 1
             if not known:
                 del self.entries[node]
@@ -362,15 +426,16 @@ class RegistrySync:
             log.debug("bad status on %s: %s", msg.topic, exc)
             return
         wall = round(time.time(), 3)
-        previous = self.nodes.get(node, {})
-        if not previous and len(self.nodes) >= self._limits.peers:
+        previous = self.nodes.get(node)
+        if previous is None and len(self.nodes) >= self._limits.peers:
             self._on_limit("peers")  # a flood of made-up nodes: the known ones keep their place
             return
         state = doc["state"]
-        changed = previous.get("state") != state
-        self.nodes[node] = compact_status(doc, seen=wall, since=wall if changed else previous.get("since", wall))
+        changed = previous is None or previous.state != state
+        since = wall if changed or previous is None else previous.since
+        status = self.nodes[node] = NodeStatus.of(doc, seen=wall, since=since)
         self.liveness.status(node, state, self._clock())
-        if changed or previous.get("zone") != self.nodes[node]["zone"]:
+        if changed or previous is None or previous.zone != status.zone:
             if changed:
                 log_event(log, logging.INFO, "mqtt.node_state", node=node, state=state)
             self._changed(services=False)  # a renewed status changes nothing worth a write
@@ -394,7 +459,7 @@ class RegistrySync:
                 self._learned -= 1
                 if not known:
                     del self.entries[node]
-                self._index(node, old, add=False, departed=True)
+                self._index(node, old[1], add=False, departed=True)
                 self._changed(removal=True)
             return
         known = self.entries.get(node, {})
@@ -419,57 +484,53 @@ class RegistrySync:
                 log.debug("entry on %s refused: %s", msg.topic, exc)  # counted: anyone could flood a log
                 return
         try:
-            entry = normalize_entry(cbor2.loads(payload), node=node)
+            kept = compact_entry(normalize_entry(cbor2.loads(payload), node=node), key)
         except Exception as exc:  # garbage from any publisher: cbor2 and validation raise many types
             self.bad_messages += 1
             log_event(log, logging.WARNING, "mqtt.bad_registry_entry", topic=msg.topic, error=str(exc)[:200])
             return
         old = known.get(key)
-        if old == entry:
+        if old == kept:
             return
         if old is not None:
-            self._index(node, old, add=False)
+            self._index(node, old[1], add=False)
         else:
             self._learned += 1
-        self.entries.setdefault(node, {})[key] = entry
-        self._index(node, entry, add=True)
+        self.entries.setdefault(node, {})[key] = kept
+        self._index(node, kept[1], add=True)
         self._changed()
 
-    def _index(self, node: str, entry: Mapping[str, Any], *, add: bool, departed: bool = False) -> None:
-        """Keep the spec each cloud entry makes (parsed once, not at every change) and the providers of each
-        service (for liveness) in step with the entries. `departed`: the node deleted the entry itself."""
-        if not entry.get("cloud"):
+    def _index(self, node: str, service: tuple[str, str] | None, *, add: bool, departed: bool = False) -> None:
+        """Keep the providers of each cloud service (for liveness) and the spec it gets in the registry in step
+        with the entries. `departed`: the node deleted the entry itself."""
+        if service is None:  # not reachable over MQTT: kept for the view only
             return
-        key = (str(entry["tenant"]), str(entry["service"]))
-        skey = service_key(*key)
         if add:
+            self.liveness.add_provider(service, node, self._clock())
+        else:
+            self.liveness.remove_provider(service, node, self._clock(), departed=departed)
+        self._choose(service, node, add)
+
+    def _choose(self, service: tuple[str, str], node: str, added: bool) -> None:
+        """The spec a service gets in the registry: the entry of the first node by name that serves it. O(1)
+        for a message, except when the chosen node's entry goes (then O(nodes serving this one service))."""
+        chosen = self._chosen.get(service)
+        if added and chosen is not None and chosen[0] < node:
+            return  # an entry of a later node: the chosen one stays
+        if added or chosen is None or chosen[0] == node:
+            serving = self.liveness.serving(service)
+            first = node if added else (min(serving) if serving else None)
+            if first is None:
+                self._chosen.pop(service, None)
+                return
+            payload = self.entries[first][service_key(*service)][0]
+            if chosen is not None and chosen[0] == first and chosen[1] == payload:
+                return
             try:
-                self._specs.setdefault(node, {})[skey] = entry_spec(entry, source=f"{SOURCE}:{node}")
+                spec = entry_spec(cbor2.loads(payload), source=self._source_of(first))
             except ValueError:  # normalize_entry checked it: cannot happen, but never fatal
                 return
-            self._serving.setdefault(key, set()).add(node)
-            self.liveness.add_provider(key, node, self._clock())
-        else:
-            specs = self._specs.get(node, {})
-            specs.pop(skey, None)
-            if not specs:
-                self._specs.pop(node, None)
-            serving = self._serving.get(key, set())
-            serving.discard(node)
-            if not serving:
-                self._serving.pop(key, None)
-            self.liveness.remove_provider(key, node, self._clock(), departed=departed)
-        self._choose(key)
-
-    def _choose(self, key: tuple[str, str]) -> None:
-        """The spec a service gets in the registry: of the nodes serving it, the first by name's (O(nodes
-        serving this one service), so that a registry message never costs a pass over all of them)."""
-        serving = self._serving.get(key)
-        if not serving:
-            self._chosen.pop(key, None)
-            return
-        node = min(serving)
-        self._chosen[key] = self._specs[node][service_key(*key)]
+            self._chosen[service] = (first, payload, spec)
 
     def _changed(self, services: bool = True, removal: bool = False) -> None:
         if services:
@@ -486,9 +547,16 @@ class RegistrySync:
         for state, n in counts.items():
             self._metrics.registry_nodes.set((state,), n)
 
+    def _source_of(self, node: str) -> str:
+        """`mqtt:{node}`: one string per node, shared by the specs of its services."""
+        source = self._sources.get(node)
+        if source is None:
+            source = self._sources[node] = f"{SOURCE}:{node}"
+        return source
+
     def remote_specs(self) -> list[ServiceSpec]:
         """One spec per remote (tenant, service) reachable over MQTT; of several nodes, the first by name."""
-        return list(self._chosen.values())
+        return [spec for _, _, spec in self._chosen.values()]
 
     def apply(self) -> None:
         """Put the remote services into the registry (source "mqtt") now."""
@@ -516,18 +584,18 @@ class RegistrySync:
         out = []
         now = self._clock()
         for node in sorted(set(self.nodes) | set(self.entries)):
-            doc = self.nodes.get(node, {})
+            doc = self.nodes.get(node) or NodeStatus(state="")
             out.append(
                 {
                     "node": node,
                     "source": "mqtt",
                     "fleet": self._topics.fleet,
                     "state": self.liveness.state(node, now),
-                    "zone": doc.get("zone", ""),
-                    "vitals": doc.get("vitals", {}),
+                    "zone": doc.zone,
+                    "vitals": dict(doc.vitals),
                     "services": sorted(self.entries.get(node, {})),
-                    "seen": doc.get("seen"),
-                    "since": doc.get("since"),
+                    "seen": doc.seen,
+                    "since": doc.since,
                 }
             )
         return out
@@ -552,8 +620,8 @@ class RegistrySync:
         """The nodes that serve a service over MQTT, with liveness and last-seen time (wall clock)."""
         out = []
         for node, state in self.liveness.providers((tenant, service), self._clock()):
-            doc = self.nodes.get(node, {})
-            out.append({"node": node, "state": state, "seen": doc.get("seen"), "since": doc.get("since")})
+            doc = self.nodes.get(node) or NodeStatus(state="")
+            out.append({"node": node, "state": state, "seen": doc.seen, "since": doc.since})
         return out
 
     def call_timed_out(self, tenant: str, service: str, waited: float) -> None:
@@ -582,10 +650,10 @@ class RegistrySync:
         dropped = []
         for node in nodes:
             self.nodes.pop(node, None)
-            for entry in self.entries.pop(node, {}).values():
+            self._sources.pop(node, None)
+            for _, service in self.entries.pop(node, {}).values():
                 self._learned -= 1
-                self._index(node, entry, add=False)
-            self._specs.pop(node, None)
+                self._index(node, service, add=False)
             self.liveness.forget(node, self._clock())
             dropped.append(node)
         if dropped:
@@ -611,19 +679,23 @@ class RegistrySync:
     # -- persistence ----------------------------------------------------------------------------------------
 
     def state(self) -> dict:
-        """The document saved in the state dir."""
+        """The document saved in the state dir. Format 2: each entry is its CBOR in base64 (as kept in memory:
+        no decoding at every write); format 1 (entries as JSON maps) is still read."""
         return {
-            "format": 1,
+            "format": 2,
             "prefix": self._topics.prefix,
             "fleet": self._topics.fleet,
             "saved": round(time.time(), 3),
-            "nodes": self.nodes,
-            "entries": self.entries,
+            "nodes": {node: status.as_dict() for node, status in self.nodes.items()},
+            "entries": {
+                node: {key: base64.b64encode(payload).decode() for key, (payload, _) in known.items()}
+                for node, known in self.entries.items()
+            },
         }
 
     def load(self, doc: object) -> int:
         """Restore the last known registry (saved by a previous run); returns how many entries were kept."""
-        if not isinstance(doc, dict) or doc.get("format") != 1:
+        if not isinstance(doc, dict) or doc.get("format") not in (1, 2):
             return 0
         if doc.get("prefix") != self._topics.prefix or doc.get("fleet") != self._topics.fleet:
             log.info("saved registry is for another broker prefix or fleet: ignored")
@@ -639,18 +711,19 @@ class RegistrySync:
                 if not self._wants(key) or key in self.entries.get(node, {}):
                     continue  # a service this node no longer follows
                 try:
-                    entry = normalize_entry(raw, node=node)
-                except ValueError:
+                    entry = cbor2.loads(base64.b64decode(raw, validate=True)) if isinstance(raw, str) else raw
+                    compact = compact_entry(normalize_entry(entry, node=node), key)
+                except Exception:  # a damaged file: base64, CBOR and validation raise many types
                     continue
-                self.entries.setdefault(node, {})[key] = entry
-                self._index(node, entry, add=True)
+                self.entries.setdefault(node, {})[key] = compact
+                self._index(node, compact[1], add=True)
                 kept += 1
         self._learned += kept
         now = self._clock()
         for node, status in list((doc.get("nodes") or {}).items())[: self._limits.peers]:
             if node != self.node and isinstance(status, dict) and status.get("state") in ("online", "offline"):
                 seen = status.get("seen")
-                self.nodes[node] = compact_status(status, seen=seen, since=status.get("since", seen))
+                self.nodes[node] = NodeStatus.of(status, seen=seen, since=status.get("since", seen))
                 # Seen "now": a saved wall-clock time means little on a box whose clock jumps at boot.
                 self.liveness.status(node, status["state"], now)
         self.apply()
