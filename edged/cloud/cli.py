@@ -1,4 +1,4 @@
-"""Commands of the cloud tier: `edged bridge` and `edged fleet keygen | sign | push`.
+"""Commands of the cloud tier: `edged bridge` and `edged fleet keygen | sign | push | ls`.
 
 Heavy imports (aiomqtt, cryptography) happen inside the commands, so that other `edged` commands stay quick.
 """
@@ -54,6 +54,13 @@ def add_cloud_commands(sub, command: Callable[..., argparse.ArgumentParser]) -> 
     ps.add_argument("--config", "-c", help="config file with [mqtt] and [node] fleet (default: /etc/edged/edged.toml)")
     ps.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the broker (default 10)")
     ps.set_defaults(func=_push)
+    ls = actions.add_parser("ls", help="the whole fleet's registry, read from the broker: nodes and services")
+    ls.add_argument("--service", "-s", help="only the nodes serving this service (NAME or TENANT.NAME)")
+    ls.add_argument("--json", action="store_true", help="print JSON")
+    ls.add_argument("--config", "-c", help="config file with [mqtt] and [node] fleet (default: /etc/edged/edged.toml)")
+    ls.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the broker (default 10)")
+    ls.add_argument("--quiet", type=float, default=0.5, help="end after this long without news (default 0.5)")
+    ls.set_defaults(func=_ls)
 
 
 def _fleet_args(parser: argparse.ArgumentParser) -> None:
@@ -186,6 +193,18 @@ def _push(args) -> int:
     except EdgedError as exc:
         return _fail(exc)
     print(f"pushed version {doc.get('version')} to {topic} (retained)")
+    return 0
+
+
+def _ls(args) -> int:
+    from .fleetview import format_fleet, read_fleet
+
+    config = find_config(args.config)
+    try:
+        nodes = asyncio.run(read_fleet(config, service=args.service, quiet=args.quiet, timeout=args.timeout))
+    except EdgedError as exc:
+        return _fail(exc)
+    print(json.dumps(nodes, indent=2) if args.json else format_fleet(nodes))
     return 0
 
 
