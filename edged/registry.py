@@ -120,6 +120,7 @@ class Registry:
         self._notifying = False
         self._below: dict[str, Mapping[Key, ServiceSpec]] = {}  # policy source -> the services it was laid over
         self._policy_from: dict[Key, str] = {}  # which policy source set each service's policy
+        self._built: dict[Key, tuple[ServiceSpec, tuple[Endpoint, ...], Service]] = {}  # what the last rebuild made
         for layer in layers:
             self.add_layer(layer)
 
@@ -227,10 +228,21 @@ class Registry:
                 else:
                     orphans.append(ep)
         services: dict[Key, Service] = {}
+        built: dict[Key, tuple[ServiceSpec, tuple[Endpoint, ...], Service]] = {}
         for key, spec in sorted(specs.items()):
-            allowed = set(spec.endpoint_types)
-            eps = [ep for ep in static_endpoints(spec) + extra.get(key, []) if ep.tier in allowed]
-            services[key] = Service(spec=spec, endpoints=tuple(_dedupe(eps)))
+            extras = tuple(extra.get(key, ()))
+            known = self._built.get(key)
+            # The same spec object with the same contributed endpoints makes the same Service: keep the old one
+            # (a burst of remote entries changes a few services of thousands; the rest cost a lookup).
+            if known is not None and known[0] is spec and known[1] == extras:
+                svc = known[2]
+            else:
+                allowed = set(spec.endpoint_types)
+                eps = [ep for ep in static_endpoints(spec) + list(extras) if ep.tier in allowed]
+                svc = Service(spec=spec, endpoints=tuple(_dedupe(eps)))
+            services[key] = svc
+            built[key] = (spec, extras, svc)
+        self._built = built
         old = self._snapshot
         if services == dict(old.services) and tuple(orphans) == old.orphans:
             return

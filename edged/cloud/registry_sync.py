@@ -63,6 +63,8 @@ log = logging.getLogger("edged.cloud.registry")
 
 STATE_FILE = "cloud-registry.json"
 APPLY_DELAY = 0.2  # seconds: a burst of new entries (a reconnect) makes one registry rebuild
+APPLY_SHARE = 0.1  # ... and rebuilds take at most about this share of the event loop (the delay grows with
+# their cost: a box that follows a whole fleet of 10,000 entries rebuilds in about 0.1 s, so once a second)
 # Entries that went away reach the registry later, in one rebuild for a whole burst (a hundred boxes stopping
 # at once): routing does not wait for it, the transport already skips services no live node serves.
 REMOVAL_DELAY = 5.0
@@ -284,6 +286,7 @@ class RegistrySync:
         self._sources: dict[str, str] = {}  # node -> "mqtt:{node}"
         self._learned = 0  # entries kept, over all nodes
         self._apply_timer: asyncio.TimerHandle | None = None
+        self._apply_cost = 0.0  # seconds the last registry rebuild took (with its watchers)
         self.offline_ttl = offline_ttl
         self._clock = clock
         self.bad_messages = 0
@@ -563,7 +566,9 @@ class RegistrySync:
         if self._apply_timer is not None:
             self._apply_timer.cancel()
             self._apply_timer = None
+        started = time.perf_counter()
         self._registry.set_services(SOURCE, self.remote_specs())
+        self._apply_cost = time.perf_counter() - started
 
     def _schedule_apply(self, delay: float) -> None:
         """Apply within `delay`, once for a burst of messages; at once when no event loop runs (loading)."""
@@ -572,6 +577,7 @@ class RegistrySync:
         except RuntimeError:
             self.apply()
             return
+        delay = max(delay, self._apply_cost / APPLY_SHARE)
         timer = self._apply_timer
         if timer is not None:
             if timer.when() <= loop.time() + delay:

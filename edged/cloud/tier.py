@@ -37,18 +37,31 @@ SWEEP_INTERVAL = 2.0  # seconds: how often what time alone changes (stale status
 STALE_ROUNDS = 3  # an online status not renewed for this many announce intervals counts as dead
 
 
-def cloud_endpoints(specs: Mapping[Key, ServiceSpec], *, broker_url: str, topics: Topics) -> list[Endpoint]:
+def cloud_endpoints(
+    specs: Mapping[Key, ServiceSpec],
+    *,
+    broker_url: str,
+    topics: Topics,
+    cache: dict[Key, tuple[ServiceSpec, Endpoint]] | None = None,
+) -> list[Endpoint]:
     """The "cloud" layer: one cloud endpoint per service whose endpoint types include "cloud". (Whether a
     live node serves it right now is the transport's per-call check, not the registry's: see `liveness.py`.)
 
     Priority and weight come from a long-form `[[endpoints]] type = "cloud"` when there is one, else the
-    service's priority and weight 100.
+    service's priority and weight 100. With a `cache` (kept by the caller between calls), the endpoint of a
+    spec object seen last time is the same object: the registry then keeps that service as it was.
     """
     host, port, tls = broker_address(broker_url)
     where = f"{'mqtts' if tls else 'mqtt'}://{host}:{port}/{topics.base}/svc"
     out = []
-    for spec in specs.values():
+    fresh: dict[Key, tuple[ServiceSpec, Endpoint]] = {}
+    for key, spec in specs.items():
         if "cloud" not in spec.endpoint_types:
+            continue
+        known = cache.get(key) if cache is not None else None
+        if known is not None and known[0] is spec:
+            out.append(known[1])
+            fresh[key] = known
             continue
         decl = next((d for d in spec.endpoints if d.tier == "cloud"), None)
         out.append(
@@ -64,6 +77,10 @@ def cloud_endpoints(specs: Mapping[Key, ServiceSpec], *, broker_url: str, topics
                 target=None,
             )
         )
+        fresh[key] = (spec, out[-1])
+    if cache is not None:
+        cache.clear()
+        cache.update(fresh)
     return out
 
 
@@ -154,11 +171,13 @@ class CloudTier:
     def parts(self) -> TierParts:
         from ..core import TierParts
 
-        url, topics = self.config.mqtt.url, self.topics
+        url, topics, cache = self.config.mqtt.url, self.topics, {}
         return TierParts(
             transports={"cloud": self.transport},
             layers=(
-                Layer("cloud", endpoints=lambda specs: cloud_endpoints(specs, broker_url=url, topics=topics)),
+                Layer(
+                    "cloud", endpoints=lambda specs: cloud_endpoints(specs, broker_url=url, topics=topics, cache=cache)
+                ),
                 self.fleet.layer,
             ),
             peers=self.registry_sync.peers,
