@@ -243,6 +243,10 @@ def test_bool_is_not_an_int(tmp_path, text, key, found):
         ('[mqtt]\nurl = "http://broker:1883"', "mqtt.url", "mqtt://"),
         ('[mqtt]\nurl = "mqtt://broker:99999"', "mqtt.url", "port"),
         ('[mqtt]\ntopic_prefix = "hub/#"', "mqtt.topic_prefix", "no +, #"),
+        ('[mqtt]\nurl = ["mqtt://a:1883", "http://b"]', "mqtt.url", "mqtt://"),
+        ("[mqtt]\nurl = []", "mqtt.url", "1 to 8 broker URLs"),
+        ('[mqtt]\nfollow = ["Thermo"]', "mqtt.follow[0]", "lower case only"),
+        ('[mqtt]\nfollow = ["a.b.c"]', "mqtt.follow[0]", "tenant.service"),
         ('[log]\nlevel = "verbose"', "log.level", "'debug'"),
         ('[log]\nformat = "xml"', "log.format", "'json', 'text'"),
         ("[demo]\necho = 'yes'", "demo.echo", "expected true or false"),
@@ -366,3 +370,11 @@ def test_toml_key_lines_follow_tables_arrays_and_strings():
     assert lines[("x", 1, "quoted.key")] == 8
     assert lines[("x", 1, "sub", "list", 1)] == 12
     assert lines[("x", 1, "sub", "list", 1, "c")] == 12
+
+
+def test_mqtt_url_may_list_brokers_in_order(tmp_path):
+    text = '[mqtt]\nurl = ["mqtt://site:1883", "mqtts://central:8883"]\nfollow = ["thermo", "garden.pump", "*"]\n'
+    mq = load_config(write(tmp_path, text)).mqtt
+    assert mq.url == "mqtt://site:1883" and mq.urls == ("mqtt://site:1883", "mqtts://central:8883")
+    assert mq.follow == ("thermo", "garden.pump", "*") and mq.switch_back == 30.0
+    assert load_config(write(tmp_path, '[mqtt]\nurl = "mqtt://one"\n')).mqtt.urls == ("mqtt://one",)
