@@ -56,7 +56,7 @@ from loadgen import LoadGen, summary
 
 sys.path.insert(0, str(REPO / "tests"))
 
-from fixtures_mqtt import Broker, cloud_first_manifest, mqtt_section
+from fixtures_mqtt import Broker, cloud_first_manifest, mqtt_section, site_broker_config
 
 from edged.cloud.envelope import CloudAnswer, decode_request, encode_answer
 from edged.cloud.registry_sync import STATE_FILE, spec_entry
@@ -518,21 +518,6 @@ def connected_at(log_text: str, after: float = 0.0) -> float | None:
     return None
 
 
-def site_broker_conf(central_port: int, prefix: str) -> str:
-    """config/mosquitto/bridge.conf with the central broker's address and the run's topic prefix."""
-    lines = []
-    for raw in (REPO / "config" / "mosquitto" / "bridge.conf").read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("address "):
-            line = f"address 127.0.0.1:{central_port}"
-        elif line.startswith("topic hubmesh/"):
-            line = line.replace("hubmesh/", f"{prefix}/", 1)
-        lines.append(line)
-    return "\n".join(lines) + "\n"
-
-
 async def poll_until(check, timeout: float, interval: float = 0.01) -> bool:
     """Call `check` (blocking: in a thread) until it is true or `timeout` passes."""
     deadline = time.monotonic() + timeout
@@ -551,7 +536,7 @@ async def learn_run(args, boxes: int, topology: str, tmp: Path) -> dict:
     fleet = Fleet(boxes, args.services, f"sim{os.getpid()}x{boxes}", args.keepalive)
     central = Broker(root / "central", extra=extra).start()
     if topology == "bridge":
-        site = Broker(root / "site", extra=site_broker_conf(central.port, fleet.topics.prefix)).start()
+        site = Broker(root / "site", extra=site_broker_config(central.port, fleet.topics.prefix)).start()
         wait_for(lambda: "hubmesh-bridge" in central.log.read_text(), 10)
         second = central  # the daemon fails over from the site broker to the central one
     else:  # one broker (failover is measured with the bridge: the fleet is on the broker the daemon moves to)

@@ -175,6 +175,35 @@ timeout = "{timeout}"
 """
 
 
+# A service this box reaches over the cloud tier only (calls fail at once when no live node serves it).
+CLOUD_ONLY = """
+service_name = "thermo"
+endpoint_types = ["cloud"]
+[policy]
+per_try_timeout = "2s"
+timeout = "4s"
+retries = 1
+"""
+
+
+def site_broker_config(central_port: int, prefix: str, site: str = "site-1") -> str:
+    """The lines of config/mosquitto/bridge.conf for a site broker bridged to a central one on this machine:
+    only the central broker's address, the topic prefix and the site's name in the bridge's ids change."""
+    lines = []
+    for raw in (REPO / "config" / "mosquitto" / "bridge.conf").read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("address "):
+            line = f"address 127.0.0.1:{central_port}"
+        elif line.startswith("topic hubmesh/"):
+            line = line.replace("hubmesh/", f"{prefix}/", 1)
+        elif line.startswith(("remote_clientid ", "notification_topic ")):
+            line = line.replace("site-1", site)
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
 def name_node(d: Edged, name: str) -> Edged:
     """Give a harness daemon (made with start=False) its own node name: the harness writes "test-node"."""
     d.config.write_text(d.config.read_text().replace('name = "test-node"', f'name = "{name}"', 1))

@@ -152,7 +152,9 @@ def test_cloud_endpoints_follow_endpoint_types_and_the_long_form():
     assert (eps["long"].priority, eps["long"].weight) == (2, 30)
 
 
-def registry_sync(tmp_path, registry: Registry, session: MqttSession | None = None, topics=TOPICS) -> RegistrySync:
+def registry_sync(
+    tmp_path, registry: Registry, session: MqttSession | None = None, topics=TOPICS, **options
+) -> RegistrySync:
     # A session never started publishes nothing: the handlers are called by the test.
     session = session or MqttSession(MqttConfig(enabled=True), client_id="t")
     return RegistrySync(
@@ -163,7 +165,7 @@ def registry_sync(tmp_path, registry: Registry, session: MqttSession | None = No
         zone="",
         saver=StateSaver(StateStore(str(tmp_path))),
         metrics=CloudMetrics(Metrics()),
-        follow=("*",),
+        **{"follow": ("*",), **options},
     )
 
 
@@ -207,16 +209,7 @@ def test_a_box_learns_the_services_it_routes_to_over_the_cloud_and_those_it_foll
     async def main() -> None:
         registry = Registry()
         session = MqttSession(MqttConfig(enabled=True), client_id="t")
-        sync = RegistrySync(
-            registry=registry,
-            session=session,
-            topics=TOPICS,
-            node="me",
-            zone="",
-            saver=StateSaver(StateStore(str(tmp_path))),
-            metrics=CloudMetrics(Metrics()),
-            follow=("weather",),
-        )
+        sync = registry_sync(tmp_path, registry, session, follow=("weather",))
         thermo = manifest(endpoint_types=["local", "cloud"], endpoints=[{"type": "local", "url": "http://127.0.0.1:1"}])
         lamp = parse_manifest_data(
             {"service_name": "lamp", "endpoints": [{"type": "local", "url": "http://127.0.0.1:2"}]}, "lamp.toml"
@@ -248,22 +241,14 @@ def test_a_box_learns_the_services_it_routes_to_over_the_cloud_and_those_it_foll
         assert "thermo" not in sync.entries["pi-2"]
         # And a saved registry keeps only what is followed today.
         saved = json.loads(json.dumps(sync.state()))
+
         def entry(name: str, node: str) -> dict:
             return spec_entry(parse_manifest_data({"service_name": name}, "x.toml"), node=node, zone="", cloud=True)
 
         assert saved["format"] == 2 and isinstance(saved["entries"]["pi-2"]["weather"], str)  # CBOR, base64
         saved["entries"]["pi-4"] = {"weather": entry("weather", "pi-4")}  # format 1 (a JSON map) is read too
         saved["entries"]["pi-5"] = {"other": entry("other", "pi-5"), "weather": entry("lamp", "pi-5")}
-        again = RegistrySync(
-            registry=Registry(),
-            session=MqttSession(MqttConfig(enabled=True), client_id="t2"),
-            topics=TOPICS,
-            node="me",
-            zone="",
-            saver=StateSaver(StateStore(str(tmp_path))),
-            metrics=CloudMetrics(Metrics()),
-            follow=("weather",),
-        )
+        again = registry_sync(tmp_path, Registry(), follow=("weather",))
         # pi-5's "other" is not followed; its "weather" describes another service (refused).
         assert again.load(saved) == 3 and sorted(again.entries) == ["pi-2", "pi-3", "pi-4"]
 
@@ -299,16 +284,7 @@ def test_a_saved_registry_of_another_fleet_or_prefix_is_ignored(tmp_path):
         sync = registry_sync(tmp_path, Registry())
         sync._on_service(entry_msg("pi-2", "thermo"))
         saved = sync.state()
-        other = RegistrySync(
-            registry=Registry(),
-            session=MqttSession(MqttConfig(enabled=True), client_id="t2"),
-            topics=Topics("hubmesh", "garden"),
-            node="me",
-            zone="",
-            saver=StateSaver(StateStore(str(tmp_path))),
-            metrics=CloudMetrics(Metrics()),
-            follow=("*",),
-        )
+        other = registry_sync(tmp_path, Registry(), topics=Topics("hubmesh", "garden"))
         assert other.load(saved) == 0
 
     asyncio.run(main())
@@ -413,18 +389,8 @@ def test_learned_entries_and_tracked_nodes_are_bounded(tmp_path):
     async def main() -> None:
         registry = Registry()
         hits: list[str] = []
-        sync = RegistrySync(
-            registry=registry,
-            session=MqttSession(MqttConfig(enabled=True), client_id="t"),
-            topics=TOPICS,
-            node="me",
-            zone="",
-            saver=StateSaver(StateStore(str(tmp_path))),
-            metrics=CloudMetrics(Metrics()),
-            limits=Limits(learned_entries=5, learned_entries_per_node=3, peers=3),
-            on_limit=hits.append,
-            follow=("*",),
-        )
+        limits = Limits(learned_entries=5, learned_entries_per_node=3, peers=3)
+        sync = registry_sync(tmp_path, registry, limits=limits, on_limit=hits.append)
         for i in range(5):
             sync._on_service(entry_msg("pi-1", f"s{i}"))
         assert sorted(sync.entries["pi-1"]) == ["s0", "s1", "s2"]

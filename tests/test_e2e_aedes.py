@@ -23,7 +23,7 @@ import aiomqtt
 import cbor2
 import pytest
 from conftest import wait_for
-from fixtures_mqtt import REPO, free_port, mqtt_section, name_node, topic_prefix, wait_metric  # noqa: F401
+from fixtures_mqtt import CLOUD_ONLY, REPO, free_port, mqtt_section, name_node, topic_prefix, wait_metric  # noqa: F401
 
 from edged.cloud.envelope import CloudAnswer, decode_request, encode_answer
 from edged.cloud.registry_sync import spec_entry
@@ -31,15 +31,6 @@ from edged.cloud.topics import Topics
 from edged.manifest import parse_manifest_data
 
 AEDES = REPO / "tests" / "aedes"
-
-CLOUD_ONLY = """
-service_name = "thermo"
-endpoint_types = ["cloud"]
-[policy]
-per_try_timeout = "2s"
-timeout = "4s"
-retries = 1
-"""
 
 
 class Proc:

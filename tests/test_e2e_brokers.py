@@ -20,28 +20,19 @@ from pathlib import Path
 import aiomqtt
 from conftest import wait_for
 from fixtures_mqtt import (  # noqa: F401
-    REPO,
-    Broker,
+    CLOUD_ONLY,
     bridge_config,
     bridges,
     broker,
     make_broker,
     mqtt_section,
     name_node,
+    site_broker_config,
     topic_prefix,
     wait_metric,
 )
 
 from edged.cloud.fleet import document_text, generate_key, load_private_key, sign_document
-
-CLOUD_ONLY = """
-service_name = "thermo"
-endpoint_types = ["cloud"]
-[policy]
-per_try_timeout = "2s"
-timeout = "4s"
-retries = 1
-"""
 
 WORKER = """
 service_name = "thermo"
@@ -104,24 +95,6 @@ def test_a_box_fails_over_to_its_second_broker_and_switches_back_to_the_first(
     assert d.stop() == 0
 
 
-def site_broker_config(central: Broker, prefix: str, site: str) -> str:
-    """config/mosquitto/bridge.conf for a test: only the central broker's address, the topic prefix and the
-    bridge's client id are changed."""
-    lines = []
-    for raw in (REPO / "config" / "mosquitto" / "bridge.conf").read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("address "):
-            line = f"address 127.0.0.1:{central.port}"
-        elif line.startswith("topic hubmesh/"):
-            line = line.replace("hubmesh/", f"{prefix}/", 1)
-        elif line.startswith(("remote_clientid ", "notification_topic ")):
-            line = line.replace("site-1", site)
-        lines.append(line)
-    return "\n".join(lines) + "\n"
-
-
 def retained(port: int, topic_filter: str, quiet: float = 0.5) -> dict[str, bytes]:
     """The retained messages a broker holds under a filter (they arrive right after subscribing)."""
 
@@ -145,7 +118,7 @@ def test_a_site_broker_bridged_to_the_central_one_carries_calls_entries_wills_an
     tmp_path: Path, backends, edged, make_broker, bridges, topic_prefix
 ):
     central = make_broker(name="central").start()
-    site = make_broker(site_broker_config(central, topic_prefix, "site-a"), name="site-a").start()
+    site = make_broker(site_broker_config(central.port, topic_prefix, "site-a"), name="site-a").start()
     wait_for(lambda: "hubmesh-bridge-site-a" in central.log.read_text(), 10, what="the bridge connects")
 
     worker = backends("central-worker")

@@ -50,7 +50,7 @@ from ..limits import Limits
 from ..logs import log_event
 from ..manifest import parse_policy, policy_dict
 from ..methods import MAX_METHODS
-from ..model import TIERS, InterfaceSpec, MethodRule, PolicySpec, ServiceSpec
+from ..model import TIERS, InterfaceSpec, MethodRule, ServiceSpec
 from ..registry import Registry, Snapshot
 from .liveness import OFFLINE, ONLINE, STALE, SUSPECT, UNKNOWN, Liveness
 from .persist import StateSaver
@@ -101,17 +101,25 @@ def spec_entry(spec: ServiceSpec, *, node: str, zone: str, cloud: bool) -> dict[
     }
 
 
-_POLICIES: dict[PolicySpec, PolicySpec] = {}  # one object for equal policies (most entries: the default)
-_POLICIES_MAX = 1024
+class _Shared(dict):
+    """One object for equal values that thousands of entries repeat ("online", "mains", the default policy),
+    in a bounded table: made-up values from a hostile node must not grow it without end."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def __call__(self, value: Any) -> Any:
+        found = self.get(value)
+        if found is not None:
+            return found
+        if len(self) < self.limit:
+            self[value] = value
+        return value
 
 
-def _shared_policy(policy: PolicySpec) -> PolicySpec:
-    found = _POLICIES.get(policy)
-    if found is not None:
-        return found
-    if len(_POLICIES) < _POLICIES_MAX:
-        _POLICIES[policy] = policy
-    return policy
+_share = _Shared(4096)  # short strings: vitals, zones, tenants
+_shared_policy = _Shared(1024)  # policies (most entries: the default)
 
 
 def entry_spec(entry: Mapping[str, Any], *, source: str) -> ServiceSpec:
@@ -181,20 +189,6 @@ def normalize_entry(obj: object, *, node: str) -> dict[str, Any]:
     entry_spec(entry, source="check")  # raises ValueError when it does not make a service
     json.dumps(entry)  # and it must be storable as JSON (no CBOR-only values)
     return entry
-
-
-_SHARED: dict[str, str] = {}  # one copy of the short strings every node repeats ("online", "mains", "20")
-_SHARED_MAX = 4096  # bounded: made-up values from a hostile node must not grow it without end
-
-
-def _share(text: str) -> str:
-    """One string object for equal short strings (vitals, zones), in a bounded table."""
-    found = _SHARED.get(text)
-    if found is not None:
-        return found
-    if len(_SHARED) < _SHARED_MAX:
-        _SHARED[text] = text
-    return text
 
 
 @dataclass(slots=True)

@@ -413,7 +413,13 @@ class MqttSession:
                 log_event(log, logging.WARNING, "mqtt.down", broker=broker, reason=reason, retry_in=delay)
             else:
                 log_event(
-                    log, logging.DEBUG, "mqtt.retry", broker=broker, reason=reason, attempt=attempt, retry_in=delay
+                    log,
+                    logging.DEBUG,
+                    "mqtt.retry",
+                    broker=broker,
+                    reason=reason,
+                    attempt=attempt,
+                    retry_in=round(delay, 3),
                 )
             # A connection that was up starts the round again from the first broker; a failed try moves on.
             self._index = 0 if was_up else (self._index + 1) % len(self._brokers)
