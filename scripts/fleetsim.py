@@ -56,9 +56,10 @@ from loadgen import LoadGen, summary
 
 sys.path.insert(0, str(REPO / "tests"))
 
-from fixtures_mqtt import Broker, cloud_first_manifest, mqtt_section, site_broker_config
+from fixtures_mqtt import Broker, cloud_first_manifest, mqtt_section, name_node, site_broker_config
 
 from edged.cloud.envelope import CloudAnswer, decode_request, encode_answer
+from edged.cloud.fleet import document_text, generate_key, load_private_key, sign_document
 from edged.cloud.registry_sync import STATE_FILE, spec_entry
 from edged.cloud.topics import Topics, service_key
 from edged.manifest import parse_manifest_data
@@ -558,7 +559,12 @@ async def learn_run(args, boxes: int, topology: str, tmp: Path) -> dict:
             follow=["*"] if args.follow_all else [],
         )
         + f"[limits]\npeers = 8192\nlearned_entries = {max(12000, 2 * boxes * args.services)}\n"
+        + f'[fleet]\nkeys = ["{root / "ops.pub"}"]\n'
     )
+    root.mkdir(parents=True, exist_ok=True)
+    private_pem, public_pem, _ = generate_key()
+    (root / "ops.pub").write_bytes(public_pem)
+    (root / "ops.key").write_bytes(private_pem)
     out: dict = {"topology": topology, "follow": "*" if args.follow_all else "needed", "boxes": boxes}
     out.update(entries=boxes * args.services, needed=len(needed))
     daemons: list[Edged] = []
@@ -619,6 +625,32 @@ async def learn_run(args, boxes: int, topology: str, tmp: Path) -> dict:
             out[f"calls_{phase}"] = await probe_result(probe)
             out[f"cpu_{phase}_s"] = round(cpu_s(pid) - cpu0, 2)
 
+        # Signed fleet config (pushed to the broker the fleet is on) reaching this daemon and `--daemons - 1`
+        # others among the simulated boxes.
+        others = [
+            name_node(Edged(root / f"edged-{i}", manifests, section), f"real-{i}") for i in range(1, args.daemons)
+        ]
+        daemons.extend(others)
+        await asyncio.gather(*(asyncio.to_thread(o.start) for o in others))
+        for o in others:
+            await poll_until(lambda o=o: o.get("/v1/status") is not None and connected_at(o.log_text()), 30)
+        await asyncio.sleep(1.0)
+        doc = document_text({"version": 1, "policies": {"here": {"strategy": "round_robin"}}})
+        signed = sign_document(doc, load_private_key(str(root / "ops.key")))
+        pusher = MiniMqtt("127.0.0.1", central.port, f"fleetsim-push-{os.getpid()}", 60)
+        await pusher.connect(f"{fleet.topics.base}/pusher", b"")
+        t = time.monotonic()
+        pusher.publish(fleet.topics.config(), signed, qos=1, retain=True)
+
+        def applied() -> bool:
+            return all(x.get("/v1/services/here")["strategy"] == "round_robin" for x in [d, *others])
+
+        out["fleet_config_daemons"] = len(others) + 1
+        out["fleet_config_s"] = round(time.monotonic() - t, 3) if await poll_until(applied, 60) else "not in 60 s"
+        pusher.abort()
+        for o in others:
+            o.stop(timeout=60)
+
         # A provider dies (its connection breaks: the broker sends its last will).
         victim = needed_boxes[0]
         alive.remove(victim)
@@ -670,6 +702,7 @@ async def main() -> None:
     ap.add_argument("--needed", type=int, default=10, help="learn: services the daemon routes over the cloud")
     ap.add_argument("--topology", default="direct,bridge", help="learn: direct, bridge or both")
     ap.add_argument("--follow-all", action="store_true", help="learn: the daemon learns the whole fleet's registry")
+    ap.add_argument("--daemons", type=int, default=5, help="learn: real daemons that get the fleet config")
     ap.add_argument("--learn-timeout", type=float, default=120.0)
     ap.add_argument("--burst-window", type=float, default=4.0, help="learn: seconds of local calls around the burst")
     ap.add_argument("--services", type=int, default=10, help="per box")

@@ -292,7 +292,10 @@ class RegistrySync:
         if follow is None:  # a bridge: only its own entries
             session.subscribe(own, self._on_service, qos=1)
             return
-        session.subscribe(topics.all_status, self._on_status, qos=1)
+        # QoS 0: a reconnect delivers every node's retained status at once, with no PUBACK round trips and no
+        # per-client queue limit of the broker (Mosquitto drops QoS 1 beyond max_queued_messages); a status lost
+        # with a broken connection comes back retained on the next one.
+        session.subscribe(topics.all_status, self._on_status, qos=0)
         session.route(topics.all_services, self._on_service)
         session.add_filter(topics.all_services if self.follows_all else own, qos=1)
         self._learn(self._follow)
