@@ -251,6 +251,12 @@ def test_a_box_learns_the_services_it_routes_to_over_the_cloud_and_those_it_foll
         again = registry_sync(tmp_path, Registry(), follow=("weather",))
         # pi-5's "other" is not followed; its "weather" describes another service (refused).
         assert again.load(saved) == 3 and sorted(again.entries) == ["pi-2", "pi-3", "pi-4"]
+        # A bridge (follow=None) offers its services and learns none, whatever its manifests say.
+        bridge_session = MqttSession(MqttConfig(enabled=True), client_id="t3")
+        bridge = registry_sync(tmp_path, registry, bridge_session, follow=None)
+        registry.set_manifests([thermo])
+        bridge.local_changed(registry.snapshot())
+        assert set(bridge_session.filters) == {"hubmesh/home/nodes/me/services/+"} and not bridge.learning
 
     asyncio.run(main())
 

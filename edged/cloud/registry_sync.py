@@ -285,6 +285,7 @@ class RegistrySync:
         self._clock = clock
         self.bad_messages = 0
         self.follows_all = follow is not None and "*" in follow
+        self._follows_none = follow is None  # a bridge learns nothing (it only offers)
         self._follow = frozenset(follow or ()) - {"*"}  # keys learned whatever the manifests say
         self._needed: frozenset[str] = frozenset()  # keys this node's own services route to over the cloud
         self.learning: frozenset[str] = frozenset()  # the keys subscribed to now (follow | needed)
@@ -375,7 +376,7 @@ class RegistrySync:
         """Subscribe to the entries of `keys` (and no others): one filter per service. Entries of services no
         longer followed are forgotten."""
         keys = frozenset(keys)
-        if self.follows_all or keys == self.learning:
+        if self.follows_all or self._follows_none or keys == self.learning:
             return
         for key in self.learning - keys:
             self._session.remove_filter(self._topics.service_filter(key))
@@ -432,7 +433,7 @@ class RegistrySync:
             return
         state = doc["state"]
         changed = previous is None or previous.state != state
-        since = wall if changed or previous is None else previous.since
+        since = wall if previous is None or changed else previous.since
         status = self.nodes[node] = NodeStatus.of(doc, seen=wall, since=since)
         self.liveness.status(node, state, self._clock())
         if changed or previous is None or previous.zone != status.zone:
