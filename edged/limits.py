@@ -25,7 +25,7 @@ class Limits:
     peer_services: int = 256 * KIB  # largest /peer/services answer read from a peer
     peer_services_timeout: float = 2.0  # whole /peer/services fetch
     peers: int = 4096  # peers tracked (mDNS and MQTT each; a few hundred bytes each): a fleet of 4,000 boxes fits
-    learned_entries: int = 12000  # registry entries learned over MQTT, in total (about 4 KiB of RSS each)
+    learned_entries: int = 12000  # registry entries learned over MQTT, in total (about 3 KiB of RSS each)
     learned_entries_per_node: int = 200  # ... and from one node
 
 

@@ -118,7 +118,7 @@ class _Shared(dict):
         return value
 
 
-_share = _Shared(4096)  # short strings: vitals, zones, tenants
+_share = _Shared(4096)  # short strings (zones, tenants) and whole vitals, which many nodes have alike
 _shared_policy = _Shared(1024)  # policies (most entries: the default)
 
 
@@ -208,7 +208,7 @@ class NodeStatus:
         vitals = doc.get("vitals")
         pairs: tuple[tuple[str, str], ...] = ()
         if isinstance(vitals, Mapping):
-            pairs = tuple((_share(str(k)[:16]), _share(str(v)[:16])) for k, v in list(vitals.items())[:8])
+            pairs = _share(tuple((_share(str(k)[:16]), _share(str(v)[:16])) for k, v in list(vitals.items())[:8]))
         reason = doc.get("reason") if doc["state"] == "offline" else ""
         return cls(
             state=_share(doc["state"]),
