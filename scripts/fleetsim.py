@@ -546,7 +546,8 @@ async def learn_run(args, boxes: int, topology: str, tmp: Path) -> dict:
     needed_boxes = rng.sample(fleet.boxes, min(args.needed, boxes))
     needed = [b.service_names[0] for b in needed_boxes]
     backend = Backend("here", _free_port(), root).start()
-    manifests = {f"{s}.toml": f'service_name = "{s}"\nendpoint_types = ["cloud"]\n' for s in needed}
+    cloud_only = 'endpoint_types = ["cloud"]\n[policy]\nper_try_timeout = "1s"\ntimeout = "3s"\n'
+    manifests = {f"{s}.toml": f'service_name = "{s}"\n{cloud_only}' for s in needed}
     manifests["here.toml"] = f'service_name = "here"\n[[endpoints]]\ntype = "local"\nurl = "{backend.url}"\n'
     urls = list(dict.fromkeys([site.url, second.url]))
     section = (
@@ -668,10 +669,12 @@ async def learn_run(args, boxes: int, topology: str, tmp: Path) -> dict:
         if topology == "bridge":
             # The site broker dies: time until a cloud call is answered again (over the central broker).
             svc = needed[-1]
-            t = time.monotonic()
+            t, wall = time.monotonic(), time.time()
             site.kill()
             await poll_until(lambda: d.call(svc, "/r")[0] == 200, 60)
             out["failover_s"] = round(time.monotonic() - t, 3)
+            moved = connected_at(d.log_text(), wall)
+            out["failover_connected_s"] = round(moved - wall, 3) if moved else None
 
         # Warm start: a clean stop writes the state; the next start knows the needed services at once.
         assert d.stop(timeout=60) == 0
