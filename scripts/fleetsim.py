@@ -636,7 +636,7 @@ async def learn_run(args, boxes: int, topology: str, tmp: Path) -> dict:
         for o in others:
             await poll_until(lambda o=o: o.get("/v1/status") is not None and connected_at(o.log_text()), 30)
         await asyncio.sleep(1.0)
-        doc = document_text({"version": 1, "policies": {"here": {"strategy": "round_robin"}}})
+        doc = document_text({"fleet": FLEET, "version": 1, "policies": {"here": {"strategy": "round_robin"}}})
         signed = sign_document(doc, load_private_key(str(root / "ops.key")))
         pusher = MiniMqtt("127.0.0.1", central.port, f"fleetsim-push-{os.getpid()}", 60)
         await pusher.connect(f"{fleet.topics.base}/pusher", b"")

@@ -148,7 +148,8 @@ def test_a_site_broker_bridged_to_the_central_one_carries_calls_entries_wills_an
 
     # Fleet config pushed to the central broker reaches the box on the site.
     key = load_private_key(str(tmp_path / "ops.key"))
-    doc = sign_document(document_text({"version": 7, "policies": {"lamp": {"strategy": "round_robin"}}}), key)
+    source = {"fleet": "home", "version": 7, "policies": {"lamp": {"strategy": "round_robin"}}}
+    doc = sign_document(document_text(source), key)
 
     async def push() -> None:
         async with aiomqtt.Client("127.0.0.1", central.port) as c:

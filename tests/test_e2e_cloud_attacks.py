@@ -233,7 +233,8 @@ def test_a_client_on_the_broker_cannot_answer_for_a_bridge_nor_inject_a_registry
     bridge = bridges(bridge_config(broker, topic_prefix), {"thermo.toml": bridge_manifest(backend.port)}, start=False)
     enrolled(ca, bridge.root, "cloud-1")
     bridge.start()
-    d = edged({"thermo.toml": CLOUD_THERMO}, mqtt_section(broker, topic_prefix), start=False)
+    # It follows the whole registry: the injected entries (lamp, lamp2) reach it, to be refused.
+    d = edged({"thermo.toml": CLOUD_THERMO}, mqtt_section(broker, topic_prefix, follow=["*"]), start=False)
     enrolled(ca, d.root, "test-node")
     d.start()
     wait_metric(d, "edged_mqtt_connected", lambda v: v == 1)

@@ -618,7 +618,7 @@ class RegistrySync:
         """Whether `node` has an entry saying it serves (tenant, service) over MQTT (the cloud transport takes
         answers only from such nodes)."""
         entry = self.entries.get(node, {}).get(service_key(tenant, service))
-        return entry is not None and entry.get("cloud") is True
+        return entry is not None and entry[1] is not None  # (CBOR, its (tenant, service) when cloud)
 
     def providers(self, tenant: str, service: str) -> list[dict]:
         """The nodes that serve a service over MQTT, with liveness and last-seen time (wall clock)."""
