@@ -1,17 +1,23 @@
-"""Who is calling the local API, and what they may do: the identity seam.
+"""Who is calling, and what they may do: the identity seam of every entry point.
 
-Every request gets an `Identity` (a name, a tenant, a set of rights) from, in this order: a bearer token
-(an app's or a tenant's), the Unix-socket peer credentials (`SO_PEERCRED` uid/gid, mapped to an app in
+A caller gets an `Identity` (a name, a tenant, a set of rights, and the id that authorization rules match)
+from the first of these that applies: a verified peer certificate (the peer ingress: `node_identity`), a
+bearer JWT (`[access.jwt]`, edged/jwt_auth.py; verified tokens are cached until they expire), a static bearer
+token (an app's or a tenant's), the Unix-socket peer credentials (`SO_PEERCRED` uid/gid, mapped to an app in
 `[access.apps.NAME]`; root and the daemon's own user are admins), or, from a loopback address, the anonymous
-identity (`[access] anonymous`: at most read + call). Rights: `read` (services, resolve, status, metrics,
-events), `call` (the call path), `write` (register, renew and remove its own registrations, set policies),
-`admin` (anyone's registrations). Richer identities (JWTs, rules, quotas) extend `Access.identify`.
+identity (`[access] anonymous`: at most read + call; "none": loopback callers need a token). Rights: `read`
+(services, resolve, status, events), `call` (the call path), `write` (register, renew and remove its own
+registrations, set policies), `admin` (anyone's registrations, every tenant's views, rules and quotas,
+`/metrics` and node-wide views when `[access] node_views = "admin"`).
+Caller ids: `TENANT/APP` locally (`TENANT/anonymous`, `TENANT/token` for a tenant's static token,
+`default/admin`), `spiffe://FLEET/node/NODE` for a peer node.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -19,6 +25,7 @@ from types import MappingProxyType
 from .config import _LABEL, LABEL_WHAT, Table, TenantConfig
 from .errors import CallError
 from .http.message import Request
+from .jwt_auth import JwtConfig, JwtVerifier, load_jwt
 from .model import DEFAULT_TENANT
 
 READ, CALL, WRITE, ADMIN = "read", "call", "write", "admin"
@@ -28,6 +35,7 @@ ANONYMOUS_LEVELS: Mapping[str, frozenset[str]] = MappingProxyType(
 APP_RIGHTS = frozenset({READ, CALL, WRITE})
 ADMIN_RIGHTS = frozenset({READ, CALL, WRITE, ADMIN})
 LOOPBACK_PEERS = ("127.", "::1", "::ffff:127.")
+JWT_CACHE = 4096  # verified tokens kept (each until it expires)
 
 
 def is_loopback(peer: str) -> bool:
@@ -43,6 +51,12 @@ class Identity:
     tenant: str
     rights: frozenset[str]
     by_token: bool = False  # named by an Authorization header (which is then not passed upstream)
+    id: str = ""  # what authorization rules match: TENANT/APP, or spiffe://FLEET/node/NODE
+    kind: str = "app"  # app | tenant | jwt | anonymous | admin | node
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            object.__setattr__(self, "id", f"{self.tenant}/{self.name}")
 
     def require(self, right: str) -> None:
         """403 `forbidden` (401 for the anonymous caller, who could bring a token) without `right`."""
@@ -53,6 +67,17 @@ class Identity:
     def may_change(self, owner: str | None) -> bool:
         """Whether this caller may renew, change or remove something `owner` registered."""
         return ADMIN in self.rights or (WRITE in self.rights and owner == self.name)
+
+
+def spiffe_id(fleet: str, node: str) -> str:
+    """The id of a fleet node, as its certificate's URI SAN names it."""
+    return f"spiffe://{fleet}/node/{node}"
+
+
+def node_identity(fleet: str, node: str, tenant: str = DEFAULT_TENANT) -> Identity:
+    """A peer node, named by its verified certificate (or, until the ingress speaks mTLS, by its headers):
+    it may read and call in `tenant` (the tenant its call names)."""
+    return Identity(f"node:{node}", tenant, frozenset({READ, CALL}), id=spiffe_id(fleet, node), kind="node")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,13 +100,15 @@ class AccessConfig:
     anonymous_tenant: str = DEFAULT_TENANT
     hosts: tuple[str, ...] = ()
     apps: Mapping[str, AppConfig] = field(default_factory=lambda: MappingProxyType({}))
+    jwt: JwtConfig | None = None
+    node_views: str = "read"  # who may read /metrics and the peers and config of /v1/status: "read" | "admin"
 
 
 def load_access(
     t: Table, read_tokens: Callable[[Table, str], list[str]], resolve: Callable[[str], str]
 ) -> AccessConfig:
     """Read `[access]` (the config loader hands over its table, token-file reader and path resolver)."""
-    t.only(("anonymous", "anonymous_tenant", "hosts", "apps"))
+    t.only(("anonymous", "anonymous_tenant", "hosts", "apps", "jwt", "node_views"))
     d = AccessConfig()
     apps: dict[str, AppConfig] = {}
     at = t.table("apps")
@@ -111,6 +138,8 @@ def load_access(
         anonymous_tenant=t.string("anonymous_tenant", d.anonymous_tenant, pattern=_LABEL, what=LABEL_WHAT),
         hosts=tuple(h.lower() for h in t.strings("hosts", (), what="a host name")),
         apps=MappingProxyType(apps),
+        jwt=load_jwt(t.table("jwt"), resolve) if t.has("jwt") else None,
+        node_views=t.choice("node_views", d.node_views, ("read", "admin")),
     )
 
 
@@ -128,7 +157,7 @@ class Access:
         self._admin_uids = {0, os.getuid() if daemon_uid is None else daemon_uid}
         self._tokens: dict[bytes, Identity] = {}
         for name, tenant in tenants.items():
-            ident = Identity(f"tenant:{name}", name, APP_RIGHTS, by_token=True)
+            ident = Identity(f"tenant:{name}", name, APP_RIGHTS, by_token=True, id=f"{name}/token", kind="tenant")
             self._tokens.update((_digest(tok.encode()), ident) for tok in tenant.tokens)
         self._uids: dict[int, Identity] = {}
         self._gids: dict[int, Identity] = {}
@@ -139,11 +168,16 @@ class Access:
             ident = Identity(app.name, app.tenant, rights)
             self._uids.update((uid, ident) for uid in app.uids)
             self._gids.update((gid, ident) for gid in app.gids)
+        self._jwt = JwtVerifier(config.jwt) if config.jwt is not None else None
+        self._verified: dict[bytes, tuple[Identity, float]] = {}  # digest -> (identity, expires): JWTs
+        self._jwt_generation = 0
+        self._next_look = 0.0
+        self.node_views = ADMIN if config.node_views == "admin" else READ
         tenant = config.anonymous_tenant
         open_tenant = tenants[tenant].open_on_loopback if tenant in tenants else tenant == DEFAULT_TENANT
         rights = ANONYMOUS_LEVELS[config.anonymous] if open_tenant else frozenset()
-        self.anonymous = Identity("anonymous", tenant, rights)
-        self.admin = Identity("admin", DEFAULT_TENANT, ADMIN_RIGHTS)
+        self.anonymous = Identity("anonymous", tenant, rights, kind="anonymous")
+        self.admin = Identity("admin", DEFAULT_TENANT, ADMIN_RIGHTS, kind="admin")
 
     def identify(self, req: Request) -> Identity:
         """The caller of `req`. 401 `unauthorized` for a bad token, or no identity from a remote address."""
@@ -153,9 +187,12 @@ class Access:
             token = token.strip()
             if scheme.lower() != b"bearer" or not token:
                 raise CallError(401, "unauthorized", "Authorization must be 'Bearer <token>'")
-            ident = self._tokens.get(_digest(token))
+            digest = _digest(token)
+            ident = self._tokens.get(digest)
             if ident is None:
-                raise CallError(401, "unauthorized", "unknown token")
+                if self._jwt is None or token.count(b".") != 2:
+                    raise CallError(401, "unauthorized", "unknown token")
+                return self._from_jwt(token, digest)
             return ident
         cred = req.cred
         if cred is not None:
@@ -168,3 +205,32 @@ class Access:
                 raise CallError(401, "unauthorized", "a bearer token is required")
             return self.anonymous
         raise CallError(401, "unauthorized", "a bearer token is required from this address")
+
+    def _from_jwt(self, token: bytes, digest: bytes) -> Identity:
+        """A JWT's identity: from the cache while it has not expired, else checked (signature and claims)."""
+        jwt = self._jwt
+        assert jwt is not None
+        now = time.time()
+        if now >= self._next_look:  # a rotated JWKS file: tokens of a removed key are checked again
+            self._next_look = now + 1.0
+            if jwt.look() or jwt.generation != self._jwt_generation:
+                self._jwt_generation = jwt.generation
+                self._verified.clear()
+        cached = self._verified.get(digest)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        v = jwt.verify(token)
+        rights = {READ, CALL}
+        if "write" in v.roles or "admin" in v.roles:
+            rights.add(WRITE)
+        if "admin" in v.roles:
+            rights.add(ADMIN)
+        ident = Identity(
+            f"jwt:{v.subject}", v.tenant, frozenset(rights), True, id=f"{v.tenant}/{v.subject}", kind="jwt"
+        )
+        if len(self._verified) >= JWT_CACHE:
+            self._verified = {d: c for d, c in self._verified.items() if c[1] > now}
+            if len(self._verified) >= JWT_CACHE:
+                self._verified.clear()
+        self._verified[digest] = (ident, v.expires)
+        return ident

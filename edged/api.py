@@ -10,6 +10,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
 from .access import ADMIN, CALL, READ, WRITE, Access, Identity
+from .admission import Gate
+from .authz_api import AuthzApi
 from .browser import SAFE_METHODS, HostGuard, require_json
 from .discovery.registrations import Registrations
 from .errors import CallError
@@ -20,6 +22,7 @@ from .manifest import policy_dict
 from .model import Service
 from .paths import normalize_path
 from .policies import PolicyOverrides
+from .quota import FREE
 from .registry import Registry
 from .relay import call_for, relay_answer
 from .router import Router
@@ -62,6 +65,8 @@ class Api:
         peers: Callable[[], list[dict]] = list,
         providers: Callable[[str, str], list[dict]] = lambda tenant, name: [],
         config_state: Callable[[], dict] = dict,
+        gate: Gate | None = None,
+        authz: AuthzApi | None = None,
     ) -> None:
         self._node = node
         self._registry = registry
@@ -77,6 +82,7 @@ class Api:
         self._peers = peers
         self._providers = providers
         self._config_state = config_state  # the config file, reloads, keys pending restart
+        self._gate = gate  # authorization rules and quotas of the call path (None: every call admitted)
         self._policies: PolicyOverrides | None = None  # set by the daemon: `set_policies`
         # (method, first segment) -> (the right it takes, handler)
         self._routes: dict[tuple[str, str], tuple[str, Callable[..., Awaitable[None] | None]]] = {
@@ -93,6 +99,15 @@ class Api:
             ("DELETE", "policies"): (WRITE, self._policy_delete),
             ("POST", "policies"): (READ, self._policy_dry_run),
         }
+        if authz is not None:
+            self._routes.update(
+                {
+                    ("GET", "authz"): (READ, authz.get),
+                    ("PUT", "authz"): (WRITE, authz.put),  # and admin: AuthzApi checks
+                    ("DELETE", "authz"): (WRITE, authz.delete),
+                    ("POST", "authz"): (READ, authz.explain),
+                }
+            )
 
     def set_access(self, access: Access) -> None:
         """New tokens and rights (a config reload): the next request is identified with them."""
@@ -121,7 +136,7 @@ class Api:
             elif path.startswith("/v1/"):
                 await self._v1(req, resp)
             elif path == "/metrics" and req.method in ("GET", "HEAD"):
-                self._access.identify(req).require(READ)
+                self._access.identify(req).require(self._access.node_views)  # every tenant's services
                 body = self._render_metrics().encode()
                 resp.send(200, [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")], body)
             elif path == "/healthz":
@@ -135,7 +150,7 @@ class Api:
             if resp.started:
                 raise
             self._metrics.http_errors.inc((str(exc.status),))
-            resp.send_json(exc.status, {"error": exc.code, "detail": exc.detail})
+            resp.send_json(exc.status, {"error": exc.code, "detail": exc.detail}, exc.headers)
 
     # -- the call path ---------------------------------------------------------------------------
     async def _call(self, req: Request, resp: ResponseWriter, service: str, path: str) -> None:
@@ -145,28 +160,30 @@ class Api:
         if req.method not in SAFE_METHODS:
             self._hosts.check_same_origin(req)
         path = normalize_path(path)
-        if req.query:
-            path = f"{path}?{req.query}"
         tenant, by_token = caller.tenant, caller.by_token
         if not service:
             raise CallError(404, "unknown_service", "no service named in the path")
         svc = self._router.service(tenant, service)
-        host = req.header(b"host")
-        call = call_for(
-            req,
-            svc,
-            path,
-            drop=_AUTHORIZATION if by_token else frozenset(),
-            add=[(b"x-forwarded-host", host)] if host is not None else (),
-        )
-        rid = call.request_id
-        routed = await self._router.route_service_call(call)
-        extra = [
-            (b"x-edged-endpoint", routed.endpoint.id.encode()),
-            (b"x-edged-tries", str(routed.tries).encode()),
-            (b"x-request-id", rid.encode()),
-        ]
-        await relay_answer(self._router, req, resp, routed, extra)
+        ticket = FREE if self._gate is None else self._gate.admit(caller, svc, req.method, path)
+        with ticket:  # its places in the in-flight caps are given back however the call ends
+            if req.query:
+                path = f"{path}?{req.query}"
+            host = req.header(b"host")
+            call = call_for(
+                req,
+                svc,
+                path,
+                drop=_AUTHORIZATION if by_token else frozenset(),
+                add=[(b"x-forwarded-host", host)] if host is not None else (),
+            )
+            rid = call.request_id
+            routed = await self._router.route_service_call(call)
+            extra = [
+                (b"x-edged-endpoint", routed.endpoint.id.encode()),
+                (b"x-edged-tries", str(routed.tries).encode()),
+                (b"x-request-id", rid.encode()),
+            ]
+            await relay_answer(self._router, req, resp, routed, extra)
 
     # -- /v1 ---------------------------------------------------------------------------------------
     async def _v1(self, req: Request, resp: ResponseWriter) -> None:
@@ -201,11 +218,26 @@ class Api:
         }
         resp.send_json(200, body)
 
+    @staticmethod
+    def _scope(req: Request, caller: Identity) -> str | None:
+        """The tenant a view shows: the caller's; an admin's `?tenant=NAME`, else every tenant (None)."""
+        if ADMIN not in caller.rights:
+            return caller.tenant
+        for part in req.query.split("&"):
+            key, _, value = part.partition("=")
+            if key == "tenant" and value:
+                return value
+        return None
+
+    def _visible(self, snap, scope: str | None) -> list[Service]:
+        return sorted(snap.services.values(), key=lambda s: s.spec.key) if scope is None else snap.for_tenant(scope)
+
     def _services(self, req: Request, resp: ResponseWriter, caller: Identity, rest: list[str]) -> None:
-        tenant = caller.tenant
+        scope = self._scope(req, caller)
         snap = self._registry.snapshot()
         now = time.monotonic()
         if rest and rest[0]:
+            tenant = scope or caller.tenant
             svc = snap.get(tenant, rest[0])
             if svc is None:
                 raise CallError(404, "unknown_service", f"no service {rest[0]!r} for tenant {tenant!r}")
@@ -213,7 +245,7 @@ class Api:
             return
         resp.send_json(
             200,
-            {"generation": snap.generation, "services": [self._describe(s, now) for s in snap.for_tenant(tenant)]},
+            {"generation": snap.generation, "services": [self._describe(s, now) for s in self._visible(snap, scope)]},
         )
 
     def _describe(self, svc, now: float, detail: bool = False) -> dict:
@@ -264,7 +296,7 @@ class Api:
         return out
 
     def _resolve(self, req: Request, resp: ResponseWriter, caller: Identity, rest: list[str]) -> None:
-        tenant = caller.tenant
+        tenant = self._scope(req, caller) or caller.tenant
         if not rest or not rest[0]:
             raise CallError(404, "unknown_service", "GET /v1/resolve/{service}")
         svc = self._router.service(tenant, rest[0])
@@ -281,10 +313,11 @@ class Api:
         )
 
     def _status(self, req: Request, resp: ResponseWriter, caller: Identity, rest: list[str]) -> None:
-        tenant = caller.tenant
+        scope = self._scope(req, caller)
         snap = self._registry.snapshot()
         now = time.monotonic()
         node = self._node
+        node_wide = self._access.node_views in caller.rights  # peers offer every tenant's services
         resp.send_json(
             200,
             {
@@ -297,9 +330,9 @@ class Api:
                     "ready": self._ready(),
                     "generation": snap.generation,
                 },
-                "peers": self._peers(),
-                "config": self._config_state(),
-                "services": [self._describe(s, now) for s in snap.for_tenant(tenant)],
+                "peers": self._peers() if node_wide else [],
+                "config": self._config_state() if node_wide else {},
+                "services": [self._describe(s, now) for s in self._visible(snap, scope)],
             },
         )
 
@@ -381,9 +414,9 @@ class Api:
         )
 
     def _list_registrations(self, req: Request, resp: ResponseWriter, caller: Identity, rest: list[str]) -> None:
-        tenant = caller.tenant
+        scope = self._scope(req, caller)
         now = time.monotonic()
-        resp.send_json(200, {"registrations": [r.describe(now) for r in self._registrations.all(tenant)]})
+        resp.send_json(200, {"registrations": [r.describe(now) for r in self._registrations.all(scope)]})
 
     async def _register(self, req: Request, resp: ResponseWriter, caller: Identity, rest: list[str]) -> None:
         if rest and rest[0]:
@@ -413,7 +446,8 @@ class Api:
 
     async def _events_stream(self, req: Request, resp: ResponseWriter, caller: Identity, rest: list[str]) -> None:
         """Server-sent events: registrations, endpoint up/down, manifest reloads."""
-        tenant = caller.tenant
+        scope = self._scope(req, caller)
+        node_wide = self._access.node_views in caller.rights  # events of no tenant: peers, reloads
         resp.start(200, [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")])
         await resp.write(b": edged events\n\n")
         async with self._events.subscribe() as queue:
@@ -425,7 +459,11 @@ class Api:
                     continue
                 if event is None:  # the daemon is stopping
                     break
-                if event.get("tenant", tenant) != tenant:
+                tenant = event.get("tenant")
+                if tenant is None:
+                    if not node_wide and event["type"] != "services_changed":  # that one names no service
+                        continue
+                elif scope is not None and tenant != scope:
                     continue
                 data = json.dumps(event, separators=(",", ":"))
                 await resp.write(f"event: {event['type']}\ndata: {data}\n\n".encode())

@@ -41,6 +41,8 @@ SECTIONS = (
     "bridge",
     "tenants",
     "access",
+    "authz",
+    "quotas",
     "limits",
     "log",
     "demo",
@@ -197,6 +199,10 @@ def _section(name: str) -> Any:
         from edged.access import AccessConfig
 
         return AccessConfig()
+    if name == "authz":
+        from edged.authz import AuthzConfig
+
+        return AuthzConfig()
     from edged.limits import Limits
 
     return Limits()
@@ -218,6 +224,8 @@ class Config:
     bridge: BridgeConfig = BridgeConfig()
     tenants: Mapping[str, TenantConfig] = field(default_factory=_default_tenants)
     access: Any = field(default_factory=lambda: _section("access"))  # edged.access.AccessConfig
+    authz: Any = field(default_factory=lambda: _section("authz"))  # edged.authz.AuthzConfig
+    quotas: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))  # key -> model.QuotaSpec
     limits: Any = field(default_factory=lambda: _section("limits"))  # edged.limits.Limits
     log: LogConfig = LogConfig()
     demo: DemoConfig = DemoConfig()
@@ -315,6 +323,8 @@ class _Loader:
             bridge=self.bridge(top.table("bridge")),
             tenants=self.tenants(top.table("tenants")),
             access=self.access(top.table("access")),
+            authz=self.authz(top.table("authz")),
+            quotas=self.quotas(top.table("quotas")),
             limits=self.limits(top.table("limits")),
             log=self.log(top.table("log")),
             demo=self.demo(top.table("demo")),
@@ -525,6 +535,16 @@ class _Loader:
         from edged.access import load_access  # it imports this module
 
         return load_access(t, self.read_tokens, self.resolve)
+
+    def authz(self, t: Table) -> Any:
+        from edged.authz import load_authz
+
+        return load_authz(t)
+
+    def quotas(self, t: Table) -> Any:
+        from edged.quota import load_quotas
+
+        return load_quotas(t)
 
     def limits(self, t: Table) -> Any:
         from edged.limits import load_limits

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from . import aio
+from .admission import Gate
 from .aio import cancel_and_wait
 from .call import Transport
 from .config import Config
@@ -103,6 +104,7 @@ class MeshCore:
         self.pool = UpstreamPool()
         self._transports: dict[str, Transport] = {"local": HttpTransport(self.pool)}
         self.router = Router(self.registry, self.health, self._transports, self.metrics, Ranker())
+        self.gate = Gate.build(config.authz, config.quotas, self.metrics)  # authz + quotas of every entry point
         self.vitals = NodeVitals(
             VitalsReader(config.vitals.proc_root, config.vitals.sys_root),
             interval=config.vitals.interval,

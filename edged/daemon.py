@@ -9,6 +9,7 @@ import time
 from . import __version__
 from .access import Access
 from .api import Api, NodeInfo
+from .authz_api import AuthzApi
 from .browser import HostGuard
 from .config import Config, load_config, secret_file_warnings
 from .core import MeshCore, TierFactory
@@ -79,6 +80,7 @@ class Daemon:
             on_limit=core.limit_hit,
         )
         self.policies = PolicyOverrides(self.registry, self.store, self.events)
+        self.authz = AuthzApi(core.gate, self.store, self.events, self.router, config.quotas)
         self.registry.add_layer(self.policies.layer)
         self._ready = False
         self._up_labels: set[tuple[str, str, str]] = set()
@@ -100,6 +102,8 @@ class Daemon:
             peers=core.peers,
             providers=core.providers,
             config_state=self.config_state,
+            gate=core.gate,
+            authz=self.authz,
         )
         self.api.set_policies(self.policies)
         self.server = HttpServer(
@@ -121,6 +125,7 @@ class Daemon:
         await self.core.start()
         loaded = self.registrations.load()
         self.policies.load()
+        self.authz.load()
         api = self.config.api
         host, port = await self.server.listen_tcp(api.listen_host, api.listen_port)
         self.listening.append(f"http://{host}:{port}")
@@ -198,6 +203,9 @@ class Daemon:
             setup_logging(new.log.level, new.log.format)
         if (old.access, old.tenants) != (new.access, new.tenants):
             self.api.set_access(Access(new.access, new.tenants))
+        if (old.authz, old.quotas) != (new.authz, new.quotas):
+            self.core.gate.authz.configure(new.authz)
+            self.authz.configure(new.quotas)
         extra = [demo_echo_service(self.config)] if new.demo.echo else []
         self.manifests.configure(new.services.dirs, extra, new.services.reload_interval)
         self.pending_restart = changed_keys(self.config, new)

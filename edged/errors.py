@@ -24,12 +24,14 @@ class ConfigError(EdgedError):
 
 
 class CallError(EdgedError):
-    """A call through the mesh failed in a way the caller sees: carries the HTTP status and code."""
+    """A call through the mesh failed in a way the caller sees: carries the HTTP status and code (and any
+    headers the answer must have, such as `retry-after`)."""
 
-    def __init__(self, status: int, code: str, detail: object = None):
+    def __init__(self, status: int, code: str, detail: object = None, headers: tuple[tuple[bytes, bytes], ...] = ()):
         self.status = status
         self.code = code
         self.detail = detail
+        self.headers = headers
         super().__init__(f"{status} {code}: {detail}")
 
 

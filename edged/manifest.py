@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import yaml
 
+from edged.authz import ID_GLOB, ID_GLOB_WHAT
 from edged.config import LABEL_WHAT
 from edged.document import (
     REQUIRED,
@@ -46,6 +47,7 @@ from edged.model import (
     ServiceSpec,
     parse_target,
 )
+from edged.quota import load_quota, quota_dict
 
 MANIFEST_EXTENSIONS = (".toml", ".json", ".yaml", ".yml")
 
@@ -563,6 +565,9 @@ def _policy(t: Table) -> PolicySpec:
             "retry_non_idempotent",
             "battery_min",
             "on_power",
+            "allow",
+            "deny",
+            "quota",
         )
     )
     d = PolicySpec()
@@ -585,6 +590,9 @@ def _policy(t: Table) -> PolicySpec:
         retry_non_idempotent=t.boolean("retry_non_idempotent", d.retry_non_idempotent),
         battery_min=t.integer("battery_min", d.battery_min, lo=0, hi=100),
         on_power=t.boolean("on_power", d.on_power),
+        allow=t.strings("allow", (), pattern=ID_GLOB, what=ID_GLOB_WHAT),
+        deny=t.strings("deny", (), pattern=ID_GLOB, what=ID_GLOB_WHAT),
+        quota=load_quota(t.table("quota")) if t.has("quota") else None,
     )
 
 
@@ -610,4 +618,10 @@ def policy_dict(policy: PolicySpec) -> dict[str, Any]:
     }
     if policy.battery_min is not None:
         out["battery_min"] = policy.battery_min
+    if policy.allow:
+        out["allow"] = list(policy.allow)
+    if policy.deny:
+        out["deny"] = list(policy.deny)
+    if policy.quota is not None:
+        out["quota"] = quota_dict(policy.quota)
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit
@@ -129,6 +130,20 @@ class HealthCheckSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class QuotaSpec:
+    """A rate limit (token bucket) and a cap on calls at once; None: no limit of that kind."""
+
+    rate: float | None = None  # calls per second (the bucket refills at this rate)
+    burst: int | None = None  # bucket size; None: the rate, at least 1
+    in_flight: int | None = None  # calls at once
+
+    @property
+    def bucket(self) -> int:
+        """The bucket size in force."""
+        return self.burst if self.burst is not None else max(1, math.ceil(self.rate or 1))
+
+
+@dataclass(frozen=True, slots=True)
 class PolicySpec:
     """How the router treats calls of a service (manifest `[policy]`)."""
 
@@ -141,6 +156,9 @@ class PolicySpec:
     retry_non_idempotent: bool = False
     battery_min: int | None = None  # skip endpoints whose node reports a battery below this (0..100)
     on_power: bool = False  # skip endpoints whose node runs on battery
+    allow: tuple[str, ...] = ()  # callers allowed (globs over caller ids); when set, the others are denied
+    deny: tuple[str, ...] = ()  # callers denied, whatever else allows them
+    quota: QuotaSpec | None = None  # per (tenant, service): rate and calls at once
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ from .config import SECTIONS, Config
 
 # Tables and keys a reload applies at once. Everything else (listen addresses, the socket, state dir, node
 # name, mDNS, MQTT, vitals, fleet keys) is read once at start: a change waits for `systemctl restart edged`.
-LIVE_SECTIONS = ("services", "tenants", "access", "log", "demo")
+LIVE_SECTIONS = ("services", "tenants", "access", "authz", "quotas", "log", "demo")
 
 # Field names that are one key in the file.
 _KEY_OF_FIELD = {"listen_host": "listen", "listen_port": "listen"}

@@ -1,0 +1,206 @@
+"""Quotas: token-bucket rate limits and caps on calls at once, per tenant and per (tenant, service).
+
+A call takes one token from each bucket that applies (its tenant's, its service's) and one place in each
+in-flight cap, or none of them: over any limit it is refused at once with 429 `rate_limited` and a
+`retry-after`, before an endpoint is touched (Envoy's local rate limit: `max_tokens`, refill rate). Limits
+come from `[quotas]` in edged.toml (by "TENANT" or "TENANT/SERVICE"), from a service's `[policy] quota`
+(manifest, fleet config, the policy API), and from the runtime API (`/v1/authz/quotas/...`); a key of
+edged.toml or the API wins over the service's own policy. Buckets exist only for keys with a limit, so
+their number is bounded by the config, not by callers.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from .config import _LABEL, LABEL_WHAT
+from .document import Table
+from .errors import CallError
+from .model import QuotaSpec
+
+QUOTA_KEYS = ("rate", "burst", "in_flight")
+MAX_RATE = 1e6
+
+
+def load_quota(t: Table) -> QuotaSpec:
+    """One quota table: `rate` (calls per second), `burst` (bucket size), `in_flight` (calls at once)."""
+    t.only(QUOTA_KEYS)
+    spec = QuotaSpec(
+        rate=t.number("rate", None, lo=0.001, hi=MAX_RATE),
+        burst=t.integer("burst", None, lo=1, hi=10**6),
+        in_flight=t.integer("in_flight", None, lo=1, hi=10**6),
+    )
+    if spec.burst is not None and spec.rate is None:
+        t.fail("burst", "a burst needs a rate")
+    return spec
+
+
+def quota_dict(spec: QuotaSpec) -> dict[str, float | int]:
+    """A QuotaSpec as the table `load_quota` reads (only the keys it sets)."""
+    out: dict[str, float | int] = {}
+    if spec.rate is not None:
+        out["rate"] = spec.rate
+    if spec.burst is not None:
+        out["burst"] = spec.burst
+    if spec.in_flight is not None:
+        out["in_flight"] = spec.in_flight
+    return out
+
+
+class _Bucket:
+    """Tokens refilled at `rate` per second up to `size`; starts full."""
+
+    __slots__ = ("last", "rate", "size", "spec", "tokens")
+
+    def __init__(self, spec: QuotaSpec, now: float) -> None:
+        self.spec = spec
+        self.rate = spec.rate or 0.0
+        self.size = float(spec.bucket)
+        self.tokens = self.size
+        self.last = now
+
+    def refill(self, now: float) -> float:
+        """Tokens now (not taken)."""
+        if now > self.last:
+            self.tokens = min(self.size, self.tokens + (now - self.last) * self.rate)
+            self.last = now
+        return self.tokens
+
+
+@dataclass(slots=True)
+class _Scope:
+    """The limits of one key ("garden" or "garden/thermo") and their state."""
+
+    spec: QuotaSpec
+    bucket: _Bucket | None
+    in_flight: int = 0
+
+
+class Ticket:
+    """A place taken in the in-flight caps: give it back with `release()` (or `with`), once."""
+
+    __slots__ = ("_scopes",)
+
+    def __init__(self, scopes: tuple[_Scope, ...]) -> None:
+        self._scopes = scopes
+
+    def release(self) -> None:
+        for scope in self._scopes:
+            scope.in_flight -= 1
+        self._scopes = ()
+
+    def __enter__(self) -> Ticket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+FREE = Ticket(())  # the ticket of a call no in-flight cap counts: nothing to give back
+
+
+class Quotas:
+    """The quotas in force and their buckets. `admit()` takes a call's tokens and places, or raises 429."""
+
+    def __init__(self, configured: Mapping[str, QuotaSpec] = {}, *, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._configured: dict[str, QuotaSpec] = dict(configured)
+        self._scopes: dict[str, _Scope] = {}
+        self.refused = 0
+
+    def configure(self, configured: Mapping[str, QuotaSpec]) -> None:
+        """New limits by key (a reload, a runtime change): unchanged keys keep their buckets and counts."""
+        self._configured = dict(configured)
+        for key in [k for k, s in self._scopes.items() if s.in_flight == 0 and k not in self._configured]:
+            del self._scopes[key]
+
+    def configured(self) -> dict[str, QuotaSpec]:
+        """The limits of edged.toml and the API, by key."""
+        return dict(self._configured)
+
+    def _scope(self, key: str, spec: QuotaSpec, now: float) -> _Scope:
+        scope = self._scopes.get(key)
+        if scope is None:
+            if len(self._scopes) > 4 * len(self._configured) + 4096:  # service quotas of services now gone
+                self._scopes = {k: s for k, s in self._scopes.items() if s.in_flight or k in self._configured}
+            scope = self._scopes[key] = _Scope(spec, _Bucket(spec, now) if spec.rate is not None else None)
+        elif scope.spec != spec:  # changed in place: tickets out there still count against it
+            bucket = _Bucket(spec, now) if spec.rate is not None else None
+            if scope.bucket is not None and bucket is not None:
+                bucket.tokens = min(bucket.size, scope.bucket.refill(now))  # a new limit does not refill
+            scope.spec, scope.bucket = spec, bucket
+        return scope
+
+    def admit(self, tenant: str, service: str, service_quota: QuotaSpec | None) -> Ticket:
+        """Take one token and one in-flight place of each limit that applies, or raise CallError 429."""
+        configured = self._configured
+        if not configured and service_quota is None:
+            return FREE
+        service_key = f"{tenant}/{service}"
+        tenant_spec = configured.get(tenant)
+        service_spec = configured.get(service_key, service_quota)
+        if tenant_spec is None and service_spec is None:
+            return FREE
+        now = self._clock()
+        scopes: list[tuple[str, _Scope]] = []
+        if tenant_spec is not None:
+            scopes.append((tenant, self._scope(tenant, tenant_spec, now)))
+        if service_spec is not None:
+            scopes.append((service_key, self._scope(service_key, service_spec, now)))
+        for key, scope in scopes:  # check all before taking any: a refusal costs no other limit a token
+            bucket = scope.bucket
+            if bucket is not None and bucket.refill(now) < 1.0:
+                self.refused += 1
+                wait = (1.0 - bucket.tokens) / bucket.rate
+                raise CallError(
+                    429,
+                    "rate_limited",
+                    f"quota {key!r}: {bucket.rate:g} calls/s (burst {bucket.size:g}); retry in {wait:.3f}s",
+                    ((b"retry-after", str(max(1, math.ceil(wait))).encode()),),
+                )
+            cap = scope.spec.in_flight
+            if cap is not None and scope.in_flight >= cap:
+                self.refused += 1
+                raise CallError(429, "rate_limited", f"quota {key!r}: {cap} calls at once", ((b"retry-after", b"1"),))
+        taken = []
+        for _, scope in scopes:
+            if scope.bucket is not None:
+                scope.bucket.tokens -= 1.0
+            if scope.spec.in_flight is not None:
+                scope.in_flight += 1
+                taken.append(scope)
+        return Ticket(tuple(taken)) if taken else FREE
+
+    def state(self) -> dict[str, dict]:
+        """Each limit with its tokens and calls in flight now (for `GET /v1/authz`)."""
+        now = self._clock()
+        return {
+            key: {
+                **quota_dict(scope.spec),
+                "tokens": None if scope.bucket is None else round(scope.bucket.refill(now), 3),
+                "in_flight_now": scope.in_flight,
+            }
+            for key, scope in sorted(self._scopes.items())
+        }
+
+
+def quota_key(text: str) -> str | None:
+    """`TENANT` or `TENANT/SERVICE` as a quota key, or None when it is neither."""
+    tenant, _, service = text.partition("/")
+    if not _LABEL.fullmatch(tenant) or (service and not _LABEL.fullmatch(service)) or text.endswith("/"):
+        return None
+    return text
+
+
+def load_quotas(t: Table) -> Mapping[str, QuotaSpec]:
+    """Read `[quotas]`: a table per `"TENANT"` or `"TENANT/SERVICE"` (called by the config loader)."""
+    out = {}
+    for name in t.names():
+        if quota_key(name) is None:
+            t.fail(name, f"expected TENANT or TENANT/SERVICE ({LABEL_WHAT} each), got {name!r}")
+        out[name] = load_quota(t.table(name))
+    return MappingProxyType(out)
