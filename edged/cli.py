@@ -82,6 +82,12 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("service")
     sp.add_argument("keys", nargs="*", metavar="KEY=VALUE", help="policy keys, e.g. strategy=latency retries=1")
     sp.add_argument("-f", "--file", help="a JSON file with the policy keys")
+    sp = client_command("authz", _authz, "authorization: the rules and quotas in force, or explain a decision")
+    sp.add_argument("action", choices=("get", "explain"))
+    sp.add_argument("service", nargs="?", help="explain: [TENANT/]SERVICE")
+    sp.add_argument("path", nargs="?", default="/", help="explain: the path within the service (default /)")
+    sp.add_argument("--as", dest="caller", help="explain: a caller id (TENANT/APP, spiffe://FLEET/node/NODE)")
+    sp.add_argument("-X", "--request", dest="method", default="GET", help="explain: the HTTP method (default GET)")
     from .cloud.cli import add_cloud_commands  # the cloud tier's commands: bridge, fleet
 
     add_cloud_commands(sub, command)
@@ -359,6 +365,30 @@ def _policy(args) -> int:
     override = f", override {data['override']}" if data["override"] else ""
     print(f"{data['service']}: policy from {data['source']}{override}")
     print(_table([("KEY", "VALUE"), *((k, json.dumps(v)) for k, v in data["policy"].items())]))
+    return 0
+
+
+def _authz(args) -> int:
+    client = _client(args)
+    if args.action == "get":
+        status, data = client.call_json("GET", "/v1/authz")
+    else:
+        if not args.caller or not args.service:
+            print("edged: authz explain --as ID [TENANT/]SERVICE [PATH]", file=sys.stderr)
+            return 2
+        body = {"as": args.caller, "service": args.service, "path": args.path, "method": args.method}
+        status, data = client.call_json("POST", "/v1/authz/explain", json.dumps(body).encode())
+    if args.json or status >= 400 or args.action == "get":
+        print(json.dumps(data, indent=2), file=sys.stdout if status < 400 else sys.stderr)
+        return 0 if status < 400 else 1
+    print(f"{data['decision']}: {data['reason']}")
+    print(f"rule: {data['rule']}")
+    print(f"call: {data['as']} -> {data['method']} {data['tenant']}/{data['service']}{data['path']}")
+    if not data["known_service"]:
+        print("note: no such service now (decided without its [policy] allow/deny)")
+    for key, quota in data["quotas"].items():
+        if quota:
+            print(f"quota {key}: {json.dumps(quota)}")
     return 0
 
 

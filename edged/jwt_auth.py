@@ -112,8 +112,7 @@ class JwtVerifier:
         self._load_file()
 
     def _parse_keys(self, jwks: list[dict] | tuple[dict, ...], where: str) -> dict[str | None, Any]:
-        from jwt import PyJWK
-        from jwt.exceptions import PyJWKError
+        from jwt import PyJWK, PyJWTError
 
         keys: dict[str | None, Any] = {}
         for i, data in enumerate(jwks):
@@ -121,7 +120,7 @@ class JwtVerifier:
                 raise CallError(500, "bad_key", f"{where}[{i}]: a JWK must be an object")
             try:
                 key = PyJWK(data)
-            except (PyJWKError, ValueError, TypeError, KeyError) as exc:
+            except (PyJWTError, ValueError, TypeError, KeyError) as exc:
                 raise CallError(500, "bad_key", f"{where}[{i}]: not a usable JWK: {exc}") from None
             if key.algorithm_name not in self.config.algorithms:
                 continue  # a key for an algorithm not accepted here (e.g. an HMAC key when only RS256 is listed)

@@ -29,7 +29,9 @@ import logging
 import os
 import secrets
 import time
+from dataclasses import replace
 
+from ..access import node_identity
 from ..aio import cancel_and_wait
 from ..call import LOCAL_ONLY, new_call
 from ..config import Config
@@ -38,6 +40,7 @@ from ..core import run as run_process
 from ..errors import CallError, UpstreamError
 from ..http.message import strip_hop_by_hop
 from ..logs import log_event
+from ..paths import normalize_path
 from ..registry import Snapshot
 from .envelope import CloudAnswer, CloudRequest, EnvelopeError, decode_request, encode_answer, error_answer
 from .persist import StateSaver
@@ -212,7 +215,8 @@ class Bridge:
             detail = f"request for {req.service!r} published on {msg.topic}"
             self._answer_now(req.reply, error_answer(req.id, 400, "bad_request", detail, self.node))
             return
-        if self.registry.snapshot().get(req.tenant, req.service) is None:
+        svc = self.registry.snapshot().get(req.tenant, req.service)
+        if svc is None:
             # Not ours: another bridge group serves it (each group gets its own copy of every request).
             self.not_mine += 1
             return
@@ -221,7 +225,16 @@ class Bridge:
             code = "bridge_stopping" if self._closing else "bridge_busy"
             self._answer_now(req.reply, error_answer(req.id, 503, code, f"bridge {self.node}", self.node))
             return
+        try:  # the calling node's authorization rules and quotas, as on every entry point
+            caller = node_identity(self.config.node.fleet, req.node or "unknown", req.tenant)
+            ticket = self.core.gate.admit(caller, svc, req.method, normalize_path(req.path.partition("?")[0]))
+        except CallError as exc:
+            self.refused += 1
+            answer = error_answer(req.id, exc.status, exc.code, exc.detail, self.node)
+            self._answer_now(req.reply, replace(answer, headers=answer.headers + exc.headers))
+            return
         task = asyncio.get_running_loop().create_task(self._serve(req, received))
+        task.add_done_callback(lambda _: ticket.release())  # also when cancelled before it ran
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
 

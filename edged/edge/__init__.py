@@ -87,6 +87,7 @@ class EdgeTier:
                 max_body=config.api.max_body,
                 idle_timeout=config.api.idle_timeout,
                 server_limits=core.server_limits(),
+                gate=core.gate,
             )
         self.mdns: Mdns | None = None
         self._advertising = False

@@ -7,7 +7,9 @@ Routes (HTTP/1.1 on `[ingress] listen`):
 - `GET /healthz`: the ingress answers.
 
 Who may call is decided in one place, `FleetIdentity`: today the caller names its fleet and node in headers;
-mutual TLS (the security issue) replaces `headers()` and `check()` without touching the routes.
+mutual TLS (the security issue) replaces `headers()` and `check()` without touching the routes. The calling
+node becomes an `Identity` (`access.node_identity`: id `spiffe://FLEET/node/NODE`) that the authorization
+rules and quotas of the gate (edged/admission.py) see, as on the local call path.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from ..access import node_identity
+from ..admission import Gate
 from ..call import LOCAL_ONLY, Call
 from ..errors import CallError
 from ..http.client import UpstreamPool, UpstreamResponse
@@ -22,6 +26,7 @@ from ..http.message import Request
 from ..http.server import HttpServer, ListenError, ResponseWriter
 from ..model import DEFAULT_TENANT, Endpoint
 from ..paths import normalize_path
+from ..quota import FREE
 from ..registry import Registry
 from ..relay import call_for, relay_answer
 from ..router import Router
@@ -95,12 +100,14 @@ class Ingress:
         idle_timeout: float,
         on_peer_call: Callable[[str], None] | None = None,
         server_limits: dict | None = None,
+        gate: Gate | None = None,
     ) -> None:
         self._host, self._port = host, port
         self._router = router
         self._registry = registry
         self._identity = identity
         self._on_peer_call = on_peer_call
+        self._gate = gate
         self.server = HttpServer(
             self.handle,
             max_header_bytes=max_header,
@@ -144,29 +151,36 @@ class Ingress:
             if service is None:
                 raise CallError(404, "not_found", f"no route for {req.method} {path}")
             query = f"?{req.query}" if req.query else ""
-            await self._call(req, resp, caller, tenant, service, normalize_path(rest) + query)
+            await self._call(req, resp, caller, tenant, service, normalize_path(rest), query)
         except CallError as exc:
             if resp.started:
                 raise
-            resp.send_json(exc.status, {"error": exc.code, "detail": exc.detail})
+            resp.send_json(exc.status, {"error": exc.code, "detail": exc.detail}, exc.headers)
 
     async def _call(
-        self, req: Request, resp: ResponseWriter, caller: str, tenant: str, service: str, path: str
+        self, req: Request, resp: ResponseWriter, caller: str, tenant: str, service: str, path: str, query: str
     ) -> None:
         svc = self._router.service(tenant, service)
         if not any(ep.tier == "local" for ep in svc.endpoints) or not (
             "edge" in svc.spec.endpoint_types or svc.spec.advertise is not None
         ):
             raise CallError(404, "unknown_service", f"{service!r} is not offered to peers by {self._identity.node}")
-        call = call_for(req, svc, path, tiers=LOCAL_ONLY, add=[(b"x-forwarded-for", req.peer.encode())])
-        if self._on_peer_call is not None:
-            self._on_peer_call(caller)
-        routed = await self._router.route_service_call(call)
-        extra = [
-            (b"x-edged-peer-endpoint", routed.endpoint.id.encode()),
-            (b"x-edged-peer-tries", str(routed.tries).encode()),
-        ]
-        await relay_answer(self._router, req, resp, routed, extra)
+        if self._gate is not None:
+            ticket = self._gate.admit(node_identity(self._identity.fleet, caller, tenant), svc, req.method, path)
+        else:
+            ticket = FREE
+        with ticket:
+            call = call_for(
+                req, svc, path + query, tiers=LOCAL_ONLY, add=[(b"x-forwarded-for", req.peer.encode())]
+            )
+            if self._on_peer_call is not None:
+                self._on_peer_call(caller)
+            routed = await self._router.route_service_call(call)
+            extra = [
+                (b"x-edged-peer-endpoint", routed.endpoint.id.encode()),
+                (b"x-edged-peer-tries", str(routed.tries).encode()),
+            ]
+            await relay_answer(self._router, req, resp, routed, extra)
 
 
 def _split(path: str) -> tuple[str, str | None, str]:
