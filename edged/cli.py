@@ -41,8 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"edged {__version__}")
     sub = p.add_subparsers(metavar="COMMAND")
 
-    def command(name: str, func, help: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help, description=help)
+    def command(name: str, func, help: str, into=sub) -> argparse.ArgumentParser:
+        sp = into.add_parser(name, help=help, description=help)
         sp.add_argument("--config", "-c", help="config file (default: /etc/edged/edged.toml, else built-in)")
         sp.set_defaults(func=func)
         return sp
@@ -50,9 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     command("run", _run, "run the daemon")
     command("check", _check, "validate config and manifests, print what would run")
 
-    def client_command(name: str, func, help: str) -> argparse.ArgumentParser:
+    def client_command(name: str, func, help: str, into=sub) -> argparse.ArgumentParser:
         """A command that talks to a running daemon."""
-        sp = command(name, func, help)
+        sp = command(name, func, help, into)
         sp.add_argument("--api", help="daemon address: http://HOST:PORT or unix:/path (default: from the config)")
         sp.add_argument("--token", default=os.environ.get("EDGED_TOKEN"), help="bearer token (or $EDGED_TOKEN)")
         sp.add_argument("--json", action="store_true", help="print the raw JSON answer")
@@ -82,12 +82,14 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("service")
     sp.add_argument("keys", nargs="*", metavar="KEY=VALUE", help="policy keys, e.g. strategy=latency retries=1")
     sp.add_argument("-f", "--file", help="a JSON file with the policy keys")
-    sp = client_command("authz", _authz, "authorization: the rules and quotas in force, or explain a decision")
-    sp.add_argument("action", choices=("get", "explain"))
-    sp.add_argument("service", nargs="?", help="explain: [TENANT/]SERVICE")
-    sp.add_argument("path", nargs="?", default="/", help="explain: the path within the service (default /)")
-    sp.add_argument("--as", dest="caller", help="explain: a caller id (TENANT/APP, spiffe://FLEET/node/NODE)")
-    sp.add_argument("-X", "--request", dest="method", default="GET", help="explain: the HTTP method (default GET)")
+    authz = sub.add_parser("authz", help="authorization rules and quotas: get, explain")
+    authz_sub = authz.add_subparsers(metavar="ACTION", required=True)
+    client_command("get", _authz_get, "the tenants' defaults, the rules and the quotas in force", authz_sub)
+    sp = client_command("explain", _authz_explain, "the decision for one call, and the rule that made it", authz_sub)
+    sp.add_argument("--as", dest="caller", required=True, help="a caller id: TENANT/APP or spiffe://FLEET/node/NODE")
+    sp.add_argument("service", help="[TENANT/]SERVICE (default tenant: the caller's)")
+    sp.add_argument("path", nargs="?", default="/", help="the path within the service (default /)")
+    sp.add_argument("-X", "--request", dest="method", default="GET", help="the HTTP method (default GET)")
     from .cloud.cli import add_cloud_commands  # the cloud tier's commands: bridge, fleet
 
     add_cloud_commands(sub, command)
@@ -368,17 +370,16 @@ def _policy(args) -> int:
     return 0
 
 
-def _authz(args) -> int:
-    client = _client(args)
-    if args.action == "get":
-        status, data = client.call_json("GET", "/v1/authz")
-    else:
-        if not args.caller or not args.service:
-            print("edged: authz explain --as ID [TENANT/]SERVICE [PATH]", file=sys.stderr)
-            return 2
-        body = {"as": args.caller, "service": args.service, "path": args.path, "method": args.method}
-        status, data = client.call_json("POST", "/v1/authz/explain", json.dumps(body).encode())
-    if args.json or status >= 400 or args.action == "get":
+def _authz_get(args) -> int:
+    status, data = _client(args).call_json("GET", "/v1/authz")
+    print(json.dumps(data, indent=2), file=sys.stdout if status < 400 else sys.stderr)
+    return 0 if status < 400 else 1
+
+
+def _authz_explain(args) -> int:
+    body = {"as": args.caller, "service": args.service, "path": args.path, "method": args.method}
+    status, data = _client(args).call_json("POST", "/v1/authz/explain", json.dumps(body).encode())
+    if args.json or status >= 400:
         print(json.dumps(data, indent=2), file=sys.stdout if status < 400 else sys.stderr)
         return 0 if status < 400 else 1
     print(f"{data['decision']}: {data['reason']}")

@@ -80,6 +80,14 @@ class _Scope:
     in_flight: int = 0
 
 
+def _reshape(scope: _Scope, spec: QuotaSpec, now: float) -> None:
+    """A changed limit, in place: tickets out there still count against it, and it does not refill."""
+    bucket = _Bucket(spec, now) if spec.rate is not None else None
+    if scope.bucket is not None and bucket is not None:
+        bucket.tokens = min(bucket.size, scope.bucket.refill(now))
+    scope.spec, scope.bucket = spec, bucket
+
+
 class Ticket:
     """A place taken in the in-flight caps: give it back with `release()` (or `with`), once."""
 
@@ -115,8 +123,13 @@ class Quotas:
     def configure(self, configured: Mapping[str, QuotaSpec]) -> None:
         """New limits by key (a reload, a runtime change): unchanged keys keep their buckets and counts."""
         self._configured = dict(configured)
-        for key in [k for k, s in self._scopes.items() if s.in_flight == 0 and k not in self._configured]:
-            del self._scopes[key]
+        now = self._clock()
+        for key, scope in list(self._scopes.items()):
+            spec = self._configured.get(key)
+            if spec is None and scope.in_flight == 0:
+                del self._scopes[key]
+            elif spec is not None and spec != scope.spec:
+                _reshape(scope, spec, now)  # now: the new rate counts from this moment
 
     def configured(self) -> dict[str, QuotaSpec]:
         """The limits of edged.toml and the API, by key."""
@@ -128,11 +141,8 @@ class Quotas:
             if len(self._scopes) > 4 * len(self._configured) + 4096:  # service quotas of services now gone
                 self._scopes = {k: s for k, s in self._scopes.items() if s.in_flight or k in self._configured}
             scope = self._scopes[key] = _Scope(spec, _Bucket(spec, now) if spec.rate is not None else None)
-        elif scope.spec != spec:  # changed in place: tickets out there still count against it
-            bucket = _Bucket(spec, now) if spec.rate is not None else None
-            if scope.bucket is not None and bucket is not None:
-                bucket.tokens = min(bucket.size, scope.bucket.refill(now))  # a new limit does not refill
-            scope.spec, scope.bucket = spec, bucket
+        elif scope.spec != spec:
+            _reshape(scope, spec, now)
         return scope
 
     def admit(self, tenant: str, service: str, service_quota: QuotaSpec | None) -> Ticket:
