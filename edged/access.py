@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from .config import _LABEL, LABEL_WHAT, Table, TenantConfig
-from .errors import CallError
+from .errors import CallError, IdentityError
 from .http.message import Request
+from .identity.names import spiffe_id
 from .jwt_auth import JwtConfig, JwtVerifier, load_jwt
 from .model import DEFAULT_TENANT
 
@@ -69,15 +70,15 @@ class Identity:
         return ADMIN in self.rights or (WRITE in self.rights and owner == self.name)
 
 
-def spiffe_id(fleet: str, node: str) -> str:
-    """The id of a fleet node, as its certificate's URI SAN names it."""
-    return f"spiffe://{fleet}/node/{node}"
-
-
 def node_identity(fleet: str, node: str, tenant: str = DEFAULT_TENANT) -> Identity:
-    """A peer node, named by its verified certificate (or, until the ingress speaks mTLS, by its headers):
-    it may read and call in `tenant` (the tenant its call names)."""
-    return Identity(f"node:{node}", tenant, frozenset({READ, CALL}), id=spiffe_id(fleet, node), kind="node")
+    """A peer node, named by its verified certificate (`identity.PeerName`; until the ingress speaks mTLS, by
+    its headers): it may read and call in `tenant` (the tenant its call names). 403 for a name no certificate
+    could carry."""
+    try:
+        caller_id = spiffe_id(fleet, node)
+    except IdentityError as exc:
+        raise CallError(403, "forbidden", str(exc)) from None
+    return Identity(f"node:{node}", tenant, frozenset({READ, CALL}), id=caller_id, kind="node")
 
 
 @dataclass(frozen=True, slots=True)

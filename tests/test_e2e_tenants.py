@@ -5,6 +5,8 @@ peer credentials and peer-node headers; every entry point answers each kind of c
 README.md says, and a tenant never sees the other's services, registrations or events.
 """
 
+# ruff: noqa: F811  (the fixtures imported from fixtures_mqtt are test parameters)
+
 from __future__ import annotations
 
 import json
@@ -18,7 +20,9 @@ from pathlib import Path
 
 import jwt
 import pytest
+from conftest import wait_for
 from cryptography.hazmat.primitives.asymmetric import ec
+from fixtures_mqtt import bridge_config, bridges, broker, mqtt_section, topic_prefix, wait_metric  # noqa: F401
 from harness import manifest
 from jwt.algorithms import ECAlgorithm
 
@@ -74,6 +78,14 @@ def ingress_client(d) -> ApiClient:
     return ApiClient(f"http://{listen}", timeout=10)
 
 
+def outcome(answer: tuple[int, list[tuple[str, str]], bytes]) -> tuple[int, str]:
+    """(status, "error code (rule)") of an answer: what the entry-point table shows."""
+    code, headers, body = answer
+    doc = json.loads(body) if body.startswith(b"{") else {}
+    rule = {k.lower(): v for k, v in headers}.get("x-edged-rule", "")
+    return code, doc.get("error", "") + (f" ({rule})" if rule else "")
+
+
 PEER = [("x-edged-fleet", "home"), ("x-edged-node", "pi-2")]
 
 
@@ -89,27 +101,21 @@ def test_every_entry_point_answers_each_kind_of_caller(backends, edged):
     ingress = ingress_client(d)
     table: dict[str, dict[str, tuple[int, str]]] = {}
 
-    def status(answer) -> tuple[int, str]:
-        code, headers, body = answer
-        doc = json.loads(body) if body.startswith(b"{") else {}
-        rule = {k.lower(): v for k, v in headers}.get("x-edged-rule", "")
-        return code, doc.get("error", "") + (f" ({rule})" if rule else "")
-
     table["local API"] = {
-        "no identity": status(d.call("pump", "/x")),
-        "wrong tenant": status(d.call("thermo", "/x", headers=bearer("t-lamps"))),
-        "denied by a rule": status(d.call("pump", "/setpoint", headers=bearer("t-lamps"))),
-        "denied by the tenant default": status(d.call("pump", "/x", headers=bearer("g-token"))),
-        "allowed": status(d.call("pump", "/x", headers=bearer("t-lamps"))),
+        "no identity": outcome(d.call("pump", "/x")),
+        "wrong tenant": outcome(d.call("thermo", "/x", headers=bearer("t-lamps"))),
+        "denied by a rule": outcome(d.call("pump", "/setpoint", headers=bearer("t-lamps"))),
+        "denied by the tenant default": outcome(d.call("pump", "/x", headers=bearer("g-token"))),
+        "allowed": outcome(d.call("pump", "/x", headers=bearer("t-lamps"))),
     }
     table["peer ingress"] = {
-        "no identity": status(ingress.request("GET", "/t/garden/svc/pump/x")),
-        "wrong tenant": status(ingress.request("GET", "/t/garden/svc/thermo/x", b"", PEER)),
-        "denied by a rule": status(ingress.request("GET", "/t/garden/svc/pump/setpoint", b"", PEER)),
-        "denied by the tenant default": status(
+        "no identity": outcome(ingress.request("GET", "/t/garden/svc/pump/x")),
+        "wrong tenant": outcome(ingress.request("GET", "/t/garden/svc/thermo/x", b"", PEER)),
+        "denied by a rule": outcome(ingress.request("GET", "/t/garden/svc/pump/setpoint", b"", PEER)),
+        "denied by the tenant default": outcome(
             ingress.request("GET", "/t/garden/svc/pump/x", b"", [("x-edged-fleet", "home"), ("x-edged-node", "pi-3")])
         ),  # no rule allows node pi-3
-        "allowed": status(ingress.request("GET", "/t/garden/svc/pump/x", b"", PEER)),
+        "allowed": outcome(ingress.request("GET", "/t/garden/svc/pump/x", b"", PEER)),
     }
     print(json.dumps(table, indent=1))
     assert table == {
@@ -349,3 +355,42 @@ def test_rules_change_at_runtime_and_explain_names_the_rule(backends, edged):
     assert d.call("pump", "/x", headers=bearer("g-token"))[0] == 200
     assert d.admin.request("DELETE", "/v1/authz/rules/garden-token-pump")[0] == 200
     assert d.call("pump", "/x", headers=bearer("g-token"))[0] == 403
+
+
+def test_the_cloud_bridge_applies_its_own_rules_to_the_calling_node(backends, edged, broker, bridges, topic_prefix):
+    served = backends("served-by-bridge")
+    bridge_rules = """
+[tenants.garden]
+[authz]
+tenants = { garden = "deny" }
+[[authz.rules]]
+name = "no-setpoint"
+action = "deny"
+tenant = "garden"
+service = "pump"
+paths = ["/setpoint"]
+[[authz.rules]]
+name = "test-node-reads-pump"
+action = "allow"
+tenant = "garden"
+service = "pump"
+from = ["spiffe://home/node/test-node"]
+methods = ["GET"]
+"""
+    bridge_pump = f'service_name = "pump"\ntenant = "garden"\n[[endpoints]]\ntype = "local"\nurl = "{served.url}"\n'
+    bridges(bridge_config(broker, topic_prefix) + bridge_rules, {"pump.toml": bridge_pump})
+    cloud_pump = 'service_name = "pump"\ntenant = "garden"\nendpoint_types = ["cloud"]\n[policy]\nretries = 0\n'
+    d = edged(
+        {"pump.toml": cloud_pump},
+        '[tenants.garden]\ntokens = ["g-token"]\n' + mqtt_section(broker, topic_prefix),
+    )
+    wait_metric(d, "edged_mqtt_connected", lambda v: v == 1)
+    garden = bearer("g-token")
+
+    def answer(method: str, path: str, headers) -> tuple[int, str]:
+        return outcome(d.call("pump", path, method, headers=headers))
+
+    wait_for(lambda: answer("GET", "/x", garden)[0] == 200, 10, what="the bridge answers")
+    assert answer("GET", "/setpoint", garden) == (403, "forbidden (no-setpoint)")
+    assert answer("POST", "/x", garden) == (403, "forbidden (default)")
+    assert answer("GET", "/x", [])[0] == 404  # tenant default has no pump: the call never leaves the box
