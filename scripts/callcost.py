@@ -7,9 +7,13 @@ a time with a pause between them, as at a low rate. Then prints:
   daemon's idle instructions over the same time taken out (needs valgrind);
 - with `--opcodes`: Python bytecodes per call, in total and by function (a `sys.settrace` opcode count),
   which says where in the code the call path spends them.
-`--baseline REF` measures the edged of that git ref too (e.g. main), one after the other.
+`--baseline REF` measures the edged of that git ref too (e.g. main), one after the other. `--extra-config FILE`
+(TOML appended to this tree's daemon config) and `--header 'Name: value'` (sent with this tree's calls) measure
+a call with more on its path (a JWT, authorization rules, quotas: see scripts/authz_figures.py); the baseline
+runs as before.
 
 usage: scripts/callcost.py [--calls 300] [--gap 0.01] [--baseline REF] [--opcodes] [--top 40]
+                           [--extra-config FILE] [--header 'Name: value' ...]
 """
 
 from __future__ import annotations
@@ -59,9 +63,11 @@ sys.exit(main())
 """
 
 
-def daemon(tmp: Path, name: str, source: Path, backend_port: int, prefix: list[str]) -> Edged:
-    """The benchmark's daemon (`bench.bench_daemon`), started as `prefix + ["run", "--config", ...]`."""
+def daemon(tmp: Path, name: str, source: Path, backend_port: int, prefix: list[str], extra: str = "") -> Edged:
+    """The benchmark's daemon (`bench.bench_daemon`, plus `extra` config), started as `prefix + ["run", ...]`."""
     d = bench_daemon(tmp, backend_port, source, name)
+    if extra:
+        d.config.write_text(d.config.read_text() + "\n" + extra)
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(source))
     argv = [*prefix, "run", "--config", str(d.config)]
     d.proc = subprocess.Popen(argv, cwd=d.root, stdout=d.log.open("ab"), stderr=subprocess.STDOUT, env=env)
@@ -69,9 +75,11 @@ def daemon(tmp: Path, name: str, source: Path, backend_port: int, prefix: list[s
     return d
 
 
-def calls(d: Edged, n: int, gap: float) -> float:
-    """`n` calls one at a time, `gap` seconds apart; returns the seconds they took."""
+def calls(d: Edged, n: int, gap: float, headers: tuple[str, ...] = ()) -> float:
+    """`n` calls one at a time, `gap` seconds apart (with `headers`); returns the seconds they took."""
     c = SequentialClient(d.port, f"/svc/{SERVICE}/x")
+    if headers:
+        c.request = c.request[:-2] + "".join(f"{h}\r\n" for h in headers).encode() + b"\r\n"
     try:
         t0 = time.monotonic()
         for _ in range(n):
@@ -90,19 +98,19 @@ def callgrind_totals(path: Path) -> int:
     return int(match.group(1))
 
 
-def instructions(tmp: Path, name: str, source: Path, backend_port: int, args) -> dict:
+def instructions(tmp: Path, name: str, source: Path, backend_port: int, args, extra: str = "", headers=()) -> dict:
     """Callgrind: instructions over IDLE_SECONDS of quiet, then over the calls; per call, idle taken out."""
     out = tmp / f"{name}.callgrind"
     prefix = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
-    d = daemon(tmp, name, source, backend_port, [*prefix, sys.executable, "-m", "edged"])
+    d = daemon(tmp, name, source, backend_port, [*prefix, sys.executable, "-m", "edged"], extra)
     assert d.proc is not None
     pid = str(d.proc.pid)
     try:
-        calls(d, WARM_CALLS, 0)
+        calls(d, WARM_CALLS, 0, headers)
         subprocess.run(["callgrind_control", "-i", "on", pid], check=True, capture_output=True)
         time.sleep(IDLE_SECONDS)
         subprocess.run(["callgrind_control", "-d", "idle", pid], check=True, capture_output=True)
-        wall = calls(d, args.calls, args.gap)
+        wall = calls(d, args.calls, args.gap, headers)
         subprocess.run(["callgrind_control", "-d", "calls", pid], check=True, capture_output=True)
     finally:
         stop_edged(d)
@@ -151,6 +159,8 @@ def main() -> int:
     ap.add_argument("--baseline", metavar="REF", help="also measure edged at this git ref (e.g. main)")
     ap.add_argument("--opcodes", action="store_true", help="also count Python bytecodes per call, by function")
     ap.add_argument("--top", type=int, default=40, help="functions listed with --opcodes")
+    ap.add_argument("--extra-config", metavar="FILE", help="TOML appended to this tree's daemon config")
+    ap.add_argument("--header", action="append", default=[], help="'Name: value' sent with this tree's calls")
     args = ap.parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
@@ -169,7 +179,9 @@ def main() -> int:
             print(f"note: {note}")
         for name, source in trees.items():
             tag = name.replace("@", "-")
-            cost = instructions(tmp, tag, source, backend_port, args)
+            mine = source == REPO
+            extra = Path(args.extra_config).read_text() if args.extra_config and mine else ""
+            cost = instructions(tmp, tag, source, backend_port, args, extra, tuple(args.header) if mine else ())
             print(
                 f"{name}: {cost['instructions_per_call']:,} instructions per call "
                 f"({cost['raw_per_call']:,} before taking out {cost['idle_per_s']:,}/s of idle work)"
