@@ -446,3 +446,31 @@ def test_a_node_document_is_withdrawn_by_a_newer_tombstone_and_stays_withdrawn()
     with pytest.raises(FleetConfigError, match="only a node's document"):
         text = document_text({"version": 6, "fleet": "home", "withdrawn": True})
         parse_document(text, key="k", signed=b"", source="t")
+
+
+def test_a_fleet_policy_carries_a_services_allow_deny_and_quota_to_the_gate():
+    from edged.access import Identity
+    from edged.admission import Gate
+    from edged.authz import Authorizer
+    from edged.errors import CallError
+    from edged.quota import Quotas
+    from edged.telemetry import MeshMetrics
+
+    registry = registry_with("pump")
+    src, _, _ = source(registry)
+    table = {"allow": ["default/lamps"], "deny": ["default/lamps-old"], "quota": {"rate": 1, "burst": 2}}
+    assert src.offer(signed({"version": 1, "policies": {"pump": table}}), "fleet", "t")
+    gate = Gate(Authorizer(), Quotas(), MeshMetrics())
+    svc = registry.snapshot().get("default", "pump")
+
+    def status(app: str) -> int:
+        try:
+            gate.admit(Identity(app, "default", frozenset({"call"})), svc, "GET", "/").release()
+            return 200
+        except CallError as exc:
+            return exc.status
+
+    assert [status(a) for a in ("lamps", "lamps-old", "other", "lamps", "lamps")] == [200, 403, 403, 200, 429]
+    bad = {"version": 2, "policies": {"pump": {"allow": ["garden lamps"]}}}
+    assert not src.offer(signed(bad), "fleet", "t")  # refused with its key; the last good config stays
+    assert registry.snapshot().get("default", "pump").spec.policy.allow == ("default/lamps",)
