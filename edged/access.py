@@ -153,7 +153,12 @@ class Access:
     """Maps a request to its `Identity` (see the module doc)."""
 
     def __init__(
-        self, config: AccessConfig, tenants: Mapping[str, TenantConfig], *, daemon_uid: int | None = None
+        self,
+        config: AccessConfig,
+        tenants: Mapping[str, TenantConfig],
+        *,
+        daemon_uid: int | None = None,
+        fleet_keys: Callable[[], tuple] = tuple,  # JWKs of signed fleet config (`[access.jwt] fleet_keys`)
     ) -> None:
         self._admin_uids = {0, os.getuid() if daemon_uid is None else daemon_uid}
         self._tokens: dict[bytes, Identity] = {}
@@ -169,7 +174,7 @@ class Access:
             ident = Identity(app.name, app.tenant, rights)
             self._uids.update((uid, ident) for uid in app.uids)
             self._gids.update((gid, ident) for gid in app.gids)
-        self._jwt = JwtVerifier(config.jwt) if config.jwt is not None else None
+        self._jwt = JwtVerifier(config.jwt, fleet_keys=fleet_keys) if config.jwt is not None else None
         self._verified: dict[bytes, tuple[Identity, float]] = {}  # digest -> (identity, expires): JWTs
         self._jwt_generation = 0
         self._next_look = 0.0

@@ -7,7 +7,7 @@ counted (`edged_authz_denied_total{tenant,rule}`, `edged_quota_refused_total{ten
 from __future__ import annotations
 
 from .access import Identity
-from .authz import Authorizer, AuthzConfig, Decision
+from .authz import Authorizer, AuthzConfig, Decision, FleetAuthz
 from .errors import CallError
 from .model import Service
 from .quota import Quotas, Ticket
@@ -20,6 +20,7 @@ class Gate:
     def __init__(self, authz: Authorizer, quotas: Quotas, metrics: MeshMetrics) -> None:
         self.authz = authz
         self.quotas = quotas
+        self.fleet_jwt_keys: tuple = ()  # JWKs from signed fleet config (the JWT verifier reads them)
         self._denied = metrics.registry.counter(
             "edged_authz_denied_total",
             "Calls refused by an authorization rule (403), by tenant and rule.",
@@ -32,6 +33,11 @@ class Gate:
     @classmethod
     def build(cls, authz: AuthzConfig, quotas: dict, metrics: MeshMetrics) -> Gate:
         return cls(Authorizer(authz), Quotas(quotas), metrics)
+
+    def set_fleet(self, fleet: FleetAuthz) -> None:
+        """Signed fleet config changed: its rules and JWT keys are in force from the next call."""
+        self.authz.set_rules(fleet.rules, "fleet")
+        self.fleet_jwt_keys = fleet.jwt_keys
 
     def decide(self, caller: Identity, svc: Service, method: str, path: str) -> Decision:
         """The authorization decision alone (for `explain`)."""

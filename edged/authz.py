@@ -125,6 +125,33 @@ def load_authz(t: Table) -> AuthzConfig:
     return AuthzConfig(default=t.choice("default", "allow", ACTIONS), tenants=MappingProxyType(tenants), rules=rules)
 
 
+@dataclass(frozen=True, slots=True)
+class FleetAuthz:
+    """What a signed fleet config document adds (its `authz` table): rules, and JWKs for bearer JWTs."""
+
+    rules: tuple[Rule, ...] = ()
+    jwt_keys: tuple[Mapping, ...] = ()
+
+    def over(self, other: FleetAuthz) -> FleetAuthz:
+        """These, with `other`'s rules replacing any of the same name and its keys added (a node's document
+        over the fleet's)."""
+        names = {r.name for r in other.rules}
+        return FleetAuthz(
+            tuple(r for r in self.rules if r.name not in names) + other.rules, self.jwt_keys + other.jwt_keys
+        )
+
+
+def load_fleet_authz(t: Table) -> FleetAuthz:
+    """The `authz` table of a fleet config document: `rules` (as `[[authz.rules]]`) and `jwt_keys` (JWKs)."""
+    t.only(("rules", "jwt_keys"))
+    arr = t.array("rules", [])
+    rules = tuple(parse_rule(arr.table(i), "fleet") for i in range(len(arr)))
+    if len({r.name for r in rules}) != len(rules):
+        arr.fail(None, "two rules with one name")
+    keys = t.array("jwt_keys", [])
+    return FleetAuthz(rules, tuple(MappingProxyType(dict(keys.table(i).data)) for i in range(len(keys))))
+
+
 def matches_any(caller_id: str, patterns: Iterable[str]) -> bool:
     return any(fnmatchcase(caller_id, p) for p in patterns)
 

@@ -93,7 +93,7 @@ class Daemon:
             router=self.router,
             health=self.health,
             registrations=self.registrations,
-            access=Access(config.access, config.tenants),
+            access=self._access(config),
             hosts=HostGuard(self._api_names(config)),
             events=self.events,
             metrics=self.metrics,
@@ -202,7 +202,7 @@ class Daemon:
         if old.log != new.log:
             setup_logging(new.log.level, new.log.format)
         if (old.access, old.tenants) != (new.access, new.tenants):
-            self.api.set_access(Access(new.access, new.tenants))
+            self.api.set_access(self._access(new))
         if (old.authz, old.quotas) != (new.authz, new.quotas):
             self.core.gate.authz.configure(new.authz)
             self.authz.configure(new.quotas)
@@ -242,6 +242,10 @@ class Daemon:
         await self.registrations.close()
         await self.core.stop()
         log.info("edged stopped")
+
+    def _access(self, config: Config) -> Access:
+        """Who is calling: the config's tokens, apps and JWT keys, and the JWT keys of signed fleet config."""
+        return Access(config.access, config.tenants, fleet_keys=lambda: self.core.gate.fleet_jwt_keys)
 
     @staticmethod
     def _api_names(config: Config) -> list[str]:

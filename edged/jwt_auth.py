@@ -1,7 +1,8 @@
 """Bearer JWTs from an existing identity provider (OAuth 2 / OIDC), checked with PyJWT against local keys.
 
 Keys come from a JWKS file (`[access.jwt] jwks_file`, re-read when it changes: `kid` rotation needs no
-restart) and/or inline JWKs (`keys = [{kty = ..., ...}]`), so checking works offline. A token must name a
+restart), inline JWKs (`keys = [{kty = ..., ...}]`) and, with `fleet_keys = true`, the `authz.jwt_keys` of
+signed fleet config: checking works offline. A token must name a
 known `kid` (or there must be one key only), use the algorithm of that key (the key's `alg`, else the one
 its type implies: RSA -> RS256, EC P-256 -> ES256, Ed25519 -> EdDSA, oct -> HS256) and one listed in
 `algorithms`: `alg: none` and HS/RS confusion (an HMAC made with an RSA public key as its secret) never
@@ -15,6 +16,7 @@ PyJWT (and with it cryptography's extension) is imported only when `[access.jwt]
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
@@ -33,6 +35,7 @@ MAX_TOKEN = 8192  # bytes of a bearer token taken in; longer ones are refused be
 MAX_JWKS = 256 * 1024
 RECHECK = 1.0  # seconds between looks at the JWKS file's mtime
 _SUBJECT = re.compile(r"[^\s/]{1,128}")
+log = logging.getLogger("edged.jwt")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +52,7 @@ class JwtConfig:
     subject_claim: str = "sub"
     roles_claim: str = "roles"
     default_tenant: str | None = None  # tenant of tokens without the tenant claim; None: such tokens are refused
+    fleet_keys: bool = False  # also the JWKs of signed fleet config (`authz.jwt_keys`)
 
 
 def load_jwt(t: Table, resolve: Callable[[str], str]) -> JwtConfig:
@@ -61,8 +65,9 @@ def load_jwt(t: Table, resolve: Callable[[str], str]) -> JwtConfig:
     arr = t.array("keys", [])
     keys = tuple(dict(arr.table(i).data) for i in range(len(arr)))  # type: ignore[arg-type]
     jwks = t.string("jwks_file", None, what="a file path")
-    if jwks is None and not keys:
-        t.fail(None, "give the keys: jwks_file and/or keys")
+    fleet_keys = t.boolean("fleet_keys", False)
+    if jwks is None and not keys and not fleet_keys:
+        t.fail(None, "give the keys: jwks_file, keys and/or fleet_keys = true")
     config = JwtConfig(
         issuer=t.string("issuer"),
         audience=t.string("audience", None),
@@ -74,6 +79,7 @@ def load_jwt(t: Table, resolve: Callable[[str], str]) -> JwtConfig:
         subject_claim=t.string("subject_claim", "sub"),
         roles_claim=t.string("roles_claim", "roles"),
         default_tenant=t.string("default_tenant", None, pattern=_LABEL, what=LABEL_WHAT),
+        fleet_keys=fleet_keys,
     )
     try:
         JwtVerifier(config)  # a bad key or file is a config error now, not a 401 later
@@ -99,12 +105,21 @@ def _unauthorized(detail: str) -> CallError:
 class JwtVerifier:
     """Checks tokens against the configured keys (see the module doc). Not thread-safe; the event loop's."""
 
-    def __init__(self, config: JwtConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        config: JwtConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        fleet_keys: Callable[[], tuple] = tuple,
+    ) -> None:
         import jwt  # noqa: F401 - fails early (ImportError) rather than at the first token
 
         self.config = config
         self._clock = clock
         self._inline = self._parse_keys(config.keys, "keys")
+        self._fleet = fleet_keys if config.fleet_keys else tuple
+        self._fleet_seen: tuple = ()
+        self._fleet_keys: dict[str | None, Any] = {}
         self._file_keys: dict[str | None, Any] = {}
         self._file_stamp: tuple[int, int] | None = None
         self._next_look = 0.0
@@ -159,17 +174,28 @@ class JwtVerifier:
         if now < self._next_look:
             return False
         self._next_look = now + RECHECK
+        changed = False
+        fleet = self._fleet()
+        if fleet is not self._fleet_seen:
+            self._fleet_seen = fleet
+            try:
+                self._fleet_keys = self._parse_keys([dict(k) for k in fleet], "fleet config authz.jwt_keys")
+            except CallError as exc:
+                log.warning("JWT keys of fleet config not used: %s", exc.detail)
+                self._fleet_keys = {}
+            self.generation += 1
+            changed = True
         try:
-            return self._load_file()
+            return self._load_file() or changed
         except CallError:
-            return False  # the last good keys stay
+            return changed  # the last good keys stay
 
     def _key(self, kid: object) -> Any:
         if kid is not None and not isinstance(kid, str):
             return None
-        key = self._inline.get(kid) or self._file_keys.get(kid)  # type: ignore[arg-type]
+        key = self._inline.get(kid) or self._file_keys.get(kid) or self._fleet_keys.get(kid)  # type: ignore[arg-type]
         if key is None and kid is None:
-            every = {**self._file_keys, **self._inline}
+            every = {**self._fleet_keys, **self._file_keys, **self._inline}
             if len(every) == 1:
                 key = next(iter(every.values()))
         return key

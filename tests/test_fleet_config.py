@@ -474,3 +474,46 @@ def test_a_fleet_policy_carries_a_services_allow_deny_and_quota_to_the_gate():
     bad = {"version": 2, "policies": {"pump": {"allow": ["garden lamps"]}}}
     assert not src.offer(signed(bad), "fleet", "t")  # refused with its key; the last good config stays
     assert registry.snapshot().get("default", "pump").spec.policy.allow == ("default/lamps",)
+
+
+def test_rules_and_jwt_keys_arrive_in_signed_fleet_config():
+    import time as _time
+
+    import jwt
+    from jwt.algorithms import OKPAlgorithm
+
+    from edged.access import Access, AccessConfig, Identity
+    from edged.admission import Gate
+    from edged.authz import Authorizer
+    from edged.config import TenantConfig
+    from edged.errors import CallError
+    from edged.http.message import Request
+    from edged.jwt_auth import JwtConfig
+    from edged.quota import Quotas
+    from edged.telemetry import MeshMetrics
+
+    gate = Gate(Authorizer(), Quotas(), MeshMetrics())
+    registry = registry_with("pump")
+    src, _, _ = source(registry, on_authz=gate.set_fleet)
+    signer = Ed25519PrivateKey.generate()
+    jwk = {**json.loads(OKPAlgorithm.to_jwk(signer.public_key())), "kid": "fleet-1"}
+    rule = {"name": "no-pump", "action": "deny", "service": "pump", "from": ["default/*"]}
+    assert src.offer(signed({"version": 1, "authz": {"rules": [rule], "jwt_keys": [jwk]}}), "fleet", "t")
+    svc = registry.snapshot().get("default", "pump")
+    with pytest.raises(CallError) as err:
+        gate.admit(Identity("lamps", "default", frozenset({"call"})), svc, "GET", "/")
+    assert err.value.status == 403 and "no-pump" in str(err.value.detail) and "(fleet)" in str(err.value.detail)
+    # A JWT signed by the key that came in fleet config is accepted (the box has no JWKS of its own).
+    config = AccessConfig(jwt=JwtConfig(issuer="https://id.example", fleet_keys=True))
+    access = Access(config, {"default": TenantConfig("default")}, fleet_keys=lambda: gate.fleet_jwt_keys)
+    claims = {"iss": "https://id.example", "sub": "lamps", "tenant": "default", "exp": int(_time.time()) + 60}
+    tok = jwt.encode(claims, signer, algorithm="EdDSA", headers={"kid": "fleet-1"})
+    req = Request("GET", "/", "/", "", "1.1", [(b"authorization", f"Bearer {tok}".encode())], b"", "10.1.1.1", True)
+    assert access.identify(req).id == "default/lamps"
+    # A node document replaces the fleet's rule of the same name; a bad rule is refused, the last good stays.
+    node_rule = {**rule, "action": "allow"}
+    assert src.offer(signed({"version": 1, "node": "pi-1", "authz": {"rules": [node_rule]}}), "node", "t")
+    gate.admit(Identity("lamps", "default", frozenset({"call"})), svc, "GET", "/").release()
+    bad = {"version": 2, "authz": {"rules": [{"name": "x", "action": "perhaps"}]}}
+    assert not src.offer(signed(bad), "fleet", "t")
+    assert [r.name for r in gate.authz.rules()] == ["no-pump"]

@@ -17,6 +17,7 @@ is listed in `[fleet] keys`. The document itself:
      "issued_at": "2026-12-02T08:00:00+00:00",   # required: when it was signed (ISO 8601, with its offset)
      "policies": {"thermo": {...}, "garden/pump": {...}},   # [policy] keys, by service or tenant/service
      "settings": {"telemetry_interval": "30s"},
+     "authz": {"rules": [{...}], "jwt_keys": [{...}]},   # authorization rules, JWKs for bearer JWTs
      "comment": "..."}
 
 A node document is withdrawn by a signed tombstone, `{"version", "fleet", "node", "issued_at",
@@ -48,6 +49,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Union
 
+from ..authz import FleetAuthz, load_fleet_authz
 from ..document import Doc, Table, parse_toml, read_text, toml_locator
 from ..errors import ConfigError, EdgedError
 from ..logs import log_event
@@ -83,7 +85,7 @@ REASONS = (
     "stale",
     "conflict",
 )
-_DOC_KEYS = ("version", "fleet", "node", "policies", "settings", "comment", "issued_at", "withdrawn")
+_DOC_KEYS = ("version", "fleet", "node", "policies", "settings", "authz", "comment", "issued_at", "withdrawn")
 MAX_VERSION = 2**53  # versions stay exact in JSON everywhere (a bignum is refused before any comparison)
 DEFAULT_MAX_AGE = 30 * 86400.0
 _SETTINGS = ("telemetry_interval",)
@@ -133,6 +135,7 @@ class FleetDocument:
     ignored_settings: tuple[str, ...] = ()
     issued_at: float = 0.0  # unix time
     withdrawn: bool = False  # a tombstone: ends the node's document, keeps its version
+    authz: FleetAuthz = field(default_factory=FleetAuthz)  # rules and JWT keys (edged/authz.py)
 
 
 # -- keys ---------------------------------------------------------------------------------------------------
@@ -331,6 +334,7 @@ def check_document(data: object, source: str, locate=None) -> tuple[dict, dict, 
         except ConfigError as exc:
             where = ("policies", name, *(exc.key.split(".") if exc.key else ()))
             raise doc.error(where, exc.message) from None
+    load_fleet_authz(top.table("authz"))  # checked here, kept by parse_document
     settings = top.table("settings")
     ignored = tuple(k for k in settings.names() if k not in _SETTINGS)
     interval = settings.duration("telemetry_interval", None)
@@ -373,6 +377,7 @@ def parse_document(text: str, *, key: str, signed: bytes, source: str) -> FleetD
         ignored_settings=ignored,
         issued_at=issued_time(data["issued_at"]) or 0.0,
         withdrawn=data.get("withdrawn") is True,
+        authz=load_fleet_authz(Table(Doc(source), data, ()).table("authz")),
     )
 
 
@@ -441,6 +446,7 @@ class FleetConfigSource:
         on_settings: Callable[[FleetSettings], None] | None = None,
         max_age: float = DEFAULT_MAX_AGE,
         clock: Callable[[], float] = time.time,
+        on_authz: Callable[[FleetAuthz], None] | None = None,
     ) -> None:
         self._registry = registry
         self._max_age = max_age
@@ -451,6 +457,7 @@ class FleetConfigSource:
         self._metrics = metrics
         self._saver = saver
         self._on_settings = on_settings
+        self._on_authz = on_authz
         self.docs: dict[str, FleetDocument] = {}  # scope -> the document in force
         self.refused: dict[str, int] = {}  # reason -> count
         self.applied_at: float | None = None  # unix time the config in force was applied
@@ -571,6 +578,17 @@ class FleetConfigSource:
         self.applied_at = time.time()
         if self._on_settings is not None:
             self._on_settings(self.settings())
+        if self._on_authz is not None:
+            self._on_authz(self.authz())
+
+    def authz(self) -> FleetAuthz:
+        """The rules and JWT keys in force: the fleet document's, then this node's (a rule by name)."""
+        merged = FleetAuthz()
+        for scope in SCOPES:
+            doc = self.docs.get(scope)
+            if doc is not None:
+                merged = merged.over(doc.authz)
+        return merged
 
     # -- persistence ----------------------------------------------------------------------------------------
 

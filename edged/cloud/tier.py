@@ -153,6 +153,7 @@ class CloudTier:
             saver=self.saver,
             on_settings=self._on_settings,
             max_age=config.fleet.max_age,
+            on_authz=core.gate.set_fleet,  # the gate owns the rules and keys of every entry point
         )
         self.session.subscribe(self.topics.config(), lambda m: self.fleet.on_message(m, "fleet"), qos=1)
         self.session.subscribe(self.topics.config(self.node), lambda m: self.fleet.on_message(m, "node"), qos=1)
