@@ -176,7 +176,7 @@ class Authorizer:
 
     def __init__(self, config: AuthzConfig = AuthzConfig()) -> None:
         self._config = config
-        self._extra: dict[str, Rule] = {}  # rules of the API and fleet config, by name
+        self._extra: dict[tuple[str, str], Rule] = {}  # rules of the API and fleet config, by (origin, name)
         self._cache: dict[tuple[str, str, str], tuple[PolicySpec, tuple[_Step, ...]]] = {}
         self._compile()
 
@@ -187,13 +187,13 @@ class Authorizer:
 
     def set_rules(self, rules: Iterable[Rule], origin: str) -> None:
         """Replace every rule of `origin` ("api", "fleet") with `rules`."""
-        self._extra = {n: r for n, r in self._extra.items() if r.origin != origin}
-        self._extra.update((r.name, r) for r in rules)
+        self._extra = {key: r for key, r in self._extra.items() if key[0] != origin}
+        self._extra.update(((origin, r.name), r) for r in rules)
         self._compile()
 
     def rules(self) -> list[Rule]:
         """Every rule in force: edged.toml's first, then the API's and fleet config's by name."""
-        return [*self._config.rules, *sorted(self._extra.values(), key=lambda r: r.name)]
+        return [*self._config.rules, *(self._extra[key] for key in sorted(self._extra, key=lambda k: (k[1], k[0])))]
 
     def rule(self, name: str) -> Rule | None:
         return next((r for r in self.rules() if r.name == name), None)

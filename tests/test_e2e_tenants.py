@@ -29,6 +29,14 @@ from jwt.algorithms import ECAlgorithm
 from edged.client import ApiClient
 
 JSON = [("Content-Type", "application/json")]
+NO_SETPOINT = """
+[[authz.rules]]
+name = "no-setpoint"
+action = "deny"
+tenant = "garden"
+service = "pump"
+paths = ["/setpoint"]
+"""
 TENANTS = """
 [access]
 anonymous = "none"
@@ -41,12 +49,7 @@ tokens = ["t-lamps"]
 tokens = ["t-thermo"]
 [authz]
 tenants = { garden = "deny" }
-[[authz.rules]]
-name = "no-setpoint"
-action = "deny"
-tenant = "garden"
-service = "pump"
-paths = ["/setpoint"]
+""" + NO_SETPOINT + """
 [[authz.rules]]
 name = "lamps-and-peers-use-pump"
 action = "allow"
@@ -363,12 +366,7 @@ def test_the_cloud_bridge_applies_its_own_rules_to_the_calling_node(backends, ed
 [tenants.garden]
 [authz]
 tenants = { garden = "deny" }
-[[authz.rules]]
-name = "no-setpoint"
-action = "deny"
-tenant = "garden"
-service = "pump"
-paths = ["/setpoint"]
+""" + NO_SETPOINT + """
 [[authz.rules]]
 name = "test-node-reads-pump"
 action = "allow"

@@ -561,12 +561,14 @@ class FleetConfigSource:
                 out[key] = alone[key]
         return out
 
+    def _in_force(self) -> list[FleetDocument]:
+        """The documents in force, the fleet's first: a node's document overrides it."""
+        return [self.docs[scope] for scope in SCOPES if scope in self.docs]
+
     def settings(self) -> FleetSettings:
         merged = FleetSettings()
-        for scope in SCOPES:
-            doc = self.docs.get(scope)
-            if doc is not None:
-                merged = merged.merged(doc.settings)
+        for doc in self._in_force():
+            merged = merged.merged(doc.settings)
         return merged
 
     def apply(self) -> None:
@@ -584,10 +586,8 @@ class FleetConfigSource:
     def authz(self) -> FleetAuthz:
         """The rules and JWT keys in force: the fleet document's, then this node's (a rule by name)."""
         merged = FleetAuthz()
-        for scope in SCOPES:
-            doc = self.docs.get(scope)
-            if doc is not None:
-                merged = merged.over(doc.authz)
+        for doc in self._in_force():
+            merged = merged.over(doc.authz)
         return merged
 
     # -- persistence ----------------------------------------------------------------------------------------
