@@ -141,6 +141,17 @@ def test_every_entry_point_answers_each_kind_of_caller(backends, edged):
     metrics = d.admin.request("GET", "/metrics")[2].decode()
     assert 'edged_authz_denied_total{tenant="garden",rule="no-setpoint"} 2' in metrics
     assert 'edged_authz_denied_total{tenant="garden",rule="default"} 2' in metrics
+    # A garden app registering "thermo" makes garden's own thermo: tenant default's views do not change.
+    reg = {"manifest": {"service_name": "thermo", "endpoints": [{"type": "local", "url": pump.url}]}, "id": "x"}
+    body = json.dumps(reg).encode()
+    assert d.api.request("POST", "/v1/register", body, bearer("t-lamps") + JSON)[0] == 201
+    home = bearer("t-thermo")
+    services = get(d, "/v1/services", home)["services"]
+    assert [(s["name"], s["tenant"], len(s["endpoints"])) for s in services] == [("thermo", "default", 1)]
+    assert get(d, "/v1/register", home)["registrations"] == []
+    assert calls_seen(d, "default", "thermo") == 0  # no cross-tenant attempt reached tenant default's endpoint
+    assert outcome(d.call("thermo", "/x", headers=home)) == (200, "")
+    assert outcome(d.call("thermo", "/x", headers=bearer("t-lamps"))) == (403, "forbidden (default)")  # garden's
 
 
 CLIENT = """
