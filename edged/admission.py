@@ -6,10 +6,12 @@ counted (`edged_authz_denied_total{tenant,rule}`, `edged_quota_refused_total{ten
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from .access import Identity
 from .authz import Authorizer, AuthzConfig, Decision, FleetAuthz
 from .errors import CallError
-from .model import Service
+from .model import QuotaSpec, Service
 from .quota import Quotas, Ticket
 from .telemetry import MeshMetrics
 
@@ -21,6 +23,7 @@ class Gate:
         self.authz = authz
         self.quotas = quotas
         self.fleet_jwt_keys: tuple = ()  # JWKs from signed fleet config (the JWT verifier reads them)
+        self._quota_layers: dict[str, Mapping[str, QuotaSpec]] = {"config": quotas.configured()}
         self._denied = metrics.registry.counter(
             "edged_authz_denied_total",
             "Calls refused by an authorization rule (403), by tenant and rule.",
@@ -38,6 +41,16 @@ class Gate:
         """Signed fleet config changed: its rules and JWT keys are in force from the next call."""
         self.authz.set_rules(fleet.rules, "fleet")
         self.fleet_jwt_keys = fleet.jwt_keys
+        self.set_quotas("fleet", fleet.quotas)
+
+    def set_quotas(self, origin: str, quotas: Mapping[str, QuotaSpec]) -> None:
+        """The quotas of one origin ("config", "fleet", "api"); a key of a later origin wins (edged.toml <
+        fleet config < the API, as for policies)."""
+        self._quota_layers[origin] = quotas
+        merged: dict[str, QuotaSpec] = {}
+        for layer in ("config", "fleet", "api"):
+            merged.update(self._quota_layers.get(layer, {}))
+        self.quotas.configure(merged)
 
     def decide(self, caller: Identity, svc: Service, method: str, path: str) -> Decision:
         """The authorization decision alone (for `explain`)."""

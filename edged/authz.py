@@ -24,7 +24,8 @@ from types import MappingProxyType
 
 from .config import _LABEL, LABEL_WHAT
 from .document import Table
-from .model import DEFAULT_TENANT, PolicySpec
+from .model import DEFAULT_TENANT, PolicySpec, QuotaSpec
+from .quota import load_quotas
 
 ACTIONS = ("allow", "deny")
 RULE_KEYS = ("name", "action", "tenant", "service", "from", "methods", "paths")
@@ -127,29 +128,35 @@ def load_authz(t: Table) -> AuthzConfig:
 
 @dataclass(frozen=True, slots=True)
 class FleetAuthz:
-    """What a signed fleet config document adds (its `authz` table): rules, and JWKs for bearer JWTs."""
+    """What a signed fleet config document adds (its `authz` table): rules, quotas (by "TENANT" or
+    "TENANT/SERVICE"), and JWKs for bearer JWTs."""
 
     rules: tuple[Rule, ...] = ()
     jwt_keys: tuple[Mapping, ...] = ()
+    quotas: Mapping[str, QuotaSpec] = field(default_factory=lambda: MappingProxyType({}))
 
     def over(self, other: FleetAuthz) -> FleetAuthz:
         """These, with `other`'s rules replacing any of the same name and its keys added (a node's document
         over the fleet's)."""
         names = {r.name for r in other.rules}
         return FleetAuthz(
-            tuple(r for r in self.rules if r.name not in names) + other.rules, self.jwt_keys + other.jwt_keys
+            tuple(r for r in self.rules if r.name not in names) + other.rules,
+            self.jwt_keys + other.jwt_keys,
+            MappingProxyType({**self.quotas, **other.quotas}),
         )
 
 
 def load_fleet_authz(t: Table) -> FleetAuthz:
-    """The `authz` table of a fleet config document: `rules` (as `[[authz.rules]]`) and `jwt_keys` (JWKs)."""
-    t.only(("rules", "jwt_keys"))
+    """The `authz` table of a fleet config document: `rules` (as `[[authz.rules]]`), `quotas` (as `[quotas]`)
+    and `jwt_keys` (JWKs)."""
+    t.only(("rules", "quotas", "jwt_keys"))
     arr = t.array("rules", [])
     rules = tuple(parse_rule(arr.table(i), "fleet") for i in range(len(arr)))
     if len({r.name for r in rules}) != len(rules):
         arr.fail(None, "two rules with one name")
     keys = t.array("jwt_keys", [])
-    return FleetAuthz(rules, tuple(MappingProxyType(dict(keys.table(i).data)) for i in range(len(keys))))
+    jwks = tuple(MappingProxyType(dict(keys.table(i).data)) for i in range(len(keys)))
+    return FleetAuthz(rules, jwks, load_quotas(t.table("quotas")))
 
 
 def matches_any(caller_id: str, patterns: Iterable[str]) -> bool:

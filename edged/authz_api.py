@@ -43,21 +43,17 @@ def _invalid(exc: ConfigError) -> CallError:
 class AuthzApi:
     """The runtime rules and quotas (origin "api") and their endpoints."""
 
-    def __init__(
-        self, gate: Gate, store: StateStore, events: EventBus, router: Router, quotas: Mapping[str, QuotaSpec]
-    ) -> None:
+    def __init__(self, gate: Gate, store: StateStore, events: EventBus, router: Router) -> None:
         self._gate = gate
         self._store = store
         self._events = events
         self._router = router
-        self._config_quotas = dict(quotas)
         self._rules: dict[str, Rule] = {}
         self._quotas: dict[str, QuotaSpec] = {}
 
     def configure(self, quotas: Mapping[str, QuotaSpec]) -> None:
         """edged.toml's quotas changed (a reload): the API's still win."""
-        self._config_quotas = dict(quotas)
-        self._apply()
+        self._gate.set_quotas("config", quotas)
 
     def load(self) -> int:
         """Restore the rules and quotas kept in the state dir; returns how many."""
@@ -82,7 +78,7 @@ class AuthzApi:
 
     def _apply(self) -> None:
         self._gate.authz.set_rules(self._rules.values(), "api")
-        self._gate.quotas.configure({**self._config_quotas, **self._quotas})
+        self._gate.set_quotas("api", dict(self._quotas))
 
     def _save(self) -> None:
         data = {

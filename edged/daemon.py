@@ -80,7 +80,7 @@ class Daemon:
             on_limit=core.limit_hit,
         )
         self.policies = PolicyOverrides(self.registry, self.store, self.events)
-        self.authz = AuthzApi(core.gate, self.store, self.events, self.router, config.quotas)
+        self.authz = AuthzApi(core.gate, self.store, self.events, self.router)
         self.registry.add_layer(self.policies.layer)
         self._ready = False
         self._up_labels: set[tuple[str, str, str]] = set()

@@ -3,9 +3,10 @@
 A call takes one token from each bucket that applies (its tenant's, its service's) and one place in each
 in-flight cap, or none of them: over any limit it is refused at once with 429 `rate_limited` and a
 `retry-after`, before an endpoint is touched (Envoy's local rate limit: `max_tokens`, refill rate). Limits
-come from `[quotas]` in edged.toml (by "TENANT" or "TENANT/SERVICE"), from a service's `[policy] quota`
-(manifest, fleet config, the policy API), and from the runtime API (`/v1/authz/quotas/...`); a key of
-edged.toml or the API wins over the service's own policy. Buckets exist only for keys with a limit, so
+come from `[quotas]` in edged.toml (by "TENANT" or "TENANT/SERVICE"), the `authz.quotas` of signed fleet
+config and the runtime API (`/v1/authz/quotas/...`), in that order of precedence (the API's win: see
+`Gate.set_quotas`), and from a service's own `[policy] quota` (manifest, fleet policy, the policy API), which
+any of those keys overrides. A changed limit keeps the tokens its bucket had (it does not refill it). Buckets exist only for keys with a limit, so
 their number is bounded by the config, not by callers.
 """
 

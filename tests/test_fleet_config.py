@@ -517,3 +517,40 @@ def test_rules_and_jwt_keys_arrive_in_signed_fleet_config():
     bad = {"version": 2, "authz": {"rules": [{"name": "x", "action": "perhaps"}]}}
     assert not src.offer(signed(bad), "fleet", "t")
     assert [r.name for r in gate.authz.rules()] == ["no-pump"]
+
+
+def test_tenant_quotas_arrive_in_fleet_config_and_the_api_ranks_above():
+    from edged.access import Identity
+    from edged.admission import Gate
+    from edged.authz import Authorizer
+    from edged.errors import CallError
+    from edged.model import QuotaSpec
+    from edged.quota import Quotas
+    from edged.telemetry import MeshMetrics
+
+    gate = Gate(Authorizer(), Quotas({"default": QuotaSpec(rate=1000)}), MeshMetrics())
+    registry = registry_with("pump")
+    src, _, _ = source(registry, on_authz=gate.set_fleet)
+    doc = {"version": 1, "authz": {"quotas": {"default": {"rate": 0.001, "burst": 2}}}}
+    assert src.offer(signed(doc), "fleet", "t")
+    svc = registry.snapshot().get("default", "pump")
+    app = Identity("lamps", "default", frozenset({"call"}))
+
+    def passed(n: int) -> int:
+        ok = 0
+        for _ in range(n):
+            try:
+                gate.admit(app, svc, "GET", "/").release()
+                ok += 1
+            except CallError as exc:
+                assert exc.status == 429
+        return ok
+
+    assert passed(5) == 2  # fleet config over edged.toml
+    gate.set_quotas("api", {"default": QuotaSpec(in_flight=1)})  # the API over fleet config: no rate, 1 at once
+    held = gate.admit(app, svc, "GET", "/")
+    assert passed(3) == 0
+    held.release()
+    assert passed(3) == 3
+    bad = {"version": 2, "authz": {"quotas": {"Default": {"rate": 1}}}}
+    assert not src.offer(signed(bad), "fleet", "t")

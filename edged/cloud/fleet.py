@@ -17,7 +17,7 @@ is listed in `[fleet] keys`. The document itself:
      "issued_at": "2026-12-02T08:00:00+00:00",   # required: when it was signed (ISO 8601, with its offset)
      "policies": {"thermo": {...}, "garden/pump": {...}},   # [policy] keys, by service or tenant/service
      "settings": {"telemetry_interval": "30s"},
-     "authz": {"rules": [{...}], "jwt_keys": [{...}]},   # authorization rules, JWKs for bearer JWTs
+     "authz": {"rules": [{...}], "quotas": {"garden": {...}}, "jwt_keys": [{...}]},  # edged/authz.py
      "comment": "..."}
 
 A node document is withdrawn by a signed tombstone, `{"version", "fleet", "node", "issued_at",
