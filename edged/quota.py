@@ -6,8 +6,8 @@ in-flight cap, or none of them: over any limit it is refused at once with 429 `r
 come from `[quotas]` in edged.toml (by "TENANT" or "TENANT/SERVICE"), the `authz.quotas` of signed fleet
 config and the runtime API (`/v1/authz/quotas/...`), in that order of precedence (the API's win: see
 `Gate.set_quotas`), and from a service's own `[policy] quota` (manifest, fleet policy, the policy API), which
-any of those keys overrides. A changed limit keeps the tokens its bucket had (it does not refill it). Buckets exist only for keys with a limit, so
-their number is bounded by the config, not by callers.
+any of those keys overrides. A changed limit keeps the tokens its bucket had (it does not refill it).
+Buckets exist only for keys with a limit, so their number is bounded by the config, not by callers.
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ class _Bucket:
 class _Scope:
     """The limits of one key ("garden" or "garden/thermo") and their state."""
 
+    key: str
     spec: QuotaSpec
     bucket: _Bucket | None
     in_flight: int = 0
@@ -119,11 +120,14 @@ class Quotas:
         self._clock = clock
         self._configured: dict[str, QuotaSpec] = dict(configured)
         self._scopes: dict[str, _Scope] = {}
+        # (tenant, service) -> (the service's own quota it was made for, the scopes that apply, those capped)
+        self._plans: dict[tuple[str, str], tuple[QuotaSpec | None, tuple[_Scope, ...], tuple[_Scope, ...]]] = {}
         self.refused = 0
 
     def configure(self, configured: Mapping[str, QuotaSpec]) -> None:
         """New limits by key (a reload, a runtime change): unchanged keys keep their buckets and counts."""
         self._configured = dict(configured)
+        self._plans.clear()
         now = self._clock()
         for key, scope in list(self._scopes.items()):
             spec = self._configured.get(key)
@@ -141,28 +145,24 @@ class Quotas:
         if scope is None:
             if len(self._scopes) > 4 * len(self._configured) + 4096:  # service quotas of services now gone
                 self._scopes = {k: s for k, s in self._scopes.items() if s.in_flight or k in self._configured}
-            scope = self._scopes[key] = _Scope(spec, _Bucket(spec, now) if spec.rate is not None else None)
+                self._plans.clear()
+            scope = self._scopes[key] = _Scope(key, spec, _Bucket(spec, now) if spec.rate is not None else None)
         elif scope.spec != spec:
             _reshape(scope, spec, now)
         return scope
 
     def admit(self, tenant: str, service: str, service_quota: QuotaSpec | None) -> Ticket:
         """Take one token and one in-flight place of each limit that applies, or raise CallError 429."""
-        configured = self._configured
-        if not configured and service_quota is None:
+        if not self._configured and service_quota is None:
             return FREE
-        service_key = f"{tenant}/{service}"
-        tenant_spec = configured.get(tenant)
-        service_spec = configured.get(service_key, service_quota)
-        if tenant_spec is None and service_spec is None:
+        plan = self._plans.get((tenant, service))
+        if plan is None or plan[0] is not service_quota:
+            plan = self._plan(tenant, service, service_quota)
+        scopes, capped = plan[1], plan[2]
+        if not scopes:
             return FREE
         now = self._clock()
-        scopes: list[tuple[str, _Scope]] = []
-        if tenant_spec is not None:
-            scopes.append((tenant, self._scope(tenant, tenant_spec, now)))
-        if service_spec is not None:
-            scopes.append((service_key, self._scope(service_key, service_spec, now)))
-        for key, scope in scopes:  # check all before taking any: a refusal costs no other limit a token
+        for scope in scopes:  # check all before taking any: a refusal costs no other limit a token
             bucket = scope.bucket
             if bucket is not None and bucket.refill(now) < 1.0:
                 self.refused += 1
@@ -170,21 +170,39 @@ class Quotas:
                 raise CallError(
                     429,
                     "rate_limited",
-                    f"quota {key!r}: {bucket.rate:g} calls/s (burst {bucket.size:g}); retry in {wait:.3f}s",
+                    f"quota {scope.key!r}: {bucket.rate:g} calls/s (burst {bucket.size:g}); retry in {wait:.3f}s",
                     ((b"retry-after", str(max(1, math.ceil(wait))).encode()),),
                 )
             cap = scope.spec.in_flight
             if cap is not None and scope.in_flight >= cap:
                 self.refused += 1
-                raise CallError(429, "rate_limited", f"quota {key!r}: {cap} calls at once", ((b"retry-after", b"1"),))
-        taken = []
-        for _, scope in scopes:
+                detail = f"quota {scope.key!r}: {cap} calls at once"
+                raise CallError(429, "rate_limited", detail, ((b"retry-after", b"1"),))
+        for scope in scopes:
             if scope.bucket is not None:
                 scope.bucket.tokens -= 1.0
-            if scope.spec.in_flight is not None:
-                scope.in_flight += 1
-                taken.append(scope)
-        return Ticket(tuple(taken)) if taken else FREE
+        if not capped:
+            return FREE
+        for scope in capped:
+            scope.in_flight += 1
+        return Ticket(capped)
+
+    def _plan(
+        self, tenant: str, service: str, service_quota: QuotaSpec | None
+    ) -> tuple[QuotaSpec | None, tuple[_Scope, ...], tuple[_Scope, ...]]:
+        """The scopes a call of (tenant, service) passes, worked out once per change of the limits."""
+        configured = self._configured
+        service_key = f"{tenant}/{service}"
+        now = self._clock()
+        scopes = []
+        for key, spec in ((tenant, configured.get(tenant)), (service_key, configured.get(service_key, service_quota))):
+            if spec is not None:
+                scopes.append(self._scope(key, spec, now))
+        if len(self._plans) >= 4096:
+            self._plans.clear()
+        plan = (service_quota, tuple(scopes), tuple(s for s in scopes if s.spec.in_flight is not None))
+        self._plans[(tenant, service)] = plan
+        return plan
 
     def state(self) -> dict[str, dict]:
         """Each limit with its tokens and calls in flight now (for `GET /v1/authz`)."""
