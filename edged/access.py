@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ APP_RIGHTS = frozenset({READ, CALL, WRITE})
 ADMIN_RIGHTS = frozenset({READ, CALL, WRITE, ADMIN})
 LOOPBACK_PEERS = ("127.", "::1", "::ffff:127.")
 JWT_CACHE = 4096  # verified tokens kept (each until it expires)
+_APP = re.compile(r"[^\s/]{1,128}")  # an app or JWT subject, as it stands in an id
 
 
 def is_loopback(peer: str) -> bool:
@@ -54,10 +56,16 @@ class Identity:
     by_token: bool = False  # named by an Authorization header (which is then not passed upstream)
     id: str = ""  # what authorization rules match: TENANT/APP, or spiffe://FLEET/node/NODE
     kind: str = "app"  # app | tenant | jwt | anonymous | admin | node
+    via: str = ""  # a call made for TENANT/APP by a peer node: the node's id (rules match either)
 
     def __post_init__(self) -> None:
         if not self.id:
             object.__setattr__(self, "id", f"{self.tenant}/{self.name}")
+
+    @property
+    def app(self) -> str:
+        """The APP of a local caller's id TENANT/APP ("" for a node)."""
+        return "" if self.kind == "node" else self.id.partition("/")[2]
 
     def require(self, right: str) -> None:
         """403 `forbidden` (401 for the anonymous caller, who could bring a token) without `right`."""
@@ -79,6 +87,14 @@ def node_identity(fleet: str, node: str, tenant: str = DEFAULT_TENANT) -> Identi
     except IdentityError as exc:
         raise CallError(403, "forbidden", str(exc)) from None
     return Identity(f"node:{node}", tenant, frozenset({READ, CALL}), id=caller_id, kind="node")
+
+
+def relayed_identity(node: Identity, app: str) -> Identity:
+    """A call a verified peer node makes for one of its apps (`app` in the node's signed request): the rules
+    see both ids, TENANT/APP and the node's (a deny of either denies; an allow of either allows)."""
+    if not app or not _APP.fullmatch(app):
+        return node
+    return Identity(f"{app}@{node.name}", node.tenant, node.rights, id=f"{node.tenant}/{app}", kind="node", via=node.id)
 
 
 @dataclass(frozen=True, slots=True)

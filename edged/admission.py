@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from .access import Identity
-from .authz import Authorizer, AuthzConfig, Decision, FleetAuthz
+from .authz import Authorizer, AuthzConfig, FleetAuthz
 from .errors import CallError
 from .model import QuotaSpec, Service
 from .quota import Quotas, Ticket
@@ -52,16 +52,12 @@ class Gate:
             merged.update(self._quota_layers.get(layer, {}))
         self.quotas.configure(merged)
 
-    def decide(self, caller: Identity, svc: Service, method: str, path: str) -> Decision:
-        """The authorization decision alone (for `explain`)."""
-        return self.authz.decide(caller.id, svc.tenant, svc.name, svc.spec.policy, method, path)
-
     def admit(self, caller: Identity, svc: Service, method: str, path: str) -> Ticket:
         """Let the call through (its in-flight places, to give back when it ends) or raise 403 / 429.
 
         `path` is the normalized path within the service, without its query."""
         spec = svc.spec
-        decision = self.authz.decide(caller.id, spec.tenant, spec.name, spec.policy, method, path)
+        decision = self.authz.decide(caller.id, spec.tenant, spec.name, spec.policy, method, path, caller.via)
         if not decision.allowed:
             self._denied.inc((spec.tenant, decision.rule))
             raise CallError(403, "forbidden", decision.reason, ((b"x-edged-rule", decision.rule.encode()),))

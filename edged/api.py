@@ -175,6 +175,7 @@ class Api:
                 path,
                 drop=_AUTHORIZATION if by_token else frozenset(),
                 add=[(b"x-forwarded-host", host)] if host is not None else (),
+                app=caller.app,
             )
             rid = call.request_id
             routed = await self._router.route_service_call(call)

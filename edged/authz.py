@@ -52,12 +52,13 @@ class Rule:
     paths: tuple[str, ...] = ()
     origin: str = "config"  # config | api | fleet
 
-    def applies(self, caller_id: str, tenant: str, service: str) -> bool:
-        """Whether the rule speaks of this caller and this service (methods and paths are checked per call)."""
+    def applies(self, caller_ids: tuple[str, ...], tenant: str, service: str) -> bool:
+        """Whether the rule speaks of this caller (any of its ids) and this service (methods and paths are
+        checked per call)."""
         return (
             tenant == self.tenant
             and fnmatchcase(service, self.service)
-            and any(fnmatchcase(caller_id, s) for s in self.sources)
+            and any(matches_any(c, self.sources) for c in caller_ids)
         )
 
     def describe(self) -> dict:
@@ -184,7 +185,7 @@ class Authorizer:
     def __init__(self, config: AuthzConfig = AuthzConfig()) -> None:
         self._config = config
         self._extra: dict[tuple[str, str], Rule] = {}  # rules of the API and fleet config, by (origin, name)
-        self._cache: dict[tuple[str, str, str], tuple[PolicySpec, tuple[_Step, ...]]] = {}
+        self._cache: dict[tuple[str, str, str, str], tuple[PolicySpec, tuple[_Step, ...]]] = {}
         self._compile()
 
     def configure(self, config: AuthzConfig) -> None:
@@ -214,8 +215,9 @@ class Authorizer:
         self._allow = [r for r in rules if r.action == "allow"]
         self._cache.clear()
 
-    def _steps(self, caller_id: str, tenant: str, service: str, policy: PolicySpec) -> tuple[_Step, ...]:
+    def _steps(self, ids: tuple[str, ...], tenant: str, service: str, policy: PolicySpec) -> tuple[_Step, ...]:
         steps: list[_Step] = []
+        caller_id = ids[0]
 
         def rule_step(rule: Rule) -> _Step:
             verb = "allowed" if rule.action == "allow" else "denied"
@@ -226,15 +228,15 @@ class Authorizer:
                 Decision(rule.action == "allow", rule.name, f"{verb} by rule {rule.name!r}{where}"),
             )
 
-        steps += [rule_step(r) for r in self._deny if r.applies(caller_id, tenant, service)]
-        if matches_any(caller_id, policy.deny):
+        steps += [rule_step(r) for r in self._deny if r.applies(ids, tenant, service)]
+        if any(matches_any(c, policy.deny) for c in ids):
             steps.append(
                 (frozenset(), (), Decision(False, "policy.deny", f"{caller_id} is in policy.deny of {service}"))
             )
             return tuple(steps)
-        steps += [rule_step(r) for r in self._allow if r.applies(caller_id, tenant, service)]
+        steps += [rule_step(r) for r in self._allow if r.applies(ids, tenant, service)]
         if policy.allow:
-            if matches_any(caller_id, policy.allow):
+            if any(matches_any(c, policy.allow) for c in ids):
                 decision = Decision(True, "policy.allow", f"{caller_id} is in policy.allow of {service}")
             else:
                 decision = Decision(False, "policy.allow", f"{caller_id} is not in policy.allow of {service}")
@@ -247,14 +249,18 @@ class Authorizer:
         )
         return tuple(steps)
 
-    def decide(self, caller_id: str, tenant: str, service: str, policy: PolicySpec, method: str, path: str) -> Decision:
-        """The decision for one call (`path` normalized, without its query)."""
-        key = (caller_id, tenant, service)
+    def decide(
+        self, caller_id: str, tenant: str, service: str, policy: PolicySpec, method: str, path: str, via: str = ""
+    ) -> Decision:
+        """The decision for one call (`path` normalized, without its query); `via`: the peer node that makes
+        it for `caller_id`, whose id the rules match too."""
+        key = (caller_id, tenant, service, via)
         cached = self._cache.get(key)
         if cached is None or cached[0] is not policy:
             if len(self._cache) >= CACHE_SIZE:
                 self._cache.clear()
-            cached = self._cache[key] = (policy, self._steps(caller_id, tenant, service, policy))
+            ids = (caller_id, via) if via else (caller_id,)
+            cached = self._cache[key] = (policy, self._steps(ids, tenant, service, policy))
         for methods, paths, decision in cached[1]:
             if (not methods or method in methods) and (not paths or _under(path, paths)):
                 return decision

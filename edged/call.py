@@ -36,6 +36,7 @@ class Call:
     deadline: float  # monotonic time by which the caller must have its answer
     request_id: str
     tiers: frozenset[str] | None = None  # only these tiers (the ingress serves peers from "local" only)
+    app: str = ""  # the calling app within `tenant` (its id is TENANT/APP): a claim the cloud tier carries
 
 
 def new_call(
@@ -51,12 +52,13 @@ def new_call(
     tiers: frozenset[str] | None = None,
     drop: frozenset[bytes] = frozenset(),
     add: Iterable[tuple[bytes, bytes]] = (),
+    app: str = "",
 ) -> Call:
     """The one way a call is made: the caller's headers minus hop-by-hop ones, `OWN_HEADERS` and `drop`,
     then `add` (headers the entry point sets, e.g. `x-forwarded-for`)."""
     kept = [(k, v) for k, v in strip_hop_by_hop(list(headers)) if k not in OWN_HEADERS and k not in drop]
     kept.extend(add)
-    return Call(tenant, service, method, path, kept, body, deadline, request_id, tiers)
+    return Call(tenant, service, method, path, kept, body, deadline, request_id, tiers, app)
 
 
 class UpstreamAnswer(Protocol):

@@ -48,6 +48,7 @@ def call_for(
     tiers: frozenset[str] | None = None,
     drop: frozenset[bytes] = frozenset(),
     add: Iterable[tuple[bytes, bytes]] = (),
+    app: str = "",
 ) -> Call:
     """The call an entry point makes of `req` for `svc`: its deadline (the service's timeout, or the caller's
     shorter one) and request id, with `new_call`'s header rules."""
@@ -64,6 +65,7 @@ def call_for(
         tiers=tiers,
         drop=drop,
         add=add,
+        app=app,
     )
 
 

@@ -189,3 +189,28 @@ def test_the_gate_counts_refusals_and_names_the_rule() -> None:
 def test_default_config_allows_everything() -> None:
     a = Authorizer(AuthzConfig())
     assert a.decide("x/y", "x", "z", OPEN, "DELETE", "/").allowed
+
+
+def test_a_call_a_peer_node_makes_for_one_of_its_apps_meets_rules_on_both_ids() -> None:
+    from edged.access import relayed_identity
+
+    a = authz(
+        {
+            "tenants": {"garden": "deny"},
+            "rules": [
+                {"name": "lamps", "action": "allow", "tenant": "garden", "from": ["garden/lamps"]},
+                {"name": "pi-9-out", "action": "deny", "tenant": "garden", "from": ["spiffe://home/node/pi-9"]},
+            ],
+        }
+    )
+
+    def rule(node: str, app: str) -> tuple[bool, str]:
+        caller = relayed_identity(node_identity("home", node, "garden"), app)
+        d = a.decide(caller.id, "garden", "pump", OPEN, "GET", "/", caller.via)
+        return d.allowed, d.rule
+
+    assert rule("pi-2", "lamps") == (True, "lamps")  # the app's allow rule
+    assert rule("pi-9", "lamps") == (False, "pi-9-out")  # a deny of the node wins
+    assert rule("pi-2", "guest") == (False, "default")
+    assert rule("pi-2", "") == (False, "default")  # no claim: the node alone
+    assert relayed_identity(node_identity("home", "pi-2"), "a/b").id == "spiffe://home/node/pi-2"  # not an app

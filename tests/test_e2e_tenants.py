@@ -22,6 +22,7 @@ import jwt
 import pytest
 from conftest import wait_for
 from cryptography.hazmat.primitives.asymmetric import ec
+from fixtures_fleet_broker import fleet_broker  # noqa: F401
 from fixtures_mqtt import bridge_config, bridges, broker, mqtt_section, topic_prefix, wait_metric  # noqa: F401
 from harness import manifest
 from jwt.algorithms import ECAlgorithm
@@ -403,3 +404,45 @@ methods = ["GET"]
     assert answer("GET", "/setpoint", garden) == (403, "forbidden (no-setpoint)")
     assert answer("POST", "/x", garden) == (403, "forbidden (default)")
     assert answer("GET", "/x", [])[0] == 404  # tenant default has no pump: the call never leaves the box
+
+
+def test_the_calling_app_crosses_to_the_bridge_as_a_sealed_claim_and_meets_its_rules(
+    backends, edged, bridges, fleet_broker, topic_prefix
+):
+    """Issue 10 item 5 (cloud tier): the daemon seals the caller's tenant and app into the request; the bridge
+    trusts that claim only because the sealing node's certificate verified, and applies its own rules to it."""
+    served = backends("served-by-bridge")
+    rules = """
+[tenants.garden]
+[authz]
+tenants = { garden = "deny" }
+[[authz.rules]]
+name = "lamps-use-pump"
+action = "allow"
+tenant = "garden"
+service = "pump"
+from = ["garden/lamps"]
+"""
+    bridge_pump = f'service_name = "pump"\ntenant = "garden"\n[[endpoints]]\ntype = "local"\nurl = "{served.url}"\n'
+    bridge = bridges(bridge_config(fleet_broker, topic_prefix) + rules, {"pump.toml": bridge_pump}, start=False)
+    enrolled(fleet_broker.ca, bridge.root, "cloud-1")
+    bridge.start()
+    cloud_pump = 'service_name = "pump"\ntenant = "garden"\nendpoint_types = ["cloud"]\n[policy]\nretries = 0\n'
+    apps = '[access.apps.lamps]\ntenant = "garden"\ntokens = ["t-lamps"]\n[access.apps.guest]\ntenant = "garden"\n'
+    d = edged(
+        {"pump.toml": cloud_pump},
+        apps + 'tokens = ["t-guest"]\n' + mqtt_section(fleet_broker, topic_prefix),
+        start=False,
+    )
+    enrolled(fleet_broker.ca, d.root, "test-node")
+    d.start()
+    wait_metric(d, "edged_mqtt_connected", lambda v: v == 1)
+    wait_for(lambda: d.call("pump", "/x", headers=bearer("t-lamps"))[0] == 200, 10, what="the bridge answers lamps")
+    # Same node, same tenant, another app: the bridge's default for garden refuses it.
+    assert outcome(d.call("pump", "/x", headers=bearer("t-guest"))) == (403, "forbidden (default)")
+
+
+def enrolled(ca, root: Path, node: str):
+    folder = root / "state" / "identity"
+    folder.mkdir(parents=True, exist_ok=True)
+    return ca.enroll(folder, node)

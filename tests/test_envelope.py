@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -203,3 +204,13 @@ def test_hand_packed_publish_properties_read_back_with_paho():
     assert props.CorrelationData == b"\x00id\xff" * 40
     assert (props.MessageExpiryInterval, props.ContentType) == (3, "application/cbor")
     assert pack_publish_properties(response_topic=None, correlation=None, expiry=None, content_type=None) == b"\x00"
+
+
+def test_the_calling_app_rides_in_the_request_and_must_be_a_name():
+    req = dataclasses.replace(REQUEST, app="lamps")
+    assert decode_request(encode_request(req)).app == "lamps"
+    assert "app" not in cbor2.loads(encode_request(REQUEST))  # absent when there is none
+    for bad in ("a/b", "x y", "z" * 129):
+        obj = {**cbor2.loads(encode_request(REQUEST)), "app": bad}
+        with pytest.raises(EnvelopeError, match="bad app"):
+            decode_request(cbor2.dumps(obj))

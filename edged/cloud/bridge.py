@@ -29,9 +29,8 @@ import logging
 import os
 import secrets
 import time
-from dataclasses import replace
 
-from ..access import node_identity
+from ..access import node_identity, relayed_identity
 from ..aio import cancel_and_wait
 from ..call import LOCAL_ONLY, new_call
 from ..config import Config
@@ -227,11 +226,13 @@ class Bridge:
             return
         try:  # the calling node's authorization rules and quotas, as on every entry point
             caller = node_identity(self.config.node.fleet, req.node or "unknown", req.tenant)
+            if sender is not None:  # sealed: the app it names is the verified node's own claim
+                caller = relayed_identity(caller, req.app)
             ticket = self.core.gate.admit(caller, svc, req.method, normalize_path(req.path.partition("?")[0]))
         except CallError as exc:
             self.refused += 1
             answer = error_answer(req.id, exc.status, exc.code, exc.detail, self.node)
-            self._answer_now(req.reply, replace(answer, headers=answer.headers + exc.headers))
+            self._answer_now(req.reply, dataclasses.replace(answer, headers=answer.headers + exc.headers))
             return
         task = asyncio.get_running_loop().create_task(self._serve(req, received))
         task.add_done_callback(lambda _: ticket.release())  # also when cancelled before it ran

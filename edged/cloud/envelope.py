@@ -65,6 +65,7 @@ class CloudRequest:
     node: str = ""  # the calling node, for logs
     request_id: str = ""  # x-request-id of the call
     sent_ms: int = 0  # the sender's wall clock when sent (Unix ms), 0 when not given
+    app: str = ""  # the calling app within `tenant` (a claim of the sealing node: trusted only when sealed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +100,7 @@ def encode_request(req: CloudRequest) -> bytes:
             "node": req.node,
             "rid": req.request_id,
             **({"ts": req.sent_ms} if req.sent_ms else {}),
+            **({"app": req.app} if req.app else {}),
         }
     )
 
@@ -195,6 +197,13 @@ def _sent(obj: dict, what: str) -> int:
     return sent  # type: ignore[return-value]
 
 
+def _app(obj: dict, what: str) -> str:
+    app = _str(obj, "app", what, "")
+    if len(app) > 128 or any(c.isspace() or c == "/" for c in app):
+        raise EnvelopeError(f"{what}: bad app {app[:40]!r}")
+    return app
+
+
 def decode_request(data: bytes) -> CloudRequest:
     """A request envelope from CBOR bytes; EnvelopeError (with `id` / `reply` when readable) if invalid."""
     obj = _load(data, "request")
@@ -226,6 +235,7 @@ def decode_request(data: bytes) -> CloudRequest:
             node=_str(obj, "node", what, ""),
             request_id=_str(obj, "rid", what, ""),
             sent_ms=_sent(obj, what),
+            app=_app(obj, what),
         )
     except EnvelopeError as exc:
         # Keep what is needed to answer 400, when it is sound.

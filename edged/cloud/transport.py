@@ -144,6 +144,7 @@ class CloudTransport:
             node=self._node,
             request_id=call.request_id,
             sent_ms=int(time.time() * 1000) if self._seals is not None else 0,
+            app=call.app if self._seals is not None else "",  # a claim only a sealed request makes
         )
         topic = self._topics.request(endpoint.service)
         payload = encode_request(request)
