@@ -26,6 +26,7 @@ from fixtures_fleet_broker import fleet_broker  # noqa: F401
 from fixtures_mqtt import bridge_config, bridges, broker, mqtt_section, topic_prefix, wait_metric  # noqa: F401
 from harness import manifest
 from jwt.algorithms import ECAlgorithm
+from test_e2e_cloud_attacks import enrolled
 
 from edged.client import ApiClient
 
@@ -372,6 +373,10 @@ def test_rules_change_at_runtime_and_explain_names_the_rule(backends, edged):
     assert d.call("pump", "/x", headers=bearer("g-token"))[0] == 403
 
 
+BRIDGE_PUMP = 'service_name = "pump"\ntenant = "garden"\n[[endpoints]]\ntype = "local"\nurl = "{url}"\n'
+CLOUD_PUMP = 'service_name = "pump"\ntenant = "garden"\nendpoint_types = ["cloud"]\n[policy]\nretries = 0\n'
+
+
 def test_the_cloud_bridge_applies_its_own_rules_to_the_calling_node(backends, edged, broker, bridges, topic_prefix):
     served = backends("served-by-bridge")
     bridge_rules = """
@@ -387,11 +392,10 @@ service = "pump"
 from = ["spiffe://home/node/test-node"]
 methods = ["GET"]
 """
-    bridge_pump = f'service_name = "pump"\ntenant = "garden"\n[[endpoints]]\ntype = "local"\nurl = "{served.url}"\n'
+    bridge_pump = BRIDGE_PUMP.format(url=served.url)
     bridges(bridge_config(broker, topic_prefix) + bridge_rules, {"pump.toml": bridge_pump})
-    cloud_pump = 'service_name = "pump"\ntenant = "garden"\nendpoint_types = ["cloud"]\n[policy]\nretries = 0\n'
     d = edged(
-        {"pump.toml": cloud_pump},
+        {"pump.toml": CLOUD_PUMP},
         '[tenants.garden]\ntokens = ["g-token"]\n' + mqtt_section(broker, topic_prefix),
     )
     wait_metric(d, "edged_mqtt_connected", lambda v: v == 1)
@@ -423,14 +427,13 @@ tenant = "garden"
 service = "pump"
 from = ["garden/lamps"]
 """
-    bridge_pump = f'service_name = "pump"\ntenant = "garden"\n[[endpoints]]\ntype = "local"\nurl = "{served.url}"\n'
+    bridge_pump = BRIDGE_PUMP.format(url=served.url)
     bridge = bridges(bridge_config(fleet_broker, topic_prefix) + rules, {"pump.toml": bridge_pump}, start=False)
     enrolled(fleet_broker.ca, bridge.root, "cloud-1")
     bridge.start()
-    cloud_pump = 'service_name = "pump"\ntenant = "garden"\nendpoint_types = ["cloud"]\n[policy]\nretries = 0\n'
     apps = '[access.apps.lamps]\ntenant = "garden"\ntokens = ["t-lamps"]\n[access.apps.guest]\ntenant = "garden"\n'
     d = edged(
-        {"pump.toml": cloud_pump},
+        {"pump.toml": CLOUD_PUMP},
         apps + 'tokens = ["t-guest"]\n' + mqtt_section(fleet_broker, topic_prefix),
         start=False,
     )
@@ -441,8 +444,3 @@ from = ["garden/lamps"]
     # Same node, same tenant, another app: the bridge's default for garden refuses it.
     assert outcome(d.call("pump", "/x", headers=bearer("t-guest"))) == (403, "forbidden (default)")
 
-
-def enrolled(ca, root: Path, node: str):
-    folder = root / "state" / "identity"
-    folder.mkdir(parents=True, exist_ok=True)
-    return ca.enroll(folder, node)
