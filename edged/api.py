@@ -143,7 +143,11 @@ class Api:
                 resp.send_json(200, {"status": "ok"})
             elif path == "/readyz":
                 ready = self._ready()
-                resp.send_json(200 if ready else 503, {"status": "ready" if ready else "not_ready"})
+                answer: dict = {"status": "ready" if ready else "not_ready"}
+                failed = self._config_state().get("tasks_failed")
+                if failed:  # restarted background loops: still serving, but someone should look
+                    answer["tasks_failed"] = failed
+                resp.send_json(200 if ready else 503, answer)
             else:
                 raise CallError(404, "not_found", f"no route for {req.method} {path}")
         except CallError as exc:

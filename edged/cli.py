@@ -332,6 +332,8 @@ def _print_config_state(state: dict) -> None:
     print(line)
     if state.get("pending_restart"):
         print(f"pending restart: {', '.join(state['pending_restart'])} (systemctl restart edged applies them)")
+    for name, failed in (state.get("tasks_failed") or {}).items():
+        print(f"task {name!r} FAILED {failed['restarts']}x and was restarted; last: {failed['last_error']}")
 
 
 def _vital(value: object) -> str:

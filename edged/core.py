@@ -15,13 +15,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from . import aio
 from .admission import Gate
-from .aio import cancel_and_wait
 from .call import Transport
 from .config import Config
 from .discovery.manifests import ManifestSource
@@ -34,6 +33,7 @@ from .policy import Ranker
 from .registry import Layer, Registry, Snapshot
 from .router import Router
 from .state import StateStore
+from .supervise import Supervisor, count_tasks, watch_loop_lag
 from .telemetry import MeshMetrics, Metrics
 from .transport.http import HttpTransport
 from .vitals import NodeVitals, Vitals, VitalsReader
@@ -93,6 +93,7 @@ class MeshCore:
         self.config = config
         self.limits = config.limits
         self.metrics = MeshMetrics(Metrics(max_series=self.limits.metric_series))
+        self.metrics.add_collector(lambda: count_tasks(self.metrics))
         self.events = EventBus()
         self.store = StateStore(config.state.dir)
         self.registry = Registry()
@@ -113,7 +114,7 @@ class MeshCore:
         self._peer_sources: list[Callable[[], list[dict]]] = []
         self._provider_sources: list[Callable[[str, str], list[dict]]] = []
         self._on_health = on_health_change
-        self._tasks: list[asyncio.Task] = []
+        self.supervisor = Supervisor(self.metrics)
         self.registry.watch(self._on_registry_change)
         self.tiers: list[Tier] = []
         for make in tiers:
@@ -174,8 +175,9 @@ class MeshCore:
         self.manifests.reload()
         self.health.sync(self.registry.snapshot().services.values())
         self.vitals.read()
-        self.spawn(self.vitals.run(), "vitals")
-        self.spawn(self.manifests.watch(self.config.services.reload_interval), "manifest watch")
+        self.spawn(self.vitals.run, "vitals")
+        self.spawn(lambda: self.manifests.watch(self.config.services.reload_interval), "manifest watch")
+        self.spawn(lambda: watch_loop_lag(self.metrics), "loop lag")
 
     async def start_tiers(self) -> None:
         for tier in self.tiers:
@@ -189,16 +191,13 @@ class MeshCore:
         """Stop the tiers, then every task of the core, health checks and the pool."""
         for tier in reversed(self.tiers):
             await quietly(tier.stop(), f"{tier.name}: stop")
-        await cancel_and_wait(self._tasks)
-        self._tasks.clear()
+        await self.supervisor.close()
         await self.health.close()
         await self.pool.close()
 
-    def spawn(self, coro, name: str) -> None:
-        """Run a background loop owned by the core (cancelled and awaited by `stop`)."""
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        task.add_done_callback(_task_done)
-        self._tasks.append(task)
+    def spawn(self, make: Callable[[], Awaitable[object]], name: str) -> None:
+        """Run a background loop owned by the core: restarted when it fails, cancelled and awaited by `stop`."""
+        self.supervisor.spawn(make, name)
 
     # -- internals ----------------------------------------------------------------------------------------
     def _headers_for(self, endpoint: Endpoint) -> Sequence[tuple[str, str]]:
@@ -217,12 +216,6 @@ class MeshCore:
     def _on_manifest_errors(self, errors: list[ConfigError]) -> None:
         if errors:
             self.metrics.manifest_errors.inc((), len(errors))
-
-
-def _task_done(task: asyncio.Task) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        # A background loop died: say so loudly; systemd's watchdog is not enough to explain why.
-        log.error("background task %r failed", task.get_name(), exc_info=task.exception())
 
 
 async def quietly(coro, what: str) -> None:

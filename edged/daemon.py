@@ -137,9 +137,9 @@ class Daemon:
             except OSError as exc:
                 log.error("API socket %s not available (%s); serving on TCP only", api.socket, exc)
         await self.core.start_tiers()
-        self.core.spawn(self.registrations.run(), "registration leases")
+        self.core.spawn(self.registrations.run, "registration leases")
         if self.notifier.watchdog_interval():
-            self.core.spawn(self.notifier.async_watchdog_loop(), "watchdog")
+            self.core.spawn(self.notifier.async_watchdog_loop, "watchdog")
         self._ready = True
         snap = self.registry.snapshot()
         self.notifier.ready(f"serving {len(snap.services)} services")
@@ -229,6 +229,7 @@ class Daemon:
             "reloads": self.reloads,
             "last_reload": self.last_reload,
             "pending_restart": self.pending_restart,
+            "tasks_failed": self.core.supervisor.failed(),
         }
 
     async def stop(self) -> None:

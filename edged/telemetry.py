@@ -382,6 +382,24 @@ class MeshMetrics:
         )
         self.build_info = m.gauge("edged_build_info", "Always 1; the version is the label.", ("version",))
         self.build_info.set((version,), 1)
+        self.body_breaks = m.counter(
+            "edged_body_breaks_total",
+            "Answers whose body broke off upstream, by what the caller saw (failover: another endpoint answered"
+            " or a clean error; truncated: the caller's connection was closed mid-body).",
+            ("service", "outcome"),
+        )
+        self.task_restarts = m.counter(
+            "edged_task_restarts_total", "Background loops that failed and were started again.", ("task",)
+        )
+        self.tasks = m.gauge("edged_tasks", "asyncio tasks alive in the daemon.")
+        self.loop_lag = m.histogram(
+            "edged_loop_lag_seconds",
+            "How late the event loop ran a timer, sampled 4 times a second.",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+        )
+        self.state_write_errors = m.counter(
+            "edged_state_write_errors_total", "State files that could not be written (a change was refused).", ("file",)
+        )
 
     def add_collector(self, fn: Callable[[], None]) -> None:
         """Shortcut for `registry.add_collector()`."""
