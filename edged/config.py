@@ -19,7 +19,7 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
-from edged.document import Doc, Table, describe, parse_toml, read_text, toml_locator
+from edged.document import Doc, Table, describe, parse_toml, read_text, refusal, toml_locator
 from edged.errors import ConfigError
 from edged.model import DEFAULT_TENANT
 
@@ -634,10 +634,13 @@ def _group_name(gid: int) -> str:
 def load_config(path: str) -> Config:
     """Read and check a daemon config file; ConfigError names the file, line and key of the first problem."""
     text = read_text(path)
-    data = parse_toml(text, path)
-    absolute = os.path.abspath(path)
-    top = Table(Doc(path, toml_locator(text)), data)
-    return _Loader(top, os.path.dirname(absolute)).build(absolute)
+    try:
+        data = parse_toml(text, path)
+        absolute = os.path.abspath(path)
+        top = Table(Doc(path, toml_locator(text)), data)
+        return _Loader(top, os.path.dirname(absolute)).build(absolute)
+    except Exception as exc:  # a nesting too deep for tomllib, or a check that trips: still a refusal
+        raise refusal(path, exc) from None
 
 
 def _usable_dir(path: str) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import bisect
 import difflib
 import math
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -244,18 +245,39 @@ class Table:
 # ------------------------------------------------------------------------------------ TOML and its lines
 
 
-def read_text(path: str) -> str:
-    """A config or manifest file's text; ConfigError when it cannot be read or is not UTF-8."""
+# A config or manifest file past this size is refused unread: no service needs a megabyte to declare, and a
+# huge file would cost the decoders many times its size in memory.
+MAX_FILE_BYTES = 2**20
+
+
+def read_text(path: str, max_bytes: int = MAX_FILE_BYTES) -> str:
+    """A config or manifest file's text; ConfigError when it cannot be read, is over `max_bytes` (checked before
+    reading) or is not UTF-8."""
     try:
         with open(path, "rb") as f:
-            raw = f.read()
+            size = os.fstat(f.fileno()).st_size
+            if size > max_bytes:
+                raise ConfigError(path, f"{size} bytes, over the limit of {max_bytes // 2**20} MiB")
+            raw = f.read(max_bytes + 1)
     except OSError as exc:
         raise ConfigError(path, f"cannot read: {exc.strerror or exc}") from None
+    if len(raw) > max_bytes:  # grew while we read it
+        raise ConfigError(path, f"over the limit of {max_bytes // 2**20} MiB")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise ConfigError(path, f"not UTF-8 text (byte {exc.start})", line=line) from None
+
+
+def refusal(path: str, exc: Exception) -> ConfigError:
+    """What any unforeseen failure of decoding or checking a file (a library's own exception, a nesting deeper
+    than Python's stack) becomes: the usual refusal that names the file."""
+    if isinstance(exc, ConfigError):
+        return exc
+    if isinstance(exc, RecursionError):
+        return ConfigError(path, "nested too deeply")
+    return ConfigError(path, f"cannot be read: {type(exc).__name__}: {exc}"[:500])
 
 
 _TOML_WHERE = re.compile(r"\s*\((?:at line (\d+), column (\d+)|at end of document)\)\s*$")

@@ -31,6 +31,7 @@ from edged.document import (
     parse_toml,
     prefix_locator,
     read_text,
+    refusal,
     toml_locator,
 )
 from edged.errors import ConfigError
@@ -133,8 +134,8 @@ def load_manifest_dirs(dirs: Sequence[str]) -> tuple[list[ServiceSpec], list[Con
     for path in _manifest_files(dirs, errors):
         try:
             spec, locate = _parse_file(path)
-        except ConfigError as exc:
-            errors.append(exc)
+        except Exception as exc:  # whatever a file does to a decoder, it is that file's refusal
+            errors.append(refusal(path, exc))
             continue
         first = owner.setdefault(spec.key, path)
         if first != path:
@@ -257,7 +258,9 @@ def _decode_yaml(text: str, path: str) -> tuple[object, Locate]:
         column = f" (column {mark.column + 1})" if mark else ""
         line = mark.line + 1 if mark else None
         raise ConfigError(path, f"YAML syntax error: {problem}{context}{column}", line=line) from None
-    except (yaml.YAMLError, ValueError, RecursionError) as exc:  # e.g. a timestamp with month 13
+    except RecursionError:
+        raise ConfigError(path, "YAML nested too deeply") from None
+    except (yaml.YAMLError, ValueError) as exc:  # e.g. a timestamp with month 13
         raise ConfigError(path, f"YAML error: {exc}") from None
     finally:
         loader.dispose()

@@ -378,3 +378,11 @@ def test_mqtt_url_may_list_brokers_in_order(tmp_path):
     assert mq.url == "mqtt://site:1883" and mq.urls == ("mqtt://site:1883", "mqtts://central:8883")
     assert mq.follow == ("thermo", "garden.pump", "*") and mq.switch_back == 30.0
     assert load_config(write(tmp_path, '[mqtt]\nurl = "mqtt://one"\n')).mqtt.urls == ("mqtt://one",)
+
+
+def test_a_config_nested_too_deeply_is_a_refusal_not_a_crash(tmp_path):
+    # Before: tomllib's RecursionError escaped load_config (`edged run` exited 1 with a traceback, not 78).
+    path = tmp_path / "edged.toml"
+    path.write_text("x = " + "[" * 3000 + "]" * 3000 + "\n")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_config(str(path))

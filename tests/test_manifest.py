@@ -462,3 +462,84 @@ def test_duplicate_keys_are_refused(tmp_path, name, text, line, key):
     err = refused(tmp_path, name, text)
     assert (err.line, err.key) == (line, key)
     assert "duplicate key" in err.message
+
+
+# ---------------------------------------------------------------- any bad file is a refused file (issue 13)
+
+DEEP = 3000  # deeper than Python's recursion limit: every decoder raised RecursionError at this depth
+
+
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        ("deep.toml", 'service_name = "a"\nx = ' + "[" * DEEP + "]" * DEEP + "\n"),
+        ("deep.json", '{"service_name": "a", "x": ' + "[" * DEEP + "]" * DEEP + "}"),
+        ("deep.yaml", "service_name: a\nx: " + "[" * DEEP + "]" * DEEP + "\n"),
+        ("latin1.toml", 'service_name = "caf\xe9"\n'),
+    ],
+)
+def test_a_file_that_trips_its_decoder_is_refused_not_raised(tmp_path: Path, name: str, text: str) -> None:
+    # Before: RecursionError escaped load_manifest_dirs (the watch task died; `edged run` exited 1).
+    (tmp_path / name).write_bytes(text.encode("latin-1"))
+    write(tmp_path, "good.toml", 'service_name = "good"\n')
+    specs, errors = load_manifest_dirs([str(tmp_path)])
+    assert [s.name for s in specs] == ["good"]
+    assert len(errors) == 1 and errors[0].file == str(tmp_path / name)
+    assert "nested too deeply" in str(errors[0]) or "UTF-8" in str(errors[0])
+
+
+def test_a_file_over_the_size_limit_is_refused_unread(tmp_path: Path) -> None:
+    import tracemalloc
+
+    import edged.document
+
+    path = tmp_path / "big.toml"
+    path.write_text('service_name = "big"\n')
+    os.truncate(path, 100 * 2**20)  # 100 MB (sparse): reading it would take 100 MB at once
+    tracemalloc.start()
+    try:
+        specs, errors = load_manifest_dirs([str(tmp_path)])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert specs == [] and "104857600 bytes, over the limit of 1 MiB" in str(errors[0])
+    assert peak < 2**20  # refused by its size before a byte was read
+    assert edged.document.MAX_FILE_BYTES == 2**20
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_an_unreadable_file_is_refused_with_its_reason(tmp_path: Path) -> None:
+    path = write(tmp_path, "secret.toml", 'service_name = "s"\n')
+    path.chmod(0)
+    _, errors = load_manifest_dirs([str(tmp_path)])
+    assert "cannot read: Permission denied" in str(errors[0])
+
+
+def test_a_failed_listing_keeps_the_last_good_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: a listing that failed (EMFILE under descriptor exhaustion) dropped every service of the folder.
+    from edged.discovery.manifests import ManifestSource
+    from edged.registry import Registry
+
+    folder = tmp_path / "services.d"
+    folder.mkdir()
+    write(folder, "a.toml", 'service_name = "a"\n')
+    write(folder, "b.toml", 'service_name = "b"\n')
+    registry = Registry()
+    source = ManifestSource(registry, [str(folder)])
+    assert source.reload() == []
+    assert sorted(n for _, n in registry.snapshot().services) == ["a", "b"]
+    real_listdir = os.listdir
+
+    def emfile(path):
+        if str(path) == str(folder):
+            raise OSError(24, "Too many open files")
+        return real_listdir(path)
+
+    monkeypatch.setattr(os, "listdir", emfile)
+    errors = source.reload()
+    assert "cannot list services dir: Too many open files" in str(errors[0])
+    assert sorted(n for _, n in registry.snapshot().services) == ["a", "b"]
+    monkeypatch.setattr(os, "listdir", real_listdir)
+    (folder / "b.toml").unlink()
+    assert source.reload() == []
+    assert sorted(n for _, n in registry.snapshot().services) == ["a"]  # a good listing is the truth again

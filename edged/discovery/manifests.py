@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable, Sequence
 
 from ..errors import ConfigError
@@ -45,6 +46,11 @@ class ManifestSource:
         self._signature = dirs_signature(self._dirs)
         specs, errors = load_manifest_dirs(self._dirs)
         fresh = {spec.source: spec for spec in specs}
+        unlisted = {os.path.normpath(err.file) for err in errors if err.file in self._dirs}
+        for source, spec in self._by_file.items():
+            # A folder that could not be listed (descriptors exhausted, permissions) keeps its last good files.
+            if os.path.normpath(os.path.dirname(source)) in unlisted:
+                fresh.setdefault(source, spec)
         for err in errors:
             kept = self._by_file.get(err.file)
             if kept is not None:
@@ -86,3 +92,5 @@ class ManifestSource:
                     self.reload()
             except OSError as exc:  # a dir vanished mid-scan: try again next round
                 log.warning("manifest dirs not readable: %s", exc)
+            except Exception:  # a bug must not end the watch: the next change is still read
+                log.exception("manifest reload failed; the last good set stays")
