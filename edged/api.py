@@ -380,21 +380,24 @@ class Api:
         tenant = caller.tenant
         resp.send_json(200, self._policy_view(self._policy_target(tenant, rest)))
 
-    def _policy_set(self, req: Request, resp: ResponseWriter, caller: Identity, rest: list[str]) -> None:
+    async def _policy_set(self, req: Request, resp: ResponseWriter, caller: Identity, rest: list[str]) -> None:
         tenant = caller.tenant
         svc = self._policy_target(tenant, rest)
         self._may_steer(caller, svc.name)
         assert self._policies is not None
-        self._policies.set(tenant, svc.name, self._json_body(req))
+        _, saved = self._policies.set(tenant, svc.name, self._json_body(req))
+        await _on_disk(saved)
         resp.send_json(200, self._policy_view(self._router.service(tenant, svc.name)))
 
-    def _policy_delete(self, req: Request, resp: ResponseWriter, caller: Identity, rest: list[str]) -> None:
+    async def _policy_delete(self, req: Request, resp: ResponseWriter, caller: Identity, rest: list[str]) -> None:
         tenant = caller.tenant
         svc = self._policy_target(tenant, rest)
         self._may_steer(caller, svc.name)
         assert self._policies is not None
-        if not self._policies.delete(tenant, svc.name):
+        saved = self._policies.delete(tenant, svc.name)
+        if saved is None:
             raise CallError(404, "no_override", f"{svc.name} has no policy set through the API")
+        await _on_disk(saved)
         resp.send_json(200, self._policy_view(self._router.service(tenant, svc.name)))
 
     def _policy_dry_run(self, req: Request, resp: ResponseWriter, caller: Identity, rest: list[str]) -> None:
@@ -475,8 +478,9 @@ class Api:
 
 
 async def _on_disk(saved: asyncio.Future[None]) -> None:
-    """Wait for a state write; 503 `not_persisted` when it failed (the change holds only until a restart)."""
+    """Wait for a state write; 507 `not_persisted` when it failed (a full disk: the change holds only until a
+    restart, so it is not acknowledged; the caller may send it again)."""
     try:
         await saved
     except StateError as exc:
-        raise CallError(503, "not_persisted", f"the change is in force but not on disk: {exc.reason}") from None
+        raise CallError(507, "not_persisted", f"the change is in force but not on disk: {exc.reason}") from None

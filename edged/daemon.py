@@ -241,6 +241,7 @@ class Daemon:
         await self.core.leaving()
         await self.server.shutdown(self.config.api.drain_timeout)
         await self.registrations.close()
+        await self.policies.close()
         await self.core.stop()
         log.info("edged stopped")
 

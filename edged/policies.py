@@ -8,6 +8,8 @@ they are the registry's "api" policy layer (`layer`), recomputed at each rebuild
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 from typing import Any
 
@@ -16,7 +18,8 @@ from .events import EventBus
 from .manifest import parse_policy, policy_dict
 from .model import PolicySpec
 from .registry import Draft, Key, Layer, Registry
-from .state import StateError, StateStore
+from .state import StateStore
+from .state_writer import DocumentWriter
 
 log = logging.getLogger("edged.policies")
 STATE_FILE = "policies.json"
@@ -33,6 +36,7 @@ class PolicyOverrides:
         self._tables: dict[Key, dict[str, Any]] = {}
         self._unfit: set[tuple[Key, str]] = set()  # overrides that no longer fit their base, already logged
         self.layer = Layer(SOURCE, policies=self.policies)
+        self.writer = DocumentWriter(store, STATE_FILE, self._state_document)
 
     def load(self) -> int:
         """Restore the overrides kept in the state dir; returns how many."""
@@ -61,24 +65,26 @@ class PolicyOverrides:
         except ConfigError as exc:
             raise CallError(400, "invalid_policy", f"{exc.key}: {exc.message}" if exc.key else exc.message) from None
 
-    def set(self, tenant: str, name: str, table: object) -> PolicySpec:
-        """Put an override in force (replacing an earlier one) and keep it; returns the policy now in force."""
+    def set(self, tenant: str, name: str, table: object) -> tuple[PolicySpec, asyncio.Future[None]]:
+        """Put an override in force (replacing an earlier one) and keep it; returns the policy now in force and
+        a future that resolves once it is on disk (StateError if that failed)."""
         policy = self.preview(tenant, name, table)
         assert isinstance(table, dict)
         self._tables[(tenant, name)] = dict(table)
         self._registry.refresh()
-        self._save()
+        saved = self.writer.changed()
         self._events.publish("policy_changed", tenant=tenant, service=name, source=SOURCE, keys=sorted(table))
-        return policy
+        return policy, saved
 
-    def delete(self, tenant: str, name: str) -> bool:
-        """Drop the override: the fleet's or the manifest's policy is back in force."""
+    def delete(self, tenant: str, name: str) -> asyncio.Future[None] | None:
+        """Drop the override: the fleet's or the manifest's policy is back in force. A future for "on disk",
+        None when there was no override."""
         if self._tables.pop((tenant, name), None) is None:
-            return False
+            return None
         self._registry.refresh()
-        self._save()
+        saved = self.writer.changed()
         self._events.publish("policy_changed", tenant=tenant, service=name, source="removed")
-        return True
+        return saved
 
     def policies(self, draft: Draft) -> dict[Key, PolicySpec]:
         """The layer: each override laid key by key over the policy the service has below it (fleet config,
@@ -96,9 +102,10 @@ class PolicyOverrides:
                     log.warning("policy override for %s/%s no longer fits its base (%s); not applied", *key, exc)
         return policies
 
-    def _save(self) -> None:
+    def _state_document(self) -> bytes:
         items = [{"tenant": t, "service": n, "policy": table} for (t, n), table in sorted(self._tables.items())]
-        try:
-            self._store.write_json(STATE_FILE, {"version": 1, "policies": items})
-        except StateError as exc:
-            log.error("could not keep policy overrides: %s", exc)
+        return json.dumps({"version": 1, "policies": items}, separators=(",", ":"), sort_keys=True).encode() + b"\n"
+
+    async def close(self) -> None:
+        """Write what is not on disk yet, then stop the writer."""
+        await self.writer.close()

@@ -23,6 +23,9 @@ from .errors import EdgedError
 log = logging.getLogger(__name__)
 
 _TMP_SUFFIX = ".tmp"
+# A state document past this size is moved aside unread: decoding JSON takes several times its size in memory
+# (a 100 MB file peaked at 346 MB RSS), and nothing edged keeps comes near it (10,000 registrations ~ 5 MB).
+MAX_STATE_BYTES = 32 * 2**20
 
 
 class StateError(EdgedError):
@@ -95,17 +98,20 @@ class StateStore:
             raise StateError(os.path.join(self.directory, name), "invalid state file name")
         return os.path.join(self.directory, name)
 
-    def read_json(self, name: str, default: object) -> object:
-        """The document `name`, or `default` when it is missing, unreadable or corrupt.
+    def read_json(self, name: str, default: object, max_bytes: int = MAX_STATE_BYTES) -> object:
+        """The document `name`, or `default` when it is missing, unreadable, corrupt or over `max_bytes`.
 
-        An unreadable or corrupt file is logged and moved aside to `NAME.corrupt-<unix ts>`. When
-        `default` is a dict or a list, a document of another JSON type counts as corrupt too, so that
-        callers can trust the shape they asked for.
+        An unreadable, corrupt or oversized file is logged and moved aside to `NAME.corrupt-<unix ts>` (an
+        oversized one before a byte of it is read). When `default` is a dict or a list, a document of another
+        JSON type counts as corrupt too, so that callers can trust the shape they asked for.
         """
         path = self.path(name)
         try:
             with open(path, "rb") as f:
-                raw = f.read()
+                size = os.fstat(f.fileno()).st_size
+                if size > max_bytes:
+                    return self._set_aside(path, f"{size} bytes, over the limit of {max_bytes} (not read)", default)
+                raw = f.read(max_bytes + 1)
         except FileNotFoundError:
             return default
         except OSError as exc:

@@ -3,8 +3,20 @@ break mid-body, a full disk and SIGKILL at random points; each asserts what a us
 
 from __future__ import annotations
 
+import json
+import os
+import random
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
 from conftest import wait_for
 from harness import manifest
+
+from edged.client import ApiError
 
 DEEP_TOML = 'service_name = "deep"\nx = ' + "[" * 3000 + "]" * 3000 + "\n"
 
@@ -22,4 +34,92 @@ def test_a_bad_manifest_at_start_is_refused_and_the_watch_goes_on(backends, edge
     wait_for(lambda: d.call("later", "/x")[0] == 200, 10, what="a later good manifest served")
     status = d.get("/v1/status")
     assert status["config"]["tasks_failed"] == {}
+    assert d.stop() == 0
+
+
+def _register(d, i: int, url: str) -> int:
+    doc = {"manifest": {"service_name": f"s{i}", "endpoints": [{"type": "local", "url": url}]}, "id": f"r{i}"}
+    try:
+        return d.admin.request("POST", "/v1/register", json.dumps(doc).encode())[0]
+    except ApiError:
+        return 0  # the daemon was killed under this request
+
+
+def _registered(d) -> set[str]:
+    return {r["id"] for r in d.get("/v1/register")["registrations"]}
+
+
+@pytest.fixture
+def small_tmpfs() -> Iterator:
+    """Mounts a tmpfs of `size` on a folder (root only); unmounted at the end."""
+    mounted: list[Path] = []
+
+    def mount(folder: Path, size: str) -> None:
+        if os.geteuid() != 0:
+            pytest.skip("a full disk is made with a small tmpfs, which needs root")
+        folder.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(folder)])
+        if done.returncode != 0:
+            pytest.skip("cannot mount a tmpfs here")
+        mounted.append(folder)
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_full_disk_answers_507_and_keeps_everything_it_acknowledged(backends, edged, tmp_path, small_tmpfs) -> None:
+    # Before: 400 of 400 registrations answered 201 on a full state dir, and 253 were gone after a restart.
+    b = backends("a")
+    root = tmp_path / "full"
+    small_tmpfs(root / "state", "256k")
+    filler = root / "state" / "filler"
+    with filler.open("wb") as f:  # leave about 24 KiB: a few dozen registrations fit, then the disk is full
+        f.write(b"\0" * (256 - 24) * 1024)
+    d = edged({"good.toml": manifest("good", [(b.port, 1)])}, root=root)
+    answers = {i: _register(d, i, b.url) for i in range(150)}
+    acked = {f"r{i}" for i, status in answers.items() if status in (200, 201)}
+    refused = [i for i, status in answers.items() if status == 507]
+    assert acked and refused and len(acked) + len(refused) == 150, answers
+    assert d.call("good", "/x")[0] == 200  # the daemon keeps serving calls
+    with pytest.raises(OSError), (root / "state" / "filler2").open("wb") as f:  # the last bytes too
+        while True:
+            f.write(b"\0" * 1024)
+            f.flush()
+    assert d.admin.request("PUT", "/v1/policies/good", b'{"retries": 1}')[0] == 507  # and policy changes too
+    d.kill()
+    d.start()
+    assert acked <= _registered(d)  # nothing acknowledged is lost
+    filler.unlink()
+    (root / "state" / "filler2").unlink()
+    assert _register(d, 1000, b.url) == 201  # room again: accepted and acknowledged
+    assert d.admin.request("PUT", "/v1/policies/good", b'{"retries": 1}')[0] == 200
+    assert d.stop() == 0
+
+
+def test_sigkill_during_a_registration_burst_loses_nothing_acknowledged(backends, edged, tmp_path) -> None:
+    b = backends("a")
+    d = edged({"good.toml": manifest("good", [(b.port, 1)])}, root=tmp_path / "crash")
+    rng = random.Random(13)
+    acked: set[str] = set()
+    for round_ in range(5):
+        base = round_ * 1000
+        answers: dict[int, int] = {}
+
+        def burst(start: int, answers=answers, base=base) -> None:
+            for i in range(base + start, base + 400, 8):
+                answers[i] = _register(d, i, b.url)
+
+        threads = [threading.Thread(target=burst, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        time.sleep(rng.uniform(0.05, 0.6))
+        d.kill()
+        for t in threads:
+            t.join()
+        acked |= {f"r{i}" for i, status in answers.items() if status in (200, 201)}
+        d.start()
+        missing = acked - _registered(d)
+        assert not missing, f"round {round_}: {len(missing)} acknowledged registrations lost"
+    assert len(acked) > 100  # the kills landed mid-burst, after many acknowledgements
     assert d.stop() == 0

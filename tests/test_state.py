@@ -158,3 +158,22 @@ def test_killed_writer_leaves_a_whole_document(tmp_path: Path) -> None:
     assert doc["i"] >= 5 and len(doc["pad"]) == 4096
     StateStore(str(tmp_path))  # a temp file the kill may have left is cleaned at start
     assert sorted(p.name for p in tmp_path.iterdir()) == ["doc.json"]
+
+
+def test_an_oversized_state_file_is_moved_aside_unread(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Before: a 100 MB cloud-registry.json was read and decoded at start (346 MB RSS peak).
+    import tracemalloc
+
+    path = tmp_path / "cloud-registry.json"
+    path.write_text('{"entries": []}')
+    os.truncate(path, 100 * 2**20)  # sparse: no disk is used, reading it would take 100 MB
+    store = StateStore(str(tmp_path))
+    tracemalloc.start()
+    try:
+        assert store.read_json("cloud-registry.json", {}) == {}
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20
+    assert not path.exists() and [p.name.split("-")[0] for p in tmp_path.glob("*.corrupt-*")] == ["cloud"]
+    assert "104857600 bytes, over the limit of 33554432 (not read); moved to" in caplog.text
