@@ -104,7 +104,9 @@ class MeshCore:
         )
         self.pool = UpstreamPool()
         self._transports: dict[str, Transport] = {"local": HttpTransport(self.pool)}
-        self.router = Router(self.registry, self.health, self._transports, self.metrics, Ranker())
+        self.router = Router(
+            self.registry, self.health, self._transports, self.metrics, Ranker(), whole_answer=self.limits.answer_buffer
+        )
         self.gate = Gate.build(config.authz, config.quotas, self.metrics)  # authz + quotas of every entry point
         self.vitals = NodeVitals(
             VitalsReader(config.vitals.proc_root, config.vitals.sys_root),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .answers import WHOLE_ANSWER
 from .config import KIB, MIB
 from .document import Table
 
@@ -27,6 +28,8 @@ class Limits:
     peers: int = 4096  # peers tracked (mDNS and MQTT each; a few hundred bytes each): a fleet of 4,000 boxes fits
     learned_entries: int = 12000  # registry entries learned over MQTT, in total (about 3 KiB of RSS each)
     learned_entries_per_node: int = 200  # ... and from one node
+    answer_buffer: int = WHOLE_ANSWER  # answers up to this length are read whole before the caller sees them
+    json_depth: int = 32  # nesting of a JSON request body (registrations, policies)
 
 
 def load_limits(t: Table) -> Limits:
@@ -47,4 +50,6 @@ def load_limits(t: Table) -> Limits:
         peers=t.integer("peers", d.peers, lo=0),
         learned_entries=t.integer("learned_entries", d.learned_entries, lo=0),
         learned_entries_per_node=t.integer("learned_entries_per_node", d.learned_entries_per_node, lo=0),
+        answer_buffer=t.size("answer_buffer", d.answer_buffer),
+        json_depth=t.integer("json_depth", d.json_depth, lo=2),
     )

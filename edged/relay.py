@@ -83,10 +83,19 @@ async def relay_answer(
             resp.send(answer.status, out, await answer.read())
             return
         resp.start(answer.status, out, content_length=answer.content_length)
-        while chunk := await answer.read():
-            await resp.write(chunk)
+        try:
+            while chunk := await answer.read():
+                await resp.write(chunk)
+        except UpstreamError:
+            # The body broke off upstream: the caller must see a truncation, never a short body as whole.
+            answer.discard()
+            outcome = "truncated"
+            router.settle(routed, False)
+            resp.cut()
+            return
+        router.settle(routed, True)
         resp.end()
-    except (UpstreamError, ConnectionError, asyncio.CancelledError):
+    except (ConnectionError, asyncio.CancelledError):
         answer.discard()
         outcome = "error"
         raise

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from . import retry
+from .answers import WHOLE_ANSWER, read_whole, streams, wants_whole
 from .budget import RetryBudget
 from .call import Call, Transport, UpstreamAnswer
 from .errors import CallError, UpstreamError
@@ -34,12 +35,20 @@ class InFlight(Protocol):
     def __enter__(self) -> InFlight: ...
     def __exit__(self, *exc: object) -> None: ...
     def finish(
-        self, endpoint: Endpoint, service: Service, ok: bool, latency: float | None, *, reached: bool = True
+        self,
+        endpoint: Endpoint,
+        service: Service,
+        ok: bool,
+        latency: float | None,
+        *,
+        reached: bool = True,
+        later: bool = False,
     ) -> None: ...
 
 
 class HealthSink(Protocol):
     def call_started(self, endpoint_id: str) -> InFlight: ...
+    def body_ended(self, endpoint: Endpoint, service: Service, ok: bool) -> None: ...
 
 
 @dataclass(slots=True)
@@ -52,6 +61,7 @@ class Routed:
     service: Service
     started: float
     attempts: list[dict] = field(default_factory=list)
+    streamed: bool = False  # its body was still arriving: `Router.settle` reports how it ended
 
 
 class Router:
@@ -65,6 +75,7 @@ class Router:
         metrics: MeshMetrics,
         ranker: Ranker | None = None,
         clock=time.monotonic,
+        whole_answer: int = WHOLE_ANSWER,
     ) -> None:
         self._registry = registry
         self._health = health
@@ -73,6 +84,7 @@ class Router:
         self._ranker = ranker or Ranker()
         self._clock = clock
         self._budgets: dict[tuple[str, str], RetryBudget] = {}
+        self._whole_answer = whole_answer  # answers up to this length are read whole before they are the caller's
 
     def service(self, tenant: str, name: str) -> Service:
         """The service, or 404 `unknown_service`."""
@@ -140,7 +152,8 @@ class Router:
                         held = None
                     if tries > 1:
                         self._metrics.failovers.inc((spec.name,))
-                    return Routed(answer, ep, tries, service, started, attempts)  # type: ignore[arg-type]
+                    streamed = streams(answer, call.method)  # type: ignore[arg-type]
+                    return Routed(answer, ep, tries, service, started, attempts, streamed)  # type: ignore[arg-type]
                 attempts.append(failed)
                 if answer is not None:
                     if held is not None:
@@ -186,12 +199,30 @@ class Router:
             except UpstreamError as exc:
                 flight.finish(ep, service, False, None, reached=exc.reached)
                 return None, {"endpoint": ep.id, "error": exc.kind, "detail": exc.detail, "reached": exc.reached}
+            if wants_whole(answer, call.method, self._whole_answer):
+                try:  # a small answer is read whole first: a break in it fails over like a reset
+                    answer = await read_whole(answer, ep.id, call.deadline - self._clock())
+                except UpstreamError as exc:
+                    flight.finish(ep, service, False, None)
+                    self._metrics.body_breaks.inc((service.name, "failover"))
+                    return None, {"endpoint": ep.id, "error": "body_" + exc.kind, "detail": exc.detail, "reached": True}
             latency = self._clock() - t0
             error = retry.answer_error(answer.status, policy)
-            flight.finish(ep, service, error is None, latency)
+            if error is None and streams(answer, call.method):
+                flight.finish(ep, service, True, latency, later=True)  # ok or not once the body is through
+            else:
+                flight.finish(ep, service, error is None, latency)
         if error is not None:
             return answer, {"endpoint": ep.id, "error": error, "reached": True}
         return answer, None
+
+    def settle(self, routed: Routed, ok: bool) -> None:
+        """A streamed answer's body ended (`ok`) or broke: health hears of it now (consecutive breaks eject)."""
+        if routed.streamed:
+            routed.streamed = False
+            self._health.body_ended(routed.endpoint, routed.service, ok)
+            if not ok:
+                self._metrics.body_breaks.inc((routed.service.name, "truncated"))
 
     def record(self, service: str, tier: str, outcome: str, started: float) -> None:
         """Count a finished call (the API calls this once the answer's body is through)."""

@@ -73,6 +73,14 @@ class Backend:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGCONT)
 
+    def set_half_body(self, on: bool) -> None:
+        """While on, every answer but /healthz breaks off after half its body (tests/backend.py)."""
+        marker = self.cwd / f"{self.name}.half"
+        if on:
+            marker.touch()
+        else:
+            marker.unlink(missing_ok=True)
+
     def set_healthy(self, healthy: bool) -> None:
         marker = self.cwd / f"{self.name}.unhealthy"
         if healthy:

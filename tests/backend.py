@@ -6,6 +6,9 @@ usage: python tests/backend.py PORT NAME [--unix PATH]
   /status/CODE           -> that status
   /sleep/MS              -> answers after MS milliseconds
   /drip/COUNT/MS         -> 200 with a body of COUNT bytes, one every MS milliseconds (a streaming answer)
+  /big/COUNT             -> 200 with a body of COUNT bytes
+  while the file NAME.half exists in the cwd, every answer but /healthz promises its whole body, sends half of
+  it and closes the connection (an endpoint that dies mid-body)
 """
 
 from __future__ import annotations
@@ -61,6 +64,9 @@ class Handler(BaseHTTPRequestHandler):
         elif path.startswith("/drip/"):
             self._drip(int(path.split("/")[2]), int(path.split("/")[3]) / 1000)
             return
+        if path.startswith("/big/"):
+            self._send(status, b"x" * int(path.split("/")[2]), "application/octet-stream")
+            return
         doc = {
             "name": name,
             "method": self.command,
@@ -68,14 +74,19 @@ class Handler(BaseHTTPRequestHandler):
             "body": body.decode("utf-8", "replace"),
             "headers": {k.lower(): v for k, v in self.headers.items()},
         }
-        data = json.dumps(doc).encode()
+        self._send(status, json.dumps(doc).encode(), "application/json")
+
+    def _send(self, status: int, data: bytes, content_type: str) -> None:
+        half = self.path != "/healthz" and os.path.exists(f"{self.server.name}.half")  # type: ignore[attr-defined]
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         if self.command != "HEAD":
-            self.wfile.write(data)
+            self.wfile.write(data[: len(data) // 2] if half else data)
         self.wfile.flush()
+        if half:
+            self.close_connection = True
 
     do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = _answer
 

@@ -3,6 +3,7 @@ break mid-body, a full disk and SIGKILL at random points; each asserts what a us
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import wait_for
 from harness import manifest
+from loadgen import LoadGen, summary
 
 from edged.client import ApiError
 
@@ -122,4 +124,47 @@ def test_sigkill_during_a_registration_burst_loses_nothing_acknowledged(backends
         missing = acked - _registered(d)
         assert not missing, f"round {round_}: {len(missing)} acknowledged registrations lost"
     assert len(acked) > 100  # the kills landed mid-burst, after many acknowledgements
+    assert d.stop() == 0
+
+
+def _half_body_setup(backends, edged):
+    b1, b2 = backends("p1"), backends("p2")
+    d = edged({"thermo.toml": manifest("thermo", [(b1.port, 1), (b2.port, 2)])})
+    b1.set_half_body(True)
+    return b1, b2, d
+
+
+def _metric(d, name: str) -> float:
+    text = d.api.request("GET", "/metrics")[2].decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_small_answers_that_break_mid_body_fail_over_and_eject_the_endpoint(backends, edged) -> None:
+    # Before: 1,399 of 1,400 calls reached the caller truncated, no failover, the endpoint stayed healthy.
+    _, b2, d = _half_body_setup(backends, edged)
+    results = asyncio.run(LoadGen("127.0.0.1", d.port, "/svc/thermo/readings").run(100, 2.0))
+    stats = summary(results)
+    assert stats["failed"] == 0 and len(results) == 200, [r for r in results if r.status != 200][:3]
+    assert {r.endpoint for r in results} == {f"default/thermo/local/{b2.url}"}
+    assert _metric(d, 'edged_body_breaks_total{service="thermo",outcome="failover"}') >= 3
+    # Consecutive breaks ejected p1: after the first few calls, none tried it first.
+    assert sum(1 for r in results if r.tries > 1) <= 5, stats
+    assert "handler failed" not in d.log_text()
+    assert d.stop() == 0
+
+
+def test_large_answers_that_break_are_cut_cleanly_counted_and_eject_the_endpoint(backends, edged) -> None:
+    _, _, d = _half_body_setup(backends, edged)
+    outcomes = []
+    for _ in range(8):
+        try:
+            status, _, body = d.call("thermo", "/big/200000")
+            outcomes.append("whole" if status == 200 and len(body) == 200000 else f"{status}:{len(body)}")
+        except ApiError as exc:  # the client's IncompleteRead: the caller sees the truncation
+            outcomes.append("cut" if "IncompleteRead" in str(exc) else str(exc))
+    # The first calls reach p1 and are cut (the caller sees the truncation, never a short body as whole);
+    # three breaks in a row eject p1, and the rest are whole from p2.
+    assert outcomes[:3] == ["cut"] * 3 and outcomes[3:] == ["whole"] * 5, outcomes
+    assert _metric(d, 'edged_body_breaks_total{service="thermo",outcome="truncated"}') == 3
+    assert "handler failed" not in d.log_text()
     assert d.stop() == 0

@@ -20,6 +20,7 @@ from edged.telemetry import MeshMetrics
 class Answer:
     def __init__(self, status: int) -> None:
         self.status, self.reason, self.headers, self.content_length = status, b"", [], 0
+        self.complete = True
         self.discarded = False
 
     async def read(self) -> bytes:

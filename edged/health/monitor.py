@@ -223,8 +223,11 @@ class HealthMonitor:
         answered: bool | None = None,
         detail: str | None = None,
         reached: bool = True,
+        later: bool = False,
     ) -> None:
         """A call ended. ok=False for connect errors, resets, timeouts and 5xx; feeds outlier detection.
+
+        `later=True`: the answer head is in but its body still streams; `body_ended` gives the outcome.
 
         `reached=False` says the try never reached the endpoint (a connect failure): a short streak of those ejects.
 
@@ -243,6 +246,24 @@ class HealthMonitor:
             h.latency_ewma = (
                 latency if h.latency_ewma is None else h.latency_ewma + _EWMA_ALPHA * (latency - h.latency_ewma)
             )
+        if not later:
+            self._outcome(endpoint, service, h, ok, reached, detail, now)
+
+    def body_ended(self, endpoint: Endpoint, service: Service, ok: bool) -> None:
+        """A streamed answer's body came whole (`ok`) or broke off: the outcome of a call reported `later`."""
+        h = self.state(endpoint.id)
+        self._outcome(endpoint, service, h, ok, True, None if ok else "answer body broke off", self._clock())
+
+    def _outcome(
+        self,
+        endpoint: Endpoint,
+        service: Service,
+        h: EndpointHealth,
+        ok: bool,
+        reached: bool,
+        detail: str | None,
+        now: float,
+    ) -> None:
         outlier = h._outlier
         if ok:
             h.calls_ok += 1
@@ -471,12 +492,19 @@ class InFlight:
         self.release()
 
     def finish(
-        self, endpoint: Endpoint, service: Service, ok: bool, latency: float | None, *, reached: bool = True
+        self,
+        endpoint: Endpoint,
+        service: Service,
+        ok: bool,
+        latency: float | None,
+        *,
+        reached: bool = True,
+        later: bool = False,
     ) -> None:
         """The call ended with this outcome (see `HealthMonitor.call_finished`)."""
         monitor, self._monitor = self._monitor, None
         if monitor is not None:
-            monitor.call_finished(endpoint, service, ok, latency, reached=reached)
+            monitor.call_finished(endpoint, service, ok, latency, reached=reached, later=later)
 
     def release(self) -> None:
         """Give the place back without an outcome (idempotent)."""

@@ -150,6 +150,12 @@ class ResponseWriter:
         elif self._left:  # fewer bytes than announced: only closing tells the client
             self._close = True
 
+    def cut(self) -> None:
+        """End a started answer short (its source broke off): the connection closes after what was sent, so
+        the client sees a truncated body (never a last chunk or a short body as whole)."""
+        self.finished = True
+        self._close = True
+
     def send(self, status: int, headers: Headers, body: bytes) -> None:
         """Send a whole answer at once, with Content-Length."""
         parts = self._build_head(status, headers, len(body))
