@@ -9,6 +9,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
+from . import jsonbody
 from .access import ADMIN, CALL, READ, WRITE, Access, Identity
 from .admission import Gate
 from .authz_api import AuthzApi
@@ -67,6 +68,7 @@ class Api:
         config_state: Callable[[], dict] = dict,
         gate: Gate | None = None,
         authz: AuthzApi | None = None,
+        json_depth: int = 32,
     ) -> None:
         self._node = node
         self._registry = registry
@@ -83,6 +85,7 @@ class Api:
         self._providers = providers
         self._config_state = config_state  # the config file, reloads, keys pending restart
         self._gate = gate  # authorization rules and quotas of the call path (None: every call admitted)
+        self._json_depth = json_depth  # [limits] json_depth: nesting of a JSON request body
         self._policies: PolicyOverrides | None = None  # set by the daemon: `set_policies`
         # (method, first segment) -> (the right it takes, handler)
         self._routes: dict[tuple[str, str], tuple[str, Callable[..., Awaitable[None] | None]]] = {
@@ -369,12 +372,11 @@ class Api:
             "override": self._policies.table(svc.tenant, svc.name),
         }
 
-    @staticmethod
-    def _json_body(req: Request) -> object:
+    def _json_body(self, req: Request, code: str = "invalid_policy") -> object:
         try:
-            return json.loads(req.body or b"null")
+            return jsonbody.loads(req.body or b"null", self._json_depth)
         except ValueError as exc:
-            raise CallError(400, "invalid_policy", f"body is not JSON: {exc}") from None
+            raise CallError(400, code, f"body is not JSON: {exc}") from None
 
     def _policy_get(self, req: Request, resp: ResponseWriter, caller: Identity, rest: list[str]) -> None:
         tenant = caller.tenant
@@ -429,10 +431,7 @@ class Api:
     async def _register(self, req: Request, resp: ResponseWriter, caller: Identity, rest: list[str]) -> None:
         if rest and rest[0]:
             raise CallError(404, "not_found", "POST /v1/register (no id in the path)")
-        try:
-            body = json.loads(req.body or b"null")
-        except ValueError as exc:
-            raise CallError(400, "invalid_registration", f"body is not JSON: {exc}") from None
+        body = self._json_body(req, "invalid_registration")
         reg, replaced, saved = self._registrations.register(caller, body)
         await _on_disk(saved)  # acknowledged only once a restart keeps it
         resp.send_json(200 if replaced else 201, reg.describe(time.monotonic()))

@@ -104,6 +104,7 @@ class Daemon:
             config_state=self.config_state,
             gate=core.gate,
             authz=self.authz,
+            json_depth=config.limits.json_depth,
         )
         self.api.set_policies(self.policies)
         self.server = HttpServer(

@@ -168,3 +168,19 @@ def test_large_answers_that_break_are_cut_cleanly_counted_and_eject_the_endpoint
     assert _metric(d, 'edged_body_breaks_total{service="thermo",outcome="truncated"}') == 3
     assert "handler failed" not in d.log_text()
     assert d.stop() == 0
+
+
+def test_deeply_nested_json_is_a_400_not_a_500(backends, edged) -> None:
+    # Before: 500 with a traceback (RecursionError) for /v1/register and PUT /v1/policies.
+    b = backends("a")
+    d = edged({"good.toml": manifest("good", [(b.port, 1)])})
+    deep = b'{"service_name": "x", "x": ' + b"[" * 3000 + b"]" * 3000 + b"}"
+    for method, path, code in (
+        ("POST", "/v1/register", "invalid_registration"),
+        ("PUT", "/v1/policies/good", "invalid_policy"),
+    ):
+        status, _, body = d.admin.request(method, path, deep)
+        assert (status, json.loads(body)["error"]) == (400, code), body
+        assert "nested deeper than 32 levels" in json.loads(body)["detail"]
+    assert "Traceback" not in d.log_text()
+    assert d.stop() == 0

@@ -503,3 +503,32 @@ def test_hop_by_hop_headers_are_stripped() -> None:
     assert twice.header(b"x-a") == b"1"  # the first value
     plain = [(b"connection", b"close"), (b"x-a", b"1"), (b"content-length", b"0")]
     assert strip_hop_by_hop(plain) == [(b"x-a", b"1")]
+
+
+def test_a_pipelining_connection_takes_turns_with_the_others() -> None:
+    # Before: one connection's pipelined requests were all answered back to back (100,000 /metrics gave other
+    # callers a p99 of 426 ms); now at most a few in a row before other connections get the loop.
+    handled: list[str] = []
+
+    async def record(request: Request, writer: ResponseWriter) -> None:
+        handled.append(request.path)
+        writer.send(200, [], b"ok")
+
+    async def main() -> None:
+        server, port = await start(record)
+        hog_r, hog_w = await asyncio.open_connection("127.0.0.1", port)
+        other_r, other_w = await asyncio.open_connection("127.0.0.1", port)
+        other_w.write(b"GET /warm HTTP/1.1\r\nHost: t\r\n\r\n")
+        await ResponseReader(other_r).read(1)
+        hog_w.write(b"GET /hog HTTP/1.1\r\nHost: t\r\n\r\n" * 4000)  # ~130 KB: one or two reads
+        other_w.write(b"GET /other HTTP/1.1\r\nHost: t\r\n\r\n")
+        drain = asyncio.ensure_future(hog_r.read(1 << 20))
+        await ResponseReader(other_r).read(1)
+        drain.cancel()
+        hog_w.close()
+        other_w.close()
+        await server.shutdown(1)
+
+    asyncio.run(main())
+    position = handled.index("/other")
+    assert position < 400, f"/other was answered after {position - 1} pipelined requests of another connection"

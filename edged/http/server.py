@@ -32,6 +32,7 @@ log = logging.getLogger("edged.http.server")
 
 _MAX_QUEUED = 8  # pipelined requests waiting before we stop reading the socket
 _RESUME_QUEUED = 2
+_TURN = 8  # pipelined requests answered in a row before other connections get the loop (fair to them)
 _LINGER = 2.0  # seconds to keep reading (and dropping) input after an error answer, so the client sees it
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection", b"keep-alive"})
@@ -472,8 +473,10 @@ class _ServerConnection(asyncio.Protocol):
         """Answer queued requests in order for as long as the connection lives."""
         queue = self._queue
         loop = self._loop
+        in_a_row = 0
         while not self._closed:
             if not queue:
+                in_a_row = 0
                 self._since = loop.time()
                 self._wakeup = loop.create_future()
                 await self._wakeup
@@ -508,6 +511,11 @@ class _ServerConnection(asyncio.Protocol):
                     return
                 self._close()
                 return
+            in_a_row += 1
+            if in_a_row >= _TURN and queue:
+                # Answers that need no I/O never suspend: without this, one pipelining client holds the loop.
+                in_a_row = 0
+                await asyncio.sleep(0)
             if self._continue_pending and self._open and not queue:
                 self._continue_pending = False
                 self._write(_CONTINUE)
