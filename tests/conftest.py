@@ -44,3 +44,11 @@ def edged(tmp_path: Path) -> Iterator:
     yield make
     for d in started:
         d.kill()  # also removes its CPU throttle (EDGED_SLOW_CPU)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The property-based tests say how many cases they generated and how long that took (tests/test_fuzz.py)."""
+    fuzz = sys.modules.get("test_fuzz")
+    line = fuzz.summary() if fuzz is not None else None
+    if line:
+        terminalreporter.write_line(line)
