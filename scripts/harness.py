@@ -73,6 +73,14 @@ class Backend:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGCONT)
 
+    def set_fault(self, fault: str | None) -> None:
+        """Every request but /healthz gets `fault`: "503", "slow" or "reset" (tests/backend.py); None: no fault."""
+        marker = self.cwd / f"{self.name}.fault"
+        if fault:
+            marker.write_text(fault)
+        else:
+            marker.unlink(missing_ok=True)
+
     def set_half_body(self, on: bool) -> None:
         """While on, every answer but /healthz breaks off after half its body (tests/backend.py)."""
         marker = self.cwd / f"{self.name}.half"

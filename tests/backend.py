@@ -8,7 +8,8 @@ usage: python tests/backend.py PORT NAME [--unix PATH]
   /drip/COUNT/MS         -> 200 with a body of COUNT bytes, one every MS milliseconds (a streaming answer)
   /big/COUNT             -> 200 with a body of COUNT bytes
   while the file NAME.half exists in the cwd, every answer but /healthz promises its whole body, sends half of
-  it and closes the connection (an endpoint that dies mid-body)
+  it and closes the connection (an endpoint that dies mid-body); while NAME.fault exists, every request but
+  /healthz gets what it says: "503" (that status), "slow" (answers after 2 s) or "reset" (a TCP reset, no answer)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import os
 import socket
 import socketserver
+import struct
 import sys
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -55,6 +57,15 @@ class Handler(BaseHTTPRequestHandler):
         name = self.server.name  # type: ignore[attr-defined]
         path = self.path.split("?", 1)[0]
         status = 200
+        fault = self._fault(name) if path != "/healthz" else ""
+        if fault == "reset":
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.close_connection = True
+            return
+        if fault == "slow":
+            time.sleep(2)
+        elif fault.isdigit():
+            status = int(fault)
         if path == "/healthz" and os.path.exists(f"{name}.unhealthy"):
             status = 503
         elif path.startswith("/status/"):
@@ -75,6 +86,14 @@ class Handler(BaseHTTPRequestHandler):
             "headers": {k.lower(): v for k, v in self.headers.items()},
         }
         self._send(status, json.dumps(doc).encode(), "application/json")
+
+    @staticmethod
+    def _fault(name: str) -> str:
+        try:
+            with open(f"{name}.fault") as f:
+                return f.read().strip()
+        except OSError:
+            return ""
 
     def _send(self, status: int, data: bytes, content_type: str) -> None:
         half = self.path != "/healthz" and os.path.exists(f"{self.server.name}.half")  # type: ignore[attr-defined]

@@ -1,5 +1,6 @@
 """End to end, issue 13 ("nothing lost, nothing stuck"): the real daemon against bad files, answers that
-break mid-body, a full disk and SIGKILL at random points; each asserts what a user would see."""
+break mid-body, a full disk, SIGKILL at random points and a matrix of endpoint faults; each asserts what a
+user would see."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import failover
 import pytest
 from conftest import wait_for
+from fixtures_mqtt import broker, mqtt_section  # noqa: F401  (broker: the broker_flap fault's fixture)
 from harness import manifest
 from loadgen import LoadGen, summary
 
@@ -182,5 +185,39 @@ def test_deeply_nested_json_is_a_400_not_a_500(backends, edged) -> None:
         status, _, body = d.admin.request(method, path, deep)
         assert (status, json.loads(body)["error"]) == (400, code), body
         assert "nested deeper than 32 levels" in json.loads(body)["detail"]
+    assert "Traceback" not in d.log_text()
+    assert d.stop() == 0
+
+
+FAULTS = ["kill", "freeze", "503", "slow", "reset", "half_body", "broker_flap"]
+
+
+@pytest.mark.slowcpu
+@pytest.mark.parametrize("fault", FAULTS)
+def test_fault_matrix_loses_no_call_while_another_endpoint_is_there(backends, edged, request, fault) -> None:
+    # Priority 1 meets the fault 0.5 s into 2 s of 100 calls/s; priority 2 is sound. No caller may see it.
+    b1, b2 = backends("p1"), backends("p2")
+    extra = ""
+    actions: dict[float, object] = {}
+    if fault == "broker_flap":  # the cloud tier's broker dies and comes back, twice, under local calls
+        mqtt = request.getfixturevalue("broker")
+        extra = mqtt_section(mqtt, "flap")
+        actions = {0.5: mqtt.kill, 0.9: mqtt.start, 1.2: mqtt.kill, 1.6: mqtt.start}
+    elif fault == "kill":
+        actions = {0.5: b1.kill}
+    elif fault == "freeze":
+        actions = {0.5: b1.freeze, 1.8: b1.thaw}
+    elif fault == "half_body":
+        actions = {0.5: lambda: b1.set_half_body(True)}
+    else:
+        actions = {0.5: lambda: b1.set_fault(fault)}
+    d = edged({"thermo.toml": failover.two_endpoints(b1.port, b2.port, interval="500ms")}, extra)
+    results = asyncio.run(LoadGen("127.0.0.1", d.port, "/svc/thermo/readings").run(100, 2.0, actions))
+    stats = summary(results)
+    assert len(results) == 200 and stats["failed"] == 0, [r for r in results if r.status != 200][:3]
+    assert all(r.status == 200 for r in results)
+    if fault != "broker_flap":
+        late = [r for r in results if r.started > 1.2]  # by then the fault is known (checks, ejection)
+        assert late and all(r.endpoint.endswith(str(b2.port)) for r in late), stats
     assert "Traceback" not in d.log_text()
     assert d.stop() == 0
