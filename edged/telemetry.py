@@ -397,9 +397,6 @@ class MeshMetrics:
             "How late the event loop ran a timer, sampled 4 times a second.",
             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
         )
-        self.state_write_errors = m.counter(
-            "edged_state_write_errors_total", "State files that could not be written (a change was refused).", ("file",)
-        )
 
     def add_collector(self, fn: Callable[[], None]) -> None:
         """Shortcut for `registry.add_collector()`."""
