@@ -5,9 +5,12 @@ user would see."""
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
 import random
+import resource
+import socket
 import subprocess
 import threading
 import time
@@ -15,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import failover
+import psutil
 import pytest
 from conftest import wait_for
 from fixtures_mqtt import broker, mqtt_section  # noqa: F401  (broker: the broker_flap fault's fixture)
@@ -220,4 +224,36 @@ def test_fault_matrix_loses_no_call_while_another_endpoint_is_there(backends, ed
         late = [r for r in results if r.started > 1.2]  # by then the fault is known (checks, ejection)
         assert late and all(r.endpoint.endswith(str(b2.port)) for r in late), stats
     assert "Traceback" not in d.log_text()
+    assert d.stop() == 0
+
+
+def test_descriptor_exhaustion_keeps_the_services_it_had(backends, edged) -> None:
+    # Before: with every descriptor taken, the manifest folder could not be listed and every service in it
+    # was dropped (411 of 600 calls on open connections got 404 unknown_service).
+    b = backends("a")
+    d = edged({"thermo.toml": manifest("thermo", [(b.port, 1)])})
+    caller = http.client.HTTPConnection("127.0.0.1", d.port, timeout=10)  # a caller with an open connection
+    caller.request("GET", "/svc/thermo/x")
+    first = caller.getresponse()
+    assert first.status == 200 and first.read()
+    pid = d.proc.pid
+    used = psutil.Process(pid).num_fds()
+    old = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (used + 4, old[1]))
+    hogs = []
+    try:
+        for _ in range(12):  # take the few descriptors left (some of these wait in the listen backlog)
+            hogs.append(socket.create_connection(("127.0.0.1", d.port), timeout=5))
+        time.sleep(0.3)
+        d.write_manifest("thermo.toml", manifest("thermo", [(b.port, 1)]) + "# touched\n")  # a reload is due
+        wait_for(lambda: "cannot list services dir" in d.log_text(), 10, what="a listing that failed")
+        caller.request("GET", "/svc/thermo/x")  # its upstream connection is pooled: no descriptor needed
+        again = caller.getresponse()
+        assert again.status == 200, again.read()
+    finally:
+        for sock in hogs:
+            sock.close()
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, old)
+        caller.close()
+    wait_for(lambda: d.call("thermo", "/x")[0] == 200, 10, what="calls on fresh connections again")
     assert d.stop() == 0
