@@ -81,6 +81,7 @@ async def relay_answer(
         if answer.complete and req.method != "HEAD":
             # The whole answer is already here (the common small answer): one read gives all of it, one write.
             resp.send(answer.status, out, await answer.read())
+            router.settle(routed, True)  # a streamed answer whose rest came before the head went out
             return
         resp.start(answer.status, out, content_length=answer.content_length)
         try:

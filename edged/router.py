@@ -1,8 +1,10 @@
 """Router: one call -> the plan's endpoints in order, within the call's deadline, per-try timeout and retry budget.
 
 Failover happens here, before the caller sees anything: a try that fails to connect, breaks, times out
-or answers with a retryable 5xx moves on to the next endpoint of the plan. Once a response head has
-been accepted, it is the answer (its body streams to the caller; no replay after that). Moving on from
+or answers with a retryable 5xx moves on to the next endpoint of the plan; so does a small answer
+(`[limits] answer_buffer`) whose body breaks, as it is read whole before it is accepted. Once a response
+head has been accepted, it is the answer (a longer body streams to the caller; no replay after that, and a
+break there is reported to health by `settle`). Moving on from
 a connect failure (the request never left) does not spend the retry budget.
 """
 

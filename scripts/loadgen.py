@@ -66,6 +66,7 @@ class LoadGen:
         timeout: float = 10.0,
         unix: str | None = None,
         paths: Callable[[int], str] | None = None,
+        max_connections: int | None = None,
     ):
         self.host, self.port, self.path = host, port, path
         self.unix = unix  # a Unix socket path instead of host:port
@@ -76,12 +77,22 @@ class LoadGen:
         self._count = 0
         self._idle: list[_Conn] = []
         self.results: list[Result] = []
+        # A bounded caller (like a client's connection pool): a call waits for a free connection, and that wait
+        # counts in its latency. None: a new connection whenever none is idle.
+        self._slots = asyncio.Semaphore(max_connections) if max_connections else None
 
     def _make(self, path: str) -> bytes:
         return f"GET {path} HTTP/1.1\r\nHost: {self._host_header}\r\nUser-Agent: loadgen\r\n\r\n".encode()
 
     async def _one(self, t0: float) -> None:
+        if self._slots is None:
+            await self._call(t0, time.monotonic())
+            return
         started = time.monotonic()
+        async with self._slots:
+            await self._call(t0, started)
+
+    async def _call(self, t0: float, started: float) -> None:
         path, request = self.path, self._request
         if self._paths is not None:
             path = self._paths(self._count)
