@@ -220,8 +220,8 @@ def test_fault_matrix_loses_no_call_while_another_endpoint_is_there(backends, ed
     stats = summary(results)
     assert len(results) == 200 and stats["failed"] == 0, [r for r in results if r.status != 200][:3]
     assert all(r.status == 200 for r in results)
-    if fault != "broker_flap":
-        late = [r for r in results if r.started > 1.2]  # by then the fault is known (checks, ejection)
+    if fault in ("kill", "503", "reset", "half_body"):  # faults seen at once (freeze and slow take timeouts)
+        late = [r for r in results if r.started > 1.2]  # by then the endpoint is ejected
         assert late and all(r.endpoint.endswith(str(b2.port)) for r in late), stats
     assert "Traceback" not in d.log_text()
     assert d.stop() == 0
