@@ -36,7 +36,15 @@ from edged.vitals import Vitals
 SCALE = int(os.environ.get("EDGED_FUZZ", "1") or 1)
 CASES = {"manifest": 2000, "manifest_text": 1500, "config": 1500, "cbor": 2000, "txt": 1500, "http": 1500}
 counted: dict[str, int] = dict.fromkeys(CASES, 0)
-_started = time.monotonic()
+_span = [0.0, 0.0]  # monotonic time of the first and the latest case
+
+
+def count(kind: str) -> None:
+    now = time.monotonic()
+    if not _span[0]:
+        _span[0] = now
+    _span[1] = now
+    counted[kind] += 1
 
 
 def fuzz(kind: str):
@@ -51,7 +59,7 @@ def fuzz(kind: str):
 def summary() -> str | None:
     """The line tests/conftest.py prints at the end of the run: how many cases, in how long."""
     total = sum(counted.values())
-    return f"fuzz: {total} generated cases in {time.monotonic() - _started:.1f}s {counted}" if total else None
+    return f"fuzz: {total} generated cases in {_span[1] - _span[0]:.1f}s {counted}" if total else None
 
 
 # -- values a user or an attacker might put in a document ---------------------------------------------------
@@ -102,7 +110,7 @@ manifests = st.fixed_dictionaries(
 @fuzz("manifest")
 @given(manifests)
 def test_any_manifest_document_is_a_spec_or_a_refusal(doc: dict) -> None:
-    counted["manifest"] += 1
+    count("manifest")
     try:
         spec = parse_manifest_data(doc, "fuzz.toml")
     except ConfigError as exc:
@@ -125,7 +133,7 @@ _TEXT_DIR = tempfile.mkdtemp(prefix="edged-fuzz-")
 )
 def test_any_manifest_file_is_a_spec_or_a_refusal(kind: str, text: str, nesting: int) -> None:
     # Through the loader the daemon uses: a file that trips a decoder must come back as that file's refusal.
-    counted["manifest_text"] += 1
+    count("manifest_text")
     for name in os.listdir(_TEXT_DIR):
         os.unlink(os.path.join(_TEXT_DIR, name))
     path = os.path.join(_TEXT_DIR, f"fuzz.{kind}")
@@ -158,7 +166,7 @@ configs = st.dictionaries(
 @fuzz("config")
 @given(configs)
 def test_any_config_document_is_a_config_or_a_refusal(doc: dict) -> None:
-    counted["config"] += 1
+    count("config")
     try:
         _Loader(Table(Doc("edged.toml", None), doc), "/tmp").build("/tmp/edged.toml")
     except ConfigError as exc:
@@ -196,7 +204,7 @@ cbor_inputs = (
 @fuzz("cbor")
 @given(cbor_inputs)
 def test_any_envelope_bytes_decode_or_are_refused_in_bounded_memory(data: bytes) -> None:
-    counted["cbor"] += 1
+    count("cbor")
     tracemalloc.start()
     try:
         for decode in (decode_request, decode_answer):
@@ -220,7 +228,7 @@ labels = st.text(string.ascii_lowercase + string.digits + "-", min_size=1, max_s
     labels, labels, labels, st.lists(st.text(max_size=70), max_size=40),
 )  # fmt: skip
 def test_any_txt_record_parses_or_is_ignored_and_ours_fit(raw: dict, node: str, fleet: str, zone: str, refs) -> None:
-    counted["txt"] += 1
+    count("txt")
     record = parse_node_txt(decode_txt(raw))
     assert record is None or (record.node and record.fleet)
     ours = node_txt(node=node, fleet=fleet, zone=zone, vitals=Vitals(), services=refs, addresses=["10.0.0.1"])
@@ -328,7 +336,7 @@ def test_any_http_request_gets_an_answer_never_a_500_and_memory_stays_bounded(da
     # over TCP as an anonymous caller; raw bytes over TCP.
     @given(st.one_of(requests, requests, st.binary(min_size=1, max_size=200).map(lambda b: ("raw", b))), st.booleans())
     def one(case, over_tcp: bool) -> None:
-        counted["http"] += 1
+        count("http")
         raw = case[0] == "raw"
         data = case[1] if raw else _request_bytes(*case)
         status = _exchange(port if raw or (over_tcp and case[1][:4] != "/v1/") else str(daemon.socket), data)
