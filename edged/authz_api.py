@@ -13,10 +13,10 @@ quotas of edged.toml cannot be changed here (edit the file and reload).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 
+from . import jsonbody
 from .access import ADMIN, Identity
 from .admission import Gate
 from .authz import Rule, parse_rule
@@ -25,6 +25,7 @@ from .errors import CallError, ConfigError
 from .events import EventBus
 from .http.message import Request
 from .http.server import ResponseWriter
+from .limits import Limits
 from .model import DEFAULT_TENANT, PolicySpec, QuotaSpec
 from .paths import normalize_path
 from .quota import load_quota, quota_dict, quota_key
@@ -34,6 +35,7 @@ from .state import StateError, StateStore
 log = logging.getLogger("edged.authz")
 STATE_FILE = "authz.json"
 MAX_RULES = 1024  # rules set through the API
+_JSON_DEPTH = Limits().json_depth  # nesting of a request body (admin-only writes: the default limit)
 
 
 def _invalid(exc: ConfigError) -> CallError:
@@ -204,6 +206,6 @@ class AuthzApi:
 
 def _json(req: Request) -> object:
     try:
-        return json.loads(req.body or b"null")
+        return jsonbody.loads(req.body or b"null", _JSON_DEPTH)
     except ValueError as exc:
         raise CallError(400, "bad_request", f"body is not JSON: {exc}") from None
