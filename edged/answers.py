@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 
 from .call import Headers, UpstreamAnswer
-from .errors import UpstreamError, UpstreamTimeout
+from .errors import UpstreamTimeout
 
 WHOLE_ANSWER = 64 * 1024  # default `[limits] answer_buffer`: covers the usual edge API answer
 
@@ -68,6 +68,6 @@ async def read_whole(answer: UpstreamAnswer, target: str, timeout: float) -> Who
             if not chunk:
                 return WholeAnswer(answer, b"".join(parts))
             parts.append(chunk)
-    except UpstreamError:
+    except BaseException:  # a break, or the try cancelled (the caller left, or a race was won by another try)
         answer.discard()
         raise

@@ -10,6 +10,7 @@ a connect failure (the request never left) does not spend the retry budget.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from .call import Call, Transport, UpstreamAnswer
 from .errors import CallError, UpstreamError
 from .model import Endpoint, PolicySpec, Service
 from .policy import Plan, Ranker
+from .race import Outcome, Race
 from .registry import Registry
 from .telemetry import MeshMetrics
 
@@ -130,43 +132,80 @@ class Router:
         policy = spec.policy
         attempts: list[dict] = []
         held: Routed | None = None  # the last retryable answer: the caller's if every other try fails too
+        race: Race | None = None  # tries running side by side (edged.race), once the plan has no usable one left
+        slow: dict | None = None  # the last try, still racing past its per-try timeout
         tries = 0
+
+        def take(outcomes: list[Outcome]) -> Routed | None:
+            """Note what tries came to: the caller's answer if one is, else each failure (and a retryable answer)."""
+            nonlocal held
+            won = None
+            for answered_by, answer, failed in outcomes:
+                if failed is None and won is None:
+                    streamed = streams(answer, call.method)  # type: ignore[arg-type]
+                    won = Routed(answer, answered_by, tries, service, started, attempts, streamed)  # type: ignore[arg-type]
+                elif failed is None:
+                    answer.discard()  # type: ignore[union-attr]  # a second answer in the same instant
+                else:
+                    attempts.append(failed)
+                    if answer is not None:
+                        if held is not None:
+                            held.answer.discard()
+                        held = Routed(answer, answered_by, tries, service, started, attempts)
+            if won is not None:
+                if held is not None:
+                    held.answer.discard()
+                    held = None
+                if tries > 1:
+                    self._metrics.failovers.inc((spec.name,))
+            return won
+
         try:
-            for choice in plan.choices:
+            for i, choice in enumerate(plan.choices):
                 ep = choice.endpoint
                 if tries > 0:  # the first try always goes
-                    last = attempts[-1] if attempts else None
+                    last = slow or (attempts[-1] if attempts else None)
                     if retry.why_not_retry(policy, tries, last, call.method):
                         break
                     if retry.spends_budget(last) and not budget.try_withdraw():
                         self._metrics.retry_budget_exhausted.inc((spec.name,))
                         attempts.append({"endpoint": ep.id, "error": "retry budget exhausted"})
                         break
-                    self._metrics.retries.inc((spec.name, attempts[-1]["error"] if attempts else "unknown"))
+                    self._metrics.retries.inc((spec.name, last["error"] if last else "unknown"))
                 remaining = call.deadline - self._clock()
                 if remaining <= 0:
                     break
                 tries += 1
-                answer, failed = await self._attempt(ep, service, call, policy, remaining)
-                if failed is None:  # the caller's answer
-                    if held is not None:
-                        held.answer.discard()
-                        held = None
-                    if tries > 1:
-                        self._metrics.failovers.inc((spec.name,))
-                    streamed = streams(answer, call.method)  # type: ignore[arg-type]
-                    return Routed(answer, ep, tries, service, started, attempts, streamed)  # type: ignore[arg-type]
-                attempts.append(failed)
-                if answer is not None:
-                    if held is not None:
-                        held.answer.discard()
-                    held = Routed(answer, ep, tries, service, started, attempts)
+                later = plan.choices[i + 1 :] if tries <= policy.retries else ()  # what another try could go to
+                if race is None and (not later or any(c.usable for c in later)):
+                    # A plain try: cut short by the per-try timeout while a usable endpoint is left to move on
+                    # to; the last try the call can make has until the deadline.
+                    outcomes = [(ep, *await self._attempt(ep, service, call, policy, remaining, whole=not later))]
+                else:
+                    # No usable endpoint left to move on to (only stalled or down ones): the per-try timeout
+                    # brings the next choice in, and the slow try stays in the race (edged.race).
+                    race = race or Race()
+                    outrun: list[bool] = [False]
+                    current = race.start(ep, self._attempt(ep, service, call, policy, remaining, outrun=outrun))
+                    outcomes = await race.wait(current, policy.per_try_timeout if later else None, remaining)
+                    # Still running with no answer in: its per-try timeout passed, and the next choice goes too.
+                    outrun[0] = not current.done() and all(failed is not None for _, _, failed in outcomes)
+                    slow = {"endpoint": ep.id, "error": "slow", "reached": True} if outrun[0] else None
+                routed = take(outcomes)
+                if routed is not None:
+                    return routed
+            while race:  # the plan is through: what is still racing has until the deadline
+                routed = take(await race.wait(None, None, call.deadline - self._clock()))
+                if routed is not None:
+                    return routed
             if held is not None:
                 # Every try failed and the last real answer was a retryable 5xx: the caller gets that answer.
                 held.tries = tries
                 routed, held = held, None
                 return routed
         finally:
+            if race is not None:
+                await race.close()
             if held is not None:  # cancelled (the caller left) while holding an answer: give its connection back
                 held.answer.discard()
         outcome = "deadline" if call.deadline - self._clock() <= 0 else "no_endpoint"
@@ -183,12 +222,22 @@ class Router:
         raise CallError(503, "no_endpoint", detail)
 
     async def _attempt(
-        self, ep: Endpoint, service: Service, call: Call, policy: PolicySpec, remaining: float
+        self,
+        ep: Endpoint,
+        service: Service,
+        call: Call,
+        policy: PolicySpec,
+        remaining: float,
+        *,
+        whole: bool = False,
+        outrun: list[bool] | None = None,
     ) -> tuple[UpstreamAnswer | None, dict | None]:
         """One try: (answer, None) when the answer is the caller's, (answer, failure) for a retryable status,
         (None, failure) when no answer came. Health hears of the outcome; the in-flight count is given back
-        whatever happens, cancellation included."""
-        timeout = min(policy.per_try_timeout, remaining)
+        whatever happens, cancellation included. `whole`, or racing (`outrun` given): the try has the
+        `remaining` time, not the per-try timeout; a racing try cancelled once `outrun[0]` was set (its per-try
+        timeout had passed, and another try answered first) counts as timed out."""
+        timeout = remaining if whole or outrun is not None else min(policy.per_try_timeout, remaining)
         headers = [
             *call.headers,
             (b"x-request-id", call.request_id.encode()),
@@ -198,16 +247,21 @@ class Router:
         with self._health.call_started(ep.id) as flight:
             try:
                 answer = await self._transports[ep.tier].send(ep, call, headers, timeout)
+                if wants_whole(answer, call.method, self._whole_answer):
+                    try:  # a small answer is read whole first: a break in it fails over like a reset
+                        answer = await read_whole(answer, ep.id, call.deadline - self._clock())
+                    except UpstreamError as exc:
+                        flight.finish(ep, service, False, None)
+                        self._metrics.body_breaks.inc((service.name, "failover"))
+                        kind = "body_" + exc.kind
+                        return None, {"endpoint": ep.id, "error": kind, "detail": exc.detail, "reached": True}
             except UpstreamError as exc:
                 flight.finish(ep, service, False, None, reached=exc.reached)
                 return None, {"endpoint": ep.id, "error": exc.kind, "detail": exc.detail, "reached": exc.reached}
-            if wants_whole(answer, call.method, self._whole_answer):
-                try:  # a small answer is read whole first: a break in it fails over like a reset
-                    answer = await read_whole(answer, ep.id, call.deadline - self._clock())
-                except UpstreamError as exc:
+            except asyncio.CancelledError:
+                if outrun is not None and outrun[0]:
                     flight.finish(ep, service, False, None)
-                    self._metrics.body_breaks.inc((service.name, "failover"))
-                    return None, {"endpoint": ep.id, "error": "body_" + exc.kind, "detail": exc.detail, "reached": True}
+                raise
             latency = self._clock() - t0
             error = retry.answer_error(answer.status, policy)
             if error is None and streams(answer, call.method):

@@ -20,6 +20,7 @@ class Result:
     tries: int
     error: str = ""
     path: str = ""  # with `paths`: the path of this call
+    detail: str = ""  # the start of the body of a 5xx answer (what the daemon said went wrong)
 
 
 class _Conn:
@@ -106,7 +107,7 @@ class LoadGen:
                 else:
                     conn = _Conn(*await asyncio.open_connection(self.host, self.port))
             conn.writer.write(request)
-            status, headers, _ = await asyncio.wait_for(_read_response(conn.reader), self.timeout)
+            status, headers, body = await asyncio.wait_for(_read_response(conn.reader), self.timeout)
             self._idle.append(conn)
             self.results.append(
                 Result(
@@ -116,6 +117,7 @@ class LoadGen:
                     headers.get("x-edged-endpoint", ""),
                     int(headers.get("x-edged-tries", "1")),
                     path=path,
+                    detail=body[:300].decode("utf-8", "replace") if status >= 500 else "",
                 )
             )
         except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError, IndexError) as exc:

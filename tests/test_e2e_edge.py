@@ -174,7 +174,9 @@ def test_weighted_calls_go_to_a_peer_on_mains_rather_than_one_on_battery(edge_no
             manifests={"thermo.toml": thermo_manifest(backend.port)},
             vitals=f'interval = "200ms"\nproc_root = "{proc}"\nsys_root = "{sysfs}"',
         ).start()
-    weighted = FAST_CHECK.replace("[policy]", '[policy]\nstrategy = "weighted"')
+    # Checks a loaded machine does not fail (fall 3): a peer marked down would send every call to the other.
+    weighted = FAST_CHECK.replace("fall = 1", "fall = 3")
+    weighted = weighted.replace("[policy]", '[policy]\nstrategy = "weighted"')
     caller_manifest = f"""
     service_name = "thermo"
     endpoint_types = ["edge"]
@@ -186,9 +188,16 @@ def test_weighted_calls_go_to_a_peer_on_mains_rather_than_one_on_battery(edge_no
         return [ep for ep in a.endpoints("thermo") if ep["tier"] == "edge"]
 
     wait_for(lambda: len(edge_endpoints()) == 2 and all(ep["up"] for ep in edge_endpoints()), 10, what="both up")
-    results = asyncio.run(UnixLoadGen(a.socket, "/svc/thermo/r").run(500, 2.0))
-    assert summary(results)["failed"] == 0
-    share = Counter(r.endpoint.rpartition(":")[2] for r in results)
+    # One call at a time, so that the split is the policy's alone: with calls in flight, a mains peer whose
+    # answers are late (a loaded machine) is rightly passed over as stalled, and its calls go to the battery
+    # peer (at 500 calls/s, 92 and 223 of 1,000 were seen there). Weights 100 x 0.5 (on battery) x 0.1 (10 %)
+    # against 100: a share of at most 4.8 % (less as the nodes' CPU readings differ), 28.6 of 600 calls (sd 5.2);
+    # under a tenth of the mains peer's (54.5) is 5 sd above that: a false alarm once in millions of runs.
+    share: Counter = Counter()
+    for _ in range(600):
+        status, headers, body = a.call("thermo", "/r")
+        assert status == 200, body
+        share[dict(headers)["x-edged-endpoint"].rpartition(":")[2]] += 1
     assert share["on-battery"] < share["on-mains"] / 10, share
     assert all(ep["health"] == "healthy" for ep in edge_endpoints())  # checks carried the fleet identity
     # Charged to 60 % (still on battery): a meaningful change, sent after txt_min_interval (500 ms).
@@ -254,7 +263,12 @@ def test_peer_killed_partitioned_and_healed_loses_no_call(lan, edge_nodes, ns_ba
         ns_backends(f"box{i}-thermo", netns=net.host(i), port=8080)
         boxes[i] = edge_nodes(f"box{i}", fleet=fleet, netns=net.host(i), manifests={"t.toml": thermo_manifest(8080)})
         boxes[i].start()
-    wait_for(lambda: len(box1.edge_urls("thermo")) == 2, 10, what="both peers")
+
+    def both_up() -> bool:
+        edge = [ep for ep in box1.endpoints("thermo") if ep["tier"] == "edge"]
+        return len(edge) == 2 and all(ep["up"] for ep in edge)
+
+    wait_for(both_up, 10, what="both peers")
 
     def primary() -> int:
         return int(answered_by(box1.call("thermo", "/x"))[3])
@@ -272,7 +286,8 @@ def test_peer_killed_partitioned_and_healed_loses_no_call(lan, edge_nodes, ns_ba
     assert not late, late[:5]
     wait_for(lambda: len(box1.edge_urls("thermo")) == 1, 8, what="the killed peer dropped by re-resolution")
     boxes[victim].start()
-    wait_for(lambda: len(box1.edge_urls("thermo")) == 2, 10, what="the restarted peer back")
+    # Back means up, not only listed: the victim below must be the peer that takes the calls of a healthy pair.
+    wait_for(both_up, 10, what="the restarted peer back")
 
     # Cut the box that takes the calls off the LAN: same outcome, then heal it.
     victim = primary()

@@ -271,6 +271,36 @@ def test_a_responder_that_stops_answering_is_dropped_and_comes_back_when_it_answ
     asyncio.run(main())
 
 
+def test_a_daemon_that_fell_behind_does_not_drop_a_peer_that_answers(plain_services):
+    # A slow or starved CPU: the daemon's liveness rounds do not run for longer than `stale_after` (here its
+    # clock jumps ahead, as it does for a loop that stood still). The peer left no question unanswered, so it
+    # stays: silence measured in wall time alone is not a lost peer.
+    stype = unique_type()
+    plain_services(stype, "alive", free_port(), txt={"path": "/x"})
+    ahead = [0.0]
+
+    async def main() -> None:
+        seen = Seen()
+        mdns = Mdns(
+            interfaces=("127.0.0.1",),
+            resolve_interval=0.2,
+            on_change=seen,
+            clock=lambda: time.monotonic() + ahead[0],
+        )
+        await mdns.start()
+        try:
+            await mdns.browse([stype + ".local."])
+            await until(lambda: mdns.instances(), 5, "instance resolved")
+            await asyncio.sleep(0.5)  # a few liveness rounds, answered
+            ahead[0] = 10 * stale_after(0.2)
+            await asyncio.sleep(1.0)  # rounds run again and are answered
+            assert mdns.instances() and "silent" not in seen.reasons, seen.reasons
+        finally:
+            await mdns.close()
+
+    asyncio.run(main())
+
+
 def test_mdns_on_an_interface_that_does_not_exist_is_an_error_not_a_crash():
     async def main() -> None:
         mdns = Mdns(interfaces=("no-such-if0",), resolve_interval=1.0, on_change=lambda reason: None)

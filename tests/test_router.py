@@ -216,3 +216,73 @@ def test_a_cancelled_call_gives_back_every_in_flight_place_and_held_answer(scrip
     assert all(answer.discarded for answer in transport.answers)  # the held 503's connection went back too
     # A cancelled try says nothing about the endpoint: no failure was counted against it.
     assert [health.state(f"default/s/local/{name}").calls_failed for name in script][-1] == 0
+
+
+class TimedTransport(ScriptedTransport):
+    """Endpoints scripted (seconds, what) answer `what` after that long, or time out at the try's timeout."""
+
+    async def send(self, ep, call, headers, timeout):
+        name = ep.id.rsplit("/", 1)[1]
+        what = self.script[name]
+        if isinstance(what, tuple):
+            delay, what = what
+            if delay > timeout:
+                await asyncio.sleep(timeout)
+                self.sent.append((name, timeout))
+                raise UpstreamTimeout(ep.url, f"no answer head within {timeout}s")
+            await asyncio.sleep(delay)
+            self.sent.append((name, timeout))
+            answer = Answer(what)
+            self.answers.append(answer)
+            return answer
+        return await super().send(ep, call, headers, timeout)
+
+
+def make_timed(script, *, down=(), stalled=(), method="GET", per_try=0.05):
+    router, _, metrics, health, call = make(script, policy=PolicySpec(per_try_timeout=per_try), method=method)
+    transport = TimedTransport(script)
+    router = Router(router._registry, health, {"local": transport}, metrics)
+    for name in down:
+        health.state(f"default/s/local/{name}").up = False
+    health.stalled_ids.update(f"default/s/local/{name}" for name in stalled)
+    return router, transport, health, call
+
+
+def test_the_last_usable_endpoint_is_not_given_up_for_a_down_one():
+    # A slow box: the only healthy peer answers after three per-try timeouts; the down one refuses. The
+    # per-try timeout brings the down one in, and the slow answer, still awaited, is the caller's.
+    router, transport, health, call = make_timed({"a": (0.15, 200), "b": ConnectFailed}, down=["b"])
+    routed = route(router, call)
+    assert routed.endpoint.id.endswith("/a") and routed.answer.status == 200 and routed.tries == 2
+    assert [name for name, _ in transport.sent] == ["b", "a"]  # b refused while a was still on its way
+    assert transport.sent[1][1] > 5  # a's try had the call's deadline, not the per-try timeout
+    assert health.results == [("default/s/local/b", False), ("default/s/local/a", True)]
+    # The same when the slow one already looks stalled (calls in flight, no answer lately): nothing better is left.
+    router, transport, health, call = make_timed({"a": (0.15, 200), "b": ConnectFailed}, down=["b"], stalled=["a"])
+    assert route(router, call).endpoint.id.endswith("/a")
+
+
+def test_a_hung_last_usable_endpoint_loses_the_race_to_a_down_one_that_answers():
+    # The usable endpoint hangs (a partition); the one marked down answers: its answer wins after the per-try
+    # timeout, and the hung try, cancelled, counts as a failure against its endpoint.
+    router, transport, health, call = make_timed({"a": (60, 200), "b": 200}, down=["b"])
+    routed = route(router, call)
+    assert routed.endpoint.id.endswith("/b") and routed.tries == 2
+    assert [name for name, _ in transport.sent] == ["b"]  # a's try never ended by itself
+    assert ("default/s/local/a", False) in health.results and ("default/s/local/b", True) in health.results
+    assert health.released == 2
+
+
+def test_the_only_endpoint_has_until_the_deadline_and_a_slow_post_is_never_sent_twice():
+    router, transport, _, call = make_timed({"a": (0.15, 200)})
+    assert route(router, call).answer.status == 200 and len(transport.sent) == 1
+    router, transport, _, call = make_timed({"a": (0.15, 201), "b": 200}, down=["b"], method="POST")
+    routed = route(router, call)
+    assert routed.answer.status == 201 and [name for name, _ in transport.sent] == ["a"]
+
+
+def test_with_usable_endpoints_left_a_slow_try_is_cut_short_as_before():
+    router, transport, health, call = make_timed({"a": (0.15, 200), "b": 200})
+    routed = route(router, call)
+    assert routed.endpoint.id.endswith("/b") and transport.sent[0] == ("a", 0.05)
+    assert health.results[0] == ("default/s/local/a", False)

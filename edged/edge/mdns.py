@@ -4,8 +4,14 @@ zeroconf's browser reports `Removed` only on a goodbye (or when a PTR record exp
 more: PTR TTLs are raised to at least 1125 s). So a peer that was SIGKILLed or cut off is found here instead:
 every `resolve_interval`, each known instance that was not heard from lately is asked for its SRV record with
 a plain multicast question (no known answers, so its responder must answer), and a record listener notes every
-record that arrives for it. An instance silent for `stale_after` seconds is lost; it is still asked every two
-seconds, and the first record heard from it again (a healed partition, a restart) brings it back.
+record that arrives for it. A responder answers a question about a record it multicast less than a second
+ago only a second later (RFC 6762 s. 14; python-zeroconf adds up to 320 ms of delay and aggregation), so a
+healthy peer asked every 300 ms is heard about every 1.6-1.8 s. Silence alone is therefore a poor verdict: a
+peer whose CPU is busy adds its own lag to that, and a daemon that fell behind itself sees every peer silent.
+An instance is lost once it has been silent for `stale_after` seconds *and* left `MISSED_QUESTIONS`
+questions unanswered for `ANSWER_WAIT` seconds each, counting only questions asked when its responder had
+nothing to hold back (more than `RATE_LIMIT_SLACK` after its last answer). A lost instance is still asked
+every two seconds, and the first record heard from it again (a healed partition, a restart) brings it back.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ifaddr
 from zeroconf import (
@@ -42,6 +48,8 @@ log = logging.getLogger("edged.edge.mdns")
 RESOLVE_TIMEOUT_MS = 1500
 LOST_PROBE_SECONDS = 2.0  # a lost instance is still asked this often (a healed partition brings it back)
 RATE_LIMIT_SLACK = 1.0  # seconds: a responder may hold a repeated multicast answer back for 1 s (RFC 6762 s. 14)
+MISSED_QUESTIONS = 3  # questions an instance must leave unanswered (each for ANSWER_WAIT) before it is lost
+ANSWER_WAIT = 1.0  # seconds: an answer may take 0.5 s of aggregation, plus a busy responder's lag
 
 
 class MdnsError(EdgedError):
@@ -181,6 +189,7 @@ class _Known:
     lost_since: float = 0.0
     rounds_lost: int = 0
     server_key: str = ""
+    asked: list[float] = field(default_factory=list)  # when it was asked questions it must answer, since last heard
 
 
 class _Heard(RecordUpdateListener):
@@ -345,6 +354,7 @@ class Mdns:
         if known is None:
             known = self._known[key] = _Known(type=service_type, name=name)
         known.last_heard = self._clock()
+        known.asked.clear()
         self._want_resolve(key)
 
     def _forget(self, key: str) -> None:
@@ -418,6 +428,7 @@ class Mdns:
 
     def _heard_from(self, key: str, known: _Known, now: float) -> None:
         known.last_heard = now
+        known.asked.clear()
         if not known.alive:
             self._want_resolve(key)  # back from a partition or a restart: resolve again (it may have moved)
 
@@ -439,13 +450,15 @@ class Mdns:
         lost: list[_Known] = []
         for key, known in self._known.items():
             silent = now - known.last_heard
-            if known.alive and silent > self.stale_after:
+            if known.alive and silent > self.stale_after and self._missed(known, now) >= MISSED_QUESTIONS:
                 known.alive, known.lost_since, known.rounds_lost = False, now, 0
                 lost.append(known)
             if silent < quiet_for:
                 continue
             if known.alive or silent <= self.stale_after:
                 ask.append(known.name)
+                if silent >= RATE_LIMIT_SLACK and len(known.asked) < MISSED_QUESTIONS:
+                    known.asked.append(now)  # one its responder must answer: nothing to hold back
             else:
                 known.rounds_lost += 1
                 if known.rounds_lost % max(1, round(LOST_PROBE_SECONDS / self.resolve_interval)) == 0:
@@ -467,6 +480,11 @@ class Mdns:
             )
         if lost:
             self._on_change("silent")
+
+    @staticmethod
+    def _missed(known: _Known, now: float) -> int:
+        """Questions it had to answer and did not, within ANSWER_WAIT (the list empties when it is heard from)."""
+        return sum(1 for asked in known.asked if now - asked >= ANSWER_WAIT)
 
     # -- advertising ----------------------------------------------------------------------------------
     async def advertise(self, wanted: Mapping[str, AsyncServiceInfo]) -> None:
