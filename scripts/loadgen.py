@@ -133,14 +133,15 @@ class LoadGen:
         n = int(rate * duration)
         for i in range(n):
             due = t0 + i / rate
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            # At its time, not one call early: a call answered before `at` must not see the fault.
             while actions and actions[0][0] <= i / rate:
                 _, action = actions.pop(0)
                 result = action()  # type: ignore[operator]
                 if asyncio.iscoroutine(result):
                     await result
-            delay = due - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
             tasks.append(asyncio.ensure_future(self._one(t0)))
         await asyncio.gather(*tasks)
         for conn in self._idle:
