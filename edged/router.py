@@ -22,7 +22,7 @@ from .budget import RetryBudget
 from .call import Call, Transport, UpstreamAnswer
 from .errors import CallError, UpstreamError
 from .model import Endpoint, PolicySpec, Service
-from .policy import Plan, Ranker
+from .policy import Choice, Plan, Ranker
 from .race import Outcome, Race
 from .registry import Registry
 from .telemetry import MeshMetrics
@@ -176,11 +176,16 @@ class Router:
                 if remaining <= 0:
                     break
                 tries += 1
-                later = plan.choices[i + 1 :] if tries <= policy.retries else ()  # what another try could go to
-                if race is None and (not later or any(c.usable for c in later)):
+                later = i + 1 < len(plan.choices) and tries <= policy.retries  # another try could follow
+                if race is None and (not later or _usable_after(plan.choices, i)):
                     # A plain try: cut short by the per-try timeout while a usable endpoint is left to move on
                     # to; the last try the call can make has until the deadline.
-                    outcomes = [(ep, *await self._attempt(ep, service, call, policy, remaining, whole=not later))]
+                    answer, failed = await self._attempt(ep, service, call, policy, remaining, whole=not later)
+                    if failed is None and held is None:  # the common case, without the bookkeeping below
+                        if tries > 1:
+                            self._metrics.failovers.inc((spec.name,))
+                        return Routed(answer, ep, tries, service, started, attempts)  # type: ignore[arg-type]
+                    outcomes = [(ep, answer, failed)]
                 else:
                     # No usable endpoint left to move on to (only stalled or down ones): the per-try timeout
                     # brings the next choice in, and the slow try stays in the race (edged.race).
@@ -297,3 +302,11 @@ class Router:
             )
             self._budgets[key] = budget
         return budget
+
+
+def _usable_after(choices: tuple[Choice, ...], i: int) -> bool:
+    """Whether a usable (healthy, not stalled) endpoint comes after choice `i` of the plan."""
+    for j in range(i + 1, len(choices)):  # noqa: SIM110  (a loop: no generator object on the call path)
+        if choices[j].usable:
+            return True
+    return False
