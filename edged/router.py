@@ -184,7 +184,8 @@ class Router:
                     if failed is None and held is None:  # the common case, without the bookkeeping below
                         if tries > 1:
                             self._metrics.failovers.inc((spec.name,))
-                        return Routed(answer, ep, tries, service, started, attempts)  # type: ignore[arg-type]
+                        streamed = streams(answer, call.method)  # type: ignore[arg-type]
+                        return Routed(answer, ep, tries, service, started, attempts, streamed)  # type: ignore[arg-type]
                     outcomes = [(ep, answer, failed)]
                 else:
                     # No usable endpoint left to move on to (only stalled or down ones): the per-try timeout
