@@ -32,6 +32,7 @@ SECTIONS = (
     "node",
     "api",
     "ingress",
+    "identity",
     "services",
     "state",
     "mdns",
@@ -82,6 +83,16 @@ class IngressConfig:
     enabled: bool = True
     listen_host: str = "0.0.0.0"
     listen_port: int = 7701
+    insecure: bool = False  # plain HTTP, callers named by headers: labs and tests only (logged loudly)
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityConfig:
+    """`[identity]`: this node's fleet certificate (edged.identity) and how it is kept fresh."""
+
+    dir: str = ""  # "" = {state.dir}/identity
+    clock_skew: float = 20.0  # clock difference tolerated when checking certificates
+    renew: bool = True  # renew online (edged fleet ca serve over [mqtt]) two thirds into the certificate's life
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +226,7 @@ class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
     api: ApiConfig = ApiConfig()
     ingress: IngressConfig = IngressConfig()
+    identity: IdentityConfig = IdentityConfig()
     services: ServicesConfig = ServicesConfig()
     state: StateConfig = StateConfig()
     mdns: MdnsConfig = MdnsConfig()
@@ -231,6 +243,11 @@ class Config:
     demo: DemoConfig = DemoConfig()
     path: str | None = None
     secret_files: tuple[str, ...] = ()  # files holding tokens, passwords or keys (edged.toml with inline tokens)
+
+    @property
+    def identity_dir(self) -> str:
+        """Where this node's key, certificate and trust bundle live (`[identity] dir`, else {state.dir}/identity)."""
+        return self.identity.dir or os.path.join(self.state.dir, "identity")
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -314,6 +331,7 @@ class _Loader:
             node=self.node(top.table("node")),
             api=self.api(top.table("api")),
             ingress=self.ingress(top.table("ingress")),
+            identity=self.identity(top.table("identity")),
             services=self.services(top.table("services")),
             state=self.state(top.table("state")),
             mdns=self.mdns(top.table("mdns")),
@@ -380,10 +398,25 @@ class _Loader:
         )
 
     def ingress(self, t: Table) -> IngressConfig:
-        t.only(("enabled", "listen"))
+        t.only(("enabled", "listen", "insecure"))
         d = IngressConfig()
         host, port = self.listen(t, (d.listen_host, d.listen_port))
-        return IngressConfig(enabled=t.boolean("enabled", d.enabled), listen_host=host, listen_port=port)
+        return IngressConfig(
+            enabled=t.boolean("enabled", d.enabled),
+            listen_host=host,
+            listen_port=port,
+            insecure=t.boolean("insecure", d.insecure),
+        )
+
+    def identity(self, t: Table) -> IdentityConfig:
+        t.only(("dir", "clock_skew", "renew"))
+        d = IdentityConfig()
+        folder = t.string("dir", None, what="a folder path")
+        return IdentityConfig(
+            dir=d.dir if folder is None else self.resolve(folder),
+            clock_skew=t.duration("clock_skew", d.clock_skew, positive=False),
+            renew=t.boolean("renew", d.renew),
+        )
 
     def services(self, t: Table) -> ServicesConfig:
         t.only(("dirs", "reload_interval"))

@@ -50,6 +50,7 @@ class TierParts:
     transports: Mapping[str, Transport] = field(default_factory=dict)  # endpoint tier -> how it is called
     layers: tuple[Layer, ...] = ()  # folded into every registry rebuild
     check_headers: Mapping[str, CheckHeaders] = field(default_factory=dict)  # endpoint tier -> check headers
+    check_pools: Mapping[str, UpstreamPool] = field(default_factory=dict)  # endpoint tier -> pool of its https checks
     peers: Callable[[], list[dict]] | None = None  # for `edged status` / `GET /v1/status`
     # For `/v1/services`: the remote nodes serving (tenant, service), with liveness and last-seen time.
     providers: Callable[[str, str], list[dict]] | None = None
@@ -98,7 +99,10 @@ class MeshCore:
         self.store = StateStore(config.state.dir)
         self.registry = Registry()
         self._check_headers: dict[str, CheckHeaders] = {}
-        self.health = HealthMonitor(on_change=self._on_health_change, check_headers=self._headers_for)
+        self._check_pools: dict[str, UpstreamPool] = {}
+        self.health = HealthMonitor(
+            on_change=self._on_health_change, check_headers=self._headers_for, check_pool=self._pool_for
+        )
         self.manifests = ManifestSource(
             self.registry, config.services.dirs, extra=list(extra_services), on_errors=self._on_manifest_errors
         )
@@ -134,6 +138,7 @@ class MeshCore:
                 raise EdgedError(f"two transports for the {name!r} tier")
             self._transports[name] = transport
         self._check_headers.update(parts.check_headers)
+        self._check_pools.update(parts.check_pools)
         for layer in parts.layers:
             self.registry.add_layer(layer)
         if parts.peers is not None:
@@ -205,6 +210,10 @@ class MeshCore:
     def _headers_for(self, endpoint: Endpoint) -> Sequence[tuple[str, str]]:
         headers = self._check_headers.get(endpoint.tier)
         return headers(endpoint) if headers is not None else ()
+
+    def _pool_for(self, endpoint: Endpoint) -> UpstreamPool | None:
+        target = endpoint.target
+        return self._check_pools.get(endpoint.tier) if target is not None and target.tls else None
 
     def _on_registry_change(self, old: Snapshot, new: Snapshot) -> None:
         self.health.sync(new.services.values())

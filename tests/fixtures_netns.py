@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO))
 
+from fixtures_identity import FleetCA  # noqa: E402
 from harness import Edged, free_port, wait_for  # noqa: E402, F401  (wait_for: re-exported)
 from loadgen import LoadGen  # noqa: E402
 
@@ -154,8 +155,12 @@ class EdgeNode(Edged):
         resolve_interval: str = "300ms",
         extra_config: str = "",
         vitals: str = 'interval = "200ms"',
+        tls: bool = True,
+        ca: FleetCA | None = None,
     ) -> None:
         self.name, self.fleet = name, fleet
+        if tls:  # enrolled by the fleet's test CA (one per fleet), as `edged fleet enroll` would have
+            (ca or fleet_ca(fleet)).enroll(root / "state" / "identity", name)
         if netns is None:
             api, self.ingress_port = free_port(), free_port()
             ingress = f"127.0.0.1:{self.ingress_port}"
@@ -177,6 +182,7 @@ class EdgeNode(Edged):
                 drain_timeout = "2s"
                 [ingress]
                 listen = "{ingress}"
+                insecure = {"false" if tls else "true"}
                 [services]
                 dirs = ["services.d"]
                 reload_interval = "200ms"
@@ -219,6 +225,16 @@ class UnixLoadGen(LoadGen):
 
     def __init__(self, socket_path: Path, path: str, *, timeout: float = 10.0) -> None:
         super().__init__("unix", 0, path, timeout=timeout, unix=str(socket_path))
+
+
+_FLEET_CAS: dict[str, FleetCA] = {}
+
+
+def fleet_ca(fleet: str) -> FleetCA:
+    """The test CA of `fleet` (made on first use): nodes of one fleet trust each other."""
+    if fleet not in _FLEET_CAS:
+        _FLEET_CAS[fleet] = FleetCA(fleet)
+    return _FLEET_CAS[fleet]
 
 
 def unique_fleet() -> str:

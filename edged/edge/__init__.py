@@ -18,16 +18,21 @@ import ipaddress
 import json
 import logging
 import math
+import ssl
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ..aio import cancel_and_wait
 from ..errors import EdgedError
+from ..http.client import UpstreamPool
+from ..identity import IdentityFiles, clock_problem, summary
+from ..identity.tls import server_context
 from ..logs import log_event
 from ..model import Endpoint, parse_target
 from ..registry import Snapshot
 from ..vitals import Vitals
+from .admission import Admission, PeerTls
 from .ingress import SERVICES_PATH, EdgeTransport, FleetIdentity, Ingress, to_peer
 from .peers import Discovered, LinkEstimator, Peer, edge_layer, offered, url_host
 from .txt import (
@@ -55,6 +60,28 @@ class PeerListTooLarge(EdgedError):
     """A peer's /peer/services answer is larger than `[limits] peer_services`."""
 
 
+def _peer_tls(config) -> tuple[PeerTls, ssl.SSLContext]:
+    """The client and server sides of mutual TLS with peers, from this node's identity; EdgedError saying what
+    is missing or wrong (not enrolled, enrolled as another node or fleet)."""
+    files = IdentityFiles(config.identity_dir)
+    if not files.present():
+        raise EdgedError(
+            f"this node has no fleet certificate in {files.dir} (edged fleet enroll; or [ingress] insecure = true"
+            " for a lab)"
+        )
+    cert = summary(files.cert)
+    want = (config.node.fleet, config.node.name)
+    if (cert.fleet, cert.node) != want:
+        raise EdgedError(
+            f"{files.cert} names node {cert.node!r} of fleet {cert.fleet!r}, but this node is {want[1]!r} of"
+            f" {want[0]!r} ([node] name and fleet)"
+        )
+    problem = clock_problem(cert, time.time(), config.identity.clock_skew)
+    if problem is not None:
+        log.error("%s", problem)  # the contexts still load: the clock may be set (NTP) while we run
+    return PeerTls(files, config.node.fleet), server_context(files)
+
+
 class EdgeTier:
     """The edge tier (see the module doc), built by the core: `EdgeTier(core)`."""
 
@@ -70,13 +97,38 @@ class EdgeTier:
         self._pool = core.pool
         self._vitals = core.vitals
         self.limits = config.limits
-        self.identity = FleetIdentity(config.node.name, config.node.fleet)
-        self.transport = EdgeTransport(core.pool, self.identity)
+        ing = config.ingress
+        # Mutual TLS unless the config says insecure; without a usable identity, no peer talks to us nor we to them.
+        self.peer_tls: PeerTls | None = None
+        self.admission: Admission | None = None
+        self.peer_pool: UpstreamPool | None = None
+        self.tls_problem: str | None = None  # why peers are off (no identity, a bad one), for status and the log
+        server_tls = None
+        if ing.insecure:
+            log.warning(
+                "INSECURE: [ingress] insecure = true: the peer ingress speaks plain HTTP and believes the fleet and"
+                " node callers name in headers; anyone on the LAN can call this node's services (labs and tests only)"
+            )
+        else:
+            try:
+                self.peer_tls, server_tls = _peer_tls(config)
+            except EdgedError as exc:
+                self.tls_problem = str(exc)
+                log.error("peer calls are off: %s", exc)
+        self.identity = FleetIdentity(config.node.name, config.node.fleet, tls=not ing.insecure)
+        if self.peer_tls is not None:
+            self.peer_pool = UpstreamPool(tls=self.peer_tls.upstream())
+            self.admission = Admission(
+                self.peer_tls,
+                self.peer_pool,
+                timeout=config.limits.peer_services_timeout,
+                on_refused=lambda _node: self._metrics.limit_hits.inc(("peer_refused",)),
+            )
+        self.transport = EdgeTransport(core.pool, self.identity, self.peer_pool)
         self._advertised: Vitals | None = None  # the vitals in our TXT record
         self._advertised_at = -math.inf
-        ing = config.ingress
         self.ingress: Ingress | None = None
-        if ing.enabled:
+        if ing.enabled and (ing.insecure or server_tls is not None):
             self.ingress = Ingress(
                 host=ing.listen_host,
                 port=ing.listen_port,
@@ -88,6 +140,7 @@ class EdgeTier:
                 idle_timeout=config.api.idle_timeout,
                 server_limits=core.server_limits(),
                 gate=core.gate,
+                tls=server_tls,
             )
         self.mdns: Mdns | None = None
         self._advertising = False
@@ -106,8 +159,13 @@ class EdgeTier:
 
         return TierParts(
             transports={"edge": self.transport},
-            layers=(edge_layer(lambda: self._found, node=self.config.node.name, fleet=self.config.node.fleet),),
+            layers=(
+                edge_layer(
+                    lambda: self._found, node=self.config.node.name, fleet=self.config.node.fleet, tls=self.identity.tls
+                ),
+            ),
             check_headers={"edge": self._check_headers},
+            check_pools={"edge": self.peer_pool} if self.peer_pool is not None else {},
             peers=self.peers,
             on_vitals=self._on_vitals,
             on_registry_change=self._on_registry_change,
@@ -175,6 +233,8 @@ class EdgeTier:
             await self.mdns.close()
         if self.ingress is not None:
             await self.ingress.shutdown(self.config.api.drain_timeout)
+        if self.peer_pool is not None:
+            await self.peer_pool.close()
 
     # -- status ---------------------------------------------------------------------------------------
     def peers(self) -> list[dict]:
@@ -198,6 +258,8 @@ class EdgeTier:
                     "source": "mdns",
                 }
             )
+        if self.admission is not None:  # advertised, but their handshake did not prove it: no calls
+            out += [{**item, "state": "refused", "source": "mdns"} for item in self.admission.refused()]
         if self.mdns is not None:  # nodes that went silent (they come back when heard from again)
             out += [
                 {**item, "state": "lost", "source": "mdns"}
@@ -333,6 +395,8 @@ class EdgeTier:
 
     async def _live_peers(self, mdns: Mdns) -> list[Peer]:
         node, fleet = self.config.node.name, self.config.node.fleet
+        if self.identity.tls and self.admission is None:
+            return []  # no identity: peers would refuse us, and we could not tell a rogue from a peer
         peers: dict[str, Peer] = {}
         known = {p.instance for p in self._peers}
         # Peers already tracked first: a flood of made-up nodes past `[limits] peers` cannot push them out.
@@ -349,10 +413,17 @@ class EdgeTier:
                 self._metrics.limit_hits.inc(("peers",))
                 continue
             address = instance.addresses[0]
-            services = record.services
-            if services is None:
-                services = await self._fetch_services(record.node, record.services_hash, address, instance.port)
-            peers[record.node] = Peer(record, address, instance.port, instance.name, services)
+            peers[record.node] = Peer(record, address, instance.port, instance.name, record.services or ())
+        if self.admission is not None:
+            # Only those whose TLS handshake proved the node they advertise, in this fleet (edge.admission).
+            candidates = [(p.node, p.address, p.port) for p in peers.values()]
+            proved = await self.admission.gather(candidates)
+            self.admission.forget(set(candidates))
+            peers = {c[0]: peers[c[0]] for c, ok in zip(candidates, proved, strict=True) if ok}
+        for name, peer in list(peers.items()):
+            if peer.record.services is None:
+                services = await self._fetch_services(name, peer.record.services_hash, peer.address, peer.port)
+                peers[name] = Peer(peer.record, peer.address, peer.port, peer.instance, services)
         self._fetched = {n: v for n, v in self._fetched.items() if n in peers}
         self._links.forget(peers)
         return [peers[n] for n in sorted(peers)]
@@ -362,7 +433,7 @@ class EdgeTier:
         cached = self._fetched.get(node)
         if cached is not None and cached[0] == digest:
             return cached[1]
-        target = parse_target(f"http://{url_host(address)}:{port}")
+        target = parse_target(f"{'https' if self.identity.tls else 'http'}://{url_host(address)}:{port}")
         lim = self.limits
         try:
             # The whole fetch has one deadline, not each read: a trickling peer cannot hold it open.
@@ -384,7 +455,8 @@ class EdgeTier:
 
     async def _read_services(self, target, limit: int) -> bytes | None:
         """The body of a peer's 200 answer to /peer/services (None: another status); LimitExceeded past `limit`."""
-        answer = await self._pool.request(target, "GET", SERVICES_PATH, self.identity.headers(), b"", 60.0)
+        pool = self.peer_pool if target.tls and self.peer_pool is not None else self._pool
+        answer = await pool.request(target, "GET", SERVICES_PATH, self.identity.headers(), b"", 60.0)
         if answer.status != 200 or (answer.content_length or 0) > limit:
             answer.discard()
             if answer.status == 200:

@@ -6,24 +6,28 @@ Routes (HTTP/1.1 on `[ingress] listen`):
 - `GET /peer/services`: the services this node offers, for peers whose TXT record only had room for a hash.
 - `GET /healthz`: the ingress answers.
 
-Who may call is decided in one place, `FleetIdentity`: today the caller names its fleet and node in headers;
-mutual TLS (the security issue) replaces `headers()` and `check()` without touching the routes. The calling
-node becomes an `Identity` (`access.node_identity`: id `spiffe://FLEET/node/NODE`) that the authorization
-rules and quotas of the gate (edged/admission.py) see, as on the local call path.
+Who may call is decided in one place, `FleetIdentity`. Normally the ingress speaks TLS 1.3 only and requires a
+client certificate of the fleet CA (edged.identity): the caller is who its certificate names, and headers
+naming a fleet or node are dropped, never believed. With `[ingress] insecure = true` (labs and tests) it
+speaks plain HTTP and believes the `x-edged-fleet` / `x-edged-node` headers, as edged did before mutual TLS.
+The calling node becomes an `Identity` (`access.node_identity`: id `spiffe://FLEET/node/NODE`) that the
+authorization rules and quotas of the gate (edged/admission.py) see, as on the local call path.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Callable
 
 from ..access import node_identity
 from ..admission import Gate
 from ..call import LOCAL_ONLY, Call
-from ..errors import CallError
+from ..errors import CallError, IdentityError
 from ..http.client import UpstreamPool, UpstreamResponse
 from ..http.message import Request
 from ..http.server import HttpServer, ListenError, ResponseWriter
+from ..identity.files import peer_name_of
 from ..model import DEFAULT_TENANT, Endpoint
 from ..paths import normalize_path
 from ..quota import FREE
@@ -38,23 +42,29 @@ log = logging.getLogger("edged.edge.ingress")
 
 FLEET_HEADER = b"x-edged-fleet"
 NODE_HEADER = b"x-edged-node"
+IDENTITY_HEADERS = frozenset({FLEET_HEADER, NODE_HEADER})
+# Never passed from a peer to a local service: who called is the ingress's to say, not the caller's.
+SPOOFABLE = IDENTITY_HEADERS | {b"x-forwarded-for"}
 SERVICES_PATH = "/peer/services"
 
 
 class FleetIdentity:
-    """Who this node is to peers, and which callers its ingress serves (the seam mTLS will take over)."""
+    """Who this node is to peers, and which callers its ingress serves: by certificate (TLS) or by header (insecure)."""
 
-    def __init__(self, node: str, fleet: str) -> None:
+    def __init__(self, node: str, fleet: str, *, tls: bool = True) -> None:
         self.node = node
         self.fleet = fleet
-        self._headers = [(FLEET_HEADER, fleet.encode()), (NODE_HEADER, node.encode())]
+        self.tls = tls
+        self._headers = [] if tls else [(FLEET_HEADER, fleet.encode()), (NODE_HEADER, node.encode())]
 
     def headers(self) -> list[tuple[bytes, bytes]]:
-        """What this node sends with every call and health check to a peer's ingress."""
+        """What this node sends with every call and health check to a peer's ingress (nothing over TLS)."""
         return list(self._headers)
 
     def check(self, req: Request) -> str:
         """The calling node's name; CallError 403 `forbidden` unless it is a member of this fleet."""
+        if self.tls:
+            return self._check_certificate(req)
         fleet = req.header(FLEET_HEADER)
         node = req.header(NODE_HEADER)
         if fleet is None or node is None or not node:
@@ -63,6 +73,17 @@ class FleetIdentity:
             raise CallError(403, "forbidden", f"fleet {fleet.decode('utf-8', 'replace')!r} is not this node's fleet")
         return node.decode("utf-8", "replace")
 
+    def _check_certificate(self, req: Request) -> str:
+        if not req.peer_cert:  # a TLS listener requires one: only a plain listener gets here without
+            raise CallError(403, "forbidden", "peer calls need a client certificate of the fleet CA")
+        try:
+            name = peer_name_of(req.peer_cert)
+        except IdentityError as exc:
+            raise CallError(403, "forbidden", str(exc)) from None
+        if name.fleet != self.fleet:
+            raise CallError(403, "forbidden", f"the certificate names fleet {name.fleet!r}, not this node's")
+        return name.node
+
 
 def to_peer(endpoint: Endpoint) -> bool:
     """Whether an edge endpoint is a HubMesh node's ingress (its meta names the node) rather than a plain service."""
@@ -70,17 +91,22 @@ def to_peer(endpoint: Endpoint) -> bool:
 
 
 class EdgeTransport(HttpTransport):
-    """The HTTP transport, but calls to a peer's ingress carry our fleet identity."""
+    """The HTTP transport, but calls to a peer's ingress go over mutual TLS (`https` endpoints, through the peer
+    pool), or carry our fleet identity in headers on an insecure fleet."""
 
-    def __init__(self, pool: UpstreamPool, identity: FleetIdentity) -> None:
+    def __init__(self, pool: UpstreamPool, identity: FleetIdentity, peer_pool: UpstreamPool | None = None) -> None:
         super().__init__(pool)
         self._identity = identity
+        self._peers = HttpTransport(peer_pool) if peer_pool is not None else None
 
     async def send(
         self, endpoint: Endpoint, call: Call, headers: list[tuple[bytes, bytes]], timeout: float
     ) -> UpstreamResponse:
         if to_peer(endpoint):
-            headers = [h for h in headers if h[0] not in (FLEET_HEADER, NODE_HEADER)] + self._identity.headers()
+            headers = [h for h in headers if h[0] not in IDENTITY_HEADERS] + self._identity.headers()
+        target = endpoint.target
+        if self._peers is not None and target is not None and target.tls:
+            return await self._peers.send(endpoint, call, headers, timeout)
         return await super().send(endpoint, call, headers, timeout)
 
 
@@ -101,8 +127,10 @@ class Ingress:
         on_peer_call: Callable[[str], None] | None = None,
         server_limits: dict | None = None,
         gate: Gate | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._host, self._port = host, port
+        self._tls = tls
         self._router = router
         self._registry = registry
         self._identity = identity
@@ -120,11 +148,11 @@ class Ingress:
     async def start(self) -> bool:
         """Listen; False (and an error in the log) when the address is taken or not ours."""
         try:
-            self.address = await self.server.listen_tcp(self._host, self._port)
+            self.address = await self.server.listen_tcp(self._host, self._port, self._tls)
         except ListenError as exc:
             log.error("peer ingress not available (%s); serving the local API only, not advertising this node", exc)
             return False
-        log.info("peer ingress on %s:%d", *self.address)
+        log.info("peer ingress on %s:%d (%s)", *self.address, "mutual TLS 1.3" if self._tls else "plain HTTP")
         return True
 
     async def shutdown(self, drain_timeout: float) -> None:
@@ -171,7 +199,12 @@ class Ingress:
             ticket = FREE
         with ticket:
             call = call_for(
-                req, svc, path + query, tiers=LOCAL_ONLY, add=[(b"x-forwarded-for", req.peer.encode())]
+                req,
+                svc,
+                path + query,
+                tiers=LOCAL_ONLY,
+                drop=SPOOFABLE,
+                add=[(b"x-forwarded-for", req.peer.encode())],
             )
             if self._on_peer_call is not None:
                 self._on_peer_call(caller)

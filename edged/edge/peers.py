@@ -80,16 +80,16 @@ class Discovered:
     links: Mapping[str, int | None] = field(default_factory=dict)  # node -> link quality measured here
 
 
-def edge_layer(discovered: Callable[[], Discovered], *, node: str, fleet: str) -> Layer:
+def edge_layer(discovered: Callable[[], Discovered], *, node: str, fleet: str, tls: bool = False) -> Layer:
     """The registry layer "mdns": services peers offer (declared when unknown here) and edge endpoints for
     the merged services, both pure functions of `discovered()` and of what the registry merged."""
 
     def services() -> list[ServiceSpec]:
-        return build(discovered().peers, (), {}, node=node, fleet=fleet)[1]
+        return build(discovered().peers, (), {}, node=node, fleet=fleet, tls=tls)[1]
 
     def endpoints(specs: Mapping[Key, ServiceSpec]) -> list[Endpoint]:
         found = discovered()
-        return build(found.peers, found.typed, specs, node=node, fleet=fleet, links=found.links)[0]
+        return build(found.peers, found.typed, specs, node=node, fleet=fleet, links=found.links, tls=tls)[0]
 
     return Layer("mdns", services=services, endpoints=endpoints)
 
@@ -102,9 +102,14 @@ def build(
     node: str,
     fleet: str,
     links: Mapping[str, int | None] | None = None,
+    tls: bool = False,
 ) -> tuple[list[Endpoint], list[ServiceSpec]]:
-    """Edge endpoints for the registry (source "mdns") and the services declared from mDNS."""
+    """Edge endpoints for the registry (source "mdns") and the services declared from mDNS.
+
+    With `tls`, a node's ingress is reached over `https` (mutual TLS): `peers` must hold only admitted peers,
+    and an instance that names a node is an ingress route that must prove that node too (edge.admission)."""
     links = links or {}
+    ingress = "https" if tls else "http"
     peers = [p for p in peers if p.node != node and p.record.fleet == fleet]
     by_node = {p.node: p for p in peers}
     endpoints: dict[str, Endpoint] = {}
@@ -121,7 +126,10 @@ def build(
                 owner, owner_fleet = props.get("node", ""), props.get("fleet", "")
                 if owner == node or (owner and owner_fleet and owner_fleet != fleet):
                     continue  # ourselves, or another fleet's ingress (it would refuse us)
-                url = f"http://{url_host(instance.addresses[0])}:{instance.port}{_txt_path(props)}"
+                if tls and owner and owner not in by_node:
+                    continue  # names a node that has not proved itself (or is not advertised): no calls
+                scheme = ingress if owner else "http"  # a plain DNS-SD service (Avahi, a device) speaks HTTP
+                url = f"{scheme}://{url_host(instance.addresses[0])}:{instance.port}{_txt_path(props)}"
                 peer = by_node.get(owner)
                 vitals = peer.record.vitals if peer is not None else Vitals.from_txt(props)
                 meta = _meta(owner, vitals, links.get(owner)) if owner else vitals.meta() if vitals != Vitals() else ()
@@ -147,7 +155,7 @@ def build(
                 (tenant, name),
                 ServiceSpec(name=name, tenant=tenant, endpoint_types=("edge",), source=f"mdns:{peer.node}"),
             )
-            url = f"http://{url_host(peer.address)}:{peer.port}{service_path(tenant, name)}"
+            url = f"{ingress}://{url_host(peer.address)}:{peer.port}{service_path(tenant, name)}"
             if (tenant, name, url) in urls:
                 continue  # the same ingress route, already taken through the manifest's mdns type
             known = specs.get((tenant, name))

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from edged import looplag
+from edged.errors import UpstreamError
+from edged.http.client import UpstreamPool
 from edged.model import Endpoint, HealthCheckSpec, Target
 from edged.systemd import child_environ
 
@@ -44,20 +46,24 @@ async def run_check(
     *,
     ssl_context: ssl.SSLContext | None = None,
     headers: Sequence[tuple[str, str]] = (),
+    pool: UpstreamPool | None = None,
 ) -> CheckResult:
     """Probe `endpoint` once as `spec` says; the whole probe (connect, answer, process exit) is bounded by spec.timeout.
 
     Endpoints without an HTTP target (cloud tier) are not checked and count as ok, and so are `ttl` specs,
     which are driven by heartbeats (see HealthMonitor.heartbeat). `ssl_context` is used for https targets
     (default: the system's verifying context). `headers` go with http checks (a peer's ingress wants the
-    caller's fleet identity).
+    caller's fleet identity). With `pool`, http checks go over its keep-alive connections (a peer's ingress
+    over mutual TLS: no handshake per check).
     """
     if spec.kind == "ttl" or endpoint.target is None:
         return CheckResult(ok=True, detail="not checked", latency=0.0)
     target = endpoint.target
     started = time.monotonic()
     try:
-        if spec.kind == "http":
+        if spec.kind == "http" and pool is not None:
+            probe = _pooled_http(spec, target, pool, headers)
+        elif spec.kind == "http":
             probe = _http(spec, target, ssl_context, headers)
         elif spec.kind == "tcp":
             probe = _tcp(target, ssl_context)
@@ -112,6 +118,25 @@ async def _http(
     if not 200 <= status < 400:
         raise _Failed(f"HTTP {status}")
     return f"HTTP {status}"
+
+
+async def _pooled_http(
+    spec: HealthCheckSpec, target: Target, pool: UpstreamPool, headers: Sequence[tuple[str, str]]
+) -> str:
+    """GET the health path over a pooled keep-alive connection; ok on 2xx/3xx. The body is read and dropped."""
+    path = spec.http_path or "/"
+    if not path.startswith("/"):
+        path = "/" + path
+    extra = [(b"user-agent", _USER_AGENT.encode()), *((k.lower().encode(), v.encode()) for k, v in headers)]
+    try:
+        answer = await pool.request(target, "GET", path, extra, b"", spec.timeout)
+        while await answer.read():
+            pass
+    except UpstreamError as exc:
+        raise _Failed(f"{exc.kind}: {exc.detail}") from exc
+    if not 200 <= answer.status < 400:
+        raise _Failed(f"HTTP {answer.status}")
+    return f"HTTP {answer.status}"
 
 
 async def _tcp(target: Target, ssl_context: ssl.SSLContext | None) -> str:

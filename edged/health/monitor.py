@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from edged.health.checks import CheckResult, run_check
 from edged.health.outlier import Outlier, OutlierConfig
+from edged.http.client import UpstreamPool
 from edged.looplag import LoopLag, loop_lag
 from edged.model import Endpoint, HealthCheckSpec, Service
 
@@ -117,6 +118,7 @@ class HealthMonitor:
         on_change: OnChange | None = None,
         ssl_context: ssl.SSLContext | None = None,
         check_headers: Callable[[Endpoint], Sequence[tuple[str, str]]] | None = None,
+        check_pool: Callable[[Endpoint], UpstreamPool | None] | None = None,
         lag: Callable[[], float] | None = None,
     ) -> None:
         self.version = 0
@@ -135,6 +137,9 @@ class HealthMonitor:
         self._loop_lag: LoopLag | None = None
         # Extra headers for an endpoint's http checks (the edge tier sends its fleet identity to peers' ingresses).
         self._check_headers = check_headers
+        # The pool an endpoint's http checks go through, when not a connection per check (peers' ingresses over
+        # mutual TLS: the pool's connections are kept alive, so a check costs no handshake).
+        self._check_pool = check_pool
 
     def __repr__(self) -> str:
         down = sum(1 for h in self._states.values() if not h.available(self._clock()))
@@ -401,7 +406,8 @@ class HealthMonitor:
         while True:
             try:
                 headers = self._check_headers(endpoint) if self._check_headers is not None else ()
-                result = await run_check(spec, endpoint, ssl_context=self._ssl_context, headers=headers)
+                pool = self._check_pool(endpoint) if self._check_pool is not None else None
+                result = await run_check(spec, endpoint, ssl_context=self._ssl_context, headers=headers, pool=pool)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import array
 import asyncio
+import collections
 import contextlib
 import fcntl
 import socket
+import ssl
 import termios
+from collections.abc import Callable
 
 import httptools
 
 from edged.aio import version_tuple
-from edged.errors import ConnectFailed, UpstreamError, UpstreamProtocolError, UpstreamReset, UpstreamTimeout
+from edged.errors import ConnectFailed, EdgedError, UpstreamError, UpstreamProtocolError, UpstreamReset, UpstreamTimeout
 from edged.http.message import Headers
 from edged.looplag import GRACE, TimeLimit
 from edged.model import Target
@@ -436,12 +439,36 @@ class _UpstreamConnection(asyncio.Protocol):
             self._transport.abort()
 
 
+_TLS_CONNECTING = 2  # TLS handshakes in flight per target at most (see UpstreamPool._tls_turn)
+
+
+class UpstreamTls:
+    """How a pool speaks TLS to `https` targets: a client context, and a check of what each handshake proved."""
+
+    __slots__ = ("check", "context")
+
+    def __init__(self, context: ssl.SSLContext, check: Callable[[Target, dict], None]) -> None:
+        self.context = context
+        self.check = check  # raises (an EdgedError) when the verified certificate is not the one this target needs
+
+
 class UpstreamPool:
-    """Keep-alive connections per target (LIFO idle lists); `request` sends one request and returns its answer head."""
+    """Keep-alive connections per target (LIFO idle lists); `request` sends one request and returns its answer head.
+
+    With `tls`, `https` targets are reached over TLS, each connection's certificate checked once, at connect:
+    keep-alive then pays the handshake once per connection, not per request."""
 
     def __init__(
-        self, *, max_idle_per_target: int = 32, idle_timeout: float = 30.0, body_timeout: float = 60.0
+        self,
+        *,
+        max_idle_per_target: int = 32,
+        idle_timeout: float = 30.0,
+        body_timeout: float = 60.0,
+        tls: UpstreamTls | None = None,
     ) -> None:
+        self._tls = tls
+        self._connecting: dict[str, int] = {}  # TLS handshakes in flight per target
+        self._turns: dict[str, collections.deque[asyncio.Future[None]]] = {}  # requests waiting for one to end
         self._max_idle = max_idle_per_target
         self._idle_timeout = idle_timeout
         self._body_timeout = body_timeout
@@ -476,7 +503,7 @@ class UpstreamPool:
         UpstreamProtocolError. The caller must read the body to b"" or call discard().
         """
         key = target.key
-        if target.tls:
+        if target.tls and self._tls is None:
             raise UpstreamProtocolError(key, "https upstreams not supported yet")
         if self._closed:
             raise ConnectFailed(key, "upstream pool is closed")
@@ -496,8 +523,68 @@ class UpstreamPool:
             except asyncio.CancelledError:
                 conn._abort()
                 raise
-        conn = await self._connect(target, key, loop, deadline)
+        if target.tls:
+            # A turn to open a connection, or a connection that came free meanwhile (which may have gone stale).
+            while (waited := await self._tls_turn(key, loop, deadline)) is not None:
+                try:
+                    return await waited._send(data, head_only, deadline)
+                except _Stale:
+                    continue
+                except asyncio.CancelledError:
+                    waited._abort()
+                    raise
+            try:
+                conn = await self._connect(target, key, loop, deadline)
+            finally:
+                self._tls_connected(key)
+        else:
+            conn = await self._connect(target, key, loop, deadline)
         return await self._exchange(conn, data, head_only, deadline)  # fresh: never _Stale
+
+    async def _tls_turn(
+        self, key: str, loop: asyncio.AbstractEventLoop, deadline: TimeLimit
+    ) -> _UpstreamConnection | None:
+        """A free connection to `key`, or None once this request may open one (a handshake costs milliseconds of
+        CPU on both sides: a burst waits for the few handshakes in flight and for connections to come free,
+        rather than starting one handshake per request)."""
+        while self._connecting.get(key, 0) >= _TLS_CONNECTING:
+            waiter = loop.create_future()
+            self._turns.setdefault(key, collections.deque()).append(waiter)
+            expired: list[bool] = []
+
+            def ring(waiter: asyncio.Future[None] = waiter, expired: list[bool] = expired) -> None:
+                expired.append(True)
+                waiter.cancel()
+
+            alarm = deadline.call_when_expired(ring)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if not expired:
+                    raise
+                raise ConnectFailed(key, f"no connection came free within {deadline.describe()}") from None
+            finally:
+                alarm.cancel()
+                turns = self._turns.get(key)
+                if turns is not None and waiter in turns:
+                    turns.remove(waiter)
+            conn = self._take_idle(key, loop.time())
+            if conn is not None:
+                return conn
+        self._connecting[key] = self._connecting.get(key, 0) + 1
+        return None
+
+    def _tls_connected(self, key: str) -> None:
+        self._connecting[key] -= 1
+        self._wake_turn(key)
+
+    def _wake_turn(self, key: str) -> None:
+        turns = self._turns.get(key)
+        while turns:
+            waiter = turns.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     async def _exchange(
         self, conn: _UpstreamConnection, data: bytes, head_only: bool, deadline: TimeLimit
@@ -514,6 +601,11 @@ class UpstreamPool:
         conn = _UpstreamConnection(self, key, loop)
         if target.kind == "unix":
             task = loop.create_task(loop.create_unix_connection(lambda: conn, target.path))
+        elif target.tls and self._tls is not None:
+            connect = loop.create_connection(
+                lambda: conn, target.host, target.port, ssl=self._tls.context, server_hostname=target.host
+            )
+            task = loop.create_task(connect)
         else:
             task = loop.create_task(loop.create_connection(lambda: conn, target.host, target.port))
         timed_out = False
@@ -532,10 +624,19 @@ class UpstreamPool:
             if timed_out:
                 raise ConnectFailed(key, f"connect timeout after {deadline.describe()}") from None
             raise
+        except ssl.SSLError as exc:  # before OSError, of which it is one: say what TLS refused
+            raise ConnectFailed(key, f"tls: {getattr(exc, 'verify_message', None) or exc.reason or exc}") from None
         except OSError as exc:
             raise ConnectFailed(key, exc.strerror or str(exc) or type(exc).__name__) from None
         finally:
             timer.cancel()
+        if target.tls and self._tls is not None:
+            transport = conn._transport
+            try:
+                self._tls.check(target, transport.get_extra_info("peercert") if transport is not None else None)
+            except EdgedError as exc:
+                conn._abort()
+                raise ConnectFailed(key, f"tls: {exc}") from None
         if self._closed:
             conn._abort()
             raise ConnectFailed(key, "upstream pool is closed")
@@ -608,6 +709,8 @@ class UpstreamPool:
         conn._state = _IDLE
         conn._idle_since = conn._loop.time()
         idle.append(conn)
+        if self._turns:
+            self._wake_turn(key)
         if self._sweep_timer is None:
             delay = min(5.0, max(0.05, self._idle_timeout / 4))
             self._sweep_timer = conn._loop.call_later(delay, self._sweep_idle, delay)
@@ -638,6 +741,12 @@ class UpstreamPool:
             left = left or bool(idle)
         if left:
             self._sweep_timer = self._loop.call_later(delay, self._sweep_idle, delay)
+
+    def close_idle(self, key: str) -> None:
+        """Close the idle connections to one target (what they were opened for no longer holds)."""
+        for conn in self._idle.pop(key, ()):
+            conn._state = _GONE
+            conn._close()
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Per target key: idle and busy connections now, and connections opened in total."""

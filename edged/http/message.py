@@ -42,6 +42,7 @@ class Request:
     peer: str  # remote IP address, or "unix"
     keep_alive: bool
     cred: tuple[int, int, int] | None = None  # Unix socket: the peer's (pid, uid, gid) from SO_PEERCRED
+    peer_cert: dict | None = None  # TLS listener: the client certificate its handshake verified (ssl's decoded form)
 
     def header(self, name: bytes) -> bytes | None:
         """First value of the header `name` (lower-case), or None."""

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import socket
+import ssl
 import stat
 import struct
 from collections.abc import Awaitable, Callable
@@ -199,6 +200,7 @@ class _ServerConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._peer = "unix"
         self._cred: tuple[int, int, int] | None = None
+        self._peer_cert: dict | None = None  # what a TLS handshake verified (TLS listeners only)
         self._parser = httptools.HttpRequestParser(self)
         self._queue: collections.deque[Request | _Fail] = collections.deque()
         self._worker: asyncio.Task[None] | None = None
@@ -251,6 +253,7 @@ class _ServerConnection(asyncio.Protocol):
         else:
             peer = transport.get_extra_info("peername")
             self._peer = peer[0] if isinstance(peer, tuple) else str(peer)
+            self._peer_cert = transport.get_extra_info("peercert")  # None without TLS; called after the handshake
             sock = transport.get_extra_info("socket")
             if sock is not None:
                 with contextlib.suppress(OSError):
@@ -394,6 +397,7 @@ class _ServerConnection(asyncio.Protocol):
             self._peer,
             parser.should_keep_alive(),
             self._cred,
+            self._peer_cert,
         )
         self._body = []
         self._requests += 1
@@ -650,13 +654,15 @@ class HttpServer:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
 
-    async def listen_tcp(self, host: str, port: int) -> tuple[str, int]:
-        """Listen on host:port; returns the bound address (port 0 picks a free port)."""
+    async def listen_tcp(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> tuple[str, int]:
+        """Listen on host:port; returns the bound address (port 0 picks a free port). With `tls`, every
+        connection starts with a TLS handshake that must end within the header timeout."""
         self._start()
+        extra = {} if tls is None else {"ssl": tls, "ssl_handshake_timeout": self._header_timeout}
         try:
             listener = _Listener()
             server = await self._loop.create_server(
-                lambda: _ServerConnection(self, False, listener), host, port, reuse_address=True, backlog=1024
+                lambda: _ServerConnection(self, False, listener), host, port, reuse_address=True, backlog=1024, **extra
             )
         except OSError as exc:
             raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc

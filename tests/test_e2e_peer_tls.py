@@ -1,0 +1,240 @@
+"""End to end, peer identity over mutual TLS: real daemons, real zeroconf, certificates of a test fleet CA.
+
+Each attack of issue 9 on the peer ingress and on mDNS is run twice where it makes sense: against an insecure
+fleet (`[ingress] insecure = true`, the way every fleet ran before mutual TLS), where it works, and against a
+TLS fleet, where it must not.
+"""
+
+# ruff: noqa: F811  (the fixtures imported from fixtures_netns are test parameters)
+from __future__ import annotations
+
+import datetime as dt
+import http.client
+import json
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fixtures_identity import FleetCA
+from fixtures_netns import (
+    edge_nodes,  # noqa: F401  (fixtures)
+    fleet_ca,
+    in_netns,
+    lan,  # noqa: F401
+    ns_backends,  # noqa: F401
+    plain_services,  # noqa: F401
+    thermo_manifest,
+    unique_fleet,
+    wait_for,
+)
+
+from edged.edge.txt import node_txt
+from edged.identity import IdentityFiles
+from edged.identity.tls import client_context
+from edged.vitals import Vitals
+
+UTC = dt.timezone.utc
+
+
+def answered_by(response) -> str:
+    status, _, body = response
+    assert status == 200, body
+    return json.loads(body)["name"]
+
+
+def ingress_call(
+    port: int, path: str, headers: dict[str, str] | None = None, *, identity: IdentityFiles | None = None
+) -> tuple[int, dict]:
+    """One request to an ingress on 127.0.0.1: plain HTTP, or over TLS presenting `identity`."""
+    if identity is None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    else:
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=5, context=client_context(identity))
+    try:
+        conn.request("GET", path, headers=headers or {})
+        answer = conn.getresponse()
+        return answer.status, json.loads(answer.read())
+    finally:
+        conn.close()
+
+
+SPOOF = {"x-edged-fleet": "", "x-edged-node": "evil", "x-forwarded-for": "6.6.6.6", "cookie": "session=secret"}
+
+
+# -- header spoofing on the ingress ---------------------------------------------------------------------
+
+
+def test_header_spoofing_works_on_an_insecure_ingress_only(edge_nodes, ns_backends, tmp_path):
+    """Before: anyone who names the fleet in a header is served (and its x-forwarded-for was passed on).
+    Now: the ingress speaks TLS only; a stranger's certificate is refused; a member is who its certificate says,
+    whatever its headers claim, and the service sees only the address the ingress saw."""
+    fleet = unique_fleet()
+    backend = ns_backends("thermo-b")
+    manifests = {"thermo.toml": thermo_manifest(backend.port)}
+    old = edge_nodes("old-b", fleet=fleet, manifests=manifests, tls=False).start()
+    status, seen = ingress_call(old.ingress_port, "/svc/thermo/secret", {**SPOOF, "x-edged-fleet": fleet})
+    assert (status, seen["name"]) == (200, "thermo-b")  # the attack, on an insecure ingress
+
+    b = edge_nodes("node-b", fleet=fleet, manifests=manifests).start()
+    with pytest.raises((ConnectionError, http.client.HTTPException, OSError)):
+        ingress_call(b.ingress_port, "/svc/thermo/secret", {**SPOOF, "x-edged-fleet": fleet})  # plain HTTP
+    stranger = FleetCA(fleet).enroll(tmp_path / "stranger", "evil", bundle=fleet_ca(fleet).pem)
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        ingress_call(b.ingress_port, "/svc/thermo/secret", SPOOF, identity=stranger)  # same name, other CA
+    other_fleet = fleet_ca(unique_fleet()).enroll(tmp_path / "other", "node-x", bundle=fleet_ca(fleet).pem)
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        ingress_call(b.ingress_port, "/svc/thermo/x", identity=other_fleet)
+    member = fleet_ca(fleet).enroll(tmp_path / "member", "node-m")
+    status, seen = ingress_call(b.ingress_port, "/svc/thermo/secret", SPOOF, identity=member)
+    assert (status, seen["name"]) == (200, "thermo-b")
+    assert seen["headers"]["x-forwarded-for"] == "127.0.0.1"  # the caller's own x-forwarded-for is gone
+    assert "x-edged-node" not in seen["headers"] and "x-edged-fleet" not in seen["headers"]
+    assert ingress_call(b.ingress_port, "/healthz", identity=member) == (200, {"status": "ok", "node": "node-b"})
+    assert "peer ingress on 127.0.0.1" in b.log_text() and "mutual TLS 1.3" in b.log_text()
+    assert "INSECURE" in old.log_text() and "INSECURE" not in b.log_text()
+
+
+# -- a rogue mDNS responder in its own network namespace ------------------------------------------------
+
+
+class RogueListener:
+    """An HTTP server in a namespace that logs every request line it gets: what the attacker harvests."""
+
+    def __init__(self, netns: str, port: int, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.log = folder / "rogue.log"
+        argv = [sys.executable, "-m", "http.server", str(port), "--bind", "0.0.0.0", "--directory", str(folder)]
+        self.proc = subprocess.Popen(in_netns(netns, argv), stderr=self.log.open("wb"), stdout=subprocess.DEVNULL)
+
+    def requests(self) -> list[str]:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return [line for line in text.splitlines() if '"GET /' in line or '"POST /' in line]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["insecure-before", "mtls-now"])
+def test_a_rogue_responder_advertising_a_fleet_node_gets_no_calls(
+    lan, edge_nodes, ns_backends, plain_services, tmp_path, tls
+):
+    """Before: a fake `_hubmesh._tcp` instance naming the fleet was accepted, `lamp` calls went to it, and with
+    `strategy = "latency"` it took `thermo` calls although a local endpoint existed. Now: it never proves the
+    node it advertises (no certificate of the fleet CA), so it gets no endpoint and no call."""
+    net = lan(3)
+    fleet = unique_fleet()
+    ns_backends("a-thermo", netns=net.host(1), port=8080)
+    ns_backends("b-thermo", netns=net.host(2), port=8080)
+    local_latency = thermo_manifest(8080, extra='[policy]\nstrategy = "latency"')
+    a = edge_nodes("box-a", fleet=fleet, netns=net.host(1), manifests={"t.toml": local_latency}, tls=tls).start()
+    b = edge_nodes("box-b", fleet=fleet, netns=net.host(2), manifests={"t.toml": thermo_manifest(8080)}, tls=tls)
+    b.start()
+    rogue = RogueListener(net.host(3), 7701, tmp_path / "rogue")
+    try:
+        txt = node_txt(
+            node="lamp-box", fleet=fleet, zone="", vitals=Vitals(), services=["lamp", "thermo"], addresses=["10.77.0.3"]
+        )
+        plain_services("_hubmesh._tcp", "lamp-box", 7701, txt=txt, address="10.77.0.3", netns=net.host(3))
+        wait_for(lambda: any(p.get("node") == "box-b" for p in a.peers()), 15, what="box-b admitted by box-a")
+        wait_for(lambda: any(p.get("node") == "lamp-box" for p in a.peers()), 15, what="the rogue seen by box-a")
+        calls = [a.call("lamp", "/on", headers=[("cookie", "session=secret")]) for _ in range(3)]
+        thermo = [a.call("thermo", "/r") for _ in range(20)]
+        rogue_state = next(p for p in a.peers() if p.get("node") == "lamp-box")
+        if not tls:  # the attack works on an insecure fleet
+            assert any('"GET /svc/lamp/on' in line for line in rogue.requests()), rogue.requests()
+            assert any(dict(h).get("x-edged-endpoint", "").endswith("mdns:lamp-box") for _, h, _ in thermo)
+            assert rogue_state["state"] == "up"
+            return
+        assert rogue.requests() == []  # not one request reached the attacker
+        assert all(status == 404 for status, _, _ in calls), calls  # `lamp` is unknown: nobody proved to offer it
+        assert {answered_by(call) for call in thermo} <= {"a-thermo", "b-thermo"}  # the real ones only
+        assert a.edge_urls("thermo") == ["https://10.77.0.2:7701/svc/thermo"]
+        assert rogue_state["state"] == "refused" and "tls" in rogue_state["reason"]
+        assert "edge.peer_refused" in a.log_text() and "lamp-box" in a.log_text()
+        assert a.edge_urls("lamp") == []
+    finally:
+        rogue.kill()
+
+
+def test_a_responder_that_advertises_a_real_node_at_its_own_address_is_refused(edge_nodes, plain_services, tmp_path):
+    """A fleet member's name, advertised at another ingress that holds a valid certificate of another member:
+    the certificate must name the advertised node, not just any node of the fleet."""
+    fleet = unique_fleet()
+    a = edge_nodes("node-a", fleet=fleet).start()
+    impostor = edge_nodes("node-i", fleet=fleet).start()  # a real member, certificate for node-i
+    txt = node_txt(node="node-z", fleet=fleet, zone="", vitals=Vitals(), services=["x"], addresses=["127.0.0.1"])
+    plain_services("_hubmesh._tcp", "node-z", impostor.ingress_port, txt=txt)
+    wait_for(lambda: any(p.get("node") == "node-z" and p["state"] == "refused" for p in a.peers()), 10, what="refused")
+    refused = next(p for p in a.peers() if p.get("node") == "node-z")
+    assert "names node 'node-i', not the advertised 'node-z'" in refused["reason"]
+    assert [p.get("node") for p in a.peers() if p["state"] == "up"] == ["node-i"]
+
+
+# -- certificates: expired, not yet valid (a clock wrong at boot), CA rotation ---------------------------
+
+
+def test_a_peer_with_an_expired_certificate_gets_no_calls(edge_nodes, ns_backends):
+    fleet = unique_fleet()
+    backend = ns_backends("thermo-b")
+    a = edge_nodes("node-a", fleet=fleet).start()
+    b = edge_nodes("node-b", fleet=fleet, manifests={"t.toml": thermo_manifest(backend.port)})
+    two_days_ago = dt.datetime.now(UTC) - dt.timedelta(days=2)
+    fleet_ca(fleet).enroll(b.root / "state" / "identity", "node-b", now=two_days_ago)  # lived 24 h, expired
+    b.start()
+    assert "the node certificate expired at" in b.log_text()  # said at start, in the journal
+    wait_for(lambda: any(p.get("node") == "node-b" and p["state"] == "refused" for p in a.peers()), 10, what="refused")
+    assert "expired" in next(p["reason"] for p in a.peers() if p.get("node") == "node-b")
+    assert a.call("thermo", "/r")[0] == 404 and a.edge_urls("thermo") == []
+
+
+def test_a_clock_wrong_at_boot_is_named_and_the_node_is_refused_until_it_is_right(edge_nodes, ns_backends):
+    """A box without RTC boots in the past: its certificate looks not yet valid to it. We simulate the
+    converse (a certificate issued in the future) and expect the same plain words in the log."""
+    fleet = unique_fleet()
+    backend = ns_backends("thermo-b")
+    a = edge_nodes("node-a", fleet=fleet).start()
+    b = edge_nodes("node-b", fleet=fleet, manifests={"t.toml": thermo_manifest(backend.port)})
+    tomorrow = dt.datetime.now(UTC) + dt.timedelta(days=1)
+    fleet_ca(fleet).enroll(b.root / "state" / "identity", "node-b", now=tomorrow)
+    b.start()
+    assert "TLS with peers is impossible until the clock is set" in b.log_text()
+    wait_for(lambda: any(p.get("node") == "node-b" and p["state"] == "refused" for p in a.peers()), 10, what="refused")
+    assert "not yet valid" in next(p["reason"] for p in a.peers() if p.get("node") == "node-b")
+
+
+def test_ca_rotation_with_a_two_ca_bundle(edge_nodes, ns_backends):
+    """Mid-rotation every node trusts old and new CA: a node still on the old CA and one already on the new
+    call each other. A node that trusts only the new CA refuses the old certificate."""
+    fleet = unique_fleet()
+    old, new = fleet_ca(fleet), FleetCA(fleet)
+    both = old.pem + new.pem
+    backend = ns_backends("thermo")
+    manifests = {"t.toml": thermo_manifest(backend.port)}
+    on_old = edge_nodes("on-old", fleet=fleet, manifests=manifests)
+    old.enroll(on_old.root / "state" / "identity", "on-old", bundle=both)
+    on_new = edge_nodes("on-new", fleet=fleet, ca=new)
+    new.enroll(on_new.root / "state" / "identity", "on-new", bundle=both)
+    only_new = edge_nodes("only-new", fleet=fleet, ca=new)
+    on_old.start(), on_new.start(), only_new.start()
+    wait_for(lambda: on_new.edge_urls("thermo"), 10, what="on-new admits on-old")
+    assert answered_by(on_new.call("thermo", "/r")) == "thermo"
+    refused = lambda: any(p.get("node") == "on-old" and p["state"] == "refused" for p in only_new.peers())  # noqa: E731
+    wait_for(refused, 10, what="on-old refused by only-new")
+    assert only_new.edge_urls("thermo") == []
+    assert [p.get("node") for p in on_old.peers() if p["state"] == "up"] == ["on-new"]  # only-new refuses on-old
+
+
+def test_no_identity_means_no_peer_calls_and_says_how_to_enroll(edge_nodes):
+    node = edge_nodes("node-a", fleet=unique_fleet(), tls=False)
+    text = node.config.read_text().replace("insecure = true", "insecure = false")
+    node.config.write_text(text)
+    node.start()
+    assert node.get("/v1/status")["node"]["ready"] is True  # the local API serves
+    assert "peer calls are off: this node has no fleet certificate" in node.log_text()
+    assert "edged fleet enroll" in node.log_text()
+    with pytest.raises(OSError):
+        ingress_call(node.ingress_port, "/healthz")  # nothing listens
