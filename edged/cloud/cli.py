@@ -61,6 +61,9 @@ def add_cloud_commands(sub, command: Callable[..., argparse.ArgumentParser]) -> 
     ls.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the broker (default 10)")
     ls.add_argument("--quiet", type=float, default=0.5, help="end after this long without news (default 0.5)")
     ls.set_defaults(func=_ls)
+    from ..identity.cli import add_identity_commands  # `edged fleet ca ...` and `edged fleet enroll`
+
+    add_identity_commands(actions)
 
 
 def _fleet_args(parser: argparse.ArgumentParser) -> None:

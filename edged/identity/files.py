@@ -87,14 +87,14 @@ def read_pem(path: str, what: str) -> bytes:
     return data
 
 
-def check_key_mode(path: str) -> None:
+def check_key_mode(path: str, what: str = "node key") -> None:
     """IdentityError when the private key may be read by anyone but its owner (like ssh, refuse rather than warn)."""
     try:
         mode = stat.S_IMODE(os.stat(path).st_mode)
     except OSError as exc:
-        raise IdentityError(f"{path}: cannot read the node key: {exc.strerror or exc}") from exc
+        raise IdentityError(f"{path}: cannot read the {what}: {exc.strerror or exc}") from exc
     if mode & 0o077:
-        raise IdentityError(f"{path}: the node key is open to others (mode {mode:04o}): chmod 600 {path}")
+        raise IdentityError(f"{path}: the {what} is open to others (mode {mode:04o}): chmod 600 {path}")
 
 
 def _decode(path: str) -> dict:

@@ -43,16 +43,23 @@ class NodeIdentity:
         return self.key.sign(data, ec.ECDSA(hashes.SHA256()))
 
 
-def load_key(path: str) -> ec.EllipticCurvePrivateKey:
-    """The node's private key (PEM PKCS#8, mode 0600, ECDSA P-256); IdentityError naming the file otherwise."""
-    check_key_mode(path)
+def load_key_file(
+    path: str, what: str = "node key", curve: type[ec.EllipticCurve] | None = ec.SECP256R1
+) -> ec.EllipticCurvePrivateKey:
+    """An ECDSA private key (PEM PKCS#8, mode 0600); IdentityError naming the file otherwise."""
+    check_key_mode(path, what)
     try:
-        key = serialization.load_pem_private_key(read_pem(path, "node key"), password=None)
+        key = serialization.load_pem_private_key(read_pem(path, what), password=None)
     except (ValueError, TypeError) as exc:
         raise IdentityError(f"{path}: not an unencrypted PEM private key: {exc}") from exc
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
-        raise IdentityError(f"{path}: the node key must be ECDSA P-256")
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or (curve is not None and not isinstance(key.curve, curve)):
+        raise IdentityError(f"{path}: the {what} must be ECDSA P-256")
     return key
+
+
+def load_key(path: str) -> ec.EllipticCurvePrivateKey:
+    """The node's private key (ECDSA P-256)."""
+    return load_key_file(path)
 
 
 def load_identity(folder: str) -> NodeIdentity | None:
