@@ -69,6 +69,7 @@ class Api:
         gate: Gate | None = None,
         authz: AuthzApi | None = None,
         json_depth: int = 32,
+        identity: Callable[[], dict | None] = lambda: None,
     ) -> None:
         self._node = node
         self._registry = registry
@@ -86,6 +87,7 @@ class Api:
         self._config_state = config_state  # the config file, reloads, keys pending restart
         self._gate = gate  # authorization rules and quotas of the call path (None: every call admitted)
         self._json_depth = json_depth  # [limits] json_depth: nesting of a JSON request body
+        self._identity = identity  # this node's fleet certificate (edged.identity.keeper)
         self._policies: PolicyOverrides | None = None  # set by the daemon: `set_policies`
         # (method, first segment) -> (the right it takes, handler)
         self._routes: dict[tuple[str, str], tuple[str, Callable[..., Awaitable[None] | None]]] = {
@@ -340,6 +342,7 @@ class Api:
                 },
                 "peers": self._peers() if node_wide else [],
                 "config": self._config_state() if node_wide else {},
+                "identity": self._identity() if node_wide else None,
                 "services": [self._describe(s, now) for s in self._visible(snap, scope)],
             },
         )

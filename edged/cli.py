@@ -221,6 +221,7 @@ def _status(args) -> int:
         f"v{node['version']}  up {node['uptime_s']}s  {'ready' if node['ready'] else 'NOT READY'}"
     )
     _print_config_state(data.get("config") or {})
+    _print_identity(data.get("identity"))
     peers = data.get("peers", [])
     if peers:
         rows = [("PEER", "SOURCE", "STATE", "SEEN", "ADDRESS", "CPU", "BAT", "LINK", "SERVICES")]
@@ -319,6 +320,20 @@ def _call(args) -> int:
         out.write(b"\n")
     out.flush()
     return 0 if status < 400 else 1
+
+
+def _print_identity(identity: dict | None) -> None:
+    """The identity line of `edged status`: this node's certificate, when it expires and renews, what is wrong."""
+    if not identity:
+        return
+    state = identity.get("state")
+    if state in ("insecure", "missing"):
+        print(f"identity {state.upper()}: {identity.get('detail') or identity.get('dir') or ''}")
+        return
+    line = f"identity {identity['spiffe_id']}  until {identity['not_after']}  renews after {identity['renew_after']}"
+    print(line + ("" if state == "ok" else f"  {state.upper()}"))
+    if identity.get("problem"):
+        print(f"  {identity['problem']}")
 
 
 def _print_config_state(state: dict) -> None:

@@ -57,6 +57,7 @@ class TierParts:
     collect: Callable[[], None] | None = None  # refreshes its gauges at scrape time
     on_vitals: Callable[[Vitals], None] | None = None  # told of each vitals reading
     on_registry_change: Callable[[Snapshot, Snapshot], None] | None = None  # observes; must not write
+    identity: Callable[[], dict] | None = None  # this node's certificate, for `edged status`
 
 
 class Tier(Protocol):
@@ -118,6 +119,7 @@ class MeshCore:
             gauge=self.metrics.node_vitals,
         )
         self._peer_sources: list[Callable[[], list[dict]]] = []
+        self._identity_source: Callable[[], dict] | None = None
         self._provider_sources: list[Callable[[str, str], list[dict]]] = []
         self._on_health = on_health_change
         self.supervisor = Supervisor(self.metrics)
@@ -143,6 +145,8 @@ class MeshCore:
             self.registry.add_layer(layer)
         if parts.peers is not None:
             self._peer_sources.append(parts.peers)
+        if parts.identity is not None:
+            self._identity_source = parts.identity
         if parts.providers is not None:
             self._provider_sources.append(parts.providers)
         if parts.collect is not None:
@@ -153,6 +157,10 @@ class MeshCore:
             self.registry.watch(parts.on_registry_change)
 
     # -- what processes read ------------------------------------------------------------------------------
+    def identity(self) -> dict | None:
+        """This node's fleet certificate as the tier that keeps it sees it (None: no tier does)."""
+        return self._identity_source() if self._identity_source is not None else None
+
     def peers(self) -> list[dict]:
         """Peers of every tier, for `edged status`."""
         return [peer for source in self._peer_sources for peer in source()]

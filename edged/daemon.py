@@ -105,6 +105,7 @@ class Daemon:
             gate=core.gate,
             authz=self.authz,
             json_depth=config.limits.json_depth,
+            identity=core.identity,
         )
         self.api.set_policies(self.policies)
         self.server = HttpServer(

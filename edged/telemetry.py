@@ -380,6 +380,15 @@ class MeshMetrics:
         self.limit_hits = m.counter(
             "edged_limit_hits_total", "Times a resource limit ([limits]) refused or held back input.", ("limit",)
         )
+        self.identity_expiry = m.gauge(
+            "edged_identity_expiry_seconds", "Seconds until this node's fleet certificate expires (negative: expired)."
+        )
+        self.identity_renewals = m.counter(
+            "edged_identity_renewals_total", "Renewals of this node's fleet certificate, by result.", ("result",)
+        )
+        self.peers_refused = m.counter(
+            "edged_peer_refused_total", "Advertised peers refused because their TLS handshake did not prove them."
+        )
         self.build_info = m.gauge("edged_build_info", "Always 1; the version is the label.", ("version",))
         self.build_info.set((version,), 1)
         self.body_breaks = m.counter(

@@ -27,6 +27,7 @@ from ..aio import cancel_and_wait
 from ..errors import EdgedError
 from ..http.client import UpstreamPool
 from ..identity import IdentityFiles, clock_problem, summary
+from ..identity.keeper import IdentityKeeper
 from ..identity.tls import server_context
 from ..logs import log_event
 from ..model import Endpoint, parse_target
@@ -122,9 +123,18 @@ class EdgeTier:
                 self.peer_tls,
                 self.peer_pool,
                 timeout=config.limits.peer_services_timeout,
-                on_refused=lambda _node: self._metrics.limit_hits.inc(("peer_refused",)),
+                on_refused=lambda _node: self._metrics.peers_refused.inc(()),
             )
         self.transport = EdgeTransport(core.pool, self.identity, self.peer_pool)
+        self.keeper: IdentityKeeper | None = None
+        if self.peer_tls is not None and server_tls is not None:
+            self.keeper = IdentityKeeper(
+                IdentityFiles(config.identity_dir),
+                [self.peer_tls.context, server_tls],
+                skew=config.identity.clock_skew,
+                renew=self._renew if config.identity.renew and config.mqtt.enabled else None,
+                metrics=self._metrics,
+            )
         self._advertised: Vitals | None = None  # the vitals in our TXT record
         self._advertised_at = -math.inf
         self.ingress: Ingress | None = None
@@ -169,6 +179,7 @@ class EdgeTier:
             peers=self.peers,
             on_vitals=self._on_vitals,
             on_registry_change=self._on_registry_change,
+            identity=self._identity_state,
         )
 
     @property
@@ -186,6 +197,8 @@ class EdgeTier:
     # -- lifecycle ------------------------------------------------------------------------------------
     async def start(self) -> None:
         self._started = True
+        if self.keeper is not None:
+            self.keeper.start()
         self._advertised, self._advertised_at = self.vitals, time.monotonic()
         listening = self.ingress is not None and await self.ingress.start()
         if self.config.mdns.enabled:
@@ -235,6 +248,28 @@ class EdgeTier:
             await self.ingress.shutdown(self.config.api.drain_timeout)
         if self.peer_pool is not None:
             await self.peer_pool.close()
+        if self.keeper is not None:
+            await self.keeper.stop()
+
+    # -- identity -------------------------------------------------------------------------------------
+    async def _renew(self) -> None:
+        """Renew this node's certificate online (the keeper calls this two thirds into its life)."""
+        from ..identity.node import load_identity
+        from ..identity.online import renew
+
+        files = IdentityFiles(self.config.identity_dir)
+        current = load_identity(files.dir)
+        if current is None:
+            raise EdgedError(f"no certificate in {files.dir} to renew")
+        mqtt = self.config.mqtt
+        await renew(current, files, mqtt, mqtt.topic_prefix, timeout=30.0)
+
+    def _identity_state(self) -> dict:
+        if self.identity.tls is False:
+            return {"state": "insecure", "detail": "[ingress] insecure = true: peers are not authenticated"}
+        if self.keeper is None:
+            return {"state": "missing", "detail": self.tls_problem}
+        return self.keeper.state()
 
     # -- status ---------------------------------------------------------------------------------------
     def peers(self) -> list[dict]:

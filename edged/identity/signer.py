@@ -122,6 +122,7 @@ async def serve(ca: FleetCa, mqtt, *, prefix: str, lifetime: float, stop: asynci
     from ..cloud.session import Inbound
 
     loop = asyncio.get_running_loop()
+    sending: set[asyncio.Task] = set()  # answers being published: awaited before the session closes
 
     def on_request(message: Inbound) -> None:
         request, answer = decide(ca, message.payload, lifetime=lifetime)
@@ -132,13 +133,18 @@ async def serve(ca: FleetCa, mqtt, *, prefix: str, lifetime: float, stop: asynci
         kind = "enroll" if request.token is not None else "renew"
         log_event(log, logging.INFO, f"ca.{outcome}", node=request.node, kind=kind, reason=answer.error)
         topic = reply_topic(prefix, ca.fleet, request.node, request.id)
-        loop.create_task(mqtt.publish(topic, answer.encode(), qos=1)).add_done_callback(_log_failure)
+        task = loop.create_task(mqtt.publish(topic, answer.encode(), qos=1))
+        sending.add(task)
+        task.add_done_callback(sending.discard)
+        task.add_done_callback(_log_failure)
 
     mqtt.subscribe(request_topic(prefix, ca.fleet), on_request, qos=1)
     mqtt.start()
     try:
         await stop.wait()
     finally:
+        if sending:
+            await asyncio.wait(sending, timeout=3.0)
         await mqtt.close()
 
 
