@@ -84,6 +84,7 @@ enabled = true
 interfaces = ["127.0.0.1"]
 [ingress]
 listen = "127.0.0.1:{ingress_port}"
+insecure = true
 [mqtt]
 enabled = true
 url = "mqtt://127.0.0.1:{mqtt_port}"

@@ -542,6 +542,7 @@ name = "e2e"
 listen = "127.0.0.1:{api_port}"
 [ingress]
 listen = "127.0.0.1:7701"
+insecure = true  # no fleet CA in the container: this test is about the install, not peer identity
 [mdns]
 interfaces = ["127.0.0.1"]
 [services]

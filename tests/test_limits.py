@@ -252,7 +252,7 @@ def test_a_peer_service_list_is_read_with_a_size_and_a_time_limit(tmp_path) -> N
             state=StateConfig(str(tmp_path)),
             api=ApiConfig(socket=None),
             mdns=MdnsConfig(enabled=False),
-            ingress=IngressConfig(enabled=False),
+            ingress=IngressConfig(enabled=False, insecure=True),  # about limits, not identity
             limits=limits,
         )
         core = MeshCore(config, tiers=[EdgeTier])
@@ -310,7 +310,7 @@ def test_peers_tracked_over_mdns_are_bounded(tmp_path) -> None:
             state=StateConfig(str(tmp_path)),
             api=ApiConfig(socket=None),
             mdns=MdnsConfig(enabled=False),
-            ingress=IngressConfig(enabled=False),
+            ingress=IngressConfig(enabled=False, insecure=True),  # about limits, not identity
             limits=Limits(peers=3),
         )
         core = MeshCore(config, tiers=[EdgeTier])

@@ -115,7 +115,7 @@ class EdgeTier:
                 self.peer_tls, server_tls = _peer_tls(config)
             except EdgedError as exc:
                 self.tls_problem = str(exc)
-                log.error("peer calls are off: %s", exc)
+                log.warning("peer calls are off: %s", exc)
         self.identity = FleetIdentity(config.node.name, config.node.fleet, tls=not ing.insecure)
         if self.peer_tls is not None:
             self.peer_pool = UpstreamPool(tls=self.peer_tls.upstream())
