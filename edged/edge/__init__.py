@@ -118,7 +118,10 @@ class EdgeTier:
                 log.warning("peer calls are off: %s", exc)
         self.identity = FleetIdentity(config.node.name, config.node.fleet, tls=not ing.insecure)
         if self.peer_tls is not None:
-            self.peer_pool = UpstreamPool(tls=self.peer_tls.upstream())
+            # Idle connections live longer than the core pool's (a handshake is dear), but end before a peer's
+            # ingress would close them ([api] idle_timeout, 75 s by default): no request meets a closing socket.
+            idle = max(5.0, min(60.0, config.api.idle_timeout - 10.0))
+            self.peer_pool = UpstreamPool(tls=self.peer_tls.upstream(), idle_timeout=idle)
             self.admission = Admission(
                 self.peer_tls,
                 self.peer_pool,
