@@ -169,5 +169,5 @@ def _enroll(args) -> int:
     except (EdgedError, OSError, ValueError) as exc:
         return _fail(exc)
     print(f"enrolled as spiffe://{name.fleet}/node/{name.node}: {files.cert} and {files.ca}")
-    print("restart edged (or wait for it to notice) to use it")
+    print("a running edged that had a certificate uses this one within a minute; one that had none: restart it")
     return 0
