@@ -145,6 +145,7 @@ class Edged:
                 enabled = false
                 [ingress]
                 listen = "127.0.0.1:{free_port()}"
+                insecure = true  # the default daemon of the local-tier tests has no fleet certificate
                 [log]
                 format = "json"
                 """
