@@ -107,7 +107,6 @@ class MeshCore:
         self.manifests = ManifestSource(
             self.registry, config.services.dirs, extra=list(extra_services), on_errors=self._on_manifest_errors
         )
-        self.pool = UpstreamPool()
         self._transports: dict[str, Transport] = {"local": HttpTransport(self.pool)}
         self.router = Router(
             self.registry, self.health, self._transports, self.metrics, Ranker(), whole_answer=self.limits.answer_buffer
@@ -220,8 +219,12 @@ class MeshCore:
         return headers(endpoint) if headers is not None else ()
 
     def _pool_for(self, endpoint: Endpoint) -> UpstreamPool | None:
+        """The keep-alive pool an endpoint's http checks go through: the call path's own for plain HTTP, its
+        tier's for TLS (a peer's ingress over mutual TLS: no handshake per check); None: a connection per check."""
         target = endpoint.target
-        return self._check_pools.get(endpoint.tier) if target is not None and target.tls else None
+        if target is None:
+            return None
+        return self._check_pools.get(endpoint.tier) if target.tls else self.pool
 
     def _on_registry_change(self, old: Snapshot, new: Snapshot) -> None:
         self.health.sync(new.services.values())

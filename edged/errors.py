@@ -53,6 +53,10 @@ class ConnectFailed(UpstreamError):
     reached = False
     kind = "connect_failed"
 
+    def __init__(self, target: str, detail: str, *, refused: bool = False):
+        super().__init__(target, detail)
+        self.refused = refused  # nothing listens there (ECONNREFUSED), as opposed to a timeout or a bad address
+
 
 class UpstreamReset(UpstreamError):
     """The connection broke after the request was (perhaps partly) sent, before a full response head."""

@@ -8,8 +8,11 @@ a short overload turns into a burst of failed calls. A `TimeLimit` therefore cou
 time: it expires once `timeout` seconds have passed *plus* whatever lag the loop showed meanwhile, and
 never later than its hard `limit` (the caller's deadline).
 
-`LoopLag` measures the lag with a tick every `TICK` seconds that runs only while some limit may still be
-pending (an idle daemon does not wake up for it): each tick adds how late it ran.
+`LoopLag` measures the lag with a tick every `TICK` seconds that runs only while some limit is pending: each
+tick adds how late it ran. A limit's owner calls `TimeLimit.done()` once the limit no longer matters (the
+answer head is in), and the tick stops with the last pending limit: an exchange that ends within a tick (a
+local call, a health check) costs no wake-up for it, and an idle daemon is not woken up for it at all. A limit
+that is never marked done keeps the tick going until a second past its due time, no longer.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ _lags: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopLag] = weakref.W
 class LoopLag:
     """How far behind one event loop ran, summed over the times it was measured."""
 
-    __slots__ = ("__weakref__", "_due", "_handle", "_loop", "_total", "_until")
+    __slots__ = ("__weakref__", "_due", "_handle", "_loop", "_pending", "_total", "_until")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -39,9 +42,10 @@ class LoopLag:
         self._due = 0.0  # loop time the pending tick is due
         self._handle: asyncio.TimerHandle | None = None
         self._until = 0.0  # the tick runs until then (loop time)
+        self._pending = 0  # limits made and not yet done
 
     def __repr__(self) -> str:
-        return f"<LoopLag total={self.total():.3f}s until={self._until:.1f}>"
+        return f"<LoopLag total={self.total():.3f}s until={self._until:.1f} pending={self._pending}>"
 
     def total(self) -> float:
         """Seconds of lag so far, counting a tick that is overdue right now."""
@@ -49,12 +53,25 @@ class LoopLag:
         return self._total + max(0.0, overdue - _SLACK)
 
     def keep(self, until: float) -> None:
-        """Measure the lag at least until `until` (loop time): starts the tick if it is not running."""
+        """Measure the lag until `until` (loop time) at most, while limits are pending: starts the tick."""
         if until > self._until:
             self._until = until
-        if self._handle is None:
+        if self._handle is None and self._pending:
             self._due = self._loop.time() + TICK
             self._handle = self._loop.call_at(self._due, self._tick)
+
+    def acquire(self) -> None:
+        """A limit begins (`TimeLimit` does this)."""
+        self._pending += 1
+
+    def release(self) -> None:
+        """A limit is done: with none left, the tick stops now (counting a tick that is overdue right now)."""
+        if self._pending > 0:
+            self._pending -= 1
+        if self._pending == 0 and self._handle is not None:
+            self._total += max(0.0, self._loop.time() - self._due - _SLACK)
+            self._handle.cancel()
+            self._handle = None
 
     def _tick(self) -> None:
         now = self._loop.time()
@@ -81,15 +98,24 @@ class TimeLimit:
     `limit` is a hard loop-time bound (e.g. the caller's deadline); None = no bound beyond the lag's.
     """
 
-    __slots__ = ("_lag", "_lag0", "_loop", "limit", "start", "timeout")
+    __slots__ = ("_done", "_lag", "_lag0", "_loop", "limit", "start", "timeout")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float, limit: float | None = None) -> None:
         self._loop = loop
         self._lag = loop_lag(loop)
+        self._lag.acquire()
+        self._done = False
         self.start = loop.time()
         self._lag0 = self._lag.total()
         self.timeout = timeout
         self.limit = limit
+
+    def done(self) -> None:
+        """The limit no longer matters (what it bounded is over): the lag need not be measured for it any more.
+        Idempotent; `describe()` still works afterwards."""
+        if not self._done:
+            self._done = True
+            self._lag.release()
 
     def lost(self) -> float:
         """Seconds of loop lag since the limit began."""
@@ -166,7 +192,8 @@ async def wait_for(aw: Awaitable[T], timeout: float, limit: float | None = None)
         expired = True
         task.cancel()
 
-    alarm = TimeLimit(loop, timeout, None if limit is None else loop.time() + limit).call_when_expired(ring)
+    time_limit = TimeLimit(loop, timeout, None if limit is None else loop.time() + limit)
+    alarm = time_limit.call_when_expired(ring)
     try:
         return await task
     except asyncio.CancelledError:
@@ -177,3 +204,4 @@ async def wait_for(aw: Awaitable[T], timeout: float, limit: float | None = None)
         raise
     finally:
         alarm.cancel()
+        time_limit.done()

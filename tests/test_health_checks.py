@@ -18,6 +18,7 @@ from harness import free_port
 from helpers import StatusServer, process_gone
 
 from edged.health.checks import CheckResult, run_check
+from edged.http.client import UpstreamPool
 from edged.model import Endpoint, HealthCheckSpec, Target, parse_target
 
 
@@ -135,6 +136,93 @@ def test_closed_without_answer_and_garbage() -> None:
     garbage = asyncio.run(serve(b"SSH-2.0-OpenSSH\r\n"))
     assert (empty.ok, empty.detail) == (False, "closed without answer")
     assert not garbage.ok and garbage.detail.startswith("bad response")
+
+
+class KeepAliveServer:
+    """Answers every request on a connection with `status` and keeps the connection open; counts connections
+    and records request heads."""
+
+    def __init__(self, status: int = 200) -> None:
+        self.status = status
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.server: asyncio.base_events.Server | None = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                self.requests.append(await reader.readuntil(b"\r\n\r\n"))
+                writer.write(f"HTTP/1.1 {self.status} X\r\nContent-Length: 2\r\n\r\nhi".encode())
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+
+def test_pooled_http_checks_reuse_one_connection() -> None:
+    async def main() -> tuple[list[CheckResult], KeepAliveServer, dict]:
+        server = KeepAliveServer(200)
+        port = await server.start()
+        pool = UpstreamPool()
+        ep = endpoint(f"http://127.0.0.1:{port}/api")
+        try:
+            results = [await run_check(HTTP, ep, pool=pool, headers=[("X-Fleet", "f1")]) for _ in range(3)]
+            server.status = 503
+            results.append(await run_check(HTTP, ep, pool=pool))
+            stats = pool.stats()
+        finally:
+            await pool.close()
+            await server.stop()
+        return results, server, stats
+
+    results, server, stats = asyncio.run(main())
+    assert [(r.ok, r.detail) for r in results] == [(True, "HTTP 200")] * 3 + [(False, "HTTP 503")]
+    assert server.connections == 1 and len(server.requests) == 4
+    assert next(iter(stats.values()))["opened"] == 1
+    lines = server.requests[0].decode().split("\r\n")
+    assert lines[0] == "GET /api/healthz HTTP/1.1"
+    assert "user-agent: edged-health" in lines and "x-fleet: f1" in lines
+    assert any(line.startswith("host: 127.0.0.1:") for line in lines)
+
+
+def test_pooled_http_check_failures_read_as_before() -> None:
+    async def main() -> list[CheckResult]:
+        pool = UpstreamPool()
+        results = [await run_check(HTTP, endpoint(f"http://127.0.0.1:{free_port()}"), pool=pool)]
+        with socket.socket() as listener:  # accepts into the backlog, never answers
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(8)
+            spec = HealthCheckSpec(kind="http", http_path="/healthz", timeout=0.2)
+            results.append(await run_check(spec, endpoint(f"http://127.0.0.1:{listener.getsockname()[1]}"), pool=pool))
+
+        async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.close()
+
+        server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+        try:
+            ep = endpoint(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+            results.append(await run_check(HTTP, ep, pool=pool))
+        finally:
+            server.close()
+            await server.wait_closed()
+            await pool.close()
+        return results
+
+    refused, timeout, closed = asyncio.run(main())
+    assert (refused.ok, refused.detail) == (False, "connect refused")
+    assert (timeout.ok, timeout.detail) == (False, "timeout 200ms")
+    assert (closed.ok, closed.detail) == (False, "closed without answer")
 
 
 def test_tcp_connects() -> None:

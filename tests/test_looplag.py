@@ -151,6 +151,25 @@ def test_lag_is_measured_only_while_watched_and_moves_the_due_time_up_to_the_lim
     assert lag.total() == total
 
 
+def test_the_tick_stops_with_the_last_limit_done():
+    loop = FakeLoop()
+    lag = looplag.loop_lag(loop)  # type: ignore[arg-type]
+    first, second = TimeLimit(loop, 0.5), TimeLimit(loop, 0.5)  # type: ignore[arg-type]
+    first.due(), second.due()  # both armed: the tick runs
+    live = lambda: [h for h in loop.timers if not h.cancelled()]  # noqa: E731
+    assert len(live()) == 1
+    first.done()
+    first.done()  # idempotent: `second` still holds the tick
+    assert len(live()) == 1
+    loop.run(0.1, blocked=True)  # the tick due at 0.02 is 0.08 s late when the last limit is done
+    second.done()
+    assert not live()  # stopped at once, not a second after the due time: an exchange that ends costs no wake-up
+    assert lag.total() == pytest.approx(0.08 - 0.001)
+    assert "of loop lag" in second.describe()
+    second.due()  # read after done: the tick does not start again
+    assert not live()
+
+
 def test_wait_for_times_out_returns_and_passes_cancellation_on():
     async def main():
         assert await looplag.wait_for(asyncio.sleep(0, "v"), 1.0) == "v"

@@ -179,6 +179,7 @@ class CloudTransport:
             answer = await future
         finally:
             timer.cancel()
+            limit.done()
             self._pending.pop(cid, None)
             self._calls.pop(cid, None)
         return MqttAnswer(answer.status, list(answer.headers), answer.body)

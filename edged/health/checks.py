@@ -2,6 +2,10 @@
 
 A check never raises for what the endpoint does: every outcome (refused, reset, timeout, bad answer, exit
 status) becomes a `CheckResult`. Only cancellation propagates, after the probe's socket or process is gone.
+
+Given the daemon's upstream pool, plain-HTTP checks go over its keep-alive connections (as Envoy's checks
+reuse theirs): a check is then one write and one read, not a connect, a handshake and a close, which is
+most of what an idle daemon with many checked endpoints spends (scripts/bench.py, the full daemon).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from edged import looplag
-from edged.errors import UpstreamError
+from edged.errors import ConnectFailed, UpstreamError, UpstreamProtocolError, UpstreamReset, UpstreamTimeout
 from edged.http.client import UpstreamPool
 from edged.model import Endpoint, HealthCheckSpec, Target
 from edged.systemd import child_environ
@@ -60,10 +64,11 @@ async def run_check(
         return CheckResult(ok=True, detail="not checked", latency=0.0)
     target = endpoint.target
     started = time.monotonic()
+    if spec.kind == "http" and pool is not None:
+        ok, detail = await _pooled_http(spec, target, headers, pool)
+        return CheckResult(ok=ok, detail=detail, latency=time.monotonic() - started)
     try:
-        if spec.kind == "http" and pool is not None:
-            probe = _pooled_http(spec, target, pool, headers)
-        elif spec.kind == "http":
+        if spec.kind == "http":
             probe = _http(spec, target, ssl_context, headers)
         elif spec.kind == "tcp":
             probe = _tcp(target, ssl_context)
@@ -82,13 +87,45 @@ async def run_check(
     return CheckResult(ok=ok, detail=detail, latency=time.monotonic() - started)
 
 
+def _check_path(spec: HealthCheckSpec) -> str:
+    path = spec.http_path or "/"
+    return path if path.startswith("/") else "/" + path
+
+
+async def _pooled_http(
+    spec: HealthCheckSpec, target: Target, headers: Sequence[tuple[str, str]], pool: UpstreamPool
+) -> tuple[bool, str]:
+    """GET the health path over the pool; ok on 2xx/3xx. The pool's time limit counts only the loop's own
+    time, as `looplag.wait_for` does for the other probes. A body that is not all here with the head is not
+    waited for: its connection is dropped instead of kept (a health answer is small)."""
+    sent = [(b"user-agent", _USER_AGENT.encode()), (b"accept", b"*/*")]
+    sent.extend((name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers)
+    try:
+        path = _check_path(spec)
+        answer = await pool.request(target, "GET", path, sent, b"", spec.timeout, spec.timeout + spec.interval)
+    except UpstreamTimeout:
+        return False, f"timeout {_human_duration(spec.timeout)}"
+    except ConnectFailed as exc:
+        return False, "connect refused" if exc.refused else f"connect failed: {exc.detail}"
+    except UpstreamReset:
+        return False, "closed without answer"
+    except UpstreamProtocolError as exc:
+        return False, f"bad response: {exc.detail}"
+    except UpstreamError as exc:
+        return False, f"{exc.kind}: {exc.detail}"
+    if not answer.complete:
+        answer.discard()
+    status = answer.status
+    if not 200 <= status < 400:
+        return False, f"HTTP {status}"
+    return True, f"HTTP {status}"
+
+
 async def _http(
     spec: HealthCheckSpec, target: Target, ssl_context: ssl.SSLContext | None, headers: Sequence[tuple[str, str]] = ()
 ) -> str:
     """GET the health path; ok on 2xx/3xx. Only the status line is read: the body does not matter."""
-    path = spec.http_path or "/"
-    if not path.startswith("/"):
-        path = "/" + path
+    path = _check_path(spec)
     extra = "".join(f"{name}: {value}\r\n" for name, value in headers)
     request = (
         f"GET {target.base_path}{path} HTTP/1.1\r\n"

@@ -120,6 +120,7 @@ class HealthMonitor:
         check_headers: Callable[[Endpoint], Sequence[tuple[str, str]]] | None = None,
         check_pool: Callable[[Endpoint], UpstreamPool | None] | None = None,
         lag: Callable[[], float] | None = None,
+        pool: UpstreamPool | None = None,
     ) -> None:
         self.version = 0
         self._lag_source = lag  # seconds of event-loop lag so far (default: the running loop's, edged.looplag)

@@ -513,33 +513,36 @@ class UpstreamPool:
         deadline = TimeLimit(loop, timeout, None if limit is None else loop.time() + max(limit, timeout))
         data = self._serialize(target, key, method, path, headers, body)
         head_only = method == "HEAD"
-        conn = self._take_idle(key, loop.time())
-        if conn is not None:
-            # The common case, inline rather than through _exchange: one coroutine less per call.
-            try:
-                return await conn._send(data, head_only, deadline)
-            except _Stale:
-                pass  # the upstream closed it while idle: send once more on a fresh connection
-            except asyncio.CancelledError:
-                conn._abort()
-                raise
-        if target.tls:
-            # A turn to open a connection, or a connection that came free meanwhile (which may have gone stale).
-            while (waited := await self._tls_turn(key, loop, deadline)) is not None:
+        try:
+            conn = self._take_idle(key, loop.time())
+            if conn is not None:
+                # The common case, inline rather than through _exchange: one coroutine less per call.
                 try:
-                    return await waited._send(data, head_only, deadline)
+                    return await conn._send(data, head_only, deadline)
                 except _Stale:
-                    continue
+                    pass  # the upstream closed it while idle: send once more on a fresh connection
                 except asyncio.CancelledError:
-                    waited._abort()
+                    conn._abort()
                     raise
-            try:
+            if target.tls:
+                # A turn to open a connection, or a connection that came free meanwhile (which may have gone stale).
+                while (waited := await self._tls_turn(key, loop, deadline)) is not None:
+                    try:
+                        return await waited._send(data, head_only, deadline)
+                    except _Stale:
+                        continue
+                    except asyncio.CancelledError:
+                        waited._abort()
+                        raise
+                try:
+                    conn = await self._connect(target, key, loop, deadline)
+                finally:
+                    self._tls_connected(key)
+            else:
                 conn = await self._connect(target, key, loop, deadline)
-            finally:
-                self._tls_connected(key)
-        else:
-            conn = await self._connect(target, key, loop, deadline)
-        return await self._exchange(conn, data, head_only, deadline)  # fresh: never _Stale
+            return await self._exchange(conn, data, head_only, deadline)  # fresh: never _Stale
+        finally:
+            deadline.done()  # the head is in, or the try is over: its loop-lag meter may stop
 
     async def _tls_turn(
         self, key: str, loop: asyncio.AbstractEventLoop, deadline: TimeLimit
@@ -627,7 +630,8 @@ class UpstreamPool:
         except ssl.SSLError as exc:  # before OSError, of which it is one: say what TLS refused
             raise ConnectFailed(key, f"tls: {getattr(exc, 'verify_message', None) or exc.reason or exc}") from None
         except OSError as exc:
-            raise ConnectFailed(key, exc.strerror or str(exc) or type(exc).__name__) from None
+            detail = exc.strerror or str(exc) or type(exc).__name__
+            raise ConnectFailed(key, detail, refused=isinstance(exc, ConnectionRefusedError)) from None
         finally:
             timer.cancel()
         if target.tls and self._tls is not None:
