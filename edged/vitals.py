@@ -1,7 +1,9 @@
-"""Node vitals: CPU load, battery and link quality, each 0..100 or unknown (None), read from psutil, /proc and /sys.
+"""Node vitals: CPU load, battery and link quality, each 0..100 or unknown (None), read from /proc and /sys.
 
-One sampler per process (`NodeVitals`, owned by the core): `psutil.cpu_percent(None)` measures since its
-previous call, so a second reader would shorten the first one's window. Tiers hear of each reading (the
+One sampler per process (`NodeVitals`, owned by the core): CPU busy time is measured since the previous
+read, so a second reader would shorten the first one's window. The files are parsed here (a few lines of
+/proc/stat and /sys/class/power_supply): psutil reads the same files, and importing it costs the daemon
+about 1 MiB of RSS; it is used only when asked for (`use_psutil=True`). Tiers hear of each reading (the
 edge tier puts it in its TXT record, the cloud tier in its retained status) and never read vitals themselves.
 
 Hardware that is absent (no battery, no Wi-Fi) reads as unknown, never as 0 and never as an error: a reader that
@@ -17,8 +19,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import psutil
+from types import ModuleType
 
 log = logging.getLogger("edged.vitals")
 
@@ -107,15 +108,19 @@ def _read(path: Path) -> str | None:
 
 
 class VitalsReader:
-    """Reads this node's vitals. With the real roots it uses psutil (CPU percent primed once, battery);
-    with other roots it parses `{proc_root}/stat` and `{sys_root}/class/power_supply` itself."""
+    """Reads this node's vitals: parses `{proc_root}/stat`, `loadavg`, `net/wireless` and
+    `{sys_root}/class/power_supply`; with `use_psutil=True` (real roots only) CPU and battery come from psutil."""
 
-    def __init__(self, proc_root: str = "/proc", sys_root: str = "/sys", *, use_psutil: bool | None = None) -> None:
+    def __init__(self, proc_root: str = "/proc", sys_root: str = "/sys", *, use_psutil: bool = False) -> None:
         self.proc = Path(proc_root)
         self.sys = Path(sys_root)
-        self.use_psutil = (proc_root == "/proc" and sys_root == "/sys") if use_psutil is None else use_psutil
+        self.use_psutil = use_psutil
+        self._psutil: ModuleType | None = None
         self._stat: tuple[int, int] | None = None  # (busy, total) jiffies at the last read
         if self.use_psutil:
+            import psutil  # only when asked for: about 1 MiB of RSS
+
+            self._psutil = psutil
             try:
                 psutil.cpu_percent(None)  # the first call returns 0.0: prime it so the next one means something
             except Exception as exc:  # a psutil without CPU support on this platform
@@ -137,9 +142,9 @@ class VitalsReader:
         return None if not parts else _percent(sum(parts) / len(parts))
 
     def _busy_percent(self) -> float | None:
-        if self.use_psutil:
+        if self._psutil is not None:
             try:
-                return float(psutil.cpu_percent(None))
+                return float(self._psutil.cpu_percent(None))
             except Exception:
                 return None
         now = self._read_stat()
@@ -177,8 +182,8 @@ class VitalsReader:
         return min(100.0, 100.0 * load1 / cores)
 
     def _cores(self) -> int | None:
-        if self.use_psutil:
-            return psutil.cpu_count() or os.cpu_count()
+        if self._psutil is not None:
+            return self._psutil.cpu_count() or os.cpu_count()
         text = _read(self.proc / "stat") or ""
         count = sum(1 for line in text.splitlines() if line.startswith("cpu") and line[3:4].isdigit())
         return count or None
@@ -186,9 +191,9 @@ class VitalsReader:
     # -- battery --------------------------------------------------------------------------------------
     def battery(self) -> tuple[int | None, str]:
         """(charge %, power source). No battery: (None, "") — mains is assumed by the policy, 0 is never made up."""
-        if self.use_psutil:
+        if self._psutil is not None:
             try:
-                info = psutil.sensors_battery()
+                info = self._psutil.sensors_battery()
             except Exception:
                 info = None
             if info is None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.metadata
 import logging
 import math
 import random
@@ -44,6 +43,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiomqtt
+import paho.mqtt as paho_mqtt
 import paho.mqtt.client as paho_client
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -461,8 +461,8 @@ class MqttSession:
                 log,
                 logging.WARNING,
                 "mqtt.public_api_only",
-                aiomqtt=_version("aiomqtt"),
-                paho=_version("paho-mqtt"),
+                aiomqtt=getattr(aiomqtt, "__version__", "unknown"),
+                paho=getattr(paho_mqtt, "__version__", "unknown"),
                 detail="this aiomqtt has not the internals of the pinned one: QoS 0 calls are slower",
             )
         fast = fast and self._fast_path
@@ -674,9 +674,3 @@ class MqttSession:
                 if isinstance(result, BaseException):
                     raise result  # the connection is unusable: end it, the supervisor reconnects
 
-
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
