@@ -29,6 +29,7 @@ _KEEP = 1.0  # seconds the lag stays measured past the due time of the latest li
 
 T = TypeVar("T")
 _lags: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopLag] = weakref.WeakKeyDictionary()
+_last: LoopLag | None = None  # the meter `loop_lag` returned last (it holds its loop until another loop asks)
 
 
 class LoopLag:
@@ -42,15 +43,17 @@ class LoopLag:
         self._due = 0.0  # loop time the pending tick is due
         self._handle: asyncio.TimerHandle | None = None
         self._until = 0.0  # the tick runs until then (loop time)
-        self._pending = 0  # limits made and not yet done
+        self._pending = 0  # limits made and not yet done (a `TimeLimit` counts itself in)
 
     def __repr__(self) -> str:
         return f"<LoopLag total={self.total():.3f}s until={self._until:.1f} pending={self._pending}>"
 
     def total(self) -> float:
         """Seconds of lag so far, counting a tick that is overdue right now."""
-        overdue = self._loop.time() - self._due if self._handle is not None else 0.0
-        return self._total + max(0.0, overdue - _SLACK)
+        if self._handle is None:  # not measuring now (nothing pending): the sum so far
+            return self._total
+        overdue = self._loop.time() - self._due - _SLACK
+        return self._total + overdue if overdue > 0.0 else self._total
 
     def keep(self, until: float) -> None:
         """Measure the lag until `until` (loop time) at most, while limits are pending: starts the tick."""
@@ -60,17 +63,15 @@ class LoopLag:
             self._due = self._loop.time() + TICK
             self._handle = self._loop.call_at(self._due, self._tick)
 
-    def acquire(self) -> None:
-        """A limit begins (`TimeLimit` does this)."""
-        self._pending += 1
-
     def release(self) -> None:
         """A limit is done: with none left, the tick stops now (counting a tick that is overdue right now)."""
-        if self._pending > 0:
-            self._pending -= 1
-        if self._pending == 0 and self._handle is not None:
-            self._total += max(0.0, self._loop.time() - self._due - _SLACK)
-            self._handle.cancel()
+        pending = self._pending = self._pending - 1 if self._pending > 0 else 0
+        handle = self._handle
+        if not pending and handle is not None:
+            overdue = self._loop.time() - self._due - _SLACK
+            if overdue > 0.0:
+                self._total += overdue
+            handle.cancel()
             self._handle = None
 
     def _tick(self) -> None:
@@ -85,10 +86,15 @@ class LoopLag:
 
 def loop_lag(loop: asyncio.AbstractEventLoop | None = None) -> LoopLag:
     """The lag meter of `loop` (default: the running loop), made on first use."""
+    global _last
     loop = loop or asyncio.get_running_loop()
+    last = _last
+    if last is not None and last._loop is loop:  # the one loop of a daemon: no weak-dict lookup per limit
+        return last
     lag = _lags.get(loop)
     if lag is None:
         lag = _lags[loop] = LoopLag(loop)
+    _last = lag
     return lag
 
 
@@ -102,11 +108,11 @@ class TimeLimit:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float, limit: float | None = None) -> None:
         self._loop = loop
-        self._lag = loop_lag(loop)
-        self._lag.acquire()
+        lag = self._lag = loop_lag(loop)
+        lag._pending += 1  # LoopLag.acquire, inline: once per try
         self._done = False
         self.start = loop.time()
-        self._lag0 = self._lag.total()
+        self._lag0 = lag.total()
         self.timeout = timeout
         self.limit = limit
 
@@ -124,10 +130,11 @@ class TimeLimit:
     def due(self) -> float:
         """When the limit expires (loop time), as far as the lag seen so far goes (keeps the lag measured
         until a little past then)."""
-        due = self.start + self.timeout + self.lost()
+        lag = self._lag
+        due = self.start + self.timeout + lag.total() - self._lag0
         if self.limit is not None and due > self.limit:
             due = self.limit
-        self._lag.keep(due + _KEEP)
+        lag.keep(due + _KEEP)
         return due
 
     def held(self, now: float) -> bool:

@@ -214,10 +214,32 @@ def test_each_exchange_on_a_reused_connection_keeps_its_own_head_timeout() -> No
                 # with another error first (its 3 s only bound a hang; they time nothing).
                 await asyncio.wait_for(call(0.2), 3)
             await asyncio.sleep(0.5)  # the late answer arrives on the closed connection, not ours
-            await call(0.15)  # a new connection (the timed-out one was closed): timer 0.15 s ahead
-            await call(2.0)  # answered after 0.6 s: the 0.15 s timer fired, saw a later deadline, re-armed
+            await call(0.15)  # a new connection (the timed-out one was closed): timer 0.15 s ahead, cancelled
+            await call(2.0)  # when that exchange ended; answered after 0.6 s, within its own 2 s
             await call(2.0)
             assert pool.stats()[backend.target.key]["opened"] == 2
+            await pool.close()
+
+    asyncio.run(main())
+
+
+def test_a_head_timer_due_soon_does_not_outlive_its_exchange() -> None:
+    """A short head timeout (a health check's) is cancelled with its exchange, so an idle connection does not
+    wake the loop for nothing; a long one (a call's) is left armed for the next exchanges to share."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    async def main() -> None:
+        async with RawBackend(script) as backend:
+            pool = UpstreamPool()
+            armed = lambda: [c for c in pool._conns if c._timer is not None]  # noqa: E731
+            response = await pool.request(backend.target, "GET", "/", [], b"", 0.5)
+            assert await read_all(response) == b"ok" and not armed()
+            response = await pool.request(backend.target, "GET", "/", [], b"", 10.0)
+            assert await read_all(response) == b"ok" and len(armed()) == 1
             await pool.close()
 
     asyncio.run(main())

@@ -33,6 +33,9 @@ _SKIP_REQUEST_HEADERS = frozenset({b"content-length", b"transfer-encoding"})
 # tests/test_http_client.py (the answer after a 204 with a Content-Length) and get a fresh parser instead.
 _REUSE_PARSERS = version_tuple(httptools.__version__) >= (0, 6, 3)
 
+# A head timer due within this many seconds is cancelled when its exchange ends; a later one is left to lapse.
+_LAZY_TIMER = 1.0
+
 # Connection states in the pool.
 _BUSY, _IDLE, _GONE = 0, 1, 2
 
@@ -279,6 +282,12 @@ class _UpstreamConnection(asyncio.Protocol):
             # HEAD (it would wait for the announced body): then the next exchange starts a new parser.
             if not self._head_only and _REUSE_PARSERS:
                 self._spare = parser
+            timer = self._timer
+            if timer is not None and self._timer_at - self._loop.time() < _LAZY_TIMER:
+                # Due soon with nothing to time (a health check's short timeout): it would only wake the loop.
+                # One due later is left to lapse, so that calls at a steady rate do not set a timer each.
+                timer.cancel()
+                self._timer = None
             self._resume()
             self._pool._release(self)
         else:
