@@ -192,6 +192,27 @@ def test_ttl_expires_without_heartbeats() -> None:
     asyncio.run(main())
 
 
+def test_the_sweeper_sleeps_without_a_timer_while_no_deadline_is_pending() -> None:
+    """An idle daemon with endpoints but no TTL and no ejection is not woken by the sweeper at all; a TTL
+    check set later wakes it in time."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        monitor = HealthMonitor()
+        monitor.sync([make_service(None, make_endpoint("a", "http://127.0.0.1:9"))])
+        try:
+            await asyncio.sleep(0.05)
+            assert "edged-health:sweeper" in task_names()
+            assert not [h for h in loop._scheduled if not h.cancelled()]  # type: ignore[attr-defined]
+            monitor.sync([make_service(HealthCheckSpec(kind="ttl", ttl=0.1), make_endpoint("a", "http://127.0.0.1:9"))])
+            h = monitor.state("a")
+            await wait_until(lambda: not h.active_ok, timeout=2.0)
+        finally:
+            await monitor.close()
+
+    asyncio.run(main())
+
+
 def test_passive_ejection_never_takes_the_last_endpoint() -> None:
     clock = FakeClock()
     events: Events = []

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 _EWMA_ALPHA = 0.3
 _FAST_PROBE_MIN = 0.1  # seconds: floor of the faster probing while a state change is pending
-_SWEEP_MAX_SLEEP = 1.0  # the sweeper re-reads deadlines at least this often
+_SWEEP_RETRY = 1.0  # seconds before the sweeper tries again after a failed sweep
 
 OnChange = Callable[[Endpoint, bool, str], None]
 _DEFAULT_OUTLIER = OutlierConfig()
@@ -208,6 +208,7 @@ class HealthMonitor:
             h.active_ok = True
             h._fail_streak = 0
             self._publish(h, now)
+            self._wake.set()  # its TTL is a deadline again: the sweeper may be asleep with none pending
 
     def call_started(self, endpoint_id: str) -> InFlight:
         """A call to the endpoint began (for in-flight counts and stall detection). Use the handle in a `with`
@@ -389,14 +390,20 @@ class HealthMonitor:
         self._sweeper = loop.create_task(self._sweep_loop(), name="edged-health:sweeper")
 
     async def _sweep_loop(self) -> None:
+        """Sleep until the next TTL or ejection deadline, or until a new one is set (`_wake`: a TTL check, an
+        ejection, a heartbeat that brings an expired endpoint back; other heartbeats only move a deadline later).
+        With no deadline pending it is not woken at all."""
         while True:
             try:
                 nxt = self.sweep()
+                delay = None if nxt is None else max(0.0, nxt - self._clock())
             except Exception:
                 log.exception("health sweep failed")
-                nxt = None
-            delay = _SWEEP_MAX_SLEEP if nxt is None else min(_SWEEP_MAX_SLEEP, max(0.0, nxt - self._clock()))
+                delay = _SWEEP_RETRY
             self._wake.clear()
+            if delay is None:
+                await self._wake.wait()
+                continue
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=delay)
 
