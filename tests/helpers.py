@@ -95,22 +95,30 @@ class FakeFlight:
 
 class StatusServer:
     """A tiny HTTP server on 127.0.0.1 (or a Unix socket) answering every request with `status`, which the
-    test may flip; records each request head, and when and which path was asked."""
+    test may flip; records each request head, and when and which path was asked. `keep_alive`: answers every
+    request of a connection and keeps it open (`connections` counts them), else one answer and a close."""
 
-    def __init__(self, status: int = 200) -> None:
+    def __init__(self, status: int = 200, *, keep_alive: bool = False) -> None:
         self.status = status
+        self.keep_alive = keep_alive
+        self.connections = 0
         self.requests: list[bytes] = []
         self.seen: list[tuple[float, str]] = []
         self.server: asyncio.base_events.Server | None = None
         self.port = 0
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        close = b"" if self.keep_alive else b"Connection: close\r\n"
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            self.requests.append(head)
-            self.seen.append((time.monotonic(), head.split(b" ", 2)[1].decode()))
-            writer.write(f"HTTP/1.1 {self.status} X\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi".encode())
-            await writer.drain()
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                self.requests.append(head)
+                self.seen.append((time.monotonic(), head.split(b" ", 2)[1].decode()))
+                writer.write(b"HTTP/1.1 %d X\r\nContent-Length: 2\r\n%s\r\nhi" % (self.status, close))
+                await writer.drain()
+                if not self.keep_alive:
+                    break
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:

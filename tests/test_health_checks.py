@@ -138,41 +138,10 @@ def test_closed_without_answer_and_garbage() -> None:
     assert not garbage.ok and garbage.detail.startswith("bad response")
 
 
-class KeepAliveServer:
-    """Answers every request on a connection with `status` and keeps the connection open; counts connections
-    and records request heads."""
-
-    def __init__(self, status: int = 200) -> None:
-        self.status = status
-        self.connections = 0
-        self.requests: list[bytes] = []
-        self.server: asyncio.base_events.Server | None = None
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        try:
-            while True:
-                self.requests.append(await reader.readuntil(b"\r\n\r\n"))
-                writer.write(f"HTTP/1.1 {self.status} X\r\nContent-Length: 2\r\n\r\nhi".encode())
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        return self.server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        await self.server.wait_closed()
-
-
 def test_pooled_http_checks_reuse_one_connection() -> None:
-    async def main() -> tuple[list[CheckResult], KeepAliveServer, dict]:
-        server = KeepAliveServer(200)
-        port = await server.start()
+    async def main() -> tuple[list[CheckResult], StatusServer, dict]:
+        server = StatusServer(200, keep_alive=True)
+        port = await server.start_tcp()
         pool = UpstreamPool()
         ep = endpoint(f"http://127.0.0.1:{port}/api")
         try:
@@ -193,6 +162,23 @@ def test_pooled_http_checks_reuse_one_connection() -> None:
     assert lines[0] == "GET /api/healthz HTTP/1.1"
     assert "user-agent: edged-health" in lines and "x-fleet: f1" in lines
     assert any(line.startswith("host: 127.0.0.1:") for line in lines)
+
+
+def test_pooled_http_checks_over_a_unix_socket() -> None:
+    async def main(path: str) -> tuple[list[CheckResult], int]:
+        server = StatusServer(200, keep_alive=True)
+        await server.start_unix(path)
+        pool = UpstreamPool()
+        try:
+            results = [await run_check(HTTP, endpoint(f"unix:{path}"), pool=pool) for _ in range(2)]
+        finally:
+            await pool.close()
+            await server.stop()
+        return results, server.connections
+
+    with tempfile.TemporaryDirectory() as tmp:
+        results, connections = asyncio.run(main(os.path.join(tmp, "s.sock")))
+    assert [(r.ok, r.detail) for r in results] == [(True, "HTTP 200")] * 2 and connections == 1
 
 
 def test_pooled_http_check_failures_read_as_before() -> None:
