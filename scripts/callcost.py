@@ -6,13 +6,15 @@ a time with a pause between them, as at a low rate. Then prints:
 - instructions per call (user space: Python, uvloop, httptools, libc), counted by callgrind, with the
   daemon's idle instructions over the same time taken out (needs valgrind);
 - with `--opcodes`: Python bytecodes per call, in total and by function (a `sys.settrace` opcode count),
-  which says where in the code the call path spends them.
+  which says where in the code the call path spends them;
+- with `--syscalls`: system calls per call by name (strace -c) and context switches per call, then the
+  same per second of quiet: the wake-ups a call costs, and those the idle daemon pays (needs strace).
 `--baseline REF` measures the edged of that git ref too (e.g. main), one after the other. `--extra-config FILE`
 (TOML appended to this tree's daemon config) and `--header 'Name: value'` (sent with this tree's calls) measure
 a call with more on its path (a JWT, authorization rules, quotas: see scripts/authz_figures.py); the baseline
 runs as before.
 
-usage: scripts/callcost.py [--calls 300] [--gap 0.01] [--baseline REF] [--opcodes] [--top 40]
+usage: scripts/callcost.py [--calls 300] [--gap 0.01] [--baseline REF] [--opcodes] [--top 40] [--syscalls]
                            [--extra-config FILE] [--header 'Name: value' ...]
 """
 
@@ -30,7 +32,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from bench import SERVICE, SequentialClient, baseline_tree, bench_daemon, start_backend, stop_edged
+from bench import SERVICE, SequentialClient, baseline_tree, bench_daemon, ctx_switches, start_backend, stop_edged
 from harness import REPO, Edged, wait_for
 
 WARM_CALLS = 50
@@ -152,6 +154,53 @@ def opcodes(tmp: Path, name: str, source: Path, backend_port: int, args) -> dict
     }
 
 
+def strace_counts(pid: int, run) -> dict[str, int]:
+    """System calls by name of every thread of `pid` while `run()` runs (strace -c attached meanwhile)."""
+    with tempfile.NamedTemporaryFile(prefix="edged-strace-", suffix=".txt") as out:
+        tracer = subprocess.Popen(
+            ["strace", "-c", "-f", "-o", out.name, "-p", str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            time.sleep(1.0)  # attached to every thread before the work starts
+            run()
+        finally:
+            tracer.send_signal(signal.SIGINT)
+            tracer.wait(30)
+        counts = {}
+        for line in Path(out.name).read_text().splitlines():
+            fields = line.split()
+            # % time, seconds, usecs/call, calls, [errors], syscall
+            if len(fields) >= 5 and fields[3].isdigit() and fields[-1] not in ("total", "syscall"):
+                counts[fields[-1]] = int(fields[3])
+        return counts
+
+
+def syscalls(tmp: Path, name: str, source: Path, backend_port: int, args) -> dict:
+    """System calls and context switches per call (calls `--gap` apart), and per second of quiet."""
+    d = daemon(tmp, name, source, backend_port, [sys.executable, "-m", "edged"])
+    assert d.proc is not None
+    pid = d.proc.pid
+    try:
+        calls(d, WARM_CALLS, 0)
+        switches = ctx_switches(pid)
+        calls(d, args.calls, args.gap)
+        per_call_switches = (ctx_switches(pid) - switches) / args.calls
+        busy = strace_counts(pid, lambda: calls(d, args.calls, args.gap))
+        time.sleep(IDLE_SECONDS)  # the calls' own timers (idle connections, lag meter) run out
+        switches = ctx_switches(pid)
+        time.sleep(IDLE_SECONDS)
+        idle_switches = (ctx_switches(pid) - switches) / IDLE_SECONDS
+        idle = strace_counts(pid, lambda: time.sleep(IDLE_SECONDS))
+    finally:
+        stop_edged(d)
+    return {
+        "per_call": {k: round(v / args.calls, 2) for k, v in sorted(busy.items(), key=lambda kv: -kv[1])},
+        "ctx_switches_per_call": round(per_call_switches, 2),
+        "idle_per_s": {k: round(v / IDLE_SECONDS, 1) for k, v in sorted(idle.items(), key=lambda kv: -kv[1])},
+        "idle_ctx_switches_per_s": round(idle_switches, 1),
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calls", type=int, default=300)
@@ -161,7 +210,11 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=40, help="functions listed with --opcodes")
     ap.add_argument("--extra-config", metavar="FILE", help="TOML appended to this tree's daemon config")
     ap.add_argument("--header", action="append", default=[], help="'Name: value' sent with this tree's calls")
+    ap.add_argument("--syscalls", action="store_true", help="also count system calls and context switches (strace)")
     args = ap.parse_args()
+    if args.syscalls and shutil.which("strace") is None:
+        print("strace is not installed (apt-get install strace)", file=sys.stderr)
+        return 2
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
         return 2
@@ -191,6 +244,14 @@ def main() -> int:
                 print(f"{name}: {ops['bytecodes_per_call']:,} Python bytecodes per call; by function:")
                 for row in ops["functions"]:
                     print(f"  {row['bytecodes']:8.1f}  x{row['runs']:<5g} {row['function']}")
+            if args.syscalls:
+                sc = syscalls(tmp, tag, source, backend_port, args)
+                each = ", ".join(f"{k} {v:g}" for k, v in sc["per_call"].items() if v >= 0.01)
+                print(f"{name}: {sc['ctx_switches_per_call']:g} context switches per call; system calls per call:")
+                print(f"  {each}")
+                quiet = ", ".join(f"{k} {v:g}" for k, v in sc["idle_per_s"].items()) or "none"
+                print(f"{name}: idle, {sc['idle_ctx_switches_per_s']:g} context switches/s; system calls/s:")
+                print(f"  {quiet}")
     return 0
 
 
