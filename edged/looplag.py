@@ -10,9 +10,10 @@ never later than its hard `limit` (the caller's deadline).
 
 `LoopLag` measures the lag with a tick every `TICK` seconds that runs only while some limit is pending: each
 tick adds how late it ran. A limit's owner calls `TimeLimit.done()` once the limit no longer matters (the
-answer head is in), and the tick stops with the last pending limit: an exchange that ends within a tick (a
-local call, a health check) costs no wake-up for it, and an idle daemon is not woken up for it at all. A limit
-that is never marked done keeps the tick going until a second past its due time, no longer.
+answer head is in), and the tick stops at its first run after the last pending limit is done: an exchange
+that ends within a tick (a local call, a health check) costs at most that one wake-up, and an idle daemon is
+not woken up for it at all. A limit that is never marked done keeps the tick going until a second past its
+due time, no longer.
 """
 
 from __future__ import annotations
@@ -64,20 +65,16 @@ class LoopLag:
             self._handle = self._loop.call_at(self._due, self._tick)
 
     def release(self) -> None:
-        """A limit is done: with none left, the tick stops now (counting a tick that is overdue right now)."""
-        pending = self._pending = self._pending - 1 if self._pending > 0 else 0
-        handle = self._handle
-        if not pending and handle is not None:
-            overdue = self._loop.time() - self._due - _SLACK
-            if overdue > 0.0:
-                self._total += overdue
-            handle.cancel()
-            self._handle = None
+        """A limit is done: with none left, the tick stops at its next run. It is not cancelled here: with
+        uvloop a cancelled timer costs an extra turn of the loop, once per try, while a tick left to run out
+        costs one wake-up per TICK at most, and none while tries keep coming."""
+        if self._pending > 0:
+            self._pending -= 1
 
     def _tick(self) -> None:
         now = self._loop.time()
         self._total += max(0.0, now - self._due - _SLACK)
-        if now > self._until:
+        if not self._pending or now > self._until:
             self._handle = None
             return
         self._due = now + TICK
