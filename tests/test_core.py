@@ -8,7 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from helpers import endpoint
+from helpers import StatusServer, endpoint
 
 from edged.cloud.bridge import Bridge
 from edged.config import load_config
@@ -133,6 +133,35 @@ def test_a_tier_plugs_in_by_being_in_the_list(tmp_path):
     assert list(headers) == [("x-extra", "a")]
     assert peers == [{"node": "far", "source": "extra"}]
     assert tier.started and tier.stopped
+
+
+def test_the_cores_health_checks_use_its_keep_alive_pool(tmp_path):
+    """HTTP checks go over the same pool as calls: many checks, one connection to the endpoint."""
+    config = load_config(str(config_file(tmp_path)))
+
+    async def scenario() -> tuple[int, int, dict]:
+        server = StatusServer(200, keep_alive=True)
+        port = await server.start_tcp()
+        (tmp_path / "services.d" / "a.toml").write_text(
+            f'service_name = "a"\n[[endpoints]]\ntype = "local"\nurl = "http://127.0.0.1:{port}"\n'
+            '[health_check]\nhttp = "/healthz"\ninterval = "100ms"\ntimeout = "50ms"\n'
+        )
+        core = MeshCore(config)
+        await core.start()
+        try:
+            deadline = asyncio.get_running_loop().time() + 10
+            while len(server.requests) < 4:
+                assert asyncio.get_running_loop().time() < deadline, "checks did not run"
+                await asyncio.sleep(0.05)
+            stats = core.pool.stats()
+        finally:
+            await core.stop()
+            await server.stop()
+        return len(server.requests), server.connections, stats
+
+    checks, connections, stats = asyncio.run(scenario())
+    assert checks >= 4 and connections == 1
+    assert [s["opened"] for s in stats.values()] == [1]
 
 
 def test_the_registry_refuses_a_write_from_inside_a_watcher():
