@@ -22,7 +22,7 @@ from .budget import RetryBudget
 from .call import Call, Transport, UpstreamAnswer
 from .errors import CallError, UpstreamError
 from .model import Endpoint, PolicySpec, Service
-from .policy import Choice, Plan, Ranker
+from .policy import Choice, Plan, Ranker, stall_threshold
 from .race import Outcome, Race
 from .registry import Registry
 from .telemetry import MeshMetrics
@@ -30,6 +30,12 @@ from .telemetry import MeshMetrics
 # Floor of the retry budget: retries per second always allowed, so that a quiet service still fails over.
 MIN_RETRIES_PER_SECOND = 10.0
 RETRY_BUDGET_WINDOW = 10.0
+
+# Strategies whose plan depends only on what `_PlanCache` watches: the service (its snapshot object: endpoints,
+# their meta, the policy), the endpoints its transports can send to now, and each endpoint's availability and
+# stall state. Their plan is reused while none of those changed. A strategy that reads anything else per call
+# (a turn, a random draw, a latency, a count, a breaker) must not be listed here: it is ranked afresh each call.
+CACHEABLE_STRATEGIES = frozenset({"priority"})
 
 
 class InFlight(Protocol):
@@ -53,6 +59,67 @@ class InFlight(Protocol):
 class HealthSink(Protocol):
     def call_started(self, endpoint_id: str) -> InFlight: ...
     def body_ended(self, endpoint: Endpoint, service: Service, ok: bool) -> None: ...
+
+
+@dataclass(slots=True)
+class _CachedPlan:
+    service: Service
+    endpoints: list[Endpoint]  # those the plan was made of (its tiers' transports could send to them)
+    states: tuple[tuple[bool, bool], ...]  # per endpoint: (available, stalled) when the plan was made
+    plan: Plan
+
+
+class _PlanCache:
+    """The last plan per (service, tiers) of a `CACHEABLE_STRATEGIES` strategy, and whether it still holds.
+
+    Ranking builds a plan of frozen values per call (about a tenth of a local call's instructions,
+    scripts/callcost.py); checking what the ranking read costs a few attribute reads per endpoint."""
+
+    __slots__ = ("_health", "_plans", "_ranker")
+
+    def __init__(self, ranker: Ranker, health) -> None:
+        self._ranker = ranker
+        self._health = health
+        self._plans: dict[tuple[tuple[str, str], frozenset[str] | None], _CachedPlan] = {}
+
+    def plan(self, service: Service, tiers: frozenset[str] | None, endpoints: list[Endpoint], now: float) -> Plan:
+        key = (service.spec.key, tiers)
+        states = self._states(service, endpoints, now)
+        cached = self._plans.get(key)
+        if (
+            cached is not None
+            and cached.service is service
+            and cached.states == states
+            and cached.endpoints == endpoints
+        ):
+            return cached.plan
+        plan = self._ranker.plan(service, self._health, now, endpoints, explain=False)
+        if len(self._plans) >= _MAX_CACHED_PLANS:
+            self._plans.clear()  # services come and go: start over rather than keep the gone ones
+        self._plans[key] = _CachedPlan(service, endpoints, states, plan)
+        return plan
+
+    def _states(self, service: Service, endpoints: list[Endpoint], now: float) -> tuple[tuple[bool, bool], ...]:
+        """What the ranking reads of each endpoint's health: available now, and stalled now (never with no call
+        in flight: `EndpointHealth.inflight`, read first because it is the common case)."""
+        health = self._health
+        out = []
+        for ep in endpoints:
+            st = health.state(ep.id)
+            if not st.available(now):
+                out.append(_DOWN)
+            elif not getattr(st, "inflight", 1):
+                out.append(_UP)
+            else:
+                threshold = stall_threshold(st.latency_ewma, service.spec.policy.per_try_timeout)
+                out.append(_STALLED if health.stalled(ep.id, now, threshold) else _UP)
+        return tuple(out)
+
+
+_UP, _STALLED, _DOWN = (True, False), (True, True), (False, False)
+
+
+_MAX_CACHED_PLANS = 4096
 
 
 @dataclass(slots=True)
@@ -89,6 +156,7 @@ class Router:
         self._clock = clock
         self._budgets: dict[tuple[str, str], RetryBudget] = {}
         self._whole_answer = whole_answer  # answers up to this length are read whole before they are the caller's
+        self._plans = _PlanCache(self._ranker, health)
 
     def service(self, tenant: str, name: str) -> Service:
         """The service, or 404 `unknown_service`."""
@@ -112,7 +180,10 @@ class Router:
                 eps.append(ep)
             else:
                 skipped.append({"endpoint": ep.id, "tier": ep.tier, "reason": why})
-        plan = self._ranker.plan(service, self._health, self._clock(), eps, explain=explain)
+        if not explain and service.spec.policy.strategy in CACHEABLE_STRATEGIES:
+            plan = self._plans.plan(service, tiers, eps, self._clock())
+        else:
+            plan = self._ranker.plan(service, self._health, self._clock(), eps, explain=explain)
         self._metrics.policy_evaluations.inc((plan.strategy,))
         return plan, skipped
 

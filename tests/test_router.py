@@ -286,3 +286,36 @@ def test_with_usable_endpoints_left_a_slow_try_is_cut_short_as_before():
     routed = route(router, call)
     assert routed.endpoint.id.endswith("/b") and transport.sent[0] == ("a", 0.05)
     assert health.results[0] == ("default/s/local/a", False)
+def test_a_reused_plan_follows_every_input_the_ranking_reads():
+    """`priority` plans are reused between calls, and made again as soon as what the ranking read changes:
+    an endpoint's availability or stall state, the endpoints a transport can send to, the service itself."""
+    router, transport, _, health, call = make({"a": 200, "b": 200, "c": 200})
+    svc = router.service("default", "s")
+
+    def order(service=svc):
+        plan, _ = router.plan(service, explain=False)
+        return [c.endpoint.id.rsplit("/", 1)[1] for c in plan.choices], plan
+
+    first, plan = order()
+    assert first == ["a", "b", "c"] and order()[1] is plan  # the same plan, not ranked again
+    health.state("default/s/local/a").up = False  # unavailable: last resort
+    assert order()[0] == ["b", "c", "a"]
+    health.state("default/s/local/a").up = True
+    assert order()[0] == ["a", "b", "c"]
+    health.stalled_ids.add("default/s/local/b")  # stalled: after the usable ones
+    assert order()[0] == ["a", "c", "b"]
+    health.stalled_ids.clear()
+    transport.unavailable = lambda ep: "scripted: off" if ep.id.endswith("/a") else None
+    assert order()[0] == ["b", "c"]
+    transport.unavailable = lambda ep: None
+    changed = dataclasses.replace(svc, endpoints=svc.endpoints[1:])  # a new snapshot's service
+    assert order(changed)[0] == ["b", "c"] and order()[0] == ["a", "b", "c"]
+    # The routed call goes where the plan says.
+    assert route(router, call).endpoint.id.endswith("/a")
+
+
+def test_strategies_that_read_more_are_ranked_every_call():
+    router, _, _, _, _ = make({"a": 200, "b": 200}, policy=PolicySpec(strategy="round_robin"))
+    svc = router.service("default", "s")
+    firsts = [router.plan(svc, explain=False)[0].choices[0].endpoint.id for _ in range(4)]
+    assert firsts[0] != firsts[1] and firsts[0] == firsts[2]  # each call takes the next turn
