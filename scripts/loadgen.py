@@ -138,7 +138,12 @@ class LoadGen:
                 await asyncio.sleep(delay)
             # At its time, not one call early: a call answered before `at` must not see the fault.
             while actions and actions[0][0] <= i / rate:
-                _, action = actions.pop(0)
+                when, action = actions.pop(0)
+                # At its time, not up to one interval early: the calls sent before it are on their way first
+                # (a backend killed "at 1.0 s" must not fail calls a test counts as answered before then).
+                delay = t0 + when - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
                 result = action()  # type: ignore[operator]
                 if asyncio.iscoroutine(result):
                     await result
