@@ -157,25 +157,6 @@ async def _http(
     return f"HTTP {status}"
 
 
-async def _pooled_http(
-    spec: HealthCheckSpec, target: Target, pool: UpstreamPool, headers: Sequence[tuple[str, str]]
-) -> str:
-    """GET the health path over a pooled keep-alive connection; ok on 2xx/3xx. The body is read and dropped."""
-    path = spec.http_path or "/"
-    if not path.startswith("/"):
-        path = "/" + path
-    extra = [(b"user-agent", _USER_AGENT.encode()), *((k.lower().encode(), v.encode()) for k, v in headers)]
-    try:
-        answer = await pool.request(target, "GET", path, extra, b"", spec.timeout)
-        while await answer.read():
-            pass
-    except UpstreamError as exc:
-        raise _Failed(f"{exc.kind}: {exc.detail}") from exc
-    if not 200 <= answer.status < 400:
-        raise _Failed(f"HTTP {answer.status}")
-    return f"HTTP {answer.status}"
-
-
 async def _tcp(target: Target, ssl_context: ssl.SSLContext | None) -> str:
     """Connect (and finish the TLS handshake for https targets), then close."""
     _, writer = await _connect(target, ssl_context)
