@@ -101,6 +101,7 @@ class MeshCore:
         self.registry = Registry()
         self._check_headers: dict[str, CheckHeaders] = {}
         self._check_pools: dict[str, UpstreamPool] = {}
+        self.pool = UpstreamPool()  # calls' keep-alive connections; plain-HTTP health checks reuse them
         self.health = HealthMonitor(
             on_change=self._on_health_change, check_headers=self._headers_for, check_pool=self._pool_for
         )
