@@ -79,8 +79,8 @@ class Identity:
 
 
 def node_identity(fleet: str, node: str, tenant: str = DEFAULT_TENANT) -> Identity:
-    """A peer node, named by its verified certificate (`identity.PeerName`; until the ingress speaks mTLS, by
-    its headers): it may read and call in `tenant` (the tenant its call names). 403 for a name no certificate
+    """A peer node, named by its verified certificate (`identity.PeerName`; on an `insecure` ingress, by its
+    headers): it may read and call in `tenant` (the tenant its call names). 403 for a name no certificate
     could carry."""
     try:
         caller_id = spiffe_id(fleet, node)

@@ -239,3 +239,46 @@ def test_no_identity_means_no_peer_calls_and_says_how_to_enroll(edge_nodes):
     assert "edged fleet enroll" in node.log_text()
     with pytest.raises(OSError):
         ingress_call(node.ingress_port, "/healthz")  # nothing listens
+
+
+# -- tenants across the fleet (issue 10 item 5, edge tier) ----------------------------------------------
+
+APPS_A = """
+[access.apps.lamps]
+tokens = ["t-lamps"]
+[access.apps.guest]
+tokens = ["t-guest"]
+"""
+RULES_B = """
+[[authz.rules]]
+name = "no-guests"
+action = "deny"
+service = "thermo"
+from = ["default/guest"]
+"""
+
+
+def test_the_calling_app_crosses_to_a_peer_only_over_mutual_tls_and_meets_its_rules(edge_nodes, ns_backends, tmp_path):
+    """The app a call is made for crosses to the peer in `x-edged-app`, sent by the calling node over mutual TLS
+    only; the peer believes it because the node's certificate verified (plain HTTP: ignored) and applies its own
+    rules to TENANT/APP. A caller cannot name another app: its node replaces the header."""
+    fleet = unique_fleet()
+    backend = ns_backends("thermo-b")
+    b = edge_nodes("node-b", fleet=fleet, manifests={"t.toml": thermo_manifest(backend.port)}, extra_config=RULES_B)
+    b.start()
+    member = fleet_ca(fleet).enroll(tmp_path / "member", "node-m")
+    status, seen = ingress_call(b.ingress_port, "/svc/thermo/x", {"x-edged-app": "lamps"}, identity=member)
+    assert status == 200 and "x-edged-app" not in seen["headers"]  # the claim stops at the ingress
+    status, refused = ingress_call(b.ingress_port, "/svc/thermo/x", {"x-edged-app": "guest"}, identity=member)
+    assert (status, refused["error"]) == (403, "forbidden") and "no-guests" in json.dumps(refused)
+
+    a = edge_nodes("node-a", fleet=fleet, extra_config=APPS_A).start()
+    wait_for(lambda: a.edge_urls("thermo") != [], 15, what="node-a admits node-b")
+    lamps = {"authorization": "Bearer t-lamps"}
+    assert a.call("thermo", "/r", headers=lamps)[0] == 200
+    status, _, body = a.call("thermo", "/r", headers={"authorization": "Bearer t-guest"})
+    assert status == 403 and b"no-guests" in body  # node-b's rule, on node-a's guest app
+    # A caller naming another app: node-a sends its own claim (lamps' token says lamps, and so does the header).
+    assert a.call("thermo", "/r", headers={**lamps, "x-edged-app": "guest"})[0] == 200
+    status, _, body = a.call("thermo", "/r", headers={"authorization": "Bearer t-guest", "x-edged-app": "lamps"})
+    assert status == 403 and b"no-guests" in body

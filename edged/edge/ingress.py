@@ -20,7 +20,7 @@ import logging
 import ssl
 from collections.abc import Callable
 
-from ..access import node_identity
+from ..access import node_identity, relayed_identity
 from ..admission import Gate
 from ..call import LOCAL_ONLY, Call
 from ..errors import CallError, IdentityError
@@ -42,7 +42,8 @@ log = logging.getLogger("edged.edge.ingress")
 
 FLEET_HEADER = b"x-edged-fleet"
 NODE_HEADER = b"x-edged-node"
-IDENTITY_HEADERS = frozenset({FLEET_HEADER, NODE_HEADER})
+APP_HEADER = b"x-edged-app"  # the calling app within the tenant: believed only over mutual TLS
+IDENTITY_HEADERS = frozenset({FLEET_HEADER, NODE_HEADER, APP_HEADER})
 # Never passed from a peer to a local service: who called is the ingress's to say, not the caller's.
 SPOOFABLE = IDENTITY_HEADERS | {b"x-forwarded-for"}
 SERVICES_PATH = "/peer/services"
@@ -102,11 +103,14 @@ class EdgeTransport(HttpTransport):
     async def send(
         self, endpoint: Endpoint, call: Call, headers: list[tuple[bytes, bytes]], timeout: float
     ) -> UpstreamResponse:
+        target = endpoint.target
+        tls = self._peers is not None and target is not None and target.tls
         if to_peer(endpoint):
             headers = [h for h in headers if h[0] not in IDENTITY_HEADERS] + self._identity.headers()
-        target = endpoint.target
-        if self._peers is not None and target is not None and target.tls:
-            return await self._peers.send(endpoint, call, headers, timeout)
+            if tls and call.app:  # the peer's rules see TENANT/APP: a claim this node's certificate vouches for
+                headers.append((APP_HEADER, call.app.encode()))
+        if tls:
+            return await self._peers.send(endpoint, call, headers, timeout)  # type: ignore[union-attr]
         return await super().send(endpoint, call, headers, timeout)
 
 
@@ -194,7 +198,11 @@ class Ingress:
         ):
             raise CallError(404, "unknown_service", f"{service!r} is not offered to peers by {self._identity.node}")
         if self._gate is not None:
-            ticket = self._gate.admit(node_identity(self._identity.fleet, caller, tenant), svc, req.method, path)
+            who = node_identity(self._identity.fleet, caller, tenant)
+            app = req.header(APP_HEADER) if self._identity.tls else None  # plain HTTP: anyone could say it
+            if app:
+                who = relayed_identity(who, app.decode("utf-8", "replace"))
+            ticket = self._gate.admit(who, svc, req.method, path)
         else:
             ticket = FREE
         with ticket:
