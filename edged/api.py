@@ -317,6 +317,7 @@ class Api:
                 "service": svc.name,
                 "strategy": plan.strategy,
                 "note": plan.note,
+                "levels": plan.explain_levels(),
                 "ranked": plan.explain(),
                 "skipped": skipped,
             },

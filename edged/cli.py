@@ -122,7 +122,7 @@ def _run(args) -> int:
     except Exception as exc:  # a bug: still one line, the traceback when asked for
         if debug:
             logging.getLogger("edged").exception("edged failed")
-        print(f"edged: failed: {type(exc).__name__}: {exc} ([log] level = \"debug\" shows where)", file=sys.stderr)
+        print(f'edged: failed: {type(exc).__name__}: {exc} ([log] level = "debug" shows where)', file=sys.stderr)
         return EXIT_START_FAILED
 
 
@@ -280,11 +280,24 @@ def _resolve(args) -> int:
         print(json.dumps(data, indent=2))
         return 0
     print(f"{data['service']}: strategy {data['strategy']}" + (f" ({data['note']})" if data["note"] else ""))
-    rows = [("RANK", "ENDPOINT", "TIER", "USABLE", "REASON")]
+    levels = data.get("levels", [])
+    if len(levels) > 1:
+        print(
+            _table(
+                [("LEVEL", "HEALTHY", "HEALTH", "SHARE")]
+                + [
+                    (lv["level"], f"{lv['healthy']}/{lv['total']}", f"{lv['health']:.0f}%", f"{lv['share']:.0f}%")
+                    for lv in levels
+                ]
+            )
+        )
+    rows = [("RANK", "ENDPOINT", "TIER", "LEVEL", "USABLE", "REASON")]
     for r in data["ranked"]:
-        rows.append((str(r["rank"]), r["url"], r["tier"], "yes" if r["usable"] else "no", r["reason"]))
+        rows.append(
+            (str(r["rank"]), r["url"], r["tier"], r.get("level", ""), "yes" if r["usable"] else "no", r["reason"])
+        )
     for s in data["skipped"]:
-        rows.append(("-", s["endpoint"], s["tier"], "no", s["reason"]))
+        rows.append(("-", s["endpoint"], s["tier"], "", "no", s["reason"]))
     print(_table(rows))
     return 0 if data["ranked"] else 1
 

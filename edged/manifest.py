@@ -38,6 +38,7 @@ from edged.errors import ConfigError
 from edged.methods import MAX_METHODS
 from edged.model import (
     DEFAULT_TENANT,
+    LEVELS,
     STRATEGIES,
     TIERS,
     EndpointSpec,
@@ -571,6 +572,15 @@ def _policy(t: Table) -> PolicySpec:
             "allow",
             "deny",
             "quota",
+            "default_rtt",
+            "levels",
+            "overprovisioning",
+            "panic_threshold",
+            "max_inflight",
+            "max_pending",
+            "endpoint_max_inflight",
+            "failure_accrual",
+            "failure_backoff",
         )
     )
     d = PolicySpec()
@@ -596,6 +606,15 @@ def _policy(t: Table) -> PolicySpec:
         allow=t.strings("allow", (), pattern=ID_GLOB, what=ID_GLOB_WHAT),
         deny=t.strings("deny", (), pattern=ID_GLOB, what=ID_GLOB_WHAT),
         quota=load_quota(t.table("quota")) if t.has("quota") else None,
+        default_rtt=t.duration("default_rtt", d.default_rtt),
+        levels=t.choice("levels", d.levels, LEVELS),
+        overprovisioning=t.number("overprovisioning", d.overprovisioning, lo=1.0, hi=10.0),
+        panic_threshold=t.integer("panic_threshold", d.panic_threshold, lo=0, hi=100),
+        max_inflight=t.integer("max_inflight", d.max_inflight, lo=0, hi=1_000_000),
+        max_pending=t.integer("max_pending", d.max_pending, lo=0, hi=100_000),
+        endpoint_max_inflight=t.integer("endpoint_max_inflight", d.endpoint_max_inflight, lo=0, hi=1_000_000),
+        failure_accrual=t.integer("failure_accrual", d.failure_accrual, lo=1, hi=1000),
+        failure_backoff=t.duration("failure_backoff", d.failure_backoff),
     )
 
 
@@ -618,6 +637,15 @@ def policy_dict(policy: PolicySpec) -> dict[str, Any]:
         "retry_on_status": sorted(policy.retry_on_status),
         "retry_non_idempotent": policy.retry_non_idempotent,
         "on_power": policy.on_power,
+        "default_rtt": policy.default_rtt,
+        "levels": policy.levels,
+        "overprovisioning": policy.overprovisioning,
+        "panic_threshold": policy.panic_threshold,
+        "max_inflight": policy.max_inflight,
+        "max_pending": policy.max_pending,
+        "endpoint_max_inflight": policy.endpoint_max_inflight,
+        "failure_accrual": policy.failure_accrual,
+        "failure_backoff": policy.failure_backoff,
     }
     if policy.battery_min is not None:
         out["battery_min"] = policy.battery_min

@@ -11,7 +11,8 @@ from .methods import MethodTable, PathPattern
 
 Tier = Literal["local", "edge", "cloud"]
 TIERS: tuple[str, ...] = ("local", "edge", "cloud")
-STRATEGIES: tuple[str, ...] = ("priority", "latency", "weighted", "geo", "round_robin", "predictive")
+STRATEGIES: tuple[str, ...] = ("priority", "least_loaded", "latency", "weighted", "geo", "round_robin", "predictive")
+LEVELS: tuple[str, ...] = ("tier", "priority", "none")  # what makes a priority level (see edged/spillover.py)
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE", "*"})
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 DEFAULT_TENANT = "default"
@@ -159,6 +160,18 @@ class PolicySpec:
     allow: tuple[str, ...] = ()  # callers allowed (globs over caller ids); when set, the others are denied
     deny: tuple[str, ...] = ()  # callers denied, whatever else allows them
     quota: QuotaSpec | None = None  # per (tenant, service): rate and calls at once
+    # least_loaded (edged/balancer.py): the cost assumed for an endpoint with no measured call yet
+    default_rtt: float = 0.030
+    # priority levels and spillover (edged/spillover.py, Envoy's formula)
+    levels: str = "tier"  # "tier": a level per (priority, tier); "priority": per priority; "none": one level
+    overprovisioning: float = 1.4  # a level keeps all traffic while healthy share x this >= 100 %
+    panic_threshold: int = 50  # % healthy across levels below which health verdicts are ignored
+    # circuit breakers (edged/breaker.py); 0 = no limit
+    max_inflight: int = 1024  # calls of the service in flight at once; beyond, they wait (max_pending) or get 503
+    max_pending: int = 0  # calls allowed to wait for a place when the service is at max_inflight
+    endpoint_max_inflight: int = 256  # tries in flight to one endpoint; beyond, the call goes to the next endpoint
+    failure_accrual: int = 3  # failed calls in a row that take an endpoint out (outlier detection)
+    failure_backoff: float = 10.0  # first time out; the n-th recent one lasts n times this (at most 300 s)
 
 
 @dataclass(frozen=True, slots=True)

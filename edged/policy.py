@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
+from . import balancer
+from .balancer import PeakEwma
 from .model import Endpoint, PolicySpec, Service
 from .registry import tier_rank
+from .spillover import LevelShare, level_name, pick, shares
 
 # Strategies this version implements; the others named in the contract fall back to `priority`, visibly.
-IMPLEMENTED = ("priority", "round_robin", "weighted", "latency")
+IMPLEMENTED = ("priority", "round_robin", "weighted", "least_loaded")  # "latency" is least_loaded
+MAX_LAYOUTS = 4096  # services whose level layout the ranker keeps
 STALL_FLOOR = 0.025  # seconds: below this, a slow answer is not yet a sign of a frozen endpoint
 STALL_FACTOR = 8.0  # an endpoint is "stalled" when nothing came back for this many typical latencies
 
@@ -75,6 +78,8 @@ def vitals_refusal(ep: Endpoint, policy: PolicySpec) -> str | None:
 
 class HealthState(Protocol):
     latency_ewma: float | None
+    inflight: int
+    peak: PeakEwma
 
     def available(self, now: float) -> bool: ...
     def reason(self, now: float) -> str: ...
@@ -85,20 +90,22 @@ class HealthView(Protocol):
     def stalled(self, endpoint_id: str, now: float, threshold: float) -> bool: ...
 
 
-@dataclass(frozen=True, slots=True)
-class Choice:
-    """One endpoint in the plan, in the order the router will try them."""
+class Choice(NamedTuple):
+    """One endpoint in the plan, in the order the router will try them. (A named tuple, not a frozen
+    dataclass: the call path makes one per endpoint per call, and a tuple is made in a third of the time.)"""
 
     endpoint: Endpoint
     usable: bool  # healthy, not ejected and not stalled: a first-class choice
     reason: str
+    level: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class Plan:
+class Plan(NamedTuple):
     strategy: str
     choices: tuple[Choice, ...]
     note: str = ""
+    levels: tuple[LevelShare, ...] = ()  # filled when explaining
+    panic: bool = False  # too few healthy endpoints: health verdicts were not believed (spillover.py)
 
     def explain(self) -> list[dict]:
         """The plan as data for `GET /v1/resolve/{name}` and `edged resolve`."""
@@ -110,10 +117,24 @@ class Plan:
                 "url": c.endpoint.url,
                 "priority": c.endpoint.priority,
                 "weight": c.endpoint.weight,
+                "level": c.level,
                 "usable": c.usable,
                 "reason": c.reason,
             }
             for i, c in enumerate(self.choices)
+        ]
+
+    def explain_levels(self) -> list[dict]:
+        """Each level's health and share of calls, for `edged resolve`."""
+        return [
+            {
+                "level": lv.name,
+                "healthy": lv.healthy,
+                "total": lv.total,
+                "health": round(lv.health, 1),
+                "share": round(lv.share, 1),
+            }
+            for lv in self.levels
         ]
 
 
@@ -125,12 +146,27 @@ def stall_threshold(latency_ewma: float | None, per_try_timeout: float) -> float
     return max(STALL_FLOOR, min(cap, STALL_FACTOR * latency_ewma))
 
 
+class _Level:
+    """The endpoints of one priority level while a plan is made."""
+
+    __slots__ = ("down", "first", "stalled", "states", "total", "usable")
+
+    def __init__(self, first: Endpoint) -> None:
+        self.first = first  # names the level
+        self.total = 0
+        self.usable: list[Endpoint] = []
+        self.states: list[HealthState] = []  # the usable endpoints' health, in the same order
+        self.stalled: list[Endpoint] = []
+        self.down: list[tuple[Endpoint, str]] = []
+
+
 class Ranker:
     """Applies strategies. Holds only what strategies need between calls (round-robin turn, randomness)."""
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
-        self._turns: dict[tuple[str, str], int] = {}
+        self._turns: dict[tuple, int] = {}
+        self._layouts: dict[tuple[str, str], tuple[Service, dict[str, int]]] = {}
 
     def plan(
         self,
@@ -143,51 +179,151 @@ class Ranker:
     ) -> Plan:
         """Order `endpoints` (default: all of the service's) for one call.
 
-        Usable endpoints come first, in the strategy's order; then stalled ones (they may still answer);
-        then unhealthy or ejected ones as a last resort, so that a wrong health verdict never turns into
-        a failed call while anything might still answer. `explain=False` (the call path) skips the reasons.
+        Endpoints form priority levels (edged/spillover.py); the call starts in a level drawn by the levels'
+        shares, then goes on to the others in level order. Within a level, usable endpoints come in the
+        strategy's order. Then stalled ones (they may still answer); then unhealthy, ejected or refused ones
+        as a last resort, so that a wrong health verdict never turns into a failed call while anything might
+        still answer. `explain=False` (the call path) skips the reasons.
         """
         spec = service.spec
+        policy = spec.policy
         eps = service.endpoints if endpoints is None else endpoints
-        strategy = spec.policy.strategy
+        strategy = policy.strategy
         note = ""
-        if strategy not in IMPLEMENTED:
+        if strategy == "latency":
+            strategy = "least_loaded"
+        elif strategy not in IMPLEMENTED:
             note = f"strategy {strategy!r} is not available in this version; using 'priority'"
             strategy = "priority"
-        usable: list[Endpoint] = []
-        stalled: list[Endpoint] = []
-        down: list[tuple[Endpoint, str]] = []
+        # The call path runs this for every call: one pass, attribute reads, few calls (see policybench.py).
+        check_power = policy.on_power or policy.battery_min is not None
+        state = health.state
+        keys = self._level_keys(service)
+        groups: dict[int, _Level] = {}
+        refused: list[tuple[Endpoint, str]] = []
         for ep in eps:
-            st = health.state(ep.id)
-            refusal = vitals_refusal(ep, spec.policy)
-            if refusal is not None:
-                down.append((ep, refusal))
-            elif not st.available(now):
-                down.append((ep, st.reason(now) if explain else ""))
-            elif health.stalled(ep.id, now, stall_threshold(st.latency_ewma, spec.policy.per_try_timeout)):
-                stalled.append(ep)
+            key = keys.get(ep.id)
+            if key is None:  # not one of the service's own endpoints (a caller's list): computed here
+                key = _level_key(ep, policy.levels, _tier_ranks(spec.endpoint_types))
+            lv = groups.get(key)
+            if lv is None:
+                lv = groups[key] = _Level(ep)
+            lv.total += 1
+            if check_power and ep.meta:
+                refusal = vitals_refusal(ep, policy)
+                if refusal is not None:
+                    refused.append((ep, refusal))
+                    continue
+            st = state(ep.id)
+            if not st.available(now):
+                lv.down.append((ep, st.reason(now) if explain else ""))
+            elif st.inflight > 0 and health.stalled(
+                ep.id, now, stall_threshold(st.latency_ewma, policy.per_try_timeout)
+            ):
+                lv.stalled.append(ep)
             else:
-                usable.append(ep)
-        ordered, why = self._order(strategy, service, usable, health)
-        choices = [Choice(ep, True, why(ep) if explain else "") for ep in ordered]
-        if stalled:
-            reason = "stalled: calls in flight, no answer lately" if explain else ""
-            choices += [Choice(ep, False, reason) for ep in _by_priority(service, stalled)]
-        if down:
-            down.sort(key=lambda item: _priority_key(service, item[0]))
-            choices += [Choice(ep, False, f"last resort: {reason}" if explain else "") for ep, reason in down]
-        return Plan(strategy, tuple(choices), note)
+                lv.usable.append(ep)
+                lv.states.append(st)
+        if not groups:
+            return Plan(strategy, (), note)
+        if len(groups) == 1:
+            levels = list(groups.values())
+            lv = levels[0]
+            healths = [min(100.0, policy.overprovisioning * 100.0 * len(lv.usable) / lv.total)]
+            share_list = [100.0]
+            total = healths[0]
+            start = 0
+        else:
+            levels = [groups[k] for k in sorted(groups)]
+            healths, share_list, total = shares([(len(lv.usable), lv.total) for lv in levels], policy.overprovisioning)
+            start = pick(share_list, self._rng.random())
+        panic = total < policy.panic_threshold and any(lv.stalled or lv.down for lv in levels)
+        choices: list[Choice] = []
+        for i in (start, *(i for i in range(len(levels)) if i != start)) if len(levels) > 1 else (0,):
+            lv = levels[i]
+            name = level_name(spec, lv.first) if explain else ""
+            members, states = lv.usable, lv.states
+            if panic:
+                members = [*lv.usable, *lv.stalled, *(ep for ep, _ in lv.down)]
+                states = [state(ep.id) for ep in members]
+            if not members:
+                continue
+            ordered, why = self._order(strategy, service, members, states, now, (spec.key, i))
+            if not panic:
+                if explain:
+                    choices += [Choice(ep, True, why(ep), name) for ep in ordered]
+                else:  # tuple.__new__ directly: a named tuple's own __new__ is a Python function
+                    choices += [_new(Choice, (ep, True, "", "")) for ep in ordered]
+                continue
+            usable = set(lv.usable)
+            for ep in ordered:
+                choices.append(Choice(ep, ep in usable, f"panic: {why(ep)}" if explain else "", name))
+        if not panic:
+            for lv in levels:
+                if lv.stalled or lv.down:
+                    break
+            else:
+                lv = None
+            if lv is not None:  # something is stalled or down: it follows, as a last resort
+                stalled = [ep for lv in levels for ep in lv.stalled]
+                if stalled:
+                    reason = "stalled: calls in flight, no answer lately" if explain else ""
+                    choices += [Choice(ep, False, reason) for ep in _by_priority(service, stalled)]
+                refused += [item for lv in levels for item in lv.down]
+        if refused:
+            refused.sort(key=lambda item: _priority_key(service, item[0]))
+            choices += [Choice(ep, False, f"last resort: {reason}" if explain else "") for ep, reason in refused]
+        if not explain:
+            return Plan(strategy, tuple(choices), note, (), panic)
+        if panic:
+            note = (note + "; " if note else "") + (
+                f"panic: {total:.0f}% healthy < panic_threshold {policy.panic_threshold}%, health is not believed"
+            )
+        shown = tuple(
+            LevelShare(level_name(spec, lv.first), len(lv.usable), lv.total, healths[i], share_list[i])
+            for i, lv in enumerate(levels)
+        )
+        return Plan(strategy, tuple(choices), note, shown, panic)
+
+    def _level_keys(self, service: Service) -> dict[str, int]:
+        """Endpoint id -> level key, made once per registry snapshot of the service (services are immutable)."""
+        layout = self._layouts.get(service.spec.key)
+        if layout is None or layout[0] is not service:
+            if len(self._layouts) >= MAX_LAYOUTS:
+                self._layouts.clear()  # services come and go: start over rather than keep the gone ones
+            policy = service.spec.policy
+            ranks = _tier_ranks(service.spec.endpoint_types)
+            layout = (service, {ep.id: _level_key(ep, policy.levels, ranks) for ep in service.endpoints})
+            self._layouts[service.spec.key] = layout
+        return layout[1]
 
     def _order(
-        self, strategy: str, service: Service, eps: list[Endpoint], health: HealthView
+        self,
+        strategy: str,
+        service: Service,
+        eps: list[Endpoint],
+        states: list[HealthState],
+        now: float,
+        turn_key: tuple,
     ) -> tuple[list[Endpoint], Callable[[Endpoint], str]]:
         """The strategy's order, and how to say why an endpoint has its place (only asked when explaining)."""
         if len(eps) <= 1 and strategy != "round_robin":
-            return eps, lambda ep: f"only usable endpoint; {strategy}"
+            if strategy == "priority":
+                return eps, _priority_why
+            return eps, lambda ep: f"only usable endpoint of its level; {strategy}"
+        if strategy == "least_loaded":
+            ordered, costs = balancer.order(eps, states, now, service.spec.policy.default_rtt, self._rng, node_score)
+
+            def why(ep: Endpoint) -> str:
+                k = eps.index(ep)
+                p2c = " (power of two choices)" if ep is ordered[0] and len(eps) > 2 else ""
+                return balancer.why(ep, states[k], _score(ep), now, costs[k]) + p2c
+
+            return ordered, why
         if strategy == "round_robin":
             base = _by_priority(service, eps)
-            turn = self._turns.get(service.spec.key, 0)
-            self._turns[service.spec.key] = turn + 1
+            turn = self._turns.get(turn_key, 0)
+            self._turns[turn_key] = turn + 1
             k = turn % len(base) if base else 0
             return base[k:] + base[:k], lambda ep: f"round robin, turn {turn + 1}"
         if strategy == "weighted":
@@ -196,20 +332,34 @@ class Ranker:
             keyed = sorted(eps, key=lambda ep: self._rng.random() ** (1.0 / weights[ep.id]), reverse=True)
             total = sum(weights.values())
             return keyed, lambda ep: f"weighted, share {100 * weights[ep.id] / total:.1f}%"
-        if strategy == "latency":
-            # Unmeasured endpoints first (they need a sample), then lowest moving-average latency.
-            def lat(ep: Endpoint) -> tuple:
-                value = health.state(ep.id).latency_ewma
-                return (value is not None, value or 0.0, *_priority_key(service, ep))
+        return _by_priority(service, eps), _priority_why
 
-            def why(ep: Endpoint) -> str:
-                value = health.state(ep.id).latency_ewma
-                return "latency not measured yet" if value is None else f"latency {value * 1000:.1f} ms (ewma)"
 
-            return sorted(eps, key=lat), why
-        return _by_priority(
-            service, eps
-        ), lambda ep: f"priority {ep.priority}, tier {ep.tier}, weight {ep.weight}; healthy"
+def _priority_why(ep: Endpoint) -> str:
+    return f"priority {ep.priority}, tier {ep.tier}, weight {ep.weight}; healthy"
+
+
+_RANKS: dict[tuple[str, ...], dict[str, int]] = {}
+_new = tuple.__new__
+
+
+def _level_key(ep: Endpoint, mode: str, ranks: dict[str, int]) -> int:
+    """An endpoint's level as a sortable int: priority, then the tier's rank (levels = "tier")."""
+    if mode == "none":
+        return 0
+    return ep.priority * 8 + (ranks.get(ep.tier, 7) if mode == "tier" else 0)
+
+
+def _tier_ranks(types: tuple[str, ...]) -> dict[str, int]:
+    """Tier -> its place in `endpoint_types` (at most a few distinct orders exist: a tiny cache)."""
+    ranks = _RANKS.get(types)
+    if ranks is None:
+        ranks = _RANKS[types] = {tier: i for i, tier in enumerate(types)}
+    return ranks
+
+
+def _score(ep: Endpoint) -> float:
+    return node_score(ep.meta) if ep.meta else 1.0
 
 
 def _priority_key(service: Service, ep: Endpoint) -> tuple:

@@ -18,6 +18,7 @@ from typing import Protocol
 
 from . import retry
 from .answers import WHOLE_ANSWER, read_whole, streams, wants_whole
+from .breaker import Breakers, endpoint_full
 from .budget import RetryBudget
 from .call import Call, Transport, UpstreamAnswer
 from .errors import CallError, UpstreamError
@@ -157,6 +158,7 @@ class Router:
         self._budgets: dict[tuple[str, str], RetryBudget] = {}
         self._whole_answer = whole_answer  # answers up to this length are read whole before they are the caller's
         self._plans = _PlanCache(self._ranker, health)
+        self._breakers = Breakers()
 
     def service(self, tenant: str, name: str) -> Service:
         """The service, or 404 `unknown_service`."""
@@ -197,11 +199,20 @@ class Router:
             raise CallError(
                 404, "unknown_method", f"{call.method} {call.path.partition('?')[0]} is not in {spec.name}'s interface"
             )
+        policy = spec.policy
+        gate = self._breakers.gate(spec.key)
+        if not gate.try_enter(policy.max_inflight):
+            try:
+                await gate.wait(policy, call.deadline - self._clock(), spec.name)
+            except CallError as exc:
+                self._metrics.overloaded.inc((spec.name, exc.detail["limit"]))  # type: ignore[index]
+                self.record(spec.name, "none", "overloaded", started)
+                raise
         plan, skipped = self.plan(service, call.tiers, explain=False)
         budget = self._budget(service)
         budget.deposit()
-        policy = spec.policy
         attempts: list[dict] = []
+        full: list[str] = []  # endpoints passed over at their endpoint_max_inflight
         held: Routed | None = None  # the last retryable answer: the caller's if every other try fails too
         race: Race | None = None  # tries running side by side (edged.race), once the plan has no usable one left
         slow: dict | None = None  # the last try, still racing past its per-try timeout
@@ -234,6 +245,9 @@ class Router:
         try:
             for i, choice in enumerate(plan.choices):
                 ep = choice.endpoint
+                if endpoint_full(self._health.state(ep.id).inflight, policy):
+                    full.append(ep.id)
+                    continue
                 if tries > 0:  # the first try always goes
                     last = slow or (attempts[-1] if attempts else None)
                     if retry.why_not_retry(policy, tries, last, call.method):
@@ -281,10 +295,16 @@ class Router:
                 routed, held = held, None
                 return routed
         finally:
+            gate.leave()
             if race is not None:
                 await race.close()
             if held is not None:  # cancelled (the caller left) while holding an answer: give its connection back
                 held.answer.discard()
+        if full and not tries:
+            self._metrics.overloaded.inc((spec.name, "endpoint_max_inflight"))
+            self.record(spec.name, "none", "overloaded", started)
+            detail = {"service": spec.name, "limit": "endpoint_max_inflight", "value": policy.endpoint_max_inflight}
+            raise CallError(503, "overloaded", {**detail, "endpoints": full})
         outcome = "deadline" if call.deadline - self._clock() <= 0 else "no_endpoint"
         self.record(spec.name, "none", outcome, started)
         if outcome == "deadline":
@@ -292,6 +312,8 @@ class Router:
         detail: dict = {"service": spec.name, "tries": attempts}
         if skipped:
             detail["skipped"] = skipped
+        if full:
+            detail["full"] = full
         if not plan.choices and not skipped:
             detail["reason"] = "the service has no endpoints"
         if plan.note:

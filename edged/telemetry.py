@@ -356,6 +356,11 @@ class MeshMetrics:
             "edged_call_seconds", "Duration of calls routed through the mesh, in seconds.", ("service", "tier")
         )
         self.failovers = m.counter("edged_failovers_total", "Calls that moved on to another endpoint.", svc)
+        self.overloaded = m.counter(
+            "edged_breaker_overflows_total",
+            "Calls or tries turned away by a circuit breaker limit (max_inflight, max_pending, endpoint_max_inflight).",
+            ("service", "limit"),
+        )
         self.endpoint_up = m.gauge(
             "edged_endpoint_up", "1 when an endpoint is healthy, 0 when not.", ("service", "endpoint", "tier")
         )

@@ -6,6 +6,7 @@ import asyncio
 import time
 from pathlib import Path
 
+from edged.balancer import PeakEwma
 from edged.model import Endpoint, EndpointSpec, PolicySpec, Service, ServiceSpec, parse_target
 
 
@@ -42,6 +43,8 @@ class FakeState:
     def __init__(self) -> None:
         self.up = True
         self.latency_ewma = None
+        self.inflight = 0
+        self.peak = PeakEwma()
         self.why = "healthy"
 
     def available(self, now: float) -> bool:

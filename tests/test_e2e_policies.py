@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections import Counter
 
-from harness import manifest
+from harness import free_port, manifest, wait_for
 
 POLICY = """
 [policy]
@@ -41,10 +42,12 @@ def test_a_policy_set_at_runtime_changes_routing_keeps_the_manifest_keys_and_sur
     assert d.get("/v1/policies/thermo")["override"] is None
 
     # Set through the CLI: only the keys given change; the manifest's timeouts stay.
-    out = edged_cli(d, "policy", "set", "thermo", "strategy=round_robin", "retries=1")
+    # (levels=none: one level for both priorities, else round robin would turn within priority 1 only)
+    out = edged_cli(d, "policy", "set", "thermo", "strategy=round_robin", "levels=none", "retries=1")
     assert out.returncode == 0, out.stderr
     view = d.get("/v1/policies/thermo")
-    assert view["source"] == "api" and view["override"] == {"strategy": "round_robin", "retries": 1}
+    assert view["source"] == "api"
+    assert view["override"] == {"strategy": "round_robin", "levels": "none", "retries": 1}
     assert view["policy"]["per_try_timeout"] == 0.3 and view["policy"]["timeout"] == 2.0
     served = {json.loads(d.call("thermo", "/x")[2])["name"] for _ in range(4)}
     assert served == {"p1", "p2"}  # round robin now
@@ -79,3 +82,31 @@ def test_bad_policies_are_refused_with_the_key(backends, edged):
     assert d.get("/v1/policies/thermo")["source"] == "declared"
     out = edged_cli(d, "policy", "set", "thermo", "strategy=fastest")
     assert out.returncode == 1 and "invalid_policy" in out.stderr
+
+
+def test_resolve_shows_each_level_and_calls_spill_over_in_proportion_to_health(backends, edged):
+    """Two of three endpoints of priority 1 fail their checks: that level keeps 1/3 x 1.4 = 47 % of the
+    calls and the priority-2 level takes the rest; `edged resolve` shows both levels' shares; no call fails."""
+    live = backends("a0")
+    backup = backends("b")
+    dead = [free_port(), free_port()]
+    checks = """
+    [health_check]
+    http = "/healthz"
+    interval = "200ms"
+    timeout = "100ms"
+    rise = 1
+    fall = 1
+    """
+    eps = [(live.port, 1), (dead[0], 1), (dead[1], 1), (backup.port, 2)]
+    d = edged({"thermo.toml": manifest("thermo", eps, POLICY + checks)})
+    wait_for(lambda: d.get("/v1/resolve/thermo")["levels"][0]["healthy"] == 1, 10, what="two endpoints down")
+    view = d.get("/v1/resolve/thermo")
+    assert [(lv["level"], lv["healthy"], lv["total"], lv["share"]) for lv in view["levels"]] == [
+        ("p1/local", 1, 3, 46.7),
+        ("p2/local", 1, 1, 53.3),
+    ]
+    served = Counter(json.loads(d.call("thermo", "/x")[2])["name"] for _ in range(200))
+    assert set(served) == {"a0", "b"} and 60 < served["a0"] < 130, served
+    out = edged_cli(d, "resolve", "thermo")
+    assert out.returncode == 0 and "p2/local" in out.stdout and "53%" in out.stdout, out.stdout

@@ -337,7 +337,10 @@ def test_fleet_config_changes_routing_refuses_forgeries_and_survives_a_restart_w
     # cryptography (about 7 MiB) is loaded only once a document must be verified, not for the keys.
     assert d.proc is not None and not loads_package(d.proc.pid, "cryptography")
     # The operator's way: sign a document and push it with the CLI (retained on {prefix}/home/config).
-    (tmp_path / "rr.toml").write_text('version = 2\n[policies.thermo]\nstrategy = "round_robin"\n')
+    (tmp_path / "rr.toml").write_text(
+        # levels = "none": round robin over both priorities (by default each priority is a level of its own)
+        'version = 2\n[policies.thermo]\nstrategy = "round_robin"\nlevels = "none"\n'
+    )
     signed_rr = subprocess.run(
         [sys.executable, "-m", "edged", "fleet", "sign", "rr.toml", "--key", "ops.key", "-c", str(d.config), "-o", "-"],
         cwd=tmp_path,

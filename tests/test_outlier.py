@@ -70,13 +70,35 @@ def test_ejection_grows_with_repeats_and_is_capped() -> None:
     clock = FakeClock()
     o = Outlier(OutlierConfig(consecutive_failures=3, base_ejection=10.0, max_ejection=25.0), clock)
     durations = []
-    for _ in range(4):
+    for i in range(4):
         start = clock.now
-        assert fail(o, 3)[-1] is True
+        assert fail(o, 3 if i == 0 else 1)[-1] is True  # after an ejection, a failed probe ejects at once
         durations.append(o.ejected_until - start)
         clock.now = o.ejected_until
         assert o.expire()
     assert durations == [10.0, 20.0, 25.0, 25.0]
+
+
+def test_a_good_probe_after_an_ejection_restores_the_full_accrual() -> None:
+    clock = FakeClock()
+    o = Outlier(CFG, clock)
+    fail(o, 3)
+    clock.now = o.ejected_until
+    assert o.expire()
+    o.success()  # the probe answered: back to a full streak before the next ejection
+    assert fail(o, 3) == [False, False, True]
+    assert o.reason == "3 failed calls"
+
+
+def test_policy_accrual_and_backoff_replace_the_config() -> None:
+    clock = FakeClock()
+    o = Outlier(CFG, clock)
+    assert [o.failure(1, accrual=5, backoff=2.0) for _ in range(5)] == [False] * 4 + [True]
+    assert o.ejected_until == 1002.0
+    clock.now = 1002.0
+    assert o.expire()
+    assert o.failure(1, accrual=5, backoff=2.0) is True  # the probe failed: out again, for 2 x 2 s
+    assert o.ejected_until == 1006.0 and o.reason == "probe after an ejection failed"
 
 
 def test_ejection_count_decays_per_quiet_max_ejection_period() -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 
@@ -32,6 +33,7 @@ def test_unhealthy_and_stalled_endpoints_go_last_with_their_reason():
     health.state("default/s/local/a").up = False
     health.state("default/s/local/a").why = "unhealthy: HTTP 503"
     health.stalled_ids.add("default/s/local/b")
+    health.state("default/s/local/b").inflight = 1  # (only an endpoint with calls in flight can be stalled)
     plan = Ranker().plan(service(*eps), health, 0.0)
     assert ids(plan) == ["c", "b", "a"]
     assert [c.usable for c in plan.choices] == [True, False, False]
@@ -57,14 +59,66 @@ def test_weighted_shares_follow_weights():
     assert sorted(ids(ranker.plan(svc, FakeHealth(), 0.0))) == ["heavy", "light"]
 
 
-def test_latency_prefers_unmeasured_then_fastest():
-    eps = [endpoint("slow", 1), endpoint("fast", 2), endpoint("new", 3)]
+def measured(health, name: str, rtt: float, now: float = 0.0, inflight: int = 0) -> None:
+    st = health.state(f"default/s/local/{name}")
+    st.peak.observe(rtt, now)
+    st.inflight = inflight
+
+
+def test_latency_is_least_loaded_and_the_slow_endpoint_gets_nothing_under_power_of_two_choices():
+    eps = [endpoint("fast", 1), endpoint("mid", 2), endpoint("slow", 3)]
     health = FakeHealth()
-    health.state("default/s/local/slow").latency_ewma = 0.050
-    health.state("default/s/local/fast").latency_ewma = 0.002
-    plan = Ranker().plan(service(*eps, policy=PolicySpec(strategy="latency")), health, 0.0)
-    assert ids(plan) == ["new", "fast", "slow"]
-    assert plan.choices[1].reason == "latency 2.0 ms (ewma)"
+    measured(health, "fast", 0.001)
+    measured(health, "mid", 0.002)
+    measured(health, "slow", 0.020)
+    ranker = Ranker(random.Random(5))
+    svc = service(*eps, policy=PolicySpec(strategy="latency"))
+    plans = [ranker.plan(svc, health, 0.0) for _ in range(6000)]
+    assert {p.strategy for p in plans} == {"least_loaded"}
+    firsts = Counter(ids(p)[0] for p in plans)
+    # A random pair, the cheaper wins: fast wins 2 pairs of 3, mid the (mid, slow) pair, slow none.
+    assert firsts["slow"] == 0 and 0.62 < firsts["fast"] / 6000 < 0.71, firsts
+    assert all(ids(p)[1:] == sorted(ids(p)[1:], key=["fast", "mid", "slow"].index) for p in plans)
+    assert plans[0].choices[0].reason.startswith("least loaded: cost ")
+
+
+def test_least_loaded_cost_grows_with_calls_in_flight_and_with_poor_vitals():
+    eps = [endpoint("a", 1), endpoint("b", 2)]
+    health = FakeHealth()
+    measured(health, "a", 0.001, inflight=9)  # cost 1 ms x 10
+    measured(health, "b", 0.004)  # cost 4 ms
+    svc = service(*eps, policy=PolicySpec(strategy="least_loaded"))
+    assert ids(Ranker().plan(svc, health, 0.0)) == ["b", "a"]
+    assert "(9 in flight + 1)" in Ranker().plan(svc, health, 0.0).choices[1].reason
+    hot = with_meta(endpoint("b", 2), cpu="90")  # vitals 0.1: cost 40 ms
+    assert ids(Ranker().plan(service(eps[0], hot, policy=svc.spec.policy), health, 0.0)) == ["a", "b"]
+
+
+def test_an_unmeasured_endpoint_gets_one_call_at_a_time_until_it_is_measured():
+    eps = [endpoint("known", 1), endpoint("new", 2)]
+    health = FakeHealth()
+    measured(health, "known", 0.050)
+    svc = service(*eps, policy=PolicySpec(strategy="least_loaded", default_rtt=0.030))
+    plan = Ranker().plan(svc, health, 0.0)
+    assert ids(plan) == ["new", "known"] and "not measured yet" in plan.choices[0].reason
+    health.state("default/s/local/new").inflight = 1  # its probe is out: no second call before it answers
+    measured(health, "known", 0.050, inflight=30)
+    plan = Ranker().plan(svc, health, 0.0)
+    assert ids(plan) == ["known", "new"] and "penalty" in plan.choices[1].reason
+
+
+def test_peak_ewma_takes_peaks_at_once_and_decays_with_a_10s_time_constant():
+    from edged.balancer import PeakEwma
+
+    p = PeakEwma()
+    assert not p.measured and p.get(0.0) == 0.0
+    p.observe(0.010, 0.0)
+    p.observe(0.100, 0.1)  # a peak: taken whole
+    assert p.get(0.1) == 0.100
+    assert abs(p.get(10.1) - 0.100 * math.exp(-1)) < 1e-9  # idle: decays towards zero, read changes nothing
+    p.observe(0.010, 10.1)  # a faster answer after 10 s weighs 1 - e^-1 of the decayed estimate
+    w = math.exp(-1)
+    assert abs(p.value - (0.100 * w * w + 0.010 * (1 - w))) < 1e-9
 
 
 def test_strategies_not_in_this_version_fall_back_to_priority_and_say_so():
@@ -108,7 +162,9 @@ def test_power_rules_put_battery_nodes_last():
     mains = with_meta(endpoint("mains", 1, priority=2, tier="edge"), power="mains")
     low = with_meta(endpoint("low", 2, priority=1, tier="edge"), power="battery", bat="15")
     full = with_meta(endpoint("full", 3, priority=1, tier="edge"), power="battery", bat="90")
-    plan = Ranker().plan(service(mains, low, full, policy=PolicySpec(battery_min=20)), FakeHealth(), 0.0)
+    # One level (else the refused endpoint makes priority 1 half healthy and 30 % of calls spill to mains).
+    one = PolicySpec(battery_min=20, levels="none")
+    plan = Ranker().plan(service(mains, low, full, policy=one), FakeHealth(), 0.0)
     assert ids(plan) == ["full", "mains", "low"]
     assert plan.choices[2].reason == "last resort: battery 15% < battery_min 20%"
     plan = Ranker().plan(service(mains, low, full, policy=PolicySpec(on_power=True)), FakeHealth(), 0.0)

@@ -15,6 +15,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterable, Sequence
 
+from edged.balancer import PeakEwma
 from edged.health.checks import CheckResult, run_check
 from edged.health.outlier import Outlier, OutlierConfig
 from edged.http.client import UpstreamPool
@@ -55,6 +56,7 @@ class EndpointHealth:
         "last_detail",
         "last_response_at",
         "latency_ewma",
+        "peak",
     )
 
     def __init__(self, endpoint_id: str, outlier: Outlier) -> None:
@@ -63,6 +65,7 @@ class EndpointHealth:
         self.ejected_until = 0.0
         self.last_detail = ""
         self.latency_ewma: float | None = None
+        self.peak = PeakEwma()  # calls' answer times, for the least_loaded strategy (edged.balancer)
         self.inflight = 0
         self.busy_since = 0.0
         self.last_response_at = 0.0
@@ -253,6 +256,7 @@ class HealthMonitor:
             h.latency_ewma = (
                 latency if h.latency_ewma is None else h.latency_ewma + _EWMA_ALPHA * (latency - h.latency_ewma)
             )
+            h.peak.observe(latency, now)
         if not later:
             self._outcome(endpoint, service, h, ok, reached, detail, now)
 
@@ -279,7 +283,13 @@ class HealthMonitor:
             return
         h.calls_failed += 1
         h.last_detail = detail or "call failed"
-        if outlier.failure(self._others_available(endpoint.id, service, now), connect=not reached):
+        policy = service.spec.policy
+        if outlier.failure(
+            self._others_available(endpoint.id, service, now),
+            connect=not reached,
+            accrual=policy.failure_accrual,
+            backoff=policy.failure_backoff,
+        ):
             h.ejected_until = outlier.ejected_until
             self._endpoints.setdefault(endpoint.id, endpoint)  # so that the sweeper can announce its return
             self._publish(h, now, endpoint)

@@ -38,6 +38,7 @@ class Outlier:
         "_connect_streak",
         "_decay_from",
         "_ejections",
+        "_probation",
         "consecutive_failures",
         "ejected_until",
         "reason",
@@ -53,6 +54,7 @@ class Outlier:
         self._ejections = 0
         self._decay_from = 0.0  # when the current ejection-free stretch began
         self._active_streak = 0  # ok active checks since the ejection began
+        self._probation = False  # an ejection ran out: the first call back is a probe (Linkerd's half-open)
 
     def __repr__(self) -> str:
         return (
@@ -77,13 +79,18 @@ class Outlier:
         """A call succeeded: the failure streak starts over."""
         self.consecutive_failures = 0
         self._connect_streak = 0
+        self._probation = False
 
-    def failure(self, others_available: int, *, connect: bool = False) -> bool:
+    def failure(
+        self, others_available: int, *, connect: bool = False, accrual: int | None = None, backoff: float | None = None
+    ) -> bool:
         """A call failed (`connect`: it could not even connect); True when this failure ejected the endpoint.
 
         `others_available` is how many other endpoints of the service are available now: with none left,
         the endpoint is never ejected (a degraded endpoint beats no endpoint); the streak is kept, so the
-        next failure ejects once another endpoint is back.
+        next failure ejects once another endpoint is back. `accrual` and `backoff` (the service's policy keys
+        `failure_accrual`, `failure_backoff`) replace the config's streak length and first ejection. A failed
+        probe (the first call after an ejection ran out) ejects again at once, for longer.
         """
         now = self._clock()
         if now < self.ejected_until:
@@ -92,14 +99,19 @@ class Outlier:
         self._connect_streak = self._connect_streak + 1 if connect else 0
         cfg = self._config
         by_connects = self._connect_streak >= cfg.consecutive_connect_failures
-        if (self.consecutive_failures < cfg.consecutive_failures and not by_connects) or others_available <= 0:
+        streak = cfg.consecutive_failures if accrual is None else accrual
+        if (self.consecutive_failures < streak and not by_connects and not self._probation) or others_available <= 0:
             return False
         self._decay(now)
         self._ejections += 1
-        self.ejected_until = now + min(cfg.base_ejection * self._ejections, cfg.max_ejection)
+        base = cfg.base_ejection if backoff is None else backoff
+        self.ejected_until = now + min(base * self._ejections, max(cfg.max_ejection, base))
+        self._probation = False
         self._decay_from = self.ejected_until
         if by_connects:
             self.reason = f"{self._connect_streak} failed connects"
+        elif self.consecutive_failures < streak:
+            self.reason = "probe after an ejection failed"
         else:
             self.reason = f"{self.consecutive_failures} failed calls"
         self.consecutive_failures = 0
@@ -128,6 +140,7 @@ class Outlier:
             return False
         self.ejected_until = 0.0
         self._active_streak = 0
+        self._probation = True
         return True
 
     def _uneject(self, now: float) -> None:

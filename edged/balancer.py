@@ -1,0 +1,127 @@
+"""Load-aware choice among a level's endpoints: peak-EWMA latency x (calls in flight + 1), power of two choices.
+
+Finagle's and Linkerd's balancer. Each endpoint keeps a peak-sensitive moving average of its answer time
+(`PeakEwma`: a slower answer is taken at once, faster ones pull it down with a 10 s time constant, and it
+decays towards zero while the endpoint gets no calls, so that an endpoint shunned as slow is tried again).
+Its cost for the next call is that latency times (calls in flight + 1), divided by its node's vitals score
+(a hot, badly linked or battery-drained node costs more). Two endpoints are drawn at random and the cheaper
+takes the call: herding onto one "best" endpoint cannot happen, and a slow endpoint gets little.
+
+An endpoint never measured costs `default_rtt`; once it has a call in flight it costs a penalty that no
+measured endpoint reaches (Finagle), so a freshly advertised endpoint gets one call at a time until its
+first answer tells what it is worth.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from .model import Endpoint
+
+DECAY = 10.0  # seconds: the moving average's time constant (Finagle's and Linkerd's default)
+PENALTY = 1e6  # seconds: the cost of an unmeasured endpoint that already has a call in flight
+MIN_SCORE = 0.01  # a node's vitals multiply its cost by at most 1 / this
+
+
+class PeakEwma:
+    """One endpoint's peak-EWMA answer time (seconds). 32 bytes of state; reading it does not change it."""
+
+    __slots__ = ("stamp", "value")
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.stamp = -1.0  # clock time of the last sample; < 0: never measured
+
+    def __repr__(self) -> str:
+        return f"<PeakEwma {self.value * 1000:.2f} ms at {self.stamp:.1f}>"
+
+    @property
+    def measured(self) -> bool:
+        return self.stamp >= 0.0
+
+    def observe(self, rtt: float, now: float) -> None:
+        """Take one answer time: a peak is taken whole, a lower one by the weight its time gap earns."""
+        if self.stamp < 0.0:
+            self.value, self.stamp = rtt, now
+            return
+        w = math.exp(-max(0.0, now - self.stamp) / DECAY)
+        current = self.value * w
+        self.value = rtt if rtt > current else current * w + rtt * (1.0 - w)
+        self.stamp = now
+
+    def get(self, now: float) -> float:
+        """The estimate now: the last value, decayed towards zero over the time with no sample."""
+        if self.stamp < 0.0:
+            return 0.0
+        return self.value * math.exp(-max(0.0, now - self.stamp) / DECAY)
+
+
+class LoadState(Protocol):
+    inflight: int
+    peak: PeakEwma
+
+
+def cost(state: LoadState, score: float, now: float, default_rtt: float) -> float:
+    """The expected cost (seconds) of sending one more call to an endpoint (see the module doc)."""
+    pending = state.inflight
+    peak = state.peak
+    if peak.stamp < 0.0:
+        if pending > 0:
+            return PENALTY + pending
+        rtt = default_rtt
+    else:
+        rtt = peak.get(now)
+    return rtt * (pending + 1) / (score if score > MIN_SCORE else MIN_SCORE)
+
+
+def order(
+    eps: Sequence[Endpoint],
+    states: Sequence[LoadState],
+    now: float,
+    default_rtt: float,
+    rng: random.Random,
+    score: Callable[[tuple[tuple[str, str], ...]], float],
+) -> tuple[list[Endpoint], list[float]]:
+    """Power of two choices first, then the rest cheapest first (the failover order); and the cost of each
+    of `eps` (in its order). `states[i]` is the load state of `eps[i]`; `score(meta)` a node's vitals score."""
+    exp = math.exp
+    values: list[float] = []
+    for ep, st in zip(eps, states, strict=True):  # `cost()`, inlined: this runs for every call
+        peak = st.peak
+        if peak.stamp < 0.0:
+            pending = st.inflight
+            c = PENALTY + pending if pending else default_rtt
+        else:
+            c = peak.value * exp((peak.stamp - now) / DECAY) * (st.inflight + 1)
+        if ep.meta:
+            c /= max(score(ep.meta), MIN_SCORE)
+        values.append(c)
+    n = len(values)
+    if n <= 2:
+        if n == 2 and (values[1] < values[0] or (values[1] == values[0] and rng.random() < 0.5)):
+            return [eps[1], eps[0]], values  # equal costs: no endpoint is favoured by its place in the list
+        return list(eps), values
+    i = int(rng.random() * n)
+    j = int(rng.random() * (n - 1))
+    if j >= i:
+        j += 1
+    first = i if values[i] < values[j] or (values[i] == values[j] and i < j) else j
+    ranked = sorted(range(n), key=values.__getitem__)
+    if first != ranked[0]:
+        ranked.remove(first)
+        ranked.insert(0, first)
+    return list(map(eps.__getitem__, ranked)), values
+
+
+def why(ep: Endpoint, state: LoadState, score: float, now: float, c: float) -> str:
+    """The reason `edged resolve` shows for an endpoint's cost."""
+    peak = state.peak
+    if not peak.measured:
+        base = "not measured yet" + (", a call in flight (penalty)" if state.inflight else "")
+    else:
+        base = f"peak-ewma {peak.get(now) * 1000:.1f} ms"
+    vitals = f" / vitals {score:.2f}" if score < 1.0 else ""
+    return f"least loaded: cost {c * 1000:.1f} ms = {base} x ({state.inflight} in flight + 1){vitals}"

@@ -1,0 +1,222 @@
+#!/usr/bin/env python3
+"""What the policy's decision costs per call, and what an endpoint's routing state weighs.
+
+Times `Ranker.plan(..., explain=False)` (the call path's decision) over the real HealthMonitor, for each
+strategy and a few service sizes, as CPU time per call (several rounds: the range is printed). The peer
+in the same run is the `latency` strategy of another git ref (default `main`), loaded from its source, so
+the figure says what this change adds. Memory: tracemalloc over 1,000 endpoints' health + load state
+(EndpointHealth, its outlier detector and its PeakEwma), after each has seen calls.
+
+With `--instructions` (needs valgrind), also instructions per decision, counted by callgrind as the
+difference between a process that makes N decisions and one that makes none: a figure a busy machine does
+not blur, and the one to compare with a Raspberry Pi (about 1,000-1,500 Python instructions per us there).
+
+usage: scripts/policybench.py [--calls 20000] [--rounds 5] [--ref main] [--instructions]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import random
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import tracemalloc
+import types
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from edged.health import HealthMonitor  # noqa: E402
+from edged.model import Endpoint, EndpointSpec, PolicySpec, Service, ServiceSpec, parse_target  # noqa: E402
+from edged.policy import Ranker  # noqa: E402
+
+TARGETS_US = {"least_loaded": 10.0, "predictive": 30.0}
+
+
+def make_service(n: int, strategy: str, tiers: tuple[str, ...] = ("local",)) -> Service:
+    eps = []
+    for i in range(n):
+        tier = tiers[i % len(tiers)]
+        url = f"http://127.0.0.1:{9000 + i}"
+        eps.append(
+            Endpoint(f"default/s/{tier}/e{i}", "s", "default", tier, url, 10, 100, "bench", parse_target(url), ())
+        )
+    spec = ServiceSpec(
+        name="s",
+        endpoints=tuple(EndpointSpec(tier=e.tier, url=e.url) for e in eps),
+        policy=PolicySpec(strategy=strategy),
+    )
+    return Service(spec, tuple(eps))
+
+
+def warm(health: HealthMonitor, svc: Service, rng: random.Random) -> None:
+    """Each endpoint has answered calls (so latency-aware strategies have something to weigh)."""
+    for ep in svc.endpoints:
+        for _ in range(5):
+            with health.call_started(ep.id) as flight:
+                flight.finish(ep, svc, True, rng.uniform(0.001, 0.02))
+
+
+def per_call_us(ranker, svc: Service, health: HealthMonitor, calls: int, rounds: int) -> list[float]:
+    out = []
+    now = time.monotonic()
+    plan = ranker.plan
+    for _ in range(rounds):
+        gc.collect()
+        t0 = time.process_time()
+        for _ in range(calls):
+            plan(svc, health, now, None, explain=False)
+        out.append((time.process_time() - t0) / calls * 1e6)
+    return out
+
+
+def ref_ranker(ref: str):
+    """The Ranker class of `ref`'s edged/policy.py, run against this tree's other modules."""
+    src = subprocess.run(
+        ["git", "show", f"{ref}:edged/policy.py"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
+    mod = types.ModuleType("edged._policy_ref")
+    mod.__package__ = "edged"
+    sys.modules[mod.__name__] = mod
+    exec(compile(src, f"{ref}:edged/policy.py", "exec"), mod.__dict__)
+    return mod.Ranker
+
+
+def memory_per_endpoint(n: int = 1000) -> float:
+    svc = make_service(n, "least_loaded")
+    rng = random.Random(1)
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    health = HealthMonitor()
+    warm(health, svc, rng)
+    after = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    stats = after.compare_to(before, "filename")
+    grown = sum(s.size_diff for s in stats if "edged" in s.traceback[0].filename)
+    del health
+    return grown / n
+
+
+def one(strategy: str, n: int, tiers: int, calls: int, ref: str) -> None:
+    """The process callgrind counts: set up, then `calls` decisions (0: set up only)."""
+    ranker_class = ref_ranker(ref) if ref else Ranker
+    svc = make_service(n, strategy, ("local", "edge", "cloud")[:tiers])
+    health = HealthMonitor()
+    warm(health, svc, random.Random(7))
+    ranker = ranker_class(random.Random(1))
+    now = time.monotonic()
+    for _ in range(calls):
+        ranker.plan(svc, health, now, None, explain=False)
+
+
+def instructions(strategy: str, n: int, tiers: int, calls: int, ref: str = "") -> float:
+    """Instructions per decision: callgrind's total with `calls` decisions minus the one with none."""
+    totals = []
+    for k in (0, calls):
+        argv = [sys.executable, __file__, "--one", strategy, str(n), str(tiers), str(k), ref]
+        out = subprocess.run(
+            ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *argv],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, PYTHONHASHSEED="0"),
+        )
+        m = re.search(r"Collected : (\d+)", out.stderr)
+        if out.returncode != 0 or m is None:
+            raise RuntimeError(f"callgrind failed: {out.stderr[-500:]}")
+        totals.append(int(m.group(1)))
+    return (totals[1] - totals[0]) / calls
+
+
+def table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--one":
+        strategy, n, tiers, calls, ref = sys.argv[2:7]
+        one(strategy, int(n), int(tiers), int(calls), ref)
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--calls", type=int, default=20000)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--ref", default="main", help="git ref whose `latency` strategy is the peer")
+    ap.add_argument("--instructions", action="store_true", help="also count instructions per decision (valgrind)")
+    args = ap.parse_args()
+    if args.instructions:
+        if shutil.which("valgrind") is None:
+            print("--instructions needs valgrind", file=sys.stderr)
+            return 2
+        rows = [("strategy", "endpoints", "tiers", "instructions/decision")]
+        for strategy, n, t, ref in [
+            ("priority", 3, 1, ""),
+            ("least_loaded", 3, 1, ""),
+            ("least_loaded", 8, 1, ""),
+            ("least_loaded", 6, 3, ""),
+            ("latency", 3, 1, args.ref),
+            ("latency", 8, 1, args.ref),
+        ]:
+            label = f"{strategy} @{ref}" if ref else strategy
+            rows.append((label, str(n), str(t), f"{instructions(strategy, n, t, 2000, ref):,.0f}"))
+        table(rows)
+        print()
+    rng = random.Random(7)
+    rows = [("strategy", "endpoints", "tiers", "us/call min", "median", "max", "target")]
+    cases = [(s, n, t) for n in (3, 8) for s in ("priority", "round_robin", "weighted", "least_loaded") for t in (1,)]
+    cases += [("least_loaded", 6, 3)]
+    for strategy, n, t in cases:
+        svc = make_service(n, strategy, ("local", "edge", "cloud")[:t])
+        health = HealthMonitor()
+        warm(health, svc, rng)
+        got = per_call_us(Ranker(random.Random(1)), svc, health, args.calls, args.rounds)
+        target = TARGETS_US.get(strategy)
+        rows.append(
+            (
+                strategy,
+                str(n),
+                str(t),
+                f"{min(got):.2f}",
+                f"{statistics.median(got):.2f}",
+                f"{max(got):.2f}",
+                f"<= {target:g}" if target else "-",
+            )
+        )
+    try:
+        Old = ref_ranker(args.ref)
+    except (subprocess.CalledProcessError, SyntaxError, ImportError) as exc:
+        print(f"(no peer: {args.ref}:edged/policy.py not usable: {exc})", file=sys.stderr)
+    else:
+        for n in (3, 8):
+            svc = make_service(n, "latency")
+            health = HealthMonitor()
+            warm(health, svc, rng)
+            got = per_call_us(Old(random.Random(1)), svc, health, args.calls, args.rounds)
+            rows.append(
+                (
+                    f"latency @{args.ref}",
+                    str(n),
+                    "1",
+                    f"{min(got):.2f}",
+                    f"{statistics.median(got):.2f}",
+                    f"{max(got):.2f}",
+                    "peer",
+                )
+            )
+    table(rows)
+    per_ep = memory_per_endpoint()
+    print(
+        f"\nrouting state per endpoint (health + outlier + peak-EWMA, after calls): {per_ep:.0f} bytes (target <= 2048)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
