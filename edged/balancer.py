@@ -3,9 +3,12 @@
 Finagle's and Linkerd's balancer. Each endpoint keeps a peak-sensitive moving average of its answer time
 (`PeakEwma`: a slower answer is taken at once, faster ones pull it down with a 10 s time constant, and it
 decays towards zero while the endpoint gets no calls, so that an endpoint shunned as slow is tried again).
-Its cost for the next call is that latency times (calls in flight + 1), divided by its node's vitals score
-(a hot, badly linked or battery-drained node costs more). Two endpoints are drawn at random and the cheaper
-takes the call: herding onto one "best" endpoint cannot happen, and a slow endpoint gets little.
+Its cost for the next call is that latency times (calls in flight + 1), times its node's vitals factor
+(`vitals_factor`: a hot, badly linked or battery-drained node costs more; a bounded factor, since a node's
+CPU is busy with the very calls the in-flight count already weighs, and a sharper one made the traffic
+swing away from a busy node and back, which the routing simulator showed). Two endpoints are drawn at
+random and the cheaper takes the call: herding onto one "best" endpoint cannot happen, and a slow endpoint
+gets little.
 
 An endpoint never measured costs `default_rtt`; once it has a call in flight it costs a penalty that no
 measured endpoint reaches (Finagle), so a freshly advertised endpoint gets one call at a time until its
@@ -16,14 +19,48 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
 from .model import Endpoint
 
 DECAY = 10.0  # seconds: the moving average's time constant (Finagle's and Linkerd's default)
 PENALTY = 1e6  # seconds: the cost of an unmeasured endpoint that already has a call in flight
-MIN_SCORE = 0.01  # a node's vitals multiply its cost by at most 1 / this
+CPU_FACTOR = 1.0  # a node at 100 % CPU costs 1 + this times as much
+BATTERY_FACTOR = 2.0  # a node on battery costs this times as much when full ...
+DRAINED_FACTOR = 4.0  # ... and up to this much more again as its battery drains to 0 %
+MIN_LINK = 0.05  # the cost is divided by the link quality (0..1), not below this
+_FACTORS: dict[tuple[tuple[str, str], ...], float] = {}  # vitals -> factor (vitals change every few seconds)
+
+
+def vital(meta: dict[str, str], key: str) -> float | None:
+    """A vital ("cpu", "bat", "link": "0".."100") as 0..1, or None when absent, empty or not a number."""
+    value = meta.get(key, "")
+    try:
+        return min(100.0, max(0.0, float(value))) / 100.0 if value != "" else None
+    except ValueError:
+        return None
+
+
+def vitals_factor(meta: tuple[tuple[str, str], ...]) -> float:
+    """How many times more a call costs on this node, by its vitals (1.0 with none known)."""
+    factor = _FACTORS.get(meta)
+    if factor is None:
+        m = dict(meta)
+        factor = 1.0
+        cpu = vital(m, "cpu")
+        if cpu is not None:
+            factor *= 1.0 + CPU_FACTOR * cpu
+        if m.get("power") == "battery":
+            bat = vital(m, "bat")
+            factor *= BATTERY_FACTOR * (1.0 + DRAINED_FACTOR * (1.0 - (1.0 if bat is None else bat)))
+        link = vital(m, "link")
+        if link is not None:
+            factor /= max(MIN_LINK, link)
+        if len(_FACTORS) >= 1024:
+            _FACTORS.clear()  # vitals vary: keep the table small rather than complete
+        _FACTORS[meta] = factor
+    return factor
 
 
 class PeakEwma:
@@ -64,8 +101,9 @@ class LoadState(Protocol):
     peak: PeakEwma
 
 
-def cost(state: LoadState, score: float, now: float, default_rtt: float) -> float:
-    """The expected cost (seconds) of sending one more call to an endpoint (see the module doc)."""
+def cost(state: LoadState, meta: tuple[tuple[str, str], ...], now: float, default_rtt: float) -> float:
+    """The expected cost (seconds) of sending one more call to an endpoint (see the module doc; `order`
+    computes the same inline)."""
     pending = state.inflight
     peak = state.peak
     if peak.stamp < 0.0:
@@ -74,7 +112,7 @@ def cost(state: LoadState, score: float, now: float, default_rtt: float) -> floa
         rtt = default_rtt
     else:
         rtt = peak.get(now)
-    return rtt * (pending + 1) / (score if score > MIN_SCORE else MIN_SCORE)
+    return rtt * (pending + 1) * (vitals_factor(meta) if meta else 1.0)
 
 
 def order(
@@ -83,10 +121,9 @@ def order(
     now: float,
     default_rtt: float,
     rng: random.Random,
-    score: Callable[[tuple[tuple[str, str], ...]], float],
 ) -> tuple[list[Endpoint], list[float]]:
     """Power of two choices first, then the rest cheapest first (the failover order); and the cost of each
-    of `eps` (in its order). `states[i]` is the load state of `eps[i]`; `score(meta)` a node's vitals score."""
+    of `eps` (in its order). `states[i]` is the load state of `eps[i]`."""
     exp = math.exp
     values: list[float] = []
     for ep, st in zip(eps, states, strict=True):  # `cost()`, inlined: this runs for every call
@@ -97,7 +134,7 @@ def order(
         else:
             c = peak.value * exp((peak.stamp - now) / DECAY) * (st.inflight + 1)
         if ep.meta:
-            c /= max(score(ep.meta), MIN_SCORE)
+            c *= vitals_factor(ep.meta)
         values.append(c)
     n = len(values)
     if n <= 2:
@@ -116,12 +153,13 @@ def order(
     return list(map(eps.__getitem__, ranked)), values
 
 
-def why(ep: Endpoint, state: LoadState, score: float, now: float, c: float) -> str:
+def why(ep: Endpoint, state: LoadState, now: float, c: float) -> str:
     """The reason `edged resolve` shows for an endpoint's cost."""
     peak = state.peak
     if not peak.measured:
         base = "not measured yet" + (", a call in flight (penalty)" if state.inflight else "")
     else:
         base = f"peak-ewma {peak.get(now) * 1000:.1f} ms"
-    vitals = f" / vitals {score:.2f}" if score < 1.0 else ""
+    factor = vitals_factor(ep.meta) if ep.meta else 1.0
+    vitals = f" x vitals {factor:.2f}" if factor != 1.0 else ""
     return f"least loaded: cost {c * 1000:.1f} ms = {base} x ({state.inflight} in flight + 1){vitals}"

@@ -12,6 +12,7 @@ from typing import NamedTuple, Protocol
 
 from . import balancer
 from .balancer import PeakEwma
+from .balancer import vital as _vital
 from .model import Endpoint, PolicySpec, Service
 from .registry import tier_rank
 from .spillover import LevelShare, level_name, pick, shares
@@ -28,14 +29,6 @@ STALL_FACTOR = 8.0  # an endpoint is "stalled" when nothing came back for this m
 # and "power" = "battery" | "mains" | "" (unknown counts as mains: most edge boxes have no battery).
 ON_BATTERY_FACTOR = 0.5  # on battery, even a full one, a node gets half the share of an equal node on mains
 MIN_FACTOR = 0.05  # a busy or badly linked node keeps a trickle of calls, so that it is seen to recover
-
-
-def _vital(meta: dict[str, str], key: str) -> float | None:
-    value = meta.get(key, "")
-    try:
-        return min(100.0, max(0.0, float(value))) / 100.0 if value != "" else None
-    except ValueError:
-        return None
 
 
 def node_score(meta: tuple[tuple[str, str], ...]) -> float:
@@ -312,12 +305,12 @@ class Ranker:
                 return eps, _priority_why
             return eps, lambda ep: f"only usable endpoint of its level; {strategy}"
         if strategy == "least_loaded":
-            ordered, costs = balancer.order(eps, states, now, service.spec.policy.default_rtt, self._rng, node_score)
+            ordered, costs = balancer.order(eps, states, now, service.spec.policy.default_rtt, self._rng)
 
             def why(ep: Endpoint) -> str:
                 k = eps.index(ep)
                 p2c = " (power of two choices)" if ep is ordered[0] and len(eps) > 2 else ""
-                return balancer.why(ep, states[k], _score(ep), now, costs[k]) + p2c
+                return balancer.why(ep, states[k], now, costs[k]) + p2c
 
             return ordered, why
         if strategy == "round_robin":
@@ -356,10 +349,6 @@ def _tier_ranks(types: tuple[str, ...]) -> dict[str, int]:
     if ranks is None:
         ranks = _RANKS[types] = {tier: i for i, tier in enumerate(types)}
     return ranks
-
-
-def _score(ep: Endpoint) -> float:
-    return node_score(ep.meta) if ep.meta else 1.0
 
 
 def _priority_key(service: Service, ep: Endpoint) -> tuple:

@@ -90,7 +90,9 @@ def test_least_loaded_cost_grows_with_calls_in_flight_and_with_poor_vitals():
     svc = service(*eps, policy=PolicySpec(strategy="least_loaded"))
     assert ids(Ranker().plan(svc, health, 0.0)) == ["b", "a"]
     assert "(9 in flight + 1)" in Ranker().plan(svc, health, 0.0).choices[1].reason
-    hot = with_meta(endpoint("b", 2), cpu="90")  # vitals 0.1: cost 40 ms
+    drained = with_meta(endpoint("b", 2), power="battery", bat="10")  # x 2 x (1 + 4 x 0.9): 36.8 ms
+    assert ids(Ranker().plan(service(eps[0], drained, policy=svc.spec.policy), health, 0.0)) == ["a", "b"]
+    hot = with_meta(endpoint("b", 2), cpu="90", link="20")  # x 1.9 / 0.2: cost 38 ms
     assert ids(Ranker().plan(service(eps[0], hot, policy=svc.spec.policy), health, 0.0)) == ["a", "b"]
 
 

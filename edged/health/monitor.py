@@ -213,6 +213,15 @@ class HealthMonitor:
             self._publish(h, now)
             self._wake.set()  # its TTL is a deadline again: the sweeper may be asleep with none pending
 
+    def check_result(self, endpoint_id: str, result: CheckResult) -> None:
+        """Count the result of a check run elsewhere (the routing simulator, scripts/routesim.py) through the
+        same rise/fall as the check tasks; ignored for an endpoint not synced with a check spec."""
+        h = self._states.get(endpoint_id)
+        endpoint = self._endpoints.get(endpoint_id)
+        if h is None or endpoint is None or h._spec is None or h._spec.kind == "ttl":
+            return
+        self._apply_check(endpoint, h, h._spec, result)
+
     def call_started(self, endpoint_id: str) -> InFlight:
         """A call to the endpoint began (for in-flight counts and stall detection). Use the handle in a `with`
         block: it gives the count back when the block is left, whether `finish` was called or not."""

@@ -1,0 +1,39 @@
+"""The routing simulator (scripts/routesim.py): deterministic, and it drives edged's real routing code."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import routesim  # scripts/ is on the path (conftest.py)
+
+
+def test_the_same_seed_gives_the_same_run_and_another_seed_another():
+    scenario = dataclasses.replace(routesim.scenarios()["heterogeneous"], duration=3.0)
+    a = routesim.run(scenario, "least_loaded", seed=3)
+    b = routesim.run(scenario, "least_loaded", seed=3)
+    c = routesim.run(scenario, "least_loaded", seed=4)
+    assert len(a.outcomes) > 500
+    assert [(o.latency, o.node) for o in a.outcomes] == [(o.latency, o.node) for o in b.outcomes]
+    assert [o.latency for o in a.outcomes] != [o.latency for o in c.outcomes]
+
+
+def test_a_level_losing_hosts_one_by_one_spills_by_envoys_formula_without_a_failed_call():
+    result = routesim.run(routesim.scenarios()["spillover"], "least_loaded", seed=1)
+    assert result.failed == 0
+
+    def p2_share(t0: float) -> float:
+        window = [o for o in result.outcomes if t0 <= o.started < t0 + 10]
+        return sum(1 for o in window if o.node.startswith("p2")) / len(window)
+
+    # 4 then 3 of 4 healthy: no spill; 2 of 4: 30 %; 1 of 4: 65 %; none: all (health checks take ~2 s to see it).
+    assert p2_share(0) == 0.0 and p2_share(10) < 0.02
+    assert 0.24 < p2_share(20) < 0.36 and 0.57 < p2_share(30) < 0.72 and p2_share(40) > 0.95
+
+
+def test_least_loaded_halves_round_robins_p99_on_heterogeneous_boxes():
+    scenario = dataclasses.replace(routesim.scenarios()["heterogeneous"], duration=15.0)
+    ll = routesim.run(scenario, "least_loaded")
+    rr = routesim.run(scenario, "round_robin")
+    assert ll.failed == rr.failed == 0
+    assert ll.pct(0.99) <= 0.5 * rr.pct(0.99), (ll.pct(0.99), rr.pct(0.99))
+    assert sum(o.tries > 1 for o in ll.outcomes) < sum(o.tries > 1 for o in rr.outcomes) / 10  # few timed-out tries
