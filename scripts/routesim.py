@@ -127,6 +127,7 @@ class SimNode:
     median: float = 0.020  # seconds of service time (log-normal median)
     sigma: float = 0.35
     priority: int = 10
+    vitals: bool = True  # publishes vitals (an edge box); local endpoints carry none
     power: str = "mains"
     battery: Schedule = FULL  # percent, for power == "battery"
     slow: Schedule = ONE  # service-time multiplier (drift)
@@ -170,6 +171,8 @@ class SimNode:
 
     def meta(self, t: float) -> tuple[tuple[str, str], ...]:
         """Vitals as the edge tier publishes them: CPU busy % (its servers' use), battery, link quality."""
+        if not self.vitals:
+            return ()
         out = [("cpu", str(round(100 * self.cpu))), ("power", self.power)]
         if self.power == "battery":
             out.append(("bat", str(round(self.battery(t)))))
@@ -583,7 +586,7 @@ def main() -> int:
     if args.replay:
         import routereplay
 
-        return routereplay.main(args.seed)
+        return routereplay.main(args.seed, ["--duration", str(args.duration or 30.0)])
     all_scenarios = scenarios()
     names = args.scenario or list(all_scenarios)
     strategies = args.strategy or list(STRATEGIES)
