@@ -15,11 +15,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from . import aio
+from . import aio, predictive
 from .admission import Gate
 from .call import Transport
 from .config import Config
@@ -189,6 +190,8 @@ class MeshCore:
         """Load manifests, start health checks, the vitals sampler and the manifest watch, then the tiers."""
         self.manifests.reload()
         self.health.sync(self.registry.snapshot().services.values())
+        self.health.restore_models(predictive.load(self.store, time.monotonic()))
+        self.spawn(lambda: predictive.keep(self.store, self.health.models), "predictive models")
         self.vitals.read()
         self.spawn(self.vitals.run, "vitals")
         self.spawn(lambda: self.manifests.watch(self.config.services.reload_interval), "manifest watch")

@@ -581,6 +581,7 @@ def _policy(t: Table) -> PolicySpec:
             "endpoint_max_inflight",
             "failure_accrual",
             "failure_backoff",
+            "cloud_max_share",
         )
     )
     d = PolicySpec()
@@ -615,6 +616,7 @@ def _policy(t: Table) -> PolicySpec:
         endpoint_max_inflight=t.integer("endpoint_max_inflight", d.endpoint_max_inflight, lo=0, hi=1_000_000),
         failure_accrual=t.integer("failure_accrual", d.failure_accrual, lo=1, hi=1000),
         failure_backoff=t.duration("failure_backoff", d.failure_backoff),
+        cloud_max_share=t.integer("cloud_max_share", d.cloud_max_share, lo=0, hi=100),
     )
 
 
@@ -646,6 +648,7 @@ def policy_dict(policy: PolicySpec) -> dict[str, Any]:
         "endpoint_max_inflight": policy.endpoint_max_inflight,
         "failure_accrual": policy.failure_accrual,
         "failure_backoff": policy.failure_backoff,
+        "cloud_max_share": policy.cloud_max_share,
     }
     if policy.battery_min is not None:
         out["battery_min"] = policy.battery_min

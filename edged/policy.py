@@ -10,7 +10,7 @@ import random
 from collections.abc import Callable, Sequence
 from typing import NamedTuple, Protocol
 
-from . import balancer
+from . import balancer, predictive
 from .balancer import PeakEwma
 from .balancer import vital as _vital
 from .model import Endpoint, PolicySpec, Service
@@ -18,7 +18,7 @@ from .registry import tier_rank
 from .spillover import LevelShare, level_name, pick, shares
 
 # Strategies this version implements; the others named in the contract fall back to `priority`, visibly.
-IMPLEMENTED = ("priority", "round_robin", "weighted", "least_loaded")  # "latency" is least_loaded
+IMPLEMENTED = ("priority", "round_robin", "weighted", "least_loaded", "predictive")  # "latency" = least_loaded
 MAX_LAYOUTS = 4096  # services whose level layout the ranker keeps
 STALL_FLOOR = 0.025  # seconds: below this, a slow answer is not yet a sign of a frozen endpoint
 STALL_FACTOR = 8.0  # an endpoint is "stalled" when nothing came back for this many typical latencies
@@ -160,6 +160,7 @@ class Ranker:
         self._rng = rng or random.Random()
         self._turns: dict[tuple, int] = {}
         self._layouts: dict[tuple[str, str], tuple[Service, dict[str, int]]] = {}
+        self._cloud: dict[tuple[str, str], predictive.CloudShare] = {}  # predictive's cloud_max_share
 
     def plan(
         self,
@@ -300,7 +301,7 @@ class Ranker:
         turn_key: tuple,
     ) -> tuple[list[Endpoint], Callable[[Endpoint], str]]:
         """The strategy's order, and how to say why an endpoint has its place (only asked when explaining)."""
-        if len(eps) <= 1 and strategy != "round_robin":
+        if len(eps) <= 1 and strategy not in ("round_robin", "predictive"):
             if strategy == "priority":
                 return eps, _priority_why
             return eps, lambda ep: f"only usable endpoint of its level; {strategy}"
@@ -313,6 +314,30 @@ class Ranker:
                 return balancer.why(ep, states[k], now, costs[k]) + p2c
 
             return ordered, why
+        if strategy == "predictive":
+            policy = service.spec.policy
+            share = self._cloud.get(service.spec.key)
+            if share is None:
+                if len(self._cloud) >= MAX_LAYOUTS:
+                    self._cloud.clear()
+                share = self._cloud[service.spec.key] = predictive.CloudShare()
+            capped = policy.cloud_max_share < 100 and share.share(now) * 100 >= policy.cloud_max_share
+            ordered, costs = predictive.order(
+                eps,
+                states,
+                now,
+                policy.default_rtt,
+                policy.per_try_timeout,
+                self._rng,
+                capped,  # type: ignore[arg-type]
+            )
+            share.count(now, ordered[0].tier == "cloud")
+
+            def why_predictive(ep: Endpoint) -> str:
+                k = eps.index(ep)
+                return predictive.why(ep, states[k], now, policy.default_rtt, costs[k], capped)  # type: ignore[arg-type]
+
+            return ordered, why_predictive
         if strategy == "round_robin":
             base = _by_priority(service, eps)
             turn = self._turns.get(turn_key, 0)

@@ -49,7 +49,7 @@ from edged.registry import Registry  # noqa: E402
 from edged.router import Router  # noqa: E402
 from edged.telemetry import MeshMetrics  # noqa: E402
 
-STRATEGIES = ("priority", "round_robin", "weighted", "least_loaded", "oracle")
+STRATEGIES = ("priority", "round_robin", "weighted", "least_loaded", "predictive", "oracle")
 LINK = {"local": 0.0002, "edge": 0.002, "cloud": 0.040}  # one-way-and-back network time per tier (seconds)
 VITALS_EVERY = 2.0  # seconds between vitals updates (the edge tier's TXT updates)
 

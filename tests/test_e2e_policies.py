@@ -110,3 +110,21 @@ def test_resolve_shows_each_level_and_calls_spill_over_in_proportion_to_health(b
     assert set(served) == {"a0", "b"} and 60 < served["a0"] < 130, served
     out = edged_cli(d, "resolve", "thermo")
     assert out.returncode == 0 and "p2/local" in out.stdout and "53%" in out.stdout, out.stdout
+
+
+def test_predictive_explains_its_choice_and_keeps_what_it_learned_across_a_restart(backends, edged):
+    b1, b2 = backends("p1"), backends("p2")
+    policy = POLICY.replace('"priority"', '"predictive"')
+    d = edged({"thermo.toml": manifest("thermo", [(b1.port, 10), (b2.port, 10)], policy)})
+    assert all(d.call("thermo", "/x")[0] == 200 for _ in range(30))
+    view = d.get("/v1/resolve/thermo")
+    assert view["strategy"] == "predictive" and not view["note"]
+    learned = {r["endpoint"] for r in view["ranked"] if r["reason"].startswith("predictive: latency")}
+    assert learned, view["ranked"]  # at least the endpoint that took the calls has a model, and says so
+    assert d.stop() == 0
+    kept = json.loads((d.root / "state" / "predictive.json").read_text())
+    assert learned <= set(kept["models"])
+    d.start()
+    view = d.get("/v1/resolve/thermo")
+    again = {r["endpoint"] for r in view["ranked"] if r["reason"].startswith("predictive: latency")}
+    assert again == learned, view["ranked"]

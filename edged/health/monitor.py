@@ -21,6 +21,7 @@ from edged.health.outlier import Outlier, OutlierConfig
 from edged.http.client import UpstreamPool
 from edged.looplag import LoopLag, loop_lag
 from edged.model import Endpoint, HealthCheckSpec, Service
+from edged.predictive import Model
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class EndpointHealth:
         "last_detail",
         "last_response_at",
         "latency_ewma",
+        "model",
         "peak",
     )
 
@@ -66,6 +68,7 @@ class EndpointHealth:
         self.last_detail = ""
         self.latency_ewma: float | None = None
         self.peak = PeakEwma()  # calls' answer times, for the least_loaded strategy (edged.balancer)
+        self.model: Model | None = None  # for the predictive strategy (edged.predictive), made on first use
         self.inflight = 0
         self.busy_since = 0.0
         self.last_response_at = 0.0
@@ -132,6 +135,7 @@ class HealthMonitor:
         self._on_change = on_change
         self._ssl_context = ssl_context
         self._states: dict[str, EndpointHealth] = {}
+        self._kept_models: dict[str, Model] = {}  # predictive models from the last run, for endpoints to come
         self._endpoints: dict[str, Endpoint] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}  # endpoint id -> its check loop
         self._retiring: set[asyncio.Task[None]] = set()  # cancelled, awaited by close()
@@ -226,11 +230,12 @@ class HealthMonitor:
         """A call to the endpoint began (for in-flight counts and stall detection). Use the handle in a `with`
         block: it gives the count back when the block is left, whether `finish` was called or not."""
         h = self.state(endpoint_id)
-        if h.inflight == 0:
+        load = h.inflight
+        if load == 0:
             h.busy_since = self._clock()
             h._lag_marks = (self._lag(), h._lag_marks[1])
         h.inflight += 1
-        return InFlight(self, h)
+        return InFlight(self, h, load)
 
     def call_finished(
         self,
@@ -243,6 +248,7 @@ class HealthMonitor:
         detail: str | None = None,
         reached: bool = True,
         later: bool = False,
+        load: int | None = None,
     ) -> None:
         """A call ended. ok=False for connect errors, resets, timeouts and 5xx; feeds outlier detection.
 
@@ -252,7 +258,8 @@ class HealthMonitor:
 
         `answered` says whether the endpoint sent a response at all (a 5xx did, a timeout did not) and drives
         stall detection; by default a call answered when it was ok or has a latency (the router measures one
-        only for responses). `latency` (seconds) feeds the EWMA when given.
+        only for responses). `latency` (seconds) feeds the EWMA when given. `load` (calls in flight when the try
+        was sent) feeds the predictive model of services that use it.
         """
         now = self._clock()
         h = self.state(endpoint.id)
@@ -266,6 +273,11 @@ class HealthMonitor:
                 latency if h.latency_ewma is None else h.latency_ewma + _EWMA_ALPHA * (latency - h.latency_ewma)
             )
             h.peak.observe(latency, now)
+        policy = service.spec.policy
+        if policy.strategy == "predictive" and load is not None and reached:
+            if h.model is None:
+                h.model = Model()
+            h.model.observe(now, ok, latency, load)
         if not later:
             self._outcome(endpoint, service, h, ok, reached, detail, now)
 
@@ -319,6 +331,20 @@ class HealthMonitor:
         else:
             since, lag_then = h.last_response_at, h._lag_marks[1]
         return now - since - (self._lag() - lag_then) >= threshold
+
+    def models(self) -> list[tuple[str, Model]]:
+        """The predictive models of the endpoints that have one (to keep them across restarts)."""
+        return [(eid, h.model) for eid, h in self._states.items() if h.model is not None]
+
+    def restore_models(self, models: dict[str, Model]) -> None:
+        """Give endpoints the models kept from the last run; an endpoint not known yet (an edge or cloud one
+        is discovered later) gets its model when it appears."""
+        for eid, model in models.items():
+            h = self._states.get(eid)
+            if h is not None:
+                h.model = model
+            else:
+                self._kept_models[eid] = model
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 
@@ -377,7 +403,10 @@ class HealthMonitor:
         return lag.total()
 
     def _new_state(self, endpoint_id: str) -> EndpointHealth:
-        return EndpointHealth(endpoint_id, Outlier(self._outlier_config, self._clock))
+        h = EndpointHealth(endpoint_id, Outlier(self._outlier_config, self._clock))
+        if self._kept_models:
+            h.model = self._kept_models.pop(endpoint_id, None)
+        return h
 
     def _set_spec(self, endpoint: Endpoint, h: EndpointHealth, spec: HealthCheckSpec | None, now: float) -> None:
         """Adopt a (new or changed) check spec: streaks start over; no check or a TTL check starts healthy."""
@@ -512,11 +541,12 @@ class InFlight:
     the outcome and gives the place back; leaving the `with` block gives it back if `finish` did not (the call
     was cancelled: nothing is learned about the endpoint)."""
 
-    __slots__ = ("_health", "_monitor")
+    __slots__ = ("_health", "_load", "_monitor")
 
-    def __init__(self, monitor: HealthMonitor, health: EndpointHealth) -> None:
+    def __init__(self, monitor: HealthMonitor, health: EndpointHealth, load: int = 0) -> None:
         self._monitor: HealthMonitor | None = monitor
         self._health = health
+        self._load = load  # calls in flight when this one was sent
 
     def __enter__(self) -> InFlight:
         return self
@@ -537,7 +567,7 @@ class InFlight:
         """The call ended with this outcome (see `HealthMonitor.call_finished`)."""
         monitor, self._monitor = self._monitor, None
         if monitor is not None:
-            monitor.call_finished(endpoint, service, ok, latency, reached=reached, later=later)
+            monitor.call_finished(endpoint, service, ok, latency, reached=reached, later=later, load=self._load)
 
     def release(self) -> None:
         """Give the place back without an outcome (idempotent)."""
