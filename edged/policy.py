@@ -268,7 +268,7 @@ class Ranker:
             refused.sort(key=lambda item: _priority_key(service, item[0]))
             choices += [Choice(ep, False, f"last resort: {reason}" if explain else "") for ep, reason in refused]
         if not explain:
-            return Plan(strategy, tuple(choices), note, (), panic)
+            return _new(Plan, (strategy, tuple(choices), note, (), panic))
         if panic:
             note = (note + "; " if note else "") + (
                 f"panic: {total:.0f}% healthy < panic_threshold {policy.panic_threshold}%, health is not believed"

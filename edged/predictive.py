@@ -1,7 +1,7 @@
 """The `predictive` strategy: an online model per endpoint that predicts a try's latency and failure chance,
 and chooses by expected cost with exploration suited to conditions that drift.
 
-Pure Python, a fixed 9 numbers per endpoint (`Model`, about 300 bytes), no numpy. For each endpoint:
+Pure Python, a fixed 12 numbers per endpoint (`Model`, about 400 bytes), no numpy. For each endpoint:
 - latency = a + b x (calls in flight when the try was sent): a discounted least-squares line, so the load
   an endpoint is under is part of the prediction (b is pulled towards a while the data cannot tell it:
   one more call in flight costs about one more service time);
@@ -45,18 +45,22 @@ MIN_SIGMA = 0.0005  # seconds: the spread of a prediction never goes below this
 STATE_FILE = "predictive.json"
 SAVE_INTERVAL = 60.0
 _LN2 = math.log(2.0)
+_DECAY = -_LN2 / HALF_LIFE
+_FAIL_DECAY = -_LN2 / FAIL_HALF_LIFE
 
 
 class Model:
     """Discounted sums of one endpoint: weight, z, z^2, y, y^2, z*y (z = calls in flight at send, y = latency),
-    failures, tries, and when they were last discounted (the clock of `observe`)."""
+    failures, tries, and when they were last discounted (the clock of `observe`); and the line they give
+    (a, b, sigma), worked out when a sample arrives rather than at every decision."""
 
-    __slots__ = ("fails", "stamp", "sy", "syy", "sz", "szy", "szz", "tries", "w")
+    __slots__ = ("a", "b", "fails", "sigma", "stamp", "sy", "syy", "sz", "szy", "szz", "tries", "w")
 
     def __init__(self) -> None:
         self.w = self.sz = self.szz = self.sy = self.syy = self.szy = 0.0
         self.fails = self.tries = 0.0
         self.stamp = 0.0
+        self.a = self.b = self.sigma = 0.0
 
     def __repr__(self) -> str:
         return f"<Model n={self.w:.1f} mean={1000 * self.sy / self.w if self.w else 0:.1f} ms fails={self.fails:.1f}>"
@@ -90,27 +94,34 @@ class Model:
             self.sy += latency
             self.syy += latency * latency
             self.szy += z * latency
+            self._fit()
 
-    def predict(self, now: float, load: int, default_rtt: float) -> tuple[float, float, float, float]:
-        """(latency at this load, its spread, failure chance, recent samples) without changing the model."""
-        age = max(0.0, now - self.stamp)
-        w = self.w * math.exp(-_LN2 * age / HALF_LIFE)
-        f = math.exp(-_LN2 * age / FAIL_HALF_LIFE)
-        fails, tries = self.fails * f, self.tries * f
-        p_fail = (fails + FAIL_PRIOR[0]) / (tries + FAIL_PRIOR[1])
-        if w < 1e-3:
-            return default_rtt * (load + 1), default_rtt, p_fail, w
-        zbar, ybar = self.sz / self.w, self.sy / self.w
-        var_z = max(0.0, self.szz / self.w - zbar * zbar)
-        cov = self.szy / self.w - zbar * ybar
+    def _fit(self) -> None:
+        """The latency line from the sums (ratios of sums: discounting all of them alike changes nothing)."""
+        w = self.w
+        zbar, ybar = self.sz / w, self.sy / w
+        var_z = max(0.0, self.szz / w - zbar * zbar)
+        cov = self.szy / w - zbar * ybar
         slope_ls = cov / var_z if var_z > 1e-9 else 0.0
         intercept_guess = max(ybar - slope_ls * zbar, ybar / (zbar + 1.0), 1e-6)
         # Shrink the slope towards the intercept (one more call in flight ~ one more service time).
         b = max(0.0, (slope_ls * var_z * w + intercept_guess * PRIOR_WEIGHT) / (var_z * w + PRIOR_WEIGHT))
-        a = max(1e-6, ybar - b * zbar)
-        resid = max(0.0, self.syy / self.w - ybar * ybar - b * b * var_z)
-        sigma = max(MIN_SIGMA, math.sqrt(resid))
-        return a + b * load, sigma, p_fail, w
+        self.a = max(1e-6, ybar - b * zbar)
+        self.b = b
+        self.sigma = max(MIN_SIGMA, math.sqrt(max(0.0, self.syy / w - ybar * ybar - b * b * var_z)))
+
+    def predict(self, now: float, load: int, default_rtt: float) -> tuple[float, float, float, float]:
+        """(latency at this load, its spread, failure chance, recent samples) without changing the model."""
+        age = now - self.stamp
+        if age > 0.0:
+            w = self.w * math.exp(_DECAY * age)
+            f = math.exp(_FAIL_DECAY * age)
+        else:
+            w, f = self.w, 1.0
+        p_fail = (self.fails * f + FAIL_PRIOR[0]) / (self.tries * f + FAIL_PRIOR[1])
+        if w < 1e-3:
+            return default_rtt * (load + 1), default_rtt, p_fail, w
+        return self.a + self.b * load, self.sigma, p_fail, w
 
     def dump(self) -> list[float]:
         return [self.w, self.sz, self.szz, self.sy, self.syy, self.szy, self.fails, self.tries]
@@ -120,6 +131,8 @@ class Model:
         m = cls()
         m.w, m.sz, m.szz, m.sy, m.syy, m.szy, m.fails, m.tries = (float(v) for v in values)
         m.stamp = stamp
+        if m.w > 0.0:
+            m._fit()
         return m
 
 
@@ -151,7 +164,7 @@ def order(
             cost += 1e6
         costs.append(cost)
     ranked = sorted(range(len(eps)), key=costs.__getitem__)
-    return [eps[k] for k in ranked], costs
+    return list(map(eps.__getitem__, ranked)), costs
 
 
 def why(ep: Endpoint, st: ModelState, now: float, default_rtt: float, cost: float, capped: bool) -> str:

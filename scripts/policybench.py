@@ -5,7 +5,7 @@ Times `Ranker.plan(..., explain=False)` (the call path's decision) over the real
 strategy and a few service sizes, as CPU time per call (several rounds: the range is printed). The peer
 in the same run is the `latency` strategy of another git ref (default `main`), loaded from its source, so
 the figure says what this change adds. Memory: tracemalloc over 1,000 endpoints' health + load state
-(EndpointHealth, its outlier detector and its PeakEwma), after each has seen calls.
+(EndpointHealth, its outlier detector, its PeakEwma and its predictive Model), after each has seen calls.
 
 With `--instructions` (needs valgrind), also instructions per decision, counted by callgrind as the
 difference between a process that makes N decisions and one that makes none: a figure a busy machine does
@@ -90,7 +90,7 @@ def ref_ranker(ref: str):
 
 
 def memory_per_endpoint(n: int = 1000) -> float:
-    svc = make_service(n, "least_loaded")
+    svc = make_service(n, "predictive")  # (the strategy whose endpoints carry the most state)
     rng = random.Random(1)
     tracemalloc.start()
     before = tracemalloc.take_snapshot()
@@ -161,6 +161,8 @@ def main() -> int:
             ("least_loaded", 3, 1, ""),
             ("least_loaded", 8, 1, ""),
             ("least_loaded", 6, 3, ""),
+            ("predictive", 3, 1, ""),
+            ("predictive", 8, 1, ""),
             ("latency", 3, 1, args.ref),
             ("latency", 8, 1, args.ref),
         ]:
@@ -170,8 +172,9 @@ def main() -> int:
         print()
     rng = random.Random(7)
     rows = [("strategy", "endpoints", "tiers", "us/call min", "median", "max", "target")]
-    cases = [(s, n, t) for n in (3, 8) for s in ("priority", "round_robin", "weighted", "least_loaded") for t in (1,)]
-    cases += [("least_loaded", 6, 3)]
+    strategies = ("priority", "round_robin", "weighted", "least_loaded", "predictive")
+    cases = [(s, n, 1) for n in (3, 8) for s in strategies]
+    cases += [("least_loaded", 6, 3), ("predictive", 6, 3)]
     for strategy, n, t in cases:
         svc = make_service(n, strategy, ("local", "edge", "cloud")[:t])
         health = HealthMonitor()
@@ -213,7 +216,8 @@ def main() -> int:
     table(rows)
     per_ep = memory_per_endpoint()
     print(
-        f"\nrouting state per endpoint (health + outlier + peak-EWMA, after calls): {per_ep:.0f} bytes (target <= 2048)"
+        f"\nrouting state per endpoint (health + outlier + peak-EWMA + model, after calls): {per_ep:.0f} bytes"
+        " (target <= 2048)"
     )
     return 0
 
