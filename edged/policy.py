@@ -39,7 +39,9 @@ def node_score(meta: tuple[tuple[str, str], ...]) -> float:
     score = 1.0
     cpu = _vital(m, "cpu")
     if cpu is not None:
-        score *= max(MIN_FACTOR, 1.0 - cpu)
+        # At most half for a busy CPU: the calls we send are part of its load, and a node whose weight fell
+        # with it (to 1/20, as this was) loses its calls, idles, regains them: the simulator's swing.
+        score /= 1.0 + cpu
     if m.get("power") == "battery":
         bat = _vital(m, "bat")
         score *= ON_BATTERY_FACTOR * (1.0 if bat is None else max(bat, MIN_FACTOR / 10))

@@ -157,7 +157,8 @@ def test_unknown_vitals_keep_the_full_weight():
 
     assert node_score(()) == 1.0
     assert node_score((("cpu", ""), ("bat", ""), ("power", ""), ("link", "x"))) == 1.0
-    assert node_score((("cpu", "50"),)) == 0.5
+    assert node_score((("cpu", "50"),)) == 1 / 1.5
+    assert node_score((("cpu", "100"),)) == 0.5  # a busy node keeps half its weight (see node_score)
 
 
 def test_power_rules_put_battery_nodes_last():
