@@ -161,7 +161,7 @@ class Ranker:
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
         self._turns: dict[tuple, int] = {}
-        self._layouts: dict[tuple[str, str], tuple[Service, dict[str, int]]] = {}
+        self._layouts: dict[tuple[str, str], tuple[Service, dict[str, int], bool]] = {}
         self._cloud: dict[tuple[str, str], predictive.CloudShare] = {}  # predictive's cloud_max_share
 
     def plan(
@@ -194,17 +194,21 @@ class Ranker:
         # The call path runs this for every call: one pass, attribute reads, few calls (see policybench.py).
         check_power = policy.on_power or policy.battery_min is not None
         state = health.state
-        keys = self._level_keys(service)
+        keys, single = self._level_keys(service)
         groups: dict[int, _Level] = {}
         refused: list[tuple[Endpoint, str]] = []
+        if single and eps:  # one level (most services): no key per endpoint
+            lv = groups[0] = _Level(eps[0])
+            lv.total = len(eps)
         for ep in eps:
-            key = keys.get(ep.id)
-            if key is None:  # not one of the service's own endpoints (a caller's list): computed here
-                key = _level_key(ep, policy.levels, _tier_ranks(spec.endpoint_types))
-            lv = groups.get(key)
-            if lv is None:
-                lv = groups[key] = _Level(ep)
-            lv.total += 1
+            if not single:
+                key = keys.get(ep.id)
+                if key is None:  # not one of the service's own endpoints (a caller's list): computed here
+                    key = _level_key(ep, policy.levels, _tier_ranks(spec.endpoint_types))
+                lv = groups.get(key)
+                if lv is None:
+                    lv = groups[key] = _Level(ep)
+                lv.total += 1
             if check_power and ep.meta:
                 refusal = vitals_refusal(ep, policy)
                 if refusal is not None:
@@ -281,17 +285,19 @@ class Ranker:
         )
         return Plan(strategy, tuple(choices), note, shown, panic)
 
-    def _level_keys(self, service: Service) -> dict[str, int]:
-        """Endpoint id -> level key, made once per registry snapshot of the service (services are immutable)."""
+    def _level_keys(self, service: Service) -> tuple[dict[str, int], bool]:
+        """Endpoint id -> level key, and whether they are all one level; made once per registry snapshot of the
+        service (services are immutable). Plans are made for the service's own endpoints (or some of them)."""
         layout = self._layouts.get(service.spec.key)
         if layout is None or layout[0] is not service:
             if len(self._layouts) >= MAX_LAYOUTS:
                 self._layouts.clear()  # services come and go: start over rather than keep the gone ones
             policy = service.spec.policy
             ranks = _tier_ranks(service.spec.endpoint_types)
-            layout = (service, {ep.id: _level_key(ep, policy.levels, ranks) for ep in service.endpoints})
+            keys = {ep.id: _level_key(ep, policy.levels, ranks) for ep in service.endpoints}
+            layout = (service, keys, len(set(keys.values())) <= 1)
             self._layouts[service.spec.key] = layout
-        return layout[1]
+        return layout[1], layout[2]
 
     def _order(
         self,
