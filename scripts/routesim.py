@@ -270,6 +270,11 @@ def _ramp(t0: float, t1: float, a: float, b: float) -> Schedule:
     return lambda t: a if t <= t0 else b if t >= t1 else a + (b - a) * (t - t0) / (t1 - t0)
 
 
+def _and_two(first: Callable[[], SimNode], c_median: float = 0.020) -> Callable[[], list[SimNode]]:
+    """A scenario's boxes: the one it is about, and two steady ones on mains (b: 20 ms, c: `c_median`)."""
+    return lambda: [first(), SimNode("b", median=0.020), SimNode("c", median=c_median)]
+
+
 def heterogeneous() -> list[SimNode]:
     return [
         SimNode("fast", servers=4, median=0.010),
@@ -293,41 +298,27 @@ def scenarios() -> dict[str, Scenario]:
         Scenario(
             "drift",
             "one of three boxes slows down 1x -> 6x between 10 s and 50 s",
-            lambda: [
-                SimNode("drifting", median=0.015, slow=_ramp(10.0, 50.0, 1.0, 6.0)),
-                SimNode("b", median=0.020),
-                SimNode("c", median=0.020),
-            ],
+            _and_two(lambda: SimNode("drifting", median=0.015, slow=_ramp(10.0, 50.0, 1.0, 6.0))),
             const(0.5),
         ),
         Scenario(
             "battery",
             "the fastest box runs on a battery draining 100 % -> 5 %",
-            lambda: [
-                SimNode("solar", median=0.012, power="battery", battery=_ramp(0.0, 60.0, 100.0, 5.0)),
-                SimNode("b", median=0.020),
-                SimNode("c", median=0.025),
-            ],
+            _and_two(
+                lambda: SimNode("solar", median=0.012, power="battery", battery=_ramp(0.0, 60.0, 100.0, 5.0)), 0.025
+            ),
             const(0.5),
         ),
         Scenario(
             "flaky-wifi",
             "the fastest box loses 40 % of replies in 2 s bursts every 8 s",
-            lambda: [
-                SimNode("wifi", median=0.010, loss=_burst(8.0, 2.0, 0.4)),
-                SimNode("b", median=0.020),
-                SimNode("c", median=0.020),
-            ],
+            _and_two(lambda: SimNode("wifi", median=0.010, loss=_burst(8.0, 2.0, 0.4))),
             const(0.5),
         ),
         Scenario(
             "partition",
             "one of three boxes is cut off from 20 s to 40 s, then heals",
-            lambda: [
-                SimNode("cut", median=0.012, partitioned=lambda t: 20.0 <= t < 40.0),
-                SimNode("b", median=0.020),
-                SimNode("c", median=0.020),
-            ],
+            _and_two(lambda: SimNode("cut", median=0.012, partitioned=lambda t: 20.0 <= t < 40.0)),
             const(0.4),
         ),
         Scenario(
