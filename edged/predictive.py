@@ -208,8 +208,9 @@ def save(store: StateStore, models: Iterable[tuple[str, Model]], now: float) -> 
     return len(items)
 
 
-def load(store: StateStore, now: float, max_items: int = 10_000) -> dict[str, Model]:
-    """The models kept in the state dir, aged by the time the daemon was down; bad entries are dropped."""
+def load(store: StateStore, now: float, max_items: int = 2048) -> dict[str, Model]:
+    """The models kept in the state dir (at most `max_items`, about 400 bytes each), aged by the time the daemon
+    was down; bad entries are dropped."""
     data = store.read_json(STATE_FILE, {})
     if not isinstance(data, dict) or not isinstance(data.get("models"), dict):
         return {}

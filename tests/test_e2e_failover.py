@@ -33,7 +33,9 @@ def test_sigkill_of_the_primary_loses_no_call_and_traffic_returns_after_recovery
     # Calls are placed by when they were answered: on a slow CPU the daemon may route a call sent just
     # before the kill after it (EDGED_SLOW_CPU), and that one rightly goes to priority 2.
     before = [r for r in results if r.started + r.latency < killed_at]
-    assert before and all(r.endpoint == ep1 for r in before)
+    assert before and all(r.endpoint == ep1 for r in before), [
+        (round(r.started, 3), round(r.latency, 3), r.endpoint[-5:], r.tries) for r in before if r.endpoint != ep1
+    ]
     # From the first call after the kill, calls are answered by priority 2 (the first one after a retry).
     after_kill = [r for r in results if killed_at + 0.01 < r.started and r.started + r.latency < restarted_at]
     assert after_kill and all(r.endpoint == ep2 for r in after_kill)

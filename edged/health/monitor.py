@@ -333,8 +333,9 @@ class HealthMonitor:
         return now - since - (self._lag() - lag_then) >= threshold
 
     def models(self) -> list[tuple[str, Model]]:
-        """The predictive models of the endpoints that have one (to keep them across restarts)."""
-        return [(eid, h.model) for eid, h in self._states.items() if h.model is not None]
+        """The predictive models of the endpoints that have one, and those kept for endpoints not back yet (to
+        keep them across restarts)."""
+        return [*((eid, h.model) for eid, h in self._states.items() if h.model is not None), *self._kept_models.items()]
 
     def restore_models(self, models: dict[str, Model]) -> None:
         """Give endpoints the models kept from the last run; an endpoint not known yet (an edge or cloud one
