@@ -560,6 +560,14 @@ def targets(results: list[RunResult]) -> list[tuple[str, bool, str]]:
     if ll and rr:
         ratio = ll.pct(0.99) / rr.pct(0.99)
         out.append(("least_loaded p99 <= 0.5 x round_robin (heterogeneous)", ratio <= 0.5, f"{ratio:.2f}x"))
+    for scenario in ("drift", "flaky-wifi"):
+        pr, ll, orc = (got.get((scenario, s)) for s in ("predictive", "least_loaded", "oracle"))
+        if pr and ll:
+            ratio = pr.pct(0.99) / ll.pct(0.99)
+            out.append((f"predictive p99 <= 0.95 x least_loaded ({scenario})", ratio <= 0.95, f"{ratio:.2f}x"))
+        if pr and orc:
+            ratio = pr.pct(0.99) / orc.pct(0.99)
+            out.append((f"predictive p99 <= 1.10 x oracle ({scenario})", ratio <= 1.10, f"{ratio:.2f}x"))
     for (scenario, strategy), r in sorted(got.items()):
         if scenario == "spillover" and strategy != "oracle":
             out.append((f"spillover, {strategy}: 0 failed calls", r.failed == 0, f"{r.failed} failed"))
