@@ -213,6 +213,7 @@ class Router:
         budget.deposit()
         attempts: list[dict] = []
         full: list[str] = []  # endpoints passed over at their endpoint_max_inflight
+        limit = policy.endpoint_max_inflight
         held: Routed | None = None  # the last retryable answer: the caller's if every other try fails too
         race: Race | None = None  # tries running side by side (edged.race), once the plan has no usable one left
         slow: dict | None = None  # the last try, still racing past its per-try timeout
@@ -245,7 +246,7 @@ class Router:
         try:
             for i, choice in enumerate(plan.choices):
                 ep = choice.endpoint
-                if endpoint_full(self._health.state(ep.id).inflight, policy):
+                if limit and endpoint_full(self._health.state(ep.id).inflight, policy):
                     full.append(ep.id)
                     continue
                 if tries > 0:  # the first try always goes
