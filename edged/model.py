@@ -171,8 +171,8 @@ class PolicySpec:
     max_pending: int = 0  # calls allowed to wait for a place when the service is at max_inflight
     endpoint_max_inflight: int = 0  # tries in flight to one endpoint; beyond, the call goes to the next endpoint
     failure_accrual: int = 3  # failed calls in a row that take an endpoint out (outlier detection)
-    cloud_max_share: int = 100  # predictive: at most this % of calls go to the cloud tier first
     failure_backoff: float = 10.0  # first time out; the n-th recent one lasts n times this (at most 300 s)
+    cloud_max_share: int = 100  # predictive (edged/predictive.py): at most this % of calls go to the cloud first
 
 
 @dataclass(frozen=True, slots=True)
