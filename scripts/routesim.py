@@ -183,6 +183,7 @@ class SimNode:
 class Answer:
     def __init__(self, status: int) -> None:
         self.status, self.reason, self.headers, self.content_length = status, b"OK", [], 0
+        self.complete = True  # the whole (empty) body is here
 
     async def read(self) -> bytes:
         return b""
