@@ -101,6 +101,7 @@ class Plan(NamedTuple):
     note: str = ""
     levels: tuple[LevelShare, ...] = ()  # filled when explaining
     panic: bool = False  # too few healthy endpoints: health verdicts were not believed (spillover.py)
+    drawn: bool = False  # a random draw chose the starting level (spillover): the next call may start elsewhere
 
     def explain(self) -> list[dict]:
         """The plan as data for `GET /v1/resolve/{name}` and `edged resolve`."""
@@ -233,10 +234,12 @@ class Ranker:
             share_list = [100.0]
             total = healths[0]
             start = 0
+            drawn = False
         else:
             levels = [groups[k] for k in sorted(groups)]
             healths, share_list, total = shares([(len(lv.usable), lv.total) for lv in levels], policy.overprovisioning)
             start = pick(share_list, self._rng.random())
+            drawn = sum(1 for share in share_list if share > 0.0) > 1
         panic = total < policy.panic_threshold and any(lv.stalled or lv.down for lv in levels)
         choices: list[Choice] = []
         for i in (start, *(i for i in range(len(levels)) if i != start)) if len(levels) > 1 else (0,):
@@ -274,7 +277,7 @@ class Ranker:
             refused.sort(key=lambda item: _priority_key(service, item[0]))
             choices += [Choice(ep, False, f"last resort: {reason}" if explain else "") for ep, reason in refused]
         if not explain:
-            return _new(Plan, (strategy, tuple(choices), note, (), panic))
+            return _new(Plan, (strategy, tuple(choices), note, (), panic, drawn))
         if panic:
             note = (note + "; " if note else "") + (
                 f"panic: {total:.0f}% healthy < panic_threshold {policy.panic_threshold}%, health is not believed"
@@ -283,7 +286,7 @@ class Ranker:
             LevelShare(level_name(spec, lv.first), len(lv.usable), lv.total, healths[i], share_list[i])
             for i, lv in enumerate(levels)
         )
-        return Plan(strategy, tuple(choices), note, shown, panic)
+        return Plan(strategy, tuple(choices), note, shown, panic, drawn)
 
     def _level_keys(self, service: Service) -> tuple[dict[str, int], bool]:
         """Endpoint id -> level key, and whether they are all one level; made once per registry snapshot of the

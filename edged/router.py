@@ -36,6 +36,8 @@ RETRY_BUDGET_WINDOW = 10.0
 # their meta, the policy), the endpoints its transports can send to now, and each endpoint's availability and
 # stall state. Their plan is reused while none of those changed. A strategy that reads anything else per call
 # (a turn, a random draw, a latency, a count, a breaker) must not be listed here: it is ranked afresh each call.
+# A `priority` plan whose starting level was drawn (spillover between partly healthy levels: `Plan.drawn`) is
+# not kept either.
 CACHEABLE_STRATEGIES = frozenset({"priority"})
 
 
@@ -95,6 +97,9 @@ class _PlanCache:
         ):
             return cached.plan
         plan = self._ranker.plan(service, self._health, now, endpoints, explain=False)
+        if plan.drawn:  # traffic spills over between levels by a draw per call: this plan is for this call only
+            self._plans.pop(key, None)
+            return plan
         if len(self._plans) >= _MAX_CACHED_PLANS:
             self._plans.clear()  # services come and go: start over rather than keep the gone ones
         self._plans[key] = _CachedPlan(service, endpoints, states, plan)

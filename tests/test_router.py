@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import random
 
 import pytest
 from helpers import FakeHealth, endpoint, service
@@ -12,6 +13,7 @@ from helpers import FakeHealth, endpoint, service
 from edged.call import Call
 from edged.errors import CallError, ConnectFailed, UpstreamReset, UpstreamTimeout
 from edged.model import PolicySpec
+from edged.policy import Ranker
 from edged.registry import Registry
 from edged.router import Router
 from edged.telemetry import MeshMetrics
@@ -286,6 +288,8 @@ def test_with_usable_endpoints_left_a_slow_try_is_cut_short_as_before():
     routed = route(router, call)
     assert routed.endpoint.id.endswith("/b") and transport.sent[0] == ("a", 0.05)
     assert health.results[0] == ("default/s/local/a", False)
+
+
 def test_a_reused_plan_follows_every_input_the_ranking_reads():
     """`priority` plans are reused between calls, and made again as soon as what the ranking read changes:
     an endpoint's availability or stall state, the endpoints a transport can send to, the service itself."""
@@ -302,9 +306,11 @@ def test_a_reused_plan_follows_every_input_the_ranking_reads():
     assert order()[0] == ["b", "c", "a"]
     health.state("default/s/local/a").up = True
     assert order()[0] == ["a", "b", "c"]
-    health.stalled_ids.add("default/s/local/b")  # stalled: after the usable ones
+    health.stalled_ids.add("default/s/local/b")  # stalled (calls in flight, no answer lately): after the usable ones
+    health.state("default/s/local/b").inflight = 1
     assert order()[0] == ["a", "c", "b"]
     health.stalled_ids.clear()
+    health.state("default/s/local/b").inflight = 0
     transport.unavailable = lambda ep: "scripted: off" if ep.id.endswith("/a") else None
     assert order()[0] == ["b", "c"]
     transport.unavailable = lambda ep: None
@@ -314,8 +320,27 @@ def test_a_reused_plan_follows_every_input_the_ranking_reads():
     assert route(router, call).endpoint.id.endswith("/a")
 
 
+def test_a_priority_plan_that_spills_over_by_a_draw_is_not_reused():
+    """Two endpoints at priority 0, one of them down: level 0 is 70 % healthy (overprovisioning 1.4), so 30 % of
+    calls start at priority 1. A reused plan would send them all to one level; each call draws afresh."""
+    eps = [endpoint("a", 1, priority=0), endpoint("a2", 2, priority=0), endpoint("b", 3, priority=1)]
+    spec = dataclasses.replace(service(*eps).spec, endpoints=())
+    registry = Registry()
+    registry.set_manifests([spec])
+    registry.set_endpoints("test", eps)
+    health = FakeHealth()
+    router = Router(registry, health, {"local": ScriptedTransport({})}, MeshMetrics(), Ranker(random.Random(7)))
+    health.state("default/s/local/a2").up = False
+    svc = router.service("default", "s")
+    firsts = [router.plan(svc, explain=False)[0].choices[0].endpoint.id.rsplit("/", 1)[1] for _ in range(1000)]
+    assert 600 < firsts.count("a") < 800 and firsts.count("a") + firsts.count("b") == 1000
+    health.state("default/s/local/a2").up = True  # whole again: no draw, and the plan is reused
+    plan = router.plan(svc, explain=False)[0]
+    assert router.plan(svc, explain=False)[0] is plan and not plan.drawn
+
+
 def test_strategies_that_read_more_are_ranked_every_call():
-    router, _, _, _, _ = make({"a": 200, "b": 200}, policy=PolicySpec(strategy="round_robin"))
+    router, _, _, _, _ = make({"a": 200, "b": 200}, policy=PolicySpec(strategy="round_robin", levels="none"))
     svc = router.service("default", "s")
     firsts = [router.plan(svc, explain=False)[0].choices[0].endpoint.id for _ in range(4)]
     assert firsts[0] != firsts[1] and firsts[0] == firsts[2]  # each call takes the next turn
