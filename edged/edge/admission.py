@@ -44,7 +44,9 @@ class PeerTls:
     def __init__(self, files: IdentityFiles, fleet: str) -> None:
         self.context: ssl.SSLContext = client_context(files)
         self.fleet = fleet
-        self._expected: dict[tuple[str, int], str] = {}  # (address, port) -> the node to prove there next
+        # (address, port) -> the nodes advertised there: a handshake may prove any one of them (a second name
+        # advertised at a real node's address must not stop that node's proof; it is refused by `Admission`).
+        self._expected: dict[tuple[str, int], set[str]] = {}
         self.proved: dict[tuple[str, int], str] = {}  # (address, port) -> the node its handshakes proved
 
     def claim(self, address: str, port: int, node: str) -> str | None:
@@ -52,7 +54,7 @@ class PeerTls:
         proved = self.proved.get((address, port))
         if proved is not None and proved != node:
             return f"the certificate at {address}:{port} names node {proved!r}, not the advertised {node!r}"
-        self._expected[(address, port)] = node
+        self._expected.setdefault((address, port), set()).add(node)
         return None
 
     def forget(self, keep: set[tuple[str, str, int]]) -> list[tuple[str, int]]:
@@ -60,8 +62,10 @@ class PeerTls:
         gone = [key for key, node in self.proved.items() if (node, *key) not in keep]
         for key in gone:
             del self.proved[key]
-        for key in [k for k, node in self._expected.items() if (node, *k) not in keep]:
-            del self._expected[key]
+        for key, nodes in list(self._expected.items()):
+            nodes.intersection_update(node for node in list(nodes) if (node, *key) in keep)
+            if not nodes:
+                del self._expected[key]
         return gone
 
     def check(self, target: Target, peercert: dict | None) -> None:
@@ -70,14 +74,20 @@ class PeerTls:
             raise IdentityError("the peer presented no certificate")
         name = peer_name_of(peercert)
         key = (target.host, target.port)
-        expected = self.proved.get(key) or self._expected.get(key)
+        proved = self.proved.get(key)
+        expected = {proved} if proved is not None else self._expected.get(key, set())
         if name.fleet != self.fleet:
             raise IdentityError(f"the certificate names fleet {name.fleet!r}, not {self.fleet!r}")
-        if expected is None:
+        if not expected:
             raise IdentityError(f"no node is advertised at {target.host}:{target.port}")
-        if name.node != expected:
-            raise IdentityError(f"the certificate names node {name.node!r}, not the advertised {expected!r}")
+        if name.node not in expected:
+            advertised = " or ".join(repr(node) for node in sorted(expected))
+            raise IdentityError(f"the certificate names node {name.node!r}, not the advertised {advertised}")
         self.proved[key] = name.node
+
+    def proved_at(self, address: str, port: int) -> str | None:
+        """The node the handshakes at `address:port` proved, if any."""
+        return self.proved.get((address, port))
 
     def upstream(self) -> UpstreamTls:
         return UpstreamTls(self.context, self.check)
@@ -124,6 +134,10 @@ class Admission:
                 raise EdgedError(f"its ingress answered {answer.status} to {PROBE_PATH}")
         except (EdgedError, OSError) as exc:
             self._refuse(key, str(exc))
+            return False
+        proved = self._tls.proved_at(address, port)
+        if proved != node:  # the handshake proved another node advertised at the same address
+            self._refuse(key, f"the certificate at {address}:{port} names node {proved!r}, not the advertised {node!r}")
             return False
         self._refused.pop(key, None)
         if self.admitted.get(node) != (address, port):
