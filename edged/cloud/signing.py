@@ -31,12 +31,11 @@ from typing import TYPE_CHECKING, Any
 import cbor2
 
 from ..errors import EdgedError
-from ..identity import IdentityFiles, PeerName, identity_dir
+from ..identity import IdentityFiles, PeerName
 from ..logs import log_event
 
 if TYPE_CHECKING:
-    from cryptography import x509
-
+    from ..config import Config
     from ..identity import NodeIdentity, TrustBundle
 
 log = logging.getLogger("edged.cloud.signing")
@@ -196,8 +195,10 @@ class Seals:
 
         if not isinstance(public, ec.EllipticCurvePublicKey):
             raise SealError(f"the certificate of {name.fleet}/{name.node} does not carry an ECDSA key")
-        start = _timestamp(certs[0], "not_valid_before")
-        end = min(_timestamp(c, "not_valid_after") for c in certs)
+        from ..identity.trust import not_after, not_before  # cryptography: loaded once a chain is checked
+
+        start = not_before(certs[0]).timestamp()
+        end = min(not_after(c).timestamp() for c in certs)
         self._chains[key] = (name, public, start, end)
         if len(self._chains) > CHAIN_CACHE:
             self._chains.popitem(last=False)
@@ -244,30 +245,18 @@ class ReplayGuard:
         return None
 
 
-def _timestamp(cert: x509.Certificate, field: str) -> float:
-    value = getattr(cert, f"{field}_utc", None)  # cryptography >= 42
-    if value is None:
-        import datetime as dt
-
-        value = getattr(cert, field).replace(tzinfo=dt.timezone.utc)
-    return value.timestamp()
-
-
-def identity_files(config) -> IdentityFiles:
+def identity_files(config: Config) -> IdentityFiles:
     """Where this node's identity lives (`{state.dir}/identity`, or `[identity] dir` where configured)."""
-    folder = getattr(config, "identity_dir", None)
-    return IdentityFiles(folder if isinstance(folder, str) else identity_dir(config.state.dir))
+    return IdentityFiles(config.identity_dir)
 
 
-def node_seals(config) -> Seals | None:
+def node_seals(config: Config) -> Seals | None:
     """The seals of a daemon or bridge by `[mqtt] signed`: "auto" signs when the node has an identity,
     "required" refuses to run without one, "off" never signs (and takes unsigned messages)."""
     mode = config.mqtt.signed
     if mode == "off":
         return None
-    identity = getattr(config, "identity", None)
-    skew = getattr(identity, "clock_skew", DEFAULT_SKEW)
-    seals = load_seals(identity_files(config).dir, skew=skew, required=mode == "required")
+    seals = load_seals(identity_files(config).dir, skew=config.identity.clock_skew, required=mode == "required")
     if seals is not None and seals.name != (config.node.fleet, config.node.name):
         # Others check the reply topic and registry topics against the certificate: nothing would work.
         raise SealError(
