@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 
+from ..cloud.cli import _fail  # the fleet commands' one way of saying an error
 from ..config import find_config
 from ..errors import EdgedError
 from ..units import parse_duration
@@ -52,11 +53,6 @@ def add_identity_commands(actions) -> None:
     enroll.add_argument("--ca", dest="ca_file", help="the fleet's ca.pem: installed with --cert, checked with --token")
     enroll.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the signer (default 30)")
     enroll.set_defaults(func=_enroll)
-
-
-def _fail(exc: Exception) -> int:
-    print(f"edged: {exc}", file=sys.stderr)
-    return 1
 
 
 def _ca_init(args) -> int:
