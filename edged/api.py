@@ -132,12 +132,12 @@ class Api:
                 raise CallError(400, "bad_request", "absolute-form request targets are not served")
             if host is not None and host.split(b":", 1)[0].endswith(MESH_SUFFIX):
                 service = host.split(b":", 1)[0][: -len(MESH_SUFFIX)].decode("ascii", "replace")
-                await self._call(req, resp, service, req.path)
+                await self._call(req, resp, service, req.path, host)
                 return
             path = req.path
             if path.startswith("/svc/"):
                 service, _, rest = path[5:].partition("/")
-                await self._call(req, resp, service, "/" + rest)
+                await self._call(req, resp, service, "/" + rest, host)
             elif path.startswith("/v1/"):
                 await self._v1(req, resp)
             elif path == "/metrics" and req.method in ("GET", "HEAD"):
@@ -162,7 +162,7 @@ class Api:
             resp.send_json(exc.status, {"error": exc.code, "detail": exc.detail}, exc.headers)
 
     # -- the call path ---------------------------------------------------------------------------
-    async def _call(self, req: Request, resp: ResponseWriter, service: str, path: str) -> None:
+    async def _call(self, req: Request, resp: ResponseWriter, service: str, path: str, host: bytes | None) -> None:
         caller = self._access.identify(req)
         if CALL not in caller.rights:
             caller.require(CALL)
@@ -177,7 +177,6 @@ class Api:
         with ticket:  # its places in the in-flight caps are given back however the call ends
             if req.query:
                 path = f"{path}?{req.query}"
-            host = req.header(b"host")
             call = call_for(
                 req,
                 svc,
@@ -187,7 +186,7 @@ class Api:
                 app=caller.app,
             )
             rid = call.request_id
-            routed = await self._router.route_service_call(call)
+            routed = await self._router.route_service_call(call, svc)
             extra = [
                 (b"x-edged-endpoint", routed.endpoint.id.encode()),
                 (b"x-edged-tries", str(routed.tries).encode()),

@@ -105,7 +105,8 @@ class TimeLimit:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float, limit: float | None = None) -> None:
         self._loop = loop
-        lag = self._lag = loop_lag(loop)
+        last = _last  # loop_lag(loop), inline: once per try
+        lag = self._lag = last if last is not None and last._loop is loop else loop_lag(loop)
         lag._pending += 1  # LoopLag.acquire, inline: once per try
         self._done = False
         self.start = loop.time()
@@ -128,10 +129,16 @@ class TimeLimit:
         """When the limit expires (loop time), as far as the lag seen so far goes (keeps the lag measured
         until a little past then)."""
         lag = self._lag
-        due = self.start + self.timeout + lag.total() - self._lag0
+        total = lag._total  # lag.total() and lag.keep(), inline: this runs once or twice per try
+        if lag._handle is not None:
+            overdue = self._loop.time() - lag._due - _SLACK
+            if overdue > 0.0:
+                total += overdue
+        due = self.start + self.timeout + total - self._lag0
         if self.limit is not None and due > self.limit:
             due = self.limit
-        lag.keep(due + _KEEP)
+        if due + _KEEP > lag._until or lag._handle is None:
+            lag.keep(due + _KEEP)
         return due
 
     def held(self, now: float) -> bool:

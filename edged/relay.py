@@ -21,19 +21,9 @@ _ID_PREFIX = secrets.token_hex(4)
 _id_counter = itertools.count(1)
 
 
-def request_id(req: Request) -> str:
-    """The caller's `x-request-id`, or a new one."""
-    given = req.header(b"x-request-id")
-    if given:
-        return given.decode("ascii", "replace")
-    return f"{_ID_PREFIX}-{next(_id_counter):x}"
-
-
-def call_timeout(req: Request, policy_timeout: float) -> float:
-    """Seconds the call may take: the service's `timeout`, or less if the caller asks (`x-edged-timeout-ms`)."""
-    asked = req.header(b"x-edged-timeout-ms")
-    if asked is None:
-        return policy_timeout
+def _asked_timeout(policy_timeout: float, asked: bytes) -> float:
+    """Seconds the call may take when the caller asks for less than the service's `timeout`
+    (`x-edged-timeout-ms`)."""
     try:
         return min(policy_timeout, max(0.0, int(asked) / 1000))
     except ValueError:
@@ -51,17 +41,25 @@ def call_for(
     app: str = "",
 ) -> Call:
     """The call an entry point makes of `req` for `svc`: its deadline (the service's timeout, or the caller's
-    shorter one) and request id, with `new_call`'s header rules."""
-    deadline = time.monotonic() + call_timeout(req, svc.spec.policy.timeout)
+    shorter one) and request id (the caller's `x-request-id`, or a new one), with `new_call`'s header rules."""
+    given = asked = None
+    for name, value in req.headers:  # the two headers of the mesh's own, in one pass over the caller's headers
+        if name == b"x-request-id":
+            if given is None:
+                given = value
+        elif name == b"x-edged-timeout-ms" and asked is None:
+            asked = value
+    spec = svc.spec
+    timeout = spec.policy.timeout if asked is None else _asked_timeout(spec.policy.timeout, asked)
     return new_call(
-        svc.tenant,
-        svc.name,
+        spec.tenant,
+        spec.name,
         req.method,
         path,
         req.headers,
         req.body,
-        deadline=deadline,
-        request_id=request_id(req),
+        deadline=time.monotonic() + timeout,
+        request_id=given.decode("ascii", "replace") if given else f"{_ID_PREFIX}-{next(_id_counter):x}",
         tiers=tiers,
         drop=drop,
         add=add,

@@ -194,10 +194,12 @@ class Router:
         self._metrics.policy_evaluations.inc((plan.strategy,))
         return plan, skipped
 
-    async def route_service_call(self, call: Call) -> Routed:
-        """Send the call to the best endpoint, failing over along the plan. Raises `CallError` for the caller."""
+    async def route_service_call(self, call: Call, service: Service | None = None) -> Routed:
+        """Send the call to the best endpoint, failing over along the plan. Raises `CallError` for the caller.
+        `service`: the call's service as the caller just looked it up (`service()`), to save a second look-up."""
         started = self._clock()
-        service = self.service(call.tenant, call.service)
+        if service is None:
+            service = self.service(call.tenant, call.service)
         spec = service.spec
         interface = spec.interface
         if interface is not None and not interface.allows(call.method, call.path.partition("?")[0]):
@@ -223,30 +225,6 @@ class Router:
         race: Race | None = None  # tries running side by side (edged.race), once the plan has no usable one left
         slow: dict | None = None  # the last try, still racing past its per-try timeout
         tries = 0
-
-        def take(outcomes: list[Outcome]) -> Routed | None:
-            """Note what tries came to: the caller's answer if one is, else each failure (and a retryable answer)."""
-            nonlocal held
-            won = None
-            for answered_by, answer, failed in outcomes:
-                if failed is None and won is None:
-                    streamed = streams(answer, call.method)  # type: ignore[arg-type]
-                    won = Routed(answer, answered_by, tries, service, started, attempts, streamed)  # type: ignore[arg-type]
-                elif failed is None:
-                    answer.discard()  # type: ignore[union-attr]  # a second answer in the same instant
-                else:
-                    attempts.append(failed)
-                    if answer is not None:
-                        if held is not None:
-                            held.answer.discard()
-                        held = Routed(answer, answered_by, tries, service, started, attempts)
-            if won is not None:
-                if held is not None:
-                    held.answer.discard()
-                    held = None
-                if tries > 1:
-                    self._metrics.failovers.inc((spec.name,))
-            return won
 
         try:
             for i, choice in enumerate(plan.choices):
@@ -288,11 +266,12 @@ class Router:
                     # Still running with no answer in: its per-try timeout passed, and the next choice goes too.
                     outrun[0] = not current.done() and all(failed is not None for _, _, failed in outcomes)
                     slow = {"endpoint": ep.id, "error": "slow", "reached": True} if outrun[0] else None
-                routed = take(outcomes)
+                routed, held = self._take(outcomes, held, tries, attempts, service, started, call.method)
                 if routed is not None:
                     return routed
             while race:  # the plan is through: what is still racing has until the deadline
-                routed = take(await race.wait(None, None, call.deadline - self._clock()))
+                outcomes = await race.wait(None, None, call.deadline - self._clock())
+                routed, held = self._take(outcomes, held, tries, attempts, service, started, call.method)
                 if routed is not None:
                     return routed
             if held is not None:
@@ -325,6 +304,39 @@ class Router:
         if plan.note:
             detail["note"] = plan.note
         raise CallError(503, "no_endpoint", detail)
+
+    def _take(
+        self,
+        outcomes: list[Outcome],
+        held: Routed | None,
+        tries: int,
+        attempts: list[dict],
+        service: Service,
+        started: float,
+        method: str,
+    ) -> tuple[Routed | None, Routed | None]:
+        """Note what tries came to: (the caller's answer if one is, the retryable answer held meanwhile); each
+        failure goes to `attempts`. A method, not a closure: a closure made per call costs every call."""
+        won = None
+        for answered_by, answer, failed in outcomes:
+            if failed is None and won is None:
+                streamed = streams(answer, method)  # type: ignore[arg-type]
+                won = Routed(answer, answered_by, tries, service, started, attempts, streamed)  # type: ignore[arg-type]
+            elif failed is None:
+                answer.discard()  # type: ignore[union-attr]  # a second answer in the same instant
+            else:
+                attempts.append(failed)
+                if answer is not None:
+                    if held is not None:
+                        held.answer.discard()
+                    held = Routed(answer, answered_by, tries, service, started, attempts)
+        if won is not None:
+            if held is not None:
+                held.answer.discard()
+                held = None
+            if tries > 1:
+                self._metrics.failovers.inc((service.spec.name,))
+        return won, held
 
     async def _attempt(
         self,

@@ -14,8 +14,10 @@ a time with a pause between them, as at a low rate. Then prints:
 a call with more on its path (a JWT, authorization rules, quotas: see scripts/authz_figures.py); the baseline
 runs as before.
 
+`--keep DIR` keeps the callgrind dump of the calls (`callgrind_annotate --inclusive=yes DIR/edged.calls.callgrind`).
+
 usage: scripts/callcost.py [--calls 300] [--gap 0.01] [--baseline REF] [--opcodes] [--top 40] [--syscalls]
-                           [--extra-config FILE] [--header 'Name: value' ...]
+                           [--extra-config FILE] [--header 'Name: value' ...] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -119,6 +121,9 @@ def instructions(tmp: Path, name: str, source: Path, backend_port: int, args, ex
     dumps = sorted(tmp.glob(f"{name}.callgrind.*"), key=lambda p: int(p.name.rsplit(".", 1)[1]))
     if len(dumps) < 2:
         raise RuntimeError(f"callgrind wrote {len(dumps)} dumps, expected 2")
+    if args.keep:  # for callgrind_annotate: where the instructions of the calls went, by function
+        Path(args.keep).mkdir(parents=True, exist_ok=True)
+        shutil.copy(dumps[1], Path(args.keep) / f"{name}.calls.callgrind")
     idle, busy = callgrind_totals(dumps[0]), callgrind_totals(dumps[1])
     idle_part = idle * wall / IDLE_SECONDS
     return {
@@ -210,6 +215,7 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=40, help="functions listed with --opcodes")
     ap.add_argument("--extra-config", metavar="FILE", help="TOML appended to this tree's daemon config")
     ap.add_argument("--header", action="append", default=[], help="'Name: value' sent with this tree's calls")
+    ap.add_argument("--keep", metavar="DIR", help="copy the callgrind dump of the calls to DIR (callgrind_annotate)")
     ap.add_argument("--syscalls", action="store_true", help="also count system calls and context switches (strace)")
     args = ap.parse_args()
     if args.syscalls and shutil.which("strace") is None:

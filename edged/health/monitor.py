@@ -261,8 +261,23 @@ class HealthMonitor:
         only for responses). `latency` (seconds) feeds the EWMA when given. `load` (calls in flight when the try
         was sent) feeds the predictive model of services that use it.
         """
+        self._finished(self.state(endpoint.id), endpoint, service, ok, latency, answered, detail, reached, later, load)
+
+    def _finished(
+        self,
+        h: EndpointHealth,
+        endpoint: Endpoint,
+        service: Service,
+        ok: bool,
+        latency: float | None,
+        answered: bool | None = None,
+        detail: str | None = None,
+        reached: bool = True,
+        later: bool = False,
+        load: int | None = None,
+    ) -> None:
+        """`call_finished` for the health state `h` of `endpoint` (the in-flight handle holds it already)."""
         now = self._clock()
-        h = self.state(endpoint.id)
         if h.inflight > 0:
             h.inflight -= 1
         if (ok or latency is not None) if answered is None else answered:
@@ -553,7 +568,10 @@ class InFlight:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.release()
+        if self._monitor is not None:  # release(), inline: once per try
+            self._monitor = None
+            if self._health.inflight > 0:
+                self._health.inflight -= 1
 
     def finish(
         self,
@@ -568,7 +586,7 @@ class InFlight:
         """The call ended with this outcome (see `HealthMonitor.call_finished`)."""
         monitor, self._monitor = self._monitor, None
         if monitor is not None:
-            monitor.call_finished(endpoint, service, ok, latency, reached=reached, later=later, load=self._load)
+            monitor._finished(self._health, endpoint, service, ok, latency, None, None, reached, later, self._load)
 
     def release(self) -> None:
         """Give the place back without an outcome (idempotent)."""
