@@ -35,10 +35,17 @@ async def until(predicate, timeout: float = 10.0) -> None:
 
 @pytest.mark.parametrize(
     ("stage", "path"),
-    # 70,000 bytes: over [limits] answer_buffer, so it streams (a smaller answer is read whole first).
-    [("before-head", "/svc/slow/sleep/3000"), ("streaming", "/svc/slow/drip/70000/1")],
+    [
+        ("before-head", "/svc/slow/sleep/3000"),
+        # 100 bytes, one every 100 ms: the head is in and the small answer is being read whole before it is relayed.
+        ("reading-whole", "/svc/slow/drip/100/100"),
+        # 70,000 bytes: over [limits] answer_buffer, so it streams (a smaller answer is read whole first).
+        ("streaming", "/svc/slow/drip/70000/1"),
+    ],
 )
-def test_a_client_that_leaves_leaves_every_count_at_zero(tmp_path, backends, stage, path):
+@pytest.mark.parametrize("pooled", [False, True], ids=["fresh", "pooled"])
+def test_a_client_that_leaves_leaves_every_count_at_zero(tmp_path, backends, stage, path, pooled):
+    """`pooled`: the try goes out on a keep-alive connection an earlier call left in the pool."""
     backend = backends("slow")
     layout = Edged(tmp_path / "edged", {"slow.toml": MANIFEST.format(url=backend.url)})
     daemon = Daemon(load_config(str(layout.config)))
@@ -48,10 +55,20 @@ def test_a_client_that_leaves_leaves_every_count_at_zero(tmp_path, backends, sta
         try:
             (ep,) = daemon.registry.snapshot().get("default", "slow").endpoints
             health = daemon.health.state(ep.id)
+            if pooled:
+                first_reader, first_writer = await asyncio.open_connection("127.0.0.1", layout.port)
+                first_writer.write(b"GET /svc/slow/big/10 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                assert (await first_reader.read()).endswith(b"\r\n\r\n" + b"x" * 10)
+                first_writer.close()
+                await until(lambda: any(s["idle"] == 1 for s in daemon.pool.stats().values()))
             reader, writer = await asyncio.open_connection("127.0.0.1", layout.port)
             writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())  # a Host that names the API
             if stage == "before-head":
                 await until(lambda: health.inflight == 1)  # the try is out, no head yet
+            elif stage == "reading-whole":
+                await until(lambda: health.inflight == 1)
+                await asyncio.sleep(0.3)  # the head came at once; the body's bytes trickle in
+                assert daemon.server.in_flight == 1 and health.inflight == 1  # nothing relayed yet
             else:
                 head = await reader.readuntil(b"\r\n\r\n")
                 assert head.startswith(b"HTTP/1.1 200") and await reader.readexactly(1) == b"."
@@ -61,6 +78,7 @@ def test_a_client_that_leaves_leaves_every_count_at_zero(tmp_path, backends, sta
             await until(lambda: all(s["busy"] == 0 for s in daemon.pool.stats().values()))
             metrics = daemon.metrics.render()
             return {
+                "upstream connections opened": sum(s["opened"] for s in daemon.pool.stats().values()),
                 "endpoint in flight": health.inflight,
                 "calls in flight": daemon.server.in_flight,
                 "upstream connections busy": sum(s["busy"] for s in daemon.pool.stats().values()),
@@ -73,6 +91,7 @@ def test_a_client_that_leaves_leaves_every_count_at_zero(tmp_path, backends, sta
 
     counts = asyncio.run(scenario())
     assert counts == {
+        "upstream connections opened": 1,  # pooled: the slow call went out on the first call's connection
         "endpoint in flight": 0,
         "calls in flight": 0,
         "upstream connections busy": 0,
