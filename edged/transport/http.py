@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable
 
 from ..call import Call
 from ..errors import UpstreamProtocolError
@@ -19,11 +20,13 @@ class HttpTransport:
     def unavailable(self, endpoint: Endpoint) -> str | None:
         return None
 
-    async def send(
+    def send(
         self, endpoint: Endpoint, call: Call, headers: list[tuple[bytes, bytes]], timeout: float
-    ) -> UpstreamResponse:
+    ) -> Awaitable[UpstreamResponse]:
+        """The pool's request, to be awaited (a plain function: no coroutine of its own wrapped around it, once
+        per try). UpstreamProtocolError at once for an endpoint with no HTTP address."""
         if endpoint.target is None:
             raise UpstreamProtocolError(endpoint.url, "endpoint has no HTTP address")
         # The per-try timeout may stretch by the loop's lag on a slow box, never past the caller's deadline.
         limit = call.deadline - time.monotonic()
-        return await self._pool.request(endpoint.target, call.method, call.path, headers, call.body, timeout, limit)
+        return self._pool.request(endpoint.target, call.method, call.path, headers, call.body, timeout, limit)
