@@ -9,7 +9,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
-from . import jsonbody
+from . import jsonbody, routes
 from .access import ADMIN, CALL, READ, WRITE, Access, Identity
 from .admission import Gate
 from .authz_api import AuthzApi
@@ -406,13 +406,30 @@ class Api:
         resp.send_json(200, self._policy_view(self._router.service(tenant, svc.name)))
 
     def _policy_dry_run(self, req: Request, resp: ResponseWriter, caller: Identity, rest: list[str]) -> None:
-        """What the plan would be under a proposed override, next to the plan now; changes nothing."""
+        """What the plan would be under a proposed override, next to the plan now; changes nothing. A body's
+        `request` ({method, path, headers}) is a sample call: its route and subsets are shown (edged/routes.py)."""
         tenant = caller.tenant
         svc = self._policy_target(tenant, rest, ":dry-run")
         assert self._policies is not None
-        proposed = self._policies.preview(tenant, svc.name, self._json_body(req))
+        body = self._json_body(req)
+        sample = None
+        if isinstance(body, dict) and "request" in body:
+            body = dict(body)
+            try:
+                sample = routes.parse_sample(body.pop("request"))
+            except ValueError as exc:
+                raise CallError(400, "invalid_request", str(exc)) from None
+        proposed = self._policies.preview(tenant, svc.name, body)
         now_plan, _ = self._router.plan(svc)
-        new_plan, skipped = self._router.plan(Service(replace(svc.spec, policy=proposed), svc.endpoints))
+        proposed_svc = Service(replace(svc.spec, policy=proposed), svc.endpoints)
+        route, subsets = routes.dry_run(proposed_svc, sample or routes.Sample(), self._health, time.monotonic())
+        plans = []
+        for item, routed in subsets:
+            plan, skipped = self._router.plan(routed)
+            plans.append((item["share"], plan, skipped))
+            if sample is not None or proposed.routing is not None:
+                item["ranked"] = plan.explain()
+        _, new_plan, skipped = max(plans, key=lambda p: p[0])  # the subset most calls go to
         resp.send_json(
             200,
             {
@@ -422,6 +439,7 @@ class Api:
                 "note": new_plan.note,
                 "ranked": new_plan.explain(),
                 "skipped": skipped,
+                "route": {**route, "subsets": [item for item, _ in subsets]},
                 "current": {"strategy": now_plan.strategy, "ranked": now_plan.explain()},
             },
         )

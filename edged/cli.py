@@ -82,6 +82,11 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("service")
     sp.add_argument("keys", nargs="*", metavar="KEY=VALUE", help="policy keys, e.g. strategy=latency retries=1")
     sp.add_argument("-f", "--file", help="a JSON file with the policy keys")
+    sp.add_argument("--method", help="dry-run: the sample request's method (default GET)")
+    sp.add_argument("--path", help="dry-run: the sample request's path (default /)")
+    sp.add_argument(
+        "-H", "--header", action="append", default=[], help="dry-run: a sample request header 'Name: value'"
+    )
     authz = sub.add_parser("authz", help="authorization rules and quotas: get, explain")
     authz_sub = authz.add_subparsers(metavar="ACTION", required=True)
     client_command("get", _authz_get, "the tenants' defaults, the rules and the quotas in force", authz_sub)
@@ -377,6 +382,9 @@ def _policy(args) -> int:
         status, data = client.call_json("DELETE", path)
     else:
         table = _policy_table(args)
+        sample = _sample_request(args) if args.action == "dry-run" else None
+        if sample:
+            table["request"] = sample
         if not table:
             print("edged: give policy keys (KEY=VALUE ...) or -f FILE", file=sys.stderr)
             return 2
@@ -387,12 +395,19 @@ def _policy(args) -> int:
         return 0 if status < 400 else 1
     if args.action == "dry-run":
         print(f"{data['service']}: with this policy, strategy {data['strategy']}")
-        rows = [("RANK", "NOW", "ENDPOINT", "TIER", "USABLE", "REASON")]
+        route = data.get("route") or {}
         now = {r["endpoint"]: str(r["rank"]) for r in data["current"]["ranked"]}
-        for r in data["ranked"]:
-            usable = "yes" if r["usable"] else "no"
-            rows.append((str(r["rank"]), now.get(r["endpoint"], "-"), r["url"], r["tier"], usable, r["reason"]))
-        print(_table(rows))
+        if "ranked" not in (route.get("subsets") or [{}])[0]:
+            print(_ranked_table(data["ranked"], now))
+            return 0
+        print(f"route: {route['rule'] or 'default (no rule matched)'}; policy: {route['policy']}")
+        for item in route["subsets"]:
+            if item["subset"] is not None:
+                labels = ",".join(f"{k}={v}" for k, v in item["labels"].items()) or "any"
+                health = "" if item["healthy"] else ", no healthy endpoint"
+                share = f"share {item['share']}%, {item['endpoints']} endpoints{health}"
+                print(f"subset {item['subset']} ({labels}): {share}")
+            print(_ranked_table(item["ranked"], now))
         return 0
     override = f", override {data['override']}" if data["override"] else ""
     print(f"{data['service']}: policy from {data['source']}{override}")
@@ -421,6 +436,29 @@ def _authz_explain(args) -> int:
         if quota:
             print(f"quota {key}: {json.dumps(quota)}")
     return 0
+
+
+def _ranked_table(ranked: list[dict], now: dict[str, str]) -> str:
+    rows = [("RANK", "NOW", "ENDPOINT", "TIER", "USABLE", "REASON")]
+    for r in ranked:
+        usable = "yes" if r["usable"] else "no"
+        rows.append((str(r["rank"]), now.get(r["endpoint"], "-"), r["url"], r["tier"], usable, r["reason"]))
+    return _table(rows)
+
+
+def _sample_request(args) -> dict:
+    """The dry run's sample request from --method, --path and -H (empty: none given)."""
+    sample: dict = {}
+    if args.method:
+        sample["method"] = args.method.upper()
+    if args.path:
+        sample["path"] = args.path
+    for header in args.header:
+        name, sep, value = header.partition(":")
+        if not sep or not name.strip():
+            raise SystemExit(f"edged: {header!r}: use -H 'Name: value'")
+        sample.setdefault("headers", {})[name.strip().lower()] = value.strip()
+    return sample
 
 
 def _policy_table(args) -> dict:

@@ -12,6 +12,7 @@ import json
 import os
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -50,6 +51,8 @@ from edged.model import (
     parse_target,
 )
 from edged.quota import load_quota, quota_dict
+from edged.routes import POLICY_KEYS as ROUTING_KEYS
+from edged.routes import parse_labels, parse_routing, routing_dict
 
 MANIFEST_EXTENSIONS = (".toml", ".json", ".yaml", ".yml")
 
@@ -464,7 +467,7 @@ def _endpoints(top: Table) -> tuple[EndpointSpec, ...]:
     seen: dict[tuple[str, str], int] = {}
     for i in range(len(arr)):
         t = arr.table(i)
-        t.only(("type", "url", "mdns", "priority", "weight"))
+        t.only(("type", "url", "mdns", "priority", "weight", "labels"))
         tier = t.choice("type", REQUIRED, TIERS)
         url = t.string("url", None, what="a URL (http://, https:// or unix:/path)")
         mdns = _service_type(t, "mdns")
@@ -498,6 +501,7 @@ def _endpoints(top: Table) -> tuple[EndpointSpec, ...]:
                 mdns=mdns,
                 priority=t.integer("priority", None, lo=0),
                 weight=t.integer("weight", 100, lo=1, hi=10000),
+                labels=parse_labels(t, "labels"),
             )
         )
     return tuple(out)
@@ -582,6 +586,7 @@ def _policy(t: Table) -> PolicySpec:
             "failure_accrual",
             "failure_backoff",
             "cloud_max_share",
+            *ROUTING_KEYS,
         )
     )
     d = PolicySpec()
@@ -594,7 +599,7 @@ def _policy(t: Table) -> PolicySpec:
     if t.has("retry_on_status"):
         arr = t.array("retry_on_status")
         statuses = frozenset(arr.integer(i, lo=500, hi=599) for i in range(len(arr)))
-    return PolicySpec(
+    policy = PolicySpec(
         strategy=t.choice("strategy", d.strategy, STRATEGIES),
         retries=t.integer("retries", d.retries, lo=0, hi=10),
         per_try_timeout=per_try,
@@ -618,6 +623,9 @@ def _policy(t: Table) -> PolicySpec:
         failure_backoff=t.duration("failure_backoff", d.failure_backoff),
         cloud_max_share=t.integer("cloud_max_share", d.cloud_max_share, lo=0, hi=100),
     )
+    # subsets, splits and match rules (edged/routes.py); a rule's own policy is its keys laid over this one
+    routing = parse_routing(t, lambda rule: _policy(Table(t.doc, {**policy_dict(policy), **rule.data}, rule.path)))
+    return policy if routing is None else replace(policy, routing=routing)
 
 
 def parse_policy(data: object, source: str, locate: Locate | None = None) -> PolicySpec:
@@ -658,4 +666,5 @@ def policy_dict(policy: PolicySpec) -> dict[str, Any]:
         out["deny"] = list(policy.deny)
     if policy.quota is not None:
         out["quota"] = quota_dict(policy.quota)
+    out.update(routing_dict(policy.routing))
     return out

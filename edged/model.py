@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 
 from .methods import MethodTable, PathPattern
+
+if TYPE_CHECKING:
+    from .routes import Routing
 
 Tier = Literal["local", "edge", "cloud"]
 TIERS: tuple[str, ...] = ("local", "edge", "cloud")
@@ -173,6 +176,7 @@ class PolicySpec:
     failure_accrual: int = 3  # failed calls in a row that take an endpoint out (outlier detection)
     failure_backoff: float = 10.0  # first time out; the n-th recent one lasts n times this (at most 300 s)
     cloud_max_share: int = 100  # predictive (edged/predictive.py): at most this % of calls go to the cloud first
+    routing: Routing | None = None  # subsets, splits and match rules (edged/routes.py); None: every call alike
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +188,7 @@ class EndpointSpec:
     mdns: str | None = None  # edge: every instance of this DNS-SD type
     priority: int | None = None  # None: the service's priority
     weight: int = 100
+    labels: tuple[tuple[str, str], ...] = ()  # sorted (key, value) pairs: what splits and rules select by
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +226,7 @@ class Endpoint:
     source: str  # "manifest", "register", "mdns", "mqtt"
     target: Target | None = None  # None for tiers not called over HTTP (cloud)
     meta: tuple[tuple[str, str], ...] = ()
+    labels: tuple[tuple[str, str], ...] = ()  # sorted (key, value) pairs (edged/routes.py): `version = "2"`
 
 
 @dataclass(frozen=True, slots=True)

@@ -91,6 +91,7 @@ def endpoint_from_spec(service: ServiceSpec, decl: EndpointSpec, *, source: str,
         weight=decl.weight,
         source=source,
         target=parse_target(decl.url),
+        labels=decl.labels,
     )
 
 

@@ -26,6 +26,7 @@ from .model import Endpoint, PolicySpec, Service
 from .policy import Choice, Plan, Ranker, stall_threshold
 from .race import Outcome, Race
 from .registry import Registry
+from .routes import RoutePicker
 from .telemetry import MeshMetrics
 
 # Floor of the retry budget: retries per second always allowed, so that a quiet service still fails over.
@@ -164,6 +165,7 @@ class Router:
         self._whole_answer = whole_answer  # answers up to this length are read whole before they are the caller's
         self._plans = _PlanCache(self._ranker, health)
         self._breakers = Breakers()
+        self._routes = RoutePicker()  # subsets, splits and match rules (edged/routes.py)
 
     def service(self, tenant: str, name: str) -> Service:
         """The service, or 404 `unknown_service`."""
@@ -200,6 +202,8 @@ class Router:
         started = self._clock()
         if service is None:
             service = self.service(call.tenant, call.service)
+        if service.spec.policy.routing is not None:  # the call's route: its policy over its subset's endpoints
+            service = self._routes.pick(service, call, self._health, started)
         spec = service.spec
         interface = spec.interface
         if interface is not None and not interface.allows(call.method, call.path.partition("?")[0]):

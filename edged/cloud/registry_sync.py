@@ -50,8 +50,9 @@ from ..limits import Limits
 from ..logs import log_event
 from ..manifest import parse_policy, policy_dict
 from ..methods import MAX_METHODS
-from ..model import TIERS, InterfaceSpec, MethodRule, ServiceSpec
+from ..model import TIERS, EndpointSpec, InterfaceSpec, MethodRule, ServiceSpec
 from ..registry import Registry, Snapshot
+from ..routes import common_labels, wire_labels
 from .liveness import OFFLINE, ONLINE, STALE, SUSPECT, UNKNOWN, Liveness
 from .persist import StateSaver
 from .session import Inbound, MqttSession, PublishError
@@ -78,16 +79,19 @@ CLOUD_ONLY = ("cloud",)
 # -- entries: ServiceSpec <-> a plain dict (CBOR on the wire, JSON on disk) --------------------------------
 
 
-def spec_entry(spec: ServiceSpec, *, node: str, zone: str, cloud: bool) -> dict[str, Any]:
+def spec_entry(
+    spec: ServiceSpec, *, node: str, zone: str, cloud: bool, labels: tuple[tuple[str, str], ...] = ()
+) -> dict[str, Any]:
     """The registry entry a node publishes for a service it offers. No timestamps: an unchanged service
-    gives identical bytes, so re-publishing it is a no-op for every subscriber."""
+    gives identical bytes, so re-publishing it is a no-op for every subscriber. `labels`: those all its
+    local endpoints carry (edged/routes.py), sent only when there are some."""
     interface = None
     if spec.interface is not None:
         interface = {
             "version": spec.interface.version,
             "methods": [f"{m.verb} {m.pattern}" for m in spec.interface.methods],
         }
-    return {
+    entry = {
         "v": ENTRY_VERSION,
         "node": node,
         "zone": zone,
@@ -99,6 +103,9 @@ def spec_entry(spec: ServiceSpec, *, node: str, zone: str, cloud: bool) -> dict[
         "interface": interface,
         "policy": policy_dict(spec.policy),
     }
+    if labels:
+        entry["labels"] = dict(labels)
+    return entry
 
 
 class _Shared(dict):
@@ -145,12 +152,14 @@ def entry_spec(entry: Mapping[str, Any], *, source: str) -> ServiceSpec:
         policy = parse_policy(entry.get("policy", {}), source)
     except ConfigError as exc:
         raise ValueError(str(exc)) from None
+    labels = wire_labels(entry.get("labels"))
     return ServiceSpec(
         name=name,
         tenant=_share(tenant),
         priority=priority,
         interface=interface,
         endpoint_types=CLOUD_ONLY,
+        endpoints=(EndpointSpec(tier="cloud", labels=labels),) if labels else (),  # the cloud endpoint's labels
         policy=_shared_policy(policy),
         source=source,
     )
@@ -186,6 +195,9 @@ def normalize_entry(obj: object, *, node: str) -> dict[str, Any]:
         "interface": obj.get("interface"),
         "policy": obj.get("policy", {}),
     }
+    labels = wire_labels(obj.get("labels"))
+    if labels:
+        entry["labels"] = dict(labels)
     entry_spec(entry, source="check")  # raises ValueError when it does not make a service
     json.dumps(entry)  # and it must be storable as JSON (no CBOR-only values)
     return entry
@@ -338,7 +350,8 @@ class RegistrySync:
             if not offered:
                 continue
             cloud = self._always_cloud or "cloud" in spec.endpoint_types
-            entry = spec_entry(spec, node=self.node, zone=self._zone, cloud=cloud)
+            labels = common_labels(ep for ep in svc.endpoints if ep.tier == "local")
+            entry = spec_entry(spec, node=self.node, zone=self._zone, cloud=cloud, labels=labels)
             own[service_key(spec.tenant, spec.name)] = cbor2.dumps(entry)
         if needed != self._needed:
             self._needed = frozenset(needed)

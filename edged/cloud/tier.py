@@ -75,6 +75,7 @@ def cloud_endpoints(
                 weight=decl.weight if decl is not None else 100,
                 source=CLOUD_SOURCE,
                 target=None,
+                labels=decl.labels if decl is not None else (),
             )
         )
         fresh[key] = (spec, out[-1])

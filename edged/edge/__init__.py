@@ -35,7 +35,7 @@ from ..registry import Snapshot
 from ..vitals import Vitals
 from .admission import Admission, PeerTls
 from .ingress import SERVICES_PATH, EdgeTransport, FleetIdentity, Ingress, to_peer
-from .peers import Discovered, LinkEstimator, Peer, edge_layer, offered, url_host
+from .peers import Discovered, LinkEstimator, Peer, PeerLabels, edge_layer, offered, url_host
 from .txt import (
     HUBMESH_TYPE,
     PROTOCOL_VERSION,
@@ -43,6 +43,7 @@ from .txt import (
     host_name,
     instance_label,
     node_txt,
+    parse_labels_doc,
     parse_node_txt,
     parse_refs,
     service_path,
@@ -159,7 +160,8 @@ class EdgeTier:
         self._advertising = False
         self._found = Discovered()
         self._links = LinkEstimator()
-        self._fetched: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {}  # node -> (hash, services)
+        # node -> (hash, services, their labels)
+        self._fetched: dict[str, tuple[str, tuple[tuple[str, str], ...], PeerLabels]] = {}
         self._dirty = asyncio.Event()
         self._advertise_wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []  # the sync loop
@@ -360,6 +362,7 @@ class EdgeTier:
             vitals=self._advertised or self.vitals,
             services=self.ingress.offered_refs(),
             addresses=addresses,
+            labels=self.ingress.offered_labels(),
         )
         label = instance_label(node)
         wanted = {
@@ -461,13 +464,15 @@ class EdgeTier:
         for name, peer in list(peers.items()):
             if peer.record.services is None:
                 services = await self._fetch_services(name, peer.record.services_hash, peer.address, peer.port)
-                peers[name] = Peer(peer.record, peer.address, peer.port, peer.instance, services)
+                labels = self._fetched[name][2] if name in self._fetched else ()  # fetched with the list
+                peers[name] = Peer(peer.record, peer.address, peer.port, peer.instance, services, labels)
         self._fetched = {n: v for n, v in self._fetched.items() if n in peers}
         self._links.forget(peers)
         return [peers[n] for n in sorted(peers)]
 
     async def _fetch_services(self, node: str, digest: str, address: str, port: int) -> tuple[tuple[str, str], ...]:
-        """A peer's service list from its ingress, when its TXT record had only room for a hash (cached by hash)."""
+        """A peer's service list from its ingress, when its TXT record had only room for a hash or its services
+        carry labels (cached by hash, with the labels: `_fetched`)."""
         cached = self._fetched.get(node)
         if cached is not None and cached[0] == digest:
             return cached[1]
@@ -488,7 +493,7 @@ class EdgeTier:
             log.warning("peer %s sent a bad service list", node)
             return ()
         services = parse_refs(doc["services"])
-        self._fetched[node] = (digest, services)
+        self._fetched[node] = (digest, services, parse_labels_doc(doc.get("labels"), services))
         return services
 
     async def _read_services(self, target, limit: int) -> bytes | None:

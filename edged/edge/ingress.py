@@ -34,6 +34,7 @@ from ..quota import FREE
 from ..registry import Registry
 from ..relay import call_for, relay_answer
 from ..router import Router
+from ..routes import common_labels
 from ..transport.http import HttpTransport
 from .peers import offered
 from .txt import service_ref, services_hash
@@ -166,6 +167,15 @@ class Ingress:
         """`name` / `tenant/name` of every service offered to peers now."""
         return sorted(service_ref(s.tenant, s.name) for s in offered(self._registry.snapshot()))
 
+    def offered_labels(self) -> dict[str, dict[str, str]]:
+        """Ref -> labels of the offered services whose local endpoints all carry some labels alike."""
+        out = {}
+        for svc in offered(self._registry.snapshot()):
+            labels = common_labels(ep for ep in svc.endpoints if ep.tier == "local")
+            if labels:
+                out[service_ref(svc.tenant, svc.name)] = dict(labels)
+        return out
+
     async def handle(self, req: Request, resp: ResponseWriter) -> None:
         try:
             path = req.path
@@ -174,8 +184,9 @@ class Ingress:
                 return
             caller = self._identity.check(req)
             if path == SERVICES_PATH and req.method == "GET":
-                refs = self.offered_refs()
-                resp.send_json(200, {"node": self._identity.node, "services": refs, "hash": services_hash(refs)})
+                refs, labels = self.offered_refs(), self.offered_labels()
+                doc = {"node": self._identity.node, "services": refs, "hash": services_hash(refs, labels)}
+                resp.send_json(200, {**doc, "labels": labels} if labels else doc)
                 return
             if req.target[:1] != "/":
                 raise CallError(400, "bad_request", "absolute-form request targets are not served")

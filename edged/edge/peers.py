@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from ..model import Endpoint, Service, ServiceSpec, parse_target
 from ..registry import Key, Layer, Snapshot
+from ..routes import Labels
 from ..vitals import Vitals
 from .txt import NodeRecord, service_path
 
@@ -30,6 +31,9 @@ LINK_HALF_RTT_MS = 50.0  # a round trip this long halves the link score
 LOSS_ALPHA = 0.3
 
 
+PeerLabels = tuple[tuple[tuple[str, str], Labels], ...]
+
+
 @dataclass(frozen=True, slots=True)
 class Peer:
     """A live HubMesh node of this fleet, as discovery resolved it."""
@@ -39,6 +43,7 @@ class Peer:
     port: int
     instance: str
     services: tuple[tuple[str, str], ...]  # (tenant, name); fetched from its ingress when TXT held only a hash
+    labels: PeerLabels = ()  # ((tenant, name), labels) of the services that carry labels (fetched with the list)
 
     @property
     def node(self) -> str:
@@ -145,11 +150,13 @@ def build(
                     source="mdns",
                     target=parse_target(url),
                     meta=meta,
+                    labels=decl.labels,  # what the manifest says of the instances of its type
                 )
                 urls.add((spec.tenant, spec.name, url))
     declared: dict[tuple[str, str], ServiceSpec] = {}
     for peer in sorted(peers, key=lambda p: p.node):
         meta = _meta(peer.node, peer.record.vitals, links.get(peer.node))
+        labelled = dict(peer.labels)
         for tenant, name in peer.services:
             declared.setdefault(
                 (tenant, name),
@@ -171,6 +178,7 @@ def build(
                 source="mdns",
                 target=parse_target(url),
                 meta=meta,
+                labels=labelled.get((tenant, name), ()),
             )
     return sorted(endpoints.values(), key=lambda e: e.id), [declared[k] for k in sorted(declared)]
 

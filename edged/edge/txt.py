@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from ..model import DEFAULT_TENANT
+from ..routes import Labels, wire_labels
 from ..vitals import Vitals
 
 PROTOCOL_VERSION = "1"
@@ -40,9 +41,13 @@ def service_path(tenant: str, name: str) -> str:
     return f"/svc/{name}" if tenant == DEFAULT_TENANT else f"/t/{tenant}/svc/{name}"
 
 
-def services_hash(refs: Iterable[str]) -> str:
-    """A short digest of a service list, for TXT records that cannot hold the list itself."""
-    return hashlib.sha256(",".join(sorted(set(refs))).encode()).hexdigest()[:12]
+def services_hash(refs: Iterable[str], labels: Mapping[str, Mapping[str, str]] | None = None) -> str:
+    """A short digest of a service list (and its services' labels), for TXT records that cannot hold them."""
+    text = ",".join(sorted(set(refs)))
+    if labels:
+        pairs = (f"{ref}:" + ",".join(f"{k}={v}" for k, v in sorted(labels[ref].items())) for ref in sorted(labels))
+        text += "|" + ";".join(pairs)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def interface_hash(addresses: Iterable[str]) -> str:
@@ -78,9 +83,17 @@ def txt_size(props: Mapping[str, str]) -> int:
 
 
 def node_txt(
-    *, node: str, fleet: str, zone: str, vitals: Vitals, services: Iterable[str], addresses: Iterable[str]
+    *,
+    node: str,
+    fleet: str,
+    zone: str,
+    vitals: Vitals,
+    services: Iterable[str],
+    addresses: Iterable[str],
+    labels: Mapping[str, Mapping[str, str]] | None = None,
 ) -> dict[str, str]:
-    """The TXT keys of `{node}._hubmesh._tcp`. The service list is inlined when it fits, else sent as a hash."""
+    """The TXT keys of `{node}._hubmesh._tcp`. The service list is inlined when it fits, else sent as a hash;
+    so is it when services carry labels (`labels`: ref -> labels), which peers fetch with the list."""
     refs = sorted(set(services))
     props = {
         "v": PROTOCOL_VERSION,
@@ -91,8 +104,8 @@ def node_txt(
         "ih": interface_hash(addresses),
         "svcs": ",".join(refs),
     }
-    if txt_size(props) > TXT_LIMIT:
-        props["svcs"] = HASH_PREFIX + services_hash(refs)
+    if labels or txt_size(props) > TXT_LIMIT:
+        props["svcs"] = HASH_PREFIX + services_hash(refs, labels)
     return props
 
 
@@ -153,4 +166,19 @@ def parse_refs(refs: Iterable[object]) -> tuple[tuple[str, str], ...]:
             parsed = parse_service_ref(ref)
             if parsed is not None:
                 out.add(parsed)
+    return tuple(sorted(out))
+
+
+def parse_labels_doc(obj: object, services: Iterable[tuple[str, str]]) -> tuple[tuple[tuple[str, str], Labels], ...]:
+    """The `labels` of a peer's /peer/services answer (ref -> {key: value}): per listed service, its labels
+    (untrusted: refs not in `services` and garbled labels are left out; never raises)."""
+    if not isinstance(obj, Mapping):
+        return ()
+    listed = set(services)
+    out = []
+    for ref, raw in list(obj.items())[: len(listed)]:
+        key = parse_service_ref(ref) if isinstance(ref, str) else None
+        labels = wire_labels(raw)
+        if key in listed and labels:
+            out.append((key, labels))
     return tuple(sorted(out))
