@@ -169,6 +169,7 @@ class Rule:
     headers: tuple[HeaderMatch, ...]
     split: tuple[tuple[Subset, int], ...] | None  # None: the default split
     policy: PolicySpec | None  # None: the service's
+    strict: bool = False  # it names one `subset`: its calls go there only (a split's fall back to the others)
     below: str = ""  # the prefix as a folder ("/admin/"): what a longer path under it starts with
 
     def matches(self, method: str, path: str, seen: Mapping[bytes, bytes]) -> bool:
@@ -329,7 +330,7 @@ def _rules(t: Table, by_name: Mapping[str, Subset], rule_policy: Callable[[Table
         if split is None and policy is None:
             r.fail(None, "a route needs subset, splits or policy (what to do with the calls it matches)")
         below = "" if prefix is None else prefix if prefix.endswith("/") else prefix + "/"
-        rules.append(Rule(i, name, methods, path, prefix, headers, split, policy, below))
+        rules.append(Rule(i, name, methods, path, prefix, headers, split, policy, r.has("subset"), below))
     return tuple(rules)
 
 
@@ -409,7 +410,7 @@ class RoutePicker:
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
-        self._made: dict[tuple[str, str], tuple[Service, dict[tuple[int, str], Service]]] = {}
+        self._made: dict[tuple[str, str], tuple[Service, dict[tuple[int, str, bool], Service]]] = {}
 
     def pick(self, service: Service, call: Any, health: _Health, now: float) -> Service:
         """The service as this call sees it: the matched rule's policy over the drawn subset's endpoints. A
@@ -419,7 +420,7 @@ class RoutePicker:
         rule = routing.match(call.method, call.path, call.headers)
         split = routing.split if rule is None or rule.split is None else rule.split
         subset = None if split is None else self.draw(service, split, call.tiers, health, now, self._rng.random())
-        routed = self._derived(service, rule, subset)
+        routed = self._derived(service, rule, subset, subset is not None and (rule is None or not rule.strict))
         if rule is not None and rule.policy is not None:
             call.deadline = min(call.deadline, now + rule.policy.timeout)
         return routed
@@ -436,35 +437,48 @@ class RoutePicker:
         """The subset `x` (uniform in [0, 1)) draws by weight; one with no healthy endpoint (in `tiers`) gives
         its share to the others, in proportion to their weights."""
         chosen, x = _by_weight(split, x)
-        if len(split) == 1 or healthy(self._derived(service, None, chosen).endpoints, tiers, health, now):
+        if len(split) == 1 or healthy(self._derived(service, None, chosen, False).endpoints, tiers, health, now):
             return chosen
         rest = tuple(
             (s, w)
             for s, w in split
-            if s is not chosen and w and healthy(self._derived(service, None, s).endpoints, tiers, health, now)
+            if s is not chosen and w and healthy(self._derived(service, None, s, False).endpoints, tiers, health, now)
         )
         if not rest:  # nothing healthy anywhere: the drawn subset, its endpoints as a last resort
             return chosen
         return _by_weight(rest, x)[0]  # x is now where the first draw fell within `chosen`: still uniform
 
-    def _derived(self, service: Service, rule: Rule | None, subset: Subset | None) -> Service:
+    def _derived(self, service: Service, rule: Rule | None, subset: Subset | None, fallback: bool) -> Service:
         key = service.spec.key
         made = self._made.get(key)
         if made is None or made[0] is not service:
             if len(self._made) >= 4096:
                 self._made.clear()  # services come and go: start over rather than keep the gone ones
             made = self._made[key] = (service, {})
-        slot = (-1 if rule is None or rule.policy is None else rule.index, "" if subset is None else subset.name)
+        policy = None if rule is None else rule.policy
+        slot = (-1 if policy is None else rule.index, "" if subset is None else subset.name, fallback)  # type: ignore[union-attr]
         found = made[1].get(slot)
         if found is None:
-            found = made[1][slot] = subset_service(service, subset, None if rule is None else rule.policy)
+            found = made[1][slot] = subset_service(service, subset, policy, fallback=fallback)
         return found
 
 
-def subset_service(service: Service, subset: Subset | None, policy: PolicySpec | None) -> Service:
-    """`service` with only `subset`'s endpoints (None: all) under `policy` (None: its own)."""
+def subset_service(
+    service: Service, subset: Subset | None, policy: PolicySpec | None, *, fallback: bool = False
+) -> Service:
+    """`service` with only `subset`'s endpoints (None: all) under `policy` (None: its own).
+
+    With `fallback`, the other endpoints follow as a last resort: priority levels after every level of the
+    subset (their priorities moved past the subset's, in their own order), so that they take calls only by
+    spillover as the subset's health falls, or by failover when its endpoints fail a call, never by the
+    strategy's choice. Not with `levels = "none"` (one level: they would mix in)."""
     spec = service.spec if policy is None else replace(service.spec, policy=policy)
-    eps = service.endpoints if subset is None else tuple(ep for ep in service.endpoints if subset.holds(ep))
+    if subset is None:
+        return Service(spec, service.endpoints)
+    eps = tuple(ep for ep in service.endpoints if subset.holds(ep))
+    if fallback and spec.policy.levels != "none":
+        past = 1 + max((ep.priority for ep in eps), default=0)
+        eps += tuple(replace(ep, priority=past + ep.priority) for ep in service.endpoints if not subset.holds(ep))
     return Service(spec, eps)
 
 
@@ -546,18 +560,19 @@ def dry_run(service: Service, sample: Sample, health: _Health, now: float) -> tu
     if split is None:
         return route, [({"subset": None, "share": 100.0}, subset_service(service, None, policy))]
     up = {s.name: healthy(subset_service(service, s, None).endpoints, None, health, now) for s, _ in split}
+    fallback = rule is None or not rule.strict
     live = [(s, w) for s, w in split if w and up[s.name]] or [(s, w) for s, w in split if w]
     total = sum(w for _, w in live)
     out = []
     for subset, weight in split:
-        routed = subset_service(service, subset, policy)
+        routed = subset_service(service, subset, policy, fallback=fallback)
         share = 100.0 * weight / total if any(s is subset for s, _ in live) else 0.0
         item = {
             "subset": subset.name,
             "labels": dict(subset.labels),
             "weight": weight,
             "share": round(share, 1),
-            "endpoints": len(routed.endpoints),
+            "endpoints": sum(1 for ep in routed.endpoints if subset.holds(ep)),
             "healthy": up[subset.name],
         }
         out.append((item, routed))

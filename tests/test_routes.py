@@ -21,6 +21,7 @@ from edged.edge.txt import HASH_PREFIX, node_txt, parse_labels_doc, parse_node_t
 from edged.errors import ConfigError
 from edged.manifest import parse_manifest_data, parse_policy, policy_dict
 from edged.model import PolicySpec, ServiceSpec
+from edged.policy import Ranker
 from edged.registry import Registry, static_endpoints
 from edged.router import Router
 from edged.routes import (
@@ -201,7 +202,7 @@ def draws(picker, s, n, health=None, **kw):
     counts: dict[str, int] = {}
     for _ in range(n):
         routed = picker.pick(s, call(**kw), health, 0.0)
-        key = ",".join(sorted({dict(ep.labels).get("version", "-") for ep in routed.endpoints}))
+        key = dict(routed.endpoints[0].labels)["version"]  # the drawn subset's come first
         counts[key] = counts.get(key, 0) + 1
     return counts
 
@@ -255,8 +256,8 @@ def test_a_rules_policy_applies_and_a_shorter_timeout_brings_the_deadline_in():
     c = call(path="/fast/x", deadline=50.0)
     routed = picker.pick(s, c, FakeHealth(), 10.0)
     assert routed.spec.policy.strategy == "round_robin" and c.deadline == 12.0
-    # the route without a split of its own takes the default split
-    assert {dict(ep.labels)["version"] for ep in routed.endpoints} in ({"1"}, {"2"})
+    # the route without a split of its own takes the default split (the other subset follows as a fallback)
+    assert [dict(ep.labels)["version"] for ep in routed.endpoints] in (["1", "1", "2"], ["2", "1", "1"])
     other = call(path="/slow", deadline=50.0)
     assert picker.pick(s, other, FakeHealth(), 10.0).spec.policy.strategy == "priority" and other.deadline == 50.0
 
@@ -270,6 +271,21 @@ def test_the_same_route_gives_the_same_service_object_and_a_new_snapshot_a_new_o
     assert one is two and canary is not one and len(canary.endpoints) == 1
     s2 = dataclasses.replace(s)
     assert picker.pick(s2, call(), h, 0) is not one
+
+
+def test_the_other_subsets_follow_a_drawn_subset_as_later_levels_and_take_calls_only_when_it_fails():
+    s = svc({**CANARY, "levels": "priority"})
+    health = FakeHealth()
+    picker = RoutePicker(random.Random(5))
+    while (routed := picker.pick(s, call(), health, 0.0)).endpoints[0].id != s.endpoints[2].id:
+        pass  # until the draw gives v2
+    plan = Ranker().plan(routed, health, 0.0)
+    assert [c.endpoint.id[-1] for c in plan.choices] == ["c", "a", "b"]
+    assert [lv.share for lv in plan.levels] == [100.0, 0.0]  # v1's endpoints, a level after: failover only
+    flat = svc({**CANARY, "levels": "none"})
+    while (routed := picker.pick(flat, call(), health, 0.0)).endpoints[0].id != flat.endpoints[2].id:
+        pass
+    assert len(routed.endpoints) == 1  # one level for all: the others would mix in, so they are left out
 
 
 # -- in the router --------------------------------------------------------------------------------------------
