@@ -41,6 +41,7 @@ MAX_PATH = 256  # characters of a path or path prefix in a rule
 MAX_HEADER_VALUE = 256  # characters of a header value in a rule
 MAX_WEIGHT = 10_000
 MAX_SAMPLE_HEADERS = 64  # headers of a dry-run's sample request
+FALLBACK = 2  # endpoints of the other subsets that follow a drawn subset's own, as a last resort
 
 LABEL_KEY = re.compile(r"[a-z0-9]([a-z0-9._-]{0,30}[a-z0-9])?")
 LABEL_KEY_WHAT = "a label name of a-z, 0-9, '.', '_' and '-' (at most 32 characters)"
@@ -468,17 +469,23 @@ def subset_service(
 ) -> Service:
     """`service` with only `subset`'s endpoints (None: all) under `policy` (None: its own).
 
-    With `fallback`, the other endpoints follow as a last resort: priority levels after every level of the
-    subset (their priorities moved past the subset's, in their own order), so that they take calls only by
-    spillover as the subset's health falls, or by failover when its endpoints fail a call, never by the
-    strategy's choice. Not with `levels = "none"` (one level: they would mix in)."""
+    With `fallback`, the first `FALLBACK` other endpoints (by priority, tier, weight) follow as a last resort:
+    a priority level after every level of the subset, so that they take calls only by failover when the
+    subset's endpoints fail a call (before health has seen it) or by spillover as its health falls, never by
+    the strategy's choice. A few, not all: the ranker orders every level, and a split is drawn per call.
+    Not with `levels = "none"` (one level: they would mix in)."""
     spec = service.spec if policy is None else replace(service.spec, policy=policy)
     if subset is None:
         return Service(spec, service.endpoints)
     eps = tuple(ep for ep in service.endpoints if subset.holds(ep))
     if fallback and spec.policy.levels != "none":
         past = 1 + max((ep.priority for ep in eps), default=0)
-        eps += tuple(replace(ep, priority=past + ep.priority) for ep in service.endpoints if not subset.holds(ep))
+        ranks = {tier: i for i, tier in enumerate(spec.endpoint_types)}
+        others = sorted(
+            (ep for ep in service.endpoints if not subset.holds(ep)),
+            key=lambda ep: (ep.priority, ranks.get(ep.tier, 9), -ep.weight, ep.id),
+        )
+        eps += tuple(replace(ep, priority=past + ep.priority) for ep in others[:FALLBACK])  # in their order
     return Service(spec, eps)
 
 
