@@ -310,17 +310,19 @@ class Api:
             raise CallError(404, "unknown_service", "GET /v1/resolve/{service}")
         svc = self._router.service(tenant, rest[0])
         plan, skipped = self._router.plan(svc)
-        resp.send_json(
-            200,
-            {
-                "service": svc.name,
-                "strategy": plan.strategy,
-                "note": plan.note,
-                "levels": plan.explain_levels(),
-                "ranked": plan.explain(),
-                "skipped": skipped,
-            },
-        )
+        view = {
+            "service": svc.name,
+            "strategy": plan.strategy,
+            "note": plan.note,
+            "levels": plan.explain_levels(),
+            "ranked": plan.explain(),
+            "skipped": skipped,
+        }
+        if svc.spec.policy.routing is not None:  # the default route's split now (edged/routes.py)
+            _, subsets = routes.dry_run(svc, routes.Sample(), self._health, time.monotonic())
+            view["split"] = [item for item, _ in subsets if item["subset"] is not None]
+            view["routes"] = len(svc.spec.policy.routing.rules)
+        resp.send_json(200, view)
 
     def _status(self, req: Request, resp: ResponseWriter, caller: Identity, rest: list[str]) -> None:
         scope = self._scope(req, caller)

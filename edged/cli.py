@@ -296,6 +296,14 @@ def _resolve(args) -> int:
                 ]
             )
         )
+    if data.get("split"):
+        print(f"split of the default route ({data['routes']} match rules before it):")
+        rows = [("SUBSET", "LABELS", "WEIGHT", "SHARE", "ENDPOINTS", "HEALTHY")]
+        for item in data["split"]:
+            labels = ",".join(f"{k}={v}" for k, v in item["labels"].items()) or "any"
+            share, up = f"{item['share']:g}%", "yes" if item["healthy"] else "no"
+            rows.append((item["subset"], labels, str(item["weight"]), share, str(item["endpoints"]), up))
+        print(_table(rows))
     rows = [("RANK", "ENDPOINT", "TIER", "LEVEL", "USABLE", "REASON")]
     for r in data["ranked"]:
         rows.append(

@@ -94,10 +94,21 @@ def test_a_canary_split_a_header_rule_and_a_path_rule_with_its_own_policy(backen
     assert spread["v1a"] >= 15 and spread["v1b"] >= 15, spread  # `priority` would never send to v1b
     assert "v1b" not in served(d, 20, path="/spreadsheet")  # a prefix is whole segments
 
-    # v2 goes down: its 10 % go to v1, and no call fails.
+    view = d.get("/v1/resolve/api")
+    assert [(i["subset"], i["share"], i["healthy"]) for i in view["split"]] == [("v1", 90.0, True), ("v2", 10.0, True)]
+
+    # v2 goes down: no call fails (a call drawn to v2 fails over to v1 before health knows), then health
+    # takes v2 out and its 10 % go to v1; `edged resolve` says so.
     v2.kill()
     counts = served(d, 100)
     assert set(counts) == {"v1a"}, counts
+    wait_for(lambda: d.get("/v1/resolve/api")["split"][1]["share"] == 0.0, 10, what="v2's share given away")
+    out = edged_cli(d, "resolve", "api")
+    assert out.returncode == 0 and "split of the default route (2 match rules before it)" in out.stdout, out.stdout
+    assert [line.split()[:4] for line in out.stdout.splitlines() if line.startswith("v")] == [
+        ["v1", "version=1", "90", "100%"],
+        ["v2", "version=2", "10", "0%"],
+    ], out.stdout
 
 
 def test_splits_changed_through_the_api_at_runtime_and_dry_run_shows_the_route(backends, edged):
