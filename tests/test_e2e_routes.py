@@ -13,6 +13,7 @@ from collections import Counter
 
 from conftest import wait_for
 from fixtures_mqtt import broker, mqtt_section, topic_prefix, wait_metric  # noqa: F401
+from fixtures_netns import edge_nodes, ns_backends, thermo_manifest, unique_fleet  # noqa: F401
 from test_fleet_config import publish_retained
 
 from edged.cloud.fleet import document_text, generate_key, load_private_key, sign_document
@@ -174,3 +175,28 @@ def test_a_split_pushed_in_signed_fleet_config(tmp_path, backends, edged, broker
     counts = served(d, 200)
     assert set(counts) == {"v1", "v2"} and 60 <= counts["v2"] <= 140, counts  # Binomial(200, .5): 100 +- 7
     assert served(d, 20, headers=[("x-canary", "anything")]) == Counter({"v2": 20})
+
+
+def test_labels_travel_to_peers_and_a_caller_splits_and_routes_by_them(edge_nodes, ns_backends):
+    """Two peers offer `api`, one with version 1, one with version 2 (labels of their local endpoints); a third
+    node that declares only the policy routes by those labels over mDNS + /peer/services (mutual TLS)."""
+    fleet = unique_fleet()
+    for node, version in (("node-v1", "1"), ("node-v2", "2")):
+        backend = ns_backends(f"api-{version}")
+        manifest = thermo_manifest(backend.port, name="api", extra=f'labels = {{ version = "{version}" }}')
+        edge_nodes(node, fleet=fleet, manifests={"api.toml": manifest}).start()
+    caller = """
+    service_name = "api"
+    endpoint_types = ["edge"]
+    """ + SUBSETS + HEADER_RULE + """
+    [[policy.splits]]
+    subset = "v1"
+    weight = 100
+    """
+    a = edge_nodes("node-a", fleet=fleet, manifests={"api.toml": caller}).start()
+    wait_for(lambda: len(a.edge_urls("api")) == 2, 15, what="api learned from both peers")
+    for _ in range(20):
+        status, _, body = a.call("api", "/x")
+        assert status == 200 and json.loads(body)["name"] == "api-1", body
+        status, _, body = a.call("api", "/x", headers=[("x-canary", "1")])
+        assert status == 200 and json.loads(body)["name"] == "api-2", body
