@@ -236,7 +236,8 @@ def parse_routing(t: Table, rule_policy: Callable[[Table], PolicySpec]) -> Routi
         return None
     subsets = _subsets(t)
     by_name = {s.name: s for s in subsets}
-    split = _split(t, "splits", by_name) if t.has("splits") else None
+    # `splits = []`: none (how an override takes away a split its base has)
+    split = _split(t, "splits", by_name) if t.has("splits") and t.get("splits") != [] else None
     rules = _rules(t, by_name, rule_policy)
     table: dict[str, Any] = {}
     if subsets:
