@@ -264,6 +264,7 @@ class Api:
             st = self._health.state(ep.id)
             eps.append(
                 {
+                    **({"labels": dict(ep.labels)} if ep.labels else {}),  # edged/routes.py; none: left out
                     "id": ep.id,
                     "tier": ep.tier,
                     "url": ep.url,

@@ -195,6 +195,8 @@ def test_labels_travel_to_peers_and_a_caller_splits_and_routes_by_them(edge_node
     """
     a = edge_nodes("node-a", fleet=fleet, manifests={"api.toml": caller}).start()
     wait_for(lambda: len(a.edge_urls("api")) == 2, 15, what="api learned from both peers")
+    labels = sorted(ep["labels"]["version"] for ep in a.endpoints("api") if ep["tier"] == "edge")
+    assert labels == ["1", "2"]  # `edged status` / `/v1/services` show them
     for _ in range(20):
         status, _, body = a.call("api", "/x")
         assert status == 200 and json.loads(body)["name"] == "api-1", body
