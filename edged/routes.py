@@ -239,6 +239,8 @@ def parse_routing(t: Table, rule_policy: Callable[[Table], PolicySpec]) -> Routi
     # `splits = []`: none (how an override takes away a split its base has)
     split = _split(t, "splits", by_name) if t.has("splits") and t.get("splits") != [] else None
     rules = _rules(t, by_name, rule_policy)
+    if not subsets and split is None and not rules:
+        return None  # all given empty: as if none were (the router's hook is skipped)
     table: dict[str, Any] = {}
     if subsets:
         table["subsets"] = {s.name: dict(s.labels) for s in subsets}
@@ -553,9 +555,8 @@ def dry_run(service: Service, sample: Sample, health: _Health, now: float) -> tu
     the unhealthy ones' weight); and per subset the service to rank (the caller plans each)."""
     routing = service.spec.policy.routing
     if routing is None:
-        return {"rule": None, "note": "no routes or splits: every endpoint, the service's policy"}, [
-            ({"subset": None, "share": 100.0}, service)
-        ]
+        route = {"rule": None, "rule_index": None, "policy": "the service's", "strategy": service.spec.policy.strategy}
+        return {**route, "note": "no routes or splits: every endpoint"}, [({"subset": None, "share": 100.0}, service)]
     rule = routing.match(sample.method, sample.path, sample.headers)
     split = routing.split if rule is None or rule.split is None else rule.split
     policy = None if rule is None else rule.policy

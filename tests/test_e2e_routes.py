@@ -152,6 +152,8 @@ def test_splits_changed_through_the_api_at_runtime_and_dry_run_shows_the_route(b
     status, _, body = d.api.request("POST", "/v1/policies/api:dry-run", bad)
     assert status == 400 and "request.method" in json.loads(body)["detail"]
     assert served(d, 10) == Counter({"v2": 10})  # a dry run changes nothing
+    out = edged_cli(d, "policy", "dry-run", "api", "subsets={}", "routes=[]", "splits=[]", "--path", "/x")
+    assert out.returncode == 0 and "route: default (no rule matched)" in out.stdout, out.stdout + out.stderr
 
 
 def test_a_split_pushed_in_signed_fleet_config(tmp_path, backends, edged, broker, topic_prefix):

@@ -88,6 +88,7 @@ def test_a_policy_with_routes_round_trips_through_policy_dict_and_compares_equal
     assert policy.routing.rules[1].policy.strategy == "round_robin"
     assert policy.routing.rules[1].policy.timeout == policy.timeout  # the rest is the service's
     assert parse_policy({}, "t").routing is None  # no routes: the router's hook is skipped
+    assert parse_policy({"subsets": {}, "splits": [], "routes": []}, "t").routing is None
     cleared = parse_policy({**policy_dict(policy), "splits": []}, "t")  # an override takes the split away
     assert cleared.routing.split is None and len(cleared.routing.rules) == 2
 
