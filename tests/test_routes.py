@@ -10,6 +10,8 @@ import time
 
 import pytest
 from helpers import FakeHealth, endpoint, service
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_router import ScriptedTransport
 
 from edged.call import Call
@@ -387,3 +389,40 @@ def test_labels_travel_in_the_fleet_registry_entry_to_the_cloud_endpoint():
     remote = entry_spec(normalize_entry(entry, node="n1"), source="mqtt:n1")
     (ep,) = cloud_endpoints({remote.key: remote}, broker_url="mqtt://127.0.0.1:1883", topics=Topics("hubmesh", "f"))
     assert ep.labels == (("version", "2"),)
+
+
+# -- hostile input ----------------------------------------------------------------------------------------------
+
+_scalar = st.one_of(st.none(), st.booleans(), st.integers(-5, 20_000), st.text(max_size=12))
+_json = st.recursive(
+    _scalar,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.dictionaries(
+            st.sampled_from(["name", "match", "subset", "splits", "policy", "headers", "exact", "prefix", "present",
+                             "methods", "path", "path_prefix", "weight", "version", "v1", "strategy", "x"]),
+            inner,
+            max_size=4,
+        ),
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(subsets=_json, splits=_json, routes=_json)
+def test_any_routing_document_parses_or_is_refused_with_a_config_error(subsets, splits, routes):
+    try:
+        policy = parse_policy({"subsets": subsets, "splits": splits, "routes": routes}, "fuzz")
+    except ConfigError:
+        return
+    if policy.routing is not None:  # what parsed round-trips and matches without raising
+        assert parse_policy(policy_dict(policy), "again") == policy
+        policy.routing.match("GET", "/x?y", [(b"x", b"1")])
+
+
+@settings(max_examples=150, deadline=None)
+@given(obj=_json, refs=st.lists(st.text(max_size=8), max_size=4))
+def test_labels_from_peers_and_entries_never_raise(obj, refs):
+    assert len(wire_labels(obj)) <= MAX_LABELS
+    parse_labels_doc(obj, [("default", r) for r in refs])
