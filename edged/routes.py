@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+from .call import Call
 from .document import Table
 from .model import HTTP_METHODS, Endpoint, PolicySpec, Service
 from .paths import normalize_path
@@ -416,7 +417,7 @@ class RoutePicker:
         self._rng = rng or random.Random()
         self._made: dict[tuple[str, str], tuple[Service, dict[tuple[int, str, bool], Service]]] = {}
 
-    def pick(self, service: Service, call: Any, health: _Health, now: float) -> Service:
+    def pick(self, service: Service, call: Call, health: _Health, now: float) -> Service:
         """The service as this call sees it: the matched rule's policy over the drawn subset's endpoints. A
         rule whose policy has a shorter `timeout` brings the call's deadline in."""
         routing = service.spec.policy.routing
