@@ -51,7 +51,7 @@ HEADERS = [
 ]
 
 
-def routed_service(rules: int, n: int = 8) -> Service:
+def routed_service(rules: int, n: int = 8, levels: str = "tier") -> Service:
     """`n` endpoints, half version 1 and half version 2, a 90/10 split, and `rules` rules (each a path prefix
     and a header condition; rule 0 matches path /r0)."""
     plain = make_service(n, "least_loaded")
@@ -60,6 +60,7 @@ def routed_service(rules: int, n: int = 8) -> Service:
     )
     table_ = {
         "strategy": "least_loaded",
+        "levels": levels,
         "subsets": {"v1": {"version": "1"}, "v2": {"version": "2"}},
         "splits": [{"subset": "v1", "weight": 90}, {"subset": "v2", "weight": 10}],
         "routes": [
@@ -100,16 +101,25 @@ def cases(health: HealthMonitor):
         svc = routed_service(rules)
         warm(health, svc, random.Random(7))
         picker = RoutePicker(random.Random(1))
-        yield f"{rules} rules, none matches: pick", rules, (lambda s=svc, p=picker: p.pick(s, miss, health, now))
+        what = f"{rules} rules + split" if rules else "split alone"
+        yield f"{what}, no rule matches: pick", rules, (lambda s=svc, p=picker: p.pick(s, miss, health, now))
         if rules:
             hit = Call("default", "s", "GET", "/r0/x", HEADERS, b"", now + 10, "rid")
-            first = f"{rules} rules, the first matches: pick"
+            first = f"{what}, the first rule matches: pick"
             yield first, rules, (lambda s=svc, p=picker, c=hit: p.pick(s, c, health, now))
         yield (
-            f"{rules} rules, none matches: pick + plan",
+            f"{what}, no rule matches: pick + plan",
             rules,
             (lambda s=svc, p=picker: ranker.plan(p.pick(s, miss, health, now), health, now, None, explain=False)),
         )
+    flat = routed_service(0, levels="none")  # one level: no fallback level after the drawn subset
+    warm(health, flat, random.Random(7))
+    picker = RoutePicker(random.Random(1))
+    yield (
+        "split alone, levels = none (no fallback): pick + plan",
+        0,
+        (lambda: ranker.plan(picker.pick(flat, miss, health, now), health, now, None, explain=False)),
+    )
 
 
 def one(label: str, calls: int) -> None:
