@@ -316,6 +316,7 @@ class Api:
             "strategy": plan.strategy,
             "note": plan.note,
             "levels": plan.explain_levels(),
+            "localities": plan.explain_localities(),
             "ranked": plan.explain(),
             "skipped": skipped,
         }

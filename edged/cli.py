@@ -304,6 +304,10 @@ def _resolve(args) -> int:
             share, up = f"{item['share']:g}%", "yes" if item["healthy"] else "no"
             rows.append((item["subset"], labels, str(item["weight"]), share, str(item["endpoints"]), up))
         print(_table(rows))
+    localities = data.get("localities", [])
+    if localities:  # strategy geo: where each locality is and its share of its level's calls
+        head = ("LEVEL", "LOCALITY", "BY", "DISTANCE", "RTT", "WEIGHT", "HEALTHY", "SHARE")
+        print(_table([head, *_places(localities)]))
     rows = [("RANK", "ENDPOINT", "TIER", "LEVEL", "USABLE", "REASON")]
     for r in data["ranked"]:
         rows.append(
@@ -313,6 +317,23 @@ def _resolve(args) -> int:
         rows.append(("-", s["endpoint"], s["tier"], "", "no", s["reason"]))
     print(_table(rows))
     return 0 if data["ranked"] else 1
+
+
+def _places(localities: list[dict]) -> list[tuple[str, ...]]:
+    """`edged resolve`'s rows for the localities of a `geo` plan."""
+    return [
+        (
+            loc["level"],
+            loc["locality"] + (" (here)" if loc["here"] else ""),
+            loc["ranked_by"],
+            "-" if loc["distance_km"] is None else f"{loc['distance_km']:.0f} km",
+            "-" if loc["rtt_ms"] is None else f"{loc['rtt_ms']:.1f} ms",
+            "-" if loc["weight"] is None else str(loc["weight"]),
+            f"{loc['healthy']}/{loc['total']}",
+            f"{loc['share']:.0f}%",
+        )
+        for loc in localities
+    ]
 
 
 def _call(args) -> int:

@@ -29,6 +29,7 @@ from .errors import ConfigError, EdgedError
 from .events import EventBus
 from .health import HealthMonitor
 from .http.client import UpstreamPool
+from .locality import Origin
 from .model import Endpoint, ServiceSpec
 from .policy import Ranker
 from .registry import Layer, Registry, Snapshot
@@ -111,7 +112,12 @@ class MeshCore:
         )
         self._transports: dict[str, Transport] = {"local": HttpTransport(self.pool)}
         self.router = Router(
-            self.registry, self.health, self._transports, self.metrics, Ranker(), whole_answer=self.limits.answer_buffer
+            self.registry,
+            self.health,
+            self._transports,
+            self.metrics,
+            Ranker(origin=Origin(config.node.zone, config.node.location)),
+            whole_answer=self.limits.answer_buffer,
         )
         self.gate = Gate.build(config.authz, config.quotas, self.metrics)  # authz + quotas of every entry point
         self.vitals = NodeVitals(

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import yaml
 
+from edged import locality
 from edged.authz import ID_GLOB, ID_GLOB_WHAT
 from edged.config import LABEL_WHAT
 from edged.document import (
@@ -587,6 +588,7 @@ def _policy(t: Table) -> PolicySpec:
             "failure_backoff",
             "cloud_max_share",
             *ROUTING_KEYS,
+            *GEO_KEYS,
         )
     )
     d = PolicySpec()
@@ -622,10 +624,42 @@ def _policy(t: Table) -> PolicySpec:
         failure_accrual=t.integer("failure_accrual", d.failure_accrual, lo=1, hi=1000),
         failure_backoff=t.duration("failure_backoff", d.failure_backoff),
         cloud_max_share=t.integer("cloud_max_share", d.cloud_max_share, lo=0, hi=100),
+        **_geo_keys(t, d),
     )
     # subsets, splits and match rules (edged/routes.py); a rule's own policy is its keys laid over this one
     routing = parse_routing(t, lambda rule: _policy(Table(t.doc, {**policy_dict(policy), **rule.data}, rule.path)))
     return policy if routing is None else replace(policy, routing=routing)
+
+
+# -- policy keys of strategy `geo` (edged/locality.py) ---------------------------------------------------------
+
+GEO_KEYS = ("zone_weights", "geo_order")
+MAX_ZONE_WEIGHTS = 64  # zones a policy may weigh: a fleet has a handful of sites
+
+
+def _geo_keys(t: Table, d: PolicySpec) -> dict[str, Any]:
+    """`zone_weights = {zone = 0..1000}` and `geo_order = "rtt" | "distance"`."""
+    weights = d.zone_weights
+    if t.has("zone_weights"):
+        table = t.table("zone_weights")
+        names = table.names()
+        if len(names) > MAX_ZONE_WEIGHTS:
+            t.fail("zone_weights", f"at most {MAX_ZONE_WEIGHTS} zones, got {len(names)}")
+        for name in names:
+            if not locality.ZONE.fullmatch(name):
+                table.fail(name, f"expected a zone name as [node] zone allows it, got {name!r}")
+        weights = tuple(sorted((n, table.integer(n, lo=0, hi=locality.MAX_WEIGHT)) for n in names))
+    return {"zone_weights": weights, "geo_order": t.choice("geo_order", d.geo_order, locality.GEO_ORDERS)}
+
+
+def _geo_dict(policy: PolicySpec) -> dict[str, Any]:
+    """The geo keys as `policy_dict` writes them: only when set (most policies do not use `geo`)."""
+    out: dict[str, Any] = {}
+    if policy.zone_weights:
+        out["zone_weights"] = dict(policy.zone_weights)
+    if policy.geo_order != PolicySpec().geo_order:
+        out["geo_order"] = policy.geo_order
+    return out
 
 
 def parse_policy(data: object, source: str, locate: Locate | None = None) -> PolicySpec:
@@ -667,4 +701,5 @@ def policy_dict(policy: PolicySpec) -> dict[str, Any]:
     if policy.quota is not None:
         out["quota"] = quota_dict(policy.quota)
     out.update(routing_dict(policy.routing))
+    out.update(_geo_dict(policy))
     return out

@@ -177,6 +177,10 @@ class PolicySpec:
     failure_backoff: float = 10.0  # first time out; the n-th recent one lasts n times this (at most 300 s)
     cloud_max_share: int = 100  # predictive (edged/predictive.py): at most this % of calls go to the cloud first
     routing: Routing | None = None  # subsets, splits and match rules (edged/routes.py); None: every call alike
+    # geo (edged/locality.py): zone -> weight of the zones that share one step of the spill order, and what
+    # orders localities after the caller's zone: "rtt" (measured, else estimated from distance) or "distance"
+    zone_weights: tuple[tuple[str, int], ...] = ()
+    geo_order: str = "rtt"
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ import random
 from collections.abc import Callable, Sequence
 from typing import NamedTuple, Protocol
 
-from . import balancer, predictive
+from . import balancer, locality, predictive
 from .balancer import PeakEwma
 from .balancer import vital as _vital
 from .model import Endpoint, PolicySpec, Service
@@ -18,7 +18,7 @@ from .registry import tier_rank
 from .spillover import LevelShare, level_name, pick, shares
 
 # Strategies this version implements; the others named in the contract fall back to `priority`, visibly.
-IMPLEMENTED = ("priority", "round_robin", "weighted", "least_loaded", "predictive")  # "latency" = least_loaded
+IMPLEMENTED = ("priority", "round_robin", "weighted", "least_loaded", "predictive", "geo")  # "latency" = least_loaded
 MAX_LAYOUTS = 4096  # services whose level layout the ranker keeps
 STALL_FLOOR = 0.025  # seconds: below this, a slow answer is not yet a sign of a frozen endpoint
 STALL_FACTOR = 8.0  # an endpoint is "stalled" when nothing came back for this many typical latencies
@@ -102,6 +102,7 @@ class Plan(NamedTuple):
     levels: tuple[LevelShare, ...] = ()  # filled when explaining
     panic: bool = False  # too few healthy endpoints: health verdicts were not believed (spillover.py)
     drawn: bool = False  # a random draw chose the starting level (spillover): the next call may start elsewhere
+    localities: tuple[dict, ...] = ()  # geo, when explaining: each level's localities (locality.explain)
 
     def explain(self) -> list[dict]:
         """The plan as data for `GET /v1/resolve/{name}` and `edged resolve`."""
@@ -119,6 +120,10 @@ class Plan(NamedTuple):
             }
             for i, c in enumerate(self.choices)
         ]
+
+    def explain_localities(self) -> list[dict]:
+        """`geo`: each level's localities, their place, health and share of the level's calls."""
+        return list(self.localities)
 
     def explain_levels(self) -> list[dict]:
         """Each level's health and share of calls, for `edged resolve`."""
@@ -159,8 +164,10 @@ class _Level:
 class Ranker:
     """Applies strategies. Holds only what strategies need between calls (round-robin turn, randomness)."""
 
-    def __init__(self, rng: random.Random | None = None) -> None:
+    def __init__(self, rng: random.Random | None = None, origin: locality.Origin | None = None) -> None:
         self._rng = rng or random.Random()
+        self.origin = origin or locality.Origin()  # where the caller is, for `geo`
+        self._places: dict[tuple[str, str], tuple[Service, dict[str, locality.Place]]] = {}
         self._turns: dict[tuple, int] = {}
         self._layouts: dict[tuple[str, str], tuple[Service, dict[str, int], bool]] = {}
         self._cloud: dict[tuple[str, str], predictive.CloudShare] = {}  # predictive's cloud_max_share
@@ -242,6 +249,7 @@ class Ranker:
             drawn = sum(1 for share in share_list if share > 0.0) > 1
         panic = total < policy.panic_threshold and any(lv.stalled or lv.down for lv in levels)
         choices: list[Choice] = []
+        geo_rows: list[dict] | None = [] if explain and strategy == "geo" else None
         for i in (start, *(i for i in range(len(levels)) if i != start)) if len(levels) > 1 else (0,):
             lv = levels[i]
             name = level_name(spec, lv.first) if explain else ""
@@ -251,7 +259,10 @@ class Ranker:
                 states = [state(ep.id) for ep in members]
             if not members:
                 continue
-            ordered, why = self._order(strategy, service, members, states, now, (spec.key, i))
+            if strategy == "geo":
+                ordered, why = self._geo(service, lv, members, states, now, health, geo_rows, name)
+            else:
+                ordered, why = self._order(strategy, service, members, states, now, (spec.key, i))
             if not panic:
                 if explain:
                     choices += [Choice(ep, True, why(ep), name) for ep in ordered]
@@ -277,7 +288,7 @@ class Ranker:
             refused.sort(key=lambda item: _priority_key(service, item[0]))
             choices += [Choice(ep, False, f"last resort: {reason}" if explain else "") for ep, reason in refused]
         if not explain:
-            return _new(Plan, (strategy, tuple(choices), note, (), panic, drawn))
+            return _new(Plan, (strategy, tuple(choices), note, (), panic, drawn, ()))
         if panic:
             note = (note + "; " if note else "") + (
                 f"panic: {total:.0f}% healthy < panic_threshold {policy.panic_threshold}%, health is not believed"
@@ -286,7 +297,7 @@ class Ranker:
             LevelShare(level_name(spec, lv.first), len(lv.usable), lv.total, healths[i], share_list[i])
             for i, lv in enumerate(levels)
         )
-        return Plan(strategy, tuple(choices), note, shown, panic, drawn)
+        return Plan(strategy, tuple(choices), note, shown, panic, drawn, tuple(geo_rows or ()))
 
     def _level_keys(self, service: Service) -> tuple[dict[str, int], bool]:
         """Endpoint id -> level key, and whether they are all one level; made once per registry snapshot of the
@@ -301,6 +312,53 @@ class Ranker:
             layout = (service, keys, len(set(keys.values())) <= 1)
             self._layouts[service.spec.key] = layout
         return layout[1], layout[2]
+
+    def _geo(
+        self,
+        service: Service,
+        lv: _Level,
+        members: list[Endpoint],
+        states: list[HealthState],
+        now: float,
+        health: HealthView,
+        rows: list[dict] | None,
+        level: str,
+    ) -> tuple[list[Endpoint], Callable[[Endpoint], str]]:
+        """`geo` within one level (edged/locality.py): the caller's zone, then nearer localities first, with
+        spillover by their health and `zone_weights`; least loaded within a locality."""
+        policy = service.spec.policy
+        places = self._places_of(service)
+        state = health.state
+        everyone = [*lv.usable, *lv.stalled, *(ep for ep, _ in lv.down)]
+        for ep in everyone:
+            if ep.id not in places:  # not one of the service's own endpoints (a caller's list)
+                places[ep.id] = locality.place(ep, self.origin)
+        found = locality.gather(
+            everyone, {ep.id for ep in lv.usable}, places, lambda eid: state(eid).latency_ewma, members, states
+        )
+        ranked = locality.rank(list(found.values()), policy.geo_order, policy.default_rtt)
+        locality.share_out(locality.steps(ranked, dict(policy.zone_weights)), policy.overprovisioning)
+        ordered, costs = locality.order(ranked, now, policy.default_rtt, self._rng)
+        if rows is None:
+            return ordered, _priority_why
+        rows += [locality.explain(loc, level) for loc in ranked]
+
+        def why(ep: Endpoint) -> str:
+            loc = found[places[ep.id].locality]
+            where = f"geo: {locality.describe(loc)}; locality share {loc.share:.0f}%"
+            return f"{where}; {balancer.why(ep, state(ep.id), now, costs[ep.id])}"
+
+        return ordered, why
+
+    def _places_of(self, service: Service) -> dict[str, locality.Place]:
+        """Endpoint id -> where it is, made once per registry snapshot of the service (like `_level_keys`)."""
+        known = self._places.get(service.spec.key)
+        if known is None or known[0] is not service:
+            if len(self._places) >= MAX_LAYOUTS:
+                self._places.clear()
+            known = (service, {ep.id: locality.place(ep, self.origin) for ep in service.endpoints})
+            self._places[service.spec.key] = known
+        return known[1]
 
     def _order(
         self,

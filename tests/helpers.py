@@ -11,7 +11,14 @@ from edged.model import Endpoint, EndpointSpec, PolicySpec, Service, ServiceSpec
 
 
 def endpoint(
-    name: str, port: int, *, priority: int = 10, weight: int = 100, tier: str = "local", svc: str = "s"
+    name: str,
+    port: int,
+    *,
+    priority: int = 10,
+    weight: int = 100,
+    tier: str = "local",
+    svc: str = "s",
+    meta: tuple[tuple[str, str], ...] = (),
 ) -> Endpoint:
     url = f"http://127.0.0.1:{port}"
     return Endpoint(
@@ -24,6 +31,7 @@ def endpoint(
         weight=weight,
         source="test",
         target=parse_target(url),
+        meta=meta,
     )
 
 

@@ -30,6 +30,7 @@ from edged.config import _Loader
 from edged.document import Doc, Table
 from edged.edge.txt import TXT_LIMIT, decode_txt, node_txt, parse_node_txt, txt_size
 from edged.errors import ConfigError
+from edged.locality import ZONE
 from edged.manifest import load_manifest_dirs, parse_manifest_data
 from edged.vitals import Vitals
 
@@ -223,7 +224,8 @@ labels = st.text(string.ascii_lowercase + string.digits + "-", min_size=1, max_s
 
 @fuzz("txt")
 @given(
-    st.dictionaries(st.binary(max_size=12) | st.sampled_from([b"node", b"fleet", b"svcs", b"cpu", b"bat"]),
+    st.dictionaries(st.binary(max_size=12) | st.sampled_from([b"node", b"fleet", b"svcs", b"cpu", b"bat", b"zone",
+                                                              b"loc"]),
                     st.none() | st.binary(max_size=60), max_size=12),
     labels, labels, labels, st.lists(st.text(max_size=70), max_size=40),
 )  # fmt: skip
@@ -231,6 +233,9 @@ def test_any_txt_record_parses_or_is_ignored_and_ours_fit(raw: dict, node: str, 
     count("txt")
     record = parse_node_txt(decode_txt(raw))
     assert record is None or (record.node and record.fleet)
+    if record is not None:  # zone and location as config allows them, or none (they rank `geo` calls)
+        assert record.zone == "" or ZONE.fullmatch(record.zone)
+        assert record.location is None or (-90 <= record.location[0] <= 90 and -180 <= record.location[1] <= 180)
     ours = node_txt(node=node, fleet=fleet, zone=zone, vitals=Vitals(), services=refs, addresses=["10.0.0.1"])
     assert txt_size(ours) <= TXT_LIMIT
     again = parse_node_txt(ours)

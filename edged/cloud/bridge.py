@@ -104,6 +104,7 @@ class Bridge:
             topics=self.topics,
             node=self.node,
             zone=config.node.zone,
+            location=config.node.location,
             saver=StateSaver(core.store),
             metrics=self.metrics_cloud,
             status_extra=lambda: {"role": "bridge", "group": config.bridge.group},

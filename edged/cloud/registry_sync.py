@@ -47,6 +47,7 @@ import cbor2
 from .. import __version__
 from ..errors import ConfigError
 from ..limits import Limits
+from ..locality import clean_zone, format_loc, parse_loc
 from ..logs import log_event
 from ..manifest import parse_policy, policy_dict
 from ..methods import MAX_METHODS
@@ -80,11 +81,17 @@ CLOUD_ONLY = ("cloud",)
 
 
 def spec_entry(
-    spec: ServiceSpec, *, node: str, zone: str, cloud: bool, labels: tuple[tuple[str, str], ...] = ()
+    spec: ServiceSpec,
+    *,
+    node: str,
+    zone: str,
+    cloud: bool,
+    labels: tuple[tuple[str, str], ...] = (),
+    location: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
     """The registry entry a node publishes for a service it offers. No timestamps: an unchanged service
     gives identical bytes, so re-publishing it is a no-op for every subscriber. `labels`: those all its
-    local endpoints carry (edged/routes.py), sent only when there are some."""
+    local endpoints carry (edged/routes.py), sent only when there are some; `loc` only when known."""
     interface = None
     if spec.interface is not None:
         interface = {
@@ -105,6 +112,8 @@ def spec_entry(
     }
     if labels:
         entry["labels"] = dict(labels)
+    if location is not None:
+        entry["loc"] = format_loc(location)
     return entry
 
 
@@ -184,7 +193,7 @@ def normalize_entry(obj: object, *, node: str) -> dict[str, Any]:
     entry = {
         "v": obj.get("v"),
         "node": str(obj.get("node", "")),
-        "zone": str(obj.get("zone", "")),
+        "zone": clean_zone(obj.get("zone", "")),  # zone and location: as config allows them, else none
         "tenant": obj.get("tenant"),
         "service": obj.get("service"),
         "priority": obj.get("priority"),
@@ -198,6 +207,9 @@ def normalize_entry(obj: object, *, node: str) -> dict[str, Any]:
     labels = wire_labels(obj.get("labels"))
     if labels:
         entry["labels"] = dict(labels)
+    loc = parse_loc(obj.get("loc"))
+    if loc is not None:
+        entry["loc"] = format_loc(loc)
     entry_spec(entry, source="check")  # raises ValueError when it does not make a service
     json.dumps(entry)  # and it must be storable as JSON (no CBOR-only values)
     return entry
@@ -214,6 +226,7 @@ class NodeStatus:
     seen: float | None = None
     since: float | None = None
     reason: str = ""  # of an offline status: "lost" (the last will) or "shutdown"
+    loc: str = ""  # "lat,lon" (edged/locality.py), "" when unknown or garbled
 
     @classmethod
     def of(cls, doc: Mapping[str, Any], *, seen: Any, since: Any) -> NodeStatus:
@@ -224,7 +237,8 @@ class NodeStatus:
         reason = doc.get("reason") if doc["state"] == "offline" else ""
         return cls(
             state=_share(doc["state"]),
-            zone=_share(str(doc.get("zone") or "")[:64]),
+            zone=_share(clean_zone(doc.get("zone") or "")),
+            loc=format_loc(parse_loc(doc.get("loc"))),
             vitals=pairs,
             seen=seen if isinstance(seen, (int, float)) else None,
             since=since if isinstance(since, (int, float)) else None,
@@ -236,6 +250,8 @@ class NodeStatus:
         out["since"] = self.since
         if self.reason:
             out["reason"] = self.reason
+        if self.loc:
+            out["loc"] = self.loc
         return out
 
 
@@ -254,6 +270,7 @@ class RegistrySync:
         topics: Topics,
         node: str,
         zone: str,
+        location: tuple[float, float] | None = None,
         saver: StateSaver,
         metrics: CloudMetrics,
         status_extra: Callable[[], dict] = dict,
@@ -275,6 +292,7 @@ class RegistrySync:
         self._topics = topics
         self.node = node
         self._zone = zone
+        self._location = location
         self._saver = saver
         self._metrics = metrics
         self._status_extra = status_extra
@@ -318,6 +336,8 @@ class RegistrySync:
     def status_payload(self, state: str, **extra: object) -> bytes:
         """JSON status document: `online` (with vitals) or `offline` (the last will, or a clean shutdown)."""
         doc = {"state": state, "node": self.node, "fleet": self._topics.fleet, "zone": self._zone, **extra}
+        if self._location is not None:
+            doc["loc"] = format_loc(self._location)
         if state == "online":
             doc.update(self._status_extra())
             doc["version"] = __version__
@@ -351,7 +371,9 @@ class RegistrySync:
                 continue
             cloud = self._always_cloud or "cloud" in spec.endpoint_types
             labels = common_labels(ep for ep in svc.endpoints if ep.tier == "local")
-            entry = spec_entry(spec, node=self.node, zone=self._zone, cloud=cloud, labels=labels)
+            entry = spec_entry(
+                spec, node=self.node, zone=self._zone, cloud=cloud, labels=labels, location=self._location
+            )
             own[service_key(spec.tenant, spec.name)] = cbor2.dumps(entry)
         if needed != self._needed:
             self._needed = frozenset(needed)
@@ -449,7 +471,7 @@ class RegistrySync:
         since = wall if previous is None or changed else previous.since
         status = self.nodes[node] = NodeStatus.of(doc, seen=wall, since=since)
         self.liveness.status(node, state, self._clock())
-        if changed or previous is None or previous.zone != status.zone:
+        if changed or previous is None or previous.zone != status.zone or previous.loc != status.loc:
             if changed:
                 log_event(log, logging.INFO, "mqtt.node_state", node=node, state=state)
             self._changed(services=False)  # a renewed status changes nothing worth a write
@@ -609,6 +631,7 @@ class RegistrySync:
                     "fleet": self._topics.fleet,
                     "state": self.liveness.state(node, now),
                     "zone": doc.zone,
+                    "location": parse_loc(doc.loc),
                     "vitals": dict(doc.vitals),
                     "services": sorted(self.entries.get(node, {})),
                     "seen": doc.seen,

@@ -123,6 +123,7 @@ class CloudTier:
             topics=self.topics,
             node=self.node,
             zone=config.node.zone,
+            location=config.node.location,
             saver=self.saver,
             metrics=self.metrics,
             status_extra=lambda: {"vitals": self._node_vitals.current.status()},

@@ -5,8 +5,8 @@
   declare at all is declared from mDNS (lowest precedence), so a call for it is routed with no manifest here.
 - A manifest's `[[endpoints]] type = "edge", mdns = "_x._tcp"` takes every live instance of that type,
   `http://{addr}:{port}{TXT path}`, whoever advertises it (an edged of this fleet, Avahi, a bare responder).
-- Endpoint meta carries the node's vitals (from its TXT) and its name; a link quality this node measured
-  stands in when the peer does not know its own.
+- Endpoint meta carries the node's vitals (from its TXT), its name, zone and location; a link quality this
+  node measured stands in when the peer does not know its own.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ..locality import where_meta
 from ..model import Endpoint, Service, ServiceSpec, parse_target
 from ..registry import Key, Layer, Snapshot
 from ..routes import Labels
@@ -65,10 +66,17 @@ def offered(snapshot: Snapshot) -> list[Service]:
     ]
 
 
-def _meta(node: str, vitals: Vitals, link: int | None) -> tuple[tuple[str, str], ...]:
+def _meta(
+    node: str, vitals: Vitals, link: int | None, where: tuple[tuple[str, str], ...] = ()
+) -> tuple[tuple[str, str], ...]:
     if vitals.link is None and link is not None:
         vitals = Vitals(cpu=vitals.cpu, bat=vitals.bat, power=vitals.power, link=link)
-    return tuple(sorted((*vitals.meta(), ("node", node))))
+    return tuple(sorted((*vitals.meta(), ("node", node), *where)))
+
+
+def _where(record: NodeRecord | None) -> tuple[tuple[str, str], ...]:
+    """A peer's zone and location as endpoint meta (strategy `geo`, edged/locality.py)."""
+    return () if record is None else where_meta(record.zone, record.location)
 
 
 def _txt_path(props: Mapping[str, str]) -> str:
@@ -137,7 +145,10 @@ def build(
                 url = f"{scheme}://{url_host(instance.addresses[0])}:{instance.port}{_txt_path(props)}"
                 peer = by_node.get(owner)
                 vitals = peer.record.vitals if peer is not None else Vitals.from_txt(props)
-                meta = _meta(owner, vitals, links.get(owner)) if owner else vitals.meta() if vitals != Vitals() else ()
+                if owner:
+                    meta = _meta(owner, vitals, links.get(owner), _where(peer.record if peer is not None else None))
+                else:
+                    meta = vitals.meta() if vitals != Vitals() else ()
                 eid = f"{spec.tenant}/{spec.name}/edge/mdns:{instance.label}"
                 endpoints[eid] = Endpoint(
                     id=eid,
@@ -155,7 +166,7 @@ def build(
                 urls.add((spec.tenant, spec.name, url))
     declared: dict[tuple[str, str], ServiceSpec] = {}
     for peer in sorted(peers, key=lambda p: p.node):
-        meta = _meta(peer.node, peer.record.vitals, links.get(peer.node))
+        meta = _meta(peer.node, peer.record.vitals, links.get(peer.node), _where(peer.record))
         labelled = dict(peer.labels)
         for tenant, name in peer.services:
             declared.setdefault(

@@ -10,6 +10,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from ..locality import clean_zone, format_loc, parse_loc
 from ..model import DEFAULT_TENANT
 from ..routes import Labels, wire_labels
 from ..vitals import Vitals
@@ -91,15 +92,18 @@ def node_txt(
     services: Iterable[str],
     addresses: Iterable[str],
     labels: Mapping[str, Mapping[str, str]] | None = None,
+    location: tuple[float, float] | None = None,
 ) -> dict[str, str]:
     """The TXT keys of `{node}._hubmesh._tcp`. The service list is inlined when it fits, else sent as a hash;
-    so is it when services carry labels (`labels`: ref -> labels), which peers fetch with the list."""
+    so is it when services carry labels (`labels`: ref -> labels), which peers fetch with the list.
+    `loc` ("lat,lon", edged/locality.py) only when the node has a location."""
     refs = sorted(set(services))
     props = {
         "v": PROTOCOL_VERSION,
         "fleet": fleet,
         "node": node,
         "zone": zone,
+        **({"loc": format_loc(location)} if location is not None else {}),
         **vitals.txt(),
         "ih": interface_hash(addresses),
         "svcs": ",".join(refs),
@@ -131,6 +135,7 @@ class NodeRecord:
     services: tuple[tuple[str, str], ...] | None  # (tenant, name); None when only a hash was sent
     services_hash: str  # of the refs as sent (or as hashed by the peer)
     ih: str
+    location: tuple[float, float] | None = None  # `loc`; None when absent or garbled
 
 
 def parse_node_txt(props: Mapping[str, str]) -> NodeRecord | None:
@@ -149,12 +154,13 @@ def parse_node_txt(props: Mapping[str, str]) -> NodeRecord | None:
     return NodeRecord(
         node=node,
         fleet=fleet,
-        zone=props.get("zone", ""),
+        zone=clean_zone(props.get("zone", "")),  # a zone name as config allows, else none: it ranks `geo` calls
         version=props.get("v", ""),
         vitals=Vitals.from_txt(dict(props)),
         services=services,
         services_hash=digest,
         ih=props.get("ih", ""),
+        location=parse_loc(props.get("loc")),
     )
 
 
