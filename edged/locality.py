@@ -29,11 +29,11 @@ import random
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from . import balancer
 from .balancer import LoadState
-from .model import Endpoint
+from .model import Endpoint, PolicySpec
 from .spillover import pick, shares
 
 ZONE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # as `[node] zone` (edged/config.py)
@@ -131,163 +131,232 @@ def place(ep: Endpoint, origin: Origin) -> Place:
     return Place(locality, bool(zone) and zone == origin.zone, km)
 
 
-# -- one level's localities ---------------------------------------------------------------------------------
+# -- one service's localities, and one call's choice among them --------------------------------------------
 
 
-class Locality:
-    """A locality of one level while a plan is made; `share` (0..100) is its part of the level's calls."""
+class Layout:
+    """A service's endpoints grouped by locality, seen from the caller; made once per registry snapshot of
+    the service (the ranker caches it). Localities are numbered in name order (ties in the order go by
+    name); `base` is each one's place when no round-trip time counts, `static` that order."""
 
-    __slots__ = ("by", "cls", "healthy", "here", "key", "km", "members", "name", "rtt", "share", "states", "total")
-    __slots__ += ("weight",)
+    __slots__ = ("base", "here", "index", "km", "names", "static", "weights")
 
-    def __init__(self, name: str, here: bool) -> None:
-        self.name = name
-        self.here = here
-        self.km: float | None = None  # nearest member's distance
-        self.rtt: float | None = None  # fastest member's latency EWMA (seconds)
-        self.healthy = 0
-        self.total = 0
-        self.members: list[Endpoint] = []  # candidates for the call, in the order given
-        self.states: list[LoadState] = []
-        self.weight: int | None = None  # from `zone_weights`, when listed
-        self.cls = UNPLACED
-        self.by = "unknown"  # what placed it: "zone", "rtt", "distance" or "unknown"
-        self.key = math.inf
-        self.share = 0.0
+    def __init__(self, places: Mapping[str, Place], weights: Mapping[str, int], order_by: str, default_rtt: float):
+        self.names = sorted({p.locality for p in places.values()})
+        number = {name: i for i, name in enumerate(self.names)}
+        self.index = {eid: number[p.locality] for eid, p in places.items()}  # endpoint id -> locality number
+        self.here = [False] * len(self.names)
+        self.km: list[float | None] = [None] * len(self.names)  # the nearest member's distance
+        for p in places.values():
+            i = number[p.locality]
+            self.here[i] = self.here[i] or p.here
+            km = self.km[i]
+            if p.km is not None and (km is None or p.km < km):
+                self.km[i] = p.km
+        # Zone weights (`zone_weights`) for the zones listed, not the caller's: its zone always comes first.
+        self.weights = [None if self.here[i] else weights.get(name) for i, name in enumerate(self.names)]
+        self.base = [self._base(i, order_by, default_rtt) for i in range(len(self.names))]
+        self.static = sorted(range(len(self.names)), key=self.base.__getitem__)
 
     def __repr__(self) -> str:
-        return f"<Locality {self.name!r} {self.healthy}/{self.total} key={self.key:.4f} share={self.share:.1f}>"
+        return f"<Layout {[self.names[i] for i in self.static]}>"
+
+    def _base(self, i: int, order_by: str, default_rtt: float) -> float:
+        """One float that sorts like (HERE | PLACED | UNPLACED, seconds or km): a cheap key per call."""
+        km = self.km[i]
+        if self.here[i]:
+            return HERE * _CLASS
+        if km is None:
+            return UNPLACED * _CLASS
+        return PLACED * _CLASS + ((default_rtt + km * RTT_PER_KM) if order_by == "rtt" else km)
+
+    def by(self, i: int, rtt: Sequence[float] | None) -> str:
+        """What placed locality `i`: "zone", "rtt", "distance" or "unknown"."""
+        if self.here[i]:
+            return "zone"
+        if rtt is not None and rtt[i] < _INF:
+            return "rtt"
+        return "distance" if self.km[i] is not None else "unknown"
 
 
-def gather(
-    everyone: Sequence[Endpoint],
-    usable: frozenset[str] | set[str],
-    places: Mapping[str, Place],
-    latency: Callable[[str], float | None],
+_CLASS = 1e12  # a rank class's span in `Layout.base`: beyond any seconds or km
+_INF = math.inf
+
+
+class GeoState(LoadState, Protocol):
+    latency_ewma: float | None
+
+
+class Decision(NamedTuple):
+    """One call's choice within a level: the order to try, and what `edged resolve` shows of it."""
+
+    ordered: list[Endpoint]
+    costs: dict[str, float]  # endpoint id -> least_loaded cost (explaining only)
+    ranked: list[int]  # the level's locality numbers, nearest first
+    healthy: list[int]  # per locality number
+    total: list[int]
+    rtt: list[float] | None  # per locality number: its fastest member's latency EWMA (inf: none)
+    shares: list[float]  # per locality number, 0..100 of the level's calls (explaining only)
+
+
+def choose(
+    layout: Layout,
     members: Sequence[Endpoint],
-    states: Sequence[LoadState],
-) -> dict[str, Locality]:
-    """The level's localities: `everyone` in the level counts (healthy when in `usable`), `members` (with
-    their `states`) are the candidates for this call. `latency(id)` is an endpoint's measured EWMA or None."""
-    out: dict[str, Locality] = {}
-    for ep in everyone:
-        p = places[ep.id]
-        loc = out.get(p.locality)
-        if loc is None:
-            loc = out[p.locality] = Locality(p.locality, p.here)
-        loc.total += 1
-        if ep.id in usable:
-            loc.healthy += 1
-        if p.km is not None and (loc.km is None or p.km < loc.km):
-            loc.km = p.km
-        rtt = latency(ep.id)
-        if rtt is not None and (loc.rtt is None or rtt < loc.rtt):
-            loc.rtt = rtt
+    states: Sequence[GeoState],
+    usable: Sequence[Endpoint],
+    others: Sequence[Endpoint],
+    state: Callable[[str], GeoState],
+    policy: PolicySpec,
+    now: float,
+    rng: random.Random,
+    explain: bool = False,
+) -> Decision:
+    """Order one level's candidates (`members`, with their `states`) for a call. `usable` are the level's
+    healthy endpoints (`members` itself, unless in panic) and `others` its stalled and down ones: they count
+    in a locality's health. `latency(id)` is an endpoint's latency EWMA, or None. (The call path runs this
+    for every call: plain lists indexed by locality number, few calls.)"""
+    n = len(layout.names)
+    index = layout.index
+    default_rtt, overprovisioning = policy.default_rtt, policy.overprovisioning
+    healthy = [0] * n
+    rtt: list[float] | None = [_INF] * n if policy.geo_order == "rtt" else None
+    groups: dict[int, tuple[list[Endpoint], list[GeoState]]] = {}  # locality number -> its candidates
     for ep, st in zip(members, states, strict=True):
-        loc = out[places[ep.id].locality]
-        loc.members.append(ep)
-        loc.states.append(st)
-    return out
-
-
-def rank(localities: Sequence[Locality], order_by: str, default_rtt: float) -> list[Locality]:
-    """The caller's locality first, then placed ones nearest first (see the module doc), then the rest."""
-    for loc in localities:
-        if loc.here:
-            loc.cls, loc.key, loc.by = HERE, 0.0, "zone"
-        elif order_by == "rtt" and loc.rtt is not None:
-            loc.cls, loc.key, loc.by = PLACED, loc.rtt, "rtt"
-        elif loc.km is not None:
-            loc.cls, loc.by = PLACED, "distance"
-            loc.key = (default_rtt + loc.km * RTT_PER_KM) if order_by == "rtt" else loc.km
+        i = index[ep.id]
+        group = groups.get(i)
+        if group is None:
+            groups[i] = ([ep], [st])
         else:
-            loc.cls, loc.key, loc.by = UNPLACED, math.inf, "unknown"
-    return sorted(localities, key=lambda loc: (loc.cls, loc.key, loc.name))
+            group[0].append(ep)
+            group[1].append(st)
+    if members is usable:  # not in panic: the candidates are the healthy ones
+        for i, (_, sts) in groups.items():
+            healthy[i] = len(sts)
+            if rtt is not None:
+                for st in sts:
+                    lat = st.latency_ewma
+                    if lat is not None and lat < rtt[i]:
+                        rtt[i] = lat
+        total = healthy.copy()
+        rest: Sequence[Endpoint] = others
+    else:
+        for ep in usable:
+            healthy[index[ep.id]] += 1
+        total = [0] * n
+        rest = (*usable, *others)
+    for ep in rest:
+        i = index[ep.id]
+        total[i] += 1
+        if rtt is not None:
+            lat = state(ep.id).latency_ewma
+            if lat is not None and lat < rtt[i]:
+                rtt[i] = lat
+    if rtt is not None and min(rtt) < _INF:
+        base, here = layout.base, layout.here
+        keys = [base[i] if r == _INF or here[i] else PLACED * _CLASS + r for i, r in enumerate(rtt)]
+        ranked = [i for i in sorted(range(n), key=keys.__getitem__) if total[i]]
+    else:
+        ranked = [i for i in layout.static if total[i]]
+    with_calls = [i for i in ranked if i in groups]
+    weights = layout.weights
+    first = ranked[0] if ranked else 0
+    out_shares: list[float] = []
+    start = 0
+    if len(with_calls) > 1 and (
+        explain or weights[first] is not None or healthy[first] * overprovisioning < total[first]
+    ):  # else the nearest locality is healthy enough (health 100) to keep every call: nothing to draw
+        out_shares = spill(ranked, healthy, total, weights, overprovisioning, n)
+        start = pick([out_shares[i] for i in with_calls], rng.random())
+    if explain and not out_shares:
+        out_shares = spill(ranked, healthy, total, weights, overprovisioning, n)
+    ordered: list[Endpoint] = []
+    costs: dict[str, float] = {}
+    if start:
+        with_calls.insert(0, with_calls.pop(start))
+    for i in with_calls:
+        eps, sts = groups[i]
+        if len(eps) == 1:
+            ordered.append(eps[0])
+            if explain:
+                costs[eps[0].id] = balancer.cost(sts[0], eps[0].meta, now, default_rtt)
+            continue
+        got, values = balancer.order(eps, sts, now, default_rtt, rng)
+        ordered += got
+        if explain:
+            for ep, value in zip(eps, values, strict=True):
+                costs[ep.id] = value
+    return _new(Decision, (ordered, costs, ranked, healthy, total, rtt, out_shares))
 
 
-def steps(ordered: Sequence[Locality], weights: Mapping[str, int]) -> list[list[Locality]]:
-    """The spill order as steps: each locality alone, except the weighted zones (not the caller's), which
-    form one step where the nearest of them stands. Localities of weight 0 are left out (failover only)."""
-    out: list[list[Locality]] = []
-    group: list[Locality] | None = None
-    for loc in ordered:
-        w = None if loc.here else weights.get(loc.name)
-        loc.weight = w
+_new = tuple.__new__  # a named tuple's own __new__ is a Python function: this is the call path
+
+
+def spill(
+    ranked: Sequence[int],
+    healthy: Sequence[int],
+    total: Sequence[int],
+    weights: Sequence[int | None],
+    overprovisioning: float,
+    n: int,
+) -> list[float]:
+    """Each locality's share (0..100) of the level's calls: Envoy's spillover between the steps of the order
+    (`spillover.shares`), and its locality-weighted split (weight x health) within the step of weighted zones.
+    Localities of weight 0 get none (failover only)."""
+    steps: list[list[int]] = []
+    group: list[int] | None = None
+    for i in ranked:
+        w = weights[i]
         if w is None:
-            out.append([loc])
+            steps.append([i])
         elif w > 0:
             if group is None:
                 group = []
-                out.append(group)
-            group.append(loc)
+                steps.append(group)
+            group.append(i)
+    counts = [(sum(healthy[i] for i in step), sum(total[i] for i in step)) for step in steps]
+    _, step_shares, _ = shares(counts, overprovisioning)
+    out = [0.0] * n
+    for step, share in zip(steps, step_shares, strict=True):
+        if len(step) == 1:
+            out[step[0]] = share
+            continue
+        parts = [(weights[i] or 0) * min(100.0, overprovisioning * 100.0 * healthy[i] / total[i]) for i in step]
+        whole = sum(parts)
+        for i, part in zip(step, parts, strict=True):
+            out[i] = share * part / whole if whole > 0 else 0.0
     return out
 
 
-def share_out(step_list: Sequence[Sequence[Locality]], overprovisioning: float) -> float:
-    """Set each locality's `share` (0..100) of the level's calls: Envoy's spillover between steps, and its
-    locality-weighted split (weight x health) within a step. Returns the steps' total health (0..100)."""
-    counts = [(sum(loc.healthy for loc in step), sum(loc.total for loc in step)) for step in step_list]
-    _, step_shares, total = shares(counts, overprovisioning)
-    for step, share in zip(step_list, step_shares, strict=True):
-        if len(step) == 1:
-            step[0].share = share
-            continue
-        parts = [(loc.weight or 0) * min(100.0, overprovisioning * 100.0 * loc.healthy / loc.total) for loc in step]
-        whole = sum(parts)
-        for loc, part in zip(step, parts, strict=True):
-            loc.share = share * part / whole if whole > 0 else 0.0
-    return total
-
-
-def order(
-    ordered: Sequence[Locality],
-    now: float,
-    default_rtt: float,
-    rng: random.Random,
-) -> tuple[list[Endpoint], dict[str, float]]:
-    """The call's order: a locality drawn by the shares (least loaded first within it), then the other
-    localities in rank order, each least loaded first; and each candidate's least_loaded cost."""
-    with_calls = [loc for loc in ordered if loc.members]
-    start = 0
-    if len(with_calls) > 1:
-        start = pick([loc.share for loc in with_calls], rng.random())
-    out: list[Endpoint] = []
-    costs: dict[str, float] = {}
-    for i in (start, *(i for i in range(len(with_calls)) if i != start)):
-        loc = with_calls[i]
-        eps, values = balancer.order(loc.members, loc.states, now, default_rtt, rng)
-        out += eps
-        for ep, value in zip(loc.members, values, strict=True):
-            costs[ep.id] = value
-    return out, costs
-
-
-def describe(loc: Locality) -> str:
-    """Where a locality stands, for `edged resolve` ("zone b, 120 km, rtt 4.2 ms")."""
-    name = loc.name if not loc.name.startswith("node:") else f"{loc.name[5:] or 'this node'} (no zone)"
-    parts = [name or "unknown place"]
-    if loc.here:
+def describe(layout: Layout, d: Decision, i: int) -> str:
+    """Where locality `i` stands, for `edged resolve` ("berlin, 504 km, rtt 4.2 ms; locality share 30%")."""
+    name = layout.names[i]
+    parts = [f"{name[5:] or 'this node'} (no zone)" if name.startswith("node:") else name or "unknown place"]
+    if layout.here[i]:
         parts.append("caller's zone")
-    if loc.km is not None and not (loc.here and loc.km == 0.0):
-        parts.append(f"{loc.km:.0f} km")
-    if loc.rtt is not None:
-        parts.append(f"rtt {loc.rtt * 1000:.1f} ms")
-    if loc.weight is not None:
-        parts.append(f"weight {loc.weight}")
-    return ", ".join(parts)
+    km = layout.km[i]
+    if km is not None and not (layout.here[i] and km == 0.0):
+        parts.append(f"{km:.0f} km")
+    if d.rtt is not None and d.rtt[i] < _INF:
+        parts.append(f"rtt {d.rtt[i] * 1000:.1f} ms")
+    if layout.weights[i] is not None:
+        parts.append(f"weight {layout.weights[i]}")
+    return ", ".join(parts) + f"; locality share {d.shares[i]:.0f}%"
 
 
-def explain(loc: Locality, level: str) -> dict:
-    """A locality as `GET /v1/resolve` shows it."""
-    return {
-        "level": level,
-        "locality": loc.name,
-        "here": loc.here,
-        "distance_km": None if loc.km is None else round(loc.km, 1),
-        "rtt_ms": None if loc.rtt is None else round(loc.rtt * 1000, 2),
-        "ranked_by": loc.by,
-        "weight": loc.weight,
-        "healthy": loc.healthy,
-        "total": loc.total,
-        "share": round(loc.share, 1),
-    }
+def explain(layout: Layout, d: Decision, level: str, order_by: str) -> list[dict]:
+    """The level's localities as `GET /v1/resolve` shows them, nearest first."""
+    return [
+        {
+            "level": level,
+            "locality": layout.names[i],
+            "here": layout.here[i],
+            "distance_km": None if layout.km[i] is None else round(layout.km[i], 1),  # type: ignore[arg-type]
+            "rtt_ms": None if d.rtt is None or d.rtt[i] == _INF else round(d.rtt[i] * 1000, 2),
+            "ranked_by": layout.by(i, d.rtt if order_by == "rtt" else None),
+            "weight": layout.weights[i],
+            "healthy": d.healthy[i],
+            "total": d.total[i],
+            "share": round(d.shares[i], 1),
+        }
+        for i in d.ranked
+    ]

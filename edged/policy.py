@@ -167,7 +167,7 @@ class Ranker:
     def __init__(self, rng: random.Random | None = None, origin: locality.Origin | None = None) -> None:
         self._rng = rng or random.Random()
         self.origin = origin or locality.Origin()  # where the caller is, for `geo`
-        self._places: dict[tuple[str, str], tuple[Service, dict[str, locality.Place]]] = {}
+        self._places: dict[tuple[str, str], tuple[Service, locality.Layout]] = {}  # geo: localities
         self._turns: dict[tuple, int] = {}
         self._layouts: dict[tuple[str, str], tuple[Service, dict[str, int], bool]] = {}
         self._cloud: dict[tuple[str, str], predictive.CloudShare] = {}  # predictive's cloud_max_share
@@ -327,37 +327,39 @@ class Ranker:
         """`geo` within one level (edged/locality.py): the caller's zone, then nearer localities first, with
         spillover by their health and `zone_weights`; least loaded within a locality."""
         policy = service.spec.policy
-        places = self._places_of(service)
+        layout = self._layout_of(service)
+        others = [*lv.stalled, *(ep for ep, _ in lv.down)] if lv.stalled or lv.down else ()
         state = health.state
-        everyone = [*lv.usable, *lv.stalled, *(ep for ep, _ in lv.down)]
-        for ep in everyone:
-            if ep.id not in places:  # not one of the service's own endpoints (a caller's list)
-                places[ep.id] = locality.place(ep, self.origin)
-        found = locality.gather(
-            everyone, {ep.id for ep in lv.usable}, places, lambda eid: state(eid).latency_ewma, members, states
-        )
-        ranked = locality.rank(list(found.values()), policy.geo_order, policy.default_rtt)
-        locality.share_out(locality.steps(ranked, dict(policy.zone_weights)), policy.overprovisioning)
-        ordered, costs = locality.order(ranked, now, policy.default_rtt, self._rng)
+        try:
+            decision = locality.choose(
+                layout, members, states, lv.usable, others, state, policy, now, self._rng, rows is not None
+            )
+        except KeyError:  # an endpoint that is not one of the service's own (a caller's list): placed here
+            places = {ep.id: locality.place(ep, self.origin) for ep in (*lv.usable, *others)}
+            layout = locality.Layout(places, dict(policy.zone_weights), policy.geo_order, policy.default_rtt)
+            decision = locality.choose(
+                layout, members, states, lv.usable, others, state, policy, now, self._rng, rows is not None
+            )
         if rows is None:
-            return ordered, _priority_why
-        rows += [locality.explain(loc, level) for loc in ranked]
+            return decision.ordered, _priority_why
+        rows += locality.explain(layout, decision, level, policy.geo_order)
 
         def why(ep: Endpoint) -> str:
-            loc = found[places[ep.id].locality]
-            where = f"geo: {locality.describe(loc)}; locality share {loc.share:.0f}%"
-            return f"{where}; {balancer.why(ep, state(ep.id), now, costs[ep.id])}"
+            where = locality.describe(layout, decision, layout.index[ep.id])
+            return f"geo: {where}; {balancer.why(ep, state(ep.id), now, decision.costs[ep.id])}"
 
-        return ordered, why
+        return decision.ordered, why
 
-    def _places_of(self, service: Service) -> dict[str, locality.Place]:
-        """Endpoint id -> where it is, made once per registry snapshot of the service (like `_level_keys`)."""
+    def _layout_of(self, service: Service) -> locality.Layout:
+        """The service's localities as seen from here, made once per registry snapshot (like `_level_keys`)."""
         known = self._places.get(service.spec.key)
         if known is None or known[0] is not service:
             if len(self._places) >= MAX_LAYOUTS:
                 self._places.clear()
-            known = (service, {ep.id: locality.place(ep, self.origin) for ep in service.endpoints})
-            self._places[service.spec.key] = known
+            policy = service.spec.policy
+            places = {ep.id: locality.place(ep, self.origin) for ep in service.endpoints}
+            layout = locality.Layout(places, dict(policy.zone_weights), policy.geo_order, policy.default_rtt)
+            known = self._places[service.spec.key] = (service, layout)
         return known[1]
 
     def _order(

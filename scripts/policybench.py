@@ -34,10 +34,21 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from edged.health import HealthMonitor  # noqa: E402
+from edged.locality import Origin, where_meta  # noqa: E402
 from edged.model import Endpoint, EndpointSpec, PolicySpec, Service, ServiceSpec, parse_target  # noqa: E402
 from edged.policy import Ranker  # noqa: E402
 
-TARGETS_US = {"least_loaded": 10.0, "predictive": 30.0}
+TARGETS_US = {"least_loaded": 10.0, "predictive": 30.0, "geo": 10.0}
+# geo: the caller in Munich; its peers in three zones round the list, at 0, 356 and 504 km (edged/locality.py)
+GEO_PLACES = (("munich", (48.1374, 11.5755)), ("vienna", (48.2082, 16.3738)), ("berlin", (52.52, 13.405)))
+GEO_ORIGIN = Origin(*GEO_PLACES[0])
+
+
+def ranker_for(strategy: str, ranker_class=Ranker, seed: int = 1):
+    """A ranker; a `geo` one knows where the caller is."""
+    if strategy == "geo":
+        return ranker_class(random.Random(seed), GEO_ORIGIN)
+    return ranker_class(random.Random(seed))
 
 
 def make_service(n: int, strategy: str, tiers: tuple[str, ...] = ("local",)) -> Service:
@@ -45,8 +56,12 @@ def make_service(n: int, strategy: str, tiers: tuple[str, ...] = ("local",)) -> 
     for i in range(n):
         tier = tiers[i % len(tiers)]
         url = f"http://127.0.0.1:{9000 + i}"
+        meta = ()
+        if strategy == "geo":  # peers in three zones (a local endpoint is always in the caller's locality)
+            tier = "edge" if len(tiers) == 1 else tier
+            meta = (*where_meta(*GEO_PLACES[i % 3]), ("node", f"n{i}"))
         eps.append(
-            Endpoint(f"default/s/{tier}/e{i}", "s", "default", tier, url, 10, 100, "bench", parse_target(url), ())
+            Endpoint(f"default/s/{tier}/e{i}", "s", "default", tier, url, 10, 100, "bench", parse_target(url), meta)
         )
     spec = ServiceSpec(
         name="s",
@@ -110,7 +125,7 @@ def one(strategy: str, n: int, tiers: int, calls: int, ref: str) -> None:
     svc = make_service(n, strategy, ("local", "edge", "cloud")[:tiers])
     health = HealthMonitor()
     warm(health, svc, random.Random(7))
-    ranker = ranker_class(random.Random(1))
+    ranker = ranker_for(strategy, ranker_class)
     now = time.monotonic()
     for _ in range(calls):
         ranker.plan(svc, health, now, None, explain=False)
@@ -163,6 +178,8 @@ def main() -> int:
             ("least_loaded", 6, 3, ""),
             ("predictive", 3, 1, ""),
             ("predictive", 8, 1, ""),
+            ("geo", 3, 1, ""),
+            ("geo", 8, 1, ""),
             ("latency", 3, 1, args.ref),
             ("latency", 8, 1, args.ref),
         ]:
@@ -175,11 +192,12 @@ def main() -> int:
     strategies = ("priority", "round_robin", "weighted", "least_loaded", "predictive")
     cases = [(s, n, 1) for n in (3, 8) for s in strategies]
     cases += [("least_loaded", 6, 3), ("predictive", 6, 3)]
+    cases += [("geo", 3, 1), ("geo", 8, 1), ("geo", 6, 3)]
     for strategy, n, t in cases:
         svc = make_service(n, strategy, ("local", "edge", "cloud")[:t])
         health = HealthMonitor()
         warm(health, svc, rng)
-        got = per_call_us(Ranker(random.Random(1)), svc, health, args.calls, args.rounds)
+        got = per_call_us(ranker_for(strategy), svc, health, args.calls, args.rounds)
         target = TARGETS_US.get(strategy)
         rows.append(
             (
