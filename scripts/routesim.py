@@ -43,6 +43,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 from edged.call import Call  # noqa: E402
 from edged.errors import CallError, ConnectFailed, UpstreamTimeout  # noqa: E402
 from edged.health import CheckResult, HealthMonitor  # noqa: E402
+from edged.locality import Origin, where_meta  # noqa: E402
 from edged.model import Endpoint, HealthCheckSpec, PolicySpec, ServiceSpec  # noqa: E402
 from edged.policy import Choice, Plan, Ranker  # noqa: E402
 from edged.registry import Registry  # noqa: E402
@@ -134,6 +135,9 @@ class SimNode:
     loss: Schedule = ZERO  # share of replies lost (a flaky link): the try times out
     partitioned: Callable[[float], bool] = lambda t: False  # unreachable: tries and checks time out
     dead: Callable[[float], bool] = lambda t: False  # process gone: connections refused at once
+    zone: str = ""  # where it is (strategy geo): its zone, location and the WAN time to it (seconds, both ways)
+    loc: tuple[float, float] | None = None
+    wan: float = 0.0
     # run state
     busy: int = 0
     queued: int = 0
@@ -157,7 +161,7 @@ class SimNode:
         ahead = max(0, self.busy + self.queued + 1 - self.servers)
         service = self.mean_service(t)
         lost = self.loss(t)
-        return LINK[self.tier] + (ahead / self.servers + 1) * service * (1 - lost) + lost * timeout
+        return LINK[self.tier] + self.wan + (ahead / self.servers + 1) * service * (1 - lost) + lost * timeout
 
     def set_busy(self, delta: int, now: float) -> None:
         self.busy_area += self.busy * (now - self.busy_mark)
@@ -172,12 +176,12 @@ class SimNode:
     def meta(self, t: float) -> tuple[tuple[str, str], ...]:
         """Vitals as the edge tier publishes them: CPU busy % (its servers' use), battery, link quality."""
         if not self.vitals:
-            return ()
+            return where_meta(self.zone, self.loc)
         out = [("cpu", str(round(100 * self.cpu))), ("power", self.power)]
         if self.power == "battery":
             out.append(("bat", str(round(self.battery(t)))))
         out.append(("link", str(round(100 * (1 - self.loss(t))))))
-        return tuple(out)
+        return (*out, *where_meta(self.zone, self.loc))
 
 
 class Answer:
@@ -223,7 +227,7 @@ class SimTransport:
             raise UpstreamTimeout(ep.url, f"no answer in {timeout * 1000:.0f} ms") from None
 
     async def _visit(self, node: SimNode) -> Answer:
-        await asyncio.sleep(LINK[node.tier] / 2)
+        await asyncio.sleep((LINK[node.tier] + node.wan) / 2)
         assert node.sem is not None
         node.queued += 1
         try:
@@ -236,7 +240,7 @@ class SimTransport:
         finally:
             node.set_busy(-1, self._clock.now)
             node.sem.release()
-        await asyncio.sleep(LINK[node.tier] / 2)
+        await asyncio.sleep((LINK[node.tier] + node.wan) / 2)
         return Answer(200)
 
 
@@ -267,6 +271,8 @@ class Scenario:
     duration: float = 60.0
     policy: dict = field(default_factory=dict)  # policy keys for every strategy
     arrivals: str = "poisson"  # or "even" (fixed spacing, as scripts/loadgen.py sends)
+    strategies: tuple[str, ...] = STRATEGIES  # those it is run with by default
+    origin: Origin | None = None  # where the caller is (strategy geo; None: nowhere in particular)
 
 
 def _burst(period: float, length: float, level: float, start: float = 5.0) -> Schedule:
@@ -358,8 +364,56 @@ def scenarios() -> dict[str, Scenario]:
             ],
             const(0.1),
         ),
+        GEO,
     ]
     return {s.name: s for s in items}
+
+
+# -- zone and geo (edged/locality.py) -----------------------------------------------------------------------
+
+GEO_HERE = Origin("munich", (48.1374, 11.5755))
+GEO_STRATEGIES = ("geo", "least_loaded", "round_robin", "oracle")
+
+
+def geo_nodes() -> list[SimNode]:
+    """The caller's zone (Munich) loses its four boxes one by one (10, 20, 30, 40 s); four equal boxes stand by
+    in Vienna, 356 km and 8 ms of WAN round trip away."""
+    return [
+        *(
+            SimNode(f"munich-{i}", zone="munich", loc=GEO_HERE.location, dead=lambda t, i=i: t >= 10.0 * (i + 1))
+            for i in range(4)
+        ),
+        *(SimNode(f"vienna-{i}", median=0.020, zone="vienna", loc=(48.2082, 16.3738), wan=0.008) for i in range(4)),
+    ]
+
+
+GEO = Scenario(
+    "geo",
+    "two zones: the caller's loses its 4 boxes one by one (10..40 s), the farther one (+8 ms) stands by",
+    geo_nodes,
+    const(0.1),  # 80 % of one box
+    strategies=GEO_STRATEGIES,
+    origin=GEO_HERE,
+)
+
+
+def zone_windows(results: list[RunResult]) -> str:
+    """For the geo scenario: the share of calls answered in the caller's zone, per 10 s, and over the run
+    (Envoy's formula, as for levels: 100 % with 4 or 3 of 4 healthy, 70 % with 2, 35 % with 1, 0 % with none)."""
+    rows = [("strategy", *(f"{10 * k}-{10 * k + 10}s" for k in range(6)), "in zone", "p99 ms", "failed")]
+    for r in results:
+        if r.scenario != "geo":
+            continue
+        cells = []
+        for k in range(6):
+            window = [o for o in r.outcomes if o.ok and 10 * k <= o.started < 10 * k + 10]
+            near = sum(1 for o in window if o.node.startswith("munich"))
+            cells.append(f"{100 * near / len(window):.0f}%" if window else "-")
+        answered = [o for o in r.outcomes if o.ok]
+        near = sum(1 for o in answered if o.node.startswith("munich"))
+        share = f"{100 * near / len(answered):.0f}%" if answered else "-"
+        rows.append((r.strategy, *cells, share, f"{r.pct(0.99) * 1000:.1f}", str(r.failed)))
+    return table(rows) if len(rows) > 1 else ""
 
 
 # -- one run ------------------------------------------------------------------------------------------------
@@ -445,7 +499,7 @@ async def _run(scenario: Scenario, strategy: str, seed: int, clock: VirtualClock
     health = HealthMonitor(clock=clock, lag=lambda: 0.0)
     health.sync(registry.snapshot().services.values())
     transport = SimTransport(by_id, clock)
-    ranker = OracleRanker(by_id, clock) if strategy == "oracle" else Ranker(random.Random(seed))
+    ranker = OracleRanker(by_id, clock) if strategy == "oracle" else Ranker(random.Random(seed), scenario.origin)
     router = Router(registry, health, dict.fromkeys(LINK, transport), MeshMetrics(), ranker=ranker, clock=clock)
     capacity = sum(n.capacity() for n in nodes)
     outcomes: list[Outcome] = []
@@ -576,15 +630,15 @@ def targets(results: list[RunResult]) -> list[tuple[str, bool, str]]:
             ratio = pr.pct(0.99) / orc.pct(0.99)
             out.append((f"predictive p99 <= 1.10 x oracle ({scenario})", ratio <= 1.10, f"{ratio:.2f}x"))
     for (scenario, strategy), r in sorted(got.items()):
-        if scenario == "spillover" and strategy != "oracle":
-            out.append((f"spillover, {strategy}: 0 failed calls", r.failed == 0, f"{r.failed} failed"))
+        if scenario in ("spillover", "geo") and strategy != "oracle":
+            out.append((f"{scenario}, {strategy}: 0 failed calls", r.failed == 0, f"{r.failed} failed"))
     return out
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenario", action="append", help="run only these (default: all)")
-    ap.add_argument("--strategy", action="append", help=f"run only these (default: {', '.join(STRATEGIES)})")
+    ap.add_argument("--strategy", action="append", help=f"run only these (default: {', '.join(STRATEGIES)}; geo: geo)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--duration", type=float, help="end every scenario after this many seconds")
     ap.add_argument("--replay", action="store_true", help="replay `heterogeneous` through the real daemon")
@@ -595,14 +649,13 @@ def main() -> int:
         return routereplay.main(args.seed, ["--duration", str(args.duration or 30.0)])
     all_scenarios = scenarios()
     names = args.scenario or list(all_scenarios)
-    strategies = args.strategy or list(STRATEGIES)
     results = []
     for name in names:
         scenario = all_scenarios[name]
         if args.duration:
             scenario.duration = min(scenario.duration, args.duration)
         print(f"# {name}: {scenario.what}", file=sys.stderr)
-        for strategy in strategies:
+        for strategy in args.strategy or scenario.strategies:
             t0 = time.process_time()
             results.append(run(scenario, strategy, args.seed))
             print(f"  {strategy}: {time.process_time() - t0:.1f} s CPU", file=sys.stderr)
@@ -611,6 +664,10 @@ def main() -> int:
     if spill:
         print("\nspillover: share of calls answered by priority 2, per 10 s")
         print(spill)
+    zones = zone_windows(results)
+    if zones:
+        print("\ngeo: share of calls answered in the caller's zone, per 10 s")
+        print(zones)
     checks = targets(results)
     if checks:
         print()

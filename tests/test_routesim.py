@@ -37,3 +37,20 @@ def test_least_loaded_halves_round_robins_p99_on_heterogeneous_boxes():
     assert ll.failed == rr.failed == 0
     assert ll.pct(0.99) <= 0.5 * rr.pct(0.99), (ll.pct(0.99), rr.pct(0.99))
     assert sum(o.tries > 1 for o in ll.outcomes) < sum(o.tries > 1 for o in rr.outcomes) / 10  # few timed-out tries
+
+
+def test_geo_keeps_calls_in_the_callers_zone_and_spills_by_envoys_formula_as_it_loses_hosts():
+    result = routesim.run(routesim.scenarios()["geo"], "geo", seed=1)
+    assert result.failed == 0
+
+    def in_zone(t0: float) -> float:
+        window = [o for o in result.outcomes if t0 <= o.started < t0 + 10]
+        return sum(1 for o in window if o.node.startswith("munich")) / len(window)
+
+    # The caller's zone keeps all with 4 or 3 of 4 healthy; 70 % with 2; 35 % with 1; none with 0 (checks ~2 s late).
+    assert in_zone(0) == 1.0 and in_zone(10) > 0.98
+    assert 0.64 < in_zone(20) < 0.76 and 0.29 < in_zone(30) < 0.41 and in_zone(40) < 0.02
+    peer = routesim.run(routesim.scenarios()["geo"], "least_loaded", seed=1)  # zone-blind: about half elsewhere
+    assert in_zone(0) > sum(1 for o in peer.outcomes if o.started < 10 and o.node.startswith("munich")) / len(
+        [o for o in peer.outcomes if o.started < 10]
+    ) + 0.3
