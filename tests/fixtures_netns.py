@@ -157,6 +157,7 @@ class EdgeNode(Edged):
         vitals: str = 'interval = "200ms"',
         tls: bool = True,
         ca: FleetCA | None = None,
+        node_extra: str = "",  # more `[node]` keys, e.g. zone and location
     ) -> None:
         self.name, self.fleet = name, fleet
         if tls:  # enrolled by the fleet's test CA (one per fleet), as `edged fleet enroll` would have
@@ -176,6 +177,7 @@ class EdgeNode(Edged):
                 [node]
                 name = "{name}"
                 fleet = "{fleet}"
+                {node_extra}
                 [api]
                 listen = "127.0.0.1:{api}"
                 socket = "run/edged.sock"
