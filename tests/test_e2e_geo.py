@@ -55,6 +55,11 @@ def test_calls_stay_in_the_callers_zone_and_spill_to_the_next_zone_as_its_hosts_
     assert places["munich"]["here"] and places["munich"]["share"] == 100.0 and places["munich"]["total"] == 2
     assert abs(places["vienna"]["distance_km"] - 356) < 2 and places["vienna"]["share"] == 0.0
     assert view["ranked"][0]["reason"].startswith("geo: munich, caller's zone")
+    # The policy API takes the geo keys, and refuses bad ones naming the key.
+    status, _, body = a.admin.request("PUT", "/v1/policies/thermo", b'{"zone_weights": {"vienna": -1}}')
+    assert status == 400 and b"zone_weights.vienna" in body, body
+    status, _, body = a.admin.request("PUT", "/v1/policies/thermo", b'{"geo_order": "distance"}')
+    assert status == 200 and a.get("/v1/policies/thermo")["policy"]["geo_order"] == "distance", body
 
     def calls(n: int) -> Counter:
         got: Counter = Counter()

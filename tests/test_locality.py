@@ -256,3 +256,17 @@ def test_geo_policy_keys_round_trip_and_bad_ones_are_refused_with_the_key():
         with pytest.raises(ConfigError) as info:
             parse_policy(doc, "t")
         assert mentions in str(info.value), (doc, str(info.value))
+
+
+def test_in_panic_every_endpoint_takes_part_and_the_locality_with_health_left_starts():
+    home = [peer_ep(f"home{i}", "munich", MUNICH) for i in range(3)]
+    far = [peer_ep(f"far{i}", "berlin", BERLIN) for i in range(3)]
+    health = FakeHealth()
+    for ep in [*home, *far[:2]]:
+        health.state(ep.id).up = False  # 1 of 6 healthy: 23 % < panic_threshold 50 %
+    plan = Ranker(random.Random(1), HERE).plan(geo(*home, *far), health, 0.0)
+    assert plan.panic and len(plan.choices) == 6
+    ids = [c.endpoint.id.rpartition("/")[2] for c in plan.choices]
+    assert ids[0].startswith("far") and set(ids[3:]) == {"home0", "home1", "home2"}  # munich's health is 0
+    assert {c.endpoint.id for c in plan.choices if c.usable} == {far[2].id}
+    assert plan.localities[0]["locality"] == "munich" and plan.localities[0]["healthy"] == 0
