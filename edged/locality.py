@@ -2,9 +2,10 @@
 
 Strategy `geo` (Envoy's zone-aware and locality-weighted routing, with priority-style spillover):
 
-- A **locality** is a zone (`[node] zone`, carried in mDNS TXT `zone=` and in the MQTT registry); a node
-  with no zone is a locality of its own. An endpoint of this node (tier "local") is always in the caller's
-  locality: the caller is this node's apps.
+- A **locality** is a zone (`[node] zone`, carried in mDNS TXT `zone=` and in the MQTT registry); the
+  endpoints of nodes with no zone form one locality (a locality per node would herd every call onto the
+  fastest one). An endpoint of this node (tier "local") is always in the caller's locality: the caller is
+  this node's apps.
 - Within one level (edged/spillover.py) the localities are **ordered**: the caller's zone first; then by
   round-trip time where measured (each endpoint's latency EWMA from calls and health checks; a locality's
   is its fastest member's), else by an RTT estimated from the great-circle distance between this node's
@@ -44,6 +45,7 @@ RTT_PER_KM = 1e-5  # seconds of round trip per km: light in fibre (~200,000 km/s
 GEO_ORDERS = ("rtt", "distance")
 MAX_WEIGHT = 1000
 HERE, PLACED, UNPLACED = 0, 1, 2  # a locality's rank class: the caller's, with a place, with none
+HERE_NAME = "(here)"  # the locality of this node's own endpoints when it has no zone (not a valid zone name)
 
 
 # -- what a node says about where it is (untrusted when it comes from the network) ---------------------------
@@ -113,22 +115,20 @@ class Origin:
 class Place(NamedTuple):
     """An endpoint's locality as seen from the caller."""
 
-    locality: str  # its zone; "node:NAME" for a node with no zone; "" when nothing is known
+    locality: str  # its zone; "" for endpoints with none; HERE_NAME for this node's own when it has no zone
     here: bool  # in the caller's zone, or this node's own endpoint
     km: float | None  # great-circle distance from the caller; None when either location is unknown
 
 
 def place(ep: Endpoint, origin: Origin) -> Place:
-    """Where `ep` is (from its meta: "zone", "loc", "node", filled by the tier that found it)."""
+    """Where `ep` is (from its meta: "zone" and "loc", filled by the tier that found it)."""
     if ep.tier == "local":
-        return Place(origin.zone or "node:", True, 0.0)
+        return Place(origin.zone or HERE_NAME, True, 0.0)
     meta = dict(ep.meta) if ep.meta else {}
     zone = clean_zone(meta.get("zone"))
-    node = meta.get("node", "")
-    locality = zone or (f"node:{node}" if node else "")
     loc = parse_loc(meta.get("loc"))
     km = None if loc is None or origin.location is None else haversine_km(origin.location, loc)
-    return Place(locality, bool(zone) and zone == origin.zone, km)
+    return Place(zone, bool(zone) and zone == origin.zone, km)
 
 
 # -- one service's localities, and one call's choice among them --------------------------------------------
@@ -229,6 +229,9 @@ def choose(
         else:
             group[0].append(ep)
             group[1].append(st)
+    if len(groups) == 1 and not explain:  # one locality has every candidate: no draw, nothing to rank
+        eps, sts = groups.popitem()[1]
+        return _new(Decision, (balancer.order(eps, sts, now, default_rtt, rng)[0], {}, [], healthy, [], rtt, []))
     if members is usable:  # not in panic: the candidates are the healthy ones
         for i, (_, sts) in groups.items():
             healthy[i] = len(sts)
@@ -330,7 +333,7 @@ def spill(
 def describe(layout: Layout, d: Decision, i: int) -> str:
     """Where locality `i` stands, for `edged resolve` ("berlin, 504 km, rtt 4.2 ms; locality share 30%")."""
     name = layout.names[i]
-    parts = [f"{name[5:] or 'this node'} (no zone)" if name.startswith("node:") else name or "unknown place"]
+    parts = [name or "no zone"]
     if layout.here[i]:
         parts.append("caller's zone")
     km = layout.km[i]

@@ -161,7 +161,7 @@ def test_local_endpoints_are_always_in_the_callers_locality():
     plan = Ranker(random.Random(1), Origin("", None)).plan(svc, FakeHealth(), 0.0)
     assert plan.choices[0].endpoint.id.endswith("mine")  # no zone, no location here: still first
     assert [(loc["locality"], loc["here"], loc["ranked_by"]) for loc in plan.localities] == [
-        ("node:", True, "zone"),
+        ("(here)", True, "zone"),
         ("munich", False, "unknown"),
     ]
 
@@ -270,3 +270,17 @@ def test_in_panic_every_endpoint_takes_part_and_the_locality_with_health_left_st
     assert ids[0].startswith("far") and set(ids[3:]) == {"home0", "home1", "home2"}  # munich's health is 0
     assert {c.endpoint.id for c in plan.choices if c.usable} == {far[2].id}
     assert plan.localities[0]["locality"] == "munich" and plan.localities[0]["healthy"] == 0
+
+
+def test_peers_with_no_zone_share_one_locality_so_calls_do_not_herd_onto_the_nearest():
+    eps = [peer_ep("near", loc=VIENNA), peer_ep("far", loc=BERLIN), peer_ep("farther", loc=LONDON)]
+    health = FakeHealth()
+    for ep in eps:
+        health.state(ep.id).latency_ewma = 0.004
+        health.state(ep.id).peak.observe(0.004, 0.0)
+    plan = Ranker(random.Random(1), HERE).plan(geo(*eps), health, 0.0)
+    assert [(loc["locality"], loc["total"], loc["share"]) for loc in plan.localities] == [("", 3, 100.0)]
+    got = first_ids(geo(*eps), health, Ranker(random.Random(4), HERE), n=3000)
+    # Least loaded among them (power of two choices: with equal costs and nothing in flight, the cheaper of
+    # two drawn takes it, 2/3 and 1/3 here), not every call to the nearest.
+    assert len(got) >= 2 and max(got.values()) < 0.75 * 3000, got
