@@ -416,3 +416,15 @@ def test_learned_entries_and_tracked_nodes_are_bounded(tmp_path):
         assert sync.nodes["n0"].state == "offline"
 
     asyncio.run(main())
+
+
+def test_a_status_nested_too_deeply_is_refused_before_it_is_decoded(tmp_path):
+    """Before: `json.loads` of a status nested 100,000 levels raised RecursionError out of the handler (only
+    ValueError was caught); a status nested 40 levels was decoded whole. Now: refused by [limits] json_depth."""
+    sync = registry_sync(tmp_path, Registry())
+    for depth in (40, 100_000):
+        deep = b'{"state": "online", "x": ' + b"[" * depth + b"]" * depth + b"}"
+        sync._on_status(Inbound(TOPICS.status("pi-2"), deep, True))
+    assert sync.nodes == {} and sync.bad_messages == 2
+    sync._on_status(Inbound(TOPICS.status("pi-2"), b'{"state": "online", "x": [[1]]}', True))
+    assert sync.nodes["pi-2"].state == "online"

@@ -557,3 +557,13 @@ def test_tenant_quotas_arrive_in_fleet_config_and_the_api_ranks_above():
     assert passed(3) == 3
     bad = {"version": 2, "authz": {"quotas": {"Default": {"rate": 1}}}}
     assert not src.offer(signed(bad), "fleet", "t")
+
+
+def test_a_fleet_document_nested_too_deeply_is_refused_before_it_is_decoded():
+    """The signed wire form and the document inside are decoded with [limits] json_depth's default: a 40-level
+    nesting is refused as unparseable before `json.loads` runs (before: decoded whole)."""
+    from edged.cloud.fleet import MAX_JSON_DEPTH, FleetConfigError, verify
+
+    deep = b'{"format": "hubmesh-fleet-config/1", "x": ' + b"[" * 40 + b"]" * 40 + b"}"
+    with pytest.raises(FleetConfigError, match=f"nested deeper than {MAX_JSON_DEPTH}"):
+        verify(deep, {})

@@ -49,9 +49,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Union
 
+from .. import jsonbody
 from ..authz import FleetAuthz, load_fleet_authz
 from ..document import Doc, Table, parse_toml, read_text, toml_locator
 from ..errors import ConfigError, EdgedError
+from ..limits import Limits
 from ..logs import log_event
 from ..manifest import parse_policy, policy_dict
 from ..model import DEFAULT_TENANT, PolicySpec
@@ -86,6 +88,7 @@ REASONS = (
     "conflict",
 )
 _DOC_KEYS = ("version", "fleet", "node", "policies", "settings", "authz", "comment", "issued_at", "withdrawn")
+MAX_JSON_DEPTH = Limits().json_depth  # nesting of a fleet document from the broker, checked before decoding
 MAX_VERSION = 2**53  # versions stay exact in JSON everywhere (a bignum is refused before any comparison)
 DEFAULT_MAX_AGE = 30 * 86400.0
 _SETTINGS = ("telemetry_interval",)
@@ -247,8 +250,8 @@ def sign_document(text: str, private_key: Ed25519PrivateKey) -> bytes:
 def verify(signed: bytes, keys: Mapping[str, PublicKey]) -> tuple[str, str]:
     """(document text, key id) of a signed document; FleetConfigError when it is not one or does not verify."""
     try:
-        wire = json.loads(signed)
-    except (ValueError, RecursionError) as exc:
+        wire = jsonbody.loads(signed, MAX_JSON_DEPTH)
+    except ValueError as exc:
         raise FleetConfigError("unparseable", f"not JSON: {exc}") from None
     if not isinstance(wire, dict):
         raise FleetConfigError("unparseable", "expected a JSON object")
@@ -354,8 +357,8 @@ def parse_document(text: str, *, key: str, signed: bytes, source: str) -> FleetD
     """A verified document's text, parsed and validated; FleetConfigError("unparseable" | "invalid"), or
     "wrong_scope" when it does not name its fleet."""
     try:
-        data = json.loads(text)
-    except (ValueError, RecursionError) as exc:
+        data = jsonbody.loads(text.encode("utf-8"), MAX_JSON_DEPTH)
+    except ValueError as exc:
         raise FleetConfigError("unparseable", f"document is not JSON: {exc}") from None
     try:
         policies, tables, settings, ignored = check_document(data, source)
@@ -619,7 +622,7 @@ class FleetConfigSource:
 
 def _text_of(signed: bytes) -> str | None:
     try:
-        return json.loads(signed).get("document")
+        return jsonbody.loads(signed, MAX_JSON_DEPTH).get("document")  # type: ignore[attr-defined]
     except (ValueError, AttributeError):
         return None
 

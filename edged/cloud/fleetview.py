@@ -8,17 +8,19 @@ the broker, prints them, and forgets them.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
 from typing import Any
 
+from .. import jsonbody
 from ..errors import EdgedError
+from ..limits import Limits
 from .session import Inbound, MqttSession
 from .topics import Topics
 
 MAX_NODES = 100_000  # a bound on what one listing holds
+MAX_JSON_DEPTH = Limits().json_depth  # nesting of a status, checked before decoding
 
 
 async def read_fleet(config: Any, *, service: str | None, quiet: float, timeout: float) -> list[dict]:
@@ -40,7 +42,7 @@ async def read_fleet(config: Any, *, service: str | None, quiet: float, timeout:
         if parsed is None or not msg.payload:
             return
         try:
-            doc = json.loads(msg.payload)
+            doc = jsonbody.loads(msg.payload, MAX_JSON_DEPTH)
         except ValueError:
             return
         out = node_doc(parsed[0]) if isinstance(doc, dict) else None

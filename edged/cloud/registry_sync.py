@@ -44,7 +44,7 @@ from typing import Any
 
 import cbor2
 
-from .. import __version__
+from .. import __version__, jsonbody
 from ..errors import ConfigError
 from ..limits import Limits
 from ..locality import clean_zone, format_loc, parse_loc
@@ -452,7 +452,7 @@ class RegistrySync:
                 self._changed(services=False)
             return
         try:
-            doc = json.loads(msg.payload)
+            doc = jsonbody.loads(msg.payload, self._limits.json_depth)
             if not isinstance(doc, dict) or doc.get("state") not in ("online", "offline"):
                 raise ValueError("expected a JSON object with state online|offline")
             if doc.get("node", node) != node:
