@@ -171,9 +171,14 @@ class FleetConfig:
 
 @dataclass(frozen=True, slots=True)
 class BridgeConfig:
-    """`[bridge]`: the cloud side (`edged bridge`): shared-subscription group of the bridges."""
+    """`[bridge]`: the cloud side (`edged bridge`): shared-subscription group of the bridges, and `tenants`: for
+    each tenant, the calling nodes (globs over `spiffe://FLEET/node/NODE`) that may act for it over this bridge.
+    Unset, any node of the fleet may call in the default tenant and no node in another."""
 
     group: str = "edged-bridge"
+    tenants: Mapping[str, tuple[str, ...]] = field(
+        default_factory=lambda: MappingProxyType({DEFAULT_TENANT: ("*",)})
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -470,8 +475,17 @@ class _Loader:
         return FleetConfig(keys=tuple(self.resolve(k) for k in keys), max_age=max_age)
 
     def bridge(self, t: Table) -> BridgeConfig:
-        t.only(("group",))
-        return BridgeConfig(group=t.string("group", BridgeConfig().group, pattern=_NODE_NAME, what=_NODE_WHAT))
+        t.only(("group", "tenants"))
+        group = t.string("group", BridgeConfig().group, pattern=_NODE_NAME, what=_NODE_WHAT)
+        if "tenants" not in t.data:
+            return BridgeConfig(group=group)
+        tt = t.table("tenants")
+        tenants = {}
+        for name in tt.names():
+            if not _LABEL.fullmatch(name):
+                tt.fail(name, f"expected a tenant name: {LABEL_WHAT}, got {name!r}")
+            tenants[name] = tuple(tt.strings(name, what="a glob over spiffe://FLEET/node/NODE"))
+        return BridgeConfig(group=group, tenants=MappingProxyType(tenants))
 
     def mqtt(self, t: Table) -> MqttConfig:
         t.only(

@@ -260,8 +260,11 @@ class BridgeProc:
             self.proc.wait()
 
 
-def bridge_config(broker: Broker, prefix: str, *, node: str = "cloud-1", group: str = "edged-bridge") -> str:
-    """A bridge's config: its node name, the broker, and its manifests in services.d/."""
+def bridge_config(
+    broker: Broker, prefix: str, *, node: str = "cloud-1", group: str = "edged-bridge", tenants: str = ""
+) -> str:
+    """A bridge's config: its node name, the broker, and its manifests in services.d/; `tenants`: the TOML
+    inline table of `[bridge] tenants` (who may call in which tenant), when given."""
     return f"""
 [node]
 name = "{node}"
@@ -272,6 +275,7 @@ reload_interval = "200ms"
 dir = "state"
 [bridge]
 group = "{group}"
+{f"tenants = {tenants}" if tenants else ""}
 [log]
 format = "json"
 """ + mqtt_section(broker, prefix)

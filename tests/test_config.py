@@ -386,3 +386,16 @@ def test_a_config_nested_too_deeply_is_a_refusal_not_a_crash(tmp_path):
     path.write_text("x = " + "[" * 3000 + "]" * 3000 + "\n")
     with pytest.raises(ConfigError, match="nested too deeply"):
         load_config(str(path))
+
+
+def test_bridge_tenants_default_to_the_default_tenant_only_and_are_checked(tmp_path):
+    from edged.config import load_config
+
+    path = tmp_path / "edged.toml"
+    path.write_text('[node]\nname = "cloud-1"\n')
+    assert dict(load_config(str(path)).bridge.tenants) == {"default": ("*",)}
+    path.write_text('[node]\nname = "cloud-1"\n[bridge]\ntenants = { garden = ["spiffe://home/node/pi-*"] }\n')
+    assert dict(load_config(str(path)).bridge.tenants) == {"garden": ("spiffe://home/node/pi-*",)}
+    path.write_text('[node]\nname = "cloud-1"\n[bridge]\ntenants = { Garden = ["*"] }\n')
+    with pytest.raises(ConfigError, match="tenant name"):
+        load_config(str(path))

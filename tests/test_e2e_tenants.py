@@ -393,7 +393,8 @@ from = ["spiffe://home/node/test-node"]
 methods = ["GET"]
 """
     bridge_pump = BRIDGE_PUMP.format(url=served.url)
-    bridges(bridge_config(broker, topic_prefix) + bridge_rules, {"pump.toml": bridge_pump})
+    grant = '{ garden = ["spiffe://home/node/test-node"] }'
+    bridges(bridge_config(broker, topic_prefix, tenants=grant) + bridge_rules, {"pump.toml": bridge_pump})
     d = edged(
         {"pump.toml": CLOUD_PUMP},
         '[tenants.garden]\ntokens = ["g-token"]\n' + mqtt_section(broker, topic_prefix),
@@ -428,7 +429,9 @@ service = "pump"
 from = ["garden/lamps"]
 """
     bridge_pump = BRIDGE_PUMP.format(url=served.url)
-    bridge = bridges(bridge_config(fleet_broker, topic_prefix) + rules, {"pump.toml": bridge_pump}, start=False)
+    grant = '{ garden = ["spiffe://home/node/test-*"] }'
+    config = bridge_config(fleet_broker, topic_prefix, tenants=grant) + rules
+    bridge = bridges(config, {"pump.toml": bridge_pump}, start=False)
     enrolled(fleet_broker.ca, bridge.root, "cloud-1")
     bridge.start()
     apps = '[access.apps.lamps]\ntenant = "garden"\ntokens = ["t-lamps"]\n[access.apps.guest]\ntenant = "garden"\n'
@@ -444,3 +447,29 @@ from = ["garden/lamps"]
     # Same node, same tenant, another app: the bridge's default for garden refuses it.
     assert outcome(d.call("pump", "/x", headers=bearer("t-guest"))) == (403, "forbidden (default)")
 
+
+
+def test_a_verified_node_acts_over_the_bridge_only_for_the_tenants_granted_to_it(
+    backends, edged, bridges, fleet_broker, topic_prefix
+):
+    """Before: a node whose certificate verified was trusted for whatever tenant its request named (default
+    allow): test-node called garden's pump through the bridge. Now the bridge's `[bridge] tenants` says which
+    nodes may act for which tenant; unset, every node may call in the default tenant and none in another."""
+    served = backends("served-by-bridge")
+    manifests = {"pump.toml": BRIDGE_PUMP.format(url=served.url)}
+    grant = '{ garden = ["spiffe://home/node/pi-*"] }'  # not test-node
+    bridge = bridges(bridge_config(fleet_broker, topic_prefix, tenants=grant), manifests, start=False)
+    enrolled(fleet_broker.ca, bridge.root, "cloud-1")
+    bridge.start()
+    d = edged(
+        {"pump.toml": CLOUD_PUMP},
+        '[tenants.garden]\ntokens = ["g-token"]\n' + mqtt_section(fleet_broker, topic_prefix),
+        start=False,
+    )
+    enrolled(fleet_broker.ca, d.root, "test-node")
+    d.start()
+    wait_metric(d, "edged_mqtt_connected", lambda v: v == 1)
+    wait_for(lambda: d.call("pump", "/x", headers=bearer("g-token"))[0] == 403, 15, what="the bridge refuses")
+    status, _, body = d.call("pump", "/x", headers=bearer("g-token"))
+    assert status == 403 and b"may not call in tenant garden" in body, body
+    assert json.loads(body)["error"] == "forbidden"  # said by the bridge (the daemon itself lets garden call pump)

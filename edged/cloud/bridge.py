@@ -32,12 +32,14 @@ import time
 
 from ..access import node_identity, relayed_identity
 from ..aio import cancel_and_wait
+from ..authz import matches_any
 from ..call import LOCAL_ONLY, new_call
 from ..config import Config
 from ..core import MeshCore
 from ..core import run as run_process
-from ..errors import CallError, UpstreamError
+from ..errors import CallError, IdentityError, UpstreamError
 from ..http.message import strip_hop_by_hop
+from ..identity.names import spiffe_id
 from ..logs import log_event
 from ..paths import normalize_path
 from ..registry import Snapshot
@@ -220,6 +222,12 @@ class Bridge:
             # Not ours: another bridge group serves it (each group gets its own copy of every request).
             self.not_mine += 1
             return
+        if not self._acts_for(req.node, req.tenant):
+            self.refused += 1
+            self.metrics_cloud.tenant_refused.inc()
+            detail = f"node {req.node or 'unknown'} may not call in tenant {req.tenant[:64]} here ([bridge] tenants)"
+            self._answer_now(req.reply, error_answer(req.id, 403, "forbidden", detail, self.node))
+            return
         if self._closing or len(self._inflight) >= self._max_inflight:
             self.refused += 1
             code = "bridge_stopping" if self._closing else "bridge_busy"
@@ -239,6 +247,19 @@ class Bridge:
         task.add_done_callback(lambda _: ticket.release())  # also when cancelled before it ran
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
+
+    def _acts_for(self, node: str, tenant: str) -> bool:
+        """Whether the calling node (verified when sealed; a claim otherwise) may act for `tenant`: a node's
+        certificate names no tenant, so the bridge's `[bridge] tenants` says which nodes may call in which
+        tenant (by default: every node of the fleet in the default tenant, none in another)."""
+        patterns = self.config.bridge.tenants.get(tenant)
+        if not patterns or not node:
+            return False
+        try:
+            caller = spiffe_id(self.config.node.fleet, node)
+        except IdentityError:
+            return False
+        return matches_any(caller, patterns)
 
     def _unverified(self, topic: str, why: str) -> None:
         """A request that is not sealed by a node of this fleet, or asks for an answer elsewhere than to its

@@ -38,6 +38,10 @@ class CloudMetrics:
             " that may not send them (kind: request, answer, entry).",
             ("kind",),
         )
+        self.tenant_refused = m.counter(
+            "edged_bridge_tenant_refused_total",
+            "Requests a bridge refused (403): the calling node may not act for the tenant it named ([bridge] tenants).",
+        )
         self.connects = m.counter("edged_mqtt_connects_total", "Successful connections to the MQTT broker.")
         self.registry_nodes = m.gauge(
             "edged_mqtt_registry_nodes",
