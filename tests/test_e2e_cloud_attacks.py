@@ -27,7 +27,7 @@ from edged.cloud.envelope import CloudAnswer, CloudRequest, decode_answer, decod
 from edged.cloud.fleet import document_text, generate_key, load_private_key, sign_document
 from edged.cloud.registry_sync import spec_entry
 from edged.cloud.signing import Seals
-from edged.identity import IdentityFiles
+from edged.identity import IdentityFiles, PeerName
 from edged.model import ServiceSpec
 
 CLOUD_ONLY = """
@@ -244,6 +244,7 @@ def test_a_client_on_the_broker_cannot_answer_for_a_bridge_nor_inject_a_registry
     ghost = spec_entry(ServiceSpec(name="lamp", priority=0), node="ghost", zone="", cloud=True)
     results: list[tuple[int, list, bytes]] = []
     reads: list[str] = []
+    kinds: list[int] = []  # 1: sealed with ECDSA, 2: MAC'd per pair
 
     def caller() -> None:
         results.extend(d.call("thermo", "/r") for _ in range(5))
@@ -261,15 +262,22 @@ def test_a_client_on_the_broker_cannot_answer_for_a_bridge_nor_inject_a_registry
             async for msg in c.messages:
                 req = decode_request(inner(msg.payload))
                 reads.append(req.path)
+                wire = cbor2.loads(msg.payload)
+                kinds.append(wire["sv"])
+                if "c" in wire:
+                    evil.learn(wire["c"])  # the caller's certificate, as its first request carries it
                 answer = encode_answer(dataclasses.replace(forged, id=req.id))
                 await c.publish(req.reply, answer)  # unsealed
                 await c.publish(req.reply, evil.seal(req.reply, answer))  # sealed by a box that does not serve it
+                # ... and MAC'd to the caller under evil's own pair key with it (evil is of the fleet)
+                await c.publish(req.reply, evil.seal_to(req.reply, answer, [PeerName("home", "test-node")]))
                 if len(reads) == 5:
                     break
             await calls
 
     asyncio.run(asyncio.wait_for(attacker(), 60))
     assert reads == ["/r"] * 5  # sealing signs; it does not hide (the broker's TLS and ACL do: test_mqtt_acl.py)
+    assert kinds == [2] * 5  # MAC'd to the bridge (whose certificate the caller has from its sealed entry)
     for status, headers, body in results:
         assert status == 200 and json.loads(body)["name"] == "cloud-backend", body
         assert header(headers, "x-edged-bridge") == "cloud-1"
@@ -278,11 +286,13 @@ def test_a_client_on_the_broker_cannot_answer_for_a_bridge_nor_inject_a_registry
     # run again.
     answers = asyncio.run(asyncio.wait_for(reflect(broker.port, base, evil), 20))
     assert answers == [b"own"], answers
+    answers = asyncio.run(asyncio.wait_for(reflect(broker.port, base, evil, mac=True), 20))  # the same, MAC'd
+    assert answers == [b"own-mac"], answers
     # Each forged answer was refused, or came after the bridge's (late: its call had its answer).
     wait_for(
         lambda: (
             sample(d, 'edged_cloud_refused_messages_total{kind="answer"}') + sample(d, "edged_cloud_late_answers_total")
-            == 10
+            == 15
         ),
         10,
         what="forged answers dropped",
@@ -293,23 +303,33 @@ def test_a_client_on_the_broker_cannot_answer_for_a_bridge_nor_inject_a_registry
         assert d.api.request("GET", f"/v1/services/{name}")[0] == 404
 
 
-async def reflect(port: int, base: str, evil: Seals) -> list[bytes]:
+async def reflect(port: int, base: str, evil: Seals, *, mac: bool = False) -> list[bytes]:
     """Ids of the answers published on any reply topic after sealed requests of box `evil`: one asking for the
-    answer on `test-node`'s reply topic (`reflected`), one on its own (`own`), and `own` once more."""
+    answer on `test-node`'s reply topic (`reflected`), one on its own (`own`), and `own` once more. `mac`:
+    MAC'd to the bridge (its certificate read from its retained entry) instead of sealed with ECDSA."""
     topic = f"{base}/svc/thermo/req"
     sent = int(time.time() * 1000)
+    suffix = b"-mac" if mac else b""
     async with aiomqtt.Client("127.0.0.1", port, protocol=aiomqtt.ProtocolVersion.V5) as c:
+        if mac:
+            await c.subscribe(f"{base}/nodes/cloud-1/services/+")
+            async for msg in c.messages:
+                evil.learn(cbor2.loads(msg.payload)["c"])
+                break
         await c.subscribe(f"{base}/reply/+")
-        for cid, node in ((b"reflected", "test-node"), (b"own", "evil")):
+        for cid, node in ((b"reflected" + suffix, "test-node"), (b"own" + suffix, "evil")):
             req = CloudRequest(cid, f"{base}/reply/{node}", "GET", "/r", (), b"", 2000, "default", "thermo", "evil")
-            sealed = evil.seal(topic, encode_request(dataclasses.replace(req, sent_ms=sent)))
+            payload = encode_request(dataclasses.replace(req, sent_ms=sent))
+            sealed = evil.seal_to(topic, payload, [PeerName("home", "cloud-1")]) if mac else evil.seal(topic, payload)
+            assert cbor2.loads(sealed)["sv"] == (2 if mac else 1)
             await c.publish(topic, sealed)
         await c.publish(topic, sealed)  # the same sealed request again (replayed): not run, not answered
         seen: list[bytes] = []
 
         async def collect() -> None:
             async for msg in c.messages:
-                seen.append(decode_answer(inner(msg.payload)).id)
+                if msg.topic.matches(f"{base}/reply/+"):
+                    seen.append(decode_answer(inner(msg.payload)).id)
 
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(collect(), 2.0)  # the bridge answers within milliseconds

@@ -39,7 +39,7 @@ from ..core import MeshCore
 from ..core import run as run_process
 from ..errors import CallError, IdentityError, UpstreamError
 from ..http.message import strip_hop_by_hop
-from ..identity.names import spiffe_id
+from ..identity.names import PeerName, spiffe_id
 from ..logs import log_event
 from ..paths import normalize_path
 from ..registry import Snapshot
@@ -184,13 +184,14 @@ class Bridge:
     def _on_request(self, msg: Inbound) -> None:
         received = time.monotonic()
         payload = msg.payload
-        sender = None
+        sender = to = None
         if self.seals is not None:
             try:
-                sender, payload = self.seals.open(msg.topic, payload)
+                sender, payload = self.seals.open(msg.topic, payload, macs=True)
             except SealError as exc:
                 self._unverified(msg.topic, str(exc))
                 return
+            to = sender if self.seals.last_mac else None  # a MAC'd request gets a MAC'd answer
         try:
             req = decode_request(payload)
         except EnvelopeError as exc:
@@ -198,7 +199,7 @@ class Bridge:
             log_event(log, logging.WARNING, "bridge.bad_request", topic=msg.topic, error=str(exc)[:200])
             own = exc.reply if sender is None else Topics(self.topics.prefix, sender.fleet).reply(sender.node)
             if exc.id is not None and exc.reply is not None and exc.reply == own:
-                self._answer_now(exc.reply, error_answer(exc.id, 400, "bad_request", str(exc), self.node))
+                self._answer_now(exc.reply, error_answer(exc.id, 400, "bad_request", str(exc), self.node), to)
             return
         where = parse_request_topic(self.topics.prefix, msg.topic)
         if sender is not None:
@@ -215,7 +216,7 @@ class Bridge:
         if where is None or where[1] != req.service:
             self.refused += 1
             detail = f"request for {req.service!r} published on {msg.topic}"
-            self._answer_now(req.reply, error_answer(req.id, 400, "bad_request", detail, self.node))
+            self._answer_now(req.reply, error_answer(req.id, 400, "bad_request", detail, self.node), to)
             return
         svc = self.registry.snapshot().get(req.tenant, req.service)
         if svc is None:
@@ -226,12 +227,12 @@ class Bridge:
             self.refused += 1
             self.metrics_cloud.tenant_refused.inc()
             detail = f"node {req.node or 'unknown'} may not call in tenant {req.tenant[:64]} here ([bridge] tenants)"
-            self._answer_now(req.reply, error_answer(req.id, 403, "forbidden", detail, self.node))
+            self._answer_now(req.reply, error_answer(req.id, 403, "forbidden", detail, self.node), to)
             return
         if self._closing or len(self._inflight) >= self._max_inflight:
             self.refused += 1
             code = "bridge_stopping" if self._closing else "bridge_busy"
-            self._answer_now(req.reply, error_answer(req.id, 503, code, f"bridge {self.node}", self.node))
+            self._answer_now(req.reply, error_answer(req.id, 503, code, f"bridge {self.node}", self.node), to)
             return
         try:  # the calling node's authorization rules and quotas, as on every entry point
             caller = node_identity(self.config.node.fleet, req.node or "unknown", req.tenant)
@@ -241,9 +242,9 @@ class Bridge:
         except CallError as exc:
             self.refused += 1
             answer = error_answer(req.id, exc.status, exc.code, exc.detail, self.node)
-            self._answer_now(req.reply, dataclasses.replace(answer, headers=answer.headers + exc.headers))
+            self._answer_now(req.reply, dataclasses.replace(answer, headers=answer.headers + exc.headers), to)
             return
-        task = asyncio.get_running_loop().create_task(self._serve(req, received))
+        task = asyncio.get_running_loop().create_task(self._serve(req, received, to))
         task.add_done_callback(lambda _: ticket.release())  # also when cancelled before it ran
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
@@ -268,15 +269,18 @@ class Bridge:
         self.metrics_cloud.unsealed.inc(("request",))
         log.debug("request on %s refused: %s", topic, why)  # counted: anyone could flood a log
 
-    def _answer_wire(self, topic: str, answer: CloudAnswer) -> bytes:
+    def _answer_wire(self, topic: str, answer: CloudAnswer, to: PeerName | None) -> bytes:
+        """The answer as published: MAC'd to its caller when the request was MAC'd (`to`), else sealed."""
         payload = encode_answer(answer)
-        return self.seals.seal(topic, payload) if self.seals is not None else payload
+        if self.seals is None:
+            return payload
+        return self.seals.seal_to(topic, payload, (to,)) if to is not None else self.seals.seal(topic, payload)
 
-    def _answer_now(self, topic: str, answer: CloudAnswer) -> None:
+    def _answer_now(self, topic: str, answer: CloudAnswer, to: PeerName | None) -> None:
         """Error answers made without routing: through the outbox (no task needed)."""
-        self.session.post(topic, self._answer_wire(topic, answer), qos=0)
+        self.session.post(topic, self._answer_wire(topic, answer, to), qos=0)
 
-    async def _serve(self, req: CloudRequest, received: float) -> None:
+    async def _serve(self, req: CloudRequest, received: float, to: PeerName | None) -> None:
         timeout = req.deadline_ms / 1000
         deadline = received + max(0.001, timeout - min(RETURN_MARGIN, timeout / 10))
         call = new_call(
@@ -325,9 +329,8 @@ class Bridge:
         finally:
             self.router.record(req.service, tier, outcome, started)
         try:
-            await self.session.publish(
-                req.reply, self._answer_wire(req.reply, answer), qos=0, correlation=req.id, timeout=max(0.1, timeout)
-            )
+            wire = self._answer_wire(req.reply, answer, to)
+            await self.session.publish(req.reply, wire, qos=0, correlation=req.id, timeout=max(0.1, timeout))
         except PublishError as exc:
             log.debug("answer to %s not published: %s", req.reply, exc)
 

@@ -656,6 +656,11 @@ class RegistrySync:
         entry = self.entries.get(node, {}).get(service_key(tenant, service))
         return entry is not None and entry[1] is not None  # (CBOR, its (tenant, service) when cloud)
 
+    def provider_nodes(self, tenant: str, service: str) -> Iterable[str]:
+        """The nodes with an entry saying they serve (tenant, service) over MQTT (a cloud request is MAC'd to
+        each: the broker hands it to one bridge of each group). Do not change what is returned."""
+        return self.liveness.serving((tenant, service))
+
     def providers(self, tenant: str, service: str) -> list[dict]:
         """The nodes that serve a service over MQTT, with liveness and last-seen time (wall clock)."""
         out = []

@@ -25,14 +25,17 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import cbor2
 
 from ..errors import EdgedError
-from ..identity import IdentityFiles, PeerName
+from ..identity import IdentityFiles, PeerName, spiffe_id
 from ..logs import log_event
+from . import pairing
+from .pairing import MAC_VERSION, MAX_RECIPIENTS, Pair, PeerCert
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -44,6 +47,7 @@ SEAL_VERSION = 1
 CONTEXT = b"hubmesh-mqtt-sealed/1\x00"  # a signature made for anything else never verifies here
 MAX_CHAIN_BYTES = 8 * 1024  # a leaf and an intermediate take about 1.2 KiB
 CHAIN_CACHE = 1024  # verified chains kept (a fleet of a thousand boxes fits)
+PAIR_CACHE = 1024  # per-pair MAC keys kept (pairing.py): a caller and the bridges it calls, a bridge and its callers
 RELOAD_CHECK = 30.0  # seconds between looks at the certificate file (renewal replaces it)
 DEFAULT_SKEW = 20.0  # seconds, as edged.identity's (whose module loads cryptography: not imported for it)
 
@@ -66,13 +70,23 @@ class Seals:
         skew: float,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        chain_cache: int = CHAIN_CACHE,
+        pair_cache: int = PAIR_CACHE,
     ) -> None:
         self._files = files
         self.skew = skew  # seconds of clock difference tolerated (certificates, and the bridge's replay check)
         self._clock = clock
         self._monotonic = monotonic
-        # Verified chains by their bytes: (sender, the leaf's public key, valid from, valid until).
-        self._chains: OrderedDict[bytes, tuple[PeerName, Any, float, float]] = OrderedDict()
+        self._chain_cap = chain_cache
+        self._pair_cap = pair_cache
+        # Verified chains by their bytes, and the same certificates by fingerprint (a MAC'd message names its
+        # sender by fingerprint), and each node's latest certificate (to address a MAC to it).
+        self._chains: OrderedDict[bytes, PeerCert] = OrderedDict()
+        self._certs: OrderedDict[bytes, PeerCert] = OrderedDict()
+        self._latest: dict[PeerName, bytes] = {}
+        # Pair keys by (peer fingerprint, own fingerprint): derived once (ECDH + HKDF), dropped at expiry.
+        self._pairs: OrderedDict[tuple[bytes, bytes], Pair] = OrderedDict()
+        self._previous: _Own | None = None  # the certificate before a renewal: MACs to it count until it expires
         from cryptography.hazmat.primitives import hashes
         from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -80,10 +94,15 @@ class Seals:
         self.opened = 0
         self.refused = 0
         self.chains_verified = 0  # chain verifications (the cache's misses)
+        self.pairs_derived = 0  # ECDH + HKDF (once per pair of certificates)
+        self.last_mac = False  # whether the message `open` took last was MAC'd (answer it MAC'd, then)
         self._load()
 
     def __repr__(self) -> str:
-        return f"<Seals {self.name} opened={self.opened} refused={self.refused} chains={len(self._chains)}>"
+        return (
+            f"<Seals {self.name} opened={self.opened} refused={self.refused} chains={len(self._chains)}"
+            f" pairs={len(self._pairs)}>"
+        )
 
     def _load(self) -> None:
         from ..identity import TrustBundle, load_identity
@@ -91,12 +110,28 @@ class Seals:
         identity = load_identity(self._files.dir)
         if identity is None:
             raise SealError(f"{self._files.dir}: no node identity (edged fleet enroll)")
-        self._identity: NodeIdentity = identity
-        self._bundle: TrustBundle = TrustBundle.load(self._files.ca)
+        bundle = TrustBundle.load(self._files.ca)
         from cryptography.hazmat.primitives.serialization import Encoding
 
-        self._chain_der = [c.public_bytes(Encoding.DER) for c in identity.chain]
-        self._chains.clear()  # a new bundle (CA rotation) may trust other chains
+        from ..identity.trust import not_after
+
+        chain_der = [c.public_bytes(Encoding.DER) for c in identity.chain]
+        end = min(not_after(c).timestamp() for c in identity.chain)
+        own = _Own(identity.key, pairing.fingerprint(chain_der[0]), end)
+        old = getattr(self, "_own", None)
+        if old is not None and old.fp != own.fp:
+            self._previous = old  # MACs made to the old certificate by peers that have not seen the new one
+        self._identity: NodeIdentity = identity
+        self._own = own
+        self._chain_der = chain_der
+        if getattr(self, "_bundle", None) is None or _bundle_bytes(bundle) != _bundle_bytes(self._bundle):
+            # A new bundle (CA rotation, a CA removed) may trust other chains: every verified certificate and
+            # every pair key made with one is forgotten.
+            self._chains.clear()
+            self._certs.clear()
+            self._latest.clear()
+            self._pairs.clear()
+        self._bundle: TrustBundle = bundle
         self._stamp = self._file_stamp()
         self._checked = self._monotonic()
 
@@ -127,30 +162,41 @@ class Seals:
         """This node, as its certificate names it."""
         return PeerName(self._identity.fleet, self._identity.node)
 
+    @property
+    def fingerprint(self) -> bytes:
+        """SHA-256 of this node's certificate (DER): how MAC'd messages name it."""
+        return self._own.fp
+
     def seal(self, topic: str, payload: bytes) -> bytes:
         """The sealed form of `payload`, to be published on `topic`."""
         self._maybe_reload()
         signature = self._identity.key.sign(_signed_bytes(topic, payload), self._algorithm)
         return cbor2.dumps({"sv": SEAL_VERSION, "p": payload, "c": self._chain_der, "s": signature})
 
-    def open(self, topic: str, data: bytes) -> tuple[PeerName, bytes]:
+    def open(self, topic: str, data: bytes, *, macs: bool = False) -> tuple[PeerName, bytes]:
         """(sender, payload) of a sealed message received on `topic`; SealError when it is not sealed, or not
-        by a certificate of the trust bundle, or the signature does not match."""
+        by a certificate of the trust bundle, or the signature does not match. With `macs` (requests and
+        answers), a message MAC'd to this node under a pair key (`seal_to`) is taken too."""
         try:
-            name, payload = self._open(topic, data)
+            name, payload = self._open(topic, data, macs)
         except SealError:
             self.refused += 1
             raise
         self.opened += 1
         return name, payload
 
-    def _open(self, topic: str, data: bytes) -> tuple[PeerName, bytes]:
+    def _open(self, topic: str, data: bytes, macs: bool) -> tuple[PeerName, bytes]:
         if data[:1] == b"\xff":
             raise SealError("not a sealed message (a CBOR break code)")
         try:
             obj = cbor2.loads(data)
         except Exception as exc:  # cbor2 raises many types on garbage
             raise SealError(f"not a sealed message: {type(exc).__name__}") from None
+        self.last_mac = False
+        if macs and isinstance(obj, dict) and obj.get("sv") == MAC_VERSION:
+            opened = self._open_mac(topic, obj)
+            self.last_mac = True
+            return opened
         if not isinstance(obj, dict) or obj.get("sv") != SEAL_VERSION:
             raise SealError("not a sealed message (unsigned, or another format)")
         payload, chain, signature = obj.get("p"), obj.get("c"), obj.get("s")
@@ -160,24 +206,24 @@ class Seals:
             raise SealError("a sealed message needs its certificate chain (DER byte strings)")
         if sum(map(len, chain)) > MAX_CHAIN_BYTES:
             raise SealError(f"certificate chain over {MAX_CHAIN_BYTES} bytes")
-        name, key = self._verified_chain(chain)
+        cert = self._verified_chain(chain)
+        name = cert.name
         from cryptography.exceptions import InvalidSignature
 
         try:
-            key.verify(signature, _signed_bytes(topic, payload), self._algorithm)
+            cert.public.verify(signature, _signed_bytes(topic, payload), self._algorithm)
         except (InvalidSignature, ValueError):
             raise SealError(f"bad signature: it does not match the certificate of {name.fleet}/{name.node}") from None
         return name, payload
 
-    def _verified_chain(self, chain: list[bytes]) -> tuple[PeerName, Any]:
+    def _verified_chain(self, chain: list[bytes]) -> PeerCert:
         key = b"".join(len(c).to_bytes(4, "big") + c for c in chain)
         now = self._clock()
         cached = self._chains.get(key)
         if cached is not None:
-            name, public, start, end = cached
-            if start - self.skew <= now <= end + self.skew:
+            if self._valid(cached, now):
                 self._chains.move_to_end(key)
-                return name, public
+                return cached
             del self._chains[key]  # expired since: verified again below, which says why
         from cryptography import x509
 
@@ -193,16 +239,148 @@ class Seals:
         public = certs[0].public_key()
         from cryptography.hazmat.primitives.asymmetric import ec
 
-        if not isinstance(public, ec.EllipticCurvePublicKey):
-            raise SealError(f"the certificate of {name.fleet}/{name.node} does not carry an ECDSA key")
+        if not isinstance(public, ec.EllipticCurvePublicKey) or not isinstance(public.curve, ec.SECP256R1):
+            raise SealError(f"the certificate of {name.fleet}/{name.node} does not carry an ECDSA P-256 key")
         from ..identity.trust import not_after, not_before  # cryptography: loaded once a chain is checked
 
         start = not_before(certs[0]).timestamp()
         end = min(not_after(c).timestamp() for c in certs)
-        self._chains[key] = (name, public, start, end)
-        if len(self._chains) > CHAIN_CACHE:
+        cert = PeerCert(name, public, pairing.fingerprint(chain[0]), start, end)
+        self._chains[key] = cert
+        if len(self._chains) > self._chain_cap:
             self._chains.popitem(last=False)
-        return name, public
+        self._remember(cert)
+        return cert
+
+    def _valid(self, cert: PeerCert, now: float) -> bool:
+        return cert.start - self.skew <= now <= cert.end + self.skew
+
+    def _remember(self, cert: PeerCert) -> None:
+        """Index a verified certificate by fingerprint, and as its node's latest (the one MACs are made to)."""
+        self._certs[cert.fp] = cert
+        self._certs.move_to_end(cert.fp)
+        if len(self._certs) > self._chain_cap:
+            _, gone = self._certs.popitem(last=False)
+            if self._latest.get(gone.name) == gone.fp:
+                del self._latest[gone.name]
+        latest = self._certs.get(self._latest.get(cert.name, b""))
+        if latest is None or latest.start <= cert.start:
+            self._latest[cert.name] = cert.fp
+
+    def learn(self, chain: list[bytes]) -> PeerName:
+        """Verify a node's chain (as a sealed message carries it) and remember its certificate: MACs can then be
+        made to that node. SealError when it does not verify."""
+        return self._verified_chain(chain).name
+
+    # -- per-pair MACs (pairing.py) ---------------------------------------------------------------------------
+
+    def seal_to(self, topic: str, payload: bytes, recipients: Iterable[PeerName]) -> bytes:
+        """`payload` for `topic`, MAC'd to each of `recipients` under the key of its pair with this node; sealed
+        with ECDSA (`seal`) instead when one of them has no known, valid certificate, or they are more than
+        MAX_RECIPIENTS (or none). This node's chain goes along until every recipient has shown it knows it."""
+        self._maybe_reload()
+        names = set(recipients)
+        if not names or len(names) > MAX_RECIPIENTS:
+            return self.seal(topic, payload)
+        now = self._clock()
+        pairs = []
+        for name in names:
+            cert = self._certs.get(self._latest.get(name, b""))
+            if cert is None or not self._valid(cert, now):
+                return self.seal(topic, payload)
+            pairs.append(self._pair(cert, self._own, now))
+        message = pairing.digest(topic, payload)
+        own = self._own.fp
+        tags = [[p.peer.fp[: pairing.TAG_BYTES], pairing.mac(p.key, own, p.peer.fp, message)] for p in pairs]
+        obj: dict[str, Any] = {"sv": MAC_VERSION, "p": payload, "f": own, "m": tags}
+        if not all(p.acked for p in pairs):
+            obj["c"] = self._chain_der
+        return cbor2.dumps(obj)
+
+    def unack(self, names: Iterable[PeerName]) -> None:
+        """Send this node's chain again to these nodes (a call to them timed out: one may have restarted and
+        forgotten our certificate, and it cannot say so)."""
+        gone = set(names)
+        for pair in self._pairs.values():
+            if pair.peer.name in gone:
+                pair.acked = False
+
+    def _pair(self, cert: PeerCert, own: _Own, now: float) -> Pair:
+        key = (cert.fp, own.fp)
+        pair = self._pairs.get(key)
+        if pair is not None and now <= pair.end + self.skew:
+            self._pairs.move_to_end(key)
+            return pair
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        shared = own.key.exchange(ec.ECDH(), cert.public)
+        fleet = self._identity.fleet
+        secret = pairing.pair_key(
+            shared, fleet, (own.fp, spiffe_id(fleet, self._identity.node)), (cert.fp, spiffe_id(*cert.name))
+        )
+        self.pairs_derived += 1
+        pair = self._pairs[key] = Pair(secret, cert, own.fp, min(cert.end, own.end))
+        if len(self._pairs) > self._pair_cap:
+            self._pairs.popitem(last=False)
+        return pair
+
+    def _open_mac(self, topic: str, obj: dict) -> tuple[PeerName, bytes]:
+        payload, sender_fp, tags, chain = obj.get("p"), obj.get("f"), obj.get("m"), obj.get("c")
+        if not isinstance(payload, bytes) or not isinstance(sender_fp, bytes) or len(sender_fp) != pairing.FP_BYTES:
+            raise SealError("a MAC'd message needs a payload and its sender's fingerprint (bytes)")
+        if not isinstance(tags, list) or not 0 < len(tags) <= MAX_RECIPIENTS:
+            raise SealError(f"a MAC'd message needs 1..{MAX_RECIPIENTS} MACs")
+        now = self._clock()
+        own, tag = None, None
+        for candidate in (self._own, self._previous):
+            if candidate is None or now > candidate.end + self.skew:
+                continue
+            for item in tags:
+                if isinstance(item, list) and len(item) == 2 and item[0] == candidate.fp[: pairing.TAG_BYTES]:
+                    own, tag = candidate, item[1]
+                    break
+            if own is not None:
+                break
+        if own is None or not isinstance(tag, bytes):
+            raise SealError("not MAC'd to this node's certificate")
+        if chain is not None:
+            if not isinstance(chain, list) or not chain or not all(isinstance(c, bytes) for c in chain):
+                raise SealError("a MAC'd message's chain must be DER byte strings")
+            if sum(map(len, chain)) > MAX_CHAIN_BYTES:
+                raise SealError(f"certificate chain over {MAX_CHAIN_BYTES} bytes")
+            cert = self._verified_chain(chain)
+            if cert.fp != sender_fp:
+                raise SealError("the chain of a MAC'd message is not its sender's")
+        else:
+            cert = self._certs.get(sender_fp)
+            if cert is None:
+                raise SealError("MAC'd by a certificate not seen here (its chain did not come along)")
+            if not self._valid(cert, now):
+                raise SealError(f"MAC'd by a certificate of {cert.name.fleet}/{cert.name.node} that expired")
+        pair = self._pair(cert, own, now)
+        if not pairing.verify_mac(pair.key, sender_fp, own.fp, pairing.digest(topic, payload), tag):
+            raise SealError(f"bad MAC: not made by {cert.name.fleet}/{cert.name.node} for this node and topic")
+        if own is self._own:
+            pair.acked = True  # it made a MAC to our current certificate: it has our chain
+        latest = self._certs.get(self._latest.get(cert.name, b""))
+        if latest is None or latest.start <= cert.start:
+            self._latest[cert.name] = cert.fp  # answers go to the certificate that just spoke
+        return cert.name, payload
+
+
+@dataclass(frozen=True, slots=True)
+class _Own:
+    """One certificate of this node, for pair keys: its key, fingerprint and end of validity."""
+
+    key: Any  # EllipticCurvePrivateKey
+    fp: bytes
+    end: float
+
+
+def _bundle_bytes(bundle: TrustBundle) -> bytes:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    return b"".join(c.public_bytes(Encoding.DER) for c in bundle.cas)
 
 
 class ReplayGuard:

@@ -145,6 +145,7 @@ class CloudTier:
             unreachable=self.registry_sync.unreachable,
             seals=self.seals,
             serves=self.registry_sync.serves,
+            providers=self.registry_sync.provider_nodes,
         )
         self.fleet = FleetConfigSource(
             registry=registry,

@@ -7,10 +7,11 @@ twice. While the broker is down, or no live node serves the service (the registr
 `unavailable(endpoint)` says why and the router skips the endpoint instead of waiting;
 calls in flight when the connection drops fail at once (`reset`), so the router fails over right away.
 
-Signed (`signing.py`, when this node has an identity): each request is sealed with the node's key, and an
-answer is taken only when it is sealed by a node of this fleet that serves the service (it has a sealed
-registry entry saying so): an answer forged by any other client of the broker is dropped, and the call
-waits for the real one.
+Signed (`signing.py`, when this node has an identity): each request is MAC'd to every node known to serve
+the service, under the key of each pair (`pairing.py`; sealed with the node's key when one of them is not
+known yet), and an answer is taken only when it is MAC'd or sealed by a node of this fleet that serves the
+service (it has a sealed registry entry saying so): an answer forged by any other client of the broker is
+dropped, and the call waits for the real one.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from http import HTTPStatus
 
 from ..call import Call
 from ..errors import ConnectFailed, UpstreamReset, UpstreamTimeout
+from ..identity import PeerName
 from ..looplag import TimeLimit
 from ..model import Endpoint
 from .envelope import CloudAnswer, CloudRequest, EnvelopeError, decode_answer, encode_request, error_answer
@@ -89,10 +91,12 @@ class CloudTransport:
         unreachable: Callable[[str, str], str | None] = lambda tenant, service: None,
         seals: Seals | None = None,
         serves: Callable[[str, str, str], bool] = lambda node, tenant, service: True,
+        providers: Callable[[str, str], Iterable[str]] = lambda tenant, service: (),
     ) -> None:
         self._session = session
         self._seals = seals  # None: unsigned (no node identity): answers are taken from anyone
         self._serves = serves  # whether a node (of this fleet) serves (tenant, service): its answers count
+        self._providers = providers  # the nodes known to serve (tenant, service): a request is MAC'd to each
         self._on_timeout = on_timeout  # passive liveness: (tenant, service) got no answer in `waited` s
         self._on_answer_from = on_answer  # ... and an answer came from this node
         self._unreachable = unreachable  # why no live node serves (tenant, service) now, or None
@@ -149,7 +153,7 @@ class CloudTransport:
         topic = self._topics.request(endpoint.service)
         payload = encode_request(request)
         if self._seals is not None:
-            payload = self._seals.seal(topic, payload)
+            payload = self._seals.seal_to(topic, payload, self._recipients(call.tenant, endpoint.service))
         if len(payload) > self._max_payload:
             self._metrics.too_large.inc()
             detail = f"request of {len(payload)} bytes is over the MQTT limit of {self._max_payload} (mqtt.max_payload)"
@@ -184,6 +188,10 @@ class CloudTransport:
             self._calls.pop(cid, None)
         return MqttAnswer(answer.status, list(answer.headers), answer.body)
 
+    def _recipients(self, tenant: str, service: str) -> list[PeerName]:
+        fleet = self._topics.fleet
+        return [PeerName(fleet, node) for node in self._providers(tenant, service)]
+
     def fail_all(self, reason: str) -> None:
         """The connection dropped: calls in flight will get no answer; let the router move on now."""
         pending, self._pending = self._pending, {}
@@ -196,6 +204,8 @@ class CloudTransport:
     ) -> None:
         self._pending.pop(cid, None)  # an answer after this is late: dropped and counted
         if not future.done():
+            if self._seals is not None:  # a bridge that restarted has forgotten our certificate: send it again
+                self._seals.unack(self._recipients(tenant, endpoint.service))
             self._metrics.timeouts.inc()
             future.set_exception(UpstreamTimeout(endpoint.url, f"no answer over MQTT within {limit.describe()}"))
             self._on_timeout(tenant, endpoint.service, limit.timeout)
@@ -204,7 +214,7 @@ class CloudTransport:
         payload, sender = message.payload, None
         if self._seals is not None:
             try:
-                sender, payload = self._seals.open(message.topic, payload)
+                sender, payload = self._seals.open(message.topic, payload, macs=True)
             except SealError as exc:
                 self._refused(message.topic, str(exc))
                 return
