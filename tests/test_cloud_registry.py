@@ -428,3 +428,68 @@ def test_a_status_nested_too_deeply_is_refused_before_it_is_decoded(tmp_path):
     assert sync.nodes == {} and sync.bad_messages == 2
     sync._on_status(Inbound(TOPICS.status("pi-2"), b'{"state": "online", "x": [[1]]}', True))
     assert sync.nodes["pi-2"].state == "online"
+
+
+def test_a_signed_box_believes_only_sealed_statuses_and_deletions_of_the_current_connection(tmp_path):
+    """Before: an unsealed `offline` on `nodes/pi-2/status`, or an empty retained message on one of its entries,
+    from any client of the broker, marked pi-2 offline or deleted its entry. Now a status and a deletion (a
+    sealed tombstone) count only when sealed by pi-2, and only for the connection (epoch) they belong to."""
+    from fixtures_identity import FleetCA
+
+    from edged.cloud.epochs import tombstone
+    from edged.cloud.signing import Seals
+
+    ca = FleetCA("home")
+    me = Seals(ca.enroll(tmp_path / "me", "me"), skew=20)
+    pi2 = Seals(ca.enroll(tmp_path / "pi2", "pi-2"), skew=20)
+    sync = registry_sync(tmp_path, Registry(), seals=me)
+    status_topic, entry_topic = TOPICS.status("pi-2"), TOPICS.service("pi-2", "default", "thermo")
+
+    def status(state: str, epoch: str, sealed: bool = True) -> Inbound:
+        doc = json.dumps({"state": state, "node": "pi-2", "fleet": "home", "epoch": epoch}).encode()
+        return Inbound(status_topic, pi2.seal(status_topic, doc) if sealed else doc, True)
+
+    def state() -> str:
+        return sync.nodes["pi-2"].state
+
+    e1, e2 = "1" * 16, "2" * 16
+    sync._on_status(status("online", e1))
+    assert state() == "online"
+    for forged in (status("offline", e1, sealed=False), Inbound(status_topic, b"", True), status("offline", e2)):
+        sync._on_status(forged)  # unsealed, an empty message, an offline of another connection
+        assert state() == "online"
+    sync._on_status(status("offline", e1))  # its last will
+    assert state() == "offline"
+    sync._on_status(status("online", e1))  # that connection's online, replayed after its end
+    assert state() == "offline"
+    sync._on_status(status("online", e2))  # a new connection
+    assert state() == "online"
+    entry = cbor2.dumps(spec_entry(manifest(), node="pi-2", zone="", cloud=True))
+    sync._on_service(Inbound(entry_topic, pi2.seal(entry_topic, entry), True))
+    assert "thermo" in sync.entries["pi-2"]
+    for forged in (b"", pi2.seal(entry_topic, tombstone(e1)), me.seal(entry_topic, tombstone(e2))):
+        sync._on_service(Inbound(entry_topic, forged, True))  # empty; a tombstone of an old connection; not pi-2's
+        assert "thermo" in sync.entries["pi-2"]
+    assert sync._metrics.unsealed.get(("status",)) == 4 and sync._metrics.unsealed.get(("entry",)) == 3
+    sync._on_service(Inbound(entry_topic, pi2.seal(entry_topic, tombstone(e2)), True))
+    assert "pi-2" not in sync.entries
+
+
+def test_a_signed_node_seals_its_status_last_will_and_deletions_with_one_epoch_per_connection(tmp_path):
+    from fixtures_identity import FleetCA
+
+    from edged.cloud.epochs import tombstone_epoch
+    from edged.cloud.signing import Seals
+
+    ca = FleetCA("home")
+    me = Seals(ca.enroll(tmp_path / "me", "me"), skew=20)
+    peer = Seals(ca.enroll(tmp_path / "peer", "pi-2"), skew=20)
+    sync = registry_sync(tmp_path, Registry(), seals=me)
+    will = sync.last_will()
+    sender, offline = peer.open(will.topic, will.payload)
+    assert sender.node == "me" and json.loads(offline)["state"] == "offline"
+    assert json.loads(offline)["epoch"] == sync.epoch == json.loads(sync.status_payload("online"))["epoch"]
+    assert sync.last_will() and sync.epoch != json.loads(offline)["epoch"]  # a new connection, a new epoch
+    topic = TOPICS.service("me", "default", "gone")
+    assert tombstone_epoch(peer.open(topic, sync._entry_wire(topic, b""))[1]) == sync.epoch
+    assert json.loads(peer.open(TOPICS.status("me"), sync.offline_status("shutdown"))[1])["reason"] == "shutdown"

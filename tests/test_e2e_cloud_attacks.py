@@ -356,3 +356,81 @@ def test_cloud_calls_over_the_shipped_broker_configuration_with_node_certificate
         assert header(headers, "x-edged-bridge") == "cloud-1"
     assert "mqtts://127.0.0.1" in d.log_text() and '"signed_as":"test-node"' in d.log_text().replace(" ", "")
     assert '"signed_as":"cloud-1"' in bridge.log.read_text().replace(" ", "")
+
+
+def test_a_client_on_the_broker_cannot_mark_a_bridge_offline_nor_delete_its_entries(
+    tmp_path, backends, edged, bridges, broker, topic_prefix
+):
+    """Before: on a broker without the ACL, any client published an unsealed `offline` on a bridge's status, or
+    an empty retained message on its entry, and every box took the bridge for gone: its cloud calls failed at
+    once (503, "no live node serves it"). Now a status or a deletion counts only when sealed by the node, and
+    only for the connection it belongs to: the sealed `offline` and tombstones of the bridge's clean stop,
+    replayed after it came back, are refused too, and the bridge posts its status and entry again."""
+    ca = FleetCA("home")
+    backend = backends("cloud-backend")
+    bridge = bridges(bridge_config(broker, topic_prefix), {"thermo.toml": bridge_manifest(backend.port)}, start=False)
+    enrolled(ca, bridge.root, "cloud-1")
+    bridge.start()
+    d = edged({"thermo.toml": CLOUD_THERMO}, mqtt_section(broker, topic_prefix), start=False)
+    enrolled(ca, d.root, "test-node")
+    d.start()
+    wait_metric(d, "edged_mqtt_connected", lambda v: v == 1)
+    base = f"{topic_prefix}/home"
+    status_topic, entry_topic = f"{base}/nodes/cloud-1/status", f"{base}/nodes/cloud-1/services/thermo"
+
+    def served() -> bool:
+        status, _, body = d.call("thermo", "/r")
+        return status == 200 and json.loads(body)["name"] == "cloud-backend"
+
+    wait_for(served, 15, what="the bridge serves")
+    offline = json.dumps({"state": "offline", "node": "cloud-1", "fleet": "home", "reason": "lost"}).encode()
+    publish_retained(broker.port, status_topic, offline)
+    publish_retained(broker.port, entry_topic, b"")
+    time.sleep(0.5)  # the daemon has them (a withdrawal is applied at once)
+    assert all(served() for _ in range(3))
+    wait_for(lambda: cloud_refused(d, "status") >= 1 and cloud_refused(d, "entry") >= 1, 10, what="forgeries counted")
+
+    # The bridge stops cleanly (sealed tombstone and offline of its connection), a reader keeps them, and the
+    # bridge comes back; replayed, they are refused.
+    captured: dict[str, bytes] = {}
+
+    async def capture() -> None:
+        async with aiomqtt.Client("127.0.0.1", broker.port, protocol=aiomqtt.ProtocolVersion.V5) as c:
+            await c.subscribe(f"{base}/nodes/cloud-1/#")
+            stopping = asyncio.create_task(asyncio.to_thread(bridge.stop))
+            async for msg in c.messages:
+                if not msg.retain:
+                    captured[str(msg.topic)] = msg.payload
+                if status_topic in captured and b"shutdown" in inner(captured[status_topic]):
+                    break
+            await stopping
+
+    asyncio.run(asyncio.wait_for(capture(), 20))
+    assert captured.get(entry_topic)  # a tombstone: sealed, not empty
+    bridge.start()
+    wait_for(served, 20, what="the bridge serves again")
+    for topic in (status_topic, entry_topic):
+        publish_retained(broker.port, topic, captured[topic])
+    time.sleep(0.5)
+    assert all(served() for _ in range(3))
+    wait_for(lambda: cloud_refused(d, "status") >= 2 and cloud_refused(d, "entry") >= 2, 10, what="replays counted")
+    # The bridge saw its retained status and entry overwritten and posted them again: a box that subscribes now
+    # reads them.
+    wait_for(lambda: retained_state(broker.port, status_topic) == "online", 10, what="the bridge's status back")
+
+
+def cloud_refused(d, kind: str) -> float:
+    return sample(d, f'edged_cloud_refused_messages_total{{kind="{kind}"}}')
+
+
+def retained_state(port: int, topic: str) -> str:
+    """The state of the retained status on `topic`, as a box subscribing now reads it."""
+
+    async def read() -> str:
+        async with aiomqtt.Client("127.0.0.1", port, protocol=aiomqtt.ProtocolVersion.V5) as c:
+            await c.subscribe(topic)
+            async for msg in c.messages:
+                return json.loads(inner(msg.payload)).get("state", "")
+        return ""
+
+    return asyncio.run(asyncio.wait_for(read(), 5))

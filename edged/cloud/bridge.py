@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import secrets
@@ -46,7 +45,7 @@ from ..registry import Snapshot
 from .envelope import CloudAnswer, CloudRequest, EnvelopeError, decode_request, encode_answer, error_answer
 from .persist import StateSaver
 from .registry_sync import RegistrySync
-from .session import Inbound, LastWill, MqttSession, PublishError
+from .session import Inbound, MqttSession, PublishError
 from .signing import ReplayGuard, SealError, identity_files, node_seals
 from .telemetry import CloudMetrics
 from .topics import Topics, parse_request_topic, shared_request_filter
@@ -86,14 +85,13 @@ class Bridge:
         self.core = core = MeshCore(config)  # no tiers: a bridge serves its own local endpoints only
         self.registry, self.metrics, self.health = core.registry, core.metrics, core.health
         self.manifests, self.pool, self.router = core.manifests, core.pool, core.router
-        offline = json.dumps({"state": "offline", "node": self.node, "fleet": config.node.fleet, "reason": "lost"})
         self.seals = node_seals(config)
         self.replays = ReplayGuard(self.seals.skew) if self.seals is not None else None
         self.metrics_cloud = CloudMetrics(self.metrics.registry)
         self.session = MqttSession(
             mq,
             client_id=mq.client_id or f"edged-bridge-{self.node}-{os.getpid()}",
-            will=LastWill(self.topics.status(self.node), offline.encode()),
+            will=lambda: self.registry_sync.last_will(),  # sealed, with a new epoch, at each connect
             on_connected=self._on_connected,
             max_message=config.limits.mqtt_message,
             on_limit=core.limit_hit,
@@ -146,7 +144,7 @@ class Bridge:
         await cancel_and_wait(list(self._inflight))
         if self.session.connected:
             await self.registry_sync.clear_own()  # no one should keep routing to what leaves with us
-            payload = self.registry_sync.status_payload("offline", reason="shutdown")
+            payload = self.registry_sync.offline_status("shutdown")
             with contextlib.suppress(PublishError):
                 await self.session.publish(self.topics.status(self.node), payload, qos=1, retain=True, timeout=1.0)
         await self.session.close()

@@ -17,6 +17,7 @@ from .. import jsonbody
 from ..errors import EdgedError
 from ..limits import Limits
 from .session import Inbound, MqttSession
+from .signing import SealError, identity_files, load_seals, sealed_payload
 from .topics import Topics
 
 MAX_NODES = 100_000  # a bound on what one listing holds
@@ -28,6 +29,10 @@ async def read_fleet(config: Any, *, service: str | None, quiet: float, timeout:
     Retained messages arrive right after subscribing: the listing ends `quiet` seconds after the last one
     (at the latest `timeout` seconds after connecting)."""
     topics = Topics(config.mqtt.topic_prefix, config.node.fleet)
+    try:
+        seals = load_seals(identity_files(config).dir, skew=config.identity.clock_skew, required=False)
+    except SealError:
+        seals = None
     nodes: dict[str, dict] = {}
     last = [time.monotonic()]
 
@@ -41,8 +46,14 @@ async def read_fleet(config: Any, *, service: str | None, quiet: float, timeout:
         parsed = topics.parse_node_topic(msg.topic)
         if parsed is None or not msg.payload:
             return
+        payload = msg.payload
+        if payload[:1] != b"{":  # sealed (signing.py): checked when this box has an identity, else only read
+            try:
+                payload = seals.open(msg.topic, payload)[1] if seals is not None else sealed_payload(payload)
+            except SealError:
+                return
         try:
-            doc = jsonbody.loads(msg.payload, MAX_JSON_DEPTH)
+            doc = jsonbody.loads(payload, MAX_JSON_DEPTH)
         except ValueError:
             return
         out = node_doc(parsed[0]) if isinstance(doc, dict) else None

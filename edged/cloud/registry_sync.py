@@ -10,9 +10,11 @@ endpoint type, or served by an `edged bridge`) become services of the registry s
 cloud endpoint. The last known registry is saved in the state dir and loaded at start, so a box that
 boots with no network still knows the remote services.
 
-Signed (`signing.py`, when this node has an identity): entries are sealed by the node's key, and an entry is
-taken only when sealed by the node its topic names, in this fleet (a deletion, an empty retained message,
-cannot be sealed: it only ever removes).
+Signed (`signing.py`, when this node has an identity): entries, statuses (the last will too) and deletions
+(sealed tombstones) are sealed by the node's key, and taken only when sealed by the node their topic names,
+in this fleet; an empty retained message deletes nothing. A status or deletion is believed only for the
+connection it belongs to (`epochs.py`), and a node that sees its own status or entry overwritten on the
+broker posts it again.
 
 What a box learns (`[mqtt] follow`): the entries of the services it routes to over the cloud tier (those its
 manifests and registrations declare with a "cloud" endpoint type) and of the services `follow` names, one
@@ -46,6 +48,7 @@ import cbor2
 
 from .. import __version__, jsonbody
 from ..errors import ConfigError
+from ..identity import PeerName
 from ..limits import Limits
 from ..locality import clean_zone, format_loc, parse_loc
 from ..logs import log_event
@@ -54,9 +57,10 @@ from ..methods import MAX_METHODS
 from ..model import TIERS, EndpointSpec, InterfaceSpec, MethodRule, ServiceSpec
 from ..registry import Registry, Snapshot
 from ..routes import common_labels, wire_labels
+from .epochs import Epochs, new_epoch, tombstone, tombstone_epoch
 from .liveness import OFFLINE, ONLINE, STALE, SUSPECT, UNKNOWN, Liveness
 from .persist import StateSaver
-from .session import Inbound, MqttSession, PublishError
+from .session import Inbound, LastWill, MqttSession, PublishError
 from .signing import SealError, Seals
 from .telemetry import CloudMetrics
 from .topics import Topics, service_key, split_service_key
@@ -285,6 +289,9 @@ class RegistrySync:
         follow: Iterable[str] | None = (),  # service keys to learn beyond the needed ones; "*": all; None: none
     ) -> None:
         self._seals = seals  # None: unsigned entries, taken from whoever publishes on a node's topic
+        self.epoch = new_epoch()  # of this connection: in the status, the last will and tombstones (epochs.py)
+        self._epochs = Epochs()  # the other nodes' connection epochs (signed fleets only)
+        self._leaving = False  # a clean stop said offline: our own status is not posted again
         self._limits = limits or Limits()
         self._on_limit = on_limit or (lambda name: None)
         self._registry = registry
@@ -320,8 +327,10 @@ class RegistrySync:
         self._needed: frozenset[str] = frozenset()  # keys this node's own services route to over the cloud
         self.learning: frozenset[str] = frozenset()  # the keys subscribed to now (follow | needed)
         own = f"{topics.base}/nodes/{node}/services/+"  # this node's own entries: stale ones are removed
-        if follow is None:  # a bridge: only its own entries
+        if follow is None:  # a bridge: only its own entries (and status, to post it again when overwritten)
             session.subscribe(own, self._on_service, qos=1)
+            if seals is not None:
+                session.subscribe(topics.status(node), self._on_status, qos=0)
             return
         # QoS 0: a reconnect delivers every node's retained status at once, with no PUBACK round trips and no
         # per-client queue limit of the broker (Mosquitto drops QoS 1 beyond max_queued_messages); a status lost
@@ -334,10 +343,12 @@ class RegistrySync:
     # -- payloads of this node ------------------------------------------------------------------------------
 
     def status_payload(self, state: str, **extra: object) -> bytes:
-        """JSON status document: `online` (with vitals) or `offline` (the last will, or a clean shutdown)."""
+        """JSON status document: `online` (with vitals) or `offline` (the last will, or a clean shutdown), with
+        this connection's epoch."""
         doc = {"state": state, "node": self.node, "fleet": self._topics.fleet, "zone": self._zone, **extra}
         if self._location is not None:
             doc["loc"] = format_loc(self._location)
+        doc["epoch"] = self.epoch
         if state == "online":
             doc.update(self._status_extra())
             doc["version"] = __version__
@@ -345,9 +356,26 @@ class RegistrySync:
             doc["ts"] = round(time.time(), 3)
         return json.dumps(doc, separators=(",", ":")).encode()
 
+    def _status_wire(self, payload: bytes) -> bytes:
+        return self._seals.seal(self._topics.status(self.node), payload) if self._seals is not None else payload
+
     def publish_status(self) -> None:
         """Post the retained `online` status (on connect, and when vitals change)."""
-        self._session.post(self._topics.status(self.node), self.status_payload("online"), qos=1, retain=True)
+        wire = self._status_wire(self.status_payload("online"))
+        self._session.post(self._topics.status(self.node), wire, qos=1, retain=True)
+
+    def last_will(self) -> LastWill:
+        """The last will of a new connection (the session asks at each connect): a new epoch, and the
+        `offline` of that epoch, sealed now (the broker publishes it when the connection is lost)."""
+        self.epoch = new_epoch()
+        self._leaving = False
+        wire = self._status_wire(self.status_payload("offline", reason="lost"))
+        return LastWill(self._topics.status(self.node), wire)
+
+    def offline_status(self, reason: str) -> bytes:
+        """The retained `offline` a clean stop posts (sealed); this node's status is not posted again after."""
+        self._leaving = True
+        return self._status_wire(self.status_payload("offline", reason=reason))
 
     def on_connected(self) -> None:
         """A fresh connection: post status and every entry again (state posted while down was dropped)."""
@@ -395,10 +423,17 @@ class RegistrySync:
         for key in [k for k in self._posted if k not in self._own]:
             self._post_entry(key, b"")  # an empty retained message deletes the entry
 
+    def _entry_wire(self, topic: str, payload: bytes) -> bytes:
+        """An entry as posted: sealed; an empty payload (a deletion) becomes a sealed tombstone of this
+        connection when signed (an empty message cannot be sealed)."""
+        if self._seals is None:
+            return payload
+        return self._seals.seal(topic, payload or tombstone(self.epoch))
+
     def _post_entry(self, key: str, payload: bytes) -> None:
         tenant, service = split_service_key(key)
         topic = self._topics.service(self.node, tenant, service)
-        wire = self._seals.seal(topic, payload) if payload and self._seals is not None else payload
+        wire = self._entry_wire(topic, payload)
         if self._session.post(topic, wire, qos=1, retain=True):
             if payload:
                 self._posted[key] = payload
@@ -445,14 +480,26 @@ class RegistrySync:
             return
         node = parsed[0]
         if node == self.node:
+            self._on_own_status(msg)
             return
         if not msg.payload:
+            if self._seals is not None:  # anyone can publish an empty message; nobody can seal one
+                if node in self.nodes:
+                    self._refused("status", msg.topic, "an unsealed deletion of a status")
+                return
             if self.nodes.pop(node, None) is not None:
                 self.liveness.forget_status(node, self._clock())
                 self._changed(services=False)
             return
+        payload = msg.payload
+        if self._seals is not None:
+            try:
+                payload = self._open_from(node, msg.topic, payload)
+            except SealError as exc:
+                self._refused("status", msg.topic, str(exc))
+                return
         try:
-            doc = jsonbody.loads(msg.payload, self._limits.json_depth)
+            doc = jsonbody.loads(payload, self._limits.json_depth)
             if not isinstance(doc, dict) or doc.get("state") not in ("online", "offline"):
                 raise ValueError("expected a JSON object with state online|offline")
             if doc.get("node", node) != node:
@@ -467,6 +514,16 @@ class RegistrySync:
             self._on_limit("peers")  # a flood of made-up nodes: the known ones keep their place
             return
         state = doc["state"]
+        if self._seals is not None:
+            before = self._epochs.current(node)
+            why = self._epochs.status(node, state, doc.get("epoch"))
+            if why is not None:
+                self._refused("status", msg.topic, why)
+                return
+            if state == "online" and before != doc["epoch"]:
+                # A new connection (a restart, say) may have forgotten our certificate: MACs to it carry our
+                # chain again until it shows it knows it (pairing.py).
+                self._seals.unack((PeerName(self._topics.fleet, node),))
         changed = previous is None or previous.state != state
         since = wall if previous is None or changed else previous.since
         status = self.nodes[node] = NodeStatus.of(doc, seen=wall, since=since)
@@ -482,22 +539,31 @@ class RegistrySync:
             return
         node, _, key = parsed
         if node == self.node:
-            if msg.payload and key not in self._own and msg.retain:
-                # A stale entry of ours (the service went away while we were offline): remove it.
-                self._post_entry(key, b"")
+            self._on_own_entry(msg, key)
             return
         if not self._wants(key):
             return  # a service no longer followed (its filter was just removed)
         if not msg.payload:
-            known = self.entries.get(node, {})
-            old = known.pop(key, None)
-            if old is not None:
-                self._learned -= 1
-                if not known:
-                    del self.entries[node]
-                self._index(node, old[1], add=False, departed=True)
-                self._changed(removal=True)
+            if self._seals is None:
+                self._delete(node, key)
+            elif key in self.entries.get(node, {}):  # anyone can publish an empty message; nobody can seal one
+                self._refused("entry", msg.topic, "an unsealed deletion")
             return
+        payload = msg.payload
+        if self._seals is not None:
+            try:
+                payload = self._open_from(node, msg.topic, payload)
+            except SealError as exc:
+                self._refused("entry", msg.topic, str(exc))
+                return
+            gone = tombstone_epoch(payload)
+            if gone is not None:
+                why = self._epochs.deletion(node, gone)
+                if why is not None:
+                    self._refused("entry", msg.topic, why)
+                else:
+                    self._delete(node, key)
+                return
         known = self.entries.get(node, {})
         if key not in known:
             lim = self._limits
@@ -507,17 +573,6 @@ class RegistrySync:
                 return
             if not known and node not in self.nodes and len(self.entries) >= lim.peers:
                 self._on_limit("peers")
-                return
-        payload = msg.payload
-        if self._seals is not None:
-            try:
-                sender, payload = self._seals.open(msg.topic, payload)
-                if (sender.fleet, sender.node) != (self._topics.fleet, node):
-                    raise SealError(f"sealed by {sender.fleet}/{sender.node}, not by {self._topics.fleet}/{node}")
-            except SealError as exc:
-                self.bad_messages += 1
-                self._metrics.unsealed.inc(("entry",))
-                log.debug("entry on %s refused: %s", msg.topic, exc)  # counted: anyone could flood a log
                 return
         try:
             kept = compact_entry(normalize_entry(cbor2.loads(payload), node=node), key)
@@ -535,6 +590,72 @@ class RegistrySync:
         self.entries.setdefault(node, {})[key] = kept
         self._index(node, kept[1], add=True)
         self._changed()
+
+    def _delete(self, node: str, key: str) -> None:
+        """`node` deleted its entry `key` (an empty retained message, or a sealed tombstone when signed)."""
+        known = self.entries.get(node, {})
+        old = known.pop(key, None)
+        if old is not None:
+            self._learned -= 1
+            if not known:
+                del self.entries[node]
+            self._index(node, old[1], add=False, departed=True)
+            self._changed(removal=True)
+
+    # -- sealed messages (signing.py, epochs.py) ------------------------------------------------------------
+
+    def _open_from(self, node: str, topic: str, wire: bytes) -> bytes:
+        """The payload of a message sealed by `node` of this fleet; SealError otherwise."""
+        assert self._seals is not None
+        sender, payload = self._seals.open(topic, wire)
+        if (sender.fleet, sender.node) != (self._topics.fleet, node):
+            raise SealError(f"sealed by {sender.fleet}/{sender.node}, not by {self._topics.fleet}/{node}")
+        return payload
+
+    def _refused(self, kind: str, topic: str, why: str) -> None:
+        self.bad_messages += 1
+        self._metrics.unsealed.inc((kind,))
+        log.debug("%s on %s refused: %s", kind, topic, why)  # counted: anyone could flood a log
+
+    def _own_payload(self, msg: Inbound) -> bytes | None:
+        """What a message on one of our own topics says, when we sealed it; None otherwise."""
+        try:
+            return self._open_from(self.node, msg.topic, msg.payload) if msg.payload else None
+        except SealError:
+            return None
+
+    def _on_own_status(self, msg: Inbound) -> None:
+        """Our retained status overwritten (a replayed offline, anything not ours of this connection): post
+        ours again, so that boxes that subscribe later see it."""
+        if self._seals is None or self._leaving or not self._session.connected:
+            return
+        payload = self._own_payload(msg)
+        try:
+            doc = jsonbody.loads(payload, self._limits.json_depth) if payload is not None else None
+        except ValueError:
+            doc = None
+        if isinstance(doc, dict) and doc.get("state") == "online" and doc.get("epoch") == self.epoch:
+            return
+        log.debug("own status on %s overwritten: posted again", msg.topic)
+        self.publish_status()
+
+    def _on_own_entry(self, msg: Inbound, key: str) -> None:
+        """A message on one of our own entry topics: a stale entry of ours (the service went away while we
+        were offline) is deleted; signed, an entry of ours overwritten (a replayed tombstone, anything else)
+        is posted again, and a tombstone of an old connection is renewed for this one."""
+        if self._seals is None:
+            if msg.payload and key not in self._own and msg.retain:
+                self._post_entry(key, b"")
+            return
+        payload = self._own_payload(msg)
+        mine = self._own.get(key)
+        if mine is None:
+            if msg.retain and msg.payload and (payload is None or tombstone_epoch(payload) != self.epoch):
+                self._post_entry(key, b"")
+            return
+        if payload != mine and self._session.connected and not self._leaving:
+            log.debug("own entry on %s overwritten: posted again", msg.topic)
+            self._post_entry(key, mine)
 
     def _index(self, node: str, service: tuple[str, str] | None, *, add: bool, departed: bool = False) -> None:
         """Keep the providers of each cloud service (for liveness) and the spec it gets in the registry in step
@@ -695,6 +816,7 @@ class RegistrySync:
         dropped = []
         for node in nodes:
             self.nodes.pop(node, None)
+            self._epochs.forget(node)
             self._sources.pop(node, None)
             for _, service in self.entries.pop(node, {}).values():
                 self._learned -= 1
@@ -708,13 +830,12 @@ class RegistrySync:
     async def clear_own(self, timeout: float = 1.0) -> int:
         """A clean stop: delete this node's retained entries, so that no one keeps routing to them.
         Returns how many were deleted."""
+        self._leaving = True  # our own tombstones coming back are not overwrites to undo
         cleared = 0
         for key in list(self._own):
-            tenant, service = split_service_key(key)
+            topic = self._topics.service(self.node, *split_service_key(key))
             try:
-                await self._session.publish(
-                    self._topics.service(self.node, tenant, service), b"", qos=1, retain=True, timeout=timeout
-                )
+                await self._session.publish(topic, self._entry_wire(topic, b""), qos=1, retain=True, timeout=timeout)
             except PublishError:
                 break
             cleared += 1

@@ -188,7 +188,7 @@ class MqttSession:
         config: MqttConfig,
         *,
         client_id: str,
-        will: LastWill | None = None,
+        will: LastWill | Callable[[], LastWill] | None = None,  # a callable: made anew for each connection
         on_connected: Callable[[], None] | None = None,
         on_disconnected: Callable[[str], None] | None = None,
         rng: random.Random | None = None,
@@ -431,7 +431,7 @@ class MqttSession:
         password, tls_context = await asyncio.to_thread(self._load_secrets)
         will = None
         if self._will is not None:
-            w = self._will
+            w = self._will() if callable(self._will) else self._will
             will = aiomqtt.Will(w.topic, w.payload, qos=w.qos, retain=w.retain)
         client = aiomqtt.Client(
             self.host,

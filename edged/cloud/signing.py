@@ -423,6 +423,18 @@ class ReplayGuard:
         return None
 
 
+def sealed_payload(data: bytes) -> bytes:
+    """What a sealed message carries, NOT verified (for a listing on a box without an identity); SealError
+    when `data` is not a sealed message."""
+    try:
+        obj = cbor2.loads(data) if data[:1] != b"\xff" else None
+    except Exception:  # cbor2 raises many types on garbage
+        obj = None
+    if not isinstance(obj, dict) or obj.get("sv") != SEAL_VERSION or not isinstance(obj.get("p"), bytes):
+        raise SealError("not a sealed message")
+    return obj["p"]
+
+
 def identity_files(config: Config) -> IdentityFiles:
     """Where this node's identity lives (`{state.dir}/identity`, or `[identity] dir` where configured)."""
     return IdentityFiles(config.identity_dir)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Mapping
@@ -20,7 +19,7 @@ from . import registry_sync as registry_mod
 from .fleet import FleetConfigSource, FleetSettings, load_trusted_keys
 from .persist import StateSaver
 from .registry_sync import RegistrySync
-from .session import LastWill, MqttSession, PublishError, broker_address
+from .session import MqttSession, PublishError, broker_address
 from .signing import identity_files, node_seals
 from .telemetry import CloudMetrics, TelemetryPublisher
 from .topics import Topics
@@ -103,12 +102,11 @@ class CloudTier:
         self._node_vitals = core.vitals
         self.metrics = CloudMetrics(core.metrics.registry)
         self.saver = StateSaver(core.store)
-        offline = json.dumps({"state": "offline", "node": self.node, "fleet": config.node.fleet, "reason": "lost"})
         self.seals = node_seals(config)  # None without a node identity: nothing is signed
         self.session = MqttSession(
             mq,
             client_id=mq.client_id or f"edged-{self.node}",
-            will=LastWill(self.topics.status(self.node), offline.encode()),
+            will=lambda: self.registry_sync.last_will(),  # sealed, with a new epoch, at each connect
             on_connected=self._on_connected,
             on_disconnected=self._on_disconnected,
             max_message=config.limits.mqtt_message,
@@ -232,7 +230,7 @@ class CloudTier:
             return
         cleared = await self.registry_sync.clear_own()
         log_event(log, logging.INFO, "cloud.leaving", cleared_entries=cleared)
-        payload = self.registry_sync.status_payload("offline", reason="shutdown")
+        payload = self.registry_sync.offline_status("shutdown")
         with contextlib.suppress(PublishError):
             await self.session.publish(self.topics.status(self.node), payload, qos=1, retain=True, timeout=1.0)
 
