@@ -153,6 +153,7 @@ class MqttConfig:
     announce_interval: float = 300.0  # re-post the retained online status at least this often
     offline_ttl: float = 3600.0  # forget the entries of a node that has not been live for this long
     signed: str = "auto"  # seal requests, answers and entries with the node identity: auto | required | off
+    macs: bool = True  # signed requests and answers MAC'd per pair of nodes; false: ECDSA (bridges before 2026-12)
 
     @property
     def urls(self) -> tuple[str, ...]:
@@ -507,6 +508,7 @@ class _Loader:
                 "announce_interval",
                 "offline_ttl",
                 "signed",
+                "macs",
                 "switch_back",
                 "follow",
             )
@@ -549,6 +551,7 @@ class _Loader:
             announce_interval=t.duration("announce_interval", d.announce_interval),
             offline_ttl=t.duration("offline_ttl", d.offline_ttl),
             signed=t.choice("signed", d.signed, ("auto", "required", "off")),
+            macs=t.boolean("macs", d.macs),
             **files,
         )
 

@@ -8,10 +8,11 @@ and a real HTTP backend (tests/backend.py).
 2. Broker restart -> first successful cloud call (daemon and bridge both reconnect; `reconnect_max`).
 3. Fleet config pushed once, applied on N daemons: time from the publish to each daemon's
    `fleet_config.applied` log record (same clock, ms resolution), and confirmed through the API.
-4. Signed against unsigned cloud calls in the same run: a second daemon and bridge with node identities
-   (a test fleet CA) seal requests, answers and entries; the two paths and a direct call interleaved, one
-   call at a time (p50/p99), then calls/s and CPU per call (daemon + bridge) of each, and what one seal
-   and one open cost in this process.
+4. Signed against unsigned cloud calls in the same run: a signed bridge and two daemons with node
+   identities (a test fleet CA), one sealing each request and answer with ECDSA (`[mqtt] macs = false`),
+   one MAC'ing them per pair (the default); the three paths and a direct call interleaved, one call at a
+   time (p50/p99), then calls/s and CPU per call (daemon + bridge) of each, and what one seal and one open
+   cost in this process for each scheme, bytes per message, and the ECDH + HKDF a pair costs once.
 
 usage: scripts/cloud_figures.py [--calls 2000] [--nodes 5] [--restarts 5] [--reconnect-max 1s]
                                 [--only round_trip,throughput,fleet_config,broker_restart,signatures]
@@ -134,12 +135,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def three_way(edged_plain: int, edged_signed: int, backend_port: int, calls: int) -> dict:
-    paths = {
-        "direct": KeepAlive(backend_port, "/readings"),
-        "unsigned": KeepAlive(edged_plain, "/svc/thermo/readings"),
-        "signed": KeepAlive(edged_signed, "/svc/thermo/readings"),
-    }
+async def interleaved(ports: dict[str, int], backend_port: int, calls: int) -> dict:
+    """Round trips of a direct call and of each named daemon's cloud path, interleaved call by call (so that
+    load changes hit all alike), one at a time; p50/p99 of each and what each adds over "unsigned"."""
+    paths = {"direct": KeepAlive(backend_port, "/readings")}
+    paths.update({name: KeepAlive(port, "/svc/thermo/readings") for name, port in ports.items()})
     for _ in range(200):
         for c in paths.values():
             await c.call()
@@ -153,33 +153,74 @@ async def three_way(edged_plain: int, edged_signed: int, backend_port: int, call
         c.close()
     out = {f"{k}_p50_ms": round(pct(v, 0.5), 3) for k, v in lat.items()}
     out.update({f"{k}_p99_ms": round(pct(v, 0.99), 3) for k, v in lat.items()})
-    out["signing_added_p50_ms"] = round(pct(lat["signed"], 0.5) - pct(lat["unsigned"], 0.5), 3)
-    out["signing_added_p99_ms"] = round(pct(lat["signed"], 0.99) - pct(lat["unsigned"], 0.99), 3)
+    for name in ports:
+        if name != "unsigned":
+            out[f"{name}_added_p50_ms"] = round(pct(lat[name], 0.5) - pct(lat["unsigned"], 0.5), 3)
+            out[f"{name}_added_p99_ms"] = round(pct(lat[name], 0.99) - pct(lat["unsigned"], 0.99), 3)
     out["calls"] = calls
     return out
 
 
 def seal_costs(folder: Path, ca: FleetCA, rounds: int = 2000) -> dict:
-    """CPU microseconds per seal and per open (a typical 300-byte request), in this process."""
+    """CPU microseconds per seal and per open of a typical 300-byte request, in this process: ECDSA seals,
+    per-pair MACs (after the first message of the pair), and the ECDH + HKDF a pair costs once."""
+    from edged.cloud import pairing
+
     me = Seals(ca.enroll(folder / "a", "bench-a"), skew=20)
     peer = Seals(ca.enroll(folder / "b", "bench-b"), skew=20)
     payload, topic = b"x" * 300, "hubmesh/home/svc/thermo/req"
+    out: dict = {}
     t0 = time.process_time()
     sealed = [me.seal(topic, payload) for _ in range(rounds)]
     t1 = time.process_time()
     for data in sealed:
         peer.open(topic, data)
     t2 = time.process_time()
-    return {
+    out["ecdsa"] = {
         "seal_us": round((t1 - t0) / rounds * 1e6, 1),
         "open_us": round((t2 - t1) / rounds * 1e6, 1),
-        "sealed_overhead_bytes": len(sealed[0]) - len(payload),
+        "overhead_bytes": len(sealed[0]) - len(payload),
         "per_call_us": round(2 * ((t2 - t0) / rounds) * 1e6, 1),  # request and answer: two seals, two opens
     }
+    me.learn(cbor_chain(peer))  # as from the peer's sealed registry entry
+    first = me.seal_to(topic, payload, [peer.name])
+    peer.open(topic, first, macs=True)
+    answer_topic = "hubmesh/home/reply/bench-a"
+    me.open(answer_topic, peer.seal_to(answer_topic, b"ok", [me.name]), macs=True)  # the pair is acknowledged
+    t0 = time.process_time()
+    macd = [me.seal_to(topic, payload, [peer.name]) for _ in range(rounds)]
+    t1 = time.process_time()
+    for data in macd:
+        peer.open(topic, data, macs=True)
+    t2 = time.process_time()
+    out["mac"] = {
+        "seal_us": round((t1 - t0) / rounds * 1e6, 1),
+        "open_us": round((t2 - t1) / rounds * 1e6, 1),
+        "overhead_bytes": len(macd[0]) - len(payload),
+        "first_message_overhead_bytes": len(first) - len(payload),  # with the sender's chain, once per pair
+        "per_call_us": round(2 * ((t2 - t0) / rounds) * 1e6, 1),
+    }
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    mine, theirs = me._own.key, peer._own.key.public_key()
+    t0 = time.process_time()
+    for _ in range(rounds // 4):
+        shared = mine.exchange(ec.ECDH(), theirs)
+        pairing.pair_key(shared, "home", (b"a" * 32, "spiffe://home/node/a"), (b"b" * 32, "spiffe://home/node/b"))
+    out["pair_derive_us"] = round((time.process_time() - t0) / (rounds // 4) * 1e6, 1)  # once per pair
+    return out
+
+
+def cbor_chain(seals: Seals) -> list[bytes]:
+    import cbor2
+
+    return cbor2.loads(seals.seal("x", b""))["c"]
 
 
 def signatures(root: Path, broker: Broker, backend: Backend, plain: tuple[Edged, BridgeProc], args) -> dict:
-    """The signed pair next to the unsigned one (`plain`), same broker and backend."""
+    """Unsigned, ECDSA-sealed (`[mqtt] macs = false`: every request and answer signed and verified) and MAC'd
+    per pair (the default) side by side: same broker, backend and signed bridge (which answers each request
+    as it came: a MAC'd one MAC'd, a sealed one sealed)."""
     ca = FleetCA("home")
     prefix = f"sig{int(time.time())}"
     bridge = BridgeProc(
@@ -189,14 +230,19 @@ def signatures(root: Path, broker: Broker, backend: Backend, plain: tuple[Edged,
     ca.enroll(bridge.root / "state" / "identity", "cloud-1")
     started: list = [bridge.start()]
     try:
-        d = name_node(Edged(root / "node-signed", {"thermo.toml": CLOUD_ONLY}, mqtt_section(broker, prefix)), "node-s")
-        (d.root / "state" / "identity").mkdir(parents=True)
-        ca.enroll(d.root / "state" / "identity", "node-s")
-        started.append(d.start())
-        wait_for(lambda: d.call("thermo", "/r")[0] == 200, 15, what="first signed cloud call")
-        assert '"mqtt.unsigned"' not in d.log_text()
-        out: dict = {"round_trip": asyncio.run(three_way(plain[0].port, d.port, backend.port, args.calls))}
-        for name, (dd, bb) in (("unsigned", plain), ("signed", (d, bridge))):
+        daemons: dict[str, tuple[Edged, BridgeProc]] = {"unsigned": plain}
+        for name, keys in (("ecdsa", {"macs": False}), ("mac", {})):
+            section = mqtt_section(broker, prefix, **keys)
+            d = name_node(Edged(root / f"node-{name}", {"thermo.toml": CLOUD_ONLY}, section), f"node-{name}")
+            (d.root / "state" / "identity").mkdir(parents=True)
+            ca.enroll(d.root / "state" / "identity", f"node-{name}")
+            started.append(d.start())
+            wait_for(lambda d=d: d.call("thermo", "/r")[0] == 200, 15, what=f"first {name} cloud call")
+            assert '"mqtt.unsigned"' not in d.log_text()
+            daemons[name] = (d, bridge)
+        ports = {name: dd.port for name, (dd, _) in daemons.items()}
+        out: dict = {"round_trip": asyncio.run(interleaved(ports, backend.port, args.calls))}
+        for name, (dd, bb) in daemons.items():
             pids = [dd.proc.pid, bb.proc.pid]
             cpu0 = [cpu_seconds(pid) for pid in pids]
             tp = asyncio.run(throughput(dd.port, args.seconds))

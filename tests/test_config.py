@@ -399,3 +399,13 @@ def test_bridge_tenants_default_to_the_default_tenant_only_and_are_checked(tmp_p
     path.write_text('[node]\nname = "cloud-1"\n[bridge]\ntenants = { Garden = ["*"] }\n')
     with pytest.raises(ConfigError, match="tenant name"):
         load_config(str(path))
+
+
+def test_mqtt_macs_is_on_by_default_and_can_be_turned_off_for_older_bridges(tmp_path):
+    from edged.config import load_config
+
+    path = tmp_path / "edged.toml"
+    path.write_text('[node]\nname = "pi-1"\n')
+    assert load_config(str(path)).mqtt.macs is True
+    path.write_text('[node]\nname = "pi-1"\n[mqtt]\nmacs = false\n')
+    assert load_config(str(path)).mqtt.macs is False

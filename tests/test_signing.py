@@ -280,3 +280,13 @@ def test_verified_certificates_and_pair_keys_are_bounded(tmp_path):
     first.unack([bridge.name])  # evicted on the bridge: its chain comes again and all is derived anew
     assert bridge.open(TOPIC, first.seal_to(TOPIC, b"again", [bridge.name]), macs=True)[1] == b"again"
     assert bridge.pairs_derived == 6
+
+
+def test_with_macs_off_every_request_is_sealed_with_ecdsa(tmp_path):
+    """`[mqtt] macs = false`: for a fleet whose bridges run an edged that opens only ECDSA seals."""
+    ca = FleetCA("home")
+    caller = Seals(ca.enroll(tmp_path / "caller", "pi-1"), skew=20, macs=False)
+    bridge = Seals(ca.enroll(tmp_path / "bridge", "cloud-1"), skew=20)
+    caller.learn(cbor2.loads(bridge.seal(ENTRY, b"x"))["c"])
+    sealed = caller.seal_to(TOPIC, b"r", [bridge.name])
+    assert cbor2.loads(sealed)["sv"] == 1 and bridge.open(TOPIC, sealed)[1] == b"r"

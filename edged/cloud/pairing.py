@@ -79,6 +79,7 @@ class Pair:
     peer: PeerCert
     own_fp: bytes
     end: float  # the earlier notAfter of the two certificates
+    hmac: Any = None  # HMAC-SHA256 under `key`, fed CONTEXT: copied for each message (no key setup each time)
     acked: bool = False  # the peer MAC'd a message to our certificate: it knows it, no need to send our chain
 
 
@@ -99,11 +100,18 @@ def digest(topic: str, payload: bytes) -> bytes:
     return h.digest()
 
 
-def mac(key: bytes, sender_fp: bytes, recipient_fp: bytes, message_digest: bytes) -> bytes:
-    """The MAC of a message from `sender_fp` to `recipient_fp` under their pair key."""
-    return hmac.digest(key, CONTEXT + sender_fp + recipient_fp + message_digest, "sha256")[:MAC_BYTES]
+def keyed(key: bytes) -> Any:
+    """An HMAC-SHA256 under a pair key, fed CONTEXT already: `mac` copies it for each message."""
+    return hmac.new(key, CONTEXT, "sha256")
 
 
-def verify_mac(key: bytes, sender_fp: bytes, recipient_fp: bytes, message_digest: bytes, tag: bytes) -> bool:
+def mac(keyed_hmac: Any, sender_fp: bytes, recipient_fp: bytes, message_digest: bytes) -> bytes:
+    """The MAC of a message from `sender_fp` to `recipient_fp` under their pair key (`keyed(key)`)."""
+    h = keyed_hmac.copy()
+    h.update(sender_fp + recipient_fp + message_digest)
+    return h.digest()[:MAC_BYTES]
+
+
+def verify_mac(keyed_hmac: Any, sender_fp: bytes, recipient_fp: bytes, message_digest: bytes, tag: bytes) -> bool:
     """Whether `tag` is that MAC (in constant time)."""
-    return hmac.compare_digest(mac(key, sender_fp, recipient_fp, message_digest), tag)
+    return hmac.compare_digest(mac(keyed_hmac, sender_fp, recipient_fp, message_digest), tag)

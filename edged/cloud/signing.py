@@ -72,8 +72,10 @@ class Seals:
         monotonic: Callable[[], float] = time.monotonic,
         chain_cache: int = CHAIN_CACHE,
         pair_cache: int = PAIR_CACHE,
+        macs: bool = True,
     ) -> None:
         self._files = files
+        self.macs = macs  # False: `seal_to` seals with ECDSA (for peers that only open ECDSA seals)
         self.skew = skew  # seconds of clock difference tolerated (certificates, and the bridge's replay check)
         self._clock = clock
         self._monotonic = monotonic
@@ -280,7 +282,7 @@ class Seals:
         MAX_RECIPIENTS (or none). This node's chain goes along until every recipient has shown it knows it."""
         self._maybe_reload()
         names = set(recipients)
-        if not names or len(names) > MAX_RECIPIENTS:
+        if not self.macs or not names or len(names) > MAX_RECIPIENTS:
             return self.seal(topic, payload)
         now = self._clock()
         pairs = []
@@ -291,7 +293,7 @@ class Seals:
             pairs.append(self._pair(cert, self._own, now))
         message = pairing.digest(topic, payload)
         own = self._own.fp
-        tags = [[p.peer.fp[: pairing.TAG_BYTES], pairing.mac(p.key, own, p.peer.fp, message)] for p in pairs]
+        tags = [[p.peer.fp[: pairing.TAG_BYTES], pairing.mac(p.hmac, own, p.peer.fp, message)] for p in pairs]
         obj: dict[str, Any] = {"sv": MAC_VERSION, "p": payload, "f": own, "m": tags}
         if not all(p.acked for p in pairs):
             obj["c"] = self._chain_der
@@ -319,7 +321,7 @@ class Seals:
             shared, fleet, (own.fp, spiffe_id(fleet, self._identity.node)), (cert.fp, spiffe_id(*cert.name))
         )
         self.pairs_derived += 1
-        pair = self._pairs[key] = Pair(secret, cert, own.fp, min(cert.end, own.end))
+        pair = self._pairs[key] = Pair(secret, cert, own.fp, min(cert.end, own.end), pairing.keyed(secret))
         if len(self._pairs) > self._pair_cap:
             self._pairs.popitem(last=False)
         return pair
@@ -358,7 +360,7 @@ class Seals:
             if not self._valid(cert, now):
                 raise SealError(f"MAC'd by a certificate of {cert.name.fleet}/{cert.name.node} that expired")
         pair = self._pair(cert, own, now)
-        if not pairing.verify_mac(pair.key, sender_fp, own.fp, pairing.digest(topic, payload), tag):
+        if not pairing.verify_mac(pair.hmac, sender_fp, own.fp, pairing.digest(topic, payload), tag):
             raise SealError(f"bad MAC: not made by {cert.name.fleet}/{cert.name.node} for this node and topic")
         if own is self._own:
             pair.acked = True  # it made a MAC to our current certificate: it has our chain
@@ -446,7 +448,9 @@ def node_seals(config: Config) -> Seals | None:
     mode = config.mqtt.signed
     if mode == "off":
         return None
-    seals = load_seals(identity_files(config).dir, skew=config.identity.clock_skew, required=mode == "required")
+    seals = load_seals(
+        identity_files(config).dir, skew=config.identity.clock_skew, required=mode == "required", macs=config.mqtt.macs
+    )
     if seals is not None and seals.name != (config.node.fleet, config.node.name):
         # Others check the reply topic and registry topics against the certificate: nothing would work.
         raise SealError(
@@ -464,7 +468,7 @@ def node_seals(config: Config) -> Seals | None:
     return seals
 
 
-def load_seals(identity_folder: str, *, skew: float, required: bool) -> Seals | None:
+def load_seals(identity_folder: str, *, skew: float, required: bool, macs: bool = True) -> Seals | None:
     """This node's seals when it has an identity in `identity_folder`; None when it has none and `required`
     is False (the cloud tier then trusts anyone on the broker, and says so). SealError when required and
     missing, or when the files are there but unusable."""
@@ -474,6 +478,6 @@ def load_seals(identity_folder: str, *, skew: float, required: bool) -> Seals | 
             raise SealError(f'[mqtt] signed = "required" but {identity_folder} holds no identity (edged fleet enroll)')
         return None
     try:
-        return Seals(files, skew=skew)
+        return Seals(files, skew=skew, macs=macs)
     except EdgedError as exc:
         raise SealError(f"cannot sign MQTT messages: {exc}") from None
