@@ -13,10 +13,11 @@ bridges of one group serve the same services, and a bridge stays silent on a ser
 The bridge also publishes its services in the central registry (retained entries with `cloud = true`), so
 that nodes without a manifest for them learn them.
 
-Signed (`signing.py`, when the bridge has a node identity): a request is served only when sealed by a node
-of the fleet whose topic it came on, and only to that node's own reply topic, and once (`ReplayGuard`);
-anything else gets no answer at all (an unverified reply topic is the one thing a bridge must never publish
-to). Answers are sealed.
+Signed (`signing.py`, when the bridge has a node identity): a request is served only when sealed (or MAC'd to
+this bridge, `pairing.py`) by a node of the fleet whose topic it came on, and only to that node's own reply
+topic, and once (`ReplayGuard`); anything else gets no answer at all (an unverified reply topic is the one
+thing a bridge must never publish to). Answers are MAC'd to their caller when the request was MAC'd, sealed
+otherwise. A node acts only for the tenants `[bridge] tenants` grants it (its certificate names none).
 """
 
 from __future__ import annotations
