@@ -290,3 +290,29 @@ def test_with_macs_off_every_request_is_sealed_with_ecdsa(tmp_path):
     caller.learn(cbor2.loads(bridge.seal(ENTRY, b"x"))["c"])
     sealed = caller.seal_to(TOPIC, b"r", [bridge.name])
     assert cbor2.loads(sealed)["sv"] == 1 and bridge.open(TOPIC, sealed)[1] == b"r"
+
+
+def test_a_renewed_certificate_makes_new_pair_keys_and_macs_to_the_old_one_count_until_it_expires(tmp_path):
+    ca = FleetCA("home")
+    clock = [0.0]
+    files = ca.enroll(tmp_path / "bridge", "cloud-1")
+    bridge = Seals(files, skew=20, monotonic=lambda: clock[0])
+    caller = Seals(ca.enroll(tmp_path / "caller", "pi-1"), skew=20)
+    caller.open(ENTRY, bridge.seal(ENTRY, b"entry"))
+    bridge.open(TOPIC, caller.seal_to(TOPIC, b"a", [bridge.name]), macs=True)
+    old = bridge.fingerprint
+    ca.enroll(tmp_path / "renewed", "cloud-1")
+    for name in ("node.key", "node.crt"):
+        write_file(str(tmp_path / "bridge" / name), (tmp_path / "renewed" / name).read_bytes(), 0o600)
+    os.utime(files.cert, (1e9, 1e9))
+    clock[0] += RELOAD_CHECK
+    bridge.seal(ENTRY, b"x")  # looks at its files: renewed
+    assert bridge.fingerprint != old
+    to_old = caller.seal_to(TOPIC, b"b", [bridge.name])  # the caller still knows the old certificate
+    assert cbor2.loads(to_old)["m"][0][0] == old[:16]
+    assert bridge.open(TOPIC, to_old, macs=True)[1] == b"b"  # taken: the old certificate is still valid
+    answer = bridge.seal_to(REPLY, b"ok", [caller.name])  # made with the new certificate, which goes along
+    assert "c" in cbor2.loads(answer) and caller.open(REPLY, answer, macs=True)[0] == bridge.name
+    to_new = caller.seal_to(TOPIC, b"c", [bridge.name])
+    assert cbor2.loads(to_new)["m"][0][0] == bridge.fingerprint[:16]  # a new pair key, to the new certificate
+    assert bridge.open(TOPIC, to_new, macs=True)[1] == b"c"
