@@ -287,3 +287,66 @@ def test_the_calling_app_crosses_to_a_peer_only_over_mutual_tls_and_meets_its_ru
     assert a.call("thermo", "/r", headers={**lamps, "x-edged-app": "guest"})[0] == 200
     status, _, body = a.call("thermo", "/r", headers={"authorization": "Bearer t-guest", "x-edged-app": "lamps"})
     assert status == 403 and b"no-guests" in body
+
+
+# -- forged mDNS goodbyes -------------------------------------------------------------------------------
+
+FORGER = """
+import asyncio, sys, time
+from zeroconf import DNSOutgoing, DNSPointer, InterfaceChoice, IPVersion
+from zeroconf.asyncio import AsyncZeroconf
+service_type, instance, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+async def main():
+    zc = AsyncZeroconf(interfaces=InterfaceChoice.All, ip_version=IPVersion.V4Only)
+    print("ready", flush=True)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        out = DNSOutgoing(0x8400)  # a response, authoritative: what a real goodbye is
+        out.add_answer_at_time(DNSPointer(service_type, 12, 1, 0, instance), 0)  # PTR with TTL 0
+        zc.zeroconf.async_send(out)
+        await asyncio.sleep(0.3)
+    await zc.async_close()
+asyncio.run(main())
+"""
+
+
+def forge_goodbyes(netns: str, instance: str, seconds: float) -> subprocess.Popen:
+    """Goodbyes (PTR, TTL 0) for `instance` of `_hubmesh._tcp`, multicast from `netns` every 0.3 s."""
+    argv = [sys.executable, "-c", FORGER, "_hubmesh._tcp.local.", f"{instance}._hubmesh._tcp.local.", str(seconds)]
+    proc = subprocess.Popen(in_netns(netns, argv), stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["insecure-before", "mtls-now"])
+def test_forged_goodbyes_do_not_remove_a_proven_peer(lan, edge_nodes, ns_backends, tls):
+    """Before: a goodbye forged by another host of the LAN removed a real peer (its calls failed with 404 until
+    it was resolved again). Now a goodbye for a peer whose handshake proved it is checked with the peer over
+    mutual TLS: it still answers as itself, so it stays, and every call succeeds. A real SIGTERM still drops it
+    at once (the peer answers `leaving`)."""
+    net = lan(3)
+    fleet = unique_fleet()
+    ns_backends("b-thermo", netns=net.host(2), port=8080)
+    a = edge_nodes("box-a", fleet=fleet, netns=net.host(1), tls=tls).start()
+    b = edge_nodes("box-b", fleet=fleet, netns=net.host(2), manifests={"t.toml": thermo_manifest(8080)}, tls=tls)
+    b.start()
+    wait_for(lambda: a.edge_urls("thermo"), 15, what="box-b's thermo on box-a")
+    forger = forge_goodbyes(net.host(3), "box-b", 4.0)
+    try:
+        statuses, listed = [], []
+        while forger.poll() is None:
+            statuses.append(a.call("thermo", "/r")[0])
+            listed.append(bool(a.edge_urls("thermo")))
+        if not tls:  # the attack works where nothing can check the goodbye
+            assert 404 in statuses and not all(listed), (statuses, listed)
+            assert '"reason":"goodbye"' in a.log_text()
+            return
+        assert statuses and set(statuses) == {200}, statuses
+        assert all(listed)
+        assert "mdns.goodbye_refuted" in a.log_text() and '"reason":"goodbye"' not in a.log_text()
+    finally:
+        forger.kill()
+        forger.wait()
+    b.stop()  # a real goodbye: box-b says `leaving` when box-a checks it
+    wait_for(lambda: not a.edge_urls("thermo"), 2, what="the real goodbye believed")
+    assert '"reason":"goodbye"' in a.log_text()

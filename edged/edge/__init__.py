@@ -20,7 +20,7 @@ import logging
 import math
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING
 
 from ..aio import cancel_and_wait
@@ -214,6 +214,7 @@ class EdgeTier:
                 interfaces=self.config.mdns.interfaces,
                 resolve_interval=self.config.mdns.resolve_interval,
                 on_change=self._on_mdns_change,
+                confirm_goodbye=self._confirm_goodbye,
             )
             try:
                 await mdns.start()
@@ -234,6 +235,8 @@ class EdgeTier:
     async def leaving(self) -> None:
         """Goodbye packets first: peers drop this node at once while its in-flight calls still finish."""
         self._advertising = False
+        if self.ingress is not None:
+            self.ingress.leaving = True  # before the goodbye: a peer that checks it hears "leaving" at once
         if self._advertiser is not None:
             await cancel_and_wait([self._advertiser])  # nothing may be (re)announced after the goodbye
             self._advertiser = None
@@ -388,6 +391,17 @@ class EdgeTier:
     # -- discovery -> registry --------------------------------------------------------------------------
     def _on_mdns_change(self, reason: str) -> None:
         self._dirty.set()
+
+    def _confirm_goodbye(self, instance) -> Awaitable[bool] | None:
+        """An mDNS goodbye for an admitted peer is checked with the peer itself (edge.admission: `gone`);
+        None (believe it) for anything else: a plain DNS-SD service or an insecure fleet has no other proof."""
+        admission = self.admission
+        if admission is None or instance.type != HUBMESH_TYPE:
+            return None
+        peer = next((p for p in self._peers if p.instance == instance.name), None)
+        if peer is None or not admission.proved(peer.node, peer.address, peer.port):
+            return None
+        return admission.gone(peer.node, peer.address, peer.port)
 
     def _on_registry_change(self, old: Snapshot, new: Snapshot) -> None:
         # Observe only (the registry refuses writes from its watchers): the loops pick the change up.

@@ -8,6 +8,10 @@ peer, not per call), and every later connection to that address must prove the s
 
 A candidate that fails is not tried again before `retry_after` (doubling up to `retry_max`): a rogue
 responder costs this node one refused handshake per interval, and gets no calls.
+
+An mDNS goodbye for an admitted peer is a hint only (anyone can forge one): `gone()` asks the peer itself, over
+the pool (its proved connections), and believes a 503 `leaving`, a refused or reset connection, or silence for
+the whole window; a peer that keeps answering as itself stays.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import ssl
 import time
 from dataclasses import dataclass
 
-from ..errors import EdgedError, IdentityError
+from ..errors import EdgedError, IdentityError, UpstreamTimeout
 from ..http.client import UpstreamPool, UpstreamTls
 from ..identity import IdentityFiles
 from ..identity.files import peer_name_of
@@ -32,6 +36,8 @@ log = logging.getLogger("edged.edge.admission")
 PROBE_PATH = "/healthz"
 RETRY_AFTER = 5.0
 RETRY_MAX = 60.0
+GOODBYE_WINDOW = 1.5  # seconds a goodbye is checked for: an edged that leaves says so within milliseconds
+GOODBYE_PROBE_EVERY = 0.25
 
 
 class PeerTls:
@@ -144,6 +150,34 @@ class Admission:
             log_event(log, logging.INFO, "edge.peer_admitted", node=node, address=address, port=port)
         self.admitted[node] = (address, port)
         return True
+
+    def proved(self, node: str, address: str, port: int) -> bool:
+        """Whether `node` at `address:port` is admitted now."""
+        return self.admitted.get(node) == (address, port)
+
+    async def gone(self, node: str, address: str, port: int) -> bool:
+        """After a goodbye for an admitted peer: True once the peer says it is leaving (503 over its proved
+        connection), its ingress refuses or resets, or nothing answered within GOODBYE_WINDOW; False when it
+        still answers 200 as itself (the goodbye was forged, or it came back)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + GOODBYE_WINDOW
+        target = self.target(address, port)
+        while True:
+            answered = False
+            try:
+                left = max(0.05, end - loop.time())
+                answer = await self._pool.request(target, "GET", PROBE_PATH, [], b"", min(self._timeout, left))
+                answer.discard()
+                if answer.status != 200:
+                    return True
+                answered = self._tls.proved_at(address, port) == node
+            except UpstreamTimeout:
+                pass  # no evidence either way: ask again while the window lasts
+            except (EdgedError, OSError):
+                return True  # refused, reset, or its handshake no longer proves it
+            if loop.time() >= end:
+                return not answered
+            await asyncio.sleep(GOODBYE_PROBE_EVERY)
 
     def _refuse(self, key: tuple[str, str, int], reason: str) -> None:
         node, address, port = key

@@ -4,7 +4,7 @@ Routes (HTTP/1.1 on `[ingress] listen`):
 - `ANY /svc/{service}/{path}` and `ANY /t/{tenant}/svc/{service}/{path}`: a call from a peer, routed by this
   node's policy among its local endpoints (never onward to another peer: no loops, no surprise hops).
 - `GET /peer/services`: the services this node offers, for peers whose TXT record only had room for a hash.
-- `GET /healthz`: the ingress answers.
+- `GET /healthz`: the ingress answers (503 `leaving` once this node is shutting down: peers check a goodbye so).
 
 Who may call is decided in one place, `FleetIdentity`. Normally the ingress speaks TLS 1.3 only and requires a
 client certificate of the fleet CA (edged.identity): the caller is who its certificate names, and headers
@@ -149,6 +149,7 @@ class Ingress:
             **(server_limits or {}),
         )
         self.address: tuple[str, int] | None = None  # where it listens, once it does
+        self.leaving = False  # shutdown began: /healthz answers 503 "leaving" while calls still drain
 
     async def start(self) -> bool:
         """Listen; False (and an error in the log) when the address is taken or not ours."""
@@ -180,7 +181,10 @@ class Ingress:
         try:
             path = req.path
             if path == "/healthz":
-                resp.send_json(200, {"status": "ok", "node": self._identity.node})
+                if self.leaving:  # said over our certificate: a peer takes our mDNS goodbye as true (edge.goodbye)
+                    resp.send_json(503, {"status": "leaving", "node": self._identity.node})
+                else:
+                    resp.send_json(200, {"status": "ok", "node": self._identity.node})
                 return
             caller = self._identity.check(req)
             if path == SERVICES_PATH and req.method == "GET":

@@ -12,6 +12,10 @@ An instance is lost once it has been silent for `stale_after` seconds *and* left
 questions unanswered for `ANSWER_WAIT` seconds each, counting only questions asked when its responder had
 nothing to hold back (more than `RATE_LIMIT_SLACK` after its last answer). A lost instance is still asked
 every two seconds, and the first record heard from it again (a healed partition, a restart) brings it back.
+
+A goodbye (a record with TTL 0) is unauthenticated: anyone on the LAN can send one for any instance. With
+`confirm_goodbye`, the owner (the edge tier) may take a goodbye for an instance it can check another way (a
+peer whose TLS handshake proved it) as a hint only: the instance stays live until that check says it is gone.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import contextlib
 import ipaddress
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import ifaddr
@@ -222,6 +226,7 @@ class Mdns:
         resolve_interval: float,
         on_change: Callable[[str], None],
         clock: Callable[[], float] = time.monotonic,
+        confirm_goodbye: Callable[[Instance], Awaitable[bool] | None] | None = None,
     ) -> None:
         self._interfaces = interfaces
         self.resolve_interval = resolve_interval
@@ -239,6 +244,9 @@ class Mdns:
         self._own: set[str] = set()  # keys of the names we registered (zeroconf may have renamed them)
         self._leaving = False
         self._tasks: list[asyncio.Task] = []
+        # confirm_goodbye(instance): None = believe the goodbye; else an awaitable, True once the instance is gone.
+        self._confirm_goodbye = confirm_goodbye
+        self._doubted: dict[str, asyncio.Task] = {}  # instance key -> the check of a goodbye received for it
 
     def __repr__(self) -> str:
         alive = sum(1 for k in self._known.values() if k.alive)
@@ -272,8 +280,9 @@ class Mdns:
 
     async def close(self) -> None:
         """Stop the loops and browsers and close the sockets (goodbye first if not sent yet)."""
-        await cancel_and_wait(self._tasks)
+        await cancel_and_wait([*self._tasks, *self._doubted.values()])
         self._tasks.clear()
+        self._doubted.clear()
         if self._aiozc is None:
             return
         for browser in self._browsers.values():
@@ -337,18 +346,24 @@ class Mdns:
                 log.error("cannot browse %s: %s", service_type, exc)
 
     def _on_browse(self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
-        """Browser callback (event loop). Added/Updated: resolve; Removed (a goodbye): drop at once."""
+        """Browser callback (event loop). Added/Updated: resolve; Removed (a goodbye): drop, at once unless its owner
+        checks it first (see the module doc)."""
         key = name.lower()
         if key in self._own:
             return
         if state_change is ServiceStateChange.Removed:
             known = self._known.get(key)
-            if known is not None:
-                was_alive = known.alive
-                self._forget(key)
-                if was_alive:
-                    log_event(log, logging.INFO, "mdns.removed", instance=name, reason="goodbye", at=time.time())
-                    self._on_change("goodbye")
+            if known is None or key in self._doubted:
+                return
+            check = None
+            if known.alive and known.instance is not None and self._confirm_goodbye is not None:
+                check = self._confirm_goodbye(known.instance)
+            if check is None:
+                self._goodbye(key, known)
+                return
+            log_event(log, logging.INFO, "mdns.goodbye_received", instance=name, checking=True, at=time.time())
+            task = asyncio.get_running_loop().create_task(self._weigh_goodbye(key, known, check))
+            self._doubted[key] = task
             return
         known = self._known.get(key)
         if known is None:
@@ -356,6 +371,32 @@ class Mdns:
         known.last_heard = self._clock()
         known.asked.clear()
         self._want_resolve(key)
+
+    def _goodbye(self, key: str, known: _Known) -> None:
+        was_alive = known.alive
+        self._forget(key)
+        if was_alive:
+            log_event(log, logging.INFO, "mdns.removed", instance=known.name, reason="goodbye", at=time.time())
+            self._on_change("goodbye")
+
+    async def _weigh_goodbye(self, key: str, known: _Known, check: Awaitable[bool]) -> None:
+        """A goodbye for an instance its owner can check: dropped only once the check says it is gone."""
+        try:
+            gone = await check
+        finally:
+            self._doubted.pop(key, None)
+        if self._known.get(key) is not known:
+            return  # forgotten meanwhile (no longer browsed)
+        if gone:
+            self._goodbye(key, known)
+        else:
+            log_event(
+                log,
+                logging.WARNING,
+                "mdns.goodbye_refuted",
+                instance=known.name,
+                detail=f"a goodbye for {known.name} was received, but it still answers as itself: kept (forged?)",
+            )
 
     def _forget(self, key: str) -> None:
         known = self._known.pop(key, None)
