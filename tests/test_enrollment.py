@@ -10,6 +10,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
 from fixtures_mqtt import broker, topic_prefix  # noqa: F401
 
 from edged.identity import TrustBundle, load_identity
@@ -165,3 +166,120 @@ def test_online_enrollment_over_a_real_broker_with_used_and_wrong_tokens(tmp_pat
     finally:
         signer.terminate()
         signer.wait(10)
+
+
+# -- an intermediate CA ------------------------------------------------------------------------------------
+
+
+def test_an_intermediate_ca_issues_certificates_that_verify_in_tls_and_in_seals(tmp_path):
+    """`edged fleet ca intermediate`: a CA signed by the root with path length 0; the leaves it signs carry it
+    and verify against the root's bundle (TrustBundle, OpenSSL in a mutual handshake, a sealed message)."""
+    import asyncio
+
+    from test_identity import handshake
+
+    from edged.cloud.signing import Seals
+    from edged.identity import IdentityFiles
+    from edged.identity.signer import load_ca
+    from edged.identity.trust import path_length
+
+    assert edged("fleet", "ca", "init", "--fleet", "home", "--dir", "root", cwd=tmp_path).returncode == 0
+    made = edged("fleet", "ca", "intermediate", "--root", "root", "--dir", "site", "--days", "90", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    site = load_ca(str(tmp_path / "site"))
+    assert (site.fleet, path_length(site.cert), site.bundle_pem) == ("home", 0, (tmp_path / "root/ca.pem").read_bytes())
+    # Offline, with the command: the certificate file holds the leaf, then the intermediate.
+    config = box_config(tmp_path / "box", "pi-1")
+    assert edged("fleet", "enroll", "-c", str(config), cwd=tmp_path).returncode == 0
+    identity = tmp_path / "box" / "state" / "identity"
+    signed = edged("fleet", "ca", "sign", str(identity / "node.csr"), "--dir", "site", "-o", "pi-1.crt", cwd=tmp_path)
+    assert signed.returncode == 0, signed.stderr
+    done = edged("fleet", "enroll", "-c", str(config), "--cert", "pi-1.crt", "--ca", "root/ca.pem", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    ident = load_identity(str(identity))
+    assert [c.subject for c in ident.chain] == [ident.chain[0].subject, site.cert.subject]
+    # Online, as `edged fleet ca serve` answers: the same chain.
+    _, answer = decide(site, enroll_request(site.tokens.add(None, 3600), "pi-2").encode())
+    assert answer.error is None and answer.cert.count("BEGIN CERTIFICATE") == 2
+    assert answer.ca == site.bundle_pem.decode()
+    # A node the root signed directly and the one the intermediate signed: mutual TLS names both.
+    root = load_ca(str(tmp_path / "root"))
+    direct = box_config(tmp_path / "direct", "pi-3")
+    assert edged("fleet", "enroll", "-c", str(direct), cwd=tmp_path).returncode == 0
+    csr = tmp_path / "direct" / "state" / "identity" / "node.csr"
+    assert edged("fleet", "ca", "sign", str(csr), "--dir", "root", "-o", "pi-3.crt", cwd=tmp_path).returncode == 0
+    out = edged("fleet", "enroll", "-c", str(direct), "--cert", "pi-3.crt", "--ca", "root/ca.pem", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    a, b = IdentityFiles(str(identity)), IdentityFiles(str(tmp_path / "direct" / "state" / "identity"))
+    assert asyncio.run(handshake(a, b)) == (("home", "pi-3"), ("home", "pi-1"))
+    assert asyncio.run(handshake(b, a)) == (("home", "pi-1"), ("home", "pi-3"))
+    # Seals: the chain travels with the message and is verified up to the root.
+    sender, receiver = Seals(a, skew=20), Seals(b, skew=20)
+    assert receiver.open("t", sender.seal("t", b"hi")) == (("home", "pi-1"), b"hi")
+    assert root.chain_pem == b""
+
+
+def test_intermediates_are_confined_to_their_fleet_and_to_one_level(tmp_path):
+    """A leaf signed by an intermediate of another fleet's root is refused; so is one under an intermediate's
+    own sub-CA (path length 0), by TrustBundle and by OpenSSL; an intermediate cannot be made from one."""
+    import asyncio
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+    from test_identity import handshake
+
+    from edged.errors import IdentityError
+    from edged.identity import IdentityFiles
+    from edged.identity.files import write_file
+    from edged.identity.issue import cert_pem, create_intermediate, key_pem, sign_csr
+    from edged.identity.signer import init_intermediate, load_ca
+
+    home = init_ca(str(tmp_path / "home"), "home", 30)
+    init_ca(str(tmp_path / "office"), "office", 30)
+    office_site = init_intermediate(str(tmp_path / "office-site"), str(tmp_path / "office"), 30)
+    home_site = init_intermediate(str(tmp_path / "home-site"), str(tmp_path / "home"), 30)
+    with pytest.raises(IdentityError, match="signed by the root"):
+        init_intermediate(str(tmp_path / "deeper"), str(tmp_path / "home-site"), 30)
+    bundle = TrustBundle.from_pem(home.bundle_pem)
+
+    def enroll(folder: Path, ca_key, chain: list, node: str, fleet: str = "home") -> IdentityFiles:
+        key = generate_key()
+        leaf = sign_csr(make_csr(key, fleet, node), ca_key, chain[0])
+        files = IdentityFiles(str(folder))
+        os.makedirs(folder, exist_ok=True)
+        write_file(files.key, key_pem(key), 0o600)
+        write_file(files.cert, cert_pem(leaf, *chain), 0o644)
+        write_file(files.ca, home.bundle_pem, 0o644)
+        return files
+
+    ok = enroll(tmp_path / "ok", home_site.key, [home_site.cert], "pi-ok")
+    assert bundle.verify(list(load_identity(ok.dir).chain)) == ("home", "pi-ok")
+    # Another fleet's intermediate (its root is not trusted here, nor could it issue for `home`).
+    foreign = enroll(tmp_path / "foreign", office_site.key, [office_site.cert], "pi-x", fleet="office")
+    with pytest.raises(IdentityError, match="not issued by a CA of the trust bundle"):
+        bundle.verify(list(load_identity(foreign.dir).chain))
+    assert asyncio.run(handshake(ok, foreign)) == (None, None)
+    # A sub-CA forged under the intermediate (make it by hand: the tools refuse), then a leaf under it.
+    now = dt.datetime.now(dt.timezone.utc)
+    sub_key = generate_key()
+    sub = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sub")]))
+        .issuer_name(home_site.cert.subject)
+        .public_key(sub_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier("spiffe://home")]), critical=False)
+        .sign(home_site.key, hashes.SHA256())
+    )
+    deep = enroll(tmp_path / "deep", sub_key, [sub, home_site.cert], "pi-deep")
+    with pytest.raises(IdentityError, match=r"may have 0 CA\(s\) under it"):
+        bundle.verify(list(load_identity(deep.dir).chain))
+    assert asyncio.run(handshake(ok, deep)) == (None, None)
+    with pytest.raises(IdentityError, match="path length 0"):
+        create_intermediate(home_site.key, home_site.cert)
+    assert load_ca(str(tmp_path / "home-site")).chain_pem == cert_pem(home_site.cert)

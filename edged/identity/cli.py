@@ -28,6 +28,13 @@ def add_identity_commands(actions) -> None:
     init.add_argument("--days", type=int, default=3650, help="CA lifetime in days (default 3650)")
     init.add_argument("--config", "-c", help="config file (for [node] fleet)")
     init.set_defaults(func=_ca_init)
+    inter = sub.add_parser(
+        "intermediate", help="make an intermediate CA, signed by the root, that signs node certificates (root offline)"
+    )
+    inter.add_argument("--root", default="fleet-ca", help="the root CA folder (default: ./fleet-ca)")
+    inter.add_argument("--dir", required=True, help="folder for the intermediate CA (use it as --dir of sign/serve)")
+    inter.add_argument("--days", type=int, default=365, help="its lifetime in days (default 365; never past the root)")
+    inter.set_defaults(func=_ca_intermediate)
     sign = sub.add_parser("sign", help="sign a box's CSR offline into its certificate")
     sign.add_argument("csr", help="the CSR a box wrote with `edged fleet enroll` (node.csr)")
     sign.add_argument("--dir", default="fleet-ca", help="the CA folder (default: ./fleet-ca)")
@@ -69,6 +76,22 @@ def _ca_init(args) -> int:
     return 0
 
 
+def _ca_intermediate(args) -> int:
+    from .signer import init_intermediate
+    from .trust import not_after
+
+    try:
+        ca = init_intermediate(args.dir, args.root, args.days)
+    except (EdgedError, OSError) as exc:
+        return _fail(exc)
+    until = not_after(ca.cert)
+    print(f"intermediate CA for {ca.fleet!r} in {args.dir}/, signed by {args.root}/, until {until:%Y-%m-%d}")
+    print("  ca.key    its private key (0600)")
+    print("  chain.pem its certificate: every node certificate it signs carries it (path length 0: no CA under it)")
+    print("  ca.pem    the root's trust bundle, which boxes get; the root folder can go back offline")
+    return 0
+
+
 def _ca_sign(args) -> int:
     from .issue import cert_pem, csr_name, load_csr, sign_csr
     from .signer import load_ca
@@ -83,7 +106,7 @@ def _ca_sign(args) -> int:
         return _fail(exc)
     out = args.out or f"{name.node}.crt"
     with open(out, "wb") as f:
-        f.write(cert_pem(cert))
+        f.write(cert_pem(cert) + ca.chain_pem)  # the leaf, then any intermediate
     print(f"signed spiffe://{name.fleet}/node/{name.node} until {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC -> {out}")
     print(f"on the box: edged fleet enroll --cert {out} --ca {os.path.join(args.dir, 'ca.pem')}")
     return 0

@@ -15,7 +15,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..errors import IdentityError
 from .names import PeerName, check_fleet, check_node, parse_spiffe_id, single_uri, spiffe_id, trust_domain_id
-from .trust import ca_fleet, is_ca, not_after
+from .trust import ca_fleet, is_ca, not_after, path_length
 
 DEFAULT_LIFETIME = 24 * 3600.0  # seconds a node certificate lives (Linkerd's default)
 DEFAULT_BACKDATE = 300.0  # a node certificate starts this much before it is signed: peers whose clocks lag accept it
@@ -56,22 +56,68 @@ def create_ca(
     check_fleet(fleet)
     key = key or generate_key()
     at = _now(now)
-    name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "HubMesh"),
-            x509.NameAttribute(NameOID.COMMON_NAME, f"{fleet} fleet CA {at:%Y-%m-%d %H%M%S}"),
-        ]
-    )
-    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    cert = (
+    name = _ca_name(f"{fleet} fleet CA {at:%Y-%m-%d %H%M%S}")
+    builder = x509.CertificateBuilder().issuer_name(name).not_valid_after(at + dt.timedelta(days=days))
+    return key, _ca_certificate(builder, name, key, key, fleet, at, path_length=1)
+
+
+def create_intermediate(
+    root_key: ec.EllipticCurvePrivateKey,
+    root_cert: x509.Certificate,
+    *,
+    days: int = 365,
+    now: dt.datetime | None = None,
+    key: ec.EllipticCurvePrivateKey | None = None,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """An intermediate CA signed by the fleet's root: it may sign node certificates only (path length 0), only
+    for the root's fleet (a URI name constraint OpenSSL enforces in every handshake), and never outlives the root.
+    The root can then stay offline while the intermediate signs (`edged fleet ca serve`)."""
+    fleet = ca_fleet(root_cert)
+    if not is_ca(root_cert) or fleet is None:
+        raise IdentityError("the signing certificate is not a fleet CA (no spiffe://FLEET name)")
+    if path_length(root_cert) == 0:
+        raise IdentityError("this CA may not sign CAs (path length 0): it is an intermediate already")
+    key = key or generate_key()
+    at = _now(now)
+    name = _ca_name(f"{fleet} intermediate CA {at:%Y-%m-%d %H%M%S}")
+    end = min(at + dt.timedelta(days=days), not_after(root_cert))
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
+        .issuer_name(root_cert.subject)
+        .not_valid_after(end)
+        .add_extension(
+            x509.NameConstraints(permitted_subtrees=[x509.UniformResourceIdentifier(fleet)], excluded_subtrees=None),
+            critical=True,
+        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(root_cert.public_key()), critical=False)
+    )
+    return key, _ca_certificate(builder, name, key, root_key, fleet, at, path_length=0)
+
+
+def _ca_name(common_name: str) -> x509.Name:
+    return x509.Name(
+        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "HubMesh"), x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+    )
+
+
+def _ca_certificate(
+    builder: x509.CertificateBuilder,
+    name: x509.Name,
+    key: ec.EllipticCurvePrivateKey,
+    signing_key: ec.EllipticCurvePrivateKey,
+    fleet: str,
+    at: dt.datetime,
+    *,
+    path_length: int,
+) -> x509.Certificate:
+    """A CA certificate for `key` naming `spiffe://{fleet}`; `builder` holds the issuer and the end of validity."""
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    return (
+        builder.subject_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(at - dt.timedelta(seconds=DEFAULT_BACKDATE))
-        .not_valid_after(at + dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
         .add_extension(
             x509.KeyUsage(
                 digital_signature=False,
@@ -90,9 +136,8 @@ def create_ca(
             x509.SubjectAlternativeName([x509.UniformResourceIdentifier(trust_domain_id(fleet))]), critical=False
         )
         .add_extension(ski, critical=False)
-        .sign(key, hashes.SHA256())
+        .sign(signing_key, hashes.SHA256())
     )
-    return key, cert
 
 
 def make_csr(key: ec.EllipticCurvePrivateKey, fleet: str, node: str) -> x509.CertificateSigningRequest:

@@ -3,6 +3,10 @@
 A CA folder holds `ca.key` (0600: the CA's private key), `ca.pem` (the trust bundle boxes receive: this CA's
 certificate, plus the other CA during a rotation) and `tokens.json` (one-time join tokens). Keep it on an
 operator machine that is online only while enrolling (or use `edged fleet ca sign` with no network at all).
+
+An intermediate CA's folder (`edged fleet ca intermediate`) also holds `chain.pem`: its own certificate, signed by
+the root, which every certificate it issues carries after the leaf; its `ca.pem` is the root's bundle. The root
+folder can then stay offline for good while the intermediate signs.
 """
 
 from __future__ import annotations
@@ -30,13 +34,14 @@ from .enrollment import (
     request_topic,
 )
 from .files import read_pem, write_file
-from .issue import DEFAULT_LIFETIME, cert_pem, create_ca, key_pem, load_csr, sign_csr
-from .trust import TrustBundle, ca_fleet, load_certificates, verify_signature
+from .issue import DEFAULT_LIFETIME, cert_pem, create_ca, create_intermediate, key_pem, load_csr, sign_csr
+from .trust import TrustBundle, ca_fleet, load_certificates, signed_by, verify_signature
 
 log = logging.getLogger("edged.identity.signer")
 
 CA_KEY = "ca.key"
 CA_BUNDLE = "ca.pem"
+CA_CHAIN = "chain.pem"  # an intermediate's own certificate (and any above it but the root), sent after each leaf
 TOKENS = "tokens.json"
 
 
@@ -49,6 +54,7 @@ class FleetCa:
     cert: x509.Certificate
     bundle_pem: bytes
     fleet: str
+    chain_pem: bytes = b""  # what follows an issued leaf: "" for a root, the intermediate's certificate otherwise
 
     @property
     def tokens(self) -> TokenStore:
@@ -70,19 +76,43 @@ def init_ca(folder: str, fleet: str, days: int) -> FleetCa:
     return load_ca(folder)
 
 
+def init_intermediate(folder: str, root_folder: str, days: int) -> FleetCa:
+    """Make an intermediate CA in `folder`, signed by the root CA of `root_folder` (see the module doc)."""
+    if os.path.exists(os.path.join(folder, CA_KEY)):
+        raise IdentityError(f"{folder} already holds a CA key: not overwritten")
+    root = load_ca(root_folder)
+    if root.chain_pem:
+        raise IdentityError(f"{root_folder} holds an intermediate CA: intermediates are signed by the root")
+    key, cert = create_intermediate(root.key, root.cert, days=days)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    write_file(os.path.join(folder, CA_KEY), key_pem(key), 0o600)
+    write_file(os.path.join(folder, CA_BUNDLE), root.bundle_pem, 0o644)
+    write_file(os.path.join(folder, CA_CHAIN), cert_pem(cert), 0o644)
+    return load_ca(folder)
+
+
 def load_ca(folder: str) -> FleetCa:
-    """The CA of `folder`: `ca.key` and, in `ca.pem`, the certificate that goes with it."""
+    """The CA of `folder`: `ca.key` and the certificate that goes with it, in `ca.pem` (a root) or in
+    `chain.pem` (an intermediate, which must chain to a CA of `ca.pem`)."""
     from .node import load_key_file
 
     key = load_key_file(os.path.join(folder, CA_KEY), "CA key", curve=None)
     bundle_pem = read_pem(os.path.join(folder, CA_BUNDLE), "CA bundle")
-    mine = [c for c in load_certificates(bundle_pem, CA_BUNDLE) if c.public_key() == key.public_key()]
+    chain_path = os.path.join(folder, CA_CHAIN)
+    chain_pem = read_pem(chain_path, "intermediate chain") if os.path.exists(chain_path) else b""
+    source = CA_CHAIN if chain_pem else CA_BUNDLE
+    mine = [c for c in load_certificates(chain_pem or bundle_pem, source) if c.public_key() == key.public_key()]
     if not mine:
-        raise IdentityError(f"{folder}/{CA_BUNDLE} holds no certificate for {folder}/{CA_KEY}")
+        raise IdentityError(f"{folder}/{source} holds no certificate for {folder}/{CA_KEY}")
     fleet = ca_fleet(mine[0])
     if fleet is None:
         raise IdentityError(f"{folder}: the CA certificate names no fleet (spiffe://FLEET)")
-    return FleetCa(folder, key, mine[0], bundle_pem, fleet)
+    if chain_pem:
+        roots = TrustBundle.from_pem(bundle_pem).cas
+        chain = load_certificates(chain_pem, CA_CHAIN)
+        if not any(signed_by(chain[-1], root) and ca_fleet(root) in (None, fleet) for root in roots):
+            raise IdentityError(f"{folder}/{CA_CHAIN} was not issued by a CA of {folder}/{CA_BUNDLE} for {fleet!r}")
+    return FleetCa(folder, key, mine[0], bundle_pem, fleet, chain_pem)
 
 
 def decide(ca: FleetCa, payload: bytes, *, lifetime: float = DEFAULT_LIFETIME) -> tuple[Request | None, Answer]:
@@ -107,7 +137,8 @@ def decide(ca: FleetCa, payload: bytes, *, lifetime: float = DEFAULT_LIFETIME) -
                 raise IdentityError("a renewal keeps the node's key: the CSR carries another one")
         else:
             raise IdentityError("a request carries a join token or the node's current certificate")
-        cert = cert_pem(sign_csr(csr, ca.key, ca.cert, node=request.node, lifetime=lifetime)).decode()
+        leaf = sign_csr(csr, ca.key, ca.cert, node=request.node, lifetime=lifetime)
+        cert = (cert_pem(leaf) + ca.chain_pem).decode()
     except (IdentityError, ValueError) as exc:
         return request, Answer(id=request.id, error=str(exc))
     ca_text = ca.bundle_pem.decode()

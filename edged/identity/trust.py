@@ -3,8 +3,9 @@
 Chains are walked by hand rather than with `cryptography.x509.verification` (cryptography 42+): edged's floor is
 the cryptography of Debian 12 (38). The rules are the few a SPIFFE-style mesh needs: every certificate in its
 validity window (± skew), each signed by the next, the last signed by a CA of the bundle, intermediates and
-anchors marked as CAs, the leaf not a CA and carrying exactly one `spiffe://FLEET/node/NODE` URI SAN, and the
-fleet the one the anchoring CA was made for (`spiffe://FLEET` in its own SAN).
+anchors marked as CAs and within their path length, the leaf not a CA and carrying exactly one
+`spiffe://FLEET/node/NODE` URI SAN, and the fleet the one each CA of the chain was made for (`spiffe://FLEET` in
+its own SAN).
 """
 
 from __future__ import annotations
@@ -67,6 +68,20 @@ def is_ca(cert: x509.Certificate) -> bool:
         return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
     except x509.ExtensionNotFound:
         return False
+
+
+def path_length(cert: x509.Certificate) -> int | None:
+    """How many CAs may stand between this CA and a leaf (basicConstraints pathLen; None = no limit)."""
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.path_length
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _check_depth(ca: x509.Certificate, below: int) -> None:
+    limit = path_length(ca)
+    if limit is not None and below > limit:
+        raise IdentityError(f"{_describe(ca)} may have {limit} CA(s) under it, and this chain puts {below}")
 
 
 def ca_fleet(cert: x509.Certificate) -> str | None:
@@ -171,10 +186,11 @@ class TrustBundle:
         name = peer_name(leaf)
         check_validity(leaf, at, skew)
         cert, intermediates = leaf, list(chain[1:])
-        for _ in range(MAX_CHAIN):
+        for below in range(MAX_CHAIN):  # `below`: CAs between `cert`'s issuer and the leaf
             anchor = next((ca for ca in self.cas if signed_by(cert, ca)), None)
             if anchor is not None:
                 check_validity(anchor, at, skew)
+                _check_depth(anchor, below)
                 fleet = ca_fleet(anchor)
                 if fleet is not None and fleet != name.fleet:
                     raise IdentityError(f"{_describe(leaf)} was issued by the CA of fleet {fleet!r}")
@@ -183,6 +199,7 @@ class TrustBundle:
             if parent is None:
                 raise IdentityError(f"{_describe(leaf)} was not issued by a CA of the trust bundle")
             check_validity(parent, at, skew)
+            _check_depth(parent, below)
             fleet = ca_fleet(parent)
             if fleet is not None and fleet != name.fleet:
                 raise IdentityError(f"{_describe(leaf)} was issued by an intermediate CA of fleet {fleet!r}")
