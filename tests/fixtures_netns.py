@@ -158,9 +158,10 @@ class EdgeNode(Edged):
         tls: bool = True,
         ca: FleetCA | None = None,
         node_extra: str = "",  # more `[node]` keys, e.g. zone and location
+        enrolled: bool = True,
     ) -> None:
         self.name, self.fleet = name, fleet
-        if tls:  # enrolled by the fleet's test CA (one per fleet), as `edged fleet enroll` would have
+        if tls and enrolled:  # enrolled by the fleet's test CA (one per fleet), as `edged fleet enroll` would have
             (ca or fleet_ca(fleet)).enroll(root / "state" / "identity", name)
         if netns is None:
             api, self.ingress_port = free_port(), free_port()

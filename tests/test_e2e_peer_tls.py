@@ -32,6 +32,7 @@ from fixtures_netns import (
 
 from edged.edge.txt import node_txt
 from edged.identity import IdentityFiles
+from edged.identity.issue import cert_pem, load_csr, sign_csr
 from edged.identity.tls import client_context
 from edged.vitals import Vitals
 
@@ -234,16 +235,38 @@ def test_ca_rotation_with_a_two_ca_bundle(edge_nodes, ns_backends):
     wait_for(lambda: [p.get("node") for p in on_old.peers() if p["state"] == "up"] == ["on-new"], 10, what="on-new")
 
 
-def test_no_identity_means_no_peer_calls_and_says_how_to_enroll(edge_nodes):
-    node = edge_nodes("node-a", fleet=unique_fleet(), tls=False)
-    text = node.config.read_text().replace("insecure = true", "insecure = false")
-    node.config.write_text(text)
+def test_no_identity_means_no_peer_calls_until_enrolled_with_no_restart(edge_nodes, ns_backends, tmp_path):
+    """A node started before it was enrolled serves its local API, says how to enroll, and listens to no peer.
+    Before: it needed a restart after `edged fleet enroll`. Now the keeper sees the certificate within seconds;
+    the ingress starts, the node is advertised and admitted, and a peer's calls reach its service."""
+    fleet = unique_fleet()
+    backend = ns_backends("thermo-n")
+    node = edge_nodes("node-n", fleet=fleet, manifests={"t.toml": thermo_manifest(backend.port)}, enrolled=False)
     node.start()
+    peer = edge_nodes("node-p", fleet=fleet).start()
     assert node.get("/v1/status")["node"]["ready"] is True  # the local API serves
-    assert "peer calls are off: this node has no fleet certificate" in node.log_text()
+    assert "peer calls are off until this node is enrolled: this node has no fleet certificate" in node.log_text()
     assert "edged fleet enroll" in node.log_text()
     with pytest.raises(OSError):
         ingress_call(node.ingress_port, "/healthz")  # nothing listens
+    assert node.get("/v1/status")["identity"]["state"] == "missing"
+    # Enrolled with the commands, as an operator would: the key and CSR made on the box, signed offline.
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PATH": "/usr/bin:/bin"}
+    enroll = [sys.executable, "-m", "edged", "fleet", "enroll", "-c", str(node.config)]
+    made = subprocess.run(enroll, cwd=node.root, capture_output=True, text=True, env=env, timeout=60)
+    assert made.returncode == 0, made.stderr
+    ca = fleet_ca(fleet)
+    csr = load_csr((node.root / "state" / "identity" / "node.csr").read_bytes())
+    (tmp_path / "node-n.crt").write_bytes(cert_pem(sign_csr(csr, ca.key, ca.cert)))
+    (tmp_path / "ca.pem").write_bytes(ca.pem)
+    install = [*enroll, "--cert", str(tmp_path / "node-n.crt"), "--ca", str(tmp_path / "ca.pem")]
+    done = subprocess.run(install, cwd=node.root, capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    wait_for(lambda: peer.edge_urls("thermo"), 15, what="node-n enrolled, advertised and admitted by node-p")
+    assert answered_by(peer.call("thermo", "/r")) == "thermo-n"
+    assert node.get("/v1/status")["identity"]["state"] == "ok"
+    assert "identity.enrolled" in node.log_text() and "edge.identity_ready" in node.log_text()
+    assert node.proc.poll() is None  # the same process: no restart
 
 
 # -- tenants across the fleet (issue 10 item 5, edge tier) ----------------------------------------------

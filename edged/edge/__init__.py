@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from ..aio import cancel_and_wait
 from ..errors import EdgedError
 from ..http.client import UpstreamPool
-from ..identity import IdentityFiles, clock_problem, summary
+from ..identity import CertSummary, IdentityFiles, clock_problem, summary
 from ..identity.keeper import IdentityKeeper
 from ..identity.tls import server_context
 from ..logs import log_event
@@ -62,6 +62,17 @@ class PeerListTooLarge(EdgedError):
     """A peer's /peer/services answer is larger than `[limits] peer_services`."""
 
 
+def _wrong_name(config, cert: CertSummary) -> str | None:
+    """Why this certificate is not this node's ([node] name and fleet), or None."""
+    want = (config.node.fleet, config.node.name)
+    if (cert.fleet, cert.node) == want:
+        return None
+    return (
+        f"{IdentityFiles(config.identity_dir).cert} names node {cert.node!r} of fleet {cert.fleet!r}, but this node"
+        f" is {want[1]!r} of {want[0]!r} ([node] name and fleet)"
+    )
+
+
 def _peer_tls(config) -> tuple[PeerTls, ssl.SSLContext]:
     """The client and server sides of mutual TLS with peers, from this node's identity; EdgedError saying what
     is missing or wrong (not enrolled, enrolled as another node or fleet)."""
@@ -72,12 +83,9 @@ def _peer_tls(config) -> tuple[PeerTls, ssl.SSLContext]:
             " for a lab)"
         )
     cert = summary(files.cert)
-    want = (config.node.fleet, config.node.name)
-    if (cert.fleet, cert.node) != want:
-        raise EdgedError(
-            f"{files.cert} names node {cert.node!r} of fleet {cert.fleet!r}, but this node is {want[1]!r} of"
-            f" {want[0]!r} ([node] name and fleet)"
-        )
+    wrong = _wrong_name(config, cert)
+    if wrong is not None:
+        raise EdgedError(wrong)
     problem = clock_problem(cert, time.time(), config.identity.clock_skew)
     if problem is not None:
         log.error("%s", problem)  # the contexts still load: the clock may be set (NTP) while we run
@@ -106,6 +114,7 @@ class EdgeTier:
         self.peer_pool: UpstreamPool | None = None
         self.tls_problem: str | None = None  # why peers are off (no identity, a bad one), for status and the log
         server_tls = None
+        self._tls_ready = not ing.insecure  # False while waiting for `edged fleet enroll` (see _identity_ready)
         if ing.insecure:
             log.warning(
                 "INSECURE: [ingress] insecure = true: the peer ingress speaks plain HTTP and believes the fleet and"
@@ -115,8 +124,14 @@ class EdgeTier:
             try:
                 self.peer_tls, server_tls = _peer_tls(config)
             except EdgedError as exc:
+                # Waiting: contexts without a certificate, loaded by the keeper when one that names this node is
+                # installed; then the ingress starts and peers are admitted, with no restart.
                 self.tls_problem = str(exc)
-                log.warning("peer calls are off: %s", exc)
+                self._tls_ready = False
+                log.warning("peer calls are off until this node is enrolled: %s", exc)
+                files = IdentityFiles(config.identity_dir)
+                self.peer_tls = PeerTls(files, config.node.fleet, load=False)
+                server_tls = server_context(files, load=False)
         self.identity = FleetIdentity(config.node.name, config.node.fleet, tls=not ing.insecure)
         if self.peer_tls is not None:
             # Idle connections live longer than the core pool's (a handshake is dear), but end before a peer's
@@ -138,6 +153,8 @@ class EdgeTier:
                 skew=config.identity.clock_skew,
                 renew=self._renew if config.identity.renew and config.mqtt.enabled else None,
                 metrics=self._metrics,
+                waiting_for=None if self._tls_ready else lambda cert: _wrong_name(config, cert),
+                on_ready=None if self._tls_ready else self._identity_ready,
             )
         self._advertised: Vitals | None = None  # the vitals in our TXT record
         self._advertised_at = -math.inf
@@ -205,7 +222,8 @@ class EdgeTier:
         if self.keeper is not None:
             self.keeper.start()
         self._advertised, self._advertised_at = self.vitals, time.monotonic()
-        listening = self.ingress is not None and await self.ingress.start()
+        ready = self.identity.tls is False or self._tls_ready
+        listening = ready and self.ingress is not None and await self.ingress.start()
         if self.config.mdns.enabled:
             # Only here: zeroconf costs about 3.5 MiB of RSS, which a node without mDNS does not pay.
             from .mdns import Mdns, MdnsError
@@ -260,6 +278,28 @@ class EdgeTier:
             await self.keeper.stop()
 
     # -- identity -------------------------------------------------------------------------------------
+    def _identity_ready(self) -> None:
+        """The keeper loaded a certificate naming this node into the TLS contexts: go live without a restart."""
+        self._tls_ready, self.tls_problem = True, None
+        log_event(log, logging.INFO, "edge.identity_ready", detail="enrolled: peer ingress and admission start")
+        if self._started and not self._stopped:
+            task = asyncio.get_running_loop().create_task(self._go_live(), name="edged-edge:go-live")
+            self._tasks.append(task)
+
+    async def _go_live(self) -> None:
+        if self._stopped or (self.ingress is not None and self.ingress.leaving):
+            return  # enrolled while shutting down: nothing to start
+        listening = self.ingress is not None and await self.ingress.start()
+        if self._stopped:
+            return
+        if listening and self.mdns is not None and self._advertiser is None:
+            self._advertising = True
+            self._advertiser = asyncio.get_running_loop().create_task(
+                self._advertise_loop(), name="edged-edge:advertise"
+            )
+            self._advertise_wake.set()
+        self._dirty.set()  # admit the peers seen meanwhile
+
     async def _renew(self) -> None:
         """Renew this node's certificate online (the keeper calls this two thirds into its life)."""
         from ..identity.node import load_identity
@@ -277,7 +317,10 @@ class EdgeTier:
             return {"state": "insecure", "detail": "[ingress] insecure = true: peers are not authenticated"}
         if self.keeper is None:
             return {"state": "missing", "detail": self.tls_problem}
-        return self.keeper.state()
+        state = self.keeper.state()
+        if not self._tls_ready:
+            state["detail"] = state.get("detail") or self.tls_problem
+        return state
 
     # -- status ---------------------------------------------------------------------------------------
     def peers(self) -> list[dict]:
@@ -452,7 +495,7 @@ class EdgeTier:
 
     async def _live_peers(self, mdns: Mdns) -> list[Peer]:
         node, fleet = self.config.node.name, self.config.node.fleet
-        if self.identity.tls and self.admission is None:
+        if self.identity.tls and (self.admission is None or not self._tls_ready):
             return []  # no identity: peers would refuse us, and we could not tell a rogue from a peer
         peers: dict[str, Peer] = {}
         known = {p.instance for p in self._peers}

@@ -47,8 +47,8 @@ class PeerTls:
     there: pooled connections to it carry no new proof, so another name advertised at the same address is
     refused outright rather than served over the first node's connections."""
 
-    def __init__(self, files: IdentityFiles, fleet: str) -> None:
-        self.context: ssl.SSLContext = client_context(files)
+    def __init__(self, files: IdentityFiles, fleet: str, *, load: bool = True) -> None:
+        self.context: ssl.SSLContext = client_context(files, load=load)  # load False: enrolled later (keeper)
         self.fleet = fleet
         # (address, port) -> the nodes advertised there: a handshake may prove any one of them (a second name
         # advertised at a real node's address must not stop that node's proof; it is refused by `Admission`).

@@ -188,5 +188,5 @@ def _enroll(args) -> int:
     except (EdgedError, OSError, ValueError) as exc:
         return _fail(exc)
     print(f"enrolled as spiffe://{name.fleet}/node/{name.node}: {files.cert} and {files.ca}")
-    print("a running edged that had a certificate uses this one within a minute; one that had none: restart it")
+    print("a running edged uses it within a minute (one still waiting for its first certificate: within seconds)")
     return 0

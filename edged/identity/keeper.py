@@ -24,6 +24,7 @@ from .files import CertSummary, IdentityFiles, clock_problem, summary, utc_text
 log = logging.getLogger("edged.identity")
 
 CHECK_EVERY = 60.0  # seconds between looks at the files and the clock
+WAITING_CHECK = 2.0  # ... while there is no usable certificate yet (a stat() call: enrollment is picked up at once)
 RETRY_FIRST, RETRY_MAX = 30.0, 600.0  # renewal retry backoff
 
 
@@ -39,7 +40,12 @@ class IdentityKeeper:
         renew: Callable[[], Any] | None,
         metrics=None,
         clock: Callable[[], float] = time.time,
+        waiting_for: Callable[[CertSummary], str | None] | None = None,
+        on_ready: Callable[[], None] | None = None,
     ) -> None:
+        """With `waiting_for`, the contexts hold no certificate yet (the node is not enrolled, or enrolled as
+        someone else): each new `node.crt` is checked by it (a problem text: keep waiting), and the first that
+        passes is loaded into the contexts, after which `on_ready()` is called once."""
         self.files = files
         self._contexts = contexts
         self._skew = skew
@@ -53,6 +59,9 @@ class IdentityKeeper:
         self._retry_delay = RETRY_FIRST
         self._warned = ""
         self.last_renewal: dict | None = None  # {"at", "ok", "error"}
+        self._waiting_for = waiting_for
+        self._on_ready = on_ready
+        self.waiting_problem: str | None = None  # why the certificate on disk cannot be used (waiting_for said)
 
     def start(self) -> None:
         self._load()
@@ -87,7 +96,16 @@ class IdentityKeeper:
         except EdgedError as exc:
             log.error("cannot read the node certificate: %s", exc)
             return
-        if self._cert is not None:  # changed on disk (renewed, or `edged fleet enroll` again): use it from now on
+        waiting = self._waiting_for is not None
+        if self._waiting_for is not None:
+            problem = self._waiting_for(cert)
+            if problem is not None:
+                if problem != self.waiting_problem:
+                    log.error("%s: peers stay off until another certificate is installed", problem)
+                self.waiting_problem, self._mtime = problem, mtime  # looked at again once it changes
+                return
+        # Changed on disk (renewed, `edged fleet enroll` again) or the first one while waiting: use it from now on.
+        if self._cert is not None or waiting:
             for ctx in self._contexts:
                 try:
                     ctx.load_cert_chain(self.files.cert, self.files.key)
@@ -95,8 +113,20 @@ class IdentityKeeper:
                 except (ssl.SSLError, OSError) as exc:
                     log.error("cannot use the new node certificate: %s (the old one stays in use)", exc)
                     return
-            log_event(log, logging.INFO, "identity.reloaded", not_after=utc_text(cert.not_after))
+            if not waiting:
+                log_event(log, logging.INFO, "identity.reloaded", not_after=utc_text(cert.not_after))
         self._cert, self._mtime = cert, mtime
+        if waiting:
+            self._waiting_for, self.waiting_problem = None, None
+            log_event(
+                log,
+                logging.INFO,
+                "identity.enrolled",
+                spiffe_id=f"spiffe://{cert.fleet}/node/{cert.node}",
+                not_after=utc_text(cert.not_after),
+            )
+            if self._on_ready is not None:
+                self._on_ready()
 
     async def _run(self) -> None:
         while True:
@@ -105,7 +135,10 @@ class IdentityKeeper:
             cert = self._cert
             if cert is not None and self._renew is not None and now >= cert.renew_after and now >= self._retry_at:
                 await self._try_renew()
-            await asyncio.sleep(CHECK_EVERY if cert is None else max(1.0, min(CHECK_EVERY, cert.renew_after - now)))
+            if cert is None:
+                await asyncio.sleep(CHECK_EVERY if self._waiting_for is None else WAITING_CHECK)
+            else:
+                await asyncio.sleep(max(1.0, min(CHECK_EVERY, cert.renew_after - now)))
 
     def tick(self) -> None:
         """Look at the files and the clock: reload, metrics, and a journal line when something is wrong."""
@@ -149,7 +182,7 @@ class IdentityKeeper:
         """For `edged status`: who this node is, until when, when it renews, and what is wrong if anything."""
         cert = self._cert
         if cert is None:
-            return {"state": "missing", "dir": self.files.dir}
+            return {"state": "missing", "dir": self.files.dir, "detail": self.waiting_problem}
         now = self._clock()
         problem = clock_problem(cert, now, self._skew)
         state = "ok"

@@ -14,7 +14,9 @@ from .files import IdentityFiles, check_key_mode, peer_name_of
 from .names import PeerName
 
 
-def _context(files: IdentityFiles, purpose: int) -> ssl.SSLContext:
+def _context(files: IdentityFiles, purpose: int, *, load: bool = True) -> ssl.SSLContext:
+    """A TLS 1.3 context requiring the other side's certificate; with `load` False, without this node's certificate
+    and bundle yet (a node waiting to be enrolled: the keeper loads them when `edged fleet enroll` writes them)."""
     ctx = ssl.SSLContext(purpose)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     if purpose == ssl.PROTOCOL_TLS_CLIENT:
@@ -24,6 +26,8 @@ def _context(files: IdentityFiles, purpose: int) -> ssl.SSLContext:
         # 1.2 ms of CPU here (a third of a mutual handshake). Connections are kept alive instead.
         ctx.num_tickets = 0
     ctx.verify_mode = ssl.CERT_REQUIRED
+    if not load:
+        return ctx
     check_key_mode(files.key)
     try:
         ctx.load_cert_chain(files.cert, files.key)
@@ -36,14 +40,14 @@ def _context(files: IdentityFiles, purpose: int) -> ssl.SSLContext:
     return ctx
 
 
-def server_context(files: IdentityFiles) -> ssl.SSLContext:
+def server_context(files: IdentityFiles, *, load: bool = True) -> ssl.SSLContext:
     """For the peer ingress: TLS 1.3 only, a client certificate from the trust bundle required."""
-    return _context(files, ssl.PROTOCOL_TLS_SERVER)
+    return _context(files, ssl.PROTOCOL_TLS_SERVER, load=load)
 
 
-def client_context(files: IdentityFiles) -> ssl.SSLContext:
+def client_context(files: IdentityFiles, *, load: bool = True) -> ssl.SSLContext:
     """For calls to peers (and the broker): TLS 1.3 only, presents the node certificate, verifies the server's."""
-    return _context(files, ssl.PROTOCOL_TLS_CLIENT)
+    return _context(files, ssl.PROTOCOL_TLS_CLIENT, load=load)
 
 
 def peer_name(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> PeerName:
