@@ -30,6 +30,9 @@ class Limits:
     learned_entries_per_node: int = 200  # ... and from one node
     answer_buffer: int = WHOLE_ANSWER  # answers up to this length are read whole before the caller sees them
     json_depth: int = 32  # nesting of a JSON request body (registrations, policies)
+    handshakes: int = 64  # TLS handshakes in progress on the peer ingress: beyond, a new connection is closed at once
+    handshakes_per_source: int = 4  # ... from one address
+    handshake_timeout: float = 5.0  # a peer's TLS handshake must end within this (a mutual one takes milliseconds)
 
 
 def load_limits(t: Table) -> Limits:
@@ -52,4 +55,7 @@ def load_limits(t: Table) -> Limits:
         learned_entries_per_node=t.integer("learned_entries_per_node", d.learned_entries_per_node, lo=0),
         answer_buffer=t.size("answer_buffer", d.answer_buffer),
         json_depth=t.integer("json_depth", d.json_depth, lo=2),
+        handshakes=t.integer("handshakes", d.handshakes, lo=1),
+        handshakes_per_source=t.integer("handshakes_per_source", d.handshakes_per_source, lo=1),
+        handshake_timeout=t.duration("handshake_timeout", d.handshake_timeout),
     )

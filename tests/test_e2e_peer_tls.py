@@ -8,12 +8,17 @@ TLS fleet, where it must not.
 # ruff: noqa: F811  (the fixtures imported from fixtures_netns are test parameters)
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import http.client
 import json
+import resource
+import socket
 import ssl
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -373,3 +378,89 @@ def test_forged_goodbyes_do_not_remove_a_proven_peer(lan, edge_nodes, ns_backend
     b.stop()  # a real goodbye: box-b says `leaving` when box-a checks it
     wait_for(lambda: not a.edge_urls("thermo"), 2, what="the real goodbye believed")
     assert '"reason":"goodbye"' in a.log_text()
+
+
+# -- a handshake flood ------------------------------------------------------------------------------------
+
+
+class HandshakeFlood:
+    """Keeps `count` TCP connections from `source` open to a port, never sending a byte (no ClientHello):
+    each one the server closes is opened again, up to `per_round` every 0.1 s, until `stop()`."""
+
+    def __init__(self, source: str, port: int, count: int, per_round: int = 200) -> None:
+        self.source, self.port, self.count, self.per_round = source, port, count, per_round
+        self.socks: list[socket.socket] = []
+        self.opened = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _open(self) -> None:
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.bind((self.source, 0))
+        with contextlib.suppress(BlockingIOError):
+            sock.connect(("127.0.0.1", self.port))
+        self.socks.append(sock)
+        self.opened += 1
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            closed = [s for s in self.socks if _closed_by_peer(s)]
+            for sock in closed:
+                self.socks.remove(sock)
+                sock.close()
+            for _ in range(min(self.per_round, self.count - len(self.socks))):
+                self._open()
+            self._stop.wait(0.1)
+
+    def start(self) -> HandshakeFlood:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        for sock in self.socks:
+            sock.close()
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False  # connected (or connecting) and silent
+    except OSError:
+        return True  # reset or refused
+
+
+@pytest.mark.parametrize("capped", [False, True], ids=["uncapped-before", "capped-now"])
+def test_a_handshake_flood_from_one_address_does_not_keep_peers_out(edge_nodes, ns_backends, capped):
+    """One LAN host opens a thousand connections to a node's ingress and never sends a ClientHello. Uncapped
+    (as before: pending handshakes were not limited), they fill the node's descriptor table (1,024: systemd's
+    default soft limit) and a peer that starts meanwhile cannot connect: no calls. Capped ([limits]
+    handshakes_per_source, handshakes), the flood holds 4 handshakes, its other connections are closed at once
+    and counted, and the peer is admitted and served while the flood goes on."""
+    fleet = unique_fleet()
+    backend = ns_backends("thermo-b")
+    limits = "" if capped else "[limits]\nhandshakes = 100000\nhandshakes_per_source = 100000\n"
+    b = edge_nodes("node-b", fleet=fleet, manifests={"t.toml": thermo_manifest(backend.port)}, extra_config=limits)
+    b.start()
+    resource.prlimit(b.proc.pid, resource.RLIMIT_NOFILE, (1024, 1024))
+    flood = HandshakeFlood("127.0.0.2", b.ingress_port, 1100).start()
+    try:
+        time.sleep(1.5)  # the flood is in
+        a = edge_nodes("node-a", fleet=fleet).start()
+        try:
+            wait_for(lambda: a.edge_urls("thermo"), 8, what="node-b admitted by node-a during the flood")
+        except AssertionError:
+            assert not capped, b.log_text()[-2000:]
+            assert a.call("thermo", "/r")[0] == 404  # the attack worked: node-b is unreachable for a new peer
+            return
+        assert capped, "the flood did not keep node-a out: the uncapped case shows nothing"
+        statuses = [a.call("thermo", "/r")[0] for _ in range(20)]
+        assert set(statuses) == {200}, statuses
+        assert flood.opened > 1100  # the flood kept at it: its connections were closed and opened again
+    finally:
+        flood.stop()
+    metrics = b.api.request("GET", "/metrics")[2].decode()
+    assert 'edged_limit_hits_total{limit="handshakes_per_source"}' in metrics

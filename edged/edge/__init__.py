@@ -34,6 +34,7 @@ from ..model import Endpoint, parse_target
 from ..registry import Snapshot
 from ..vitals import Vitals
 from .admission import Admission, PeerTls
+from .handshakes import HandshakeGate
 from .ingress import SERVICES_PATH, EdgeTransport, FleetIdentity, Ingress, to_peer
 from .peers import Discovered, LinkEstimator, Peer, PeerLabels, edge_layer, offered, url_host
 from .txt import (
@@ -172,6 +173,14 @@ class EdgeTier:
                 server_limits=core.server_limits(),
                 gate=core.gate,
                 tls=server_tls,
+                handshakes=None
+                if server_tls is None
+                else HandshakeGate(
+                    total=config.limits.handshakes,
+                    per_source=config.limits.handshakes_per_source,
+                    timeout=config.limits.handshake_timeout,
+                    on_refused=core.limit_hit,
+                ),
             )
         self.mdns: Mdns | None = None
         self._advertising = False

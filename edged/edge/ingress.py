@@ -36,6 +36,7 @@ from ..relay import call_for, relay_answer
 from ..router import Router
 from ..routes import common_labels
 from ..transport.http import HttpTransport
+from .handshakes import HandshakeGate
 from .peers import offered
 from .txt import service_ref, services_hash
 
@@ -133,9 +134,11 @@ class Ingress:
         server_limits: dict | None = None,
         gate: Gate | None = None,
         tls: ssl.SSLContext | None = None,
+        handshakes: HandshakeGate | None = None,
     ) -> None:
         self._host, self._port = host, port
         self._tls = tls
+        self.handshakes = handshakes  # TLS handshakes in progress, capped per source and in total
         self._router = router
         self._registry = registry
         self._identity = identity
@@ -154,7 +157,7 @@ class Ingress:
     async def start(self) -> bool:
         """Listen; False (and an error in the log) when the address is taken or not ours."""
         try:
-            self.address = await self.server.listen_tcp(self._host, self._port, self._tls)
+            self.address = await self.server.listen_tcp(self._host, self._port, self._tls, self.handshakes)
         except ListenError as exc:
             log.error("peer ingress not available (%s); serving the local API only, not advertising this node", exc)
             return False

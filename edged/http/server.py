@@ -19,8 +19,10 @@ import socket
 import ssl
 import stat
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import httptools
@@ -201,6 +203,7 @@ class _ServerConnection(asyncio.Protocol):
         self._peer = "unix"
         self._cred: tuple[int, int, int] | None = None
         self._peer_cert: dict | None = None  # what a TLS handshake verified (TLS listeners only)
+        self._expiry: asyncio.TimerHandle | None = None  # closes the connection when the peer's certificate expires
         self._parser = httptools.HttpRequestParser(self)
         self._queue: collections.deque[Request | _Fail] = collections.deque()
         self._worker: asyncio.Task[None] | None = None
@@ -254,13 +257,33 @@ class _ServerConnection(asyncio.Protocol):
             peer = transport.get_extra_info("peername")
             self._peer = peer[0] if isinstance(peer, tuple) else str(peer)
             self._peer_cert = transport.get_extra_info("peercert")  # None without TLS; called after the handshake
+            if self._peer_cert:
+                self._expire_with(self._peer_cert)
             sock = transport.get_extra_info("socket")
             if sock is not None:
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+    def _expire_with(self, cert: dict) -> None:
+        """The caller is who its certificate says only until it expires: then no more requests on this connection
+        (the one being answered ends first). A renewed peer connects again with its new certificate."""
+        try:
+            left = ssl.cert_time_to_seconds(cert["notAfter"]) - time.time()
+        except (KeyError, ValueError):
+            return
+        self._expiry = self._loop.call_later(max(0.0, left), self._expired)
+
+    def _expired(self) -> None:
+        self._expiry = None
+        self._closing = True
+        if self._idle():
+            self._close()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         self._server._conns.discard(self)
         if self._counted:
             self._counted = False
@@ -588,6 +611,79 @@ class _ServerConnection(asyncio.Protocol):
 Handler = Callable[[Request, ResponseWriter], Awaitable[None]]
 
 
+class HandshakeLimit(Protocol):
+    """What a TLS listener asks before each handshake (edged.edge.handshakes.HandshakeGate)."""
+
+    timeout: float
+
+    def admit(self, address: str) -> bool: ...
+
+    def done(self, address: str) -> None: ...
+
+
+class _Handoff(asyncio.Protocol):
+    """Holds what arrives on a TLS connection between the end of its handshake and the moment `_TlsAccept` hands
+    it to its `_ServerConnection` (start_tls delivers data at once, before our coroutine resumes)."""
+
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+        self.lost = False
+
+    def data_received(self, data: bytes) -> None:
+        self.data.append(data)
+
+    def eof_received(self) -> bool:
+        self.lost = True
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+
+
+class _TlsAccept(asyncio.Protocol):
+    """A TLS listener's connection while its handshake runs: admitted by the gate (per source address and in
+    total) or closed at once; handed to a `_ServerConnection` when the handshake ends."""
+
+    def __init__(self, server: HttpServer, listener: _Listener, tls: ssl.SSLContext, gate: HandshakeLimit) -> None:
+        self._server, self._listener, self._tls, self._gate = server, listener, tls, gate
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        address = peer[0] if isinstance(peer, tuple) else str(peer)
+        if self._server._shut or not self._gate.admit(address):
+            transport.abort()  # before any TLS byte is read: a flood costs an accept and a close
+            return
+        transport.pause_reading()  # the ClientHello waits in the kernel until start_tls reads it
+        task = self._server._loop.create_task(self._handshake(transport, address))  # type: ignore[arg-type]
+        self._server._tasks.add(task)
+        task.add_done_callback(self._server._tasks.discard)
+
+    async def _handshake(self, transport: asyncio.Transport, address: str) -> None:
+        server = self._server
+        handoff = _Handoff()
+        try:
+            wrapped = await server._loop.start_tls(
+                transport, handoff, self._tls, server_side=True, ssl_handshake_timeout=self._gate.timeout
+            )
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, RuntimeError):
+            transport.abort()  # refused certificate, timeout, or the client left
+            return
+        finally:
+            self._gate.done(address)
+        if wrapped is None or handoff.lost or server._shut:
+            if wrapped is not None:
+                wrapped.abort()
+            return
+        conn = _ServerConnection(server, False, self._listener)
+        wrapped.set_protocol(conn)
+        conn.connection_made(wrapped)
+        for data in handoff.data:
+            conn.data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pass  # before start_tls took the transport: nothing was started
+
+
 class _Listener:
     """One listening socket's count of open connections (the limit is per listener)."""
 
@@ -654,16 +750,23 @@ class HttpServer:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
 
-    async def listen_tcp(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> tuple[str, int]:
+    async def listen_tcp(
+        self, host: str, port: int, tls: ssl.SSLContext | None = None, handshakes: HandshakeLimit | None = None
+    ) -> tuple[str, int]:
         """Listen on host:port; returns the bound address (port 0 picks a free port). With `tls`, every
-        connection starts with a TLS handshake that must end within the header timeout."""
+        connection starts with a TLS handshake that must end within the header timeout, or within
+        `handshakes.timeout` when a gate caps the handshakes in progress (per source address and in total)."""
         self._start()
-        extra = {} if tls is None else {"ssl": tls, "ssl_handshake_timeout": self._header_timeout}
+        listener = _Listener()
+        extra: dict = {}
+        if tls is not None and handshakes is not None:
+            factory: Callable[[], asyncio.Protocol] = lambda: _TlsAccept(self, listener, tls, handshakes)  # noqa: E731
+        else:
+            factory = lambda: _ServerConnection(self, False, listener)  # noqa: E731
+            if tls is not None:
+                extra = {"ssl": tls, "ssl_handshake_timeout": self._header_timeout}
         try:
-            listener = _Listener()
-            server = await self._loop.create_server(
-                lambda: _ServerConnection(self, False, listener), host, port, reuse_address=True, backlog=1024, **extra
-            )
+            server = await self._loop.create_server(factory, host, port, reuse_address=True, backlog=1024, **extra)
         except OSError as exc:
             raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
         self._servers.append(server)
