@@ -464,3 +464,34 @@ def test_a_handshake_flood_from_one_address_does_not_keep_peers_out(edge_nodes, 
         flood.stop()
     metrics = b.api.request("GET", "/metrics")[2].decode()
     assert 'edged_limit_hits_total{limit="handshakes_per_source"}' in metrics
+
+
+# -- certificates that expire on live connections ------------------------------------------------------------
+
+
+def test_live_connections_end_when_the_peer_certificate_expires(edge_nodes, ns_backends):
+    """node-a's certificate expires while node-b and it call each other over kept-alive connections. Before,
+    those connections outlived it (calls kept succeeding for as long as traffic kept them from idling out).
+    Now node-b's ingress closes the connection it accepted from node-a (server side), and node-b's pool closes
+    its connection to node-a's ingress (client side), when the certificate expires: the next calls need a new
+    handshake, which the expired certificate cannot pass."""
+    fleet = unique_fleet()
+    lamp, thermo = ns_backends("lamp-a"), ns_backends("thermo-b")
+    a = edge_nodes("node-a", fleet=fleet, manifests={"t.toml": thermo_manifest(lamp.port, name="lamp")}, enrolled=False)
+    lifetime, left = 3600.0, 25.0
+    issued = dt.datetime.now(UTC) - dt.timedelta(seconds=lifetime - left)
+    fleet_ca(fleet).enroll(a.root / "state" / "identity", "node-a", lifetime=lifetime, now=issued)
+    expires = time.time() + left
+    a.start()
+    b = edge_nodes("node-b", fleet=fleet, manifests={"t.toml": thermo_manifest(thermo.port)}).start()
+    wait_for(lambda: a.edge_urls("thermo") and b.edge_urls("lamp"), 15, what="both admitted")
+    assert time.time() < expires - 3, "the daemons took too long to start for this test"
+    seen: list[tuple[float, int, int]] = []  # (when sent, node-a's call to thermo, node-b's call to lamp)
+    late = expires + 1.5  # notAfter has whole seconds; timers and clocks: 1.5 s
+    while sum(1 for t, _, _ in seen if t > late) < 3 and time.time() < expires + 60:
+        seen.append((time.time(), a.call("thermo", "/r")[0], b.call("lamp", "/r")[0]))
+        time.sleep(0.2)
+    before = [s for s in seen if s[0] < expires - 1.5]
+    after = [s for s in seen if s[0] > late]
+    assert before and {(x, y) for _, x, y in before} == {(200, 200)}, before
+    assert len(after) == 3 and all(x != 200 and y != 200 for _, x, y in after), after

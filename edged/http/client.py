@@ -15,6 +15,7 @@ import fcntl
 import socket
 import ssl
 import termios
+import time
 from collections.abc import Callable
 
 import httptools
@@ -179,6 +180,8 @@ class _UpstreamConnection(asyncio.Protocol):
         self._reused = False
         self._idle_since = 0.0
         self._read_paused = False
+        self._expired = False  # the upstream's TLS certificate expired: no more requests on this connection
+        self._expiry: asyncio.TimerHandle | None = None
         # Per-exchange state.
         self._parser: httptools.HttpResponseParser | None = None  # set while an exchange is on
         self._spare: httptools.HttpResponseParser | None = None  # the last parser, fit to parse the next answer
@@ -322,8 +325,26 @@ class _UpstreamConnection(asyncio.Protocol):
     def eof_received(self) -> bool:
         return False  # close our side too; connection_lost settles the exchange
 
+    def _expire_with(self, cert: dict) -> None:
+        """The upstream is who its certificate says only until it expires: then this connection carries no new
+        request (an idle one closes at once, a busy one after its exchange)."""
+        try:
+            left = ssl.cert_time_to_seconds(cert["notAfter"]) - time.time()
+        except (KeyError, ValueError):
+            return
+        self._expiry = self._loop.call_later(max(0.0, left), self._on_expiry)
+
+    def _on_expiry(self) -> None:
+        self._expiry = None
+        self._expired = True
+        if self._state == _IDLE:
+            self._close()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         self._pool._drop(self)
         if self._timer is not None:
             self._timer.cancel()
@@ -645,11 +666,14 @@ class UpstreamPool:
             timer.cancel()
         if target.tls and self._tls is not None:
             transport = conn._transport
+            peercert = transport.get_extra_info("peercert") if transport is not None else None
             try:
-                self._tls.check(target, transport.get_extra_info("peercert") if transport is not None else None)
+                self._tls.check(target, peercert)
             except EdgedError as exc:
                 conn._abort()
                 raise ConnectFailed(key, f"tls: {exc}") from None
+            if peercert:
+                conn._expire_with(peercert)
         if self._closed:
             conn._abort()
             raise ConnectFailed(key, "upstream pool is closed")
@@ -715,7 +739,7 @@ class UpstreamPool:
         key = conn._key
         self._busy[key] -= 1
         idle = self._idle.setdefault(key, [])
-        if self._closed or conn._closed or len(idle) >= self._max_idle:
+        if self._closed or conn._closed or conn._expired or len(idle) >= self._max_idle:
             conn._state = _GONE
             conn._close()
             return

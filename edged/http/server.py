@@ -621,67 +621,13 @@ class HandshakeLimit(Protocol):
     def done(self, address: str) -> None: ...
 
 
-class _Handoff(asyncio.Protocol):
-    """Holds what arrives on a TLS connection between the end of its handshake and the moment `_TlsAccept` hands
-    it to its `_ServerConnection` (start_tls delivers data at once, before our coroutine resumes)."""
+class _Gated:
+    """A TLS listening socket that accepts by hand, asking `gate` before each handshake (HttpServer._listen_gated)."""
 
-    def __init__(self) -> None:
-        self.data: list[bytes] = []
-        self.lost = False
+    __slots__ = ("gate", "listener", "sock", "tls")
 
-    def data_received(self, data: bytes) -> None:
-        self.data.append(data)
-
-    def eof_received(self) -> bool:
-        self.lost = True
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-
-
-class _TlsAccept(asyncio.Protocol):
-    """A TLS listener's connection while its handshake runs: admitted by the gate (per source address and in
-    total) or closed at once; handed to a `_ServerConnection` when the handshake ends."""
-
-    def __init__(self, server: HttpServer, listener: _Listener, tls: ssl.SSLContext, gate: HandshakeLimit) -> None:
-        self._server, self._listener, self._tls, self._gate = server, listener, tls, gate
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        peer = transport.get_extra_info("peername")
-        address = peer[0] if isinstance(peer, tuple) else str(peer)
-        if self._server._shut or not self._gate.admit(address):
-            transport.abort()  # before any TLS byte is read: a flood costs an accept and a close
-            return
-        transport.pause_reading()  # the ClientHello waits in the kernel until start_tls reads it
-        task = self._server._loop.create_task(self._handshake(transport, address))  # type: ignore[arg-type]
-        self._server._tasks.add(task)
-        task.add_done_callback(self._server._tasks.discard)
-
-    async def _handshake(self, transport: asyncio.Transport, address: str) -> None:
-        server = self._server
-        handoff = _Handoff()
-        try:
-            wrapped = await server._loop.start_tls(
-                transport, handoff, self._tls, server_side=True, ssl_handshake_timeout=self._gate.timeout
-            )
-        except (OSError, ssl.SSLError, asyncio.TimeoutError, RuntimeError):
-            transport.abort()  # refused certificate, timeout, or the client left
-            return
-        finally:
-            self._gate.done(address)
-        if wrapped is None or handoff.lost or server._shut:
-            if wrapped is not None:
-                wrapped.abort()
-            return
-        conn = _ServerConnection(server, False, self._listener)
-        wrapped.set_protocol(conn)
-        conn.connection_made(wrapped)
-        for data in handoff.data:
-            conn.data_received(data)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        pass  # before start_tls took the transport: nothing was started
+    def __init__(self, sock: socket.socket, listener: _Listener, tls: ssl.SSLContext, gate: HandshakeLimit) -> None:
+        self.sock, self.listener, self.tls, self.gate = sock, listener, tls, gate
 
 
 class _Listener:
@@ -720,6 +666,7 @@ class HttpServer:
         self._header_timeout = header_timeout
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by the first listen
         self._servers: list[asyncio.AbstractServer] = []
+        self._gated: list[_Gated] = []  # TLS listeners that accept by hand (_listen_gated)
         self._unix_paths: list[tuple[str, int]] = []  # (path, inode) of sockets we created
         self._conns: set[_ServerConnection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -758,20 +705,85 @@ class HttpServer:
         `handshakes.timeout` when a gate caps the handshakes in progress (per source address and in total)."""
         self._start()
         listener = _Listener()
-        extra: dict = {}
         if tls is not None and handshakes is not None:
-            factory: Callable[[], asyncio.Protocol] = lambda: _TlsAccept(self, listener, tls, handshakes)  # noqa: E731
-        else:
-            factory = lambda: _ServerConnection(self, False, listener)  # noqa: E731
-            if tls is not None:
-                extra = {"ssl": tls, "ssl_handshake_timeout": self._header_timeout}
+            return self._listen_gated(host, port, listener, tls, handshakes)
+        extra = {} if tls is None else {"ssl": tls, "ssl_handshake_timeout": self._header_timeout}
         try:
-            server = await self._loop.create_server(factory, host, port, reuse_address=True, backlog=1024, **extra)
+            server = await self._loop.create_server(
+                lambda: _ServerConnection(self, False, listener), host, port, reuse_address=True, backlog=1024, **extra
+            )
         except OSError as exc:
             raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
         self._servers.append(server)
         bound = server.sockets[0].getsockname()
         return bound[0], bound[1]
+
+    def _listen_gated(
+        self, host: str, port: int, listener: _Listener, tls: ssl.SSLContext, gate: HandshakeLimit
+    ) -> tuple[str, int]:
+        """A TLS listener that accepts by hand: the source address is known, and the gate asked, before a byte of
+        the handshake is read (asyncio's TLS servers hide a connection until its handshake is over). An admitted
+        connection's handshake runs on the loop's own TLS (`connect_accepted_socket`) within `gate.timeout`."""
+        try:
+            family, kind, proto, _, address = socket.getaddrinfo(
+                host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )[0]
+            sock = socket.socket(family, kind, proto)
+        except OSError as exc:
+            raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(1024)
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+        gated = _Gated(sock, listener, tls, gate)
+        self._gated.append(gated)
+        self._loop.add_reader(sock.fileno(), self._accept_gated, gated)
+        bound = sock.getsockname()
+        return bound[0], bound[1]
+
+    def _accept_gated(self, gated: _Gated) -> None:
+        sock, gate = gated.sock, gated.gate
+        for _ in range(64):  # a burst at a time: other work gets the loop between bursts
+            try:
+                conn, peer = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and the like: wait a second rather than spin (as asyncio does)
+                log.error("accepting a peer connection failed: %s", exc.strerror or exc)
+                self._loop.remove_reader(sock.fileno())
+                self._loop.call_later(1.0, self._resume_gated, gated)
+                return
+            address = peer[0] if isinstance(peer, tuple) else str(peer)
+            if self._shut or not gate.admit(address):
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()  # a reset, before any TLS byte is read: a flood costs an accept and a close
+                continue
+            conn.setblocking(False)
+            task = self._loop.create_task(self._handshake(conn, address, gated))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _resume_gated(self, gated: _Gated) -> None:
+        if not self._shut and gated.sock.fileno() >= 0:
+            self._loop.add_reader(gated.sock.fileno(), self._accept_gated, gated)
+
+    async def _handshake(self, conn: socket.socket, address: str, gated: _Gated) -> None:
+        listener = gated.listener
+        try:
+            await self._loop.connect_accepted_socket(
+                lambda: _ServerConnection(self, False, listener),
+                conn,
+                ssl=gated.tls,
+                ssl_handshake_timeout=gated.gate.timeout,
+            )
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, RuntimeError):
+            conn.close()  # refused certificate, timeout, or the client left (the transport closed it already)
+        finally:
+            gated.gate.done(address)
 
     async def listen_unix(self, path: str, mode: int = 0o660, group: str | None = None) -> None:
         """Listen on a Unix socket: a stale socket file is removed first; then chmod, and chgrp if `group` exists.
@@ -825,6 +837,10 @@ class HttpServer:
         self._shut = True
         for server in self._servers:
             server.close()
+        for gated in self._gated:
+            self._loop.remove_reader(gated.sock.fileno())
+            gated.sock.close()
+        self._gated.clear()
         for conn in list(self._conns):
             conn._closing = True
             if conn._idle():
