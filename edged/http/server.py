@@ -763,6 +763,7 @@ class HttpServer:
                 conn.close()  # a reset, before any TLS byte is read: a flood costs an accept and a close
                 continue
             conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as create_server's sockets: no Nagle delay
             task = self._loop.create_task(self._handshake(conn, address, gated))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
