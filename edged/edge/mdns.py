@@ -62,6 +62,7 @@ class MdnsError(EdgedError):
 
 # DNS constants (RFC 1035, RFC 2782), ours rather than zeroconf's private `const._...` names.
 DNS_FLAGS_QUERY = 0x0000
+DNS_TYPE_PTR = 12
 DNS_TYPE_SRV = 33
 DNS_CLASS_IN = 1
 
@@ -74,6 +75,13 @@ def srv_query(names: Iterable[str]) -> DNSOutgoing:
     out = DNSOutgoing(DNS_FLAGS_QUERY)
     for name in names:
         out.add_question(DNSQuestion(name, DNS_TYPE_SRV, DNS_CLASS_IN))
+    return out
+
+
+def ptr_query(service_type: str) -> DNSOutgoing:
+    """A PTR query for a type with no known answers: every responder of the type answers (browsers re-learn it)."""
+    out = DNSOutgoing(DNS_FLAGS_QUERY)
+    out.add_question(DNSQuestion(service_type, DNS_TYPE_PTR, DNS_CLASS_IN))
     return out
 
 
@@ -390,6 +398,9 @@ class Mdns:
         if gone:
             self._goodbye(key, known)
         else:
+            if self._aiozc is not None:  # the goodbye emptied the browser's cache: have the real one re-learned,
+                with contextlib.suppress(OSError, ZeroconfError):  # or its own goodbye would go unseen
+                    self._aiozc.zeroconf.async_send(ptr_query(known.type))
             log_event(
                 log,
                 logging.WARNING,
