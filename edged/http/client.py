@@ -15,14 +15,13 @@ import fcntl
 import socket
 import ssl
 import termios
-import time
 from collections.abc import Callable
 
 import httptools
 
 from edged.aio import version_tuple
 from edged.errors import ConnectFailed, EdgedError, UpstreamError, UpstreamProtocolError, UpstreamReset, UpstreamTimeout
-from edged.http.message import Headers
+from edged.http.message import Headers, cert_seconds_left
 from edged.looplag import GRACE, TimeLimit
 from edged.model import Target
 
@@ -328,9 +327,8 @@ class _UpstreamConnection(asyncio.Protocol):
     def _expire_with(self, cert: dict) -> None:
         """The upstream is who its certificate says only until it expires: then this connection carries no new
         request (an idle one closes at once, a busy one after its exchange)."""
-        try:
-            left = ssl.cert_time_to_seconds(cert["notAfter"]) - time.time()
-        except (KeyError, ValueError):
+        left = cert_seconds_left(cert)
+        if left is None:
             return
         self._expiry = self._loop.call_later(max(0.0, left), self._on_expiry)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ssl
+import time
 from dataclasses import dataclass
 
 Headers = list[tuple[bytes, bytes]]
@@ -66,3 +68,11 @@ def strip_hop_by_hop(headers: Headers) -> Headers:
     if named:
         return [h for h in kept if h[0] not in named]
     return kept
+
+
+def cert_seconds_left(cert: dict) -> float | None:
+    """Seconds until a verified peer certificate (`getpeercert()`) expires; None when it does not say."""
+    try:
+        return ssl.cert_time_to_seconds(cert["notAfter"]) - time.time()
+    except (KeyError, ValueError, TypeError):
+        return None

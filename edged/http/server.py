@@ -19,7 +19,6 @@ import socket
 import ssl
 import stat
 import struct
-import time
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Protocol
@@ -29,7 +28,7 @@ import httptools
 
 from edged.aio import cancel_and_wait
 from edged.errors import EdgedError
-from edged.http.message import Headers, Request
+from edged.http.message import Headers, Request, cert_seconds_left
 
 log = logging.getLogger("edged.http.server")
 
@@ -267,9 +266,8 @@ class _ServerConnection(asyncio.Protocol):
     def _expire_with(self, cert: dict) -> None:
         """The caller is who its certificate says only until it expires: then no more requests on this connection
         (the one being answered ends first). A renewed peer connects again with its new certificate."""
-        try:
-            left = ssl.cert_time_to_seconds(cert["notAfter"]) - time.time()
-        except (KeyError, ValueError):
+        left = cert_seconds_left(cert)
+        if left is None:
             return
         self._expiry = self._loop.call_later(max(0.0, left), self._expired)
 
