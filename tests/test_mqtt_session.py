@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from fixtures_mqtt import Broker, broker, make_broker, topic_prefix  # noqa: F401
 
-from edged.cloud.session import Inbound, MqttSession, PublishError
+from edged.cloud.session import OUTBOX_BATCH, Inbound, MqttSession, PublishError
 from edged.config import MqttConfig
 
 
@@ -275,3 +275,27 @@ def test_large_incoming_messages_are_dropped_and_counted_not_handed_on(broker: B
             await sender.close()
 
     asyncio.run(main())
+
+
+def test_a_full_outbox_batch_does_not_warn_of_pending_publishes(broker: Broker, topic_prefix: str, caplog):
+    """The outbox awaits up to OUTBOX_BATCH QoS 1 publishes together by design (a node posts its whole state
+    at connect); aiomqtt's default threshold of 10 pending calls logged "There are N pending publish calls"
+    for each one over it at every start."""
+    topic = f"{topic_prefix}/burst"
+    got: list[bytes] = []
+
+    async def main() -> None:
+        s = MqttSession(config(broker.url), client_id="t-burst")
+        s.subscribe(topic, lambda m: got.append(m.payload))
+        s.start()
+        try:
+            assert await s.wait_connected(10)
+            assert all(s.post(topic, b"%d" % i) for i in range(OUTBOX_BATCH))
+            await until(lambda: len(got) == OUTBOX_BATCH)
+        finally:
+            await s.close()
+
+    caplog.set_level("INFO", logger="edged.cloud.session")
+    asyncio.run(main())
+    assert sorted(got, key=int) == [b"%d" % i for i in range(OUTBOX_BATCH)]
+    assert not [r for r in caplog.records if "pending publish calls" in r.getMessage()], caplog.text

@@ -451,6 +451,10 @@ class MqttSession:
             properties=self._connect_properties(),
             logger=log,
         )
+        # The outbox awaits up to OUTBOX_BATCH publishes together by design; aiomqtt's default threshold (10)
+        # warned "There are N pending publish calls" for each one over it at every start. Over twice the
+        # batch something else is piling up, and that warning is worth having.
+        client.pending_calls_threshold = 2 * OUTBOX_BATCH
         paho = getattr(client, "_client", None)
         fast = isinstance(paho, paho_client.Client) and isinstance(
             getattr(client, "_disconnected", None), asyncio.Future
