@@ -2,8 +2,8 @@
 
 One sampler per process (`NodeVitals`, owned by the core): CPU busy time is measured since the previous
 read, so a second reader would shorten the first one's window. The files are parsed here (a few lines of
-/proc/stat and /sys/class/power_supply): psutil reads the same files, and importing it costs the daemon
-about 1 MiB of RSS; it is used only when asked for (`use_psutil=True`). Tiers hear of each reading (the
+/proc/stat and /sys/class/power_supply): psutil reads the same files, and importing it would cost the daemon
+about 1 MiB of RSS, so edged does not depend on it. Tiers hear of each reading (the
 edge tier puts it in its TXT record, the cloud tier in its retained status) and never read vitals themselves.
 
 Hardware that is absent (no battery, no Wi-Fi) reads as unknown, never as 0 and never as an error: a reader that
@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 log = logging.getLogger("edged.vitals")
 
@@ -109,24 +107,12 @@ def _read(path: Path) -> str | None:
 
 class VitalsReader:
     """Reads this node's vitals: parses `{proc_root}/stat`, `loadavg`, `net/wireless` and
-    `{sys_root}/class/power_supply`; with `use_psutil=True` (real roots only) CPU and battery come from psutil."""
+    `{sys_root}/class/power_supply`."""
 
-    def __init__(self, proc_root: str = "/proc", sys_root: str = "/sys", *, use_psutil: bool = False) -> None:
+    def __init__(self, proc_root: str = "/proc", sys_root: str = "/sys") -> None:
         self.proc = Path(proc_root)
         self.sys = Path(sys_root)
-        self.use_psutil = use_psutil
-        self._psutil: ModuleType | None = None
-        self._stat: tuple[int, int] | None = None  # (busy, total) jiffies at the last read
-        if self.use_psutil:
-            import psutil  # only when asked for: about 1 MiB of RSS
-
-            self._psutil = psutil
-            try:
-                psutil.cpu_percent(None)  # the first call returns 0.0: prime it so the next one means something
-            except Exception as exc:  # a psutil without CPU support on this platform
-                log.debug("cpu_percent unavailable: %r", exc)
-        else:
-            self._stat = self._read_stat()
+        self._stat: tuple[int, int] | None = self._read_stat()  # (busy, total) jiffies at the last read
 
     def read(self) -> Vitals:
         """All vitals now. Never raises: what cannot be read is unknown."""
@@ -142,11 +128,6 @@ class VitalsReader:
         return None if not parts else _percent(sum(parts) / len(parts))
 
     def _busy_percent(self) -> float | None:
-        if self._psutil is not None:
-            try:
-                return float(self._psutil.cpu_percent(None))
-            except Exception:
-                return None
         now = self._read_stat()
         last, self._stat = self._stat, now
         if now is None or last is None or now[1] <= last[1]:
@@ -182,8 +163,6 @@ class VitalsReader:
         return min(100.0, 100.0 * load1 / cores)
 
     def _cores(self) -> int | None:
-        if self._psutil is not None:
-            return self._psutil.cpu_count() or os.cpu_count()
         text = _read(self.proc / "stat") or ""
         count = sum(1 for line in text.splitlines() if line.startswith("cpu") and line[3:4].isdigit())
         return count or None
@@ -191,15 +170,6 @@ class VitalsReader:
     # -- battery --------------------------------------------------------------------------------------
     def battery(self) -> tuple[int | None, str]:
         """(charge %, power source). No battery: (None, "") — mains is assumed by the policy, 0 is never made up."""
-        if self._psutil is not None:
-            try:
-                info = self._psutil.sensors_battery()
-            except Exception:
-                info = None
-            if info is None:
-                return None, ""
-            plugged = info.power_plugged
-            return _percent(info.percent), "" if plugged is None else ("mains" if plugged else "battery")
         return self._sysfs_battery()
 
     def _sysfs_battery(self) -> tuple[int | None, str]:

@@ -7,7 +7,7 @@
 #   sudo scripts/install.sh --uninstall --purge   # also /etc/edged, /var/lib/edged and the edged user
 #
 # What it does (each step is skipped when already done, so running it again is safe and upgrades):
-#   - Debian packages it needs (python3-venv; on armhf also gcc and Debian's psutil, PyYAML, cffi)
+#   - Debian packages it needs (python3-venv; on armhf also gcc and Debian's PyYAML, cffi)
 #   - a virtualenv at PREFIX (default /opt/edged) with edged in it; /usr/local/bin/edged links to it
 #   - the edged user and group (sysusers.d), /etc/edged and /etc/edged/services.d (tmpfiles.d)
 #   - /etc/edged/edged.toml from config/edged.toml if there is none (0640 root:edged; an existing file is kept,
@@ -21,11 +21,11 @@ PREFIX=/opt/edged
 UNINSTALL=0
 PURGE=0
 START=1
-# armhf (32-bit Raspberry Pi OS): PyPI has no wheels for psutil, httptools, uvloop or cffi. Debian's psutil,
+# armhf (32-bit Raspberry Pi OS): PyPI has no wheels for httptools, uvloop or cffi. Debian's
 # PyYAML and cffi meet edged's floors and come in through --system-site-packages; httptools is compiled
 # (Debian's 0.1 works but without the client's parser reuse, which needs 0.6.3); uvloop is left out (19
 # minutes to compile on a Pi; asyncio's loop is used).
-ARMHF_APT="python3-dev gcc libc6-dev python3-psutil python3-yaml python3-cffi"
+ARMHF_APT="python3-dev gcc libc6-dev python3-yaml python3-cffi"
 # cryptography 46 and later need cffi 2, which has no armhf wheel either (and Debian 12 has cffi 1.15):
 # 45 has an armhf wheel and works with Debian's cffi. cbor2 6 has no armhf wheel and needs Rust to build;
 # 5.x comes as a pure-Python wheel.

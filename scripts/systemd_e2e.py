@@ -280,7 +280,7 @@ def ensure_wheelhouse(arch: str, log) -> Path:
             ]
             report.unlink()
             (tmp / "constraints.txt").unlink()
-            debian = {"psutil", "pyyaml", "cffi", "uvloop"} if arch == "armhf" else set()
+            debian = {"pyyaml", "cffi", "uvloop"} if arch == "armhf" else set()
             platforms = [x for p in PIP_PLATFORMS[arch] for x in ("--platform", p)]
             for name_, version in pins:
                 if name_.lower() in debian:
