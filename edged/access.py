@@ -22,13 +22,16 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from .config import _LABEL, LABEL_WHAT, Table, TenantConfig
 from .errors import CallError, IdentityError
 from .http.message import Request
 from .identity.names import spiffe_id
-from .jwt_auth import JwtConfig, JwtVerifier, load_jwt
 from .model import DEFAULT_TENANT
+
+if TYPE_CHECKING:  # jwt_auth is loaded only when [access.jwt] is configured
+    from .jwt_auth import JwtConfig, JwtVerifier
 
 READ, CALL, WRITE, ADMIN = "read", "call", "write", "admin"
 ANONYMOUS_LEVELS: Mapping[str, frozenset[str]] = MappingProxyType(
@@ -155,9 +158,15 @@ def load_access(
         anonymous_tenant=t.string("anonymous_tenant", d.anonymous_tenant, pattern=_LABEL, what=LABEL_WHAT),
         hosts=tuple(h.lower() for h in t.strings("hosts", (), what="a host name")),
         apps=MappingProxyType(apps),
-        jwt=load_jwt(t.table("jwt"), resolve) if t.has("jwt") else None,
+        jwt=_load_jwt(t.table("jwt"), resolve) if t.has("jwt") else None,
         node_views=t.choice("node_views", d.node_views, ("read", "admin")),
     )
+
+
+def _load_jwt(t: Table, resolve: Callable[[str], str]) -> JwtConfig:
+    from .jwt_auth import load_jwt  # only with [access.jwt]: a node without JWTs does not carry the module
+
+    return load_jwt(t, resolve)
 
 
 def _digest(token: bytes) -> bytes:
@@ -190,7 +199,11 @@ class Access:
             ident = Identity(app.name, app.tenant, rights)
             self._uids.update((uid, ident) for uid in app.uids)
             self._gids.update((gid, ident) for gid in app.gids)
-        self._jwt = JwtVerifier(config.jwt, fleet_keys=fleet_keys) if config.jwt is not None else None
+        self._jwt: JwtVerifier | None = None
+        if config.jwt is not None:
+            from .jwt_auth import JwtVerifier  # only with [access.jwt]
+
+            self._jwt = JwtVerifier(config.jwt, fleet_keys=fleet_keys)
         self._verified: dict[bytes, tuple[Identity, float]] = {}  # digest -> (identity, expires): JWTs
         self._jwt_generation = 0
         self._next_look = 0.0

@@ -6,7 +6,6 @@ documents (`edged.cloud.fleet`).
 from __future__ import annotations
 
 import bisect
-import difflib
 import math
 import os
 import re
@@ -118,6 +117,8 @@ class Table:
         allowed = tuple(allowed)
         for key in self.names():
             if key not in allowed:
+                import difflib  # only for a config error: not loaded by a daemon whose config is fine
+
                 close = difflib.get_close_matches(key, allowed, n=1)
                 hint = f"did you mean {close[0]!r}?" if close else f"expected one of: {', '.join(allowed)}"
                 self.fail(key, f"unknown key {key!r}; {hint}")

@@ -42,18 +42,22 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import aiomqtt
-import paho.mqtt as paho_mqtt
-import paho.mqtt.client as paho_client
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-
 from ..aio import cancel_and_wait
 from ..config import MqttConfig
 from ..errors import EdgedError
 from ..identity import IdentityFiles
+from ..lazy import defer_import
 from ..logs import log_event
 from .topics import topic_matches
+
+# paho reads urllib.request only for a SOCKS proxy (with PySocks installed); importing it costs ~2 MiB of RSS.
+defer_import("urllib.request")
+
+import aiomqtt  # noqa: E402  (after the deferral above)
+import paho.mqtt as paho_mqtt  # noqa: E402
+import paho.mqtt.client as paho_client  # noqa: E402
+from paho.mqtt.packettypes import PacketTypes  # noqa: E402
+from paho.mqtt.properties import Properties  # noqa: E402
 
 log = logging.getLogger("edged.cloud.session")
 
