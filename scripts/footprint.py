@@ -45,21 +45,26 @@ from bench import (
 )
 from harness import REPO
 
-# Run in a fresh interpreter: import the names on stdin in order; print each one's RSS and tracemalloc growth.
+# Run in a fresh interpreter: import the names on stdin in order; print each one's growth in KiB: of RSS
+# (argv[1] == "rss"), or of Python allocations (tracemalloc, which itself adds to RSS: a separate run).
 MEASURE = r"""
 import importlib, json, sys, tracemalloc
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4
-tracemalloc.start()
-out = []
+def traced():
+    return tracemalloc.get_traced_memory()[0] // 1024
+size = rss if sys.argv[1] == "rss" else traced
+if size is traced:
+    tracemalloc.start()
+out = {}
 for name in sys.stdin.read().split():
-    r0, m0 = rss(), tracemalloc.get_traced_memory()[0]
+    before = size()
     try:
         importlib.import_module(name)
     except Exception:  # a module only for other platforms (nt, msvcrt) or an optional one that is absent
         continue
-    out.append((name, rss() - r0, (tracemalloc.get_traced_memory()[0] - m0) // 1024))
+    out[name] = size() - before
 print(json.dumps(out))
 """
 
@@ -106,11 +111,14 @@ def module_costs(source: Path, names: list[str]) -> list[tuple[str, int, int]]:
     """(module, RSS KiB, Python KiB) of each module in `names`, imported in that order in a fresh interpreter."""
     env = dict(os.environ, PYTHONPATH=str(source))
     env.pop("PYTHONPROFILEIMPORTTIME", None)
-    out = subprocess.run(
-        [sys.executable, "-c", MEASURE], input=" ".join(names), env=env, cwd=source,
-        capture_output=True, text=True, timeout=300, check=True,
-    )
-    return [tuple(row) for row in json.loads(out.stdout)]
+    sizes = {}
+    for kind in ("rss", "py"):
+        out = subprocess.run(
+            [sys.executable, "-c", MEASURE, kind], input=" ".join(names), env=env, cwd=source,
+            capture_output=True, text=True, timeout=300, check=True,
+        )
+        sizes[kind] = json.loads(out.stdout)
+    return [(name, rss, sizes["py"].get(name, 0)) for name, rss in sizes["rss"].items()]
 
 
 def group(name: str) -> str:
@@ -195,7 +203,8 @@ def print_report(result: dict, trees: list[str], top: int) -> None:
     this = trees[0]
     groups = by_group(modules[this])
     total = sum(r for r, _ in groups.values())
-    print(f"\n{this}, full daemon: RSS by module as imported in a fresh interpreter (sum {total / 1024:.1f} MiB)")
+    print(f"\n{this}, full daemon: RSS by module, imported in a fresh interpreter", end=" ")
+    print(f"({total / 1024:.1f} MiB over the bare interpreter)")
     print("| module | RSS KiB | Python KiB |\n|---|---|---|")
     for name, (rss, py) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]:
         print(f"| {name} | {rss} | {py} |")
