@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from . import aio, heap, predictive
+from . import aio, predictive
 from .admission import Gate
 from .call import Transport
 from .config import Config
@@ -279,7 +279,6 @@ async def serve(make: Callable[[], Process], *, on_hup: Callable[[Process], None
         signals.append(signal.SIGHUP)
     try:
         await process.start()
-        loop.call_later(heap.TRIM_AFTER, heap.trim)  # what start-up freed, back to the system
         await stopping.wait()
     finally:
         # Handlers stay during the drain: a repeated SIGTERM must not cut in-flight calls short.
