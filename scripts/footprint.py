@@ -43,7 +43,7 @@ from bench import (
     stop_edged,
     wait_ready,
 )
-from harness import REPO
+from harness import REPO, imported_modules
 
 # Run in a fresh interpreter: import the names on stdin in order; print each one's growth in KiB: of RSS
 # (argv[1] == "rss"), or of Python allocations (tracemalloc, which itself adds to RSS: a separate run).
@@ -83,7 +83,7 @@ def local_figures(tmp: Path, backend_port: int, trees: dict[str, Path], stack: E
     return idle_footprint(routes)
 
 
-def imported_modules(tmp: Path, backend_port: int, source: Path, name: str) -> list[str]:
+def full_daemon_imports(tmp: Path, backend_port: int, source: Path, name: str) -> list[str]:
     """The modules the full daemon of `source` imported by the end of its settling time, in import order."""
     started = start_mosquitto(tmp)
     if started is None:
@@ -100,11 +100,7 @@ def imported_modules(tmp: Path, backend_port: int, source: Path, name: str) -> l
     finally:
         del os.environ["PYTHONPROFILEIMPORTTIME"]
         broker.stop()
-    names = []
-    for line in log.splitlines():
-        if line.startswith("import time:") and "|" in line and "cumulative" not in line:
-            names.append(line.rsplit("|", 1)[1].strip())
-    return names
+    return imported_modules(log)
 
 
 def module_costs(source: Path, names: list[str]) -> list[tuple[str, int, int]]:
@@ -171,7 +167,7 @@ def main() -> int:
             full = footprint(tmp / f"r{i}", backend_port, trees, notes)
             result["rounds"].append({"local": local, "full": full, "notes": notes})
         if args.modules:
-            names = {name: imported_modules(tmp, backend_port, source, name) for name, source in trees.items()}
+            names = {name: full_daemon_imports(tmp, backend_port, source, name) for name, source in trees.items()}
             for name, source in trees.items():
                 result["modules"][name] = module_costs(source, names[name])
         result["load_average"] = os.getloadavg()

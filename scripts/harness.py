@@ -41,6 +41,16 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what: str
         time.sleep(interval)
 
 
+def imported_modules(log_text: str) -> list[str]:
+    """The modules a process imported, in order, from the `-X importtime` lines in its log (a daemon started
+    with PYTHONPROFILEIMPORTTIME=1 writes one per module to stderr, lazy imports included)."""
+    return [
+        line.rsplit("|", 1)[1].strip()
+        for line in log_text.splitlines()
+        if line.startswith("import time:") and "|" in line and "cumulative" not in line
+    ]
+
+
 class Backend:
     """tests/backend.py in its own process: SIGKILL, SIGSTOP and restart it like a real service."""
 

@@ -15,6 +15,7 @@ import textwrap
 
 from conftest import REPO
 from fixtures_mqtt import broker, mqtt_section, topic_prefix, wait_metric  # noqa: F401
+from harness import imported_modules
 
 # Never on the local tier's path, with what each would cost or why it is not needed.
 NOT_ON_THE_LOCAL_TIER = (
@@ -47,15 +48,6 @@ url = "{url}"
 """
 
 
-def imported(log_text: str) -> set[str]:
-    """The modules the process imported, read from its `-X importtime` lines (`import time: a | b | name`)."""
-    names = set()
-    for line in log_text.splitlines():
-        if line.startswith("import time:") and "|" in line and "cumulative" not in line:
-            names.add(line.rsplit("|", 1)[1].strip())
-    return names
-
-
 def loaded(names: set[str], packages: tuple[str, ...]) -> list[str]:
     """Those of `packages` that were imported, themselves or any module under them."""
     return [p for p in packages if any(n == p or n.startswith(p + ".") for n in names)]
@@ -68,7 +60,7 @@ def test_the_local_tier_imports_only_what_it_uses(backends, edged, monkeypatch):
     status, _, _ = d.call("thermo", "/x")  # the call path's own lazy imports happen too
     assert status == 200
     assert d.api.request("GET", "/v1/services")[0] == 200
-    names = imported(d.log_text())
+    names = set(imported_modules(d.log_text()))
     assert {"edged.daemon", "edged.router", "asyncio"} <= names  # the lines are there and read
     assert loaded(names, NOT_ON_THE_LOCAL_TIER) == []
 
@@ -80,7 +72,7 @@ def test_with_mqtt_on_paho_does_not_load_what_only_its_proxy_support_uses(
     b = backends("b1")
     d = edged({"thermo.toml": MANIFEST.format(url=b.url)}, mqtt_section(broker, topic_prefix))
     wait_metric(d, "edged_mqtt_connected", lambda v: v == 1)  # connected: paho's connect path has run
-    names = imported(d.log_text())
+    names = set(imported_modules(d.log_text()))
     assert {"aiomqtt", "paho.mqtt.client", "edged.cloud.session"} <= names
     assert loaded(names, NOT_WITH_MQTT) == []
 
