@@ -147,6 +147,15 @@ def test_bundle_verifies_a_leaf_of_its_ca_within_the_skew(tmp_path):
         bundle.verify(chain, end + dt.timedelta(seconds=25), skew=20)
 
 
+def test_a_leaf_states_both_uses_of_its_key(tmp_path):
+    """Signatures (TLS, seals) and key agreement (the cloud tier's per-pair MAC keys, edged/cloud/pairing.py)."""
+    ca = FleetCA("home", now=NOW)
+    leaf = chain_of(ca.enroll(tmp_path, "pi-1", now=NOW))[0]
+    usage = leaf.extensions.get_extension_for_class(x509.KeyUsage)
+    assert usage.critical and usage.value.digital_signature and usage.value.key_agreement
+    assert not usage.value.key_cert_sign
+
+
 def test_a_clock_in_the_past_is_named(tmp_path):
     ca = FleetCA("home", now=NOW)
     chain = chain_of(ca.enroll(tmp_path, "pi-1", now=NOW))

@@ -14,7 +14,9 @@ The key of a pair (A, B), both certificates verified against the fleet CA:
 
 Its epoch is the pair of certificates: a renewed certificate (every 16 h or so) has another fingerprint,
 so the pair gets a new key, and no key outlives either certificate (it is dropped at the earlier notAfter).
-Static-static ECDH with the signing key: the certificates are issued for signatures (TLS, seals); using
+Static-static ECDH with the signing key: leaf certificates state both uses in their KeyUsage
+(digitalSignature for TLS and seals, keyAgreement for this; certificates issued before this was added state
+only the first and are still accepted until they expire, within a day); using
 the same P-256 key for ECDH and ECDSA is jointly secure (Degabriele et al., "On the joint security of
 encryption and signature in EMV", CT-RSA 2012) and needs no extra key, no extra message and no extra
 round trip. Nothing is encrypted: the MAC authenticates, as the signature did.

@@ -222,11 +222,11 @@ def sign_csr(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True,
+                digital_signature=True,  # TLS and ECDSA seals
                 content_commitment=False,
                 key_encipherment=False,
                 data_encipherment=False,
-                key_agreement=False,
+                key_agreement=True,  # the per-pair MAC keys of the cloud tier (edged/cloud/pairing.py)
                 key_cert_sign=False,
                 crl_sign=False,
                 encipher_only=False,
