@@ -153,12 +153,13 @@ class Registry:
         """Call `fn(old, new)` after each change, synchronously, in registration order."""
         self._watchers.append(fn)
 
-    def set_services(self, source: str, specs: Iterable[ServiceSpec]) -> None:
-        """Replace the services a source (one of `SERVICE_SOURCES`) declares."""
+    def set_services(self, source: str, specs: Iterable[ServiceSpec] | Mapping[Key, ServiceSpec]) -> None:
+        """Replace the services a source (one of `SERVICE_SOURCES`) declares: specs, or a map by key (its key
+        tuples are kept: a source with ten thousand services saves making them again at every change)."""
         self._writable()
         if source not in SERVICE_SOURCES:
             raise RegistryError(f"unknown service source {source!r}")
-        new = {spec.key: spec for spec in specs}
+        new = dict(specs) if isinstance(specs, Mapping) else {spec.key: spec for spec in specs}
         if self._sources.services.get(source) == new:
             return
         self._sources.services[source] = new
@@ -198,12 +199,13 @@ class Registry:
         self._writable()
         specs: dict[Key, ServiceSpec] = {}
         for source in reversed(SERVICE_SOURCES):  # later sources first, so earlier ones overwrite them
-            declared = list(self._sources.services.get(source, {}).values())
+            declared = list(self._sources.services.get(source, {}).items())
             for layer in self._layers:
                 if layer.name == source and layer.services is not None:
-                    declared.extend(layer.services())
-            for spec in declared:
-                specs[spec.key] = _over(spec, specs.get(spec.key), source)
+                    declared.extend((spec.key, spec) for spec in layer.services())
+            for key, spec in declared:
+                weaker = specs.get(key)
+                specs[key] = spec if weaker is None else _over(spec, weaker, source)
         manifests = MappingProxyType(self._sources.services.get("manifest", {}))
         below: dict[str, Mapping[Key, ServiceSpec]] = {}
         policy_from: dict[Key, str] = {}

@@ -60,6 +60,7 @@ from fixtures_mqtt import Broker, cloud_first_manifest, mqtt_section, name_node,
 
 from edged.cloud.envelope import CloudAnswer, decode_request, encode_answer
 from edged.cloud.fleet import document_text, generate_key, load_private_key, sign_document
+from edged.cloud.registry_log import LOG_FILE
 from edged.cloud.registry_sync import STATE_FILE, spec_entry
 from edged.cloud.topics import Topics, service_key
 from edged.manifest import parse_manifest_data
@@ -589,7 +590,7 @@ async def learn_run(args, boxes: int, topology: str, tmp: Path) -> dict:
         await asyncio.sleep(1.0)
         d = Edged(root / "edged", manifests, section)
         daemons.append(d)
-        state = d.root / "state" / STATE_FILE
+        state = d.root / "state" / LOG_FILE
         wall0 = time.time()
         await asyncio.to_thread(d.start)
         pid = d.proc.pid

@@ -14,6 +14,7 @@ from fixtures_mqtt import Broker, broker, topic_prefix  # noqa: F401
 from helpers import FakeHealth
 
 from edged.cloud.persist import StateSaver
+from edged.cloud.registry_log import LOG_FILE, read_log
 from edged.cloud.registry_sync import RegistrySync, entry_spec, normalize_entry, spec_entry
 from edged.cloud.session import Inbound, MqttSession
 from edged.cloud.telemetry import MIN_INTERVAL, CloudMetrics, TelemetryPublisher
@@ -270,16 +271,17 @@ def test_node_status_is_kept_compact_and_a_renewed_status_writes_nothing(tmp_pat
         sync._on_status(Inbound(TOPICS.status("pi-2"), json.dumps({**doc, "ts": 1.0}).encode(), True))
         assert set(sync.nodes["pi-2"].as_dict()) == {"state", "zone", "vitals", "seen", "since"}
         await saver.flush()
-        path = tmp_path / "cloud-registry.json"
-        assert json.loads(path.read_text())["nodes"]["pi-2"]["zone"] == "attic"
-        path.unlink()
+        path = tmp_path / LOG_FILE
+        assert read_log(str(path)).nodes["pi-2"]["zone"] == "attic"
+        size = path.stat().st_size
         sync._on_status(Inbound(TOPICS.status("pi-2"), json.dumps({**doc, "ts": 2.0}).encode(), True))
         await saver.flush()
-        assert not path.exists()  # the same node, the same state: no write
+        assert path.stat().st_size == size  # the same node, the same state: no write
         will = {"state": "offline", "node": "pi-2", "reason": "lost"}
         sync._on_status(Inbound(TOPICS.status("pi-2"), json.dumps(will).encode(), True))
         await saver.flush()
-        assert json.loads(path.read_text())["nodes"]["pi-2"]["state"] == "offline"
+        assert path.stat().st_size > size  # appended, not rewritten
+        assert read_log(str(path)).nodes["pi-2"]["state"] == "offline"
         assert sync.nodes["pi-2"].reason == "lost"
 
     asyncio.run(main())

@@ -58,7 +58,8 @@ class Liveness:
         self.suspect_after = suspect_after
         self.suspect_hold = suspect_hold
         self.nodes: dict[str, NodeView] = {}
-        self._providers: dict[ServiceKey, set[str]] = {}
+        # Tuples, not sets: most services have one or two providers (a set of one costs 216 bytes, a tuple 48).
+        self._providers: dict[ServiceKey, tuple[str, ...]] = {}
         self._offers: dict[str, set[ServiceKey]] = {}  # node -> services it provides (to update it fast)
         self._gone: dict[ServiceKey, float] = {}  # services whose last provider left cleanly -> when
         self._withdrawn: set[ServiceKey] = set()
@@ -92,12 +93,14 @@ class Liveness:
         for key in list(self._offers.get(node, ())):
             self.remove_provider(key, node, now)
 
-    def serving(self, key: ServiceKey) -> frozenset[str] | set[str]:
-        """The nodes known to provide `key` (do not change the set returned)."""
-        return self._providers.get(key, frozenset())
+    def serving(self, key: ServiceKey) -> tuple[str, ...]:
+        """The nodes known to provide `key`."""
+        return self._providers.get(key, ())
 
     def add_provider(self, key: ServiceKey, node: str, now: float) -> None:
-        self._providers.setdefault(key, set()).add(node)
+        nodes = self._providers.get(key, ())
+        if node not in nodes:
+            self._providers[key] = (*nodes, node)
         self._offers.setdefault(node, set()).add(key)
         self._gone.pop(key, None)
         self._update((key,), now)
@@ -107,7 +110,7 @@ class Liveness:
         the last provider, the service stays withdrawn (nobody serves it) rather than unknown."""
         nodes = self._providers.get(key)
         if nodes is not None:
-            nodes.discard(node)
+            nodes = self._providers[key] = tuple(n for n in nodes if n != node)
             if not nodes:
                 del self._providers[key]
                 if departed:

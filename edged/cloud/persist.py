@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from ..state import StateError, StateStore
 
@@ -23,6 +23,7 @@ class StateSaver:
         self._delay = delay
         self._clock = clock
         self._pending: dict[str, tuple[Callable[[], object], float]] = {}  # name -> (build, due)
+        self._custom: dict[str, Callable[[], Awaitable[None]]] = {}  # name -> its own save (`mark_save`)
         self._wake = asyncio.Event()
 
     def mark(self, name: str, build: Callable[[], object], *, within: float | None = None) -> None:
@@ -35,6 +36,12 @@ class StateSaver:
         self._pending[name] = (build, due if previous is None else min(previous[1], due))
         self._wake.set()
 
+    def mark_save(self, name: str, save: Callable[[], Awaitable[None]], *, within: float) -> None:
+        """Like `mark`, for a document that writes itself (an append-only log): `save()` is awaited at the
+        latest `within` seconds from now, one at a time with the other writes."""
+        self._custom[name] = save
+        self.mark(name, save, within=within)
+
     async def flush(self) -> None:
         """Write every marked document now."""
         pending, self._pending = self._pending, {}
@@ -42,6 +49,10 @@ class StateSaver:
             await self._write(name, build)
 
     async def _write(self, name: str, build: Callable[[], object]) -> None:
+        save = self._custom.get(name)
+        if save is not None:
+            await save()
+            return
         try:
             await self.store.async_write_json(name, build())
         except StateError as exc:

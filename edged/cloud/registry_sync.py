@@ -37,11 +37,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
+import os
+import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import cbor2
@@ -54,12 +57,13 @@ from ..locality import clean_zone, format_loc, parse_loc
 from ..logs import log_event
 from ..manifest import parse_policy, policy_dict
 from ..methods import MAX_METHODS
-from ..model import TIERS, EndpointSpec, InterfaceSpec, MethodRule, ServiceSpec
+from ..model import DEFAULT_TENANT, TIERS, EndpointSpec, InterfaceSpec, MethodRule, ServiceSpec
 from ..registry import Registry, Snapshot
 from ..routes import common_labels, wire_labels
 from .epochs import Epochs, new_epoch, tombstone, tombstone_epoch
 from .liveness import OFFLINE, ONLINE, STALE, SUSPECT, UNKNOWN, Liveness
 from .persist import StateSaver
+from .registry_log import LOG_FILE, RegistryLog, read_log
 from .session import Inbound, LastWill, MqttSession, PublishError
 from .signing import SealError, Seals
 from .telemetry import CloudMetrics
@@ -67,7 +71,7 @@ from .topics import Topics, service_key, split_service_key
 
 log = logging.getLogger("edged.cloud.registry")
 
-STATE_FILE = "cloud-registry.json"
+STATE_FILE = "cloud-registry.json"  # the whole document, as earlier versions saved it (read once, then the log)
 APPLY_DELAY = 0.2  # seconds: a burst of new entries (a reconnect) makes one registry rebuild
 APPLY_SHARE = 0.1  # ... and rebuilds take at most about this share of the event loop (the delay grows with
 # their cost: a box that follows a whole fleet of 10,000 entries rebuilds in about 0.1 s, so once a second)
@@ -178,13 +182,76 @@ def entry_spec(entry: Mapping[str, Any], *, source: str) -> ServiceSpec:
     )
 
 
-def compact_entry(entry: Mapping[str, Any], key: str) -> tuple[bytes, tuple[str, str] | None]:
-    """How a box keeps a normalized entry found under `key` (its topic's last level): its CBOR, and its
-    (tenant, service) when reachable over MQTT. ValueError when the entry names another service."""
-    if service_key(entry["tenant"], entry["service"]) != key:
-        raise ValueError(f"the entry describes {entry['tenant']}/{entry['service']}, not {key}")
-    service = (_share(entry["tenant"]), entry["service"]) if entry["cloud"] else None
-    return cbor2.dumps(entry), service
+class Shape:
+    """An entry without its node and service name: what the entries of a fleet mostly share (tenant,
+    priority, zone, endpoint types, interface, policy). A box keeps an entry as its node, its key and a
+    shape; equal shapes are one object (a bounded table), checked once, so a burst of ten thousand entries
+    validates a handful of shapes, and an entry costs a dict slot instead of its CBOR (about 0.5 KiB)."""
+
+    __slots__ = ("cbor", "cloud", "template")
+
+    def __init__(self, cbor: bytes, cloud: bool, template: ServiceSpec) -> None:
+        self.cbor = cbor  # the normalized entry without "node" and "service", as CBOR
+        self.cloud = cloud  # reachable over MQTT
+        self.template = template  # the spec it makes, named PLACEHOLDER
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Shape) and other.cbor == self.cbor
+
+    def __hash__(self) -> int:
+        return hash(self.cbor)
+
+    def entry(self, node: str, key: str) -> dict[str, Any]:
+        """The whole normalized entry of `node` under `key`."""
+        return {**cbor2.loads(self.cbor), "node": node, "service": split_service_key(key)[1]}
+
+    def spec(self, key: str, source: str) -> ServiceSpec:
+        """The cloud-only spec the entry under `key` makes."""
+        return replace(self.template, name=split_service_key(key)[1], source=source)
+
+
+PLACEHOLDER = "x"  # the service name a shape is checked with (any valid one: the name is checked apart)
+_shapes: dict[bytes, Shape] = {}  # raw shape (as received) -> checked Shape
+MAX_SHAPES = 1024  # shapes kept in the table (a fleet has a few: most services keep the defaults) ...
+MAX_SHAPE_BYTES = 2048  # ... of at most this size each: the table stays under about 3 MiB whatever is sent
+
+
+def entry_shape(obj: object, *, node: str, key: str) -> Shape:
+    """The shape of a received entry found under `key` (its topic's last level) on `node`'s topic, checked;
+    ValueError when it is not a valid entry of that node and service (see `normalize_entry`)."""
+    if not isinstance(obj, Mapping):
+        raise ValueError("an entry must be a map")
+    if obj.get("node") != node:
+        raise ValueError(f"an entry for node {str(obj.get('node'))[:64]!r} published as node {node!r}")
+    service = obj.get("service")
+    if not isinstance(service, str) or not service:
+        raise ValueError("service and tenant must be non-empty strings")
+    tenant = obj.get("tenant")
+    if not isinstance(tenant, str) or service_key(tenant, service) != key:
+        raise ValueError(f"the entry describes {str(tenant)[:64]}/{service[:64]}, not {key}")
+    raw = cbor2.dumps({k: v for k, v in obj.items() if k != "node" and k != "service"})
+    shape = _shapes.get(raw)
+    if shape is None:
+        entry = normalize_entry({**obj, "service": PLACEHOLDER}, node=node)
+        del entry["node"], entry["service"]
+        template = entry_spec({**entry, "service": PLACEHOLDER}, source="")
+        shape = Shape(cbor2.dumps(entry), entry["cloud"], template)
+        if len(_shapes) < MAX_SHAPES and len(raw) <= MAX_SHAPE_BYTES:  # made-up shapes must not grow it
+            _shapes[raw] = shape
+    return shape
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _service(key: str, shape: Shape) -> tuple[str, str] | None:
+    """(tenant, service) of the entry under `key` when reachable over MQTT; None: kept for the view only.
+    In the default tenant the service name is the key itself (one string for both)."""
+    if not shape.cloud:
+        return None
+    tenant = shape.template.tenant
+    return (tenant, key) if tenant == DEFAULT_TENANT else (tenant, split_service_key(key)[1])
 
 
 def normalize_entry(obj: object, *, node: str) -> dict[str, Any]:
@@ -308,12 +375,15 @@ class RegistrySync:
         self._own: dict[str, bytes] = {}  # key -> entry payload this node offers now
         self._posted: dict[str, bytes] = {}  # key -> payload last posted on this connection
         self.nodes: dict[str, NodeStatus] = {}  # other node -> its last status, compact
-        # other node -> key -> (the entry, normalized, as CBOR; its (tenant, service) when reachable over MQTT):
-        # bytes, not a decoded map (a map costs about 1.3 KiB more per entry).
-        self.entries: dict[str, dict[str, tuple[bytes, tuple[str, str] | None]]] = {}
+        # other node -> key -> the entry's shape (`Shape`: shared by the entries that differ only in node and name)
+        self.entries: dict[str, dict[str, Shape]] = {}
         self.liveness = Liveness(stale_after=stale_after)
-        # (tenant, service) -> (node, its entry, the spec it makes): the one put in the registry
-        self._chosen: dict[tuple[str, str], tuple[str, bytes, ServiceSpec]] = {}
+        self._log = RegistryLog(saver.store, {"prefix": topics.prefix, "fleet": topics.fleet})
+        self._legacy = False  # restored from the JSON document of an earlier version (removed once rewritten)
+        self._dirty_entries: set[tuple[str, str]] = set()  # (node, key) changed since the last save
+        self._dirty_nodes: set[str] = set()  # nodes whose status changed since the last save
+        # (tenant, service) -> the spec put in the registry (its source names the node: "mqtt:{node}")
+        self._chosen: dict[tuple[str, str], ServiceSpec] = {}
         self._sources: dict[str, str] = {}  # node -> "mqtt:{node}"
         self._learned = 0  # entries kept, over all nodes
         self._apply_timer: asyncio.TimerHandle | None = None
@@ -464,7 +534,8 @@ class RegistrySync:
         forgotten = 0
         for node, known in list(self.entries.items()):
             for key in keys & known.keys():
-                self._index(node, known.pop(key)[1], add=False)
+                self._index(node, _service(key, known.pop(key)), add=False)
+                self._dirty_entries.add((node, key))
                 forgotten += 1
             if not known:
                 del self.entries[node]
@@ -489,7 +560,7 @@ class RegistrySync:
                 return
             if self.nodes.pop(node, None) is not None:
                 self.liveness.forget_status(node, self._clock())
-                self._changed(services=False)
+                self._changed(services=False, node=node)
             return
         payload = msg.payload
         if self._seals is not None:
@@ -531,7 +602,7 @@ class RegistrySync:
         if changed or previous is None or previous.zone != status.zone or previous.loc != status.loc:
             if changed:
                 log_event(log, logging.INFO, "mqtt.node_state", node=node, state=state)
-            self._changed(services=False)  # a renewed status changes nothing worth a write
+            self._changed(services=False, node=node)  # a renewed status changes nothing worth a write
 
     def _on_service(self, msg: Inbound) -> None:
         parsed = self._topics.parse_node_topic(msg.topic)
@@ -575,7 +646,7 @@ class RegistrySync:
                 self._on_limit("peers")
                 return
         try:
-            kept = compact_entry(normalize_entry(cbor2.loads(payload), node=node), key)
+            kept = entry_shape(cbor2.loads(payload), node=node, key=key)
         except Exception as exc:  # garbage from any publisher: cbor2 and validation raise many types
             self.bad_messages += 1
             log_event(log, logging.WARNING, "mqtt.bad_registry_entry", topic=msg.topic, error=str(exc)[:200])
@@ -584,12 +655,13 @@ class RegistrySync:
         if old == kept:
             return
         if old is not None:
-            self._index(node, old[1], add=False)
+            self._index(node, _service(key, old), add=False)
         else:
             self._learned += 1
+            node, key = sys.intern(node), sys.intern(key)  # one string per node and per service, not per message
         self.entries.setdefault(node, {})[key] = kept
-        self._index(node, kept[1], add=True)
-        self._changed()
+        self._index(node, _service(key, kept), add=True)
+        self._changed(entry=(node, key))
 
     def _delete(self, node: str, key: str) -> None:
         """`node` deleted its entry `key` (an empty retained message, or a sealed tombstone when signed)."""
@@ -599,8 +671,8 @@ class RegistrySync:
             self._learned -= 1
             if not known:
                 del self.entries[node]
-            self._index(node, old[1], add=False, departed=True)
-            self._changed(removal=True)
+            self._index(node, _service(key, old), add=False, departed=True)
+            self._changed(removal=True, entry=(node, key))
 
     # -- sealed messages (signing.py, epochs.py) ------------------------------------------------------------
 
@@ -672,27 +744,31 @@ class RegistrySync:
         """The spec a service gets in the registry: the entry of the first node by name that serves it. O(1)
         for a message, except when the chosen node's entry goes (then O(nodes serving this one service))."""
         chosen = self._chosen.get(service)
-        if added and chosen is not None and chosen[0] < node:
+        chosen_node = chosen.source[len(SOURCE) + 1 :] if chosen is not None else None
+        if added and chosen_node is not None and chosen_node < node:
             return  # an entry of a later node: the chosen one stays
-        if added or chosen is None or chosen[0] == node:
+        if added or chosen_node is None or chosen_node == node:
             serving = self.liveness.serving(service)
             first = node if added else (min(serving) if serving else None)
             if first is None:
                 self._chosen.pop(service, None)
                 return
-            payload = self.entries[first][service_key(*service)][0]
-            if chosen is not None and chosen[0] == first and chosen[1] == payload:
-                return
-            try:
-                spec = entry_spec(cbor2.loads(payload), source=self._source_of(first))
-            except ValueError:  # normalize_entry checked it: cannot happen, but never fatal
-                return
-            self._chosen[service] = (first, payload, spec)
+            key = service_key(*service)
+            spec = self.entries[first][key].spec(key, self._source_of(first))
+            if spec != chosen:
+                self._chosen[service] = spec
 
-    def _changed(self, services: bool = True, removal: bool = False) -> None:
+    def _changed(
+        self, services: bool = True, removal: bool = False, entry: tuple[str, str] | None = None, node: str = ""
+    ) -> None:
+        """Something changed: apply it to the registry soon, and save the changed entry or node soon."""
         if services:
             self._schedule_apply(REMOVAL_DELAY if removal else APPLY_DELAY)
-        self._saver.mark(STATE_FILE, self.state, within=SAVE_WITHIN)
+        if entry is not None:
+            self._dirty_entries.add(entry)
+        if node:
+            self._dirty_nodes.add(node)
+        self._saver.mark_save(LOG_FILE, self._save, within=SAVE_WITHIN)
 
     def collect(self) -> None:
         """At scrape time (not per message: a thousand boxes send a status every few seconds): nodes by
@@ -713,7 +789,7 @@ class RegistrySync:
 
     def remote_specs(self) -> list[ServiceSpec]:
         """One spec per remote (tenant, service) reachable over MQTT; of several nodes, the first by name."""
-        return [spec for _, _, spec in self._chosen.values()]
+        return list(self._chosen.values())
 
     def apply(self) -> None:
         """Put the remote services into the registry (source "mqtt") now."""
@@ -721,7 +797,7 @@ class RegistrySync:
             self._apply_timer.cancel()
             self._apply_timer = None
         started = time.perf_counter()
-        self._registry.set_services(SOURCE, self.remote_specs())
+        self._registry.set_services(SOURCE, self._chosen)
         self._apply_cost = time.perf_counter() - started
 
     def _schedule_apply(self, delay: float) -> None:
@@ -774,8 +850,8 @@ class RegistrySync:
     def serves(self, node: str, tenant: str, service: str) -> bool:
         """Whether `node` has an entry saying it serves (tenant, service) over MQTT (the cloud transport takes
         answers only from such nodes)."""
-        entry = self.entries.get(node, {}).get(service_key(tenant, service))
-        return entry is not None and entry[1] is not None  # (CBOR, its (tenant, service) when cloud)
+        shape = self.entries.get(node, {}).get(service_key(tenant, service))
+        return shape is not None and shape.cloud
 
     def provider_nodes(self, tenant: str, service: str) -> Iterable[str]:
         """The nodes with an entry saying they serve (tenant, service) over MQTT (a cloud request is MAC'd to
@@ -818,9 +894,11 @@ class RegistrySync:
             self.nodes.pop(node, None)
             self._epochs.forget(node)
             self._sources.pop(node, None)
-            for _, service in self.entries.pop(node, {}).values():
+            for key, shape in self.entries.pop(node, {}).items():
                 self._learned -= 1
-                self._index(node, service, add=False)
+                self._index(node, _service(key, shape), add=False)
+                self._dirty_entries.add((node, key))
+            self._dirty_nodes.add(node)
             self.liveness.forget(node, self._clock())
             dropped.append(node)
         if dropped:
@@ -854,39 +932,90 @@ class RegistrySync:
             "saved": round(time.time(), 3),
             "nodes": {node: status.as_dict() for node, status in self.nodes.items()},
             "entries": {
-                node: {key: base64.b64encode(payload).decode() for key, (payload, _) in known.items()}
+                node: {key: _b64(cbor2.dumps(shape.entry(node, key))) for key, shape in known.items()}
                 for node, known in self.entries.items()
             },
         }
 
     def load(self, doc: object) -> int:
-        """Restore the last known registry (saved by a previous run); returns how many entries were kept."""
+        """Restore a registry document (`state()`; formats 1 and 2, the state file of earlier versions);
+        returns how many entries were kept."""
         if not isinstance(doc, dict) or doc.get("format") not in (1, 2):
             return 0
         if doc.get("prefix") != self._topics.prefix or doc.get("fleet") != self._topics.fleet:
             log.info("saved registry is for another broker prefix or fleet: ignored")
             return 0
+
+        def shape_of(node: str, key: str, raw: Any) -> Shape:
+            entry = cbor2.loads(base64.b64decode(raw, validate=True)) if isinstance(raw, str) else raw
+            return entry_shape(entry, node=node, key=key)
+
+        return self._restore(doc.get("entries") or {}, doc.get("nodes") or {}, shape_of)
+
+    def restore(self) -> int:
+        """Restore the registry saved by a previous run (the log; else the JSON document of an earlier
+        version, rewritten as a log at the first save); returns how many entries were kept."""
+        loaded = read_log(self._log.path)
+        if loaded is None:
+            legacy = self._saver.store.read_json(STATE_FILE, {})
+            if not legacy:
+                return 0
+            kept = self.load(legacy)
+            self._legacy = True
+            self._mark_all()
+            return kept
+        if loaded.header.get("prefix") != self._topics.prefix or loaded.header.get("fleet") != self._topics.fleet:
+            log.info("saved registry is for another broker prefix or fleet: ignored")
+            self._mark_all()  # rewritten for this one at the first save
+            return 0
+        checked: dict[int, Shape | None] = {}
+
+        def shape_of(node: str, key: str, sid: Any) -> Shape:
+            # Each shape of the file is decoded and checked once; an entry only checks its key against it.
+            shape = checked.get(sid, False)
+            if shape is False:
+                raw = loaded.shapes.get(sid)
+                shape = None
+                if raw is not None:
+                    with contextlib.suppress(Exception):  # damage: CBOR and validation raise many types
+                        rest = cbor2.loads(raw)
+                        service = split_service_key(key)[1]
+                        shape = entry_shape({**rest, "node": node, "service": service}, node=node, key=key)
+                checked[sid] = shape
+            if shape is None or split_service_key(key)[0] != shape.template.tenant or not split_service_key(key)[1]:
+                raise ValueError(f"entry {key} of {node}: no valid shape {sid!r}")
+            return shape
+
+        kept = self._restore(loaded.entries, loaded.nodes, shape_of)
+        if loaded.torn:
+            log.warning("the saved cloud registry had %d damaged records (skipped)", loaded.torn)
+            self._mark_all()
+        return kept
+
+    def _restore(
+        self, entries: Mapping[str, Any], nodes: Mapping[str, Any], shape_of: Callable[[str, str, Any], Shape]
+    ) -> int:
         kept = 0
-        for node, entries in (doc.get("entries") or {}).items():
-            if node == self.node or not isinstance(entries, dict):
+        lim = self._limits
+        for node, known in entries.items():
+            if node == self.node or not isinstance(node, str) or not isinstance(known, dict):
                 continue
-            lim = self._limits
-            for key, raw in list(entries.items())[: lim.learned_entries_per_node]:
+            for key, raw in list(known.items())[: lim.learned_entries_per_node]:
                 if kept >= lim.learned_entries:  # a state file written under larger limits
                     break
                 if not self._wants(key) or key in self.entries.get(node, {}):
                     continue  # a service this node no longer follows
                 try:
-                    entry = cbor2.loads(base64.b64decode(raw, validate=True)) if isinstance(raw, str) else raw
-                    compact = compact_entry(normalize_entry(entry, node=node), key)
+                    shape = shape_of(node, key, raw)
                 except Exception:  # a damaged file: base64, CBOR and validation raise many types
                     continue
-                self.entries.setdefault(node, {})[key] = compact
-                self._index(node, compact[1], add=True)
+                node, key = sys.intern(node), sys.intern(key)
+                self.entries.setdefault(node, {})[key] = shape
+                self._index(node, _service(key, shape), add=True)
                 kept += 1
         self._learned += kept
         now = self._clock()
-        for node, status in list((doc.get("nodes") or {}).items())[: self._limits.peers]:
+        for node, status in list(nodes.items())[: lim.peers]:
             if node != self.node and isinstance(status, dict) and status.get("state") in ("online", "offline"):
                 seen = status.get("seen")
                 self.nodes[node] = NodeStatus.of(status, seen=seen, since=status.get("since", seen))
@@ -894,3 +1023,38 @@ class RegistrySync:
                 self.liveness.status(node, status["state"], now)
         self.apply()
         return kept
+
+    # -- the log ---------------------------------------------------------------------------------------------
+
+    def _mark_all(self) -> None:
+        """Write everything at the next save (a rewrite of the log)."""
+        self._log.force_rewrite()
+        self._saver.mark_save(LOG_FILE, self._save, within=SAVE_WITHIN)
+
+    def _save(self) -> Awaitable[None]:
+        """The saver's write: append what changed since the last save, or rewrite the log whole (see
+        `registry_log.py`). Records are collected here, on the loop (O(changes)); encoding and I/O run in a
+        thread."""
+        dirty_entries, self._dirty_entries = self._dirty_entries, set()
+        dirty_nodes, self._dirty_nodes = self._dirty_nodes, set()
+        if self._log.rewrite_due(len(dirty_entries) + len(dirty_nodes), self._learned + len(self.nodes)):
+            entries = [(node, key, shape) for node, known in self.entries.items() for key, shape in known.items()]
+            nodes = [(node, status.as_dict()) for node, status in self.nodes.items()]
+            return self._rewrite(entries, nodes)
+        return self._append(
+            [(node, key, self.entries.get(node, {}).get(key)) for node, key in dirty_entries],
+            [(node, s.as_dict() if (s := self.nodes.get(node)) is not None else None) for node in dirty_nodes],
+        )
+
+    async def _append(self, entries: list, nodes: list) -> None:
+        if not await self._log.append(entries, nodes):
+            self._mark_all()  # tried again whole in SAVE_WITHIN (not at once: a full or read-only disk)
+
+    async def _rewrite(self, entries: list, nodes: list) -> None:
+        if not await self._log.rewrite(entries, nodes):
+            self._mark_all()
+            return
+        if self._legacy:
+            self._legacy = False  # the JSON document of an earlier version is in the log now
+            with contextlib.suppress(OSError):
+                os.unlink(self._saver.store.path(STATE_FILE))

@@ -15,7 +15,6 @@ from ..model import Endpoint, ServiceSpec
 from ..registry import Key, Layer, Snapshot
 from ..vitals import Vitals
 from . import fleet as fleet_mod
-from . import registry_sync as registry_mod
 from .fleet import FleetConfigSource, FleetSettings, load_trusted_keys
 from .persist import StateSaver
 from .registry_sync import RegistrySync
@@ -201,7 +200,7 @@ class CloudTier:
         self._published = self._node_vitals.current.status()
         restored = self.fleet.load(self._store.read_json(fleet_mod.STATE_FILE, {}))
         self.registry_sync.local_changed(self._registry.snapshot())  # first: what to learn (and keep)
-        known = self.registry_sync.load(self._store.read_json(registry_mod.STATE_FILE, {}))
+        known = self.registry_sync.restore()
         self.session.start()
         loop = asyncio.get_running_loop()
         for coro, name in (
