@@ -6,8 +6,11 @@ import asyncio
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from typing import Any
+from urllib.parse import unquote
 
 from . import jsonbody, routes
 from .access import ADMIN, CALL, READ, WRITE, Access, Identity
@@ -332,6 +335,14 @@ class Api:
         now = time.monotonic()
         node = self._node
         node_wide = self._access.node_views in caller.rights  # peers offer every tenant's services
+        # Bounded: a box that follows a fleet of thousands lists the first `limit` of each, with counts of all
+        # (the whole fleet: `edged fleet ls`, or pages: `?peers_after=NODE`, `?services_after=TENANT/NAME`).
+        query = status_query(req.query)
+        every_peer = self._peers() if node_wide else []
+        peers, peers_summary = page(every_peer, lambda p: str(p.get("node", "")), query["limit"], query["peers_after"])
+        peers_summary["by_state"] = dict(Counter(str(p.get("state", "")) for p in every_peer))
+        visible = self._visible(snap, scope)
+        services, services_summary = page(visible, _service_name, query["limit"], query["services_after"])
         resp.send_json(
             200,
             {
@@ -344,10 +355,12 @@ class Api:
                     "ready": self._ready(),
                     "generation": snap.generation,
                 },
-                "peers": self._peers() if node_wide else [],
+                "peers": peers,
+                "peers_summary": peers_summary,
                 "config": self._config_state() if node_wide else {},
                 "identity": self._identity() if node_wide else None,
-                "services": [self._describe(s, now) for s in self._visible(snap, scope)],
+                "services": [self._describe(s, now) for s in services],
+                "services_summary": services_summary,
             },
         )
 
@@ -508,3 +521,36 @@ async def _on_disk(saved: asyncio.Future[None]) -> None:
         await saved
     except StateError as exc:
         raise CallError(507, "not_persisted", f"the change is in force but not on disk: {exc.reason}") from None
+
+
+STATUS_LIMIT = 100  # peers and services `GET /v1/status` lists by default (`?limit=`, up to MAX_STATUS_LIMIT)
+MAX_STATUS_LIMIT = 1000
+
+
+def _service_name(svc: Service) -> str:
+    return f"{svc.spec.tenant}/{svc.spec.name}"
+
+
+def status_query(query: str) -> dict:
+    """`?limit=N&peers_after=NODE&services_after=TENANT/NAME` of `GET /v1/status` (bad values: defaults)."""
+    out: dict = {"limit": STATUS_LIMIT, "peers_after": "", "services_after": ""}
+    for part in query.split("&")[:16]:
+        key, _, value = part.partition("=")
+        value = unquote(value)[:256]
+        if key == "limit" and value.isdigit():
+            out["limit"] = max(1, min(int(value), MAX_STATUS_LIMIT))
+        elif key in ("peers_after", "services_after"):
+            out[key] = value
+    return out
+
+
+def page(items: list, key: Callable[[Any], str], limit: int, after: str) -> tuple[list, dict]:
+    """The first `limit` items by `key` after `after`, and a summary: how many in all, how many shown, and
+    the `after` of the next page (None: the last one)."""
+    items = sorted(items, key=key)
+    start = 0
+    if after:
+        start = next((i for i, item in enumerate(items) if key(item) > after), len(items))
+    shown = items[start : start + limit]
+    more = start + limit < len(items)
+    return shown, {"total": len(items), "shown": len(shown), "next": key(shown[-1]) if more and shown else None}

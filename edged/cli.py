@@ -76,6 +76,9 @@ def _parser(other_commands: bool = True) -> argparse.ArgumentParser:
         ("resolve", _resolve, "ranked endpoints of a service, with the reason for each rank"),
     ):
         sp = client_command(name, func, help)
+        if name == "status":
+            sp.add_argument("--limit", type=int, help="peers and services listed (default 100; the fleet: fleet ls)")
+            sp.add_argument("--peers-after", default="", help="list the peers after this node name (the next page)")
         if name in ("call", "resolve"):
             sp.add_argument("service")
         if name == "call":
@@ -228,8 +231,16 @@ def _client(args) -> ApiClient:
     return ApiClient(f"http://{host}:{config.api.listen_port}", token=args.token)
 
 
+def _query_string(params: dict) -> str:
+    from urllib.parse import urlencode
+
+    kept = {k: v for k, v in params.items() if v not in (None, "")}
+    return "?" + urlencode(kept) if kept else ""
+
+
 def _status(args) -> int:
-    data = _client(args).get_json("/v1/status")
+    query = {"limit": args.limit, "peers_after": args.peers_after}
+    data = _client(args).get_json("/v1/status" + _query_string(query))
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
@@ -258,6 +269,13 @@ def _status(args) -> int:
                 )
             )
         print(_table(rows))
+        summary = data.get("peers_summary") or {}
+        if summary.get("next"):
+            states = ", ".join(f"{n} {state}" for state, n in sorted(summary.get("by_state", {}).items()))
+            print(
+                f"{summary['shown']} of {summary['total']} peers ({states}); "
+                f"more: edged status --peers-after {summary['next']}, or edged fleet ls"
+            )
     else:
         print("peers: none")
     print()
@@ -282,6 +300,9 @@ def _status(args) -> int:
             health = f"{p['state']}, seen {_ago(p['seen'])}"
             rows.append((svc["name"], f"served by {p['node']}", "cloud", "-", health, "-", "-"))
     print(_table(rows))
+    summary = data.get("services_summary") or {}
+    if summary.get("next"):
+        print(f"{summary['shown']} of {summary['total']} services; all of them: GET /v1/services")
     return 0
 
 

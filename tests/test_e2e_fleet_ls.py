@@ -5,10 +5,12 @@ only what it routes to."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 
+import aiomqtt
 from conftest import wait_for
 from fixtures_mqtt import broker, mqtt_section, name_node, topic_prefix, wait_metric  # noqa: F401
 
@@ -64,3 +66,33 @@ def test_fleet_ls_lists_every_node_and_service_while_a_box_keeps_only_what_it_ro
     broker.kill()
     down = fleet_ls(b.config, "--timeout", "1")
     assert down.returncode == 1 and "cannot reach the broker" in down.stderr
+
+
+def test_status_lists_a_bounded_page_of_a_large_fleet_with_counts_and_pages_on(edged, broker, topic_prefix):
+    """Before: `GET /v1/status` listed every node it knew (a fleet of thousands: one unbounded answer)."""
+
+    async def publish() -> None:
+        async with aiomqtt.Client("127.0.0.1", broker.port) as c:
+            for n in range(250):
+                state = "offline" if n % 5 == 0 else "online"
+                doc = {"state": state, "node": f"n{n:03d}"}
+                await c.publish(f"{topic_prefix}/home/nodes/n{n:03d}/status", json.dumps(doc), qos=1, retain=True)
+
+    asyncio.run(publish())
+    d = edged({}, mqtt_section(broker, topic_prefix))
+    wait_for(lambda: d.get("/v1/status?limit=1")["peers_summary"]["total"] == 250, 15, what="every status learned")
+    first = d.get("/v1/status")
+    assert len(first["peers"]) == 100 and first["peers"][0]["node"] == "n000"
+    summary = first["peers_summary"]
+    assert summary == {"total": 250, "shown": 100, "next": "n099", "by_state": {"online": 200, "offline": 50}}
+    second = d.get("/v1/status?limit=200&peers_after=n099")
+    assert [p["node"] for p in second["peers"]] == [f"n{n:03d}" for n in range(100, 250)]
+    assert second["peers_summary"]["next"] is None
+    shown = subprocess.run(
+        [sys.executable, "-m", "edged", "status", "--config", str(d.config), "--limit", "10"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "10 of 250 peers (50 offline, 200 online); more: edged status --peers-after n009" in shown.stdout

@@ -76,6 +76,14 @@ def read_log(path: str, max_bytes: int = MAX_STATE_BYTES) -> Loaded | None:
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         return None
     out.header = header
+    try:  # the whole file as one JSON array: one call of the C decoder (a line at a time costs 3x more)
+        records = json.loads(b"[" + b",".join(line for line in lines[1:] if line) + b"]")
+        for rec in records:
+            _replay(out, rec)
+        out.records = len(records)
+        return out
+    except (ValueError, TypeError, IndexError, RecursionError):
+        out = Loaded(header=header)  # a torn or damaged line: a line at a time, skipping the bad ones
     for line in lines[1:]:
         if not line:
             continue

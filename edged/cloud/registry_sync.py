@@ -44,7 +44,7 @@ import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import cbor2
@@ -206,8 +206,18 @@ class Shape:
         return {**cbor2.loads(self.cbor), "node": node, "service": split_service_key(key)[1]}
 
     def spec(self, key: str, source: str) -> ServiceSpec:
-        """The cloud-only spec the entry under `key` makes."""
-        return replace(self.template, name=split_service_key(key)[1], source=source)
+        """The cloud-only spec the entry under `key` makes (`dataclasses.replace` costs 10x more: a burst
+        makes thousands)."""
+        t = self.template
+        return ServiceSpec(
+            name=split_service_key(key)[1],
+            tenant=t.tenant,
+            priority=t.priority,
+            interface=t.interface,
+            endpoint_types=t.endpoint_types,
+            policy=t.policy,
+            source=source,
+        )
 
 
 PLACEHOLDER = "x"  # the service name a shape is checked with (any valid one: the name is checked apart)
