@@ -208,6 +208,11 @@ class Daemon:
         if (old.authz, old.quotas) != (new.authz, new.quotas):
             self.core.gate.authz.configure(new.authz)
             self.authz.configure(new.quotas)
+        if old.mqtt != self.config.mqtt:
+            for tier in self.core.tiers:
+                reconfigure = getattr(tier, "reconfigure", None)  # the cloud tier: live [mqtt] keys
+                if reconfigure is not None:
+                    reconfigure(self.config.mqtt)
         extra = [demo_echo_service(self.config)] if new.demo.echo else []
         self.manifests.configure(new.services.dirs, extra, new.services.reload_interval)
         self.pending_restart = changed_keys(self.config, new)

@@ -11,11 +11,27 @@ from dataclasses import fields, is_dataclass, replace
 from .config import SECTIONS, Config
 
 # Tables and keys a reload applies at once. Everything else (listen addresses, the socket, state dir, node
-# name, mDNS, MQTT, vitals, fleet keys) is read once at start: a change waits for `systemctl restart edged`.
+# name, mDNS, the other MQTT keys, vitals, fleet keys) is read once at start: a change waits for
+# `systemctl restart edged`.
 LIVE_SECTIONS = ("services", "tenants", "access", "authz", "quotas", "log", "demo")
+# [mqtt] keys the cloud tier applies on a reload: the broker list (the session moves to the new first broker),
+# what it follows, and credentials and TLS files (a new connection with them).
+LIVE_MQTT_FIELDS = (
+    "url",
+    "fallback_urls",
+    "switch_back",
+    "follow",
+    "username",
+    "password_file",
+    "ca_file",
+    "cert_file",
+    "key_file",
+    "reconnect_max",
+)
+LIVE_KEYS = frozenset(f"mqtt.{f}" for f in LIVE_MQTT_FIELDS if f != "fallback_urls")
 
 # Field names that are one key in the file.
-_KEY_OF_FIELD = {"listen_host": "listen", "listen_port": "listen"}
+_KEY_OF_FIELD = {"listen_host": "listen", "listen_port": "listen", "fallback_urls": "url"}
 
 
 def changed_keys(old: Config, new: Config) -> list[str]:
@@ -36,9 +52,10 @@ def changed_keys(old: Config, new: Config) -> list[str]:
 
 
 def is_live(key: str) -> bool:
-    return key.split(".", 1)[0] in LIVE_SECTIONS
+    return key.split(".", 1)[0] in LIVE_SECTIONS or key in LIVE_KEYS
 
 
 def with_live_keys(running: Config, new: Config) -> Config:
     """The config to run after a reload: the live tables from `new`, everything else as it runs now."""
-    return replace(running, secret_files=new.secret_files, **{s: getattr(new, s) for s in LIVE_SECTIONS})
+    mqtt = replace(running.mqtt, **{f: getattr(new.mqtt, f) for f in LIVE_MQTT_FIELDS})
+    return replace(running, secret_files=new.secret_files, mqtt=mqtt, **{s: getattr(new, s) for s in LIVE_SECTIONS})

@@ -495,3 +495,22 @@ def test_a_signed_node_seals_its_status_last_will_and_deletions_with_one_epoch_p
     topic = TOPICS.service("me", "default", "gone")
     assert tombstone_epoch(peer.open(topic, sync._entry_wire(topic, b""))[1]) == sync.epoch
     assert json.loads(peer.open(TOPICS.status("me"), sync.offline_status("shutdown"))[1])["reason"] == "shutdown"
+def test_a_reload_of_follow_subscribes_to_what_it_names_now_and_forgets_the_rest(tmp_path):
+    async def main() -> None:
+        session = MqttSession(MqttConfig(enabled=True), client_id="t")
+        sync = registry_sync(tmp_path, Registry(), session, follow=("weather",))
+        own = "hubmesh/home/nodes/me/services/+"
+        for name in ("weather", "lamp"):
+            sync._on_service(entry_msg("pi-2", name))
+        assert sorted(sync.entries["pi-2"]) == ["weather"]
+        sync.set_follow(("*",))  # everything: one filter for all entries
+        assert set(session.filters) == {TOPICS.all_status, TOPICS.all_services}
+        sync._on_service(entry_msg("pi-2", "lamp"))
+        assert sorted(sync.entries["pi-2"]) == ["lamp", "weather"]
+        sync.set_follow(("lamp",))  # back to one service: weather is forgotten
+        assert set(session.filters) == {TOPICS.all_status, own, TOPICS.service_filter("lamp")}
+        assert sorted(sync.entries["pi-2"]) == ["lamp"] and sync.learning == {"lamp"}
+        sync.set_follow(())
+        assert "pi-2" not in sync.entries and set(session.filters) == {TOPICS.all_status, own}
+
+    asyncio.run(main())

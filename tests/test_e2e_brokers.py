@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
 from pathlib import Path
 
 import aiomqtt
@@ -164,3 +166,26 @@ def test_a_site_broker_bridged_to_the_central_one_carries_calls_entries_wills_an
     status, _, _ = answer(d)
     assert status == 503
     assert d.stop() == 0
+
+
+def test_a_reload_moves_the_box_to_a_new_broker_list_without_a_restart(
+    backends, edged, broker, make_broker, bridges, topic_prefix
+):
+    """Before: `[mqtt] url` took effect only at a restart (`pending_restart: mqtt.url`)."""
+    old, new = broker, make_broker(name="new").start()
+    worker = backends("worker")
+    bridges(bridge_config(new, topic_prefix), {"thermo.toml": WORKER.format(port=worker.port)})
+    d = edged({"thermo.toml": CLOUD_ONLY}, mqtt_section(old, topic_prefix))
+    wait_metric(d, "edged_mqtt_connected", lambda v: v == 1)
+    assert answer(d)[0] == 503  # no worker on the old broker
+
+    d.config.write_text(d.config.read_text().replace(f'url = "{old.url}"', f'url = ["{new.url}", "{old.url}"]'))
+    os.kill(d.proc.pid, signal.SIGHUP)
+    wait_for(lambda: connected_to(d.log_text())[-1:] == [new.url], 15, what="the box moves to the new first broker")
+    wait_for(lambda: answer(d) == (200, "worker", "cloud-1"), 15, what="calls answered over the new broker")
+    assert d.get("/v1/status")["config"]["pending_restart"] == []
+    assert '"mqtt.reconfigured"' in d.log_text()
+    # Its retained status is on the new broker (and its subscriptions, since calls are answered).
+    assert json.loads(retained(new.port, f"{topic_prefix}/home/nodes/test-node/status")[
+        f"{topic_prefix}/home/nodes/test-node/status"
+    ])["state"] == "online"

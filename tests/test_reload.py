@@ -47,6 +47,16 @@ def test_changed_keys_name_the_file_keys(tmp_path: Path) -> None:
     assert running.api == old.api and running.log == new.log and running.demo == new.demo
     assert changed_keys(running, new) == ["api.listen"]  # what stays pending until a restart
     assert changed_keys(Config(), Config()) == []
+    # [mqtt]: the broker list, follow and credentials are live; the rest waits for a restart.
+    c = tmp_path / "c.toml"
+    c.write_text('[mqtt]\nenabled = true\nurl = ["mqtt://a:1883", "mqtt://b:1883"]\nfollow = ["*"]\nkeepalive = "9s"\n')
+    d = tmp_path / "d.toml"
+    d.write_text('[mqtt]\nenabled = true\nurl = ["mqtt://b:1883"]\nfollow = ["x"]\nkeepalive = "5s"\n')
+    old, new = load_config(str(c)), load_config(str(d))
+    assert changed_keys(old, new) == ["mqtt.url", "mqtt.follow", "mqtt.keepalive"]
+    running = with_live_keys(old, new)
+    assert running.mqtt.urls == ("mqtt://b:1883",) and running.mqtt.follow == ("x",)
+    assert changed_keys(running, new) == ["mqtt.keepalive"]
 
 
 # -- the daemon: SIGHUP / edged reload --------------------------------------------------------------------

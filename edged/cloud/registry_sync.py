@@ -537,6 +537,32 @@ class RegistrySync:
         if dropped:
             self._forget_keys(dropped)
 
+    def set_follow(self, follow: Iterable[str]) -> None:
+        """`[mqtt] follow` changed (a reload): subscribe to what it names now, and forget what is no longer
+        followed (nor needed). A bridge (which learns nothing) is not changed."""
+        if self._follows_none:
+            return
+        follow = tuple(follow)
+        all_now = "*" in follow
+        self._follow = frozenset(follow) - {"*"}
+        own = f"{self._topics.base}/nodes/{self.node}/services/+"
+        if all_now and not self.follows_all:
+            for key in self.learning:
+                self._session.remove_filter(self._topics.service_filter(key))
+            self._session.remove_filter(own)
+            self.learning = frozenset()
+            self.follows_all = True
+            self._session.add_filter(self._topics.all_services, qos=1)  # every retained entry comes again
+            return
+        if self.follows_all and not all_now:
+            self.follows_all = False
+            self._session.remove_filter(self._topics.all_services)
+            self._session.add_filter(own, qos=1)
+            self.learning = frozenset()
+            keep = self._follow | self._needed
+            self._forget_keys(frozenset(k for known in self.entries.values() for k in known if k not in keep))
+        self._learn(self._follow | self._needed)
+
     def _wants(self, key: str) -> bool:
         return self.follows_all or key in self.learning
 

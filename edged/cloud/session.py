@@ -80,6 +80,11 @@ class PublishError(EdgedError):
     """A publish did not happen: not connected, or the broker did not take it in time."""
 
 
+class _Reconfigured(Exception):
+    """Raised inside a live connection to end it (cleanly) after `reconfigure` changed the broker list or
+    the credentials."""
+
+
 class _SwitchBack(Exception):
     """The first broker answers again: leave the fallback broker (cleanly) for it."""
 
@@ -221,6 +226,7 @@ class MqttSession:
         self._rng = rng or random.Random()
         self._subs: dict[str, int] = {}  # filter -> QoS
         self._subs_changed = asyncio.Event()
+        self._reconnect = asyncio.Event()  # set by `reconfigure`: the live connection ends, the next one is new
         self._routes: list[tuple[str, Handler]] = []
         self._client: aiomqtt.Client | None = None
         self._paho: paho_client.Client | None = None  # the fast path (see the module doc), while connected
@@ -271,6 +277,26 @@ class MqttSession:
         """Stop subscribing to `topic_filter` (unsubscribe now when connected)."""
         if self._subs.pop(topic_filter, None) is not None:
             self._subs_changed.set()
+
+    def reconfigure(self, config: MqttConfig) -> None:
+        """A reload: the new broker list, credentials and TLS files are used from the next connect. When any of
+        them changed, a live connection ends now (cleanly: no last will) and the session connects to the first
+        broker of the new list."""
+        def conn(c: MqttConfig) -> tuple:
+            return (c.urls, c.username, c.password_file, c.ca_file, c.cert_file, c.key_file)
+
+        changed = conn(config) != conn(self.config)
+        self.config = config
+        self._brokers = [broker_address(url) for url in config.urls]
+        if changed:
+            self._index = 0
+            self._reconnect.set()
+        elif self._index >= len(self._brokers):
+            self._index = 0
+
+    async def _watch_reconnect(self) -> None:
+        await self._reconnect.wait()
+        raise _Reconfigured()
 
     @property
     def filters(self) -> dict[str, int]:
@@ -395,6 +421,11 @@ class MqttSession:
             except asyncio.CancelledError:
                 self._mark_down("closing")
                 raise
+            except _Reconfigured:
+                self._mark_down("reconfigured")
+                log_event(log, logging.INFO, "mqtt.reconfigured", broker=self.config.urls[0], left=self.broker)
+                self._index, attempt = 0, 0
+                continue
             except _SwitchBack:
                 self._mark_down(f"switching back to {self.config.urls[0]}")
                 log_event(log, logging.INFO, "mqtt.switch_back", broker=self.config.urls[0], left=self.broker)
@@ -434,6 +465,7 @@ class MqttSession:
 
     async def _connect_and_serve(self) -> bool:
         """One connection, from CONNECT to its end. Returns (or raises) when it ends; True if it was up."""
+        self._reconnect.clear()  # this connection is made with the config in force now
         password, tls_context = await asyncio.to_thread(self._load_secrets)
         will = None
         if self._will is not None:
@@ -500,6 +532,7 @@ class MqttSession:
                 except Exception:
                     log.exception("on_connected hook failed")
             loops = [self._receive(client), self._drain(client, outbox), self._follow_filters(client, subscribed)]
+            loops.append(self._watch_reconnect())
             if self._index > 0:
                 loops.append(self._watch_first())
             await run_together(*loops)

@@ -7,9 +7,11 @@ import contextlib
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ..aio import cancel_and_wait
+from ..config import MqttConfig
 from ..logs import log_event
 from ..model import Endpoint, ServiceSpec
 from ..registry import Key, Layer, Snapshot
@@ -168,17 +170,32 @@ class CloudTier:
         )
         self._started = False
         self._tasks: list[asyncio.Task] = []
+        self._endpoint_cache: dict[Key, tuple[ServiceSpec, Endpoint]] = {}
+
+    def reconfigure(self, mq: MqttConfig) -> None:
+        """A reload changed live `[mqtt]` keys (`reconfig.LIVE_MQTT_FIELDS`): the session moves to the new
+        broker list or credentials, the registry follows what `follow` names now."""
+        old, self.config = self.config.mqtt, replace(self.config, mqtt=mq)
+        self.session.reconfigure(mq)
+        if mq.follow != old.follow:
+            self.registry_sync.set_follow(mq.follow)
+        if mq.url != old.url:
+            self._endpoint_cache.clear()  # the cloud endpoints name the broker in their URL
+            self._registry.refresh()
+        log_event(log, logging.INFO, "cloud.reconfigured", broker=mq.url, fallback=list(mq.fallback_urls))
 
     def parts(self) -> TierParts:
         from ..core import TierParts
 
-        url, topics, cache = self.config.mqtt.url, self.topics, {}
+        topics, cache = self.topics, self._endpoint_cache
+
+        def endpoints(specs: Mapping[Key, ServiceSpec]) -> list[Endpoint]:
+            return cloud_endpoints(specs, broker_url=self.config.mqtt.url, topics=topics, cache=cache)
+
         return TierParts(
             transports={"cloud": self.transport},
             layers=(
-                Layer(
-                    "cloud", endpoints=lambda specs: cloud_endpoints(specs, broker_url=url, topics=topics, cache=cache)
-                ),
+                Layer("cloud", endpoints=endpoints),
                 self.fleet.layer,
             ),
             peers=self.registry_sync.peers,
