@@ -392,6 +392,7 @@ class RegistrySync:
         self._legacy = False  # restored from the JSON document of an earlier version (removed once rewritten)
         self._dirty_entries: set[tuple[str, str]] = set()  # (node, key) changed since the last save
         self._dirty_nodes: set[str] = set()  # nodes whose status changed since the last save
+        self._heard: set[str] = set()  # nodes heard from on the current connection (see `heard_since_connect`)
         # (tenant, service) -> the spec put in the registry (its source names the node: "mqtt:{node}")
         self._chosen: dict[tuple[str, str], ServiceSpec] = {}
         self._sources: dict[str, str] = {}  # node -> "mqtt:{node}"
@@ -460,6 +461,7 @@ class RegistrySync:
     def on_connected(self) -> None:
         """A fresh connection: post status and every entry again (state posted while down was dropped)."""
         self._posted = {}
+        self._heard = set()
         self.publish_status()
         self._post_entries()
 
@@ -589,6 +591,7 @@ class RegistrySync:
         if node == self.node:
             self._on_own_status(msg)
             return
+        self._heard.add(node)
         if not msg.payload:
             if self._seals is not None:  # anyone can publish an empty message; nobody can seal one
                 if node in self.nodes:
@@ -645,6 +648,7 @@ class RegistrySync:
         if parsed is None:
             return
         node, _, key = parsed
+        self._heard.add(node)
         if node == self.node:
             self._on_own_entry(msg, key)
             return
@@ -882,6 +886,12 @@ class RegistrySync:
             return None
         dead = [f"{node} {state}" for node, state in self.liveness.providers((tenant, service), self._clock())]
         return "no live node serves it" + (f" ({', '.join(dead[:3])})" if dead else " (its last node left)")
+
+    def heard_since_connect(self, tenant: str, service: str) -> bool:
+        """Whether a node serving (tenant, service) was heard on the current broker connection: then it is
+        subscribed there (a box subscribes before it posts), and a request sent now can reach it."""
+        heard = self._heard
+        return any(node in heard for node in self.liveness.serving((tenant, service)))
 
     def serves(self, node: str, tenant: str, service: str) -> bool:
         """Whether `node` has an entry saying it serves (tenant, service) over MQTT (the cloud transport takes

@@ -27,6 +27,9 @@ class CloudMetrics:
         m = registry if registry is not None else Metrics()
         self.requests = m.counter("edged_cloud_requests_total", "Cloud calls published over MQTT.")
         self.timeouts = m.counter("edged_cloud_timeouts_total", "Cloud calls with no answer within the try timeout.")
+        self.resends = m.counter(
+            "edged_cloud_resends_total", "Idempotent cloud calls sent again after their broker connection dropped."
+        )
         self.late_answers = m.counter(
             "edged_cloud_late_answers_total", "Answers that came after their call gave up (dropped)."
         )

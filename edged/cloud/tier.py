@@ -145,6 +145,7 @@ class CloudTier:
             seals=self.seals,
             serves=self.registry_sync.serves,
             providers=self.registry_sync.provider_nodes,
+            heard=self.registry_sync.heard_since_connect,
         )
         self.fleet = FleetConfigSource(
             registry=registry,

@@ -5,7 +5,9 @@ this node's `reply/{node}` topic and is matched by correlation id. QoS 0 on purp
 timeout and retries are the reliability layer, and a QoS 1 redelivery after a reconnect could run a POST
 twice. While the broker is down, or no live node serves the service (the registry says so: see liveness.py),
 `unavailable(endpoint)` says why and the router skips the endpoint instead of waiting;
-calls in flight when the connection drops fail at once (`reset`), so the router fails over right away.
+calls in flight when the connection drops cannot get their answer on it (`fail_all`): an idempotent one is
+sent again as soon as the session is up again (the next broker of `[mqtt] url`), within what is left of its
+try, at most `RESENDS` times; the others fail at once (`reset`), so the router fails over right away.
 
 Signed (`signing.py`, when this node has an identity): each request is MAC'd to every node known to serve
 the service, under the key of each pair (`pairing.py`; sealed with the node's key when one of them is not
@@ -29,7 +31,7 @@ from ..call import Call
 from ..errors import ConnectFailed, UpstreamReset, UpstreamTimeout
 from ..identity import PeerName
 from ..looplag import TimeLimit
-from ..model import Endpoint
+from ..model import IDEMPOTENT_METHODS, Endpoint
 from .envelope import CloudAnswer, CloudRequest, EnvelopeError, decode_answer, encode_request, error_answer
 from .session import MqttSession, PublishError
 from .signing import SealError, Seals
@@ -37,6 +39,11 @@ from .telemetry import CloudMetrics
 from .topics import Topics
 
 log = logging.getLogger("edged.cloud.transport")
+
+RESENDS = 2  # times a call is sent again after its connection dropped (a broker dies, the next one too)
+MIN_RESEND = 0.05  # seconds of the try that must be left to send it again
+HEARD_WAIT = 1.0  # seconds a resend waits for a provider of the service to be heard on the new connection
+HEARD_POLL = 0.02
 
 # Set by the router on every try; the envelope carries them as fields (`rid`, `deadline`) instead.
 _ENVELOPE_FIELDS = frozenset({b"x-request-id", b"x-edged-timeout-ms"})
@@ -92,7 +99,9 @@ class CloudTransport:
         seals: Seals | None = None,
         serves: Callable[[str, str, str], bool] = lambda node, tenant, service: True,
         providers: Callable[[str, str], Iterable[str]] = lambda tenant, service: (),
+        heard: Callable[[str, str], bool] = lambda tenant, service: True,
     ) -> None:
+        self._heard = heard  # whether a provider of (tenant, service) was heard on the current connection
         self._session = session
         self._seals = seals  # None: unsigned (no node identity): answers are taken from anyone
         self._serves = serves  # whether a node (of this fleet) serves (tenant, service): its answers count
@@ -131,7 +140,37 @@ class CloudTransport:
     async def send(
         self, endpoint: Endpoint, call: Call, headers: list[tuple[bytes, bytes]], timeout: float
     ) -> MqttAnswer:
-        """One try over MQTT; raises ConnectFailed (not sent), UpstreamTimeout or UpstreamReset (broker lost)."""
+        """One try over MQTT; raises ConnectFailed (not sent), UpstreamTimeout or UpstreamReset (broker lost).
+        An idempotent call whose connection dropped while it waited is sent again once the session is back
+        (see the module doc)."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        resends = 0
+        while True:
+            try:
+                return await self._send_once(endpoint, call, headers, timeout - (loop.time() - started))
+            except UpstreamReset:
+                if resends >= RESENDS or call.method not in IDEMPOTENT_METHODS:
+                    raise
+                left = min(timeout - (loop.time() - started), call.deadline - time.monotonic())
+                if left < MIN_RESEND or not await self._session.wait_connected(left):
+                    raise
+                # A request sent before any provider subscribed on the new broker is lost (QoS 0, nobody to
+                # tell): wait until one is heard on this connection (its retained entry, or the entries it
+                # posts once subscribed), a moment at most.
+                polls = int(min(HEARD_WAIT, timeout - (loop.time() - started) - MIN_RESEND) / HEARD_POLL)
+                for _ in range(max(0, polls)):  # polled: the registry has no per-service event to wait on
+                    if self._heard(call.tenant, endpoint.service):
+                        break
+                    await asyncio.sleep(HEARD_POLL)
+                if timeout - (loop.time() - started) < MIN_RESEND:
+                    raise
+                resends += 1
+                self._metrics.resends.inc()
+
+    async def _send_once(
+        self, endpoint: Endpoint, call: Call, headers: list[tuple[bytes, bytes]], timeout: float
+    ) -> MqttAnswer:
         if not self._session.connected:
             raise ConnectFailed(endpoint.url, "broker disconnected")
         cid = self._id_prefix + next(self._seq).to_bytes(8, "big")
