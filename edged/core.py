@@ -237,7 +237,15 @@ class MeshCore:
         return self._check_pools.get(endpoint.tier) if target.tls else self.pool
 
     def _on_registry_change(self, old: Snapshot, new: Snapshot) -> None:
-        self.health.sync(new.services.values())
+        if new.changed is None:
+            self.health.sync(new.services.values())
+            return
+        # An incremental change (a burst of remote entries): the endpoints of the services it touched only.
+        keys = new.changed
+        self.health.sync_changed(
+            [s for k in keys if (s := old.services.get(k)) is not None],
+            [s for k in keys if (s := new.services.get(k)) is not None],
+        )
 
     def _on_health_change(self, endpoint: Endpoint, available: bool, reason: str) -> None:
         if not available and reason.startswith("ejected"):

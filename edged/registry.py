@@ -47,6 +47,11 @@ class Layer:
     owner's own state (no I/O, no writes), so that it can be tested alone and called at any time.
 
     `name` ranks it: a services layer by `SERVICE_SOURCES`, a policies layer by `POLICY_SOURCES`.
+
+    Keyed: what `policies` and `endpoints` give for a service depends only on that service's spec and the
+    owner's state, not on the other services. An incremental rebuild (`update_services`: a few services of a
+    source changed) calls `endpoints` with those services only (a `Partial` map) and keeps what they gave for
+    the others; a layer that caches per service keeps the rest of its cache then.
     """
 
     name: str
@@ -62,6 +67,9 @@ class Snapshot:
     generation: int
     services: Mapping[tuple[str, str], Service]  # (tenant, name) -> Service
     orphans: tuple[Endpoint, ...] = ()  # endpoints whose service is not declared (yet)
+    # The services that differ from the previous snapshot, when the registry knows (an incremental rebuild);
+    # None: any may have. Watchers that follow every service use it to do O(changed) work.
+    changed: frozenset[tuple[str, str]] | None = None
 
     def get(self, tenant: str, name: str) -> Service | None:
         return self.services.get((tenant, name))
@@ -71,6 +79,10 @@ class Snapshot:
 
 
 EMPTY = Snapshot(generation=0, services=MappingProxyType({}))
+
+
+class Partial(dict):
+    """The services an incremental rebuild passes to `Layer.endpoints`: some of the merged ones, not all."""
 
 
 def endpoint_id(spec: ServiceSpec, tier: str, where: str) -> str:
@@ -122,6 +134,11 @@ class Registry:
         self._below: dict[str, Mapping[Key, ServiceSpec]] = {}  # policy source -> the services it was laid over
         self._policy_from: dict[Key, str] = {}  # which policy source set each service's policy
         self._built: dict[Key, tuple[ServiceSpec, tuple[Endpoint, ...], Service]] = {}  # what the last rebuild made
+        # The merged specs below each policy source, then the final ones (what an incremental rebuild patches).
+        self._stages: dict[str, dict[Key, ServiceSpec]] = {}
+        self._services: dict[Key, Service] = {}  # the map under the current snapshot's proxy (never changed)
+        self.rebuilds = 0  # whole rebuilds (for figures and tests)
+        self.partial_rebuilds = 0
         for layer in layers:
             self.add_layer(layer)
 
@@ -165,6 +182,29 @@ class Registry:
         self._sources.services[source] = new
         self._rebuild()
 
+    def update_services(self, source: str, changed: Mapping[Key, ServiceSpec | None]) -> None:
+        """Change some services of a source (None: no longer declared by it), keeping its others: work in
+        O(len(changed)) (plus the policy layers' own tables), not a rebuild of every service: a box that
+        learns ten thousand remote services applies each burst of them in a few ms (see `Layer`)."""
+        self._writable()
+        if source not in SERVICE_SOURCES:
+            raise RegistryError(f"unknown service source {source!r}")
+        mine = self._sources.services.setdefault(source, {})
+        keys: list[Key] = []
+        for key, spec in changed.items():
+            if spec is None:
+                if mine.pop(key, None) is not None:
+                    keys.append(key)
+            elif mine.get(key) != spec:
+                mine[key] = spec
+                keys.append(key)
+        if not keys:
+            return
+        if source == "manifest" or not self._stages:  # the fleet layer reads manifests whole; nothing to patch yet
+            self._rebuild()
+            return
+        self._rebuild_keys(keys)
+
     def set_manifests(self, specs: Iterable[ServiceSpec]) -> None:
         """Replace the services declared by manifest files."""
         self.set_services("manifest", specs)
@@ -195,8 +235,114 @@ class Registry:
     def declared_by_manifest(self, tenant: str, name: str) -> ServiceSpec | None:
         return self._sources.services.get("manifest", {}).get((tenant, name))
 
+    def _merge(self, key: Key, layered: Mapping[str, Mapping[Key, ServiceSpec]]) -> ServiceSpec | None:
+        """The declared spec of one service over every source (as `_rebuild` merges them all)."""
+        merged = None
+        for source in reversed(SERVICE_SOURCES):
+            for spec in (self._sources.services.get(source, {}).get(key), layered.get(source, {}).get(key)):
+                if spec is not None:
+                    merged = spec if merged is None else _over(spec, merged, source)
+        return merged
+
+    def _rebuild_keys(self, keys: list[Key]) -> None:
+        """`_rebuild` for a few services: the others keep their specs, endpoints and Service objects."""
+        self.partial_rebuilds += 1
+        layered: dict[str, dict[Key, ServiceSpec]] = {}
+        for layer in self._layers:
+            if layer.services is not None:
+                for spec in layer.services():
+                    if spec.key in keys:
+                        layered.setdefault(layer.name, {})[spec.key] = spec
+        stage = self._stages["declared"]
+        for key in keys:
+            merged = self._merge(key, layered)
+            if merged is None:
+                stage.pop(key, None)
+            else:
+                stage[key] = merged
+        manifests = MappingProxyType(self._sources.services.get("manifest", {}))
+        policy_from = dict(self._policy_from)
+        for key in keys:
+            policy_from.pop(key, None)
+        below = stage
+        for source in reversed(POLICY_SOURCES):
+            above = self._stages[source]
+            policies: dict[Key, PolicySpec] = {}
+            for layer in self._layers:
+                if layer.name == source and layer.policies is not None:
+                    policies.update(layer.policies(Draft(MappingProxyType(below), manifests)))
+            for key in keys:
+                spec = below.get(key)
+                if spec is None:
+                    above.pop(key, None)
+                    continue
+                policy = policies.get(key)
+                if policy is not None:
+                    spec = replace(spec, policy=policy)
+                    policy_from[key] = source
+                above[key] = spec
+            below = above
+        self._policy_from = policy_from
+        specs = below  # the final stage
+        wanted = set(keys)
+        subset = Partial((key, specs[key]) for key in keys if key in specs)
+        extra: dict[Key, list[Endpoint]] = {}
+        orphans = [ep for ep in self._snapshot.orphans if (ep.tenant, ep.service) not in wanted]
+        contributed = [*self._sources.endpoints.values()]
+        contributed += [tuple(layer.endpoints(subset)) for layer in self._layers if layer.endpoints is not None]
+        for endpoints in contributed:
+            for ep in endpoints:
+                key = (ep.tenant, ep.service)
+                if key not in wanted:
+                    continue
+                if key in specs:
+                    extra.setdefault(key, []).append(ep)
+                else:
+                    orphans.append(ep)
+        old = self._snapshot
+        services = self._services.copy()  # a dict's copy: 20x faster than dict() of the snapshot's proxy
+        changed = set()
+        for key in keys:
+            spec = specs.get(key)
+            if spec is None:
+                self._built.pop(key, None)
+                if services.pop(key, None) is not None:
+                    changed.add(key)
+                continue
+            svc = self._service(key, spec, tuple(extra.get(key, ())))
+            if services.get(key) != svc:
+                services[key] = svc
+                changed.add(key)
+        if not changed and tuple(orphans) == old.orphans:
+            return
+        self._services = services
+        self._publish(Snapshot(old.generation + 1, MappingProxyType(services), tuple(orphans), frozenset(changed)))
+
+    def _service(self, key: Key, spec: ServiceSpec, extras: tuple[Endpoint, ...]) -> Service:
+        """The Service of a merged spec and the endpoints contributed to it (the last one, when unchanged)."""
+        known = self._built.get(key)
+        # The same spec object with the same contributed endpoints makes the same Service: keep the old one
+        # (a burst of remote entries changes a few services of thousands; the rest cost a lookup).
+        if known is not None and known[0] is spec and known[1] == extras:
+            return known[2]
+        allowed = set(spec.endpoint_types)
+        eps = [ep for ep in static_endpoints(spec) + list(extras) if ep.tier in allowed]
+        svc = Service(spec=spec, endpoints=tuple(_dedupe(eps)))
+        self._built[key] = (spec, extras, svc)
+        return svc
+
+    def _publish(self, snapshot: Snapshot) -> None:
+        old, self._snapshot = self._snapshot, snapshot
+        self._notifying = True
+        try:
+            for fn in self._watchers:
+                fn(old, snapshot)
+        finally:
+            self._notifying = False
+
     def _rebuild(self) -> None:
         self._writable()
+        self.rebuilds += 1
         specs: dict[Key, ServiceSpec] = {}
         for source in reversed(SERVICE_SOURCES):  # later sources first, so earlier ones overwrite them
             declared = list(self._sources.services.get(source, {}).items())
@@ -209,8 +355,10 @@ class Registry:
         manifests = MappingProxyType(self._sources.services.get("manifest", {}))
         below: dict[str, Mapping[Key, ServiceSpec]] = {}
         policy_from: dict[Key, str] = {}
+        stages: dict[str, dict[Key, ServiceSpec]] = {"declared": dict(specs)}
+        stage = stages["declared"]
         for source in reversed(POLICY_SOURCES):  # fleet first, the API's overrides over it
-            below[source] = MappingProxyType(dict(specs))
+            below[source] = MappingProxyType(stage)  # live: an incremental rebuild patches the stages
             for layer in self._layers:
                 if layer.name != source or layer.policies is None:
                     continue
@@ -218,6 +366,8 @@ class Registry:
                     if key in specs:
                         specs[key] = replace(specs[key], policy=policy)
                         policy_from[key] = source
+            stage = stages[source] = dict(specs)
+        self._stages = stages
         self._below, self._policy_from = below, policy_from
         merged = MappingProxyType(specs)
         extra: dict[Key, list[Endpoint]] = {}
@@ -231,31 +381,17 @@ class Registry:
                 else:
                     orphans.append(ep)
         services: dict[Key, Service] = {}
-        built: dict[Key, tuple[ServiceSpec, tuple[Endpoint, ...], Service]] = {}
+        built, self._built = self._built, {}
         for key, spec in sorted(specs.items()):
-            extras = tuple(extra.get(key, ()))
-            known = self._built.get(key)
-            # The same spec object with the same contributed endpoints makes the same Service: keep the old one
-            # (a burst of remote entries changes a few services of thousands; the rest cost a lookup).
-            if known is not None and known[0] is spec and known[1] == extras:
-                svc = known[2]
-            else:
-                allowed = set(spec.endpoint_types)
-                eps = [ep for ep in static_endpoints(spec) + list(extras) if ep.tier in allowed]
-                svc = Service(spec=spec, endpoints=tuple(_dedupe(eps)))
-            services[key] = svc
-            built[key] = (spec, extras, svc)
-        self._built = built
+            known = built.get(key)
+            if known is not None:
+                self._built[key] = known
+            services[key] = self._service(key, spec, tuple(extra.get(key, ())))
         old = self._snapshot
-        if services == dict(old.services) and tuple(orphans) == old.orphans:
+        if services == self._services and tuple(orphans) == old.orphans:
             return
-        self._snapshot = Snapshot(old.generation + 1, MappingProxyType(services), tuple(orphans))
-        self._notifying = True
-        try:
-            for fn in self._watchers:
-                fn(old, self._snapshot)
-        finally:
-            self._notifying = False
+        self._services = services
+        self._publish(Snapshot(old.generation + 1, MappingProxyType(services), tuple(orphans)))
 
 
 def _over(spec: ServiceSpec, weaker: ServiceSpec | None, source: str) -> ServiceSpec:

@@ -78,3 +78,49 @@ def test_source_precedence_and_policy_overrides():
     api.clear()
     reg.refresh()
     assert reg.snapshot().get("default", "a").spec.policy.strategy == "weighted"
+
+
+def test_an_incremental_change_of_some_services_gives_what_a_whole_rebuild_gives():
+    """`update_services` patches the services it names (with every layer keyed by service); the snapshot is the
+    one a rebuild from scratch makes, and watchers learn which services changed."""
+    import random
+
+    from edged.cloud.tier import cloud_endpoints
+    from edged.cloud.topics import Topics
+    from edged.model import PolicySpec
+
+    def layers() -> list[Layer]:
+        cache: dict = {}
+
+        def cloud(specs):
+            return cloud_endpoints(specs, broker_url="mqtt://b:1883", topics=Topics("h", "f"), cache=cache)
+
+        def fleet(draft):
+            return {("default", "r5"): PolicySpec(retries=0)} if ("default", "r5") in draft.services else {}
+
+        mdns = [spec("r3", types=("edge",), source="mdns:pi-9")]
+        return [Layer("mdns", services=lambda: mdns), Layer("cloud", endpoints=cloud), Layer("fleet", policies=fleet)]
+
+    rng = random.Random(7)
+    live = Registry(layers())
+    live.set_manifests([spec("m1", "http://127.0.0.1:1"), spec("r2", "http://127.0.0.1:2", types=("local", "cloud"))])
+    changes: list = []
+    live.watch(lambda old, new: changes.append(new.changed))
+    remote: dict = {}
+    for _ in range(60):
+        batch = {}
+        for _ in range(rng.randint(1, 6)):
+            name = f"r{rng.randint(0, 9)}"
+            source = f"mqtt:pi-{rng.randint(1, 3)}"
+            batch[("default", name)] = None if rng.random() < 0.3 else spec(name, types=("cloud",), source=source)
+        live.update_services("mqtt", batch)
+        remote.update(batch)
+        fresh = Registry(layers())
+        fresh.set_manifests(live._sources.services["manifest"].values())
+        fresh.set_services("mqtt", [s for s in remote.values() if s is not None])
+        want, got = fresh.snapshot(), live.snapshot()
+        assert dict(got.services) == dict(want.services) and got.orphans == want.orphans
+        assert live.policy_source("default", "r5") == fresh.policy_source("default", "r5")
+    assert live.partial_rebuilds > 40 and live.rebuilds == 4  # one per layer added, one for the manifests
+    assert all(c is not None and len(c) <= 6 for c in changes[2:])
+    assert got.get("default", "r2").spec.source == "a.toml"  # a manifest outranks a learned entry

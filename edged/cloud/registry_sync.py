@@ -72,9 +72,9 @@ from .topics import Topics, service_key, split_service_key
 log = logging.getLogger("edged.cloud.registry")
 
 STATE_FILE = "cloud-registry.json"  # the whole document, as earlier versions saved it (read once, then the log)
-APPLY_DELAY = 0.2  # seconds: a burst of new entries (a reconnect) makes one registry rebuild
-APPLY_SHARE = 0.1  # ... and rebuilds take at most about this share of the event loop (the delay grows with
-# their cost: a box that follows a whole fleet of 10,000 entries rebuilds in about 0.1 s, so once a second)
+APPLY_DELAY = 0.2  # seconds: a burst of new entries (a reconnect) is put into the registry a moment later ...
+APPLY_CHUNK = 100  # ... this many services at a time (an incremental registry change: a few ms on a Pi) ...
+APPLY_SHARE = 0.1  # ... taking at most about this share of the event loop (the next chunk waits 10x its cost)
 # Entries that went away reach the registry later, in one rebuild for a whole burst (a hundred boxes stopping
 # at once): routing does not wait for it, the transport already skips services no live node serves.
 REMOVAL_DELAY = 5.0
@@ -395,6 +395,7 @@ class RegistrySync:
         self._heard: set[str] = set()  # nodes heard from on the current connection (see `heard_since_connect`)
         # (tenant, service) -> the spec put in the registry (its source names the node: "mqtt:{node}")
         self._chosen: dict[tuple[str, str], ServiceSpec] = {}
+        self._touched: set[tuple[str, str]] = set()  # services whose spec may have changed since the last apply
         self._sources: dict[str, str] = {}  # node -> "mqtt:{node}"
         self._learned = 0  # entries kept, over all nodes
         self._apply_timer: asyncio.TimerHandle | None = None
@@ -783,6 +784,7 @@ class RegistrySync:
     def _choose(self, service: tuple[str, str], node: str, added: bool) -> None:
         """The spec a service gets in the registry: the entry of the first node by name that serves it. O(1)
         for a message, except when the chosen node's entry goes (then O(nodes serving this one service))."""
+        self._touched.add(service)
         chosen = self._chosen.get(service)
         chosen_node = chosen.source[len(SOURCE) + 1 :] if chosen is not None else None
         if added and chosen_node is not None and chosen_node < node:
@@ -832,13 +834,28 @@ class RegistrySync:
         return list(self._chosen.values())
 
     def apply(self) -> None:
-        """Put the remote services into the registry (source "mqtt") now."""
+        """Put the remote services into the registry (source "mqtt") now, all of them."""
         if self._apply_timer is not None:
             self._apply_timer.cancel()
             self._apply_timer = None
-        started = time.perf_counter()
+        self._touched = set()
         self._registry.set_services(SOURCE, self._chosen)
+
+    def _apply_some(self) -> None:
+        """The timer's apply: the services whose spec changed, `APPLY_CHUNK` at a time, each chunk an
+        incremental registry change (O(chunk)); the rest right after, once the loop has run what waits (calls
+        go on between chunks: a burst of ten thousand entries never holds the loop for long)."""
+        self._apply_timer = None
+        touched = self._touched
+        if len(touched) <= APPLY_CHUNK:
+            chunk, self._touched = touched, set()
+        else:
+            chunk = {touched.pop() for _ in range(APPLY_CHUNK)}
+        started = time.perf_counter()
+        self._registry.update_services(SOURCE, {service: self._chosen.get(service) for service in chunk})
         self._apply_cost = time.perf_counter() - started
+        if self._touched:
+            self._apply_timer = asyncio.get_running_loop().call_later(self._apply_cost / APPLY_SHARE, self._apply_some)
 
     def _schedule_apply(self, delay: float) -> None:
         """Apply within `delay`, once for a burst of messages; at once when no event loop runs (loading)."""
@@ -853,7 +870,7 @@ class RegistrySync:
             if timer.when() <= loop.time() + delay:
                 return
             timer.cancel()
-        self._apply_timer = loop.call_later(delay, self.apply)
+        self._apply_timer = loop.call_later(delay, self._apply_some)
 
     def peers(self) -> list[dict]:
         """Nodes known from the registry, for `edged status` / `GET /v1/status`."""

@@ -14,7 +14,7 @@ from ..aio import cancel_and_wait
 from ..config import MqttConfig
 from ..logs import log_event
 from ..model import Endpoint, ServiceSpec
-from ..registry import Key, Layer, Snapshot
+from ..registry import Key, Layer, Partial, Snapshot
 from ..vitals import Vitals
 from . import fleet as fleet_mod
 from .fleet import FleetConfigSource, FleetSettings, load_trusted_keys
@@ -80,7 +80,8 @@ def cloud_endpoints(
         )
         fresh[key] = (spec, out[-1])
     if cache is not None:
-        cache.clear()
+        if not isinstance(specs, Partial):  # some services only (an incremental rebuild): keep the others
+            cache.clear()
         cache.update(fresh)
     return out
 
@@ -272,7 +273,7 @@ class CloudTier:
 
     def _on_registry_change(self, old: Snapshot, new: Snapshot) -> None:
         # Observe only: this node's entries follow the registry (cloud endpoints and fleet policies are layers).
-        if self._started:
+        if self._started and not _only_learned(old, new):
             self.registry_sync.local_changed(new)
 
     def _on_settings(self, settings: FleetSettings) -> None:
@@ -316,6 +317,18 @@ class CloudTier:
 def _log_failure(task: asyncio.Task) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("cloud tier task %r failed", task.get_name(), exc_info=task.exception())
+
+
+def _only_learned(old: Snapshot, new: Snapshot) -> bool:
+    """Whether the change is only services learned from the registry (a burst of remote entries): nothing
+    this node offers or routes to changed, so its own entries need no second look."""
+    if new.changed is None:
+        return False
+    for key in new.changed:
+        for svc in (old.services.get(key), new.services.get(key)):
+            if svc is not None and not svc.spec.source.startswith(f"{CLOUD_SOURCE}:"):
+                return False
+    return True
 
 
 def _moved(old: dict[str, str], new: dict[str, str]) -> bool:

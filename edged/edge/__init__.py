@@ -457,7 +457,7 @@ class EdgeTier:
 
     def _on_registry_change(self, old: Snapshot, new: Snapshot) -> None:
         # Observe only (the registry refuses writes from its watchers): the loops pick the change up.
-        if not self._started or self._stopped:
+        if not self._started or self._stopped or _cloud_only_change(old, new):
             return
         self._dirty.set()
         self._advertise_wake.set()
@@ -607,3 +607,16 @@ class EdgeTier:
         if endpoint.tier != "edge" or not to_peer(endpoint):
             return ()
         return [(k.decode(), v.decode()) for k, v in self.identity.headers()]
+
+
+def _cloud_only_change(old: Snapshot, new: Snapshot) -> bool:
+    """An incremental change of services that are reachable over the cloud tier only (remote entries learned
+    from the MQTT registry): nothing to browse, advertise or map to edge endpoints (each sync is a whole
+    registry rebuild: a box following a fleet of thousands must not pay it per burst)."""
+    if new.changed is None:
+        return False
+    for key in new.changed:
+        for svc in (old.services.get(key), new.services.get(key)):
+            if svc is not None and svc.spec.endpoint_types != ("cloud",):
+                return False
+    return True

@@ -162,12 +162,21 @@ class HealthMonitor:
         """
         if self._closed:
             return
+        seen = _endpoints_of(services)
+        self._apply(seen, [i for i in self._states if i not in seen])
+
+    def sync_changed(self, before: Iterable[Service], after: Iterable[Service]) -> None:
+        """`sync` for some services only (an incremental registry change): `before` as they were, `after` as
+        they are now (a service gone is in `before` only). The endpoints of the other services are kept."""
+        if self._closed:
+            return
+        seen = _endpoints_of(after)
+        gone = [ep.id for svc in before for ep in svc.endpoints if ep.id not in seen and ep.id in self._states]
+        self._apply(seen, gone)
+
+    def _apply(self, seen: dict[str, tuple[Endpoint, HealthCheckSpec | None]], gone: list[str]) -> None:
         now = self._clock()
-        seen: dict[str, tuple[Endpoint, HealthCheckSpec | None]] = {}
-        for service in services:
-            for endpoint in service.endpoints:
-                seen[endpoint.id] = (endpoint, service.spec.health_check)
-        for endpoint_id in [i for i in self._states if i not in seen]:
+        for endpoint_id in gone:
             self._stop_task(endpoint_id)
             del self._states[endpoint_id]
             self._endpoints.pop(endpoint_id, None)
@@ -594,6 +603,10 @@ class InFlight:
             self._monitor = None
             if self._health.inflight > 0:
                 self._health.inflight -= 1
+
+
+def _endpoints_of(services: Iterable[Service]) -> dict[str, tuple[Endpoint, HealthCheckSpec | None]]:
+    return {ep.id: (ep, svc.spec.health_check) for svc in services for ep in svc.endpoints}
 
 
 def _needs_task(endpoint: Endpoint, spec: HealthCheckSpec | None) -> bool:
