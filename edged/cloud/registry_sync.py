@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -73,11 +74,12 @@ log = logging.getLogger("edged.cloud.registry")
 
 STATE_FILE = "cloud-registry.json"  # the whole document, as earlier versions saved it (read once, then the log)
 APPLY_DELAY = 0.2  # seconds: a burst of new entries (a reconnect) is put into the registry a moment later ...
-APPLY_CHUNK = 100  # ... this many services at a time (an incremental registry change: a few ms on a Pi) ...
+APPLY_CHUNK = 50  # ... this many services at a time (an incremental registry change: a few ms on a Pi) ...
 APPLY_SHARE = 0.1  # ... taking at most about this share of the event loop (the next chunk waits 10x its cost)
 # Entries that went away reach the registry later, in one rebuild for a whole burst (a hundred boxes stopping
 # at once): routing does not wait for it, the transport already skips services no live node serves.
 REMOVAL_DELAY = 5.0
+FREEZE_EVERY = 1000  # entries learned between two `gc.freeze()` (see `RegistrySync._freeze`)
 SAVE_WITHIN = 5.0  # seconds: the registry file is a cache for a boot without broker; one write per interval
 ENTRY_VERSION = 1
 SOURCE = "mqtt"
@@ -396,6 +398,7 @@ class RegistrySync:
         # (tenant, service) -> the spec put in the registry (its source names the node: "mqtt:{node}")
         self._chosen: dict[tuple[str, str], ServiceSpec] = {}
         self._touched: set[tuple[str, str]] = set()  # services whose spec may have changed since the last apply
+        self._frozen_at = 0  # entries kept at the last `_freeze`
         self._sources: dict[str, str] = {}  # node -> "mqtt:{node}"
         self._learned = 0  # entries kept, over all nodes
         self._apply_timer: asyncio.TimerHandle | None = None
@@ -853,9 +856,20 @@ class RegistrySync:
             chunk = {touched.pop() for _ in range(APPLY_CHUNK)}
         started = time.perf_counter()
         self._registry.update_services(SOURCE, {service: self._chosen.get(service) for service in chunk})
+        if self._learned - self._frozen_at >= FREEZE_EVERY:
+            self._freeze()
         self._apply_cost = time.perf_counter() - started
         if self._touched:
             self._apply_timer = asyncio.get_running_loop().call_later(self._apply_cost / APPLY_SHARE, self._apply_some)
+
+    def _freeze(self) -> None:
+        """Leave what the registry keeps out of the cyclic garbage collector's full passes: with ten thousand
+        entries a full pass walks some 130,000 objects, 50-200 ms with the loop blocked, and a burst of
+        new entries triggers several. These objects are freed by reference counting when they go (none of
+        them is in a cycle); the young generations are collected first, so that little garbage is frozen."""
+        gc.collect(1)
+        gc.freeze()
+        self._frozen_at = self._learned
 
     def _schedule_apply(self, delay: float) -> None:
         """Apply within `delay`, once for a burst of messages; at once when no event loop runs (loading)."""
@@ -1085,6 +1099,8 @@ class RegistrySync:
                 # Seen "now": a saved wall-clock time means little on a box whose clock jumps at boot.
                 self.liveness.status(node, status["state"], now)
         self.apply()
+        if self._learned - self._frozen_at >= FREEZE_EVERY:
+            self._freeze()
         return kept
 
     # -- the log ---------------------------------------------------------------------------------------------

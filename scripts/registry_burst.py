@@ -1,0 +1,181 @@
+#!/usr/bin/env python3
+"""The cloud registry of one daemon under a burst, in process and measured in CPU time (repeatable on a
+loaded machine, where wall-clock figures mostly measure the neighbours).
+
+A real daemon's core and cloud tier (`Daemon(config)`, `[mqtt] follow = ["*"]`, no broker: messages are
+handed to the session's handlers as paho would, one event-loop callback each) learns N boxes x 10 services
+in the project's formats (`spec_entry()`), then one entry changes, then it is saved and restored. Printed:
+- `longest_callback_ms`: the most CPU time one event-loop callback took during the burst (the longest the
+  loop was blocked: a local call waits that long at worst), and how many callbacks took over 5 ms;
+- the CPU time to apply the burst, and the RSS and Python heap per kept entry;
+- the CPU time of a one-entry change once everything is known;
+- the state file's size, the CPU time of its saves, and of a warm start (`restore()`).
+
+usage: scripts/registry_burst.py [--boxes 1000] [--services 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import shutil
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import cbor2
+from harness import REPO
+
+sys.path.insert(0, str(REPO))
+
+from edged.cloud.registry_sync import spec_entry
+from edged.cloud.session import Inbound
+from edged.config import load_config
+from edged.daemon import Daemon
+from edged.manifest import parse_manifest_data
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def config_file(root: Path) -> Path:
+    (root / "services.d").mkdir(parents=True, exist_ok=True)
+    path = root / "edged.toml"
+    path.write_text(
+        textwrap.dedent(
+            f"""
+            [node]
+            name = "me"
+            [services]
+            dirs = ["{root}/services.d"]
+            [state]
+            dir = "{root}/state"
+            [mdns]
+            enabled = false
+            [ingress]
+            enabled = false
+            [limits]
+            peers = 8192
+            learned_entries = 100000
+            [mqtt]
+            enabled = true
+            url = "mqtt://127.0.0.1:1"
+            follow = ["*"]
+            """
+        )
+    )
+    return path
+
+
+class CallbackMeter:
+    """The CPU time of each event-loop callback (asyncio's Handle._run, patched while measuring)."""
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+        self.over_5ms = 0
+        self.count = 0
+        self._orig = asyncio.events.Handle._run
+
+    def __enter__(self) -> CallbackMeter:
+        meter, orig = self, self._orig
+
+        def run(handle: asyncio.events.Handle) -> None:
+            t = time.thread_time()
+            orig(handle)
+            took = time.thread_time() - t
+            meter.count += 1
+            meter.longest = max(meter.longest, took)
+            meter.over_5ms += took > 0.005
+
+        asyncio.events.Handle._run = run  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.events.Handle._run = self._orig  # type: ignore[method-assign]
+
+
+def messages(topics, boxes: int, services: int) -> list[Inbound]:
+    out = []
+    for b in range(boxes):
+        node = f"box-{b:05d}"
+        status = {"state": "online", "node": node, "zone": "z1", "vitals": {"cpu": "12", "power": "mains"}}
+        out.append(Inbound(topics.status(node), json.dumps(status).encode(), True))
+        for s in range(services):
+            spec = parse_manifest_data({"service_name": f"svc-{b:05d}-{s}"}, "x.toml")
+            entry = spec_entry(spec, node=node, zone="z1", cloud=True)
+            out.append(Inbound(topics.service(node, "default", spec.name), cbor2.dumps(entry), True))
+    return out
+
+
+async def burst(root: Path, boxes: int, services: int) -> dict:
+    daemon = Daemon(load_config(str(config_file(root))))
+    tier = next(t for t in daemon.core.tiers if t.name == "cloud")
+    sync = tier.registry_sync
+    tier._started = True
+    msgs = messages(tier.topics, boxes, services)
+    loop = asyncio.get_running_loop()
+    gc.collect()
+    rss0, cpu0 = rss(), time.process_time()
+    with CallbackMeter() as meter:
+        for m in msgs:  # one callback per message, as paho's reader hands them over
+            loop.call_soon(sync._on_status if m.topic.endswith("/status") else sync._on_service, m)
+        for _ in range(100_000):  # until the registry has everything (the applies come in chunks)
+            await asyncio.sleep(0.01)
+            if not sync._touched and sync._apply_timer is None:
+                break
+    cpu = time.process_time() - cpu0
+    entries = boxes * services
+    del msgs
+    gc.collect()
+    out = {
+        "boxes": boxes,
+        "entries": entries,
+        "services_known": len(daemon.core.registry.snapshot().services),
+        "burst_cpu_s": round(cpu, 2),
+        "longest_callback_ms": round(meter.longest * 1000, 1),
+        "callbacks_over_5ms": meter.over_5ms,
+        "callbacks": meter.count,
+        "rss_per_entry_b": round((rss() - rss0) / entries),
+    }
+
+    node, name = "box-00001", "svc-00001-0"
+    spec = parse_manifest_data({"service_name": name, "priority": 3}, "x.toml")
+    payload = cbor2.dumps(spec_entry(spec, node=node, zone="z1", cloud=True))
+    t = time.process_time()
+    sync._on_service(Inbound(tier.topics.service(node, "default", name), payload, True))
+    sync._apply_some()
+    out["one_change_cpu_ms"] = round((time.process_time() - t) * 1000, 2)
+    t = time.process_time()
+    await tier.saver.flush()
+    out["save_cpu_ms"] = round((time.process_time() - t) * 1000, 1)
+    out["state_kb"] = round(await asyncio.to_thread(os.path.getsize, sync._log.path) / 1024, 1)
+    again = Daemon(load_config(str(root / "edged.toml")))
+    restored = next(t for t in again.core.tiers if t.name == "cloud").registry_sync
+    t = time.process_time()
+    out["restored"] = restored.restore()
+    out["warm_start_cpu_s"] = round(time.process_time() - t, 2)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--boxes", default="1000", help="a number, or several: 200,1000")
+    ap.add_argument("--services", type=int, default=10)
+    args = ap.parse_args()
+    for n in (int(x) for x in args.boxes.split(",")):
+        root = Path(tempfile.mkdtemp(prefix="registry-burst-"))
+        try:
+            print(json.dumps(asyncio.run(burst(root, n, args.services))), flush=True)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
