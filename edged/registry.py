@@ -133,8 +133,8 @@ class Registry:
         self._notifying = False
         self._below: dict[str, Mapping[Key, ServiceSpec]] = {}  # policy source -> the services it was laid over
         self._policy_from: dict[Key, str] = {}  # which policy source set each service's policy
-        self._built: dict[Key, tuple[ServiceSpec, tuple[Endpoint, ...], Service]] = {}  # what the last rebuild made
-        # The merged specs below each policy source, then the final ones (what an incremental rebuild patches).
+        # What an incremental rebuild patches: "declared", the merged specs before any policy layer, and for each
+        # policy source the specs its layer changed (a few: the others stay as below it, with no copy kept).
         self._stages: dict[str, dict[Key, ServiceSpec]] = {}
         self._services: dict[Key, Service] = {}  # the map under the current snapshot's proxy (never changed)
         self.rebuilds = 0  # whole rebuilds (for figures and tests)
@@ -264,24 +264,21 @@ class Registry:
         policy_from = dict(self._policy_from)
         for key in keys:
             policy_from.pop(key, None)
-        below = stage
+        below: Mapping[Key, ServiceSpec] = MappingProxyType(stage)
         for source in reversed(POLICY_SOURCES):
-            above = self._stages[source]
+            over = self._stages[source]
             policies: dict[Key, PolicySpec] = {}
             for layer in self._layers:
                 if layer.name == source and layer.policies is not None:
-                    policies.update(layer.policies(Draft(MappingProxyType(below), manifests)))
+                    policies.update(layer.policies(Draft(below, manifests)))
             for key in keys:
-                spec = below.get(key)
-                if spec is None:
-                    above.pop(key, None)
+                spec, policy = below.get(key), policies.get(key)
+                if spec is None or policy is None:
+                    over.pop(key, None)
                     continue
-                policy = policies.get(key)
-                if policy is not None:
-                    spec = replace(spec, policy=policy)
-                    policy_from[key] = source
-                above[key] = spec
-            below = above
+                over[key] = replace(spec, policy=policy)
+                policy_from[key] = source
+            below = _Overlay(below, over)
         self._policy_from = policy_from
         specs = below  # the final stage
         wanted = set(keys)
@@ -305,7 +302,6 @@ class Registry:
         for key in keys:
             spec = specs.get(key)
             if spec is None:
-                self._built.pop(key, None)
                 if services.pop(key, None) is not None:
                     changed.add(key)
                 continue
@@ -320,16 +316,15 @@ class Registry:
 
     def _service(self, key: Key, spec: ServiceSpec, extras: tuple[Endpoint, ...]) -> Service:
         """The Service of a merged spec and the endpoints contributed to it (the last one, when unchanged)."""
-        known = self._built.get(key)
-        # The same spec object with the same contributed endpoints makes the same Service: keep the old one
-        # (a burst of remote entries changes a few services of thousands; the rest cost a lookup).
-        if known is not None and known[0] is spec and known[1] == extras:
-            return known[2]
-        allowed = set(spec.endpoint_types)
-        eps = [ep for ep in static_endpoints(spec) + list(extras) if ep.tier in allowed]
-        svc = Service(spec=spec, endpoints=tuple(_dedupe(eps)))
-        self._built[key] = (spec, extras, svc)
-        return svc
+        allowed = spec.endpoint_types
+        static = static_endpoints(spec) if spec.endpoints else ()
+        eps = tuple(_dedupe([ep for ep in (*static, *extras) if ep.tier in allowed]))
+        known = self._services.get(key)
+        # The same spec with the same endpoints makes the same Service: keep the old one (a burst of remote
+        # entries changes a few services of thousands; the others keep theirs, and so their place in caches).
+        if known is not None and known.spec is spec and known.endpoints == eps:
+            return known
+        return Service(spec=spec, endpoints=eps)
 
     def _publish(self, snapshot: Snapshot) -> None:
         old, self._snapshot = self._snapshot, snapshot
@@ -356,17 +351,18 @@ class Registry:
         below: dict[str, Mapping[Key, ServiceSpec]] = {}
         policy_from: dict[Key, str] = {}
         stages: dict[str, dict[Key, ServiceSpec]] = {"declared": dict(specs)}
-        stage = stages["declared"]
+        view: Mapping[Key, ServiceSpec] = MappingProxyType(stages["declared"])
         for source in reversed(POLICY_SOURCES):  # fleet first, the API's overrides over it
-            below[source] = MappingProxyType(stage)  # live: an incremental rebuild patches the stages
+            below[source] = view  # live: an incremental rebuild patches the stages under it
+            over = stages[source] = {}
             for layer in self._layers:
                 if layer.name != source or layer.policies is None:
                     continue
-                for key, policy in layer.policies(Draft(below[source], manifests)).items():
+                for key, policy in layer.policies(Draft(view, manifests)).items():
                     if key in specs:
-                        specs[key] = replace(specs[key], policy=policy)
+                        specs[key] = over[key] = replace(specs[key], policy=policy)
                         policy_from[key] = source
-            stage = stages[source] = dict(specs)
+            view = _Overlay(view, over)
         self._stages = stages
         self._below, self._policy_from = below, policy_from
         merged = MappingProxyType(specs)
@@ -381,17 +377,39 @@ class Registry:
                 else:
                     orphans.append(ep)
         services: dict[Key, Service] = {}
-        built, self._built = self._built, {}
         for key, spec in sorted(specs.items()):
-            known = built.get(key)
-            if known is not None:
-                self._built[key] = known
             services[key] = self._service(key, spec, tuple(extra.get(key, ())))
         old = self._snapshot
         if services == self._services and tuple(orphans) == old.orphans:
             return
         self._services = services
         self._publish(Snapshot(old.generation + 1, MappingProxyType(services), tuple(orphans)))
+
+
+class _Overlay(Mapping):
+    """The services below a policy layer with those it changed laid over them (a view: nothing copied)."""
+
+    __slots__ = ("_base", "_over")
+
+    def __init__(self, base: Mapping[Key, ServiceSpec], over: Mapping[Key, ServiceSpec]) -> None:
+        self._base, self._over = base, over
+
+    def __getitem__(self, key: Key) -> ServiceSpec:
+        spec = self._over.get(key)
+        return self._base[key] if spec is None else spec
+
+    def get(self, key: Key, default=None):  # type: ignore[override]
+        spec = self._over.get(key)
+        return self._base.get(key, default) if spec is None else spec
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._base
+
+    def __iter__(self):
+        return iter(self._base)
+
+    def __len__(self) -> int:
+        return len(self._base)
 
 
 def _over(spec: ServiceSpec, weaker: ServiceSpec | None, source: str) -> ServiceSpec:

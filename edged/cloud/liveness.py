@@ -60,7 +60,7 @@ class Liveness:
         self.nodes: dict[str, NodeView] = {}
         # Tuples, not sets: most services have one or two providers (a set of one costs 216 bytes, a tuple 48).
         self._providers: dict[ServiceKey, tuple[str, ...]] = {}
-        self._offers: dict[str, set[ServiceKey]] = {}  # node -> services it provides (to update it fast)
+        self._offers: dict[str, tuple[ServiceKey, ...]] = {}  # node -> services it provides (to update it fast)
         self._gone: dict[ServiceKey, float] = {}  # services whose last provider left cleanly -> when
         self._withdrawn: set[ServiceKey] = set()
         self._last_answer = float("-inf")  # when any node last answered a call
@@ -101,7 +101,9 @@ class Liveness:
         nodes = self._providers.get(key, ())
         if node not in nodes:
             self._providers[key] = (*nodes, node)
-        self._offers.setdefault(node, set()).add(key)
+        offers = self._offers.get(node, ())
+        if key not in offers:
+            self._offers[node] = (*offers, key)
         self._gone.pop(key, None)
         self._update((key,), now)
 
@@ -117,7 +119,7 @@ class Liveness:
                     self._gone[key] = now
         offers = self._offers.get(node)
         if offers is not None:
-            offers.discard(key)
+            offers = self._offers[node] = tuple(k for k in offers if k != key)
             if not offers:
                 del self._offers[node]
         self._update((key,), now)

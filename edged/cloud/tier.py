@@ -42,43 +42,42 @@ def cloud_endpoints(
     *,
     broker_url: str,
     topics: Topics,
-    cache: dict[Key, tuple[ServiceSpec, Endpoint]] | None = None,
+    cache: dict[Key, Endpoint] | None = None,
 ) -> list[Endpoint]:
     """The "cloud" layer: one cloud endpoint per service whose endpoint types include "cloud". (Whether a
     live node serves it right now is the transport's per-call check, not the registry's: see `liveness.py`.)
 
     Priority and weight come from a long-form `[[endpoints]] type = "cloud"` when there is one, else the
-    service's priority and weight 100. With a `cache` (kept by the caller between calls), the endpoint of a
-    spec object seen last time is the same object: the registry then keeps that service as it was.
+    service's priority and weight 100. With a `cache` (kept by the caller between calls), a service whose
+    endpoint would be the same as last time gets the same object: the registry then keeps that service as it
+    was (10,000 remote services: no new endpoint each at every change).
     """
     host, port, tls = broker_address(broker_url)
     where = f"{'mqtts' if tls else 'mqtt'}://{host}:{port}/{topics.base}/svc"
     out = []
-    fresh: dict[Key, tuple[ServiceSpec, Endpoint]] = {}
+    fresh: dict[Key, Endpoint] = {}
     for key, spec in specs.items():
         if "cloud" not in spec.endpoint_types:
             continue
+        decl = next((d for d in spec.endpoints if d.tier == "cloud"), None) if spec.endpoints else None
+        priority = decl.priority if decl is not None and decl.priority is not None else spec.priority
+        weight = decl.weight if decl is not None else 100
         known = cache.get(key) if cache is not None else None
-        if known is not None and known[0] is spec:
-            out.append(known[1])
-            fresh[key] = known
-            continue
-        decl = next((d for d in spec.endpoints if d.tier == "cloud"), None)
-        out.append(
-            Endpoint(
+        if known is None or (known.priority, known.weight) != (priority, weight) or not known.url.startswith(where):
+            known = Endpoint(
                 id=f"{spec.tenant}/{spec.name}/cloud/mqtt",
                 service=spec.name,
                 tenant=spec.tenant,
                 tier="cloud",
                 url=f"{where}/{spec.name}",
-                priority=decl.priority if decl is not None and decl.priority is not None else spec.priority,
-                weight=decl.weight if decl is not None else 100,
+                priority=priority,
+                weight=weight,
                 source=CLOUD_SOURCE,
                 target=None,
                 labels=decl.labels if decl is not None else (),
             )
-        )
-        fresh[key] = (spec, out[-1])
+        out.append(known)
+        fresh[key] = known
     if cache is not None:
         if not isinstance(specs, Partial):  # some services only (an incremental rebuild): keep the others
             cache.clear()
@@ -172,7 +171,7 @@ class CloudTier:
         )
         self._started = False
         self._tasks: list[asyncio.Task] = []
-        self._endpoint_cache: dict[Key, tuple[ServiceSpec, Endpoint]] = {}
+        self._endpoint_cache: dict[Key, Endpoint] = {}
 
     def reconfigure(self, mq: MqttConfig) -> None:
         """A reload changed live `[mqtt]` keys (`reconfig.LIVE_MQTT_FIELDS`): the session moves to the new
