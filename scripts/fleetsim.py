@@ -610,7 +610,7 @@ async def learn_run(args, boxes: int, topology: str, tmp: Path) -> dict:
         out["cpu_to_learn_s"] = round(cpu_s(pid), 2)
         await asyncio.sleep(3.0)
         status = await asyncio.to_thread(d.get, "/v1/status")
-        out["nodes_known"] = len(status.get("peers", []))
+        out["nodes_known"] = (status.get("peers_summary") or {}).get("total", len(status.get("peers", [])))
         out["rss_mib"] = round(rss_kib(pid) / 1024, 1)
         out["rss_over_idle_mib"] = round(out["rss_mib"] - out["idle_rss_mib"], 1)
 
@@ -633,9 +633,9 @@ async def learn_run(args, boxes: int, topology: str, tmp: Path) -> dict:
             name_node(Edged(root / f"edged-{i}", manifests, section), f"real-{i}") for i in range(1, args.daemons)
         ]
         daemons.extend(others)
-        await asyncio.gather(*(asyncio.to_thread(o.start) for o in others))
+        await asyncio.gather(*(asyncio.to_thread(o.start, False) for o in others))  # a loaded machine: > 20 s
         for o in others:
-            await poll_until(lambda o=o: o.get("/v1/status") is not None and connected_at(o.log_text()), 30)
+            await poll_until(lambda o=o: o.ready() and connected_at(o.log_text()), 120, interval=0.2)
         await asyncio.sleep(1.0)
         doc = document_text({"fleet": FLEET, "version": 1, "policies": {"here": {"strategy": "round_robin"}}})
         signed = sign_document(doc, load_private_key(str(root / "ops.key")))

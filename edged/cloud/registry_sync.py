@@ -79,7 +79,7 @@ APPLY_SHARE = 0.1  # ... taking at most about this share of the event loop (the 
 # Entries that went away reach the registry later, in one rebuild for a whole burst (a hundred boxes stopping
 # at once): routing does not wait for it, the transport already skips services no live node serves.
 REMOVAL_DELAY = 5.0
-FREEZE_EVERY = 1000  # entries learned between two `gc.freeze()` (see `RegistrySync._freeze`)
+FREEZE_EVERY = 1000  # entries learned or applied between two `gc.freeze()` (see `RegistrySync._freeze`)
 SAVE_WITHIN = 5.0  # seconds: the registry file is a cache for a boot without broker; one write per interval
 ENTRY_VERSION = 1
 SOURCE = "mqtt"
@@ -398,7 +398,7 @@ class RegistrySync:
         # (tenant, service) -> the spec put in the registry (its source names the node: "mqtt:{node}")
         self._chosen: dict[tuple[str, str], ServiceSpec] = {}
         self._touched: set[tuple[str, str]] = set()  # services whose spec may have changed since the last apply
-        self._frozen_at = 0  # entries kept at the last `_freeze`
+        self._unfrozen = 0  # entries learned and services applied since the last `_freeze`
         self._sources: dict[str, str] = {}  # node -> "mqtt:{node}"
         self._learned = 0  # entries kept, over all nodes
         self._apply_timer: asyncio.TimerHandle | None = None
@@ -703,6 +703,9 @@ class RegistrySync:
         else:
             self._learned += 1
             node, key = sys.intern(node), sys.intern(key)  # one string per node and per service, not per message
+            self._unfrozen += 1
+            if self._unfrozen >= FREEZE_EVERY:
+                self._freeze()
         self.entries.setdefault(node, {})[key] = kept
         self._index(node, _service(key, kept), add=True)
         self._changed(entry=(node, key))
@@ -856,7 +859,8 @@ class RegistrySync:
             chunk = {touched.pop() for _ in range(APPLY_CHUNK)}
         started = time.perf_counter()
         self._registry.update_services(SOURCE, {service: self._chosen.get(service) for service in chunk})
-        if self._learned - self._frozen_at >= FREEZE_EVERY:
+        self._unfrozen += len(chunk)  # the services, endpoints and health states made for them
+        if self._unfrozen >= FREEZE_EVERY:
             self._freeze()
         self._apply_cost = time.perf_counter() - started
         if self._touched:
@@ -869,7 +873,7 @@ class RegistrySync:
         them is in a cycle); the young generations are collected first, so that little garbage is frozen."""
         gc.collect(1)
         gc.freeze()
-        self._frozen_at = self._learned
+        self._unfrozen = 0
 
     def _schedule_apply(self, delay: float) -> None:
         """Apply within `delay`, once for a burst of messages; at once when no event loop runs (loading)."""
@@ -1099,7 +1103,7 @@ class RegistrySync:
                 # Seen "now": a saved wall-clock time means little on a box whose clock jumps at boot.
                 self.liveness.status(node, status["state"], now)
         self.apply()
-        if self._learned - self._frozen_at >= FREEZE_EVERY:
+        if kept >= FREEZE_EVERY:
             self._freeze()
         return kept
 
