@@ -520,6 +520,30 @@ def connected_at(log_text: str, after: float = 0.0) -> float | None:
     return None
 
 
+def loop_lag_buckets(d: Edged) -> dict[float, int]:
+    """The daemon's `edged_loop_lag_seconds` histogram: cumulative sample counts by upper bound (s)."""
+    out: dict[float, int] = {}
+    for line in d.api.request("GET", "/metrics")[2].decode().splitlines():
+        if line.startswith("edged_loop_lag_seconds_bucket{"):
+            bound = line.split('le="', 1)[1].split('"', 1)[0]
+            out[float("inf") if bound == "+Inf" else float(bound)] = int(float(line.rsplit(" ", 1)[1]))
+    return out
+
+
+def lag_summary(before: dict[float, int], after: dict[float, int]) -> dict:
+    """The loop-lag samples taken between two readings (4 a second): how many, how many over 5 and 20 ms,
+    and the bucket of the largest ("<= 0.05": the worst sample was 20-50 ms)."""
+    delta = {b: after.get(b, 0) - before.get(b, 0) for b in sorted(after)}
+    total = delta.get(float("inf"), 0)
+    worst = next((b for b in sorted(delta) if delta[b] == total), None)
+    return {
+        "samples": total,
+        "over_5ms": total - delta.get(0.005, 0),
+        "over_20ms": total - delta.get(0.02, 0),
+        "max_le_s": worst,
+    }
+
+
 async def poll_until(check, timeout: float, interval: float = 0.01) -> bool:
     """Call `check` (blocking: in a thread) until it is true or `timeout` passes."""
     deadline = time.monotonic() + timeout
@@ -618,6 +642,7 @@ async def learn_run(args, boxes: int, topology: str, tmp: Path) -> dict:
         # client takes the daemon's client id, the daemon reconnects and gets every retained message again.
         for phase in ("quiet", "burst"):
             probe = await probe_calls(d.port, backend.port, args.burst_window)
+            lag0 = await asyncio.to_thread(loop_lag_buckets, d)
             cpu0 = cpu_s(pid)
             if phase == "burst":
                 await asyncio.sleep(0.5)
@@ -626,6 +651,7 @@ async def learn_run(args, boxes: int, topology: str, tmp: Path) -> dict:
                 kicker.abort()
             out[f"calls_{phase}"] = await probe_result(probe)
             out[f"cpu_{phase}_s"] = round(cpu_s(pid) - cpu0, 2)
+            out[f"loop_lag_{phase}"] = lag_summary(lag0, await asyncio.to_thread(loop_lag_buckets, d))
 
         # Signed fleet config (pushed to the broker the fleet is on) reaching this daemon and `--daemons - 1`
         # others among the simulated boxes.
