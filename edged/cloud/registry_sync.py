@@ -75,7 +75,7 @@ log = logging.getLogger("edged.cloud.registry")
 STATE_FILE = "cloud-registry.json"  # the whole document, as earlier versions saved it (read once, then the log)
 APPLY_DELAY = 0.2  # seconds: a burst of new entries (a reconnect) is put into the registry a moment later ...
 APPLY_CHUNK = 50  # ... this many services at a time (an incremental registry change: a few ms on a Pi) ...
-APPLY_SHARE = 0.1  # ... taking at most about this share of the event loop (the next chunk waits 10x its cost)
+APPLY_SHARE = 0.25  # ... taking at most about this share of the event loop (the next chunk waits 4x its cost)
 # Entries that went away reach the registry later, in one rebuild for a whole burst (a hundred boxes stopping
 # at once): routing does not wait for it, the transport already skips services no live node serves.
 REMOVAL_DELAY = 5.0
@@ -398,6 +398,7 @@ class RegistrySync:
         # (tenant, service) -> the spec put in the registry (its source names the node: "mqtt:{node}")
         self._chosen: dict[tuple[str, str], ServiceSpec] = {}
         self._touched: set[tuple[str, str]] = set()  # services whose spec may have changed since the last apply
+        self._urgent: set[tuple[str, str]] = set()  # ... of them, those this node routes to (applied first)
         self._unfrozen = 0  # entries learned and services applied since the last `_freeze`
         self._sources: dict[str, str] = {}  # node -> "mqtt:{node}"
         self._learned = 0  # entries kept, over all nodes
@@ -791,6 +792,8 @@ class RegistrySync:
         """The spec a service gets in the registry: the entry of the first node by name that serves it. O(1)
         for a message, except when the chosen node's entry goes (then O(nodes serving this one service))."""
         self._touched.add(service)
+        if self.follows_all and service_key(*service) in self._needed:
+            self._urgent.add(service)
         chosen = self._chosen.get(service)
         chosen_node = chosen.source[len(SOURCE) + 1 :] if chosen is not None else None
         if added and chosen_node is not None and chosen_node < node:
@@ -844,7 +847,7 @@ class RegistrySync:
         if self._apply_timer is not None:
             self._apply_timer.cancel()
             self._apply_timer = None
-        self._touched = set()
+        self._touched, self._urgent = set(), set()
         self._registry.set_services(SOURCE, self._chosen)
 
     def _apply_some(self) -> None:
@@ -852,11 +855,14 @@ class RegistrySync:
         incremental registry change (O(chunk)); the rest right after, once the loop has run what waits (calls
         go on between chunks: a burst of ten thousand entries never holds the loop for long)."""
         self._apply_timer = None
-        touched = self._touched
+        touched, urgent = self._touched, self._urgent
         if len(touched) <= APPLY_CHUNK:
             chunk, self._touched = touched, set()
-        else:
-            chunk = {touched.pop() for _ in range(APPLY_CHUNK)}
+            urgent.clear()
+        else:  # the services this node routes to first (following a whole fleet, they are a few of thousands)
+            chunk = {urgent.pop() for _ in range(min(APPLY_CHUNK, len(urgent)))}
+            touched -= chunk
+            chunk.update(touched.pop() for _ in range(APPLY_CHUNK - len(chunk)))
         started = time.perf_counter()
         self._registry.update_services(SOURCE, {service: self._chosen.get(service) for service in chunk})
         self._unfrozen += len(chunk)  # the services, endpoints and health states made for them
