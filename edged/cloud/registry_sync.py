@@ -596,7 +596,8 @@ class RegistrySync:
         if node == self.node:
             self._on_own_status(msg)
             return
-        self._heard.add(node)
+        if node in self.entries:
+            self._heard.add(node)
         if not msg.payload:
             if self._seals is not None:  # anyone can publish an empty message; nobody can seal one
                 if node in self.nodes:
@@ -653,7 +654,8 @@ class RegistrySync:
         if parsed is None:
             return
         node, _, key = parsed
-        self._heard.add(node)
+        if node in self.entries:  # bounded: only nodes already kept (made-up names must not grow it)
+            self._heard.add(node)
         if node == self.node:
             self._on_own_entry(msg, key)
             return
