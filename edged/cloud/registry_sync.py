@@ -42,7 +42,6 @@ import gc
 import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -400,6 +399,7 @@ class RegistrySync:
         self._touched: set[tuple[str, str]] = set()  # services whose spec may have changed since the last apply
         self._urgent: set[tuple[str, str]] = set()  # ... of them, those this node routes to (applied first)
         self._unfrozen = 0  # entries learned and services applied since the last `_freeze`
+        self._names: dict[str, str] = {}  # node -> the one string kept for it (its entries, providers, offers)
         self._sources: dict[str, str] = {}  # node -> "mqtt:{node}"
         self._learned = 0  # entries kept, over all nodes
         self._apply_timer: asyncio.TimerHandle | None = None
@@ -582,6 +582,7 @@ class RegistrySync:
                 forgotten += 1
             if not known:
                 del self.entries[node]
+                self._names.pop(node, None)
         if forgotten:
             self._learned -= forgotten
             self._changed(removal=True)
@@ -705,7 +706,7 @@ class RegistrySync:
             self._index(node, _service(key, old), add=False)
         else:
             self._learned += 1
-            node, key = sys.intern(node), sys.intern(key)  # one string per node and per service, not per message
+            node = self._names.setdefault(node, node)  # one string per node, not one per message
             self._unfrozen += 1
             if self._unfrozen >= FREEZE_EVERY:
                 self._freeze()
@@ -721,6 +722,7 @@ class RegistrySync:
             self._learned -= 1
             if not known:
                 del self.entries[node]
+                self._names.pop(node, None)
             self._index(node, _service(key, old), add=False, departed=True)
             self._changed(removal=True, entry=(node, key))
 
@@ -983,6 +985,7 @@ class RegistrySync:
             self.nodes.pop(node, None)
             self._epochs.forget(node)
             self._sources.pop(node, None)
+            self._names.pop(node, None)
             for key, shape in self.entries.pop(node, {}).items():
                 self._learned -= 1
                 self._index(node, _service(key, shape), add=False)
@@ -1098,7 +1101,7 @@ class RegistrySync:
                     shape = shape_of(node, key, raw)
                 except Exception:  # a damaged file: base64, CBOR and validation raise many types
                     continue
-                node, key = sys.intern(node), sys.intern(key)
+                node = self._names.setdefault(node, node)
                 self.entries.setdefault(node, {})[key] = shape
                 self._index(node, _service(key, shape), add=True)
                 kept += 1
