@@ -23,7 +23,8 @@ fleet is on the broker first; the daemon routes `--needed` of the fleet's servic
 daemon's connect to knowing every needed service with its provider online, the CPU and RSS it took (RSS
 against the same daemon on an empty broker: its idle RSS), a local call's latency next to a direct call to
 the same backend while the retained burst arrives (a separate process calls, one call at a time; the burst
-is made again by taking over the daemon's MQTT client id, as a reconnect does), the state file, a warm
+is made again by taking over the daemon's MQTT client id, as a reconnect does) with the daemon's loop lag
+meanwhile (its `edged_loop_lag_seconds` samples over 5 and 20 ms), the state file, a warm
 start, the time from a provider's death to the daemon withdrawing it (last will) and the time to answer
 cloud calls again after the daemon's broker is killed (`[mqtt] url` = the site broker, then the central
 one). `--topology bridge` puts the fleet on a central broker and the daemon on a site broker bridged to it
