@@ -642,8 +642,8 @@ async def learn_run(args, boxes: int, topology: str, tmp: Path) -> dict:
         # Local calls with the fleet quiet (status messages only), then around the burst of a reconnect: another
         # client takes the daemon's client id, the daemon reconnects and gets every retained message again.
         for phase in ("quiet", "burst"):
-            probe = await probe_calls(d.port, backend.port, args.burst_window)
-            lag0 = await asyncio.to_thread(loop_lag_buckets, d)
+            lag0 = await asyncio.to_thread(loop_lag_buckets, d)  # before the calls: a scrape of 10,000 services
+            probe = await probe_calls(d.port, backend.port, args.burst_window)  # ... is itself a stall
             cpu0 = cpu_s(pid)
             if phase == "burst":
                 await asyncio.sleep(0.5)
