@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from test_router import ScriptedTransport
 
 from edged.call import Call
-from edged.cloud.registry_sync import entry_spec, normalize_entry, spec_entry
+from edged.cloud.registry_sync import entry_shape, entry_spec, normalize_entry, spec_entry
 from edged.cloud.tier import cloud_endpoints
-from edged.cloud.topics import Topics
+from edged.cloud.topics import Topics, service_key
 from edged.edge.peers import Peer, build
 from edged.edge.txt import HASH_PREFIX, node_txt, parse_labels_doc, parse_node_txt
 from edged.errors import ConfigError
@@ -389,6 +389,8 @@ def test_labels_travel_in_the_fleet_registry_entry_to_the_cloud_endpoint():
     remote = entry_spec(normalize_entry(entry, node="n1"), source="mqtt:n1")
     (ep,) = cloud_endpoints({remote.key: remote}, broker_url="mqtt://127.0.0.1:1883", topics=Topics("hubmesh", "f"))
     assert ep.labels == (("version", "2"),)
+    key = service_key(spec.tenant, spec.name)  # as a box keeps it: a shared shape, the spec made from it per key
+    assert entry_shape(entry, node="n1", key=key).spec(key, "mqtt:n1").endpoints == remote.endpoints
 
 
 # -- hostile input ----------------------------------------------------------------------------------------------

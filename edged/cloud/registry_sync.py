@@ -216,6 +216,7 @@ class Shape:
             priority=t.priority,
             interface=t.interface,
             endpoint_types=t.endpoint_types,
+            endpoints=t.endpoints,  # the cloud endpoint's labels (edged/routes.py), when the entry has some
             policy=t.policy,
             source=source,
         )
