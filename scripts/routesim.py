@@ -467,7 +467,9 @@ async def _run(scenario: Scenario, strategy: str, seed: int, clock: VirtualClock
         node.rng = random.Random(seed * 1000 + i)
         node.sem = asyncio.Semaphore(node.servers)
     policy_keys = {"per_try_timeout": 0.3, "timeout": 2.0, "retries": 2, **scenario.policy}
-    sim_strategy = "priority" if strategy == "oracle" else strategy
+    # The oracle ranks every call itself: its service's policy must not be one whose plan the router caches
+    # (`router.CACHEABLE_STRATEGIES`), or the first plan would stand for the whole run.
+    sim_strategy = "least_loaded" if strategy == "oracle" else strategy
     policy = PolicySpec(strategy=sim_strategy, **policy_keys)
     check = HealthCheckSpec(kind="http", http_path="/healthz", interval=1.0, timeout=0.3, rise=2, fall=2)
     spec = ServiceSpec(name="sim", endpoint_types=("local", "edge", "cloud"), health_check=check, policy=policy)
