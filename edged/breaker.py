@@ -13,72 +13,54 @@ Consecutive-failure accrual with backoff (`failure_accrual`, `failure_backoff`) 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections import deque
-
 from .errors import CallError
+from .inflight import Hold, Places
 from .model import PolicySpec
 
 
 class Gate:
-    """One service's count of calls being routed, and the calls waiting for a place (FIFO)."""
+    """One service's breaker: its calls being routed counted in a `Places` (edged/inflight.py, the count the
+    quotas use too), and a bounded wait for a place."""
 
-    __slots__ = ("_waiters", "inflight")
+    __slots__ = ("places",)
 
     def __init__(self) -> None:
-        self.inflight = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self.places = Places()
 
     def __repr__(self) -> str:
-        return f"<Gate inflight={self.inflight} waiting={len(self._waiters)}>"
+        return f"<Gate inflight={self.places.count} waiting={self.places.waiting}>"
+
+    @property
+    def inflight(self) -> int:
+        return self.places.count
 
     @property
     def waiting(self) -> int:
-        return len(self._waiters)
+        return self.places.waiting
 
-    def try_enter(self, limit: int) -> bool:
-        """Take a place if one is free (no waiting; the call path's cheap case)."""
-        if limit and (self.inflight >= limit or self._waiters):
-            return False
-        self.inflight += 1
-        return True
+    def try_enter(self, limit: int) -> Hold | None:
+        """Take a place if one is free (no waiting; the call path's cheap case): the hold, or None."""
+        places = self.places
+        if limit and (places.count >= limit or places.waiting):
+            return None
+        places.count += 1
+        return Hold((places,))
 
-    async def wait(self, policy: PolicySpec, timeout: float, service: str) -> None:
-        """Wait for a place (after `try_enter` failed); 503 `overloaded` when the queue is full or time runs out."""
-        if len(self._waiters) >= policy.max_pending or timeout <= 0:
+    async def enter(self, policy: PolicySpec, timeout: float, service: str) -> Hold:
+        """A place, waited for if needed; 503 `overloaded` when the queue is full or time runs out."""
+        hold = self.try_enter(policy.max_inflight)
+        if hold is not None:
+            return hold
+        places = self.places
+        if places.waiting >= policy.max_pending or timeout <= 0:
             raise CallError(503, "overloaded", _detail(service, "max_inflight", policy.max_inflight, self))
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        try:
-            await asyncio.wait_for(asyncio.shield(fut), timeout)
-        except asyncio.TimeoutError:
-            if fut.done():
-                return  # the place came just as the time ran out: keep it
-            fut.cancel()
-            self._remove(fut)
-            raise CallError(503, "overloaded", _detail(service, "max_pending", policy.max_pending, self)) from None
-        except BaseException:  # cancelled: the caller left
-            if fut.done() and not fut.cancelled():
-                self.leave()  # the place was handed over as the wait ended: pass it on
-            else:
-                fut.cancel()
-                self._remove(fut)
-            raise
+        if not await places.wait(timeout):
+            raise CallError(503, "overloaded", _detail(service, "max_pending", policy.max_pending, self))
+        return Hold((places,))  # the place was handed over: the count already has it
 
     def leave(self) -> None:
-        """Give the place back: to the first waiting call, if any, else to the count."""
-        while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)  # the place passes to it: the count stays
-                return
-        if self.inflight > 0:
-            self.inflight -= 1
-
-    def _remove(self, fut: asyncio.Future[None]) -> None:
-        with contextlib.suppress(ValueError):
-            self._waiters.remove(fut)
+        """Give a place back without its hold (a place taken by `try_enter` whose hold was dropped)."""
+        self.places.give()
 
 
 def _detail(service: str, limit: str, value: int, gate: Gate) -> dict:

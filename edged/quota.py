@@ -15,12 +15,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from .config import _LABEL, LABEL_WHAT
 from .document import Table
 from .errors import CallError
+from .inflight import FREE, Hold, Places
 from .model import QuotaSpec
 
 QUOTA_KEYS = ("rate", "burst", "in_flight")
@@ -79,7 +80,11 @@ class _Scope:
     key: str
     spec: QuotaSpec
     bucket: _Bucket | None
-    in_flight: int = 0
+    places: Places = field(default_factory=Places)  # calls holding a place in its in-flight cap
+
+    @property
+    def in_flight(self) -> int:
+        return self.places.count
 
 
 def _reshape(scope: _Scope, spec: QuotaSpec, now: float) -> None:
@@ -90,27 +95,8 @@ def _reshape(scope: _Scope, spec: QuotaSpec, now: float) -> None:
     scope.spec, scope.bucket = spec, bucket
 
 
-class Ticket:
-    """A place taken in the in-flight caps: give it back with `release()` (or `with`), once."""
-
-    __slots__ = ("_scopes",)
-
-    def __init__(self, scopes: tuple[_Scope, ...]) -> None:
-        self._scopes = scopes
-
-    def release(self) -> None:
-        for scope in self._scopes:
-            scope.in_flight -= 1
-        self._scopes = ()
-
-    def __enter__(self) -> Ticket:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-FREE = Ticket(())  # the ticket of a call no in-flight cap counts: nothing to give back
+Ticket = Hold  # a call's places in the in-flight caps (edged/inflight.py): given back once, however it ends
+__all__ = ["FREE", "Quotas", "Ticket"]
 
 
 class Quotas:
@@ -121,7 +107,7 @@ class Quotas:
         self._configured: dict[str, QuotaSpec] = dict(configured)
         self._scopes: dict[str, _Scope] = {}
         # (tenant, service) -> (the service's own quota it was made for, the scopes that apply, those capped)
-        self._plans: dict[tuple[str, str], tuple[QuotaSpec | None, tuple[_Scope, ...], tuple[_Scope, ...]]] = {}
+        self._plans: dict[tuple[str, str], tuple[QuotaSpec | None, tuple[_Scope, ...], tuple[Places, ...]]] = {}
         self.refused = 0
 
     def configure(self, configured: Mapping[str, QuotaSpec]) -> None:
@@ -174,7 +160,7 @@ class Quotas:
                     ((b"retry-after", str(max(1, math.ceil(wait))).encode()),),
                 )
             cap = scope.spec.in_flight
-            if cap is not None and scope.in_flight >= cap:
+            if cap is not None and not scope.places.free(cap):
                 self.refused += 1
                 detail = f"quota {scope.key!r}: {cap} calls at once"
                 raise CallError(429, "rate_limited", detail, ((b"retry-after", b"1"),))
@@ -183,13 +169,11 @@ class Quotas:
                 scope.bucket.tokens -= 1.0
         if not capped:
             return FREE
-        for scope in capped:
-            scope.in_flight += 1
-        return Ticket(capped)
+        return Hold.take(capped)
 
     def _plan(
         self, tenant: str, service: str, service_quota: QuotaSpec | None
-    ) -> tuple[QuotaSpec | None, tuple[_Scope, ...], tuple[_Scope, ...]]:
+    ) -> tuple[QuotaSpec | None, tuple[_Scope, ...], tuple[Places, ...]]:
         """The scopes a call of (tenant, service) passes, worked out once per change of the limits."""
         configured = self._configured
         service_key = f"{tenant}/{service}"
@@ -200,7 +184,7 @@ class Quotas:
                 scopes.append(self._scope(key, spec, now))
         if len(self._plans) >= 4096:
             self._plans.clear()
-        plan = (service_quota, tuple(scopes), tuple(s for s in scopes if s.spec.in_flight is not None))
+        plan = (service_quota, tuple(scopes), tuple(s.places for s in scopes if s.spec.in_flight is not None))
         self._plans[(tenant, service)] = plan
         return plan
 

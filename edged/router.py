@@ -212,9 +212,10 @@ class Router:
             )
         policy = spec.policy
         gate = self._breakers.gate(spec.key)
-        if not gate.try_enter(policy.max_inflight):
+        hold = gate.try_enter(policy.max_inflight)
+        if hold is None:
             try:
-                await gate.wait(policy, call.deadline - self._clock(), spec.name)
+                hold = await gate.enter(policy, call.deadline - self._clock(), spec.name)
             except CallError as exc:
                 self._metrics.overloaded.inc((spec.name, exc.detail["limit"]))  # type: ignore[index]
                 self.record(spec.name, "none", "overloaded", started)
@@ -284,7 +285,7 @@ class Router:
                 routed, held = held, None
                 return routed
         finally:
-            gate.leave()
+            hold.release()
             if race is not None:
                 await race.close()
             if held is not None:  # cancelled (the caller left) while holding an answer: give its connection back
