@@ -1,19 +1,29 @@
 """The `predictive` strategy: an online model per endpoint that predicts a try's latency and failure chance,
 and chooses by expected cost with exploration suited to conditions that drift.
 
-Pure Python, a fixed 12 numbers per endpoint (`Model`, about 400 bytes), no numpy. For each endpoint:
+Pure Python, a fixed set of numbers per endpoint (`Model`, under 1 KiB with its hour profile), no numpy.
+For each endpoint:
 - latency = a + b x (calls in flight when the try was sent): a discounted least-squares line, so the load
   an endpoint is under is part of the prediction (b is pulled towards a while the data cannot tell it:
   one more call in flight costs about one more service time);
-- failure chance: discounted failed / all tries (timeouts, resets, 5xx), with a weak prior;
-- every sum is discounted by age (half-life 20 s for latency, 4 s for failures): old evidence fades, so a
-  box that slowed down or came back is seen within seconds (discounted Thompson sampling for drifting
-  conditions).
-For a call, each endpoint's line intercept is drawn from its posterior (more spread the fewer recent
-samples: exploration that stops paying once an endpoint is known, and starts again as evidence ages);
-the expected cost is (latency + failure chance x per-try timeout) x the node's vitals factor (CPU,
-battery, link: as least_loaded weighs them); the cheapest goes first. `cloud_max_share` caps the share of
-calls the cloud tier may take first (then cloud endpoints only back the others up).
+- the evidence is discounted twice: by age (half-life 20 s, so an endpoint left alone is explored again)
+  and by count (at most the last ~48 answers weigh: a box that slows down is seen after a few dozen
+  answers, however busy it is; a 20 s half-life alone lagged a drifting box by tens of ms);
+- failure chance: discounted failed / all tries (timeouts, resets, 5xx; half-life 1 s, at most ~32 tries),
+  with a weak prior: a lossy link's bursts are seen and forgotten within a second or two;
+- tries overdue: the mean age of the tries in flight (`EndpointHealth.sent_sum`) above the predicted
+  latency counts as cost at once. A lost reply is otherwise known only when its try times out; this sees
+  the start of a loss burst (or a stall) within tens of ms;
+- time of day: a discounted latency per hour of the day (24 buckets), the prediction for an endpoint with
+  little recent evidence (after a restart, or one left alone for a while) instead of a flat default;
+- vitals: battery and link quality as a cost factor (as least_loaded weighs them); CPU only for an endpoint
+  with no recent answers (otherwise the latency and in-flight count it is measured by already carry its
+  load, and counting it again drove calls to a slow idle box: the routing simulator's drift scenario).
+For a call, each endpoint's intercept and failure chance are drawn from their posteriors with one normal
+draw (discounted Thompson sampling: more spread the less recent evidence); the expected cost is
+latency + spread + failure chance x per-try timeout + overdue age, x the vitals factor; the cheapest goes
+first. `cloud_max_share` caps the share of calls the cloud tier may take first (then cloud endpoints only
+back the others up).
 
 Models live with each endpoint's health (`EndpointHealth.model`), are fed by the call path when the
 service's strategy is `predictive`, and are kept in the state dir (`predictive.json`) across restarts.
@@ -26,41 +36,68 @@ import logging
 import math
 import random
 import time
+from array import array
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
-from .balancer import vitals_factor
+from .balancer import BATTERY_FACTOR, CPU_FACTOR, DRAINED_FACTOR, MIN_LINK, vital
 from .model import Endpoint
 from .state import StateError, StateStore
 
 log = logging.getLogger("edged.predictive")
 
 HALF_LIFE = 20.0  # seconds: latency evidence this old counts half
-FAIL_HALF_LIFE = 4.0  # seconds: failures fade faster (a lossy link's bursts come and go within seconds)
-EXPLORE = 0.5  # spread of a draw, as a share of the prediction's standard error
+MAX_WEIGHT = 48.0  # latency evidence counts at most this many answers (older ones fade as new ones come)
+FAIL_HALF_LIFE = 1.0  # seconds: failures fade faster (a lossy link's bursts come and go within seconds)
+MAX_TRIES = 32.0  # the failure chance weighs at most this many tries
+EXPLORE = 0.5  # spread of a latency draw, as a share of the prediction's standard error
+FAIL_EXPLORE = 1.0  # spread of a failure-chance draw, in standard errors of the estimate
 TAIL = 1.0  # the cost counts this many standard deviations of an endpoint's latency: the tail matters
+OVERDUE = 2.0  # seconds of cost per second that its tries in flight are older, on average, than predicted
 PRIOR_WEIGHT = 2.0  # pseudo-samples pulling the in-flight slope towards the intercept
 FAIL_PRIOR = (0.05, 1.0)  # pseudo failures, pseudo tries: a new endpoint's failure chance starts at 5 %
+HOURS = 24  # buckets of the time-of-day profile
+HOUR_ALPHA = 0.02  # weight of one answer in its hour's latency (an hour's profile follows weeks, not calls)
+HOUR_WEIGHT = 4.0  # pseudo-samples the hour's latency counts for against the recent line
 MIN_SIGMA = 0.0005  # seconds: the spread of a prediction never goes below this
 STATE_FILE = "predictive.json"
 SAVE_INTERVAL = 60.0
 _LN2 = math.log(2.0)
 _DECAY = -_LN2 / HALF_LIFE
 _FAIL_DECAY = -_LN2 / FAIL_HALF_LIFE
+_VALUES = 8  # the sums `dump` gives
+_LENGTHS = (_VALUES + 1, _VALUES + 1 + HOURS)  # a kept model: its sums, its age (version 1), its hours (2)
+
+
+_UTC_OFFSET = -(time.altzone if time.daylight and time.localtime().tm_isdst else time.timezone)  # at start
+
+
+def _local_seconds() -> float:
+    """Seconds into the local day (the time-of-day feature's clock; the simulator replaces `day_clock`)."""
+    return (time.time() + _UTC_OFFSET) % 86400.0
+
+
+day_clock: Callable[[], float] = _local_seconds
+
+
+def hour_now() -> int:
+    return int(day_clock() / 3600.0) % HOURS
 
 
 class Model:
     """Discounted sums of one endpoint: weight, z, z^2, y, y^2, z*y (z = calls in flight at send, y = latency),
-    failures, tries, and when they were last discounted (the clock of `observe`); and the line they give
-    (a, b, sigma), worked out when a sample arrives rather than at every decision."""
+    failures, tries, and when they were last discounted (the clock of `observe`); the line they give
+    (a, b, sigma), worked out when a sample arrives rather than at every decision; and the latency by hour
+    of the day (0: not seen yet)."""
 
-    __slots__ = ("a", "b", "fails", "sigma", "stamp", "sy", "syy", "sz", "szy", "szz", "tries", "w")
+    __slots__ = ("a", "b", "fails", "hours", "sigma", "stamp", "sy", "syy", "sz", "szy", "szz", "tries", "w")
 
     def __init__(self) -> None:
         self.w = self.sz = self.szz = self.sy = self.syy = self.szy = 0.0
         self.fails = self.tries = 0.0
         self.stamp = 0.0
         self.a = self.b = self.sigma = 0.0
+        self.hours = array("f", bytes(4 * HOURS))
 
     def __repr__(self) -> str:
         return f"<Model n={self.w:.1f} mean={1000 * self.sy / self.w if self.w else 0:.1f} ms fails={self.fails:.1f}>"
@@ -68,25 +105,33 @@ class Model:
     def _decay(self, now: float) -> None:
         dt = now - self.stamp
         if dt > 0.0:
-            g = math.exp(-_LN2 * dt / HALF_LIFE)
-            self.w *= g
-            self.sz *= g
-            self.szz *= g
-            self.sy *= g
-            self.syy *= g
-            self.szy *= g
-            f = math.exp(-_LN2 * dt / FAIL_HALF_LIFE)
+            self._scale(math.exp(_DECAY * dt))
+            f = math.exp(_FAIL_DECAY * dt)
             self.fails *= f
             self.tries *= f
         self.stamp = now
 
+    def _scale(self, g: float) -> None:
+        self.w *= g
+        self.sz *= g
+        self.szz *= g
+        self.sy *= g
+        self.syy *= g
+        self.szy *= g
+
     def observe(self, now: float, ok: bool, latency: float | None, load: int) -> None:
         """One try: its outcome, its latency when it answered, the calls in flight when it was sent."""
         self._decay(now)
+        if self.tries > MAX_TRIES - 1.0:
+            k = (MAX_TRIES - 1.0) / self.tries
+            self.tries *= k
+            self.fails *= k
         self.tries += 1.0
         if not ok:
             self.fails += 1.0
         if latency is not None and ok:
+            if self.w > MAX_WEIGHT - 1.0:
+                self._scale((MAX_WEIGHT - 1.0) / self.w)
             z = float(load)
             self.w += 1.0
             self.sz += z
@@ -95,6 +140,10 @@ class Model:
             self.syy += latency * latency
             self.szy += z * latency
             self._fit()
+            h = hour_now()
+            seen = self.hours[h]
+            base = max(1e-6, latency - self.b * z)  # this answer at no load
+            self.hours[h] = base if seen == 0.0 else seen + HOUR_ALPHA * (base - seen)
 
     def _fit(self) -> None:
         """The latency line from the sums (ratios of sums: discounting all of them alike changes nothing)."""
@@ -119,6 +168,12 @@ class Model:
         else:
             w, f = self.w, 1.0
         p_fail = (self.fails * f + FAIL_PRIOR[0]) / (self.tries * f + FAIL_PRIOR[1])
+        if w < HOUR_WEIGHT:  # little recent evidence: what this hour of the day usually brings
+            usual = self.hours[hour_now()]
+            if usual > 0.0:
+                a = (self.a * w + usual * HOUR_WEIGHT) / (w + HOUR_WEIGHT) if w >= 1e-3 else usual
+                b = self.b if w >= 1e-3 else usual
+                return a + b * load, max(self.sigma, MIN_SIGMA), p_fail, w
         if w < 1e-3:
             return default_rtt * (load + 1), default_rtt, p_fail, w
         return self.a + self.b * load, self.sigma, p_fail, w
@@ -127,17 +182,42 @@ class Model:
         return [self.w, self.sz, self.szz, self.sy, self.syy, self.szy, self.fails, self.tries]
 
     @classmethod
-    def restore(cls, values: Sequence[float], stamp: float) -> Model:
+    def restore(cls, values: Sequence[float], stamp: float, hours: Sequence[float] = ()) -> Model:
         m = cls()
         m.w, m.sz, m.szz, m.sy, m.syy, m.szy, m.fails, m.tries = (float(v) for v in values)
         m.stamp = stamp
+        if len(hours) == HOURS:
+            m.hours = array("f", hours)
         if m.w > 0.0:
             m._fit()
         return m
 
 
+_FACTORS: dict[tuple[tuple[str, str], ...], tuple[float, float]] = {}
+
+
+def vitals_factors(meta: tuple[tuple[str, str], ...]) -> tuple[float, float]:
+    """(battery x link factor, CPU factor) of a node's vitals, as least_loaded's `balancer.vitals_factor`."""
+    factors = _FACTORS.get(meta)
+    if factors is None:
+        m = dict(meta)
+        factor = 1.0
+        if m.get("power") == "battery":
+            bat = vital(m, "bat")
+            factor *= BATTERY_FACTOR * (1.0 + DRAINED_FACTOR * (1.0 - (1.0 if bat is None else bat)))
+        link = vital(m, "link")
+        if link is not None:
+            factor /= max(MIN_LINK, link)
+        cpu = vital(m, "cpu")
+        if len(_FACTORS) >= 1024:
+            _FACTORS.clear()  # vitals vary: keep the table small rather than complete
+        factors = _FACTORS[meta] = (factor, 1.0 + CPU_FACTOR * (cpu or 0.0))
+    return factors
+
+
 class ModelState(Protocol):
     inflight: int
+    sent_sum: float  # the send times of its tries in flight, summed
     model: Model | None
 
 
@@ -152,19 +232,49 @@ def order(
 ) -> tuple[list[Endpoint], list[float]]:
     """Cheapest expected cost first (each drawn from its posterior); cloud endpoints last when capped."""
     costs: list[float] = []
+    draw = rng.random
+    sqrt = math.sqrt
+    normal = _NORMAL or _normal_table()
     for ep, st in zip(eps, states, strict=True):
         model = st.model
+        inflight = st.inflight
         if model is None:
-            lat, sigma, p_fail, n = default_rtt * (st.inflight + 1), default_rtt, FAIL_PRIOR[0] / FAIL_PRIOR[1], 0.0
+            lat, sigma, p_fail, n, tries = default_rtt * (inflight + 1), default_rtt, FAIL_PRIOR[0], 0.0, 0.0
         else:
-            lat, sigma, p_fail, n = model.predict(now, st.inflight, default_rtt)
-        drawn = lat + rng.gauss(0.0, EXPLORE) * sigma / math.sqrt(n + 1.0)
-        cost = (max(drawn, 1e-6) + TAIL * sigma + p_fail * timeout) * (vitals_factor(ep.meta) if ep.meta else 1.0)
+            lat, sigma, p_fail, n = model.predict(now, inflight, default_rtt)
+            tries = model.tries
+        u = normal[int(draw() * _DRAWS)]  # one draw for both: an endpoint explored is explored on both counts
+        cost = lat + u * EXPLORE * sigma / sqrt(n + 1.0)
+        p_fail += u * FAIL_EXPLORE * sqrt(p_fail * (1.0 - p_fail) / (tries + 1.0))
+        cost = (cost if cost > 1e-6 else 1e-6) + TAIL * sigma + (p_fail if p_fail > 0.0 else 0.0) * timeout
+        if inflight:
+            age = now - st.sent_sum / inflight  # the mean age of its tries in flight
+            if age > lat:
+                cost += OVERDUE * (age - lat)
+        if ep.meta:
+            factor, cpu = vitals_factors(ep.meta)
+            cost *= factor * cpu if n < 1.0 else factor
         if cloud_capped and ep.tier == "cloud":
             cost += 1e6
         costs.append(cost)
     ranked = sorted(range(len(eps)), key=costs.__getitem__)
     return list(map(eps.__getitem__, ranked)), costs
+
+
+_DRAWS = 256
+_NORMAL: list[float] = []
+
+
+def _normal_table() -> list[float]:
+    """Standard normal quantiles at the middle of 256 equal slices, made on first use: a draw is then one
+    C-level random() and an index (random.gauss, pure Python, cost more than the rest of a prediction)."""
+    for i in range(_DRAWS):
+        p, lo, hi = (i + 0.5) / _DRAWS, -6.0, 6.0
+        for _ in range(40):  # bisection on the normal CDF, 0.5 * (1 + erf(x / sqrt 2))
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if 0.5 * (1.0 + math.erf(mid / math.sqrt(2.0))) < p else (lo, mid)
+        _NORMAL.append((lo + hi) / 2)
+    return _NORMAL
 
 
 def why(ep: Endpoint, st: ModelState, now: float, default_rtt: float, cost: float, capped: bool) -> str:
@@ -203,21 +313,23 @@ class CloudShare:
 
 def save(store: StateStore, models: Iterable[tuple[str, Model]], now: float) -> int:
     """Write every model with its age (monotonic clocks do not survive a restart); returns how many."""
-    items = {eid: [*m.dump(), round(max(0.0, now - m.stamp), 3)] for eid, m in models}
-    store.write_json(STATE_FILE, {"version": 1, "saved_at": time.time(), "models": items})
+    items = {
+        eid: [*m.dump(), round(max(0.0, now - m.stamp), 3), *(round(h, 6) for h in m.hours)] for eid, m in models
+    }
+    store.write_json(STATE_FILE, {"version": 2, "saved_at": time.time(), "models": items})
     return len(items)
 
 
 def load(store: StateStore, now: float, max_items: int = 2048) -> dict[str, Model]:
-    """The models kept in the state dir (at most `max_items`, about 400 bytes each), aged by the time the daemon
-    was down; bad entries are dropped."""
+    """The models kept in the state dir (at most `max_items`, under 1 KiB each), aged by the time the daemon
+    was down; bad entries are dropped. Version 1 files (no hour profile: 9 numbers a model) still load."""
     data = store.read_json(STATE_FILE, {})
     if not isinstance(data, dict) or not isinstance(data.get("models"), dict):
         return {}
     down = max(0.0, time.time() - float(data.get("saved_at", time.time())))
     out: dict[str, Model] = {}
     for eid, values in list(data["models"].items())[:max_items]:
-        if not (isinstance(eid, str) and isinstance(values, list) and len(values) == 9):
+        if not (isinstance(eid, str) and isinstance(values, list) and len(values) in _LENGTHS):
             continue
         try:
             nums = [float(v) for v in values]
@@ -225,7 +337,7 @@ def load(store: StateStore, now: float, max_items: int = 2048) -> dict[str, Mode
             continue
         if not all(math.isfinite(v) and v >= -1e-9 for v in nums[:2] + nums[3:5] + nums[6:]):
             continue
-        out[eid] = Model.restore(nums[:8], now - nums[8] - down)
+        out[eid] = Model.restore(nums[:_VALUES], now - nums[_VALUES] - down, nums[_VALUES + 1 :])
     return out
 
 

@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
+from edged import predictive  # noqa: E402
 from edged.call import Call  # noqa: E402
 from edged.errors import CallError, ConnectFailed, UpstreamTimeout  # noqa: E402
 from edged.health import CheckResult, HealthMonitor  # noqa: E402
@@ -53,6 +54,7 @@ from edged.telemetry import MeshMetrics  # noqa: E402
 STRATEGIES = ("priority", "round_robin", "weighted", "least_loaded", "predictive", "oracle")
 LINK = {"local": 0.0002, "edge": 0.002, "cloud": 0.040}  # one-way-and-back network time per tier (seconds)
 VITALS_EVERY = 2.0  # seconds between vitals updates (the edge tier's TXT updates)
+DAY = 60.0  # seconds of virtual time in a day (the day-night scenario's; the predictive model's hours follow it)
 
 
 # -- virtual time ---------------------------------------------------------------------------------------
@@ -298,7 +300,7 @@ def heterogeneous() -> list[SimNode]:
 
 
 def scenarios() -> dict[str, Scenario]:
-    day = 60.0
+    day = DAY
     items = [
         Scenario("heterogeneous", "four boxes of different speed, 60 % load", heterogeneous, const(0.6)),
         Scenario(
@@ -454,9 +456,12 @@ def run(scenario: Scenario, strategy: str, seed: int = 1) -> RunResult:
     """Run one scenario with one strategy; deterministic for a seed."""
     clock = VirtualClock()
     loop = VirtualLoop(clock)
+    day_clock = predictive.day_clock
+    predictive.day_clock = lambda: (clock.now % DAY) * 86400.0 / DAY  # the model's time of day: virtual days
     try:
         return loop.run_until_complete(_run(scenario, strategy, seed, clock))
     finally:
+        predictive.day_clock = day_clock
         loop.close()
 
 

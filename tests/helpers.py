@@ -52,6 +52,8 @@ class FakeState:
         self.up = True
         self.latency_ewma = None
         self.inflight = 0
+        self.sent_sum = 0.0  # send times of the tries in flight (edged.predictive reads their mean age)
+        self.model = None
         self.peak = PeakEwma()
         self.why = "healthy"
 

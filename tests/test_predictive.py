@@ -24,7 +24,7 @@ def test_the_model_learns_latency_per_call_in_flight_and_forgets_with_age():
     lat0, sigma, p_fail, n = m.predict(4.0, 0, 0.03)
     lat4, *_ = m.predict(4.0, 4, 0.03)
     assert abs(lat0 - 0.010) < 0.002 and abs(lat4 - 0.030) < 0.003 and sigma < 0.002
-    assert p_fail < 0.01 and n > 100
+    assert p_fail < 0.01 and predictive.MAX_WEIGHT - 2 < n <= predictive.MAX_WEIGHT  # the last ~48 answers weigh
     *_, n_later = m.predict(4.0 + predictive.HALF_LIFE, 0, 0.03)
     assert abs(n_later - n / 2) < 1.0  # evidence halves every half-life
 
@@ -97,3 +97,77 @@ def test_models_are_kept_with_their_age_and_bad_entries_are_dropped(tmp_path):
     restored = back["default/s/local/a"]
     assert abs(restored.predict(5000.0, 1, 0.03)[0] - m.predict(120.0, 1, 0.03)[0]) < 1e-9
     assert abs(restored.stamp - (5000.0 - 1.0)) < 1.0  # last sample 1 s before the save (and ~0 s of downtime)
+
+
+def test_a_box_that_slows_down_is_seen_within_a_few_dozen_answers_however_busy_it_was():
+    m = Model()
+    for i in range(4000):  # 20 s of a busy, steady box: 10 ms
+        m.observe(i * 0.005, True, 0.010, 0)
+    for i in range(40):  # then 0.2 s of 50 ms answers
+        m.observe(20.0 + i * 0.005, True, 0.050, 0)
+    # Discounted by age alone (a 20 s half-life), the 4,000 old answers held the prediction near 10 ms.
+    assert m.predict(20.2, 0, 0.03)[0] > 0.030
+
+
+def test_failures_of_a_loss_burst_show_within_tries_and_fade_within_seconds_of_its_end():
+    m = Model()
+    for i in range(500):
+        m.observe(i * 0.01, True, 0.01, 0)
+    for i in range(10):  # a burst: 4 of 10 tries lost
+        m.observe(5.0 + i * 0.01, i % 5 >= 2, 0.01 if i % 5 >= 2 else None, 0)
+    assert m.predict(5.1, 0, 0.03)[2] > 0.1
+    assert m.predict(8.0, 0, 0.03)[2] < m.predict(5.1, 0, 0.03)[2]
+    for i in range(20):  # the burst is over: a few answers bring it back
+        m.observe(6.0 + i * 0.01, True, 0.01, 0)
+    assert m.predict(6.2, 0, 0.03)[2] < 0.05
+
+
+def test_tries_overdue_in_flight_make_an_endpoint_costlier_at_once():
+    eps = [endpoint("lossy", 1), endpoint("steady", 2)]
+    health = FakeHealth()
+    learned(health, "lossy", 0.010)
+    learned(health, "steady", 0.020)
+    svc = service(*eps, policy=PolicySpec(strategy="predictive", per_try_timeout=0.3))
+    ranker = Ranker(random.Random(4))
+
+    def lossy_first(now: float) -> int:
+        return sum(ranker.plan(svc, health, now, explain=False).choices[0].endpoint.id.endswith("/lossy") for _ in range(200))
+
+    assert lossy_first(3.0) > 150  # the faster one, while its tries come back
+    lossy = health.state("default/s/local/lossy")
+    lossy.inflight, lossy.sent_sum = 4, 4 * 2.92  # four tries out for 80 ms, where 10 ms is usual: replies lost
+    assert lossy_first(3.0) < 20
+
+
+def test_the_hour_of_the_day_is_what_an_endpoint_left_alone_is_predicted_by(monkeypatch):
+    clock = {"s": 3 * 3600.0}
+    monkeypatch.setattr(predictive, "day_clock", lambda: clock["s"])
+    m = Model()
+    for i in range(100):  # 3 am: slow (a nightly backup runs on the box)
+        m.observe(i * 0.01, True, 0.080, 0)
+    clock["s"] = 15 * 3600.0
+    for i in range(100):  # 3 pm: fast
+        m.observe(10.0 + i * 0.01, True, 0.010, 0)
+    later = 10.0 + 10 * predictive.HALF_LIFE  # long unused: recent evidence has faded
+    assert abs(m.predict(later, 0, 0.5)[0] - 0.010) < 0.002
+    clock["s"] = 3 * 3600.0 + 600
+    assert abs(m.predict(later, 0, 0.5)[0] - 0.080) < 0.005
+    clock["s"] = 9 * 3600.0  # an hour never seen: the line of the last answers, however faded
+    assert m.predict(later, 0, 0.5)[0] == m.a
+
+
+def test_a_version_1_state_file_still_loads_and_hours_survive_a_restart(tmp_path, monkeypatch):
+    monkeypatch.setattr(predictive, "day_clock", lambda: 7 * 3600.0)
+    store = StateStore(tmp_path)
+    m = Model()
+    for i in range(20):
+        m.observe(100.0 + i, True, 0.02, 1)
+    predictive.save(store, [("default/s/local/a", m)], now=120.0)
+    back = predictive.load(store, now=5000.0)["default/s/local/a"]
+    assert list(back.hours) == list(m.hours) and back.hours[7] > 0
+    doc = json.loads((tmp_path / predictive.STATE_FILE).read_text())
+    doc = {"version": 1, "saved_at": doc["saved_at"], "models": {k: v[:9] for k, v in doc["models"].items()}}
+    (tmp_path / predictive.STATE_FILE).write_text(json.dumps(doc))
+    old = predictive.load(store, now=5000.0)["default/s/local/a"]
+    assert abs(old.predict(5000.0, 1, 0.03)[0] - back.predict(5000.0, 1, 0.03)[0]) < 1e-9
+    assert not any(old.hours)

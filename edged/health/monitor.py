@@ -59,6 +59,7 @@ class EndpointHealth:
         "latency_ewma",
         "model",
         "peak",
+        "sent_sum",
     )
 
     def __init__(self, endpoint_id: str, outlier: Outlier) -> None:
@@ -70,6 +71,7 @@ class EndpointHealth:
         self.peak = PeakEwma()  # calls' answer times, for the least_loaded strategy (edged.balancer)
         self.model: Model | None = None  # for the predictive strategy (edged.predictive), made on first use
         self.inflight = 0
+        self.sent_sum = 0.0  # sum of the send times of the tries in flight: their mean age (edged.predictive)
         self.busy_since = 0.0
         self.last_response_at = 0.0
         self._lag_marks = (0.0, 0.0)  # the event loop's lag total at busy_since and at last_response_at
@@ -240,11 +242,14 @@ class HealthMonitor:
         block: it gives the count back when the block is left, whether `finish` was called or not."""
         h = self.state(endpoint_id)
         load = h.inflight
+        now = self._clock()
         if load == 0:
-            h.busy_since = self._clock()
+            h.busy_since = now
+            h.sent_sum = 0.0  # (a call_finished with no handle may have left a remainder)
             h._lag_marks = (self._lag(), h._lag_marks[1])
         h.inflight += 1
-        return InFlight(self, h, load)
+        h.sent_sum += now
+        return InFlight(self, h, load, now)
 
     def call_finished(
         self,
@@ -566,12 +571,13 @@ class InFlight:
     the outcome and gives the place back; leaving the `with` block gives it back if `finish` did not (the call
     was cancelled: nothing is learned about the endpoint)."""
 
-    __slots__ = ("_health", "_load", "_monitor")
+    __slots__ = ("_health", "_load", "_monitor", "_sent")
 
-    def __init__(self, monitor: HealthMonitor, health: EndpointHealth, load: int = 0) -> None:
+    def __init__(self, monitor: HealthMonitor, health: EndpointHealth, load: int = 0, sent: float = 0.0) -> None:
         self._monitor: HealthMonitor | None = monitor
         self._health = health
         self._load = load  # calls in flight when this one was sent
+        self._sent = sent  # when it was sent (its part of `EndpointHealth.sent_sum`)
 
     def __enter__(self) -> InFlight:
         return self
@@ -595,14 +601,17 @@ class InFlight:
         """The call ended with this outcome (see `HealthMonitor.call_finished`)."""
         monitor, self._monitor = self._monitor, None
         if monitor is not None:
+            self._health.sent_sum -= self._sent
             monitor._finished(self._health, endpoint, service, ok, latency, None, None, reached, later, self._load)
 
     def release(self) -> None:
         """Give the place back without an outcome (idempotent)."""
         if self._monitor is not None:
             self._monitor = None
-            if self._health.inflight > 0:
-                self._health.inflight -= 1
+            h = self._health
+            if h.inflight > 0:
+                h.inflight -= 1
+                h.sent_sum -= self._sent
 
 
 def _endpoints_of(services: Iterable[Service]) -> dict[str, tuple[Endpoint, HealthCheckSpec | None]]:
