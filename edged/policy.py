@@ -244,13 +244,38 @@ class Ranker:
             drawn = False
         else:
             levels = [groups[k] for k in sorted(groups)]
-            healths, share_list, total = shares([(len(lv.usable), lv.total) for lv in levels], policy.overprovisioning)
-            start = pick(share_list, self._rng.random())
-            drawn = sum(1 for share in share_list if share > 0.0) > 1
+            lv = levels[0]
+            if explain or policy.overprovisioning * len(lv.usable) < lv.total:
+                healths, share_list, total = shares(
+                    [(len(lv.usable), lv.total) for lv in levels], policy.overprovisioning
+                )
+                start = pick(share_list, self._rng.random())
+                drawn = sum(1 for share in share_list if share > 0.0) > 1
+            else:  # the first level is healthy enough to take every call (the common case): no draw
+                total, start, drawn = 100.0, 0, False
         panic = total < policy.panic_threshold and any(lv.stalled or lv.down for lv in levels)
         choices: list[Choice] = []
         geo_rows: list[dict] | None = [] if explain and strategy == "geo" else None
-        for i in (start, *(i for i in range(len(levels)) if i != start)) if len(levels) > 1 else (0,):
+        if not explain and not panic and (strategy == "least_loaded" or strategy == "predictive"):
+            # The call path's common case, without the general loop's bookkeeping (scripts/policybench.py).
+            default_rtt, rng, add = policy.default_rtt, self._rng, choices.append
+            capped = strategy == "predictive" and self._cloud_capped(service, now)
+            for i in range(len(levels)) if not start else (start, *(j for j in range(len(levels)) if j != start)):
+                members = levels[i].usable  # the start level first, then the others in level order
+                if len(members) > 1:
+                    if strategy == "least_loaded":
+                        members = balancer.order(members, levels[i].states, now, default_rtt, rng)[0]
+                    else:
+                        members = predictive.order(
+                            members, levels[i].states, now, default_rtt, policy.per_try_timeout, rng, capped  # type: ignore[arg-type]
+                        )[0]
+                for ep in members:
+                    add(_new(Choice, (ep, True, "", "")))
+            levels_done = True
+        else:
+            levels_done = False
+        others = (start, *(i for i in range(len(levels)) if i != start)) if len(levels) > 1 else (0,)
+        for i in () if levels_done else others:
             lv = levels[i]
             name = level_name(spec, lv.first) if explain else ""
             members, states = lv.usable, lv.states
@@ -262,7 +287,7 @@ class Ranker:
             if strategy == "geo":
                 ordered, why = self._geo(service, lv, members, states, now, health, geo_rows, name)
             else:
-                ordered, why = self._order(strategy, service, members, states, now, (spec.key, i))
+                ordered, why = self._order(strategy, service, members, states, now, (spec.key, i), explain)
             if not panic:
                 if explain:
                     choices += [Choice(ep, True, why(ep), name) for ep in ordered]
@@ -288,6 +313,8 @@ class Ranker:
             refused.sort(key=lambda item: _priority_key(service, item[0]))
             choices += [Choice(ep, False, f"last resort: {reason}" if explain else "") for ep, reason in refused]
         if not explain:
+            if strategy == "predictive" and choices:  # cloud_max_share counts the calls' first choices
+                self._cloud_share(service).count(now, choices[0].endpoint.tier == "cloud")
             return _new(Plan, (strategy, tuple(choices), note, (), panic, drawn, ()))
         if panic:
             note = (note + "; " if note else "") + (
@@ -362,6 +389,19 @@ class Ranker:
             known = self._places[service.spec.key] = (service, layout)
         return known[1]
 
+    def _cloud_share(self, service: Service) -> predictive.CloudShare:
+        share = self._cloud.get(service.spec.key)
+        if share is None:
+            if len(self._cloud) >= MAX_LAYOUTS:
+                self._cloud.clear()
+            share = self._cloud[service.spec.key] = predictive.CloudShare()
+        return share
+
+    def _cloud_capped(self, service: Service, now: float) -> bool:
+        """Whether the cloud tier has had its `cloud_max_share` of first choices (predictive): backup only."""
+        limit = service.spec.policy.cloud_max_share
+        return limit < 100 and self._cloud_share(service).share(now) * 100 >= limit
+
     def _order(
         self,
         strategy: str,
@@ -370,14 +410,18 @@ class Ranker:
         states: list[HealthState],
         now: float,
         turn_key: tuple,
+        explain: bool = True,
     ) -> tuple[list[Endpoint], Callable[[Endpoint], str]]:
-        """The strategy's order, and how to say why an endpoint has its place (only asked when explaining)."""
+        """The strategy's order, and how to say why an endpoint has its place (only asked when explaining;
+        without `explain` the second value is a stand-in that must not be called)."""
         if len(eps) <= 1 and strategy not in ("round_robin", "predictive"):
             if strategy == "priority":
                 return eps, _priority_why
             return eps, lambda ep: f"only usable endpoint of its level; {strategy}"
         if strategy == "least_loaded":
             ordered, costs = balancer.order(eps, states, now, service.spec.policy.default_rtt, self._rng)
+            if not explain:
+                return ordered, _priority_why
 
             def why(ep: Endpoint) -> str:
                 k = eps.index(ep)
@@ -387,12 +431,7 @@ class Ranker:
             return ordered, why
         if strategy == "predictive":
             policy = service.spec.policy
-            share = self._cloud.get(service.spec.key)
-            if share is None:
-                if len(self._cloud) >= MAX_LAYOUTS:
-                    self._cloud.clear()
-                share = self._cloud[service.spec.key] = predictive.CloudShare()
-            capped = policy.cloud_max_share < 100 and share.share(now) * 100 >= policy.cloud_max_share
+            capped = self._cloud_capped(service, now)
             ordered, costs = predictive.order(
                 eps,
                 states,
@@ -402,7 +441,8 @@ class Ranker:
                 self._rng,
                 capped,  # type: ignore[arg-type]
             )
-            share.count(now, ordered[0].tier == "cloud")
+            if not explain:
+                return ordered, _priority_why
 
             def why_predictive(ep: Endpoint) -> str:
                 k = eps.index(ep)
