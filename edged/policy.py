@@ -203,6 +203,10 @@ class Ranker:
         check_power = policy.on_power or policy.battery_min is not None
         state = health.state
         keys, single = self._level_keys(service)
+        if not explain and not check_power and (strategy == "least_loaded" or strategy == "predictive"):
+            plan = self._all_usable(service, strategy, eps, health, now, None if single else keys)
+            if plan is not None:
+                return plan
         groups: dict[int, _Level] = {}
         refused: list[tuple[Endpoint, str]] = []
         if single and eps:  # one level (most services): no key per endpoint
@@ -388,6 +392,70 @@ class Ranker:
             layout = locality.Layout(places, dict(policy.zone_weights), policy.geo_order, policy.default_rtt)
             known = self._places[service.spec.key] = (service, layout)
         return known[1]
+
+    def _all_usable(
+        self,
+        service: Service,
+        strategy: str,
+        eps: Sequence[Endpoint],
+        health: HealthView,
+        now: float,
+        keys: dict[str, int] | None,
+    ) -> Plan | None:
+        """The call path's plan for least_loaded or predictive when every endpoint is usable (the common case:
+        the first level takes every call, and no shares or last resorts are to be worked out); None when one
+        is not, or an endpoint is not the service's own (`plan` does it all). `keys`: the level of each
+        endpoint (None: one level)."""
+        policy = service.spec.policy
+        if not eps or policy.overprovisioning < 1.0:
+            return None
+        state = health.state
+        states = []
+        groups: dict[int, tuple[list[Endpoint], list[HealthState]]] = {}
+        for ep in eps:
+            st = state(ep.id)
+            if not st.available(now) or (
+                st.inflight > 0 and health.stalled(ep.id, now, stall_threshold(st.latency_ewma, policy.per_try_timeout))
+            ):
+                return None
+            if keys is None:
+                states.append(st)
+                continue
+            key = keys.get(ep.id)
+            if key is None:
+                return None
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = ([], [])
+            group[0].append(ep)
+            group[1].append(st)
+        capped = strategy == "predictive" and self._cloud_capped(service, now)
+        if keys is None:
+            ordered = self._rank(strategy, eps, states, now, policy, capped)
+        else:
+            ordered = []
+            for key in sorted(groups):
+                ordered += self._rank(strategy, *groups[key], now, policy, capped)
+        if strategy == "predictive":
+            self._cloud_share(service).count(now, ordered[0].tier == "cloud")
+        choices = tuple([_new(Choice, (ep, True, "", "")) for ep in ordered])
+        return _new(Plan, (strategy, choices, "", (), False, False, ()))
+
+    def _rank(
+        self,
+        strategy: str,
+        eps: Sequence[Endpoint],
+        states: list[HealthState],
+        now: float,
+        policy: PolicySpec,
+        capped: bool,
+    ) -> Sequence[Endpoint]:
+        """One level's usable endpoints in least_loaded's or predictive's order (no reasons)."""
+        if len(eps) == 1:
+            return eps
+        if strategy == "least_loaded":
+            return balancer.order(eps, states, now, policy.default_rtt, self._rng)[0]
+        return predictive.order(eps, states, now, policy.default_rtt, policy.per_try_timeout, self._rng, capped)[0]  # type: ignore[arg-type]
 
     def _cloud_share(self, service: Service) -> predictive.CloudShare:
         share = self._cloud.get(service.spec.key)

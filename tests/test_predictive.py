@@ -131,7 +131,8 @@ def test_tries_overdue_in_flight_make_an_endpoint_costlier_at_once():
     ranker = Ranker(random.Random(4))
 
     def lossy_first(now: float) -> int:
-        return sum(ranker.plan(svc, health, now, explain=False).choices[0].endpoint.id.endswith("/lossy") for _ in range(200))
+        firsts = (ranker.plan(svc, health, now, explain=False).choices[0].endpoint.id for _ in range(200))
+        return sum(eid.endswith("/lossy") for eid in firsts)
 
     assert lossy_first(3.0) > 150  # the faster one, while its tries come back
     lossy = health.state("default/s/local/lossy")

@@ -54,3 +54,29 @@ def test_geo_keeps_calls_in_the_callers_zone_and_spills_by_envoys_formula_as_it_
     assert in_zone(0) > sum(1 for o in peer.outcomes if o.started < 10 and o.node.startswith("munich")) / len(
         [o for o in peer.outcomes if o.started < 10]
     ) + 0.3
+
+
+def test_predictive_follows_a_box_that_slows_down_and_the_run_is_the_same_for_a_seed():
+    # A small drift: of three boxes, the fastest slows 1x -> 6x between 3 s and 9 s; 15 s in all.
+    drift = routesim.scenarios()["drift"]
+    scenario = dataclasses.replace(
+        drift,
+        duration=15.0,
+        nodes=routesim._and_two(
+            lambda: routesim.SimNode("drifting", median=0.015, slow=routesim._ramp(3.0, 9.0, 1.0, 6.0))
+        ),
+    )
+    a = routesim.run(scenario, "predictive", seed=2)
+    b = routesim.run(scenario, "predictive", seed=2)
+    assert [(o.latency, o.node) for o in a.outcomes] == [(o.latency, o.node) for o in b.outcomes]
+    ll = routesim.run(scenario, "least_loaded", seed=2)
+    assert a.failed == ll.failed == 0
+
+    def drifting_share(r: routesim.RunResult) -> float:
+        late = [o for o in r.outcomes if o.started >= 10.0]
+        return sum(o.node == "drifting" for o in late) / len(late)
+
+    # Once it is 6x slower, the model sends it little (least_loaded's peak-EWMA x in-flight keeps more there),
+    # and the tail shows it.
+    assert drifting_share(a) < 0.04 < drifting_share(ll), (drifting_share(a), drifting_share(ll))
+    assert a.pct(0.99) < 0.9 * ll.pct(0.99), (a.pct(0.99), ll.pct(0.99))
