@@ -9,7 +9,7 @@ For each endpoint:
 - the evidence is discounted twice: by age (half-life 20 s, so an endpoint left alone is explored again)
   and by count (at most the last ~48 answers weigh: a box that slows down is seen after a few dozen
   answers, however busy it is; a 20 s half-life alone lagged a drifting box by tens of ms);
-- failure chance: discounted failed / all tries (timeouts, resets, 5xx; half-life 1 s, at most ~32 tries),
+- failure chance: discounted failed / all tries (timeouts, resets, 5xx; half-life 4 s, at most ~32 tries),
   with a weak prior: a lossy link's bursts are seen and forgotten within a second or two;
 - tries overdue: the mean age of the tries in flight (`EndpointHealth.sent_sum`) above the predicted
   latency counts as cost at once. A lost reply is otherwise known only when its try times out; this sees
@@ -48,12 +48,12 @@ log = logging.getLogger("edged.predictive")
 
 HALF_LIFE = 20.0  # seconds: latency evidence this old counts half
 MAX_WEIGHT = 48.0  # latency evidence counts at most this many answers (older ones fade as new ones come)
-FAIL_HALF_LIFE = 1.0  # seconds: failures fade faster (a lossy link's bursts come and go within seconds)
+FAIL_HALF_LIFE = 4.0  # seconds: failures fade faster (a lossy link's bursts come and go within seconds)
 MAX_TRIES = 32.0  # the failure chance weighs at most this many tries
 EXPLORE = 0.5  # spread of a latency draw, as a share of the prediction's standard error
 FAIL_EXPLORE = 1.0  # spread of a failure-chance draw, in standard errors of the estimate
 TAIL = 1.0  # the cost counts this many standard deviations of an endpoint's latency: the tail matters
-OVERDUE = 2.0  # seconds of cost per second that its tries in flight are older, on average, than predicted
+OVERDUE = 1.0  # seconds of cost per second that its tries in flight are older, on average, than predicted
 PRIOR_WEIGHT = 2.0  # pseudo-samples pulling the in-flight slope towards the intercept
 FAIL_PRIOR = (0.05, 1.0)  # pseudo failures, pseudo tries: a new endpoint's failure chance starts at 5 %
 HOURS = 24  # buckets of the time-of-day profile
