@@ -16,9 +16,10 @@ For each endpoint:
   the start of a loss burst (or a stall) within tens of ms;
 - time of day: a discounted latency per hour of the day (24 buckets), the prediction for an endpoint with
   little recent evidence (after a restart, or one left alone for a while) instead of a flat default;
-- vitals: battery and link quality as a cost factor (as least_loaded weighs them); CPU only for an endpoint
-  with no recent answers (otherwise the latency and in-flight count it is measured by already carry its
-  load, and counting it again drove calls to a slow idle box: the routing simulator's drift scenario).
+- vitals: battery and link quality as a cost factor (as least_loaded weighs them); CPU at half weight for
+  an endpoint with recent answers (their latency and in-flight count already carry its load: at full
+  weight calls went to a slow idle box in the routing simulator's drift scenario; at none, a busy fast box
+  lost calls it should have had on day/night), at full weight for one with none.
 For a call, each endpoint's intercept and failure chance are drawn from their posteriors with one normal
 draw (discounted Thompson sampling: more spread the less recent evidence); the expected cost is
 latency + spread + failure chance x per-try timeout + overdue age, x the vitals factor; the cheapest goes
@@ -56,6 +57,7 @@ TAIL = 1.0  # the cost counts this many standard deviations of an endpoint's lat
 OVERDUE = 1.0  # seconds of cost per second that its tries in flight are older, on average, than predicted
 PRIOR_WEIGHT = 2.0  # pseudo-samples pulling the in-flight slope towards the intercept
 FAIL_PRIOR = (0.05, 1.0)  # pseudo failures, pseudo tries: a new endpoint's failure chance starts at 5 %
+CPU_WEIGHT = 0.5  # share of least_loaded's CPU factor for an endpoint with recent answers (see the module doc)
 HOURS = 24  # buckets of the time-of-day profile
 HOUR_ALPHA = 0.02  # weight of one answer in its hour's latency (an hour's profile follows weeks, not calls)
 HOUR_WEIGHT = 4.0  # pseudo-samples the hour's latency counts for against the recent line
@@ -197,7 +199,8 @@ _FACTORS: dict[tuple[tuple[str, str], ...], tuple[float, float]] = {}
 
 
 def vitals_factors(meta: tuple[tuple[str, str], ...]) -> tuple[float, float]:
-    """(battery x link factor, CPU factor) of a node's vitals, as least_loaded's `balancer.vitals_factor`."""
+    """A node's vitals as cost factors (battery and link as least_loaded's `balancer.vitals_factor`): with
+    half the CPU weight for an endpoint with recent answers, and with all of it for one without."""
     factors = _FACTORS.get(meta)
     if factors is None:
         m = dict(meta)
@@ -211,7 +214,8 @@ def vitals_factors(meta: tuple[tuple[str, str], ...]) -> tuple[float, float]:
         cpu = vital(m, "cpu")
         if len(_FACTORS) >= 1024:
             _FACTORS.clear()  # vitals vary: keep the table small rather than complete
-        factors = _FACTORS[meta] = (factor, 1.0 + CPU_FACTOR * (cpu or 0.0))
+        cpu = cpu or 0.0
+        factors = _FACTORS[meta] = (factor * (1.0 + CPU_WEIGHT * CPU_FACTOR * cpu), factor * (1.0 + CPU_FACTOR * cpu))
     return factors
 
 
@@ -252,8 +256,8 @@ def order(
             if age > lat:
                 cost += OVERDUE * (age - lat)
         if ep.meta:
-            factor, cpu = vitals_factors(ep.meta)
-            cost *= factor * cpu if n < 1.0 else factor
+            warm, cold = vitals_factors(ep.meta)
+            cost *= warm if n >= 1.0 else cold
         if cloud_capped and ep.tier == "cloud":
             cost += 1e6
         costs.append(cost)
