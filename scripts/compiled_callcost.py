@@ -114,8 +114,15 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
-def idle_rss(tmp: Path, name: str, source: Path, backend_port: int) -> tuple[int, int]:
-    """VmRSS (KiB) of the daemon run from `source`: settled after start, then after WARM_CALLS calls."""
+def mapped_extensions(pid: int, tree: Path) -> int:
+    """How many extension modules from `tree` process `pid` has mapped: the daemon really runs the compiled code."""
+    maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    return len({line.split()[-1] for line in maps if line.endswith(".so") and line.split()[-1].startswith(str(tree))})
+
+
+def idle_rss(tmp: Path, name: str, source: Path, backend_port: int) -> tuple[int, int, int]:
+    """VmRSS (KiB) of the daemon run from `source`, settled after start and after WARM_CALLS calls; and how many
+    extension modules of `source` it has mapped."""
     d = daemon(tmp, name, source, backend_port, [sys.executable, "-m", "edged"])
     assert d.proc is not None
     try:
@@ -123,7 +130,7 @@ def idle_rss(tmp: Path, name: str, source: Path, backend_port: int) -> tuple[int
         started = rss_kib(d.proc.pid)
         calls(d, WARM_CALLS, 0)
         time.sleep(IDLE_SETTLE)
-        return started, rss_kib(d.proc.pid)
+        return started, rss_kib(d.proc.pid), mapped_extensions(d.proc.pid, source)
     finally:
         stop_edged(d)
 
@@ -201,9 +208,9 @@ def main() -> int:
             print(f"instructions per call: pure {pure:,}, compiled {comp:,} (lowest of {args.rounds}); "
                   f"compiled is {100 * (pure - comp) / pure:.0f}% fewer")
         for name, source in trees.items():
-            started, warm = idle_rss(tmp, f"rss-{name}", source, backend_port)
+            started, warm, mapped = idle_rss(tmp, f"rss-{name}", source, backend_port)
             print(f"idle RSS {name}: {started / 1024:.1f} MiB after start, "
-                  f"{warm / 1024:.1f} MiB after {WARM_CALLS} calls")
+                  f"{warm / 1024:.1f} MiB after {WARM_CALLS} calls ({mapped} compiled modules mapped)")
         if args.tests:
             rc, summary = run_tests(tree, CALL_PATH_TESTS)
             print(f"tests against the compiled copy (exit {rc}):\n  {summary}")
