@@ -42,21 +42,25 @@ def vital(meta: dict[str, str], key: str) -> float | None:
         return None
 
 
+def power_link_factor(m: dict[str, str]) -> float:
+    """The battery and link part of a node's cost factor (1.0 on mains with no link quality known)."""
+    factor = 1.0
+    if m.get("power") == "battery":
+        bat = vital(m, "bat")
+        factor *= BATTERY_FACTOR * (1.0 + DRAINED_FACTOR * (1.0 - (1.0 if bat is None else bat)))
+    link = vital(m, "link")
+    if link is not None:
+        factor /= max(MIN_LINK, link)
+    return factor
+
+
 def vitals_factor(meta: tuple[tuple[str, str], ...]) -> float:
     """How many times more a call costs on this node, by its vitals (1.0 with none known)."""
     factor = _FACTORS.get(meta)
     if factor is None:
         m = dict(meta)
-        factor = 1.0
         cpu = vital(m, "cpu")
-        if cpu is not None:
-            factor *= 1.0 + CPU_FACTOR * cpu
-        if m.get("power") == "battery":
-            bat = vital(m, "bat")
-            factor *= BATTERY_FACTOR * (1.0 + DRAINED_FACTOR * (1.0 - (1.0 if bat is None else bat)))
-        link = vital(m, "link")
-        if link is not None:
-            factor /= max(MIN_LINK, link)
+        factor = power_link_factor(m) * (1.0 + CPU_FACTOR * cpu if cpu is not None else 1.0)
         if len(_FACTORS) >= 1024:
             _FACTORS.clear()  # vitals vary: keep the table small rather than complete
         _FACTORS[meta] = factor

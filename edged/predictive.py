@@ -41,7 +41,7 @@ from array import array
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
-from .balancer import BATTERY_FACTOR, CPU_FACTOR, DRAINED_FACTOR, MIN_LINK, vital
+from .balancer import CPU_FACTOR, power_link_factor, vital
 from .model import Endpoint
 from .state import StateError, StateStore
 
@@ -204,13 +204,7 @@ def vitals_factors(meta: tuple[tuple[str, str], ...]) -> tuple[float, float]:
     factors = _FACTORS.get(meta)
     if factors is None:
         m = dict(meta)
-        factor = 1.0
-        if m.get("power") == "battery":
-            bat = vital(m, "bat")
-            factor *= BATTERY_FACTOR * (1.0 + DRAINED_FACTOR * (1.0 - (1.0 if bat is None else bat)))
-        link = vital(m, "link")
-        if link is not None:
-            factor /= max(MIN_LINK, link)
+        factor = power_link_factor(m)
         cpu = vital(m, "cpu")
         if len(_FACTORS) >= 1024:
             _FACTORS.clear()  # vitals vary: keep the table small rather than complete

@@ -133,11 +133,16 @@ def one(strategy: str, n: int, tiers: int, calls: int, ref: str) -> None:
 
 def instructions(strategy: str, n: int, tiers: int, calls: int, ref: str = "") -> float:
     """Instructions per decision: callgrind's total with `calls` decisions minus the one with none."""
+    return callgrind_per_call(lambda k: [__file__, "--one", strategy, str(n), str(tiers), str(k), ref], calls)
+
+
+def callgrind_per_call(argv_of, calls: int) -> float:
+    """Instructions per call of a script run under callgrind: `argv_of(k)` (after the interpreter) makes `k`
+    calls; the run with none is taken off, so set-up does not count."""
     totals = []
     for k in (0, calls):
-        argv = [sys.executable, __file__, "--one", strategy, str(n), str(tiers), str(k), ref]
         out = subprocess.run(
-            ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *argv],
+            ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, *argv_of(k)],
             capture_output=True,
             text=True,
             env=dict(os.environ, PYTHONHASHSEED="0"),

@@ -20,10 +20,8 @@ import dataclasses
 import gc
 import os
 import random
-import re
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from policybench import make_service, table, warm  # noqa: E402
+from policybench import callgrind_per_call, make_service, table, warm  # noqa: E402
 
 from edged.call import Call  # noqa: E402
 from edged.health import HealthMonitor  # noqa: E402
@@ -134,20 +132,7 @@ def one(label: str, calls: int) -> None:
 
 
 def instructions(label: str, calls: int) -> float:
-    totals = []
-    grind = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
-    for k in (0, calls):
-        out = subprocess.run(
-            [*grind, sys.executable, __file__, "--one", label, str(k)],
-            capture_output=True,
-            text=True,
-            env=dict(os.environ, PYTHONHASHSEED="0"),
-        )
-        m = re.search(r"Collected : (\d+)", out.stderr)
-        if out.returncode != 0 or m is None:
-            raise RuntimeError(f"callgrind failed: {out.stderr[-500:]}")
-        totals.append(int(m.group(1)))
-    return (totals[1] - totals[0]) / calls
+    return callgrind_per_call(lambda k: [__file__, "--one", label, str(k)], calls)
 
 
 def main() -> int:
