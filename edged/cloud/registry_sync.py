@@ -609,13 +609,9 @@ class RegistrySync:
                 self.liveness.forget_status(node, self._clock())
                 self._changed(services=False, node=node)
             return
-        payload = msg.payload
-        if self._seals is not None:
-            try:
-                payload = self._open_from(node, msg.topic, payload)
-            except SealError as exc:
-                self._refused("status", msg.topic, str(exc))
-                return
+        payload = self._payload_of("status", node, msg)
+        if payload is None:
+            return
         try:
             doc = jsonbody.loads(payload, self._limits.json_depth)
             if not isinstance(doc, dict) or doc.get("state") not in ("online", "offline"):
@@ -669,21 +665,17 @@ class RegistrySync:
             elif key in self.entries.get(node, {}):  # anyone can publish an empty message; nobody can seal one
                 self._refused("entry", msg.topic, "an unsealed deletion")
             return
-        payload = msg.payload
-        if self._seals is not None:
-            try:
-                payload = self._open_from(node, msg.topic, payload)
-            except SealError as exc:
-                self._refused("entry", msg.topic, str(exc))
-                return
-            gone = tombstone_epoch(payload)
-            if gone is not None:
-                why = self._epochs.deletion(node, gone)
-                if why is not None:
-                    self._refused("entry", msg.topic, why)
-                else:
-                    self._delete(node, key)
-                return
+        payload = self._payload_of("entry", node, msg)
+        if payload is None:
+            return
+        gone = tombstone_epoch(payload) if self._seals is not None else None
+        if gone is not None:
+            why = self._epochs.deletion(node, gone)
+            if why is not None:
+                self._refused("entry", msg.topic, why)
+            else:
+                self._delete(node, key)
+            return
         known = self.entries.get(node, {})
         if key not in known:
             lim = self._limits
@@ -736,6 +728,17 @@ class RegistrySync:
         if (sender.fleet, sender.node) != (self._topics.fleet, node):
             raise SealError(f"sealed by {sender.fleet}/{sender.node}, not by {self._topics.fleet}/{node}")
         return payload
+
+    def _payload_of(self, kind: str, node: str, msg: Inbound) -> bytes | None:
+        """What a status or entry message of `node` says: opened when this box checks seals; None (refused and
+        counted as `kind`) when its seal does not hold."""
+        if self._seals is None:
+            return msg.payload
+        try:
+            return self._open_from(node, msg.topic, msg.payload)
+        except SealError as exc:
+            self._refused(kind, msg.topic, str(exc))
+            return None
 
     def _refused(self, kind: str, topic: str, why: str) -> None:
         self.bad_messages += 1
