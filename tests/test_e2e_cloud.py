@@ -218,7 +218,7 @@ def test_late_and_garbage_answers_are_dropped_and_counted(edged, broker, topic_p
 
     asyncio.run(asyncio.wait_for(worker_and_call(), 15))
     status, _, body = results["call"]
-    assert status == 504 and json.loads(body)["detail"]["tries"][0]["error"] == "timeout"
+    assert status == 504 and json.loads(body)["detail"]["tries"][0]["error"] == "timeout", body
     assert wait_metric(d, "edged_cloud_late_answers_total", lambda v: v >= 1) == 1
     assert wait_metric(d, "edged_cloud_bad_answers_total", lambda v: v >= 1) == 1
     assert d.call("slow", "/x")[0] == 504  # and the daemon is fine (no worker now: the deadline passes)
