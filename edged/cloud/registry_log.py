@@ -152,21 +152,19 @@ class RegistryLog:
     async def rewrite(self, entries: list[EntryRecord], nodes: list[NodeRecord]) -> bool:
         """Replace the file with these live records (encoded and written in a thread). False if it failed
         (logged; the next save rewrites again)."""
-        try:
-            await asyncio.to_thread(self._rewrite_now, entries, nodes)
-        except StateError as exc:
-            self._rewrite = True
-            log.error("could not save the cloud registry: %s", exc)
-            return False
-        return True
+        return await self._write(self._rewrite_now, entries, nodes)
 
     async def append(self, entries: list[EntryRecord], nodes: list[NodeRecord]) -> bool:
         """Append these changed records (encoded and written in a thread). False if it failed (logged; the
         next save rewrites the file whole: what was lost is in memory)."""
         if not entries and not nodes:
             return True
+        return await self._write(self._append_now, entries, nodes)
+
+    async def _write(self, how, entries: list[EntryRecord], nodes: list[NodeRecord]) -> bool:
+        """Run `how` (rewrite or append) in a thread; on failure log it and rewrite whole next time."""
         try:
-            await asyncio.to_thread(self._append_now, entries, nodes)
+            await asyncio.to_thread(how, entries, nodes)
         except StateError as exc:
             self._rewrite = True
             log.error("could not save the cloud registry: %s", exc)
