@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import manifest
+from harness import manifest, wait_for
 
 from edged.client import ApiClient, ApiError
 
@@ -260,7 +260,10 @@ def test_sigkill_during_a_registration_burst_loses_nothing_acknowledged(backends
         threads = [threading.Thread(target=burst, args=(w,)) for w in range(8)]
         for t in threads:
             t.start()
-        time.sleep(rng.uniform(0.05, 0.6))
+        # The kill lands at a random time after the first acknowledgement: on a loaded machine the first answer
+        # can take longer than the random delay, and a round with nothing acknowledged checks nothing.
+        wait_for(lambda acked=acked: acked, timeout=30, what="a first acknowledged registration")
+        time.sleep(rng.uniform(0.0, 0.5))
         d.kill()
         stop.set()
         for t in threads:
