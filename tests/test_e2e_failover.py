@@ -41,9 +41,12 @@ def test_sigkill_of_the_primary_loses_no_call_and_traffic_returns_after_recovery
     # From the first call after the kill, calls are answered by priority 2 (the first one after a retry).
     after_kill = [r for r in results if killed_at + 0.01 < r.started and r.started + r.latency < restarted_at]
     assert after_kill and all(r.endpoint == ep2 for r in after_kill)
-    # After the restart the health check (rise 2) brings priority 1 back, and traffic with it.
-    tail = [r for r in results if r.started > 4.5]
-    assert tail and all(r.endpoint == ep1 for r in tail), [(round(r.started, 2), r.endpoint) for r in results[-20:]]
+    # After the restart the health check (rise 2, every 500 ms) brings priority 1 back, and traffic with it: it
+    # comes back within the run (on a loaded machine later than the ~1 s it takes on a quiet one) and stays.
+    back = next((r.started for r in results if r.started > restarted_at and r.endpoint == ep1), None)
+    assert back is not None, [(round(r.started, 2), r.endpoint) for r in results[-20:]]
+    tail = [r for r in results if r.started > back]
+    assert tail and all(r.endpoint == ep1 for r in tail), [(round(r.started, 2), r.endpoint) for r in tail[:20]]
     assert d.stop() == 0
 
 
