@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from . import __version__
 from .config import ApiConfig, Config, find_config, secret_file_warnings
 from .errors import EXIT_CONFIG, EXIT_START_FAILED, ConfigError, EdgedError
-from .lazy import defer_import
+from .lazy import defer_hashing, defer_import, defer_ssl
 
 if TYPE_CHECKING:
     from .client import ApiClient  # loaded by the commands that talk to a daemon, not by `edged run`
@@ -27,6 +27,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # about 0.4 MiB of RSS the daemon never uses. They are imported for real if anything reads them.
         for name in ("bz2", "lzma"):
             defer_import(name)
+        # OpenSSL's TLS and hashing modules: about 2.4 MiB of RSS that a daemon without TLS and cloud MACs
+        # never uses (what asyncio and uvloop read of ssl at their import is given up front).
+        defer_ssl()
+        defer_hashing()
     # `edged run` is the daemon: the cloud and identity commands' parsers (and their modules) would stay
     # loaded for nothing as long as it runs.
     parser = _parser(other_commands=not daemon)

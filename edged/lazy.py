@@ -6,32 +6,164 @@ A stand-in in `sys.modules` lets such an import succeed for free; the first attr
 module, so a path that does use it still works as before. (importlib.util.LazyLoader does not help here:
 CPython's import statement reads the module's `__spec__` when it is already in `sys.modules`, and that read
 would load it at once.)
+
+`ssl` is the same idea with a few attributes given up front (`defer_ssl`): asyncio and uvloop read them at
+their import, but a daemon with no TLS configured never builds a context.
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
+import threading
 import types
+from collections.abc import Callable, Mapping
+from typing import Any
+
+_STAND_INS: dict[str, types.ModuleType] = {}  # name: its stand-in, until the real module is imported
+_THEN: dict[str, tuple[str, ...]] = {}  # name: what to import for real with it
+_LOCK = threading.RLock()  # two threads reading a stand-in at once import the real module once
 
 
-def defer_import(name: str) -> None:
-    """Let `import name` cost nothing until something reads an attribute of the module. No-op when the module
-    is already imported (or deferred)."""
+def defer_import(name: str, eager: Mapping[str, object] | None = None, then: tuple[str, ...] = ()) -> None:
+    """Let `import name` cost nothing until something reads an attribute of the module that is not in
+    `eager` (given to the stand-in as they are); the modules `then` are imported for real right after it.
+    No-op when the module is already imported (or deferred). `name` is a module, not a package.
+
+    Once the real module is imported, the stand-in takes all its attributes, so a library that kept the
+    stand-in from its own `import name` sees the real module's names from then on."""
     if name in sys.modules:
         return
     stub = types.ModuleType(name, "stand-in until first use (edged.lazy.defer_import)")
+    stub.__dict__.update(eager or {})
     # The import statement checks __spec__._initializing of a module found in sys.modules: with None it reads
     # nothing else of the stand-in (an attribute read here would import the real module).
     stub.__spec__ = None
 
     def load(attr: str) -> object:
-        if sys.modules.get(name) is stub:
-            del sys.modules[name]  # importlib then imports the real module and rebinds the parent's attribute
-        return getattr(importlib.import_module(name), attr)
+        if attr == "__path__":  # `from name import x` asks whether it is a package: it is not (see above)
+            raise AttributeError(attr)
+        return getattr(real_module(name), attr)
 
     stub.__getattr__ = load  # type: ignore[method-assign]  # PEP 562: called for any attribute it lacks
+    _STAND_INS[name] = stub
+    _THEN[name] = then
     sys.modules[name] = stub
     parent, _, child = name.rpartition(".")
     if parent:
         setattr(importlib.import_module(parent), child, stub)
+
+
+def is_deferred(name: str) -> bool:
+    """Whether `name` is still a stand-in: its real module not imported."""
+    stub = _STAND_INS.get(name)
+    return stub is not None and sys.modules.get(name) is stub
+
+
+def real_module(name: str) -> types.ModuleType:
+    """The module `name`, imported now if it is a stand-in."""
+    with _LOCK:
+        stub = _STAND_INS.pop(name, None)
+        if stub is None or sys.modules.get(name) is not stub:
+            return importlib.import_module(name)
+        del sys.modules[name]  # importlib then imports the real module and rebinds the parent's attribute
+        try:
+            real = importlib.import_module(name)
+        except BaseException:
+            sys.modules[name], _STAND_INS[name] = stub, stub
+            raise
+        stub.__dict__.update(real.__dict__)
+        for other in _THEN.pop(name, ()):
+            real_module(other)
+        return real
+
+
+# What asyncio (sslproto: SSLAgainErrors) and uvloop (includes/stdlib.pxi) read of `ssl` at their import.
+# They are the objects of the C module `_ssl`, which the real `ssl` re-exports: the same objects either way.
+_SSL_FROM_C = (
+    "SSLError",
+    "SSLZeroReturnError",
+    "SSLWantReadError",
+    "SSLWantWriteError",
+    "SSLSyscallError",
+    "SSLEOFError",
+    "SSLCertVerificationError",
+    "MemoryBIO",
+    "SSLSession",
+    "SSL_ERROR_WANT_READ",
+    "SSL_ERROR_WANT_WRITE",
+    "SSL_ERROR_SYSCALL",
+    "SSL_ERROR_ZERO_RETURN",
+    "SSL_ERROR_SSL",
+    "SSL_ERROR_EOF",
+    "OPENSSL_VERSION",
+    "OPENSSL_VERSION_INFO",
+    "OPENSSL_VERSION_NUMBER",
+)
+
+
+class _StandInClass(type):
+    """Metaclass of a stand-in for a class of a deferred module: a call builds an instance of the real class,
+    and `isinstance` / `issubclass` answer for the real class (False while it is not imported: nothing can be
+    an instance of it yet)."""
+
+    _module: str
+    _real: Callable[[], type]
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        return cls._real()(*args, **kwargs)
+
+    def __instancecheck__(cls, obj: object) -> bool:
+        return not is_deferred(cls._module) and isinstance(obj, cls._real())
+
+    def __subclasscheck__(cls, sub: type) -> bool:
+        return not is_deferred(cls._module) and issubclass(sub, cls._real())
+
+
+def _stand_in_class(module: str, name: str) -> type:
+    def real() -> type:
+        return getattr(real_module(module), name)
+
+    return _StandInClass(name, (), {"_module": module, "_real": staticmethod(real), "__module__": module})
+
+
+def defer_ssl() -> None:
+    """Defer `ssl` (about 1.8 MiB of RSS: its module-level enums look up OIDs in libcrypto's object table)
+    until something reads more of it than asyncio and uvloop do at their import. Call it before asyncio is
+    imported; a no-op when ssl already is.
+
+    uvloop also keeps `ssl.SSLContext` (for isinstance checks) and `ssl.create_default_context` from its
+    import: it gets a stand-in class (calls and isinstance go to the real class) and a function that imports
+    ssl and calls the real one."""
+    if "ssl" in sys.modules:
+        return
+    import _ssl
+
+    eager: dict[str, object] = {name: getattr(_ssl, name) for name in _SSL_FROM_C if hasattr(_ssl, name)}
+    eager["CertificateError"] = _ssl.SSLCertVerificationError  # ssl.py's alias
+
+    def create_default_context(*args: Any, **kwargs: Any) -> Any:
+        return real_module("ssl").create_default_context(*args, **kwargs)
+
+    eager["create_default_context"] = create_default_context
+    eager["SSLContext"] = _stand_in_class("ssl", "SSLContext")
+    defer_import("ssl", eager)
+
+
+def defer_hashing() -> None:
+    """Defer OpenSSL's hashing (`_hashlib`: about 2 MiB of RSS, most of it the digests it lists from OpenSSL
+    at its import) behind `hashlib` and `hmac` until something needs more than an idle daemon does: SHA-256
+    of a few short strings (node addresses, key ids, tokens) and `hmac.compare_digest` (`secrets`).
+
+    Until then `hashlib.sha256` is CPython's own SHA-256 (the same digests; as fast for inputs under about
+    100 bytes, slower for long ones). The first use of `hmac` (the cloud tier's MACs) or of any other name of
+    `hashlib` imports both for real, and from then on `hashlib.sha256` is OpenSSL's again. Call it before
+    anything imports them; a no-op for what already is."""
+    if "_hashlib" in sys.modules:
+        return
+    import _operator
+    import _sha256
+
+    defer_import("hashlib", {"sha256": _sha256.sha256})
+    # hmac's own choice when it has no _hashlib: the same constant-time comparison.
+    defer_import("hmac", {"compare_digest": _operator._compare_digest}, then=("hashlib",))

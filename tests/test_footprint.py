@@ -9,11 +9,15 @@ configuration does not use costs RSS for as long as the daemon runs (the figures
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
+import time
+import uuid
 
 from conftest import REPO
+from fixtures_identity import FleetCA
 from fixtures_mqtt import broker, mqtt_section, topic_prefix, wait_metric  # noqa: F401
 from harness import imported_modules
 
@@ -36,9 +40,31 @@ NOT_ON_THE_LOCAL_TIER = (
     "difflib",  # only to suggest a key in a config error
     "bz2",  # shutil's archive formats (edged.lazy)
     "lzma",
+    "ssl",  # ~1.8 MiB: only once a TLS context is built (edged.lazy.defer_ssl; the C module _ssl is loaded)
+    "_hashlib",  # ~2 MiB: OpenSSL's digests, only for cloud MACs and the like (edged.lazy.defer_hashing)
+    "hashlib",
+    "hmac",
 )
 # With MQTT on, paho's module-level imports that edged never uses (edged.lazy).
 NOT_WITH_MQTT = ("urllib.request", "http.client", "email", "uuid", "cryptography", "zeroconf")
+# Everything on (mDNS, MQTT, a fleet key, checked services) and idle: what only TLS, cloud MACs, a fleet
+# document's verification or the other commands use.
+NOT_AT_IDLE = (
+    "ssl",
+    "_hashlib",
+    "hashlib",
+    "hmac",
+    "cryptography",
+    "urllib.request",
+    "http.client",
+    "email",
+    "uuid",
+    "jwt",
+    "edged.cloud.cli",
+    "edged.identity.cli",
+    "edged.client",
+    "difflib",
+)
 
 MANIFEST = """
 service_name = "thermo"
@@ -77,6 +103,46 @@ def test_with_mqtt_on_paho_does_not_load_what_only_its_proxy_support_uses(
     assert loaded(names, NOT_WITH_MQTT) == []
 
 
+CHECKED = """
+service_name = "svc{i}"
+[[endpoints]]
+type = "local"
+url = "{url}"
+[health_check]
+http = "/"
+interval = "300ms"
+timeout = "250ms"
+"""
+
+
+def test_the_full_daemon_at_idle_loads_neither_tls_nor_openssl_hashing(
+    tmp_path, backends, edged, broker, topic_prefix, monkeypatch
+):
+    """mDNS, MQTT, a fleet key and checked services, none of it with TLS: before, ssl and OpenSSL's hashlib
+    were imported at start (asyncio, uvloop and hashlib's users import them at their top), about 2.4 MiB."""
+    monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    subprocess.run(
+        [sys.executable, "-m", "edged", "fleet", "keygen", str(tmp_path / "ops")], env=env, check=True, timeout=60
+    )
+    b = backends("b1")
+    manifests = {f"svc{i}.toml": CHECKED.format(i=i, url=b.url) for i in range(3)}
+    extra = mqtt_section(broker, topic_prefix) + f'[fleet]\nkeys = ["{tmp_path / "ops.pub"}"]\n'
+    d = edged(manifests, extra, start=False)
+    fleet = f"fp{uuid.uuid4().hex[:8]}"  # its mDNS answers on loopback mean nothing to another test's nodes
+    text = d.config.read_text().replace('name = "test-node"', f'name = "full"\nfleet = "{fleet}"')
+    d.config.write_text(text.replace("[mdns]\nenabled = false", '[mdns]\ninterfaces = ["127.0.0.1"]'))
+    d.start()
+    wait_metric(d, "edged_mqtt_connected", lambda v: v == 1)
+    wait_metric(d, "edged_endpoint_up", lambda v: v == 3)
+    time.sleep(1.0)  # the checks (every 300 ms) run a few rounds: what they import is imported by then
+    status, _, _ = d.call("svc0", "/x")
+    assert status == 200
+    names = set(imported_modules(d.log_text()))
+    assert {"zeroconf", "aiomqtt", "edged.cloud.session", "edged.edge.mdns", "_ssl"} <= names
+    assert loaded(names, NOT_AT_IDLE) == []
+
+
 def test_a_deferred_module_is_imported_for_real_on_first_use():
     """The stand-in costs nothing until read; any read (attribute, from-import) gives the real module."""
     code = textwrap.dedent(
@@ -95,6 +161,67 @@ def test_a_deferred_module_is_imported_for_real_on_first_use():
         defer_import("json")  # already imported: left alone
         import json
         assert json.dumps([1]) == "[1]" and hasattr(sys.modules["json"], "__file__")
+        print("ok")
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_deferred_ssl_and_hashing_are_the_real_thing_on_first_use(tmp_path):
+    """What asyncio and uvloop keep of the stand-ins from their import still works: a TLS connection over
+    uvloop (its isinstance check of the context, its MemoryBIO, the SSL errors), and hashing and MACs give
+    OpenSSL's results once they are first used."""
+    files = FleetCA("home").enroll(tmp_path, "n1")
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from edged.lazy import defer_hashing, defer_ssl, is_deferred
+        defer_ssl()
+        defer_hashing()
+        import asyncio, secrets, uvloop
+        from hmac import compare_digest
+        import hashlib
+        assert compare_digest(b"a", b"a") and not compare_digest(b"a", b"b")
+        assert hashlib.sha256(b"abc").hexdigest().startswith("ba7816bf")  # CPython's own SHA-256 until now
+        assert [m for m in ("ssl", "hashlib", "hmac") if not is_deferred(m)] == [], "loaded at import"
+        assert "_hashlib" not in sys.modules
+
+        import ssl
+        server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # the first read: the real ssl
+        server.load_cert_chain({str(files.cert)!r}, {str(files.key)!r})
+        client = ssl.create_default_context(cafile={str(files.ca)!r})
+        client.check_hostname = False
+        assert not is_deferred("ssl") and type(server) is ssl.SSLContext
+
+        async def main():
+            async def echo(reader, writer):
+                writer.write(await reader.readline())
+                await writer.drain()
+                writer.close()
+            srv = await asyncio.start_server(echo, "127.0.0.1", 0, ssl=server)
+            port = srv.sockets[0].getsockname()[1]
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client)
+            writer.write(b"hello\\n")
+            line = await reader.readline()
+            writer.close()
+            try:  # a certificate the client does not trust: ssl's own error class, caught as such
+                await asyncio.open_connection("127.0.0.1", port, ssl=ssl.create_default_context())
+            except ssl.SSLError:
+                pass
+            else:
+                raise AssertionError("a certificate from an unknown CA was taken")
+            finally:
+                srv.close()
+            return line
+
+        assert uvloop.run(main()) == b"hello\\n"
+        import hmac
+        tag = hmac.new(b"k", b"m", "sha256").hexdigest()  # the first read of hmac: hmac and hashlib, real
+        assert tag.startswith("b600") and not is_deferred("hashlib") and "_hashlib" in sys.modules
+        assert hashlib.sha256.__name__ == "openssl_sha256"  # OpenSSL's from now on
         print("ok")
         """
     )
