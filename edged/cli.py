@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from . import __version__
 from .config import ApiConfig, Config, find_config, secret_file_warnings
 from .errors import EXIT_CONFIG, EXIT_START_FAILED, ConfigError, EdgedError
-from .lazy import defer_hashing, defer_import, defer_ssl
+from .lazy import defer_hashing, defer_idna, defer_import, defer_ssl
 
 if TYPE_CHECKING:
     from .client import ApiClient  # loaded by the commands that talk to a daemon, not by `edged run`
@@ -31,6 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # never uses (what asyncio and uvloop read of ssl at their import is given up front).
         defer_ssl()
         defer_hashing()
+        defer_idna()  # stringprep and unicodedata, for host names that are not ASCII
     # `edged run` is the daemon: the cloud and identity commands' parsers (and their modules) would stay
     # loaded for nothing as long as it runs.
     parser = _parser(other_commands=not daemon)

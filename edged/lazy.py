@@ -13,6 +13,7 @@ their import, but a daemon with no TLS configured never builds a context.
 
 from __future__ import annotations
 
+import codecs
 import importlib
 import sys
 import threading
@@ -25,10 +26,14 @@ _THEN: dict[str, tuple[str, ...]] = {}  # name: what to import for real with it
 _LOCK = threading.RLock()  # two threads reading a stand-in at once import the real module once
 
 
-def defer_import(name: str, eager: Mapping[str, object] | None = None, then: tuple[str, ...] = ()) -> None:
+def defer_import(
+    name: str, eager: Mapping[str, object] | None = None, then: tuple[str, ...] = (), absent: tuple[str, ...] = ()
+) -> None:
     """Let `import name` cost nothing until something reads an attribute of the module that is not in
     `eager` (given to the stand-in as they are); the modules `then` are imported for real right after it.
-    No-op when the module is already imported (or deferred). `name` is a module, not a package.
+    Reading a name in `absent` (ones the real module lacks, which an importer tests for) raises
+    AttributeError without importing. No-op when the module is already imported (or deferred). `name` is a
+    module, not a package.
 
     Once the real module is imported, the stand-in takes all its attributes, so a library that kept the
     stand-in from its own `import name` sees the real module's names from then on."""
@@ -41,7 +46,7 @@ def defer_import(name: str, eager: Mapping[str, object] | None = None, then: tup
     stub.__spec__ = None
 
     def load(attr: str) -> object:
-        if attr == "__path__":  # `from name import x` asks whether it is a package: it is not (see above)
+        if attr == "__path__" or attr in absent:  # `from name import x` asks whether it is a package: not
             raise AttributeError(attr)
         return getattr(real_module(name), attr)
 
@@ -167,3 +172,41 @@ def defer_hashing() -> None:
     defer_import("hashlib", {"sha256": _sha256.sha256})
     # hmac's own choice when it has no _hashlib: the same constant-time comparison.
     defer_import("hmac", {"compare_digest": _operator._compare_digest}, then=("hashlib",))
+
+
+def defer_idna() -> None:
+    """Defer the `idna` codec (about 0.2 MiB: encodings.idna imports stringprep and unicodedata's tables)
+    until a host name that is not plain ASCII is encoded. Every `getaddrinfo` and uvloop's listen and
+    connect encode their host with it, and an edge box's hosts are addresses and ASCII names, for which
+    encodings.idna's own fast path (copied here) checks label lengths and returns the ASCII bytes. Anything
+    else, and every other use of the codec, goes to the real module."""
+    if "encodings.idna" in sys.modules:
+        return
+
+    def real() -> types.ModuleType:
+        return real_module("encodings.idna")
+
+    def encode(text: str, errors: str = "strict") -> tuple[bytes, int]:
+        if errors == "strict" and text.isascii():
+            result = text.encode("ascii")
+            labels = result.split(b".")
+            if all(0 < len(label) < 64 for label in labels[:-1]) and len(labels[-1]) < 64:
+                return result, len(text)
+        return real().Codec().encode(text, errors)  # and the errors it raises for a bad label
+
+    def decode(data: bytes, errors: str = "strict") -> tuple[str, int]:
+        return real().Codec().decode(data, errors)
+
+    def regentry() -> codecs.CodecInfo:
+        return codecs.CodecInfo(
+            name="idna",
+            encode=encode,
+            decode=decode,
+            incrementalencoder=lambda errors="strict": real().IncrementalEncoder(errors),
+            incrementaldecoder=lambda errors="strict": real().IncrementalDecoder(errors),
+            streamwriter=lambda stream, errors="strict": real().StreamWriter(stream, errors),
+            streamreader=lambda stream, errors="strict": real().StreamReader(stream, errors),
+        )
+
+    # encodings.search_function reads getregentry, then tries getaliases (which encodings.idna lacks).
+    defer_import("encodings.idna", {"getregentry": regentry}, absent=("getaliases",))

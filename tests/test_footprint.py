@@ -44,6 +44,9 @@ NOT_ON_THE_LOCAL_TIER = (
     "_hashlib",  # ~2 MiB: OpenSSL's digests, only for cloud MACs and the like (edged.lazy.defer_hashing)
     "hashlib",
     "hmac",
+    "encodings.idna",  # ~0.2 MiB with stringprep and unicodedata: only for non-ASCII host names
+    "stringprep",
+    "unicodedata",
 )
 # With MQTT on, paho's module-level imports that edged never uses (edged.lazy).
 NOT_WITH_MQTT = ("urllib.request", "http.client", "email", "uuid", "cryptography", "zeroconf")
@@ -54,6 +57,8 @@ NOT_AT_IDLE = (
     "_hashlib",
     "hashlib",
     "hmac",
+    "encodings.idna",
+    "unicodedata",
     "cryptography",
     "urllib.request",
     "http.client",
@@ -222,6 +227,38 @@ def test_deferred_ssl_and_hashing_are_the_real_thing_on_first_use(tmp_path):
         tag = hmac.new(b"k", b"m", "sha256").hexdigest()  # the first read of hmac: hmac and hashlib, real
         assert tag.startswith("b600") and not is_deferred("hashlib") and "_hashlib" in sys.modules
         assert hashlib.sha256.__name__ == "openssl_sha256"  # OpenSSL's from now on
+        print("ok")
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_the_deferred_idna_codec_encodes_as_the_real_one():
+    """ASCII names take encodings.idna's fast path without importing it; the rest, errors included, is the
+    real codec's."""
+    code = textwrap.dedent(
+        """
+        import socket, sys
+        from edged.lazy import defer_idna, is_deferred
+        defer_idna()
+        assert socket.getaddrinfo("127.0.0.1", 80)[0][4] == ("127.0.0.1", 80)
+        names = ("", "localhost", "a.b.", "x" * 63)
+        assert [n.encode("idna") for n in names] == [n.encode("ascii") for n in names]
+        assert is_deferred("encodings.idna") and "unicodedata" not in sys.modules
+        for bad, why in (("a..b", "label empty or too long"), ("x" * 64, "label too long")):
+            try:
+                bad.encode("idna")
+            except UnicodeError as exc:
+                assert why in str(exc), exc
+            else:
+                raise AssertionError(bad)
+        assert "bücher.de".encode("idna") == b"xn--bcher-kva.de" and b"xn--bcher-kva.de".decode("idna") == "bücher.de"
+        import codecs
+        assert codecs.getincrementalencoder("idna")().encode("bücher.de", final=True) == b"xn--bcher-kva.de"
+        assert not is_deferred("encodings.idna")
         print("ok")
         """
     )
