@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 from . import __version__
 from .config import ApiConfig, Config, find_config, secret_file_warnings
 from .errors import EXIT_CONFIG, EXIT_START_FAILED, ConfigError, EdgedError
-from .lazy import defer_hashing, defer_idna, defer_import, defer_ssl
+from .lazy import defer_for_daemon
 
 if TYPE_CHECKING:
+    import argparse
+
     from .client import ApiClient  # loaded by the commands that talk to a daemon, not by `edged run`
 
 
@@ -23,23 +25,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     daemon = argv[:1] == ["run"]
     if daemon:
-        # shutil (argparse, tempfile, ctypes.util import it) imports bz2 and lzma for archives at its top:
-        # about 0.4 MiB of RSS the daemon never uses. They are imported for real if anything reads them.
-        for name in ("bz2", "lzma"):
-            defer_import(name)
-        # OpenSSL's TLS and hashing modules: about 2.4 MiB of RSS that a daemon without TLS and cloud MACs
-        # never uses (what asyncio and uvloop read of ssl at their import is given up front).
-        defer_ssl()
-        defer_hashing()
-        defer_idna()  # stringprep and unicodedata, for host names that are not ASCII
-    # `edged run` is the daemon: the cloud and identity commands' parsers (and their modules) would stay
-    # loaded for nothing as long as it runs.
-    parser = _parser(other_commands=not daemon)
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    del parser  # garbage from here on (about 0.1 MiB in a daemon that runs for months)
+        defer_for_daemon()  # what the daemon's libraries import at their top and it seldom or never uses
+    args = _plain_run(argv) if daemon else None
+    if args is None:
+        # `edged run` is the daemon: the cloud and identity commands' parsers (and their modules) would stay
+        # loaded for nothing as long as it runs.
+        parser = _parser(other_commands=not daemon)
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+        del parser  # garbage from here on (about 0.1 MiB in a daemon that runs for months)
     try:
         return args.func(args)
     except ConfigError as exc:
@@ -52,8 +48,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _plain_run(argv: list[str]) -> SimpleNamespace | None:
+    """`edged run [--config PATH]` as a unit file starts it, read without argparse: argparse, gettext, locale
+    and shutil would stay loaded in the daemon (about 0.5 MiB). None for anything else (--help, an unknown
+    option...): argparse reads that, with its messages."""
+    rest = argv[1:]
+    if not rest:
+        return SimpleNamespace(func=_run, config=None)
+    if len(rest) == 2 and rest[0] in ("--config", "-c") and not rest[1].startswith("-"):
+        return SimpleNamespace(func=_run, config=rest[1])
+    if len(rest) == 1 and rest[0].startswith("--config=") and rest[0] != "--config=":
+        return SimpleNamespace(func=_run, config=rest[0].partition("=")[2])
+    return None
+
+
 def _parser(other_commands: bool = True) -> argparse.ArgumentParser:
     """The whole command line; `other_commands=False`: without the cloud tier's (bridge, fleet)."""
+    import argparse  # not for `edged run` as started by its unit (_plain_run)
+
     p = argparse.ArgumentParser(prog="edged", description="HubMesh: a local service mesh for edge boxes")
     p.add_argument("--version", action="version", version=f"edged {__version__}")
     sub = p.add_subparsers(metavar="COMMAND")

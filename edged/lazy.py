@@ -210,3 +210,15 @@ def defer_idna() -> None:
 
     # encodings.search_function reads getregentry, then tries getaliases (which encodings.idna lacks).
     defer_import("encodings.idna", {"getregentry": regentry}, absent=("getaliases",))
+
+
+def defer_for_daemon() -> None:
+    """Everything `edged run` defers, before it imports the rest of edged (a daemon that runs for months
+    keeps what it imported): shutil's bz2 and lzma (imported by argparse, tempfile and ctypes.util, used
+    for archives: about 0.4 MiB), ssl and OpenSSL's hashing (about 2.4 MiB without TLS and cloud MACs), and
+    the idna codec's tables (non-ASCII host names). Each is imported for real if anything uses it."""
+    for name in ("bz2", "lzma"):
+        defer_import(name)
+    defer_ssl()
+    defer_hashing()
+    defer_idna()

@@ -13,7 +13,6 @@ import errno
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Awaitable
@@ -57,6 +56,8 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
     """
     directory = os.path.dirname(os.path.abspath(path))
     tmp = None
+    import tempfile  # with shutil: only once something is written (an idle daemon may never)
+
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=_TMP_SUFFIX, dir=directory)
         with os.fdopen(fd, "wb") as f:

@@ -45,10 +45,19 @@ from bench import (
 )
 from harness import REPO, imported_modules
 
-# Run in a fresh interpreter: import the names on stdin in order; print each one's growth in KiB: of RSS
-# (argv[1] == "rss"), or of Python allocations (tracemalloc, which itself adds to RSS: a separate run).
+# Run in a fresh interpreter: defer what the daemon defers, import the names on stdin in order; print each
+# one's growth in KiB: of RSS (argv[1] == "rss"), or of Python allocations (tracemalloc, which itself adds to
+# RSS: a separate run).
 MEASURE = r"""
 import importlib, json, sys, tracemalloc
+try:  # what `edged run` defers before it imports the rest (ssl, OpenSSL's hashing...), deferred here too
+    from edged.lazy import defer_for_daemon
+except ImportError:  # a tree from before it: bz2 and lzma only
+    from edged.lazy import defer_import
+    def defer_for_daemon():
+        defer_import("bz2")
+        defer_import("lzma")
+defer_for_daemon()
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4

@@ -21,6 +21,8 @@ from fixtures_identity import FleetCA
 from fixtures_mqtt import broker, mqtt_section, topic_prefix, wait_metric  # noqa: F401
 from harness import imported_modules
 
+from edged.cli import _plain_run
+
 # Never on the local tier's path, with what each would cost or why it is not needed.
 NOT_ON_THE_LOCAL_TIER = (
     "cryptography",  # ~7 MiB: only to verify or sign fleet documents and certificates
@@ -47,6 +49,10 @@ NOT_ON_THE_LOCAL_TIER = (
     "encodings.idna",  # ~0.2 MiB with stringprep and unicodedata: only for non-ASCII host names
     "stringprep",
     "unicodedata",
+    "argparse",  # `edged run --config PATH` is read without it (edged.cli._plain_run)
+    "gettext",
+    "tempfile",  # with shutil: only once a state file is written
+    "shutil",
 )
 # With MQTT on, paho's module-level imports that edged never uses (edged.lazy).
 NOT_WITH_MQTT = ("urllib.request", "http.client", "email", "uuid", "cryptography", "zeroconf")
@@ -59,6 +65,8 @@ NOT_AT_IDLE = (
     "hmac",
     "encodings.idna",
     "unicodedata",
+    "argparse",
+    "gettext",
     "cryptography",
     "urllib.request",
     "http.client",
@@ -266,3 +274,17 @@ def test_the_deferred_idna_codec_encodes_as_the_real_one():
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60, check=False
     )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_edged_run_as_its_unit_starts_it_is_read_without_argparse():
+    """The forms a unit file uses; anything else goes to argparse (its --help and its errors)."""
+    for argv, config in (
+        (["run"], None),
+        (["run", "--config", "/etc/edged/edged.toml"], "/etc/edged/edged.toml"),
+        (["run", "-c", "e.toml"], "e.toml"),
+        (["run", "--config=e.toml"], "e.toml"),
+    ):
+        args = _plain_run(argv)
+        assert args is not None and args.config == config and args.func.__name__ == "_run", argv
+    for argv in (["run", "--help"], ["run", "--config"], ["run", "-c", "-x"], ["run", "e.toml"], ["run", "--config="]):
+        assert _plain_run(argv) is None, argv

@@ -13,7 +13,6 @@ import contextlib
 import os
 import ssl
 import stat
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -173,6 +172,8 @@ def write_file(path: str, data: bytes, mode: int) -> None:
     """Write `data` to `path` atomically with `mode` (a reader never sees half a key or half a chain)."""
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, mode=0o700, exist_ok=True)
+    import tempfile  # with shutil: only when a key or certificate is written
+
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
     try:
         os.fchmod(fd, mode)
