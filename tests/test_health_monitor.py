@@ -363,3 +363,24 @@ def test_unknown_endpoint_is_healthy_by_default() -> None:
     assert isinstance(h, EndpointHealth)
     assert h.available(time.monotonic()) and h.reason(time.monotonic()) == "healthy"
     assert monitor.state("nobody") is h and "nobody" in repr(h)
+
+
+def test_regular_checks_start_on_a_grid_so_that_many_endpoints_share_a_wake_up():
+    """Before: each endpoint's check slept exactly its interval after the last one ended, so 20 endpoints
+    woke an idle daemon 20 times per interval (and each check's loop-lag tick once more)."""
+    from edged.health.monitor import on_grid
+
+    step = 2.0 / 8
+    starts = set()
+    for i in range(20):  # checks that ended at scattered times, 2 s interval
+        now = 100.0 + i * 0.037
+        due = now + on_grid(now, 2.0, 2.0)
+        assert abs(due - (now + 2.0)) <= step / 2 + 1e-9  # within half a step of when it was due
+        assert abs(due / step - round(due / step)) < 1e-9  # on the grid
+        starts.add(round(due, 6))
+    assert len(starts) <= 4  # 20 checks within 0.7 s: 4 wake-ups at most, not 20
+    # An interval of whole steps is kept exactly, the check's own time included: no drift.
+    now = 100.25 + 0.004
+    assert round(now + on_grid(now, 2.0, 2.0), 6) == 102.25
+    # Long intervals: steps of 0.25 s at most; a delay already due is not made negative.
+    assert on_grid(10.0, 30.0, 30.0) == 30.0 and on_grid(10.1, 0.0, 2.0) == 0.0

@@ -28,6 +28,19 @@ log = logging.getLogger(__name__)
 _EWMA_ALPHA = 0.3
 _FAST_PROBE_MIN = 0.1  # seconds: floor of the faster probing while a state change is pending
 _SWEEP_RETRY = 1.0  # seconds before the sweeper tries again after a failed sweep
+_CHECK_STEP_MAX = 0.25  # seconds: the longest step of the grid that regular checks start on
+
+
+def on_grid(now: float, delay: float, interval: float) -> float:
+    """`delay` from loop time `now`, moved to end on the nearest step of a grid of interval/8 (at most
+    0.25 s): the checks of many endpoints that fall due within one step then start in one wake-up of an idle
+    daemon (and share one loop-lag tick) instead of one each. A check starts within half a step of when it
+    was due; an interval that is a whole number of steps is kept exactly (the check's own time included)."""
+    step = min(_CHECK_STEP_MAX, interval / 8)
+    if step <= 0.0:
+        return delay
+    return max(0.0, round((now + delay) / step) * step - now)
+
 
 OnChange = Callable[[Endpoint, bool, str], None]
 _DEFAULT_OUTLIER = OutlierConfig()
@@ -486,8 +499,9 @@ class HealthMonitor:
                 await asyncio.wait_for(self._wake.wait(), timeout=delay)
 
     async def _check_loop(self, endpoint: Endpoint, h: EndpointHealth, spec: HealthCheckSpec) -> None:
-        """Probe forever: at once, then at a random offset (spreads endpoints), then every interval;
-        every interval/4 (not below 0.1 s) while a state change is pending."""
+        """Probe forever: at once, then at a random offset (spreads endpoints), then every interval, each on
+        the next step of a grid (`on_grid`); every interval/4 (not below 0.1 s) while a state change is
+        pending."""
         first = True
         while True:
             try:
@@ -507,9 +521,9 @@ class HealthMonitor:
             if pending:
                 delay = max(_FAST_PROBE_MIN, spec.interval / 4)
             elif first:
-                delay = random.uniform(0.0, spec.interval)
+                delay = on_grid(asyncio.get_running_loop().time(), random.uniform(0.0, spec.interval), spec.interval)
             else:
-                delay = spec.interval
+                delay = on_grid(asyncio.get_running_loop().time(), spec.interval, spec.interval)
             first = False
             await asyncio.sleep(delay)
 
