@@ -50,14 +50,6 @@ from harness import REPO, imported_modules
 # RSS: a separate run).
 MEASURE = r"""
 import importlib, json, sys, tracemalloc
-try:  # what `edged run` defers before it imports the rest (ssl, OpenSSL's hashing...), deferred here too
-    from edged.lazy import defer_for_daemon
-except ImportError:  # a tree from before it: bz2 and lzma only
-    from edged.lazy import defer_import
-    def defer_for_daemon():
-        defer_import("bz2")
-        defer_import("lzma")
-defer_for_daemon()
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4
@@ -67,13 +59,23 @@ size = rss if sys.argv[1] == "rss" else traced
 if size is traced:
     tracemalloc.start()
 out = {}
+before = size()
+try:  # what `edged run` defers before it imports the rest (ssl, OpenSSL's hashing...), deferred here too;
+    from edged.lazy import defer_for_daemon  # what that imports (the C module _ssl) is edged.lazy's row
+except ImportError:  # a tree from before it: bz2 and lzma only
+    from edged.lazy import defer_import
+    def defer_for_daemon():
+        defer_import("bz2")
+        defer_import("lzma")
+defer_for_daemon()
+out["edged.lazy"] = size() - before
 for name in sys.stdin.read().split():
     before = size()
     try:
         importlib.import_module(name)
     except Exception:  # a module only for other platforms (nt, msvcrt) or an optional one that is absent
         continue
-    out[name] = size() - before
+    out[name] = out.get(name, 0) + size() - before
 print(json.dumps(out))
 """
 
