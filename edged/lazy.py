@@ -167,9 +167,16 @@ def defer_hashing() -> None:
     if "_hashlib" in sys.modules:
         return
     import _operator
-    import _sha256
 
-    defer_import("hashlib", {"sha256": _sha256.sha256})
+    try:
+        from _sha2 import sha256  # Python 3.12 and later
+    except ImportError:
+        try:
+            from _sha256 import sha256  # Python 3.10 and 3.11
+        except ImportError:  # a build without CPython's own SHA-256: nothing to defer to
+            return
+
+    defer_import("hashlib", {"sha256": sha256})
     # hmac's own choice when it has no _hashlib: the same constant-time comparison.
     defer_import("hmac", {"compare_digest": _operator._compare_digest}, then=("hashlib",))
 

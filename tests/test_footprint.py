@@ -244,6 +244,31 @@ def test_deferred_ssl_and_hashing_are_the_real_thing_on_first_use(tmp_path):
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
+def test_hashing_deferral_works_whichever_module_holds_cpythons_own_sha256():
+    """Python 3.12 renamed `_sha256` to `_sha2`: with the one this Python has hidden, the daemon still starts
+    (hashing is simply not deferred), and with both hidden too."""
+    code = textwrap.dedent(
+        """
+        import importlib.util, sys
+        present = [m for m in ("_sha2", "_sha256") if importlib.util.find_spec(m)]
+        assert present, "this Python has neither _sha2 nor _sha256"
+        for m in present:
+            sys.modules[m] = None  # `import m` now raises ImportError
+        from edged.lazy import defer_hashing, is_deferred
+        defer_hashing()
+        import hashlib, hmac
+        assert not is_deferred("hashlib") and "_hashlib" in sys.modules
+        assert hashlib.sha256(b"abc").hexdigest().startswith("ba7816bf")
+        assert hmac.new(b"k", b"m", "sha256").hexdigest().startswith("b600")
+        print("ok")
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
 def test_the_deferred_idna_codec_encodes_as_the_real_one():
     """ASCII names take encodings.idna's fast path without importing it; the rest, errors included, is the
     real codec's."""
