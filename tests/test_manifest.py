@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import textwrap
 from pathlib import Path
 
@@ -265,14 +266,15 @@ def test_service_name_must_be_lower_case_label(tmp_path):
     [
         ("m.toml", 'service_name = "a"\n[policy]\nretries = \n', 3),
         ("m.toml", 'service_name = "a\n', 1),
-        ("m.json", '{\n  "service_name": "a",\n  "priority": 1,\n}\n', 4),
+        # Python 3.13's json names the trailing comma (line 3); older ones the brace after it (line 4).
+        ("m.json", '{\n  "service_name": "a",\n  "priority": 1,\n}\n', (3, 4) if sys.version_info >= (3, 13) else 4),
         ("m.yaml", "service_name: a\nendpoints:\n  - type: local\n   url: x\n", 4),
         ("m.yaml", "service_name: [a\n", 2),
     ],
 )
 def test_syntax_errors_have_lines(tmp_path, name, text, line):
     err = refused(tmp_path, name, text)
-    assert err.line == line
+    assert err.line in (line if isinstance(line, tuple) else (line,))
     assert err.key is None
     assert "syntax error" in err.message
 
@@ -466,7 +468,7 @@ def test_duplicate_keys_are_refused(tmp_path, name, text, line, key):
 
 # ---------------------------------------------------------------- any bad file is a refused file (issue 13)
 
-DEEP = 3000  # deeper than Python's recursion limit: every decoder raised RecursionError at this depth
+DEEP = 30_000  # deeper than any Python's recursion limit (3.13's json parses 3,000 levels)
 
 
 @pytest.mark.parametrize(
