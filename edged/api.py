@@ -190,11 +190,13 @@ class Api:
             )
             rid = call.request_id
             routed = await self._router.route_service_call(call, svc)
-            extra = [
-                (b"x-edged-endpoint", routed.endpoint.id.encode()),
-                (b"x-edged-tries", str(routed.tries).encode()),
-                (b"x-request-id", rid.encode()),
-            ]
+            extra = (
+                b"x-edged-endpoint: ",
+                routed.endpoint.id.encode(),
+                b"\r\nx-edged-tries: %d\r\nx-request-id: " % routed.tries,
+                rid.encode(),
+                b"\r\n",
+            )
             await relay_answer(self._router, req, resp, routed, extra)
 
     # -- /v1 ---------------------------------------------------------------------------------------

@@ -56,9 +56,24 @@ def new_call(
 ) -> Call:
     """The one way a call is made: the caller's headers minus hop-by-hop ones, `OWN_HEADERS` and `drop`,
     then `add` (headers the entry point sets, e.g. `x-forwarded-for`)."""
-    kept = [(k, v) for k, v in strip_hop_by_hop(list(headers)) if k not in OWN_HEADERS and k not in drop]
-    kept.extend(add)
+    kept = strip_hop_by_hop(headers if isinstance(headers, list) else list(headers), _own(drop))
+    if add:
+        kept.extend(add)
     return Call(tenant, service, method, path, kept, body, deadline, request_id, tiers, app)
+
+
+_OWN: dict[frozenset[bytes], frozenset[bytes]] = {frozenset(): OWN_HEADERS}
+
+
+def _own(drop: frozenset[bytes]) -> frozenset[bytes]:
+    """`OWN_HEADERS | drop`, made once per `drop` set (each entry point has its own few)."""
+    own = _OWN.get(drop)
+    if own is None:
+        if len(_OWN) >= 64:
+            _OWN.clear()
+            _OWN[frozenset()] = OWN_HEADERS
+        own = _OWN[drop] = OWN_HEADERS | drop
+    return own
 
 
 class UpstreamAnswer(Protocol):

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 from .call import Call, new_call
 from .errors import CallError, UpstreamError
-from .http.message import Request, strip_hop_by_hop
+from .http.message import Request, header_lines
 from .http.server import ResponseWriter
 from .model import Service
 from .router import Routed, Router
@@ -68,20 +68,22 @@ def call_for(
 
 
 async def relay_answer(
-    router: Router, req: Request, resp: ResponseWriter, routed: Routed, extra: list[tuple[bytes, bytes]]
+    router: Router, req: Request, resp: ResponseWriter, routed: Routed, extra: tuple[bytes, ...]
 ) -> None:
-    """Send the routed answer to the caller (streamed, or in one write when it is all here) and count the call."""
+    """Send the routed answer to the caller (streamed, or in one write when it is all here) and count the call.
+    `extra`: header lines the entry point adds, encoded (pieces that join to "name: value\\r\\n" lines)."""
     answer, ep = routed.answer, routed.endpoint
-    out = strip_hop_by_hop(answer.headers)
-    out.extend(extra)
+    lines = header_lines(answer.headers)
+    lines += extra
     outcome = "success" if answer.status < 500 else "error"
     try:
         if answer.complete and req.method != "HEAD":
             # The whole answer is already here (the common small answer): one read gives all of it, one write.
-            resp.send(answer.status, out, await answer.read())
-            router.settle(routed, True)  # a streamed answer whose rest came before the head went out
+            resp.send_lines(answer.status, lines, await answer.read())
+            if routed.streamed:  # a streamed answer whose rest came before the head went out
+                router.settle(routed, True)
             return
-        resp.start(answer.status, out, content_length=answer.content_length)
+        resp.start_lines(answer.status, lines, content_length=answer.content_length)
         try:
             while chunk := await answer.read():
                 await resp.write(chunk)

@@ -18,7 +18,7 @@ from typing import Protocol
 
 from . import retry
 from .answers import WHOLE_ANSWER, read_whole, streams, wants_whole
-from .breaker import Breakers, endpoint_full
+from .breaker import Breakers, Gate, endpoint_full
 from .budget import RetryBudget
 from .call import Call, Transport, UpstreamAnswer
 from .errors import CallError, UpstreamError
@@ -144,6 +144,20 @@ class Routed:
 
 DEADLINE_SLACK = 0.002  # seconds: how early a timer set for the deadline may fire (uvloop: 1 ms ticks)
 
+
+class _Lane:
+    """What a call of one service needs besides its plan, looked up once per call instead of piece by piece:
+    its breaker gate and its retry budget. Made again when the service object changes
+    (the gate, by key, and the budget, while its ratio holds, carry over)."""
+
+    __slots__ = ("budget", "gate", "service")
+
+    def __init__(self, service: Service, gate: Gate, budget: RetryBudget) -> None:
+        self.service = service
+        self.gate = gate
+        self.budget = budget
+
+
 class Router:
     """Turns calls into tries. Reads the registry snapshot and health; writes results back to health."""
 
@@ -164,6 +178,7 @@ class Router:
         self._ranker = ranker or Ranker()
         self._clock = clock
         self._budgets: dict[tuple[str, str], RetryBudget] = {}
+        self._lanes: dict[tuple[str, str], _Lane] = {}  # by service key
         self._whole_answer = whole_answer  # answers up to this length are read whole before they are the caller's
         self._plans = _PlanCache(self._ranker, health)
         self._breakers = Breakers()
@@ -213,7 +228,10 @@ class Router:
                 404, "unknown_method", f"{call.method} {call.path.partition('?')[0]} is not in {spec.name}'s interface"
             )
         policy = spec.policy
-        gate = self._breakers.gate(spec.key)
+        lane = self._lanes.get(spec.key)
+        if lane is None or lane.service is not service:
+            lane = self._lane(service)
+        gate = lane.gate
         hold = gate.try_enter(policy.max_inflight)
         if hold is None:
             try:
@@ -223,7 +241,7 @@ class Router:
                 self.record(spec.name, "none", "overloaded", started)
                 raise
         plan, skipped = self.plan(service, call.tiers, explain=False)
-        budget = self._budget(service)
+        budget = lane.budget
         budget.deposit()
         attempts: list[dict] = []
         full: list[str] = []  # endpoints passed over at their endpoint_max_inflight
@@ -260,7 +278,7 @@ class Router:
                     if failed is None and held is None:  # the common case, without the bookkeeping below
                         if tries > 1:
                             self._metrics.failovers.inc((spec.name,))
-                        streamed = streams(answer, call.method)  # type: ignore[arg-type]
+                        streamed = not answer.complete and call.method != "HEAD"  # type: ignore[union-attr]
                         return Routed(answer, ep, tries, service, started, attempts, streamed)  # type: ignore[arg-type]
                     outcomes = [(ep, answer, failed)]
                 else:
@@ -367,13 +385,14 @@ class Router:
         headers = [
             *call.headers,
             (b"x-request-id", call.request_id.encode()),
-            (b"x-edged-timeout-ms", str(max(1, int(remaining * 1000))).encode()),
+            (b"x-edged-timeout-ms", b"%d" % max(1, int(remaining * 1000))),
         ]
+        method = call.method
         t0 = self._clock()
         with self._health.call_started(ep.id) as flight:
             try:
                 answer = await self._transports[ep.tier].send(ep, call, headers, timeout)
-                if wants_whole(answer, call.method, self._whole_answer):
+                if not answer.complete and wants_whole(answer, method, self._whole_answer):
                     try:  # a small answer is read whole first: a break in it fails over like a reset
                         answer = await read_whole(answer, ep.id, call.deadline - self._clock())
                     except UpstreamError as exc:
@@ -389,8 +408,10 @@ class Router:
                     flight.finish(ep, service, False, None)
                 raise
             latency = self._clock() - t0
-            error = retry.answer_error(answer.status, policy)
-            if error is None and streams(answer, call.method):
+            status = answer.status
+            # retry.answer_error, with its common case (a status not retried) inline: once per try
+            error = retry.answer_error(status, policy) if status in policy.retry_on_status else None
+            if error is None and not answer.complete and method != "HEAD":  # answers.streams, inline
                 flight.finish(ep, service, True, latency, later=True)  # ok or not once the body is through
             else:
                 flight.finish(ep, service, error is None, latency)
@@ -410,6 +431,13 @@ class Router:
         """Count a finished call (the API calls this once the answer's body is through)."""
         self._metrics.calls.inc((service, tier, outcome))
         self._metrics.call_seconds.observe((service, tier), self._clock() - started)
+
+    def _lane(self, service: Service) -> _Lane:
+        if len(self._lanes) >= _MAX_CACHED_PLANS:
+            self._lanes.clear()  # services come and go: start over rather than keep the gone ones
+        key = service.spec.key
+        lane = self._lanes[key] = _Lane(service, self._breakers.gate(key), self._budget(service))
+        return lane
 
     def _budget(self, service: Service) -> RetryBudget:
         key = service.spec.key

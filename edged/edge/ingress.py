@@ -235,10 +235,11 @@ class Ingress:
             if self._on_peer_call is not None:
                 self._on_peer_call(caller)
             routed = await self._router.route_service_call(call)
-            extra = [
-                (b"x-edged-peer-endpoint", routed.endpoint.id.encode()),
-                (b"x-edged-peer-tries", str(routed.tries).encode()),
-            ]
+            extra = (
+                b"x-edged-peer-endpoint: ",
+                routed.endpoint.id.encode(),
+                b"\r\nx-edged-peer-tries: %d\r\n" % routed.tries,
+            )
             await relay_answer(self._router, req, resp, routed, extra)
 
 

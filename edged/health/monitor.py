@@ -52,7 +52,8 @@ class EndpointHealth:
     __slots__ = (
         "_fail_detail",
         "_fail_streak",
-        "_lag_marks",
+        "_lag_answer",
+        "_lag_busy",
         "_ok_streak",
         "_outlier",
         "_published",
@@ -87,7 +88,8 @@ class EndpointHealth:
         self.sent_sum = 0.0  # sum of the send times of the tries in flight: their mean age (edged.predictive)
         self.busy_since = 0.0
         self.last_response_at = 0.0
-        self._lag_marks = (0.0, 0.0)  # the event loop's lag total at busy_since and at last_response_at
+        self._lag_busy = 0.0  # the event loop's lag total at busy_since
+        self._lag_answer = 0.0  # and at last_response_at
         self.checks_ok = 0
         self.checks_failed = 0
         self.calls_ok = 0
@@ -253,15 +255,16 @@ class HealthMonitor:
     def call_started(self, endpoint_id: str) -> InFlight:
         """A call to the endpoint began (for in-flight counts and stall detection). Use the handle in a `with`
         block: it gives the count back when the block is left, whether `finish` was called or not."""
-        h = self.state(endpoint_id)
+        h = self._states.get(endpoint_id) or self.state(endpoint_id)
         load = h.inflight
         now = self._clock()
-        if load == 0:
+        if not load:
             h.busy_since = now
-            h.sent_sum = 0.0  # (a call_finished with no handle may have left a remainder)
-            h._lag_marks = (self._lag(), h._lag_marks[1])
-        h.inflight += 1
-        h.sent_sum += now
+            h.sent_sum = now  # (a call_finished with no handle may have left a remainder)
+            h._lag_busy = self._lag()
+        else:
+            h.sent_sum += now
+        h.inflight = load + 1
         return InFlight(self, h, load, now)
 
     def call_finished(
@@ -309,19 +312,23 @@ class HealthMonitor:
             h.inflight -= 1
         if (ok or latency is not None) if answered is None else answered:
             h.last_response_at = now
-            h._lag_marks = (h._lag_marks[0], self._lag())
+            h._lag_answer = self._lag()
         if latency is not None:
-            h.latency_ewma = (
-                latency if h.latency_ewma is None else h.latency_ewma + _EWMA_ALPHA * (latency - h.latency_ewma)
-            )
+            ewma = h.latency_ewma
+            h.latency_ewma = latency if ewma is None else ewma + _EWMA_ALPHA * (latency - ewma)
             h.peak.observe(latency, now)
-        policy = service.spec.policy
-        if policy.strategy == "predictive" and load is not None and reached:
+        if load is not None and reached and service.spec.policy.strategy == "predictive":
             if h.model is None:
                 h.model = Model()
             h.model.observe(now, ok, latency, load)
-        if not later:
-            self._outcome(endpoint, service, h, ok, reached, detail, now)
+        if later:
+            return
+        if ok:  # _outcome's common case, inline: once per try
+            h.calls_ok += 1
+            h.last_detail = detail or "call ok"
+            h._outlier.success()
+            return
+        self._outcome(endpoint, service, h, ok, reached, detail, now)
 
     def body_ended(self, endpoint: Endpoint, service: Service, ok: bool) -> None:
         """A streamed answer's body came whole (`ok`) or broke off: the outcome of a call reported `later`."""
@@ -369,9 +376,9 @@ class HealthMonitor:
         if h is None or h.inflight <= 0:
             return False
         if h.busy_since >= h.last_response_at:
-            since, lag_then = h.busy_since, h._lag_marks[0]
+            since, lag_then = h.busy_since, h._lag_busy
         else:
-            since, lag_then = h.last_response_at, h._lag_marks[1]
+            since, lag_then = h.last_response_at, h._lag_answer
         return now - since - (self._lag() - lag_then) >= threshold
 
     def models(self) -> list[tuple[str, Model]]:
@@ -435,9 +442,11 @@ class HealthMonitor:
 
     def _lag(self) -> float:
         """Lag of the running event loop so far (seconds; 0.0 with no loop: pure use from tests)."""
+        lag = self._loop_lag
+        if lag is not None:  # the common case first: twice per try
+            return lag.total()
         if self._lag_source is not None:
             return self._lag_source()
-        lag = self._loop_lag
         if lag is None:
             try:
                 lag = self._loop_lag = loop_lag()

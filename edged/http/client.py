@@ -690,11 +690,10 @@ class UpstreamPool:
         parts = [method.encode("ascii"), b" ", raw_path, b" HTTP/1.1\r\n"]
         has_host = False
         for name, value in headers:  # lower-case names, as everywhere in edged
-            if name in _SKIP_REQUEST_HEADERS:
-                continue
-            if name == b"host":
-                has_host = True
-            parts.append(b"".join((name, b": ", value, b"\r\n")))
+            if name not in _SKIP_REQUEST_HEADERS:
+                parts += (name, b": ", value, b"\r\n")  # flat pieces, one join at the end: no tuple per header
+                if name == b"host":
+                    has_host = True
         if not has_host:
             host = self._host_headers.get(key)
             if host is None:

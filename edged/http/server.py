@@ -82,19 +82,24 @@ class ResponseWriter:
         self.finished = False
 
     def _build_head(self, status: int, headers: Headers, content_length: int | None) -> list[bytes]:
-        if self.started:
-            raise RuntimeError("response already started")
-        self.started = True
-        conn = self._conn
-        close = self._close or (conn._closing and (conn._server._shut or not conn._queue))
         parts = [_status_line(status)]
+        close = False
         for name, value in headers:
             # Names are lower-case everywhere in edged (parsers lower them), so no .lower() per header here.
             if name in _FRAMING:  # the writer owns framing; a handler may still ask to close
                 if name == b"connection" and b"close" in value.lower():
                     close = True
                 continue
-            parts.append(b"".join((name, b": ", value, b"\r\n")))
+            parts += (name, b": ", value, b"\r\n")
+        return self._frame(parts, status, content_length, close)
+
+    def _frame(self, parts: list[bytes], status: int, content_length: int | None, close: bool) -> list[bytes]:
+        """`parts` (the status line and header lines) with the framing headers and the blank line after them."""
+        if self.started:
+            raise RuntimeError("response already started")
+        self.started = True
+        conn = self._conn
+        close = close or self._close or (conn._closing and (conn._server._shut or not conn._queue))
         self._no_body = self._head or status < 200 or status == 204 or status == 304
         if self._no_body:
             if self._head and content_length is not None:
@@ -108,10 +113,11 @@ class ResponseWriter:
         else:
             close = True  # HTTP/1.0 without a length: the close ends the body
         if close:
-            parts.append(b"connection: close\r\n")
+            parts.append(b"connection: close\r\n\r\n")
         elif self._version == "1.0":
-            parts.append(b"connection: keep-alive\r\n")
-        parts.append(b"\r\n")
+            parts.append(b"connection: keep-alive\r\n\r\n")
+        else:
+            parts.append(b"\r\n")
         self._close = close
         return parts
 
@@ -119,6 +125,22 @@ class ResponseWriter:
         """Send status and headers (lower-case names). Without `content_length`: chunked (HTTP/1.1) or
         close-delimited (HTTP/1.0) body."""
         self._conn._write(b"".join(self._build_head(status, headers, content_length)))
+
+    def start_lines(self, status: int, lines: list[bytes], *, content_length: int | None = None) -> None:
+        """`start` with the header lines already encoded (pieces that join to "name: value\\r\\n" lines, no
+        framing header among them: `edged.http.message.header_lines`); `lines` is taken over."""
+        lines.insert(0, _status_line(status))
+        self._conn._write(b"".join(self._frame(lines, status, content_length, False)))
+
+    def send_lines(self, status: int, lines: list[bytes], body: bytes) -> None:
+        """`send` with the header lines already encoded (as `start_lines`); `lines` is taken over."""
+        lines.insert(0, _status_line(status))
+        parts = self._frame(lines, status, len(body), False)
+        if body and not self._no_body:
+            parts.append(body)
+        self._left = None
+        self.finished = True
+        self._conn._write(b"".join(parts))
 
     async def write(self, data: bytes) -> None:
         """Send a piece of the body; waits while the client's socket is backed up. ClientDisconnected if it is gone."""
