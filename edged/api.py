@@ -38,6 +38,7 @@ log = logging.getLogger("edged.api")
 MESH_SUFFIX = b".mesh"
 SSE_KEEPALIVE = 15.0
 _AUTHORIZATION = frozenset({b"authorization"})  # a tenant token is for the mesh, not the service
+_NOTHING: frozenset[bytes] = frozenset()
 
 
 @dataclass(slots=True)
@@ -133,7 +134,7 @@ class Api:
                 self._hosts.check_host(host)
             if req.target[:1] != "/":
                 raise CallError(400, "bad_request", "absolute-form request targets are not served")
-            if host is not None and host.split(b":", 1)[0].endswith(MESH_SUFFIX):
+            if host is not None and MESH_SUFFIX in host and host.split(b":", 1)[0].endswith(MESH_SUFFIX):
                 service = host.split(b":", 1)[0][: -len(MESH_SUFFIX)].decode("ascii", "replace")
                 await self._call(req, resp, service, req.path, host)
                 return
@@ -177,14 +178,14 @@ class Api:
             raise CallError(404, "unknown_service", "no service named in the path")
         svc = self._router.service(tenant, service)
         ticket = FREE if self._gate is None else self._gate.admit(caller, svc, req.method, path)
-        with ticket:  # its places in the in-flight caps are given back however the call ends
+        try:  # the ticket's places in the in-flight caps are given back however the call ends
             if req.query:
                 path = f"{path}?{req.query}"
             call = call_for(
                 req,
                 svc,
                 path,
-                drop=_AUTHORIZATION if by_token else frozenset(),
+                drop=_AUTHORIZATION if by_token else _NOTHING,
                 add=[(b"x-forwarded-host", host)] if host is not None else (),
                 app=caller.app,
             )
@@ -198,6 +199,8 @@ class Api:
                 b"\r\n",
             )
             await relay_answer(self._router, req, resp, routed, extra)
+        finally:
+            ticket.release()
 
     # -- /v1 ---------------------------------------------------------------------------------------
     async def _v1(self, req: Request, resp: ResponseWriter) -> None:

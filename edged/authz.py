@@ -214,6 +214,10 @@ class Authorizer:
         self._deny = [r for r in rules if r.action == "deny"]
         self._allow = [r for r in rules if r.action == "allow"]
         self._cache.clear()
+        # No rule, and every tenant allows by default: only a service's own policy.allow/deny can refuse a call
+        # (Gate.admit then skips decide(): the call path pays nothing for authorization it does not use).
+        config = self._config
+        self.open = not rules and config.default == "allow" and all(a == "allow" for a in config.tenants.values())
 
     def _steps(self, ids: tuple[str, ...], tenant: str, service: str, policy: PolicySpec) -> tuple[_Step, ...]:
         steps: list[_Step] = []

@@ -28,6 +28,7 @@ from edged.model import Target
 _HIGH_WATER = 256 * 1024  # unread body bytes above which the upstream socket stops being read
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # send Content-Length: 0 for these even with no body
 _SKIP_REQUEST_HEADERS = frozenset({b"content-length", b"transfer-encoding"})
+_NOTED = _SKIP_REQUEST_HEADERS  # answer headers the parser acts on: the same two
 
 # A parser goes on to the next answer of its connection only with httptools >= 0.6.3: older ones failed
 # tests/test_http_client.py (the answer after a 204 with a Content-Length) and get a fresh parser instead.
@@ -378,13 +379,14 @@ class _UpstreamConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
         self._headers.append((name, value))
-        if name == b"content-length":
-            try:  # llhttp refuses a bad one first; a try costs nothing when it does not raise
-                self._content_length = int(value)
-            except ValueError:
-                self._content_length = None
-        elif name == b"transfer-encoding":
-            self._chunked = b"chunked" in value.lower()
+        if name in _NOTED:  # one set look-up for the common header that is neither
+            if name == b"content-length":
+                try:  # llhttp refuses a bad one first; a try costs nothing when it does not raise
+                    self._content_length = int(value)
+                except ValueError:
+                    self._content_length = None
+            else:
+                self._chunked = b"chunked" in value.lower()
 
     def on_headers_complete(self) -> None:
         if self._done:
@@ -506,6 +508,7 @@ class UpstreamPool:
         self._opened: dict[str, int] = {}
         self._conns: set[_UpstreamConnection] = set()
         self._host_headers: dict[str, bytes] = {}
+        self._keys: dict[int, tuple[Target, str]] = {}  # id(target) -> (target, its key): see _key_of
         self._sweep_timer: asyncio.TimerHandle | None = None
         self._closed = False
 
@@ -530,7 +533,11 @@ class UpstreamPool:
         deadline; None = no bound). Raises ConnectFailed, UpstreamReset, UpstreamTimeout or
         UpstreamProtocolError. The caller must read the body to b"" or call discard().
         """
-        key = target.key
+        known = self._keys.get(id(target))
+        if known is not None and known[0] is target:
+            key = known[1]
+        else:
+            key = self._key_of(target)
         if target.tls and self._tls is None:
             raise UpstreamProtocolError(key, "https upstreams not supported yet")
         if self._closed:
@@ -571,6 +578,15 @@ class UpstreamPool:
             return await self._exchange(conn, data, head_only, deadline)  # fresh: never _Stale
         finally:
             deadline.done()  # the head is in, or the try is over: its loop-lag meter may stop
+
+    def _key_of(self, target: Target) -> str:
+        """`target.key`, kept by the target object's id (with the target, so the id stays its own): the key is
+        formatted once per target, not per request."""
+        if len(self._keys) >= 4096:
+            self._keys.clear()  # targets come and go with the registry: start over rather than keep the gone ones
+        key = target.key
+        self._keys[id(target)] = (target, key)
+        return key
 
     async def _tls_turn(
         self, key: str, loop: asyncio.AbstractEventLoop, deadline: TimeLimit
@@ -735,7 +751,9 @@ class UpstreamPool:
             return
         key = conn._key
         self._busy[key] -= 1
-        idle = self._idle.setdefault(key, [])
+        idle = self._idle.get(key)
+        if idle is None:
+            idle = self._idle[key] = []
         if self._closed or conn._closed or conn._expired or len(idle) >= self._max_idle:
             conn._state = _GONE
             conn._close()

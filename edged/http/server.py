@@ -37,6 +37,7 @@ _RESUME_QUEUED = 2
 _TURN = 8  # pipelined requests answered in a row before other connections get the loop (fair to them)
 _LINGER = 2.0  # seconds to keep reading (and dropping) input after an error answer, so the client sees it
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_NOTED = frozenset({b"content-length", b"expect"})  # request headers the parser acts on
 _FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection", b"keep-alive"})
 _REASONS = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
 _STATUS_LINES: dict[int, bytes] = {}
@@ -385,18 +386,19 @@ class _ServerConnection(asyncio.Protocol):
             self._stop(431, "header_too_large", "header section too large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_size += len(name) + len(value) + 4
-        if self._head_size > self._server._max_header_bytes:
+        size = self._head_size = self._head_size + len(name) + len(value) + 4
+        if size > self._server._max_header_bytes:
             self._stop(431, "header_too_large", "header section too large")
         name = name.lower()
         self._headers.append((name, value))
-        if name == b"content-length":
-            try:
-                self._content_length = int(value)
-            except ValueError:
-                self._stop(400, "bad_request", "bad content-length")
-        elif name == b"expect":
-            self._expect = value.lower() == b"100-continue"
+        if name in _NOTED:  # one set look-up for the common header that is neither
+            if name == b"content-length":
+                try:
+                    self._content_length = int(value)
+                except ValueError:
+                    self._stop(400, "bad_request", "bad content-length")
+            else:
+                self._expect = value.lower() == b"100-continue"
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -548,12 +550,25 @@ class _ServerConnection(asyncio.Protocol):
             if isinstance(item, _Fail):
                 self._answer_fail(item)
                 return
+            # The handler runs here, not in a coroutine of its own: one coroutine less per request.
             self._busy = True
+            writer = ResponseWriter(self, item)
+            server = self._server
+            server._in_flight += 1
             try:
-                close = await self._answer(item)
+                await server._handler(item, writer)
+            except ClientDisconnected:
+                close = True
+            except Exception:
+                close = self._handler_failed(item, writer)
+            else:
+                close = writer._close if writer.finished else self._unfinished(item, writer)
             finally:
                 self._busy = False
-            if close or (self._closing and (self._server._shut or not queue)):
+                server._in_flight -= 1
+                if server._drained is not None and not server._in_flight and not server._drained.done():
+                    server._drained.set_result(None)
+            if close or (self._closing and (server._shut or not queue)):
                 if self._linger_until:
                     return
                 self._close()
@@ -567,34 +582,24 @@ class _ServerConnection(asyncio.Protocol):
                 self._continue_pending = False
                 self._write(_CONTINUE)
 
-    async def _answer(self, request: Request) -> bool:
-        """Run the handler for one request; True when the connection must close afterwards."""
-        writer = ResponseWriter(self, request)
-        server = self._server
-        server._in_flight += 1
-        try:
-            await server._handler(request, writer)
-        except ClientDisconnected:
-            return True
-        except Exception:
-            log.exception("handler failed for %s %s", request.method, request.path)
-            if writer.finished:  # the answer is whole: the connection is still good
-                return writer._close
-            if writer.started:
-                self._abort()  # half an answer is on the wire: only a reset tells the client
-                return True
-            writer.send(500, [(b"content-type", b"application/json")], error_body("internal", "handler failed"))
+    def _handler_failed(self, request: Request, writer: ResponseWriter) -> bool:
+        """The handler raised: answer 500 if nothing was sent yet. True when the connection must close."""
+        log.exception("handler failed for %s %s", request.method, request.path)
+        if writer.finished:  # the answer is whole: the connection is still good
             return writer._close
-        finally:
-            server._in_flight -= 1
-            if server._drained is not None and not server._in_flight and not server._drained.done():
-                server._drained.set_result(None)
-        if not writer.finished:
-            if writer.started:
-                writer.end()
-            else:
-                log.error("handler for %s %s sent no answer", request.method, request.path)
-                writer.send(500, [(b"content-type", b"application/json")], error_body("internal", "no answer"))
+        if writer.started:
+            self._abort()  # half an answer is on the wire: only a reset tells the client
+            return True
+        writer.send(500, [(b"content-type", b"application/json")], error_body("internal", "handler failed"))
+        return writer._close
+
+    def _unfinished(self, request: Request, writer: ResponseWriter) -> bool:
+        """The handler returned without finishing its answer: end it, or answer 500 if it sent nothing."""
+        if writer.started:
+            writer.end()
+        else:
+            log.error("handler for %s %s sent no answer", request.method, request.path)
+            writer.send(500, [(b"content-type", b"application/json")], error_body("internal", "no answer"))
         return writer._close
 
     def _idle(self) -> bool:

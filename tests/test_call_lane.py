@@ -1,0 +1,83 @@
+"""The lighter call path's shortcuts keep their slow path's answers: the relayed head built in one pass, the
+gate's skip of authorization when nothing could refuse, the pool's per-target key cache."""
+
+from __future__ import annotations
+
+import pytest
+
+from edged.access import Identity
+from edged.admission import Gate
+from edged.authz import Authorizer, AuthzConfig, Rule
+from edged.errors import CallError
+from edged.http.client import UpstreamPool
+from edged.http.message import header_lines, strip_hop_by_hop
+from edged.model import PolicySpec, Service, ServiceSpec, Target
+from edged.quota import Quotas
+from edged.telemetry import MeshMetrics
+
+HEADS = [
+    [],
+    [(b"server", b"nginx"), (b"content-length", b"2"), (b"connection", b"keep-alive")],
+    [(b"x-a", b"1"), (b"transfer-encoding", b"chunked"), (b"keep-alive", b"timeout=5"), (b"x-b", b"2")],
+    # Connection names more headers to drop, before and after it.
+    [(b"x-secret", b"s"), (b"connection", b"x-secret, X-Other"), (b"x-other", b"o"), (b"x-kept", b"k")],
+    [(b"connection", b"close"), (b"x-kept", b"k"), (b"upgrade", b"h2c")],
+]
+
+
+@pytest.mark.parametrize("headers", HEADS)
+def test_header_lines_forward_what_strip_hop_by_hop_keeps(headers: list[tuple[bytes, bytes]]) -> None:
+    expected = b"".join(b"%s: %s\r\n" % h for h in strip_hop_by_hop(headers))
+    assert b"".join(header_lines(headers)) == expected
+
+
+def test_strip_hop_by_hop_also_drops_the_callers_own_names() -> None:
+    headers = [(b"host", b"h"), (b"x-a", b"1"), (b"connection", b"x-a"), (b"x-b", b"2"), (b"authorization", b"t")]
+    assert strip_hop_by_hop(headers, frozenset({b"host", b"authorization"})) == [(b"x-b", b"2")]
+    assert strip_hop_by_hop(headers) == [(b"host", b"h"), (b"x-b", b"2"), (b"authorization", b"t")]
+
+
+def _gate(config: AuthzConfig) -> Gate:
+    return Gate(Authorizer(config), Quotas({}), MeshMetrics())
+
+
+def _svc(policy: PolicySpec) -> Service:
+    return Service(
+        spec=ServiceSpec(name="thermo", endpoint_types=("local",), endpoints=(), policy=policy), endpoints=()
+    )
+
+
+CALLER = Identity("guest", "default", frozenset({"call"}))
+
+
+def test_the_gate_skips_authorization_only_when_nothing_could_refuse() -> None:
+    open_gate = _gate(AuthzConfig())
+    assert open_gate.authz.open
+    open_gate.admit(CALLER, _svc(PolicySpec()), "GET", "/x").release()
+    # A service's own deny list still refuses on an open authorizer.
+    with pytest.raises(CallError) as refused:
+        open_gate.admit(CALLER, _svc(PolicySpec(deny=("default/guest",))), "GET", "/x")
+    assert refused.value.status == 403
+    with pytest.raises(CallError):
+        open_gate.admit(CALLER, _svc(PolicySpec(allow=("default/other",))), "GET", "/x")
+    # Any rule, a deny default or a deny tenant: decided as before.
+    assert not _gate(AuthzConfig(default="deny")).authz.open
+    assert not _gate(AuthzConfig(tenants={"default": "deny"})).authz.open
+    with pytest.raises(CallError):
+        _gate(AuthzConfig(tenants={"default": "deny"})).admit(CALLER, _svc(PolicySpec()), "GET", "/x")
+    ruled = _gate(AuthzConfig())
+    ruled.authz.set_rules([Rule("no-guests", "deny", sources=("default/guest",))], "api")
+    assert not ruled.authz.open
+    with pytest.raises(CallError):
+        ruled.admit(CALLER, _svc(PolicySpec()), "GET", "/x")
+    ruled.authz.set_rules([], "api")
+    assert ruled.authz.open
+
+
+def test_the_pools_key_cache_follows_the_target_object() -> None:
+    pool = UpstreamPool()
+    a = Target(kind="tcp", host="127.0.0.1", port=8080)
+    b = Target(kind="tcp", host="127.0.0.1", port=8081)
+    assert pool._key_of(a) == a.key
+    assert pool._key_of(b) == b.key
+    assert pool._keys[id(a)] == (a, a.key)
