@@ -231,11 +231,12 @@ class Router:
         lane = self._lanes.get(spec.key)
         if lane is None or lane.service is not service:
             lane = self._lane(service)
-        gate = lane.gate
-        hold = gate.try_enter(policy.max_inflight)
-        if hold is None:
+        places = lane.gate.places  # the service's breaker: its place is given back by the `finally` below
+        if places.free(policy.max_inflight):
+            places.count += 1  # Gate.try_enter, inline: no hold object per call
+        else:
             try:
-                hold = await gate.enter(policy, call.deadline - self._clock(), spec.name)
+                await lane.gate.enter(policy, call.deadline - self._clock(), spec.name)  # its hold's place: `places`
             except CallError as exc:
                 self._metrics.overloaded.inc((spec.name, exc.detail["limit"]))  # type: ignore[index]
                 self.record(spec.name, "none", "overloaded", started)
@@ -305,7 +306,7 @@ class Router:
                 routed, held = held, None
                 return routed
         finally:
-            hold.release()
+            places.give()
             if race is not None:
                 await race.close()
             if held is not None:  # cancelled (the caller left) while holding an answer: give its connection back

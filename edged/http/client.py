@@ -204,22 +204,6 @@ class _UpstreamConnection(asyncio.Protocol):
 
     # -- exchange --
 
-    def _begin(self, waiter: asyncio.Future[UpstreamResponse], head_only: bool) -> None:
-        parser, self._spare = self._spare, None
-        self._parser = parser if parser is not None else httptools.HttpResponseParser(self)
-        self._head_waiter = waiter
-        self._response = None
-        self._head_only = head_only
-        self._got_bytes = False
-        self._done = False
-        self._garbage = False
-        self._close_delimited = False
-        self._chunked = False
-        self._content_length = None
-        self._interim = False
-        self._reason = []
-        self._headers = []
-
     def _send(self, data: bytes, head_only: bool, limit: TimeLimit) -> asyncio.Future[UpstreamResponse]:
         """Start an exchange: send `data`. The future gets the answer head, or fails once `limit` expires."""
         if self._closed:  # closed by the upstream before we could send (a slow loop sees this): nothing left
@@ -227,13 +211,21 @@ class _UpstreamConnection(asyncio.Protocol):
                 raise _Stale()
             raise ConnectFailed(self._key, "closed by the upstream before the request was sent")
         waiter: asyncio.Future[UpstreamResponse] = self._loop.create_future()
-        self._begin(waiter, head_only)
+        # The exchange's parse state, afresh.
+        parser, self._spare = self._spare, None
+        self._parser = parser if parser is not None else httptools.HttpResponseParser(self)
+        self._head_waiter = waiter
+        self._response = None
+        self._head_only = head_only
+        self._got_bytes = self._done = self._garbage = self._close_delimited = self._chunked = self._interim = False
+        self._content_length = None
+        self._reason = []
+        self._headers = []
         self._limit = limit
         due = limit.due()
         if self._timer is None or due < self._timer_at:
             self._arm(due)
-        assert self._transport is not None
-        self._transport.write(data)
+        self._transport.write(data)  # type: ignore[union-attr]  # set once connected, before any exchange
         return waiter
 
     def _arm(self, when: float) -> None:
@@ -291,7 +283,8 @@ class _UpstreamConnection(asyncio.Protocol):
                 # One due later is left to lapse, so that calls at a steady rate do not set a timer each.
                 timer.cancel()
                 self._timer = None
-            self._resume()
+            if self._read_paused:
+                self._resume()
             self._pool._release(self)
         else:
             self._close()
@@ -545,11 +538,12 @@ class UpstreamPool:
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
-        deadline = TimeLimit(loop, timeout, None if limit is None else loop.time() + max(limit, timeout))
+        now = loop.time()
+        deadline = TimeLimit(loop, timeout, None if limit is None else now + max(limit, timeout))
         data = self._serialize(target, key, method, path, headers, body)
         head_only = method == "HEAD"
         try:
-            conn = self._take_idle(key, loop.time())
+            conn = self._take_idle(key, now)
             if conn is not None:
                 # The common case, inline rather than through _exchange: one coroutine less per call.
                 try:
