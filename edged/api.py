@@ -126,8 +126,9 @@ class Api:
         """Enable `/v1/policies` (the daemon builds the overrides after the API)."""
         self._policies = policies
 
-    async def handle(self, req: Request, resp: ResponseWriter) -> None:
-        """Entry point for every request the HTTP server parses."""
+    def handle(self, req: Request, resp: ResponseWriter) -> Awaitable[None]:
+        """Entry point for every request the HTTP server parses: the awaitable that answers it. A call is
+        answered by `_call`'s coroutine itself (no coroutine of this method's around it, once per call)."""
         try:
             host = req.header(b"host")
             if req.peer != "unix":  # browsers reach TCP only
@@ -136,15 +137,14 @@ class Api:
                 raise CallError(400, "bad_request", "absolute-form request targets are not served")
             if host is not None and MESH_SUFFIX in host and host.split(b":", 1)[0].endswith(MESH_SUFFIX):
                 service = host.split(b":", 1)[0][: -len(MESH_SUFFIX)].decode("ascii", "replace")
-                await self._call(req, resp, service, req.path, host)
-                return
+                return self._call(req, resp, service, req.path, host)
             path = req.path
             if path.startswith("/svc/"):
                 service, _, rest = path[5:].partition("/")
-                await self._call(req, resp, service, "/" + rest, host)
-            elif path.startswith("/v1/"):
-                await self._v1(req, resp)
-            elif path == "/metrics" and req.method in ("GET", "HEAD"):
+                return self._call(req, resp, service, "/" + rest, host)
+            if path.startswith("/v1/"):
+                return self._guarded(self._v1(req, resp), resp)
+            if path == "/metrics" and req.method in ("GET", "HEAD"):
                 self._access.identify(req).require(self._access.node_views)  # every tenant's services
                 body = self._render_metrics().encode()
                 resp.send(200, [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")], body)
@@ -160,47 +160,63 @@ class Api:
             else:
                 raise CallError(404, "not_found", f"no route for {req.method} {path}")
         except CallError as exc:
-            if resp.started:
-                raise
-            self._metrics.http_errors.inc((str(exc.status),))
-            resp.send_json(exc.status, {"error": exc.code, "detail": exc.detail}, exc.headers)
+            self._refuse(resp, exc)
+        return _answered()
+
+    def _refuse(self, resp: ResponseWriter, exc: CallError) -> None:
+        """Answer a CallError (counted by status); one raised after the answer started goes on to the server."""
+        if resp.started:
+            raise exc
+        self._metrics.http_errors.inc((str(exc.status),))
+        resp.send_json(exc.status, {"error": exc.code, "detail": exc.detail}, exc.headers)
+
+    async def _guarded(self, answering: Awaitable[None], resp: ResponseWriter) -> None:
+        """`answering`, with its CallError answered (`_refuse`)."""
+        try:
+            await answering
+        except CallError as exc:
+            self._refuse(resp, exc)
 
     # -- the call path ---------------------------------------------------------------------------
     async def _call(self, req: Request, resp: ResponseWriter, service: str, path: str, host: bytes | None) -> None:
-        caller = self._access.identify(req)
-        if CALL not in caller.rights:
-            caller.require(CALL)
-        if req.method not in SAFE_METHODS:
-            self._hosts.check_same_origin(req)
-        path = normalize_path(path)
-        tenant, by_token = caller.tenant, caller.by_token
-        if not service:
-            raise CallError(404, "unknown_service", "no service named in the path")
-        svc = self._router.service(tenant, service)
-        ticket = FREE if self._gate is None else self._gate.admit(caller, svc, req.method, path)
-        try:  # the ticket's places in the in-flight caps are given back however the call ends
-            if req.query:
-                path = f"{path}?{req.query}"
-            call = call_for(
-                req,
-                svc,
-                path,
-                drop=_AUTHORIZATION if by_token else _NOTHING,
-                add=[(b"x-forwarded-host", host)] if host is not None else (),
-                app=caller.app,
-            )
-            rid = call.request_id
-            routed = await self._router.route_service_call(call, svc)
-            extra = (
-                b"x-edged-endpoint: ",
-                routed.endpoint.id.encode(),
-                b"\r\nx-edged-tries: %d\r\nx-request-id: " % routed.tries,
-                rid.encode(),
-                b"\r\n",
-            )
-            await relay_answer(self._router, req, resp, routed, extra)
-        finally:
-            ticket.release()
+        """One call: its caller's rights, the gate, the route and the relayed answer; a CallError is answered."""
+        try:
+            caller = self._access.identify(req)
+            if CALL not in caller.rights:
+                caller.require(CALL)
+            if req.method not in SAFE_METHODS:
+                self._hosts.check_same_origin(req)
+            path = normalize_path(path)
+            tenant, by_token = caller.tenant, caller.by_token
+            if not service:
+                raise CallError(404, "unknown_service", "no service named in the path")
+            svc = self._router.service(tenant, service)
+            ticket = FREE if self._gate is None else self._gate.admit(caller, svc, req.method, path)
+            try:  # the ticket's places in the in-flight caps are given back however the call ends
+                if req.query:
+                    path = f"{path}?{req.query}"
+                call = call_for(
+                    req,
+                    svc,
+                    path,
+                    drop=_AUTHORIZATION if by_token else _NOTHING,
+                    add=[(b"x-forwarded-host", host)] if host is not None else (),
+                    app=caller.app,
+                )
+                rid = call.request_id
+                routed = await self._router.route_service_call(call, svc)
+                extra = (
+                    b"x-edged-endpoint: ",
+                    routed.endpoint.id.encode(),
+                    b"\r\nx-edged-tries: %d\r\nx-request-id: " % routed.tries,
+                    rid.encode(),
+                    b"\r\n",
+                )
+                await relay_answer(self._router, req, resp, routed, extra)
+            finally:
+                ticket.release()
+        except CallError as exc:
+            self._refuse(resp, exc)
 
     # -- /v1 ---------------------------------------------------------------------------------------
     async def _v1(self, req: Request, resp: ResponseWriter) -> None:
@@ -530,6 +546,10 @@ async def _on_disk(saved: asyncio.Future[None]) -> None:
 
 STATUS_LIMIT = 100  # peers and services `GET /v1/status` lists by default (`?limit=`, up to MAX_STATUS_LIMIT)
 MAX_STATUS_LIMIT = 1000
+
+
+async def _answered() -> None:
+    """What `Api.handle` returns for a request it answered at once."""
 
 
 def _service_name(svc: Service) -> str:

@@ -101,4 +101,4 @@ async def relay_answer(
         outcome = "error"
         raise
     finally:
-        router.record(routed.service.name, ep.tier, outcome, routed.started)
+        router.record(routed.service.spec.name, ep.tier, outcome, routed.started)
