@@ -29,6 +29,7 @@ _HIGH_WATER = 256 * 1024  # unread body bytes above which the upstream socket st
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # send Content-Length: 0 for these even with no body
 _SKIP_REQUEST_HEADERS = frozenset({b"content-length", b"transfer-encoding"})
 _NOTED = _SKIP_REQUEST_HEADERS  # answer headers the parser acts on: the same two
+_FRAMED_OR_HOST = _SKIP_REQUEST_HEADERS | {b"host"}
 
 # A parser goes on to the next answer of its connection only with httptools >= 0.6.3: older ones failed
 # tests/test_http_client.py (the answer after a 204 with a Content-Length) and get a fresh parser instead.
@@ -384,8 +385,7 @@ class _UpstreamConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         if self._done:
             return
-        parser = self._parser
-        assert parser is not None
+        parser: httptools.HttpResponseParser = self._parser  # type: ignore[assignment]  # set for the exchange
         status = parser.get_status_code()
         if status < 200:
             self._interim = True  # 1xx: skipped; the real answer follows
@@ -697,13 +697,14 @@ class UpstreamPool:
             raw_path = full.encode("latin-1")  # round-trips what the server decoded as latin-1
         except UnicodeEncodeError:
             raw_path = full.encode("utf-8")
-        parts = [method.encode("ascii"), b" ", raw_path, b" HTTP/1.1\r\n"]
+        parts = [b"%s %s HTTP/1.1\r\n" % (method.encode("ascii"), raw_path)]
         has_host = False
         for name, value in headers:  # lower-case names, as everywhere in edged
-            if name not in _SKIP_REQUEST_HEADERS:
-                parts += (name, b": ", value, b"\r\n")  # flat pieces, one join at the end: no tuple per header
-                if name == b"host":
-                    has_host = True
+            if name in _FRAMED_OR_HOST:  # one set look-up for the common header
+                if name != b"host":
+                    continue  # framing: ours
+                has_host = True
+            parts += (name, b": ", value, b"\r\n")  # flat pieces, one join at the end: no tuple per header
         if not has_host:
             host = self._host_headers.get(key)
             if host is None:

@@ -438,7 +438,7 @@ class _ServerConnection(asyncio.Protocol):
             query,
             parser.get_http_version(),
             self._headers,
-            body[0] if len(body) == 1 else b"".join(body),
+            (body[0] if len(body) == 1 else b"".join(body)) if body else b"",
             self._peer,
             parser.should_keep_alive(),
             self._cred,
