@@ -1,13 +1,21 @@
-"""The lighter call path's shortcuts keep their slow path's answers: the relayed head built in one pass, the
-gate's skip of authorization when nothing could refuse, the pool's per-target key cache."""
+"""The lighter call path's shortcuts keep their slow path's answers: the relayed head built in one pass (whole
+and streamed answers, through a real daemon), the gate's skip of authorization when nothing could refuse, the
+pool's per-target key cache."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import pytest
+from conftest import Edged
+from test_http_server import ResponseReader
 
 from edged.access import Identity
 from edged.admission import Gate
 from edged.authz import Authorizer, AuthzConfig, Rule
+from edged.config import load_config
+from edged.daemon import Daemon
 from edged.errors import CallError
 from edged.http.client import UpstreamPool
 from edged.http.message import header_lines, strip_hop_by_hop
@@ -81,3 +89,63 @@ def test_the_pools_key_cache_follows_the_target_object() -> None:
     assert pool._key_of(a) == a.key
     assert pool._key_of(b) == b.key
     assert pool._keys[id(a)] == (a, a.key)
+
+
+RAW_MANIFEST = """
+service_name = "raw"
+[[endpoints]]
+type = "local"
+url = "http://127.0.0.1:{port}"
+"""
+
+# What the raw backend answers: a whole answer and a chunked one, each with hop-by-hop headers and a Connection
+# header that names one more header to drop.
+_WHOLE = (
+    b"HTTP/1.1 200 OK\r\nX-Secret: s\r\nConnection: keep-alive, X-Secret\r\nKeep-Alive: timeout=5\r\n"
+    b"X-Kept: k\r\nContent-Length: 5\r\n\r\nhello"
+)
+_CHUNKED = (  # the rest of its body comes later: the caller gets it streamed
+    b"HTTP/1.1 200 OK\r\nConnection: X-Other\r\nX-Other: o\r\nX-Kept: k\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"3\r\nabc\r\n",
+    b"2\r\nde\r\n0\r\n\r\n",
+)
+
+
+def test_relayed_heads_drop_hop_by_hop_and_named_headers_whole_and_streamed(tmp_path) -> None:
+    async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, asyncio.CancelledError, ConnectionError):
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                if b"/chunked" in head.split(b"\r\n", 1)[0]:
+                    writer.write(_CHUNKED[0])
+                    await writer.drain()
+                    await asyncio.sleep(0.1)
+                    writer.write(_CHUNKED[1])
+                else:
+                    writer.write(_WHOLE)
+                await writer.drain()
+
+    async def scenario(layout_dir):
+        server = await asyncio.start_server(backend, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        layout = Edged(layout_dir, {"raw.toml": RAW_MANIFEST.format(port=port)})
+        daemon = Daemon(load_config(str(layout.config)))
+        await daemon.start()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", layout.port)
+            writer.write(b"GET /svc/raw/whole HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            writer.write(b"GET /svc/raw/chunked HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            answers = await ResponseReader(reader).read(2)
+            writer.close()
+            return answers
+        finally:
+            await daemon.stop()
+            server.close()
+
+    whole, chunked = asyncio.run(scenario(tmp_path / "edged"))
+    assert (whole.status, whole.body, chunked.status, chunked.body) == (200, b"hello", 200, b"abcde")
+    for answer in (whole, chunked):
+        assert answer.headers[b"x-kept"] == b"k"
+        assert answer.headers[b"x-edged-tries"] == b"1" and b"x-edged-endpoint" in answer.headers
+        assert not {b"x-secret", b"x-other", b"keep-alive", b"connection"} & set(answer.headers)
+    assert whole.headers[b"content-length"] == b"5"
+    assert chunked.headers[b"transfer-encoding"] == b"chunked"  # streamed: the server frames it again
