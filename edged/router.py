@@ -192,9 +192,10 @@ class Router:
         return svc
 
     def plan(
-        self, service: Service, tiers: frozenset[str] | None = None, *, explain: bool = True
+        self, service: Service, tiers: frozenset[str] | None = None, *, explain: bool = True, now: float | None = None
     ) -> tuple[Plan, list[dict]]:
-        """The plan for one call of this service, and the endpoints left out because their tier is off."""
+        """The plan for one call of this service, and the endpoints left out because their tier is off.
+        `now`: the router's clock as the caller just read it (one read less per call)."""
         skipped = []
         eps = []
         for ep in service.endpoints:
@@ -206,10 +207,12 @@ class Router:
                 eps.append(ep)
             else:
                 skipped.append({"endpoint": ep.id, "tier": ep.tier, "reason": why})
+        if now is None:
+            now = self._clock()
         if not explain and service.spec.policy.strategy in CACHEABLE_STRATEGIES:
-            plan = self._plans.plan(service, tiers, eps, self._clock())
+            plan = self._plans.plan(service, tiers, eps, now)
         else:
-            plan = self._ranker.plan(service, self._health, self._clock(), eps, explain=explain)
+            plan = self._ranker.plan(service, self._health, now, eps, explain=explain)
         self._metrics.policy_evaluations.inc((plan.strategy,))
         return plan, skipped
 
@@ -232,16 +235,18 @@ class Router:
         if lane is None or lane.service is not service:
             lane = self._lane(service)
         places = lane.gate.places  # the service's breaker: its place is given back by the `finally` below
+        waited = False  # for a place: then the plan reads the clock again
         if places.free(policy.max_inflight):
             places.count += 1  # Gate.try_enter, inline: no hold object per call
         else:
+            waited = True
             try:
                 await lane.gate.enter(policy, call.deadline - self._clock(), spec.name)  # its hold's place: `places`
             except CallError as exc:
                 self._metrics.overloaded.inc((spec.name, exc.detail["limit"]))  # type: ignore[index]
                 self.record(spec.name, "none", "overloaded", started)
                 raise
-        plan, skipped = self.plan(service, call.tiers, explain=False)
+        plan, skipped = self.plan(service, call.tiers, explain=False, now=None if waited else started)
         budget = lane.budget
         budget.deposit()
         attempts: list[dict] = []

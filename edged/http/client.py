@@ -139,12 +139,14 @@ class UpstreamResponse:
         self._buffered += len(data)
         if self._buffered > _HIGH_WATER and self._conn is not None:
             self._conn._pause()
-        self._wake()
+        if self._waiter is not None:  # someone reads (else nothing to wake: the common whole answer)
+            self._wake()
 
     def _finish(self) -> None:
         self.complete = True
         self._conn = None
-        self._wake()
+        if self._waiter is not None:
+            self._wake()
 
     def _fail(self, error: UpstreamError) -> None:
         if self._error is None:

@@ -367,14 +367,11 @@ class _ServerConnection(asyncio.Protocol):
     # -- parser callbacks --
 
     def on_message_begin(self) -> None:
-        self._open = True
-        self._in_head = True
-        self._raw_head = 0
-        self._head_size = 0
+        self._open = self._in_head = True
+        self._raw_head = self._head_size = self._body_size = 0
         self._url = []
         self._headers = []
         self._body = []
-        self._body_size = 0
         self._content_length = None
         self._expect = False
         self._since = self._loop.time()
