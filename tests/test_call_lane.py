@@ -1,6 +1,6 @@
 """The lighter call path's shortcuts keep their slow path's answers: the relayed head built in one pass (whole
 and streamed answers, through a real daemon), the gate's skip of authorization when nothing could refuse, the
-pool's per-target key cache."""
+pool's per-target key cache; a cancelled try's place in the in-flight counts."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from edged.authz import Authorizer, AuthzConfig, Rule
 from edged.config import load_config
 from edged.daemon import Daemon
 from edged.errors import CallError
+from edged.health import HealthMonitor
 from edged.http.client import UpstreamPool
 from edged.http.message import header_lines, strip_hop_by_hop
 from edged.model import PolicySpec, Service, ServiceSpec, Target
@@ -149,3 +150,16 @@ def test_relayed_heads_drop_hop_by_hop_and_named_headers_whole_and_streamed(tmp_
         assert not {b"x-secret", b"x-other", b"keep-alive", b"connection"} & set(answer.headers)
     assert whole.headers[b"content-length"] == b"5"
     assert chunked.headers[b"transfer-encoding"] == b"chunked"  # streamed: the server frames it again
+
+
+def test_a_try_left_without_an_outcome_takes_its_send_time_out_of_the_age_sum() -> None:
+    now = [10.0]
+    monitor = HealthMonitor(clock=lambda: now[0], lag=lambda: 0.0)
+    with monitor.call_started("a"):  # a try that stays in flight
+        now[0] = 11.0
+        with monitor.call_started("a"):  # a try cancelled (its client left): no outcome
+            pass
+        state = monitor.state("a")
+        # What edged.predictive reads: the mean age of the tries in flight is the first one's alone.
+        assert (state.inflight, state.sent_sum) == (1, 10.0)
+    assert monitor.state("a").inflight == 0

@@ -608,8 +608,10 @@ class InFlight:
     def __exit__(self, *exc: object) -> None:
         if self._monitor is not None:  # release(), inline: once per try
             self._monitor = None
-            if self._health.inflight > 0:
-                self._health.inflight -= 1
+            h = self._health
+            if h.inflight > 0:
+                h.inflight -= 1
+                h.sent_sum -= self._sent  # its send time leaves the mean age of the tries in flight too
 
     def finish(
         self,
