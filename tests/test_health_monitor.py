@@ -240,6 +240,33 @@ def test_passive_ejection_never_takes_the_last_endpoint() -> None:
     assert not monitor.state("b").available(clock.now)
 
 
+def test_an_endpoint_with_nothing_to_check_gets_its_state_at_first_use() -> None:
+    """A box following a whole fleet syncs ten thousand cloud endpoints it may never call: none gets a state
+    until it is used, and a used one is ejected, announced and comes back as before."""
+    clock = FakeClock()
+    events: Events = []
+    monitor = HealthMonitor(outlier=OutlierConfig(3, 10.0, 300.0), clock=clock, on_change=recorder(events))
+    c1, c2 = make_endpoint("c1", "mqtt:thermo", tier="cloud"), make_endpoint("c2", "mqtt:thermo", tier="cloud")
+    service = make_service(None, c1, c2)
+    monitor.sync([service])
+    assert "endpoints=0 " in repr(monitor)  # the old code made one state per endpoint here
+    assert monitor.state("c2").available(clock.now) and "endpoints=1 " in repr(monitor)  # made when read
+    for _ in range(3):
+        with monitor.call_started("c1") as call:
+            call.finish(c1, service, False, None)
+    assert not monitor.state("c1").available(clock.now)
+    assert events == [("c1", False, "ejected 10.0s more: 3 failed calls")]
+    monitor.sync([service])  # synced again: the state made by the calls is kept
+    assert not monitor.state("c1").available(clock.now)
+    clock.now += 10.0
+    monitor.sweep()
+    assert events[1:] == [("c1", True, "healthy")]
+    monitor.sync_changed([service], [make_service(None, c2)])  # c1 goes; c2 stays
+    assert "endpoints=1 " in repr(monitor) and monitor.state("c1").calls_failed == 0
+    monitor.sync([])
+    assert "endpoints=0 " in repr(monitor)
+
+
 def test_latency_ewma_and_call_counts() -> None:
     monitor = HealthMonitor(clock=FakeClock())
     ep = make_endpoint("a", "http://127.0.0.1:1")

@@ -195,12 +195,16 @@ class HealthMonitor:
         now = self._clock()
         for endpoint_id in gone:
             self._stop_task(endpoint_id)
-            del self._states[endpoint_id]
+            self._states.pop(endpoint_id, None)
             self._endpoints.pop(endpoint_id, None)
         for endpoint_id, (endpoint, spec) in seen.items():
+            h = self._states.get(endpoint_id)
+            if h is None and spec is None:
+                # Nothing to check: the state is made at its first use (`state`, a call), healthy as a new one
+                # is. Ten thousand remote services a box never calls cost no state each (about 400 bytes).
+                continue
             old = self._endpoints.get(endpoint_id)
             self._endpoints[endpoint_id] = endpoint
-            h = self._states.get(endpoint_id)
             if h is None:
                 h = self._states[endpoint_id] = self._new_state(endpoint_id)
             elif (
