@@ -162,6 +162,19 @@ class Registry:
         """A layer's owner says its own state changed: recompute (a no-op when the result is the same)."""
         self._rebuild()
 
+    def refresh_keys(self, keys: Iterable[Key]) -> None:
+        """`refresh` when the owner knows which services its change can touch (a fleet document names the
+        services whose policies it sets): only those are recomputed, in O(len(keys)) plus the layers' own
+        tables, not every service (a box following ten thousand remote services)."""
+        self._writable()
+        wanted = list(dict.fromkeys(keys))
+        if not wanted:
+            return
+        if not self._stages:  # nothing merged yet: nothing to patch
+            self._rebuild()
+            return
+        self._rebuild_keys(wanted)
+
     def snapshot(self) -> Snapshot:
         """The current snapshot (cheap: no copy)."""
         return self._snapshot
@@ -248,10 +261,11 @@ class Registry:
         """`_rebuild` for a few services: the others keep their specs, endpoints and Service objects."""
         self.partial_rebuilds += 1
         layered: dict[str, dict[Key, ServiceSpec]] = {}
+        wanted = set(keys)
         for layer in self._layers:
             if layer.services is not None:
                 for spec in layer.services():
-                    if spec.key in keys:
+                    if spec.key in wanted:
                         layered.setdefault(layer.name, {})[spec.key] = spec
         stage = self._stages["declared"]
         for key in keys:
@@ -281,7 +295,6 @@ class Registry:
             below = _Overlay(below, over)
         self._policy_from = policy_from
         specs = below  # the final stage
-        wanted = set(keys)
         subset = Partial((key, specs[key]) for key in keys if key in specs)
         extra: dict[Key, list[Endpoint]] = {}
         orphans = [ep for ep in self._snapshot.orphans if (ep.tenant, ep.service) not in wanted]

@@ -188,6 +188,27 @@ def test_a_fleet_policy_changes_the_keys_it_names_and_keeps_the_manifests_others
     assert (policy.strategy, policy.retries) == ("round_robin", 3)
 
 
+def test_a_document_recomputes_only_the_services_it_names_then_and_now():
+    """A box following a whole fleet keeps thousands of services: a document (and the next one, which drops a
+    service) recomputes the services the documents name, not every one, and gives what a whole rebuild gives."""
+    names = [f"svc-{i}" for i in range(200)]
+    src, registry, _ = source(registry_with(*names))
+    whole = registry.rebuilds
+    untouched = registry.snapshot().get("default", "svc-9")
+    assert src.offer(signed({"version": 1, "policies": {"svc-1": {"strategy": "weighted"}}}), "fleet", "t")
+    assert src.offer(signed({"version": 2, "policies": {"svc-2": {"strategy": "latency"}}}), "fleet", "t")
+    assert registry.rebuilds == whole and registry.partial_rebuilds >= 2  # the old code rebuilt everything
+    assert registry.snapshot().changed == {("default", "svc-1"), ("default", "svc-2")}
+    assert strategy(registry, "svc-1") == "priority" and strategy(registry, "svc-2") == "latency"  # svc-1 dropped
+    assert registry.snapshot().get("default", "svc-9") is untouched
+    assert registry.policy_source("default", "svc-2") == "fleet" and registry.policy_source("default", "svc-1") == (
+        "declared"
+    )
+    incremental = registry.snapshot().services
+    registry.refresh()
+    assert registry.snapshot().services == incremental
+
+
 def test_settings_reach_their_owner_and_unknown_settings_are_ignored():
     seen: list[FleetSettings] = []
     src, _, _ = source(on_settings=seen.append)

@@ -494,8 +494,9 @@ class FleetConfigSource:
             return False
         if doc is None:
             return True  # the document in force, delivered again (a reconnect)
+        before = self._policy_keys()
         self.docs[scope] = doc
-        self.apply()
+        self.apply(before | self._policy_keys())
         if self._saver is not None:
             self._saver.mark(STATE_FILE, self.state)
         log_event(
@@ -574,9 +575,19 @@ class FleetConfigSource:
             merged = merged.merged(doc.settings)
         return merged
 
-    def apply(self) -> None:
-        """Put the config in force into the registry and the settings into their owners."""
-        self._registry.refresh()
+    def _policy_keys(self) -> set[Key]:
+        """The services the documents in force set policies for."""
+        return {key for doc in self.docs.values() for key in doc.tables}
+
+    def apply(self, touched: set[Key] | None = None) -> None:
+        """Put the config in force into the registry and the settings into their owners. `touched`: the
+        services whose policies may have changed (those the documents set before and after), recomputed
+        alone; None: every service (a box following a whole fleet keeps ten thousand: a new document must not
+        rebuild them all)."""
+        if touched is None:
+            self._registry.refresh()
+        else:
+            self._registry.refresh_keys(touched)
         for scope in SCOPES:
             doc = self.docs.get(scope)
             self._metrics.fleet_version.set((scope,), doc.version if doc else 0)
