@@ -8,10 +8,14 @@ in the project's formats (`spec_entry()`), then one entry changes, then it is sa
 - `longest_callback_ms`: the most CPU time one event-loop callback took during the burst (the longest the
   loop was blocked: a local call waits that long at worst), and how many callbacks took over 5 ms;
 - the CPU time to apply the burst, and the RSS and Python heap per kept entry;
-- the CPU time of a one-entry change once everything is known;
+- the CPU time of a one-entry change once everything is known, and of a signed fleet config document
+  (policies for two services) being applied;
 - the state file's size, the CPU time of its saves, and of a warm start (`restore()`).
 
-usage: scripts/registry_burst.py [--boxes 1000] [--services 10]
+`--trace N` also prints where the kept bytes go: the N source lines that allocated most of what is still
+held after the burst (tracemalloc; the run is slower, and its other figures are not to be quoted).
+
+usage: scripts/registry_burst.py [--boxes 1000] [--services 10] [--trace 20]
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import tracemalloc
 from pathlib import Path
 
 import cbor2
@@ -33,6 +38,7 @@ from harness import REPO
 
 sys.path.insert(0, str(REPO))
 
+from edged.cloud.fleet import document_text, generate_key, load_private_key, sign_document
 from edged.cloud.registry_sync import spec_entry
 from edged.cloud.session import Inbound
 from edged.config import load_config
@@ -68,9 +74,14 @@ def config_file(root: Path) -> Path:
             enabled = true
             url = "mqtt://127.0.0.1:1"
             follow = ["*"]
+            [fleet]
+            keys = ["{root}/ops.pub"]
             """
         )
     )
+    private_pem, public_pem, _ = generate_key()
+    (root / "ops.pub").write_bytes(public_pem)
+    (root / "ops.key").write_bytes(private_pem)
     return path
 
 
@@ -114,7 +125,18 @@ def messages(topics, boxes: int, services: int) -> list[Inbound]:
     return out
 
 
-async def burst(root: Path, boxes: int, services: int) -> dict:
+def where_kept(before: tracemalloc.Snapshot, entries: int, top: int) -> list[str]:
+    """The source lines that allocated most of what is held now and was not at `before`, per entry."""
+    stats = tracemalloc.take_snapshot().compare_to(before, "lineno")
+    total = sum(s.size_diff for s in stats)
+    rows = [f"{total / entries:7.1f} B per entry in all (tracemalloc)"]
+    for s in stats[:top]:
+        frame = s.traceback[0]
+        rows.append(f"{s.size_diff / entries:7.1f} B {s.count_diff:7d} blocks  {frame.filename}:{frame.lineno}")
+    return rows
+
+
+async def burst(root: Path, boxes: int, services: int, trace: int = 0) -> dict:
     daemon = Daemon(load_config(str(config_file(root))))
     tier = next(t for t in daemon.core.tiers if t.name == "cloud")
     sync = tier.registry_sync
@@ -122,6 +144,9 @@ async def burst(root: Path, boxes: int, services: int) -> dict:
     msgs = messages(tier.topics, boxes, services)
     loop = asyncio.get_running_loop()
     gc.collect()
+    if trace:
+        tracemalloc.start(1)
+        traced = tracemalloc.take_snapshot()
     rss0, cpu0 = rss(), time.process_time()
     with CallbackMeter() as meter:
         for m in msgs:  # one callback per message, as paho's reader hands them over
@@ -144,6 +169,9 @@ async def burst(root: Path, boxes: int, services: int) -> dict:
         "callbacks": meter.count,
         "rss_per_entry_b": round((rss() - rss0) / entries),
     }
+    if trace:
+        print("\n".join(where_kept(traced, entries, trace)), file=sys.stderr, flush=True)
+        tracemalloc.stop()
 
     node, name = "box-00001", "svc-00001-0"
     spec = parse_manifest_data({"service_name": name, "priority": 3}, "x.toml")
@@ -152,6 +180,17 @@ async def burst(root: Path, boxes: int, services: int) -> dict:
     sync._on_service(Inbound(tier.topics.service(node, "default", name), payload, True))
     getattr(sync, "_apply_some", sync.apply)()  # (`apply` in versions before the incremental registry)
     out["one_change_cpu_ms"] = round((time.process_time() - t) * 1000, 2)
+    # A signed fleet config document: policies for two services.
+    policies = {"svc-00002-0": {"strategy": "round_robin"}, "svc-00003-1": {"retries": 1}}
+    doc = document_text({"fleet": daemon.config.node.fleet, "version": 1, "policies": policies})
+    signed = sign_document(doc, load_private_key(str(root / "ops.key")))
+    rebuilds = daemon.core.registry.rebuilds
+    t = time.process_time()
+    applied = tier.fleet.offer(signed, "fleet", tier.topics.config())
+    out["fleet_config_cpu_ms"] = round((time.process_time() - t) * 1000, 2)
+    strategy = daemon.core.registry.snapshot().get("default", "svc-00002-0").spec.policy.strategy
+    out["fleet_config_applied"] = applied and strategy == "round_robin"
+    out["fleet_config_whole_rebuilds"] = daemon.core.registry.rebuilds - rebuilds
     t = time.process_time()
     await tier.saver.flush()
     out["save_cpu_ms"] = round((time.process_time() - t) * 1000, 1)
@@ -173,11 +212,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--boxes", default="1000", help="a number, or several: 200,1000")
     ap.add_argument("--services", type=int, default=10)
+    ap.add_argument("--trace", type=int, default=0, help="print the N lines that allocated most of what is kept")
     args = ap.parse_args()
     for n in (int(x) for x in args.boxes.split(",")):
         root = Path(tempfile.mkdtemp(prefix="registry-burst-"))
         try:
-            print(json.dumps(asyncio.run(burst(root, n, args.services))), flush=True)
+            print(json.dumps(asyncio.run(burst(root, n, args.services, args.trace))), flush=True)
         finally:
             shutil.rmtree(root, ignore_errors=True)
 
