@@ -63,7 +63,7 @@ from ..routes import common_labels, wire_labels
 from .epochs import Epochs, new_epoch, tombstone, tombstone_epoch
 from .liveness import OFFLINE, ONLINE, STALE, SUSPECT, UNKNOWN, Liveness
 from .persist import StateSaver
-from .registry_log import LOG_FILE, RegistryLog, read_log
+from .registry_log import LOG_FILE, MIN_COMPACT, RegistryLog, read_log
 from .session import Inbound, LastWill, MqttSession, PublishError
 from .signing import SealError, Seals
 from .telemetry import CloudMetrics
@@ -394,6 +394,9 @@ class RegistrySync:
         self._legacy = False  # restored from the JSON document of an earlier version (removed once rewritten)
         self._dirty_entries: set[tuple[str, str]] = set()  # (node, key) changed since the last save
         self._dirty_nodes: set[str] = set()  # nodes whose status changed since the last save
+        # The next save rewrites the log whole (the first after a start, or after a failed write): what changed
+        # needs no tracking then (the burst of a start would keep a (node, key) pair per entry until the save).
+        self._whole = True
         self._heard: set[str] = set()  # nodes heard from on the current connection (see `heard_since_connect`)
         # (tenant, service) -> the spec put in the registry (its source names the node: "mqtt:{node}")
         self._chosen: dict[tuple[str, str], ServiceSpec] = {}
@@ -579,7 +582,7 @@ class RegistrySync:
         for node, known in list(self.entries.items()):
             for key in keys & known.keys():
                 self._index(node, _service(key, known.pop(key)), add=False)
-                self._dirty_entries.add((node, key))
+                self._dirty(node, key)
                 forgotten += 1
             if not known:
                 del self.entries[node]
@@ -824,10 +827,22 @@ class RegistrySync:
         if services:
             self._schedule_apply(REMOVAL_DELAY if removal else APPLY_DELAY)
         if entry is not None:
-            self._dirty_entries.add(entry)
+            self._dirty(*entry)
         if node:
-            self._dirty_nodes.add(node)
+            self._dirty(node)
         self._saver.mark_save(LOG_FILE, self._save, within=SAVE_WITHIN)
+
+    def _dirty(self, node: str, key: str | None = None) -> None:
+        """Save `node`'s entry `key` (or, with no key, its status) at the next save: appended to the log, or
+        nothing to note when the next save rewrites it whole; more changes than live entries make it one."""
+        if self._whole:
+            return
+        if key is None:
+            self._dirty_nodes.add(node)
+        else:
+            self._dirty_entries.add((node, key))
+        if len(self._dirty_entries) + len(self._dirty_nodes) > max(MIN_COMPACT, self._learned + len(self.nodes)):
+            self._mark_all()  # appending them would outgrow the file: rewritten whole anyway
 
     def collect(self) -> None:
         """At scrape time (not per message: a thousand boxes send a status every few seconds): nodes by
@@ -993,8 +1008,8 @@ class RegistrySync:
             for key, shape in self.entries.pop(node, {}).items():
                 self._learned -= 1
                 self._index(node, _service(key, shape), add=False)
-                self._dirty_entries.add((node, key))
-            self._dirty_nodes.add(node)
+                self._dirty(node, key)
+            self._dirty(node)
             self.liveness.forget(node, self._clock())
             dropped.append(node)
         if dropped:
@@ -1126,6 +1141,8 @@ class RegistrySync:
 
     def _mark_all(self) -> None:
         """Write everything at the next save (a rewrite of the log)."""
+        self._whole = True
+        self._dirty_entries, self._dirty_nodes = set(), set()
         self._log.force_rewrite()
         self._saver.mark_save(LOG_FILE, self._save, within=SAVE_WITHIN)
 
@@ -1135,7 +1152,8 @@ class RegistrySync:
         thread."""
         dirty_entries, self._dirty_entries = self._dirty_entries, set()
         dirty_nodes, self._dirty_nodes = self._dirty_nodes, set()
-        if self._log.rewrite_due(len(dirty_entries) + len(dirty_nodes), self._learned + len(self.nodes)):
+        whole, self._whole = self._whole, False  # changes from now on are appended after what is collected here
+        if whole or self._log.rewrite_due(len(dirty_entries) + len(dirty_nodes), self._learned + len(self.nodes)):
             entries = [(node, key, shape) for node, known in self.entries.items() for key, shape in known.items()]
             nodes = [(node, status.as_dict()) for node, status in self.nodes.items()]
             return self._rewrite(entries, nodes)
