@@ -387,6 +387,9 @@ class RegistrySync:
         self._own: dict[str, bytes] = {}  # key -> entry payload this node offers now
         self._posted: dict[str, bytes] = {}  # key -> payload last posted on this connection
         self.nodes: dict[str, NodeStatus] = {}  # other node -> its last status, compact
+        # other node -> hash of the message its status came in: the same message again (a reconnect delivers every
+        # retained status at once) only renews it, with no parsing, no seal check and no new NodeStatus
+        self._status_hash: dict[str, int] = {}
         # other node -> key -> the entry's shape (`Shape`: shared by the entries that differ only in node and name)
         self.entries: dict[str, dict[str, Shape]] = {}
         self.liveness = Liveness(stale_after=stale_after)
@@ -608,9 +611,15 @@ class RegistrySync:
                 if node in self.nodes:
                     self._refused("status", msg.topic, "an unsealed deletion of a status")
                 return
+            self._status_hash.pop(node, None)
             if self.nodes.pop(node, None) is not None:
                 self.liveness.forget_status(node, self._clock())
                 self._changed(services=False, node=node)
+            return
+        known = self.nodes.get(node)
+        if known is not None and self._status_hash.get(node) == hash(msg.payload):
+            known.seen = round(time.time(), 3)  # what a renewal changes (`since` only moves with the state)
+            self.liveness.status(node, known.state, self._clock())
             return
         payload = self._payload_of("status", node, msg)
         if payload is None:
@@ -644,6 +653,7 @@ class RegistrySync:
         changed = previous is None or previous.state != state
         since = wall if previous is None or changed else previous.since
         status = self.nodes[node] = NodeStatus.of(doc, seen=wall, since=since)
+        self._status_hash[node] = hash(msg.payload)
         self.liveness.status(node, state, self._clock())
         if changed or previous is None or previous.zone != status.zone or previous.loc != status.loc:
             if changed:
@@ -1002,6 +1012,7 @@ class RegistrySync:
         dropped = []
         for node in nodes:
             self.nodes.pop(node, None)
+            self._status_hash.pop(node, None)
             self._epochs.forget(node)
             self._sources.pop(node, None)
             self._names.pop(node, None)
