@@ -6,7 +6,9 @@ handlers the messages a broker would deliver; one publishes through a real Mosqu
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import tracemalloc
 
 import cbor2
 import pytest
@@ -152,6 +154,34 @@ def test_cloud_endpoints_follow_endpoint_types_and_the_long_form():
     assert eps["short"].id == "default/short/cloud/mqtt" and eps["short"].priority == 7
     assert eps["short"].url == "mqtt://b:1884/hubmesh/home/svc/short" and eps["short"].target is None
     assert (eps["long"].priority, eps["long"].weight) == (2, 30)
+
+
+def test_a_cloud_endpoint_keeps_no_id_or_url_string_of_its_own_and_reads_as_before():
+    """Ten thousand of them on a box following a whole fleet: the old endpoint kept its id and URL strings
+    (about 175 bytes of its 300); they are made when read, and the endpoint behaves as any other."""
+    specs = {
+        ("default", f"a-rather-long-service-name-{n:05d}"): ServiceSpec(
+            name=f"a-rather-long-service-name-{n:05d}", endpoint_types=("cloud",)
+        )
+        for n in range(1000)
+    }
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    eps = cloud_endpoints(specs, broker_url="mqtts://broker.example.net:8883", topics=TOPICS)
+    kept = sum(s.size_diff for s in tracemalloc.take_snapshot().compare_to(before, "filename"))
+    tracemalloc.stop()
+    assert kept / len(eps) < 200  # the old code: about 300 bytes an endpoint
+    ep = eps[7]
+    assert ep.id == "default/a-rather-long-service-name-00007/cloud/mqtt"
+    assert ep.url == "mqtts://broker.example.net:8883/hubmesh/home/svc/a-rather-long-service-name-00007"
+    moved = dataclasses.replace(ep, priority=3)  # as routes.py does for fallback endpoints
+    assert (moved.id, moved.url, moved.priority) == (ep.id, ep.url, 3) and moved != ep
+    assert dataclasses.replace(moved, priority=ep.priority) == ep and len({ep, moved}) == 2
+    cache: dict = {}
+    first = cloud_endpoints(specs, broker_url="mqtt://b:1884", topics=TOPICS, cache=cache)
+    assert cloud_endpoints(specs, broker_url="mqtt://b:1884", topics=TOPICS, cache=cache)[7] is first[7]
+    again = cloud_endpoints(specs, broker_url="mqtt://c:1884", topics=TOPICS, cache=cache)[7]  # a new broker
+    assert again.url == "mqtt://c:1884/hubmesh/home/svc/a-rather-long-service-name-00007"
 
 
 def registry_sync(

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from ..aio import cancel_and_wait
 from ..config import MqttConfig
 from ..logs import log_event
-from ..model import Endpoint, ServiceSpec
+from ..model import Endpoint, ServiceSpec, Target
 from ..registry import Key, Layer, Partial, Snapshot
 from ..vitals import Vitals
 from . import fleet as fleet_mod
@@ -35,6 +35,60 @@ CLOUD_SOURCE = "mqtt"
 VITALS_STEP = 10  # re-publish the retained status when a vital moved by this many points
 SWEEP_INTERVAL = 2.0  # seconds: how often what time alone changes (stale status, end of suspicion) is applied
 STALE_ROUNDS = 3  # an online status not renewed for this many announce intervals counts as dead
+
+
+class CloudEndpoint(Endpoint):
+    """A service's cloud endpoint: its id (`{tenant}/{service}/cloud/mqtt`) and URL (the broker's address and
+    topic base, then `/svc/{service}`) are made when read, from its service and one string shared by every
+    cloud endpoint of a broker. A box following a whole fleet keeps ten thousand of them; the two strings
+    were 175 bytes of each. Equal to, and made by `dataclasses.replace` like, any other endpoint."""
+
+    __slots__ = ("_where",)
+
+    def __init__(
+        self,
+        id: str | None = None,
+        service: str = "",
+        tenant: str = "",
+        tier: str = "cloud",
+        url: str | None = None,
+        priority: int = 0,
+        weight: int = 100,
+        source: str = CLOUD_SOURCE,
+        target: Target | None = None,
+        meta: tuple[tuple[str, str], ...] = (),
+        labels: tuple[tuple[str, str], ...] = (),
+        *,
+        where: str | None = None,
+    ) -> None:
+        if where is None:  # `dataclasses.replace`: every field, id and URL as read
+            if url is None or not url.endswith(f"/{service}"):
+                raise ValueError(f"not the URL of a cloud endpoint of {service!r}: {url!r}")
+            where = url[: -len(service) - 1]
+        setter = object.__setattr__  # frozen: as the dataclass's own __init__ sets its fields
+        for name, value in (
+            ("service", service),
+            ("tenant", tenant),
+            ("tier", tier),
+            ("priority", priority),
+            ("weight", weight),
+            ("source", source),
+            ("target", target),
+            ("meta", meta),
+            ("labels", labels),
+            ("_where", where),
+        ):
+            setter(self, name, value)
+        if (id is not None and id != self.id) or tier != "cloud" or target is not None:
+            raise ValueError(f"not a cloud endpoint: {id!r} ({tier}, target {target!r})")
+
+    @property  # type: ignore[override]
+    def id(self) -> str:
+        return f"{self.tenant}/{self.service}/cloud/mqtt"
+
+    @property  # type: ignore[override]
+    def url(self) -> str:
+        return f"{self._where}/{self.service}"
 
 
 def cloud_endpoints(
@@ -63,18 +117,14 @@ def cloud_endpoints(
         priority = decl.priority if decl is not None and decl.priority is not None else spec.priority
         weight = decl.weight if decl is not None else 100
         known = cache.get(key) if cache is not None else None
-        if known is None or (known.priority, known.weight) != (priority, weight) or not known.url.startswith(where):
-            known = Endpoint(
-                id=f"{spec.tenant}/{spec.name}/cloud/mqtt",
-                service=spec.name,
-                tenant=spec.tenant,
-                tier="cloud",
-                url=f"{where}/{spec.name}",
-                priority=priority,
-                weight=weight,
-                source=CLOUD_SOURCE,
-                target=None,
-                labels=decl.labels if decl is not None else (),
+        labels = decl.labels if decl is not None else ()
+        if (
+            not isinstance(known, CloudEndpoint)
+            or known._where != where  # the broker's address changed (a reload)
+            or (known.priority, known.weight, known.labels) != (priority, weight, labels)
+        ):
+            known = CloudEndpoint(
+                service=spec.name, tenant=spec.tenant, where=where, priority=priority, weight=weight, labels=labels
             )
         out.append(known)
         fresh[key] = known
