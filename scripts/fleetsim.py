@@ -30,14 +30,24 @@ cloud calls again after the daemon's broker is killed (`[mqtt] url` = the site b
 one). `--topology bridge` puts the fleet on a central broker and the daemon on a site broker bridged to it
 with config/mosquitto/bridge.conf; `direct` puts both on one broker (failover: a second, empty broker).
 
+Fleet config is pushed twice: version 1 as soon as the other daemons are connected (they are still taking the
+fleet's retained messages: following a whole fleet, the document waits behind them on each connection), and
+version 2 once every daemon knows the whole registry (what applying a document costs); both give the time
+until all daemons apply it, and each daemon's own time.
+
+`--pin` runs the measured daemon alone on CPU 0 and everything else (broker, simulated boxes, the calling
+process, the backend, the other daemons) on CPU 1: on a real box the fleet is not on the box's CPU. Without
+it everything shares every CPU.
+
 usage: scripts/fleetsim.py [--boxes 200] [--services 10] [--rate 100] [--modes abrupt,clean,powercut]
-       scripts/fleetsim.py --scenario learn --boxes 50,200,500,1000,2000 [--topology direct,bridge]
+       scripts/fleetsim.py --scenario learn --boxes 50,200,500,1000,2000 [--topology direct,bridge] [--pin]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -331,6 +341,16 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def pin(pid: int, cpus: set[int]) -> None:
+    """Run every thread of process `pid` on `cpus` (threads made later inherit it from their maker)."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # a thread that ended meanwhile
+            os.sched_setaffinity(int(task), cpus)
+
+
+DAEMON_CPU, FLEET_CPU = {0}, {1}  # `--pin`
+
+
 def cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -545,6 +565,25 @@ def lag_summary(before: dict[float, int], after: dict[float, int]) -> dict:
     }
 
 
+def known_services(d: Edged) -> int:
+    """How many services a daemon knows (its own and those learned)."""
+    return int((d.get("/v1/status?limit=1").get("services_summary") or {}).get("total", 0))
+
+
+async def applied_times(daemons: list[Edged], strategy: str, since: float, timeout: float) -> list[float | None]:
+    """Seconds from `since` until each daemon's service `here` has `strategy` (None: not within `timeout`)."""
+    times: list[float | None] = [None] * len(daemons)
+
+    def check() -> bool:
+        for i, x in enumerate(daemons):
+            if times[i] is None and x.get("/v1/services/here")["strategy"] == strategy:
+                times[i] = round(time.monotonic() - since, 3)
+        return None not in times
+
+    await poll_until(check, timeout)
+    return times
+
+
 async def poll_until(check, timeout: float, interval: float = 0.01) -> bool:
     """Call `check` (blocking: in a thread) until it is true or `timeout` passes."""
     deadline = time.monotonic() + timeout
@@ -602,6 +641,8 @@ async def learn_run(args, boxes: int, topology: str, tmp: Path) -> dict:
         t = time.monotonic()
         idle.start()
         out["idle_start_s"] = round(time.monotonic() - t, 3)
+        if args.pin:
+            pin(idle.proc.pid, DAEMON_CPU)
         await asyncio.sleep(3.0)
         out["idle_rss_mib"] = round(rss_kib(idle.proc.pid) / 1024, 1)
         out["idle_cpu_s"] = round(cpu_s(idle.proc.pid), 2)
@@ -619,6 +660,8 @@ async def learn_run(args, boxes: int, topology: str, tmp: Path) -> dict:
         wall0 = time.time()
         await asyncio.to_thread(d.start)
         pid = d.proc.pid
+        if args.pin:
+            pin(pid, DAEMON_CPU)
 
         def learned() -> bool:
             for svc in needed:
@@ -664,18 +707,27 @@ async def learn_run(args, boxes: int, topology: str, tmp: Path) -> dict:
         for o in others:
             await poll_until(lambda o=o: o.ready() and connected_at(o.log_text()), 120, interval=0.2)
         await asyncio.sleep(1.0)
-        doc = document_text({"fleet": FLEET, "version": 1, "policies": {"here": {"strategy": "round_robin"}}})
-        signed = sign_document(doc, load_private_key(str(root / "ops.key")))
         pusher = MiniMqtt("127.0.0.1", central.port, f"fleetsim-push-{os.getpid()}", 60)
         await pusher.connect(f"{fleet.topics.base}/pusher", b"")
-        t = time.monotonic()
-        pusher.publish(fleet.topics.config(), signed, qos=1, retain=True)
+        everyone = [d, *others]
+        out["fleet_config_daemons"] = len(everyone)
+        # Version 1 at once (the others are still taking the retained burst), version 2 when all know everything.
+        for version, strategy, key in ((1, "round_robin", "fleet_config"), (2, "weighted", "fleet_config_settled")):
+            if version == 2:
+                total = out["entries"] if args.follow_all else 0
 
-        def applied() -> bool:
-            return all(x.get("/v1/services/here")["strategy"] == "round_robin" for x in [d, *others])
+                def settled(total: int = total) -> bool:
+                    return all(known_services(x) >= total for x in everyone)
 
-        out["fleet_config_daemons"] = len(others) + 1
-        out["fleet_config_s"] = round(time.monotonic() - t, 3) if await poll_until(applied, 60) else "not in 60 s"
+                await poll_until(settled, 120, interval=0.2)
+            policies = {"here": {"strategy": strategy}}
+            doc = document_text({"fleet": FLEET, "version": version, "policies": policies})
+            signed = sign_document(doc, load_private_key(str(root / "ops.key")))
+            t = time.monotonic()
+            pusher.publish(fleet.topics.config(), signed, qos=1, retain=True)
+            times = await applied_times(everyone, strategy, t, 60)
+            out[f"{key}_s"] = max(times) if None not in times else f"not in 60 s: {times}"
+            out[f"{key}_each_s"] = times
         pusher.abort()
         for o in others:
             o.stop(timeout=60)
@@ -734,6 +786,7 @@ async def main() -> None:
     ap.add_argument("--topology", default="direct,bridge", help="learn: direct, bridge or both")
     ap.add_argument("--follow-all", action="store_true", help="learn: the daemon learns the whole fleet's registry")
     ap.add_argument("--daemons", type=int, default=5, help="learn: real daemons that get the fleet config")
+    ap.add_argument("--pin", action="store_true", help="learn: the daemon alone on CPU 0, the rest on CPU 1")
     ap.add_argument("--learn-timeout", type=float, default=120.0)
     ap.add_argument("--burst-window", type=float, default=4.0, help="learn: seconds of local calls around the burst")
     ap.add_argument("--services", type=int, default=10, help="per box")
@@ -752,6 +805,8 @@ async def main() -> None:
     )
     ap.add_argument("--keep", action="store_true", help="keep the run's folder (daemon and broker logs)")
     args = ap.parse_args()
+    if args.pin:
+        os.sched_setaffinity(0, FLEET_CPU)  # this process and what it starts (brokers, boxes' calls, backend)
     tmp = Path(tempfile.mkdtemp(prefix="fleetsim-"))
     counts = [int(n) for n in str(args.boxes).split(",")]
     try:
