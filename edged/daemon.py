@@ -282,11 +282,15 @@ class Daemon:
         snap = self.registry.snapshot()
         now = time.monotonic()
         seen = set()
+        up = self.metrics.endpoint_up
         for svc in snap.services.values():
             for ep in svc.endpoints:
-                labels = (svc.name, ep.id, ep.tier)
-                seen.add(labels)
-                self.metrics.endpoint_up.set(labels, 1.0 if self.health.state(ep.id).available(now) else 0.0)
+                eid = ep.id
+                labels = (svc.name, eid, ep.tier)
+                refused = up.dropped
+                up.set(labels, 1.0 if self.health.available(eid, now) else 0.0)
+                if up.dropped == refused:  # kept (not over [limits] metric_series: a box following a fleet)
+                    seen.add(labels)
         for labels in self._up_labels - seen:
             self.metrics.endpoint_up.remove(labels)
         self._up_labels = seen

@@ -250,6 +250,7 @@ def test_an_endpoint_with_nothing_to_check_gets_its_state_at_first_use() -> None
     service = make_service(None, c1, c2)
     monitor.sync([service])
     assert "endpoints=0 " in repr(monitor)  # the old code made one state per endpoint here
+    assert monitor.available("c2", clock.now) and "endpoints=0 " in repr(monitor)  # read (a scrape): none made
     assert monitor.state("c2").available(clock.now) and "endpoints=1 " in repr(monitor)  # made when read
     for _ in range(3):
         with monitor.call_started("c1") as call:

@@ -230,6 +230,12 @@ class HealthMonitor:
             h = self._states[endpoint_id] = self._new_state(endpoint_id)
         return h
 
+    def available(self, endpoint_id: str, now: float) -> bool:
+        """`state(endpoint_id).available(now)` without making a state for an endpoint that has none (a new
+        one is available): for readers of every endpoint, such as a metrics scrape of ten thousand."""
+        h = self._states.get(endpoint_id)
+        return h is None or h.available(now)
+
     # -- reports -------------------------------------------------------------------------------------------
 
     def heartbeat(self, endpoint_id: str) -> None:
