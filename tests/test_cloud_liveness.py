@@ -42,6 +42,22 @@ def test_a_service_is_withdrawn_only_when_every_known_provider_is_dead():
     assert live.status("b", ONLINE, 5) is False  # the same news again changes nothing
 
 
+def test_the_services_a_node_alone_serves_share_one_providers_tuple():
+    """Ten thousand services, most with one provider: one tuple per node, not one per service."""
+    live = Liveness(stale_after=0)
+    for n in range(3):
+        live.add_provider(("default", f"s{n}"), "pi-1", 0.0)
+    live.add_provider(("default", "s2"), "pi-2", 0.0)
+    assert live.serving(("default", "s0")) is live.serving(("default", "s1")) == ("pi-1",)  # the old code: two
+    assert live.serving(("default", "s2")) == ("pi-1", "pi-2")
+    live.remove_provider(("default", "s2"), "pi-1", 1.0)
+    assert live.serving(("default", "s2")) == ("pi-2",) and live.serving(("default", "s0")) == ("pi-1",)
+    live.forget("pi-1", 2.0)
+    assert live.serving(("default", "s0")) == () and live.serving(("default", "s2")) == ("pi-2",)
+    live.add_provider(("default", "s0"), "pi-1", 3.0)
+    assert live.serving(("default", "s0")) == ("pi-1",)
+
+
 def test_an_online_status_not_renewed_goes_stale_and_is_forgotten_after_the_ttl():
     live = Liveness(stale_after=30)
     live.add_provider(THERMO, "a", 0)

@@ -61,6 +61,9 @@ class Liveness:
         # Tuples, not sets: most services have one or two providers (a set of one costs 216 bytes, a tuple 48).
         self._providers: dict[ServiceKey, tuple[str, ...]] = {}
         self._offers: dict[str, tuple[ServiceKey, ...]] = {}  # node -> services it provides (to update it fast)
+        # node -> `(node,)`, the providers of every service it alone serves (most of them): one tuple per node,
+        # not one per service (a box following a whole fleet keeps ten thousand services)
+        self._alone: dict[str, tuple[str]] = {}
         self._gone: dict[ServiceKey, float] = {}  # services whose last provider left cleanly -> when
         self._withdrawn: set[ServiceKey] = set()
         self._last_answer = float("-inf")  # when any node last answered a call
@@ -99,7 +102,12 @@ class Liveness:
 
     def add_provider(self, key: ServiceKey, node: str, now: float) -> None:
         nodes = self._providers.get(key, ())
-        if node not in nodes:
+        if not nodes:
+            alone = self._alone.get(node)
+            if alone is None:
+                alone = self._alone[node] = (node,)
+            self._providers[key] = alone
+        elif node not in nodes:
             self._providers[key] = (*nodes, node)
         offers = self._offers.get(node, ())
         if key not in offers:
@@ -122,6 +130,7 @@ class Liveness:
             offers = self._offers[node] = tuple(k for k in offers if k != key)
             if not offers:
                 del self._offers[node]
+                self._alone.pop(node, None)
         self._update((key,), now)
 
     # -- what calls say -----------------------------------------------------------------------------------
