@@ -35,9 +35,9 @@ fleet's retained messages: following a whole fleet, the document waits behind th
 version 2 once every daemon knows the whole registry (what applying a document costs); both give the time
 until all daemons apply it, and each daemon's own time.
 
-`--pin` runs the measured daemon alone on CPU 0 and everything else (broker, simulated boxes, the calling
-process, the backend, the other daemons) on CPU 1: on a real box the fleet is not on the box's CPU. Without
-it everything shares every CPU.
+`--pin` puts the box on CPU 0 (the measured daemon, its local backend and the process that calls it) and the
+fleet on CPU 1 (brokers, the simulated boxes, the other daemons): on a real box the fleet is not on the box's
+CPU. Without it everything shares every CPU.
 
 usage: scripts/fleetsim.py [--boxes 200] [--services 10] [--rate 100] [--modes abrupt,clean,powercut]
        scripts/fleetsim.py --scenario learn --boxes 50,200,500,1000,2000 [--topology direct,bridge] [--pin]
@@ -348,7 +348,7 @@ def pin(pid: int, cpus: set[int]) -> None:
             os.sched_setaffinity(int(task), cpus)
 
 
-DAEMON_CPU, FLEET_CPU = {0}, {1}  # `--pin`
+BOX_CPU, FLEET_CPU = {0}, {1}  # `--pin`
 
 
 def cpu_s(pid: int) -> float:
@@ -504,12 +504,16 @@ print(json.dumps(out), flush=True)
 """
 
 
-async def probe_calls(port: int, direct: int, seconds: float, gap: float = 0.005) -> asyncio.subprocess.Process:
+async def probe_calls(
+    port: int, direct: int, seconds: float, cpus: set[int] | None = None, gap: float = 0.005
+) -> asyncio.subprocess.Process:
     """A separate process calling the daemon's local service and the backend directly, one call at a time
-    (the simulator's own event loop is busy with a thousand boxes: it must not time the calls)."""
+    (the simulator's own event loop is busy with a thousand boxes: it must not time the calls); on `cpus`."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", PROBE, str(port), str(direct), str(seconds), str(gap), stdout=asyncio.subprocess.PIPE
     )
+    if cpus is not None:
+        pin(proc.pid, cpus)
     assert proc.stdout is not None
     assert (await proc.stdout.readline()).strip() == b"ready"
     return proc
@@ -611,6 +615,9 @@ async def learn_run(args, boxes: int, topology: str, tmp: Path) -> dict:
     needed_boxes = rng.sample(fleet.boxes, min(args.needed, boxes))
     needed = [b.service_names[0] for b in needed_boxes]
     backend = Backend("here", _free_port(), root).start()
+    if args.pin:
+        assert backend.proc is not None
+        pin(backend.proc.pid, BOX_CPU)
     cloud_only = 'endpoint_types = ["cloud"]\n[policy]\nper_try_timeout = "1s"\ntimeout = "3s"\n'
     manifests = {f"{s}.toml": f'service_name = "{s}"\n{cloud_only}' for s in needed}
     manifests["here.toml"] = f'service_name = "here"\n[[endpoints]]\ntype = "local"\nurl = "{backend.url}"\n'
@@ -642,7 +649,7 @@ async def learn_run(args, boxes: int, topology: str, tmp: Path) -> dict:
         idle.start()
         out["idle_start_s"] = round(time.monotonic() - t, 3)
         if args.pin:
-            pin(idle.proc.pid, DAEMON_CPU)
+            pin(idle.proc.pid, BOX_CPU)
         await asyncio.sleep(3.0)
         out["idle_rss_mib"] = round(rss_kib(idle.proc.pid) / 1024, 1)
         out["idle_cpu_s"] = round(cpu_s(idle.proc.pid), 2)
@@ -661,7 +668,7 @@ async def learn_run(args, boxes: int, topology: str, tmp: Path) -> dict:
         await asyncio.to_thread(d.start)
         pid = d.proc.pid
         if args.pin:
-            pin(pid, DAEMON_CPU)
+            pin(pid, BOX_CPU)
 
         def learned() -> bool:
             for svc in needed:
@@ -685,8 +692,8 @@ async def learn_run(args, boxes: int, topology: str, tmp: Path) -> dict:
         # Local calls with the fleet quiet (status messages only), then around the burst of a reconnect: another
         # client takes the daemon's client id, the daemon reconnects and gets every retained message again.
         for phase in ("quiet", "burst"):
-            lag0 = await asyncio.to_thread(loop_lag_buckets, d)  # before the calls: a scrape of 10,000 services
-            probe = await probe_calls(d.port, backend.port, args.burst_window)  # ... is itself a stall
+            lag0 = await asyncio.to_thread(loop_lag_buckets, d)  # before the calls: a scrape is a stall
+            probe = await probe_calls(d.port, backend.port, args.burst_window, BOX_CPU if args.pin else None)
             cpu0 = cpu_s(pid)
             if phase == "burst":
                 await asyncio.sleep(0.5)
@@ -786,7 +793,7 @@ async def main() -> None:
     ap.add_argument("--topology", default="direct,bridge", help="learn: direct, bridge or both")
     ap.add_argument("--follow-all", action="store_true", help="learn: the daemon learns the whole fleet's registry")
     ap.add_argument("--daemons", type=int, default=5, help="learn: real daemons that get the fleet config")
-    ap.add_argument("--pin", action="store_true", help="learn: the daemon alone on CPU 0, the rest on CPU 1")
+    ap.add_argument("--pin", action="store_true", help="learn: the box on CPU 0, the fleet on CPU 1")
     ap.add_argument("--learn-timeout", type=float, default=120.0)
     ap.add_argument("--burst-window", type=float, default=4.0, help="learn: seconds of local calls around the burst")
     ap.add_argument("--services", type=int, default=10, help="per box")
@@ -806,7 +813,7 @@ async def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the run's folder (daemon and broker logs)")
     args = ap.parse_args()
     if args.pin:
-        os.sched_setaffinity(0, FLEET_CPU)  # this process and what it starts (brokers, boxes' calls, backend)
+        os.sched_setaffinity(0, FLEET_CPU)  # this process and what it starts; the box's processes are moved
     tmp = Path(tempfile.mkdtemp(prefix="fleetsim-"))
     counts = [int(n) for n in str(args.boxes).split(",")]
     try:
