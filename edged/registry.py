@@ -190,10 +190,18 @@ class Registry:
         if source not in SERVICE_SOURCES:
             raise RegistryError(f"unknown service source {source!r}")
         new = dict(specs) if isinstance(specs, Mapping) else {spec.key: spec for spec in specs}
-        if self._sources.services.get(source) == new:
+        old = self._sources.services.get(source, {})
+        if old == new and source in self._sources.services:
             return
         self._sources.services[source] = new
-        self._rebuild()
+        if not self._stages:
+            self._rebuild()
+            return
+        # The services whose declaration changed, recomputed alone (every layer is keyed: see `Layer`): an
+        # edited manifest on a box that follows ten thousand remote services is not a rebuild of all of them.
+        changed = [key for key, spec in new.items() if old.get(key) != spec]
+        changed += [key for key in old if key not in new]
+        self._rebuild_keys(changed)
 
     def update_services(self, source: str, changed: Mapping[Key, ServiceSpec | None]) -> None:
         """Change some services of a source (None: no longer declared by it), keeping its others: work in
@@ -213,7 +221,7 @@ class Registry:
                 keys.append(key)
         if not keys:
             return
-        if source == "manifest" or not self._stages:  # the fleet layer reads manifests whole; nothing to patch yet
+        if not self._stages:  # nothing merged yet: nothing to patch
             self._rebuild()
             return
         self._rebuild_keys(keys)
