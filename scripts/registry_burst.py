@@ -8,8 +8,8 @@ in the project's formats (`spec_entry()`), then one entry changes, then it is sa
 - `longest_callback_ms`: the most CPU time one event-loop callback took during the burst (the longest the
   loop was blocked: a local call waits that long at worst), and how many callbacks took over 5 ms;
 - the CPU time to apply the burst, and the RSS and Python heap per kept entry;
-- the CPU time of a one-entry change once everything is known, and of a signed fleet config document
-  (policies for two services) being applied;
+- the CPU time of a one-entry change once everything is known, of a signed fleet config document
+  (policies for two services) being applied, and of a manifest being added;
 - the state file's size, the CPU time of its saves, and of a warm start (`restore()`).
 
 `--trace N` also prints where the kept bytes go: the N source lines that allocated most of what is still
@@ -191,6 +191,12 @@ async def burst(root: Path, boxes: int, services: int, trace: int = 0) -> dict:
     strategy = daemon.core.registry.snapshot().get("default", "svc-00002-0").spec.policy.strategy
     out["fleet_config_applied"] = applied and strategy == "round_robin"
     out["fleet_config_whole_rebuilds"] = daemon.core.registry.rebuilds - rebuilds
+    # A manifest added (an operator's edit): a local service next to the ten thousand remote ones.
+    registry = daemon.core.registry
+    local = parse_manifest_data({"service_name": "local-x", "endpoints": [{"type": "local", "url": "http://h:1"}]}, "x")
+    t = time.process_time()
+    registry.set_manifests([*registry._sources.services.get("manifest", {}).values(), local])
+    out["manifest_change_cpu_ms"] = round((time.process_time() - t) * 1000, 2)
     t = time.process_time()
     await tier.saver.flush()
     out["save_cpu_ms"] = round((time.process_time() - t) * 1000, 1)
