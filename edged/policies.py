@@ -71,7 +71,7 @@ class PolicyOverrides:
         policy = self.preview(tenant, name, table)
         assert isinstance(table, dict)
         self._tables[(tenant, name)] = dict(table)
-        self._registry.refresh()
+        self._registry.refresh_keys([(tenant, name)])  # one service, not every one a box follows
         saved = self.writer.changed()
         self._events.publish("policy_changed", tenant=tenant, service=name, source=SOURCE, keys=sorted(table))
         return policy, saved
@@ -81,7 +81,7 @@ class PolicyOverrides:
         None when there was no override."""
         if self._tables.pop((tenant, name), None) is None:
             return None
-        self._registry.refresh()
+        self._registry.refresh_keys([(tenant, name)])
         saved = self.writer.changed()
         self._events.publish("policy_changed", tenant=tenant, service=name, source="removed")
         return saved

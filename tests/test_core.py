@@ -203,3 +203,28 @@ def test_api_policy_overrides_are_a_layer_over_what_lies_below(tmp_path):
     (policy,) = overrides.policies(Draft(below, {})).values()
     assert (policy.strategy, policy.retries) == ("latency", 3)  # the override's key, the base's others
     assert overrides.policies(Draft({}, {})) == {}  # the service is gone: the override waits
+
+
+def test_an_api_policy_change_recomputes_its_service_only(tmp_path):
+    """A box following thousands of remote services: setting or dropping one service's override patches that
+    service (the old code rebuilt every one), and gives what a whole rebuild gives."""
+
+    async def main() -> None:
+        registry = Registry()
+        overrides = PolicyOverrides(registry, StateStore(str(tmp_path)), EventBus())
+        registry.add_layer(overrides.layer)
+        registry.set_manifests([ServiceSpec(name=f"svc-{i}", endpoint_types=("local",)) for i in range(200)])
+        whole, untouched = registry.rebuilds, registry.snapshot().get("default", "svc-9")
+        policy, saved = overrides.set("default", "svc-1", {"strategy": "latency"})
+        await saved
+        assert registry.snapshot().get("default", "svc-1").spec.policy.strategy == policy.strategy
+        assert await overrides.delete("default", "svc-1") is None
+        assert registry.snapshot().get("default", "svc-1").spec.policy.strategy == "priority"
+        assert registry.rebuilds == whole and registry.partial_rebuilds >= 2
+        assert registry.snapshot().get("default", "svc-9") is untouched
+        overrides.set("default", "svc-2", {"retries": 3})[1].cancel()
+        incremental = registry.snapshot().services
+        registry.refresh()
+        assert registry.snapshot().services == incremental
+
+    asyncio.run(main())
