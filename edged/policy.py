@@ -227,7 +227,7 @@ class Ranker:
                     refused.append((ep, refusal))
                     continue
             st = state(ep.id)
-            if not st.available(now):
+            if not st.available(now) and not (strategy == "predictive" and predictive.live(st, now)):  # type: ignore[arg-type]
                 lv.down.append((ep, st.reason(now) if explain else ""))
             elif st.inflight > 0 and health.stalled(
                 ep.id, now, stall_threshold(st.latency_ewma, policy.per_try_timeout)

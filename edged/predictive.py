@@ -57,6 +57,9 @@ TAIL = 1.0  # the cost counts this many standard deviations of an endpoint's lat
 OVERDUE = 1.0  # seconds of cost per second that its tries in flight are older, on average, than predicted
 PRIOR_WEIGHT = 2.0  # pseudo-samples pulling the in-flight slope towards the intercept
 FAIL_PRIOR = (0.05, 1.0)  # pseudo failures, pseudo tries: a new endpoint's failure chance starts at 5 %
+PRICED_FAILS = 0.5  # an endpoint failing fewer than this share of its recent tries is priced, never ejected
+LIVE_WINDOW = 1.0  # seconds: an endpoint down by its checks that answered a call this recently may be live
+POWER_WEIGHT = 0.75  # the battery factor's exponent for an endpoint with recent answers (see vitals_factors)
 CPU_WEIGHT = 0.5  # share of least_loaded's CPU factor for an endpoint with recent answers (see the module doc)
 HOURS = 24  # buckets of the time-of-day profile
 HOUR_ALPHA = 0.02  # weight of one answer in its hour's latency (an hour's profile follows weeks, not calls)
@@ -180,6 +183,12 @@ class Model:
             return default_rtt * (load + 1), default_rtt, p_fail, w
         return self.a + self.b * load, self.sigma, p_fail, w
 
+    def answers_most(self, now: float) -> bool:
+        """Whether the endpoint answered most of its recent tries (failure chance < PRICED_FAILS): a lossy but
+        live endpoint, whose failures the cost prices (outlier detection then does not eject it)."""
+        f = math.exp(_FAIL_DECAY * (now - self.stamp)) if now > self.stamp else 1.0
+        return (self.fails * f + FAIL_PRIOR[0]) / (self.tries * f + FAIL_PRIOR[1]) < PRICED_FAILS
+
     def dump(self) -> list[float]:
         return [self.w, self.sz, self.szz, self.sy, self.syy, self.szy, self.fails, self.tries]
 
@@ -199,17 +208,19 @@ _FACTORS: dict[tuple[tuple[str, str], ...], tuple[float, float]] = {}
 
 
 def vitals_factors(meta: tuple[tuple[str, str], ...]) -> tuple[float, float]:
-    """A node's vitals as cost factors (battery and link as least_loaded's `balancer.vitals_factor`): with
-    half the CPU weight for an endpoint with recent answers, and with all of it for one without."""
+    """A node's vitals as cost factors (battery and link as least_loaded's `balancer.vitals_factor`), for an
+    endpoint with recent answers and for one without. With answers: no link part (its lost replies are its
+    measured failure chance; the link factor on top priced a lossy link twice), the battery part to the
+    power POWER_WEIGHT, half the CPU weight. Without: all of least_loaded's factor."""
     factors = _FACTORS.get(meta)
     if factors is None:
         m = dict(meta)
-        factor = power_link_factor(m)
-        cpu = vital(m, "cpu")
+        cpu = vital(m, "cpu") or 0.0
+        power = power_link_factor({k: v for k, v in m.items() if k != "link"}) ** POWER_WEIGHT
         if len(_FACTORS) >= 1024:
             _FACTORS.clear()  # vitals vary: keep the table small rather than complete
-        cpu = cpu or 0.0
-        factors = _FACTORS[meta] = (factor * (1.0 + CPU_WEIGHT * CPU_FACTOR * cpu), factor * (1.0 + CPU_FACTOR * cpu))
+        warm, cold = power * (1.0 + CPU_WEIGHT * CPU_FACTOR * cpu), power_link_factor(m) * (1.0 + CPU_FACTOR * cpu)
+        factors = _FACTORS[meta] = (warm, cold)
     return factors
 
 
@@ -217,6 +228,27 @@ class ModelState(Protocol):
     inflight: int
     sent_sum: float  # the send times of its tries in flight, summed
     model: Model | None
+
+
+class CheckedState(ModelState, Protocol):
+    active_ok: bool
+    ejected_until: float
+    last_response_at: float
+
+
+def live(st: CheckedState, now: float) -> bool:
+    """Down by its active checks alone, yet still answering calls (one answer within LIVE_WINDOW, most recent
+    tries answered): a lossy link, not a dead endpoint. Predictive keeps it as a choice, priced by its failure
+    chance, rather than pushing its share onto the others. A partitioned or frozen endpoint answers nothing,
+    and its checks take FALL x interval (over LIVE_WINDOW) to fail: it is left out as before; an ejected one
+    (connect failures: the process is gone) too."""
+    model = st.model
+    return (
+        model is not None
+        and now - st.last_response_at < LIVE_WINDOW
+        and st.ejected_until <= now
+        and model.answers_most(now)
+    )
 
 
 def order(
@@ -281,6 +313,8 @@ def why(ep: Endpoint, st: ModelState, now: float, default_rtt: float, cost: floa
         return f"predictive: no samples yet, assumed {default_rtt * 1000:.0f} ms; drawn cost {cost * 1000:.1f} ms"
     lat, sigma, p_fail, n = st.model.predict(now, st.inflight, default_rtt)
     cap = "; over cloud_max_share: backup only" if capped and ep.tier == "cloud" else ""
+    if not getattr(st, "active_ok", True):  # kept by `live`
+        cap += "; its checks fail but it still answers calls: kept, priced by its failure chance"
     return (
         f"predictive: latency {lat * 1000:.1f} ms (+-{sigma * 1000:.1f}) at {st.inflight} in flight, "
         f"failure {100 * p_fail:.1f}%, {n:.0f} recent samples; drawn cost {cost * 1000:.1f} ms{cap}"

@@ -8,8 +8,9 @@ from collections import Counter
 
 from helpers import FakeHealth, endpoint, service
 
-from edged import predictive
-from edged.model import PolicySpec
+from edged import balancer, predictive
+from edged.health import HealthMonitor
+from edged.model import PolicySpec, Service
 from edged.policy import Ranker
 from edged.predictive import Model
 from edged.state import StateStore
@@ -172,3 +173,70 @@ def test_a_version_1_state_file_still_loads_and_hours_survive_a_restart(tmp_path
     old = predictive.load(store, now=5000.0)["default/s/local/a"]
     assert abs(old.predict(5000.0, 1, 0.03)[0] - back.predict(5000.0, 1, 0.03)[0]) < 1e-9
     assert not any(old.hours)
+
+
+def test_a_lossy_but_live_endpoint_is_priced_not_ejected_and_a_dead_one_still_goes():
+    now = [100.0]
+    ea, eb = endpoint("lossy", 1), endpoint("steady", 2)
+
+    def run(strategy: str, failures: list[bool]) -> tuple[HealthMonitor, Service]:
+        monitor = HealthMonitor(clock=lambda: now[0])
+        svc = service(ea, eb, policy=PolicySpec(strategy=strategy))
+        for _ in range(40):  # answering well
+            now[0] += 0.01
+            monitor.call_started(ea.id)
+            monitor.call_finished(ea, svc, True, 0.01, load=0)
+        for ok in failures:
+            now[0] += 0.01
+            monitor.call_started(ea.id)
+            monitor.call_finished(ea, svc, ok, 0.01 if ok else None, load=0)
+        return monitor, svc
+
+    burst = [False, True, True, False, False, False]  # a loss burst: three timeouts in a row
+    ll, _ = run("least_loaded", burst)
+    assert not ll.state(ea.id).available(now[0])  # failure accrual ejects it
+    monitor, svc = run("predictive", burst)
+    lossy = monitor.state(ea.id)
+    assert lossy.available(now[0]) and lossy.model is not None
+    assert lossy.model.predict(now[0], 0, 0.03)[2] > 0.1  # priced instead: its failure chance
+    monitor.call_started(ea.id)  # the process is gone: two refused connects eject it at once
+    monitor.call_finished(ea, svc, False, None, reached=False)
+    monitor.call_started(ea.id)
+    monitor.call_finished(ea, svc, False, None, reached=False)
+    assert not lossy.available(now[0])
+    # An endpoint that fails most of its tries (a partition: every try times out) is ejected as before.
+    cut, _ = run("predictive", [False] * 30)
+    assert not cut.state(ea.id).available(now[0])
+
+
+def test_an_endpoint_down_by_its_checks_that_still_answers_calls_stays_a_priced_choice():
+    eps = [endpoint("wifi", 1), endpoint("wired", 2)]
+    health = FakeHealth()
+    learned(health, "wifi", 0.005, fails=20)  # a third of its tries lost, the rest answered fast
+    learned(health, "wired", 0.100)
+    wifi = health.state("default/s/local/wifi")
+    wifi.up, wifi.why = False, "unhealthy: timeout (2 checks)"  # two lost checks in a row
+    wifi.active_ok, wifi.ejected_until, wifi.last_response_at = False, 0.0, 2.9
+    ranker = Ranker(random.Random(5))
+
+    def firsts(strategy: str, now: float) -> Counter:
+        svc = service(*eps, policy=PolicySpec(strategy=strategy, per_try_timeout=0.3))
+        return Counter(ranker.plan(svc, health, now, explain=False).choices[0].endpoint.id for _ in range(200))
+
+    assert firsts("predictive", 3.0)["default/s/local/wifi"] > 100  # answered 0.1 s ago: lossy, not dead
+    assert firsts("least_loaded", 3.0)["default/s/local/wifi"] == 0
+    svc = service(*eps, policy=PolicySpec(strategy="predictive", per_try_timeout=0.3))
+    said = {c.endpoint.id: c.reason for c in ranker.plan(svc, health, 3.0).choices}
+    assert "checks fail but it still answers calls" in said["default/s/local/wifi"], said
+    assert firsts("predictive", 2.9 + predictive.LIVE_WINDOW)["default/s/local/wifi"] == 0  # no answer since: down
+    wifi.active_ok, wifi.last_response_at = True, 3.4
+    wifi.ejected_until = 10.0  # ejected (its connects were refused): down, however recent its last answer
+    assert firsts("predictive", 3.5)["default/s/local/wifi"] == 0
+
+
+def test_measured_endpoints_price_their_losses_not_the_link_vital_and_weigh_the_battery_less():
+    warm, cold = predictive.vitals_factors((("power", "mains"), ("link", "50")))
+    assert warm == 1.0 and cold == 2.0  # a lossy link's failures are in the model's failure chance
+    warm, cold = predictive.vitals_factors((("power", "battery"), ("bat", "5")))
+    assert cold == balancer.power_link_factor({"power": "battery", "bat": "5"})
+    assert warm == cold**predictive.POWER_WEIGHT  # weighed less: see vitals_factors

@@ -364,11 +364,13 @@ class HealthMonitor:
         h.calls_failed += 1
         h.last_detail = detail or "call failed"
         policy = service.spec.policy
+        model = h.model  # predictive prices a lossy but live endpoint rather than ejecting it (edged.predictive)
         if outlier.failure(
             self._others_available(endpoint.id, service, now),
             connect=not reached,
             accrual=policy.failure_accrual,
             backoff=policy.failure_backoff,
+            priced=policy.strategy == "predictive" and model is not None and model.answers_most(now),
         ):
             h.ejected_until = outlier.ejected_until
             self._endpoints.setdefault(endpoint.id, endpoint)  # so that the sweeper can announce its return

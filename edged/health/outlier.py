@@ -82,7 +82,13 @@ class Outlier:
         self._probation = False
 
     def failure(
-        self, others_available: int, *, connect: bool = False, accrual: int | None = None, backoff: float | None = None
+        self,
+        others_available: int,
+        *,
+        connect: bool = False,
+        accrual: int | None = None,
+        backoff: float | None = None,
+        priced: bool = False,
     ) -> bool:
         """A call failed (`connect`: it could not even connect); True when this failure ejected the endpoint.
 
@@ -91,6 +97,11 @@ class Outlier:
         next failure ejects once another endpoint is back. `accrual` and `backoff` (the service's policy keys
         `failure_accrual`, `failure_backoff`) replace the config's streak length and first ejection. A failed
         probe (the first call after an ejection ran out) ejects again at once, for longer.
+
+        `priced`: the service's strategy prices this endpoint's failures itself (predictive, and the endpoint
+        still answers most of its tries): a streak of failed calls does not eject it, since the strategy
+        already sends it fewer calls and taking it out would push its share onto the others. A streak of
+        connect failures and a failed probe still eject (a dead endpoint goes at once).
         """
         now = self._clock()
         if now < self.ejected_until:
@@ -100,7 +111,9 @@ class Outlier:
         cfg = self._config
         by_connects = self._connect_streak >= cfg.consecutive_connect_failures
         streak = cfg.consecutive_failures if accrual is None else accrual
-        if (self.consecutive_failures < streak and not by_connects and not self._probation) or others_available <= 0:
+        if (
+            (priced or self.consecutive_failures < streak) and not by_connects and not self._probation
+        ) or others_available <= 0:
             return False
         self._decay(now)
         self._ejections += 1
