@@ -239,9 +239,10 @@ class CheckedState(ModelState, Protocol):
 def live(st: CheckedState, now: float) -> bool:
     """Down by its active checks alone, yet still answering calls (one answer within LIVE_WINDOW, most recent
     tries answered): a lossy link, not a dead endpoint. Predictive keeps it as a choice, priced by its failure
-    chance, rather than pushing its share onto the others. A partitioned or frozen endpoint answers nothing,
-    and its checks take FALL x interval (over LIVE_WINDOW) to fail: it is left out as before; an ejected one
-    (connect failures: the process is gone) too."""
+    chance, rather than pushing its share onto the others. A partitioned or frozen endpoint answers nothing:
+    by the time its checks have failed (`fall` x `interval`: 4 s by default) its last answer is older than
+    LIVE_WINDOW and it is left out as before (until then its overdue tries price it); an ejected one
+    (refused connects: the process is gone) is left out too."""
     model = st.model
     return (
         model is not None
