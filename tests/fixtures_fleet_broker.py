@@ -39,6 +39,10 @@ def server_certificate(ca: FleetCA) -> tuple[bytes, bytes]:
             x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
             critical=False,
         )
+        # As any CA's server certificate has them: Python 3.13's default contexts (VERIFY_X509_STRICT) refuse a
+        # certificate with no Authority Key Identifier.
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.cert.public_key()), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(ca.key, hashes.SHA256())
     )
     return key_pem(key), cert_pem(cert)
