@@ -335,7 +335,7 @@ class Api:
             raise CallError(404, "unknown_service", "GET /v1/resolve/{service}")
         svc = self._router.service(tenant, rest[0])
         plan, skipped = self._router.plan(svc)
-        view = {
+        view: dict[str, object] = {
             "service": svc.name,
             "strategy": plan.strategy,
             "note": plan.note,

@@ -472,7 +472,7 @@ class UpstreamTls:
 
     __slots__ = ("check", "context")
 
-    def __init__(self, context: ssl.SSLContext, check: Callable[[Target, dict], None]) -> None:
+    def __init__(self, context: ssl.SSLContext, check: Callable[[Target, dict | None], None]) -> None:
         self.context = context
         self.check = check  # raises (an EdgedError) when the verified certificate is not the one this target needs
 

@@ -21,7 +21,7 @@ import stat
 import struct
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import httptools
@@ -729,7 +729,9 @@ class HttpServer:
         listener = _Listener()
         if tls is not None and handshakes is not None:
             return self._listen_gated(host, port, listener, tls, handshakes)
-        extra = {} if tls is None else {"ssl": tls, "ssl_handshake_timeout": self._header_timeout}
+        extra: dict[str, Any] = {} if tls is None else {"ssl": tls, "ssl_handshake_timeout": self._header_timeout}
+        # Any: uvloop's Server.sockets is a list where typeshed says a tuple, which the compiled build would check.
+        server: Any
         try:
             server = await self._loop.create_server(
                 lambda: _ServerConnection(self, False, listener), host, port, reuse_address=True, backlog=1024, **extra
