@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import unquote
 
-from . import jsonbody, routes
+from . import buildinfo, jsonbody, routes
 from .access import ADMIN, CALL, READ, WRITE, Access, Identity
 from .admission import Gate
 from .authz_api import AuthzApi
@@ -372,6 +372,7 @@ class Api:
                     "fleet": node.fleet,
                     "zone": node.zone,
                     "version": node.version,
+                    "build": buildinfo.build(),  # "compiled" (mypyc, the opt-in build) or "pure"
                     "uptime_s": round(time.time() - node.started, 1),
                     "ready": self._ready(),
                     "generation": snap.generation,

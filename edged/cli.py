@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
-from . import __version__
+from . import __version__, buildinfo
 from .config import ApiConfig, Config, find_config, secret_file_warnings
 from .errors import EXIT_CONFIG, EXIT_START_FAILED, ConfigError, EdgedError
 from .lazy import defer_for_daemon
@@ -67,7 +67,7 @@ def _parser(other_commands: bool = True) -> argparse.ArgumentParser:
     import argparse  # not for `edged run` as started by its unit (_plain_run)
 
     p = argparse.ArgumentParser(prog="edged", description="HubMesh: a local service mesh for edge boxes")
-    p.add_argument("--version", action="version", version=f"edged {__version__}")
+    p.add_argument("--version", action="version", version=f"edged {__version__} ({buildinfo.build()})")
     sub = p.add_subparsers(metavar="COMMAND")
 
     def command(name: str, func, help: str, into=sub) -> argparse.ArgumentParser:
@@ -264,7 +264,8 @@ def _status(args) -> int:
     node = data["node"]
     print(
         f"node {node['name']}  fleet {node['fleet']}  zone {node['zone'] or '-'}  "
-        f"v{node['version']}  up {node['uptime_s']}s  {'ready' if node['ready'] else 'NOT READY'}"
+        f"v{node['version']} ({node.get('build', '?')})  "
+        f"up {node['uptime_s']}s  {'ready' if node['ready'] else 'NOT READY'}"
     )
     _print_config_state(data.get("config") or {})
     _print_identity(data.get("identity"))

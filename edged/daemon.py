@@ -6,7 +6,7 @@ import logging
 import os
 import time
 
-from . import __version__
+from . import __version__, buildinfo
 from .access import Access
 from .api import Api, NodeInfo
 from .authz_api import AuthzApi
@@ -150,6 +150,8 @@ class Daemon:
             logging.INFO,
             "edged ready",
             node=self.config.node.name,
+            version=__version__,
+            build=buildinfo.build(),  # "compiled" (mypyc, the opt-in build) or "pure": for bug reports
             listen=self.listening,
             services=len(snap.services),
             registrations=loaded,
