@@ -16,7 +16,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+# The edged under test is this tree's, unless EDGED_TEST_COMPILED=1 asks for the build installed in this
+# interpreter (the compiled one: scripts/build-compiled --test); the tree then stays off the import path, here
+# and in the daemons started below, or its .py files would shadow the installed extension modules.
+TEST_INSTALLED = os.environ.get("EDGED_TEST_COMPILED") == "1"
+if not TEST_INSTALLED:
+    sys.path.insert(0, str(REPO))
 
 from slowcpu import CpuThrottle, factor_from_env  # noqa: E402
 
@@ -125,10 +130,11 @@ class Edged:
         port: int | None = None,
         netns: str | None = None,
         via_socket: bool = False,
-        source: Path = REPO,
+        source: Path | None = None if TEST_INSTALLED else REPO,
     ) -> None:
         self.root = root
-        self.source = source  # the edged tree the daemon runs from (the benchmark also runs another version)
+        # The edged tree the daemon runs from (the benchmark also runs another version); None: the installed one.
+        self.source = source
         self.port = port or free_port()
         self.netns = netns
         self.services = root / "services.d"
@@ -177,7 +183,9 @@ class Edged:
         (self.services / name).write_text(textwrap.dedent(text))
 
     def start(self, wait: bool = True) -> Edged:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(self.source))
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(self.source or ""))
+        if self.source is None:
+            del env["PYTHONPATH"]
         argv = [sys.executable, "-m", "edged", "run", "--config", str(self.config)]
         if self.emulated_root:  # the daemon alone runs as arm64 code under QEMU (see scripts/arm64-root)
             argv = ["chroot", self.emulated_root, "/opt/venv/bin/python", *argv[1:]]

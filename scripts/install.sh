@@ -3,12 +3,15 @@
 #
 #   sudo scripts/install.sh                  # install or upgrade, then `systemctl enable --now edged`
 #   sudo scripts/install.sh --prefix /srv/edged --no-start
+#   sudo scripts/install.sh --compiled       # the call path compiled with mypyc (opt-in; falls back to pure Python)
 #   sudo scripts/install.sh --uninstall      # remove the program, unit and user files; keep config and state
 #   sudo scripts/install.sh --uninstall --purge   # also /etc/edged, /var/lib/edged and the edged user
 #
 # What it does (each step is skipped when already done, so running it again is safe and upgrades):
 #   - Debian packages it needs (python3-venv; on armhf also gcc and Debian's PyYAML, cffi)
 #   - a virtualenv at PREFIX (default /opt/edged) with edged in it; /usr/local/bin/edged links to it
+#     (--compiled: built with EDGED_COMPILE=1, which needs gcc and the Python headers and takes about 10 min on a
+#     Pi 4; if that build fails, the pure-Python build is installed instead and the reason is printed)
 #   - the edged user and group (sysusers.d), /etc/edged and /etc/edged/services.d (tmpfiles.d)
 #   - /etc/edged/edged.toml from config/edged.toml if there is none (0640 root:edged; an existing file is kept,
 #     its mode tightened when group-writable or readable by others)
@@ -21,6 +24,9 @@ PREFIX=/opt/edged
 UNINSTALL=0
 PURGE=0
 START=1
+COMPILED=0
+# --compiled: mypyc needs a C compiler and the Python headers.
+COMPILE_APT="gcc libc6-dev python3-dev"
 # armhf (32-bit Raspberry Pi OS): PyPI has no wheels for httptools, uvloop or cffi. Debian's
 # PyYAML and cffi meet edged's floors and come in through --system-site-packages; httptools is compiled
 # (Debian's 0.1 works but without the client's parser reuse, which needs 0.6.3); uvloop is left out (19
@@ -41,7 +47,8 @@ while [ $# -gt 0 ]; do
     --uninstall) UNINSTALL=1; shift ;;
     --purge) PURGE=1; shift ;;
     --no-start) START=0; shift ;;
-    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --compiled) COMPILED=1; shift ;;
+    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown option $1 (see --help)" ;;
   esac
 done
@@ -82,6 +89,7 @@ ARCH="$(dpkg --print-architecture 2>/dev/null || uname -m)"
 # 1. Debian packages that are missing (nothing is fetched when all are there).
 want="python3 python3-venv"
 [ "$ARCH" = armhf ] && want="$want $ARMHF_APT"
+[ "$COMPILED" -eq 1 ] && want="$want $COMPILE_APT"
 missing=""
 for pkg in $want; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing="$missing $pkg"
@@ -109,9 +117,21 @@ if [ ! -x "$PREFIX/bin/python" ] || ! "$PREFIX/bin/python" -c 'import sys' 2>/de
   python3 -m venv $venv_opts "$PREFIX" || die "python3 -m venv $PREFIX failed"
 fi
 touch "$PREFIX/.edged-install"  # marks the folder as ours for --uninstall
-say "installing edged from $SRC into $PREFIX"
-"$PREFIX/bin/python" -m pip install -q --disable-pip-version-check --no-warn-script-location $pip_opts "$SRC$extras" \
-  || die "pip install failed (see above)"
+pip_install() {
+  "$PREFIX/bin/python" -m pip install -q --disable-pip-version-check --no-warn-script-location $pip_opts "$SRC$extras"
+}
+if [ "$COMPILED" -eq 1 ]; then
+  # pip builds the whole wheel before it replaces anything: a failed build leaves the old install as it was.
+  say "installing edged from $SRC into $PREFIX, compiled with mypyc (about 10 min on a Pi 4)"
+  if ! EDGED_COMPILE=1 pip_install; then
+    say "the compiled build FAILED (see above); installing the pure-Python build instead (same behaviour, more CPU per call)"
+    pip_install || die "pip install failed (see above)"
+  fi
+else
+  say "installing edged from $SRC into $PREFIX"
+  pip_install || die "pip install failed (see above)"
+fi
+say "installed $("$PREFIX/bin/edged" --version)"
 ln -sfn "$PREFIX/bin/edged" "$LINK"
 
 # 3. User, group and folders.
