@@ -102,11 +102,14 @@ def callgrind_totals(path: Path) -> int:
     return int(match.group(1))
 
 
-def instructions(tmp: Path, name: str, source: Path, backend_port: int, args, extra: str = "", headers=()) -> dict:
-    """Callgrind: instructions over IDLE_SECONDS of quiet, then over the calls; per call, idle taken out."""
+def instructions(
+    tmp: Path, name: str, source: Path, backend_port: int, args, extra: str = "", headers=(), python: str = ""
+) -> dict:
+    """Callgrind: instructions over IDLE_SECONDS of quiet, then over the calls; per call, idle taken out.
+    `python`: the interpreter that runs the daemon (another venv's, e.g. the compiled build's), else this one."""
     out = tmp / f"{name}.callgrind"
     prefix = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
-    d = daemon(tmp, name, source, backend_port, [*prefix, sys.executable, "-m", "edged"], extra)
+    d = daemon(tmp, name, source, backend_port, [*prefix, python or sys.executable, "-m", "edged"], extra)
     assert d.proc is not None
     pid = str(d.proc.pid)
     try:
