@@ -65,3 +65,13 @@ def prepare_metadata_for_build_wheel(metadata_directory, config_settings=None) -
 
 def prepare_metadata_for_build_editable(metadata_directory, config_settings=None) -> str:
     return _metadata_only(_setuptools.prepare_metadata_for_build_editable, metadata_directory, config_settings)
+
+
+def build_editable(wheel_directory, config_settings=None, metadata_directory=None) -> str:
+    """setuptools' editable build; refused with EDGED_COMPILE set: it would compile in place, and the .so files
+    in the tree would shadow the .py sources being edited (scripts/build-compiled builds a separate venv)."""
+    if compile_requested():
+        raise RuntimeError(
+            "EDGED_COMPILE=1 cannot make an editable install: use scripts/build-compiled (or a non-editable install)"
+        )
+    return _setuptools.build_editable(wheel_directory, config_settings, metadata_directory)
