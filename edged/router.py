@@ -343,8 +343,8 @@ class Router:
         if full and not tries:
             self._metrics.overloaded.inc((spec.name, "endpoint_max_inflight"))
             self.record(spec.name, "none", "overloaded", started)
-            detail = {"service": spec.name, "limit": "endpoint_max_inflight", "value": policy.endpoint_max_inflight}
-            raise CallError(503, "overloaded", {**detail, "endpoints": full})
+            limit_hit = {"service": spec.name, "limit": "endpoint_max_inflight", "value": policy.endpoint_max_inflight}
+            raise CallError(503, "overloaded", {**limit_hit, "endpoints": full})
         # A try cut at the deadline may end up to a timer tick early (libuv's timers count milliseconds): within
         # DEADLINE_SLACK of it the call ran out of time, and the caller hears 504, not 503.
         outcome = "deadline" if call.deadline - self._clock() <= DEADLINE_SLACK else "no_endpoint"

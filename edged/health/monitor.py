@@ -459,12 +459,12 @@ class HealthMonitor:
             return lag.total()
         if self._lag_source is not None:
             return self._lag_source()
-        if lag is None:
-            try:
-                lag = self._loop_lag = loop_lag()
-            except RuntimeError:
-                return 0.0
-        return lag.total()
+        try:
+            fresh: LoopLag = loop_lag()
+        except RuntimeError:
+            return 0.0
+        self._loop_lag = fresh
+        return fresh.total()
 
     def _new_state(self, endpoint_id: str) -> EndpointHealth:
         h = EndpointHealth(endpoint_id, Outlier(self._outlier_config, self._clock))
