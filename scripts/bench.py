@@ -7,10 +7,11 @@ call at a time on one keep-alive connection, and idle RSS. Then the footprint of
 local tier alone, and everything on (mDNS on loopback, MQTT to a Mosquitto it starts, a fleet key, 20
 services with health checks): RSS, CPU and context switches per second. `--baseline REF` runs a second
 edged from that git ref (e.g. main) beside this tree's, in the same run, for before/after figures.
+`--compiled VENV` runs the opt-in compiled build installed in that venv too (`scripts/build-compiled`).
 Prints a table, the issue's targets with PASS/MISS, then the figures as JSON. Installs nothing; ends
 every process it started.
 
-usage: scripts/bench.py [--duration 5] [--rounds 2] [--rate 500] [--baseline REF] [--skip-haproxy]
+usage: scripts/bench.py [--duration 5] [--rounds 2] [--rate 500] [--baseline REF] [--compiled VENV] [--skip-haproxy]
                         [--skip-footprint] [--json-only]
        scripts/bench.py --slow-cpu [FACTOR]   (only the daemon, capped at 1/FACTOR of a core: see slow_cpu_bench)
 """
@@ -336,10 +337,12 @@ def start_haproxy(tmp: Path, backend_port: int) -> tuple[Proc, int]:
     return proc, port
 
 
-def bench_daemon(tmp: Path, backend_port: int, source: Path = REPO, name: str = "edged") -> Edged:
-    """The daemon (from the edged tree `source`) with one local endpoint, not started, logging at warning so
-    that logging is not what we measure."""
-    d = Edged(tmp / name, {"bench.toml": MANIFEST.format(port=backend_port)}, source=source)
+def bench_daemon(
+    tmp: Path, backend_port: int, source: Path | None = REPO, name: str = "edged", python: str | None = None
+) -> Edged:
+    """The daemon (from the edged tree `source`; None: the edged installed for `python`) with one local
+    endpoint, not started, logging at warning so that logging is not what we measure."""
+    d = Edged(tmp / name, {"bench.toml": MANIFEST.format(port=backend_port)}, source=source, python=python)
     text = d.config.read_text()
     # The harness's test settings, back to production ones: quiet logs, manifests checked every 2 s.
     changes = (("[log]\n", '[log]\nlevel = "warning"\n'), ('reload_interval = "200ms"', 'reload_interval = "2s"'))
@@ -351,10 +354,17 @@ def bench_daemon(tmp: Path, backend_port: int, source: Path = REPO, name: str = 
     return d
 
 
-def start_edged(tmp: Path, backend_port: int, stack: ExitStack, source: Path = REPO, name: str = "edged") -> Edged:
+def start_edged(
+    tmp: Path,
+    backend_port: int,
+    stack: ExitStack,
+    source: Path | None = REPO,
+    name: str = "edged",
+    python: str | None = None,
+) -> Edged:
     """`bench_daemon`, started. Its stop is on `stack` before it starts, so a daemon that never gets ready is
     stopped too."""
-    d = bench_daemon(tmp, backend_port, source, name)
+    d = bench_daemon(tmp, backend_port, source, name, python)
     stack.callback(stop_edged, d)
     return d.start()
 
@@ -730,13 +740,15 @@ def bench(args, tmp: Path, stack: ExitStack) -> dict:
     log(f"backend: {backend_name} on port {backend_port}")
     paths = [Route("direct", backend_port, "/x", backend.pid, backend.check)]
 
-    trees = {"edged": REPO}
+    trees: dict[str, tuple[Path | None, str | None]] = {"edged": (REPO, None)}
     if args.baseline:
-        trees[f"edged@{args.baseline}"] = baseline_tree(args.baseline, tmp)
+        trees[f"edged@{args.baseline}"] = (baseline_tree(args.baseline, tmp), None)
+    if args.compiled:  # the opt-in compiled build, installed in its own venv (scripts/build-compiled)
+        trees["edged-compiled"] = (None, str(Path(args.compiled) / "bin" / "python"))
     edged_uvloop = True
-    for name, source in trees.items():
+    for name, (source, python) in trees.items():
         log(f"starting {name}")
-        d = start_edged(tmp, backend_port, stack, source, name.replace("@", "-"))
+        d = start_edged(tmp, backend_port, stack, source, name.replace("@", "-"), python)
         assert d.proc is not None
         pin(d.proc.pid, proxy_cpus)
         if not runs_uvloop(d.proc.pid):
@@ -981,6 +993,11 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2, help="throughput runs per path, interleaved; the best counts")
     ap.add_argument("--rate", type=float, default=500.0, help="calls/s of the open-loop latency run")
     ap.add_argument("--baseline", metavar="REF", help="also run edged from this git ref (e.g. main), same run")
+    ap.add_argument(
+        "--compiled",
+        metavar="VENV",
+        help="also run the compiled build installed in this venv (scripts/build-compiled makes .venv-compiled)",
+    )
     ap.add_argument("--skip-haproxy", action="store_true")
     ap.add_argument("--skip-footprint", action="store_true", help="no full daemon (mDNS + MQTT + 20 services)")
     ap.add_argument("--json-only", action="store_true", help="print only the JSON figures")

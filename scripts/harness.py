@@ -131,10 +131,12 @@ class Edged:
         netns: str | None = None,
         via_socket: bool = False,
         source: Path | None = None if TEST_INSTALLED else REPO,
+        python: str | None = None,
     ) -> None:
         self.root = root
         # The edged tree the daemon runs from (the benchmark also runs another version); None: the installed one.
         self.source = source
+        self.python = python or sys.executable  # the benchmark runs a compiled build from its own venv too
         self.port = port or free_port()
         self.netns = netns
         self.services = root / "services.d"
@@ -186,7 +188,7 @@ class Edged:
         env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(self.source or ""))
         if self.source is None:
             del env["PYTHONPATH"]
-        argv = [sys.executable, "-m", "edged", "run", "--config", str(self.config)]
+        argv = [self.python, "-m", "edged", "run", "--config", str(self.config)]
         if self.emulated_root:  # the daemon alone runs as arm64 code under QEMU (see scripts/arm64-root)
             argv = ["chroot", self.emulated_root, "/opt/venv/bin/python", *argv[1:]]
         if self.netns is not None:
