@@ -138,6 +138,18 @@ def _cert(subject: str, key, issuer_cert=None, issuer_key=None, ca: bool = False
     if not ca:
         san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
         builder = builder.add_extension(san, critical=False)
+    # Key identifiers, as a real CA sets them: Python 3.13's default contexts (VERIFY_X509_STRICT) refuse a
+    # certificate with no Authority Key Identifier.
+    if ca:  # and a CA's key usage (strict checking wants it too)
+        usage = dict.fromkeys(
+            ("digital_signature", "content_commitment", "key_encipherment", "data_encipherment", "key_agreement"),
+            False,
+        )
+        usage |= {"key_cert_sign": True, "crl_sign": True, "encipher_only": False, "decipher_only": False}
+        builder = builder.add_extension(x509.KeyUsage(**usage), critical=True)
+    builder = builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    issuer_public = issuer_cert.public_key() if issuer_cert else key.public_key()
+    builder = builder.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_public), critical=False)
     return builder.sign(issuer_key or key, hashes.SHA256())
 
 
