@@ -119,6 +119,46 @@ def cost(state: LoadState, meta: tuple[tuple[str, str], ...], now: float, defaul
     return rtt * (pending + 1) * (vitals_factor(meta) if meta else 1.0)
 
 
+def costs(states: Sequence[LoadState], factors: Sequence[float], now: float, default_rtt: float) -> list[float]:
+    """`cost()` of each endpoint, `factors[i]` being the vitals factor of the node of `states[i]`'s endpoint
+    (the ranker works factors out once per registry snapshot: vitals travel in the endpoints' meta)."""
+    exp = math.exp
+    out: list[float] = []
+    add = out.append
+    for st, factor in zip(states, factors, strict=True):  # `cost()`, inlined: this runs for every call
+        peak = st.peak
+        if peak.stamp < 0.0:
+            pending = st.inflight
+            add((PENALTY + pending if pending else default_rtt) * factor)
+        else:
+            add(peak.value * exp((peak.stamp - now) / DECAY) * (st.inflight + 1) * factor)
+    return out
+
+
+def ranked(group: Sequence[int], values: Sequence[float], rng: random.Random) -> list[int]:
+    """The positions `group` (ascending) in least_loaded's order by their costs `values[k]`: power of two
+    choices first, then the rest cheapest first (the failover order). Ties go to the earlier position; two
+    equal costs alone are ordered by a draw, so that no endpoint is favoured by its place in the list."""
+    n = len(group)
+    if n <= 2:
+        if n == 2:
+            a, b = group
+            if values[b] < values[a] or (values[b] == values[a] and rng.random() < 0.5):
+                return [b, a]
+        return list(group)
+    i = int(rng.random() * n)
+    j = int(rng.random() * (n - 1))
+    if j >= i:
+        j += 1
+    a, b = group[i], group[j]
+    first = a if values[a] < values[b] or (values[a] == values[b] and i < j) else b
+    out = sorted(group, key=values.__getitem__)  # (stable: ties keep the group's order)
+    if out[0] != first:
+        out.remove(first)
+        out.insert(0, first)
+    return out
+
+
 def order(
     eps: Sequence[Endpoint],
     states: Sequence[LoadState],
@@ -126,35 +166,10 @@ def order(
     default_rtt: float,
     rng: random.Random,
 ) -> tuple[list[Endpoint], list[float]]:
-    """Power of two choices first, then the rest cheapest first (the failover order); and the cost of each
-    of `eps` (in its order). `states[i]` is the load state of `eps[i]`."""
-    exp = math.exp
-    values: list[float] = []
-    for ep, st in zip(eps, states, strict=True):  # `cost()`, inlined: this runs for every call
-        peak = st.peak
-        if peak.stamp < 0.0:
-            pending = st.inflight
-            c = PENALTY + pending if pending else default_rtt
-        else:
-            c = peak.value * exp((peak.stamp - now) / DECAY) * (st.inflight + 1)
-        if ep.meta:
-            c *= vitals_factor(ep.meta)
-        values.append(c)
-    n = len(values)
-    if n <= 2:
-        if n == 2 and (values[1] < values[0] or (values[1] == values[0] and rng.random() < 0.5)):
-            return [eps[1], eps[0]], values  # equal costs: no endpoint is favoured by its place in the list
-        return list(eps), values
-    i = int(rng.random() * n)
-    j = int(rng.random() * (n - 1))
-    if j >= i:
-        j += 1
-    first = i if values[i] < values[j] or (values[i] == values[j] and i < j) else j
-    ranked = sorted(range(n), key=values.__getitem__)
-    if first != ranked[0]:
-        ranked.remove(first)
-        ranked.insert(0, first)
-    return list(map(eps.__getitem__, ranked)), values
+    """`ranked` over endpoints: their least_loaded order, and the cost of each of `eps` (in its order).
+    `states[i]` is the load state of `eps[i]`."""
+    values = costs(states, [vitals_factor(ep.meta) if ep.meta else 1.0 for ep in eps], now, default_rtt)
+    return list(map(eps.__getitem__, ranked(range(len(eps)), values, rng))), values
 
 
 def why(ep: Endpoint, state: LoadState, now: float, c: float) -> str:

@@ -294,6 +294,56 @@ def choose(
 _new = tuple.__new__  # a named tuple's own __new__ is a Python function: this is the call path
 
 
+class LevelPlaces(NamedTuple):
+    """One level's localities, made once per registry snapshot for the call path (`nearest_first`): each
+    locality's number and its members (positions in the caller's endpoint list), by locality number."""
+
+    groups: tuple[tuple[int, tuple[int, ...]], ...]
+    static: tuple[int, ...]  # indices into `groups`, in the layout's base order (no round-trip time counts)
+
+
+def level_places(layout: Layout, ids: Sequence[str], positions: Sequence[int]) -> LevelPlaces:
+    """The localities of the level whose members are `ids[k]` for `k` in `positions` (ascending)."""
+    members: dict[int, list[int]] = {}
+    for k in positions:
+        members.setdefault(layout.index[ids[k]], []).append(k)
+    groups = tuple((i, tuple(members[i])) for i in sorted(members))
+    static = tuple(sorted(range(len(groups)), key=lambda g: layout.base[groups[g][0]]))
+    return LevelPlaces(groups, static)
+
+
+def nearest_first(
+    layout: Layout, places: LevelPlaces, states: Sequence[GeoState], by_rtt: bool
+) -> list[tuple[int, ...]] | None:
+    """`choose`'s order of a level's localities when every member is usable (each is then healthy enough to
+    keep every call, so the nearest takes them all and nothing is drawn): their members, nearest locality
+    first. `states[k]` is the health of position `k`. None when the nearest is one of `zone_weights`' zones:
+    its step is shared by a draw, which `choose` makes."""
+    groups = places.groups
+    if len(groups) == 1:
+        return [groups[0][1]]
+    if by_rtt:
+        base, here = layout.base, layout.here
+        keys = []
+        for i, members in groups:  # as in `choose`: a locality's fastest member's latency EWMA, if measured
+            key = base[i]
+            if not here[i]:
+                rtt = _INF
+                for k in members:
+                    lat = states[k].latency_ewma
+                    if lat is not None and lat < rtt:
+                        rtt = lat
+                if rtt < _INF:
+                    key = PLACED * _CLASS + rtt
+            keys.append(key)
+        order: Sequence[int] = sorted(range(len(groups)), key=keys.__getitem__)
+    else:
+        order = places.static
+    if layout.weights[groups[order[0]][0]] is not None:
+        return None
+    return [groups[g][1] for g in order]
+
+
 def spill(
     ranked: Sequence[int],
     healthy: Sequence[int],

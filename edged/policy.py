@@ -6,8 +6,10 @@ exactly what the router would do, and tests can check every strategy without I/O
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Sequence
+from operator import itemgetter, mul
 from typing import NamedTuple, Protocol
 
 from . import balancer, locality, predictive
@@ -20,6 +22,8 @@ from .spillover import LevelShare, level_name, pick, shares
 # Strategies this version implements; the others named in the contract fall back to `priority`, visibly.
 IMPLEMENTED = ("priority", "round_robin", "weighted", "least_loaded", "predictive", "geo")  # "latency" = least_loaded
 MAX_LAYOUTS = 4096  # services whose level layout the ranker keeps
+MAX_SUBSETS = 16  # per service: subsets of its endpoints (tiers off, a caller's tiers) with a roster
+QUICK = ("least_loaded", "latency", "predictive", "geo")  # strategies decided on a roster (Ranker._quick)
 STALL_FLOOR = 0.025  # seconds: below this, a slow answer is not yet a sign of a frozen endpoint
 STALL_FACTOR = 8.0  # an endpoint is "stalled" when nothing came back for this many typical latencies
 
@@ -147,6 +151,37 @@ def stall_threshold(latency_ewma: float | None, per_try_timeout: float) -> float
     return max(STALL_FLOOR, min(cap, STALL_FACTOR * latency_ewma))
 
 
+def _usable_costs(
+    ids: Sequence[str], health: HealthView, now: float, policy: PolicySpec, keep: list[HealthState] | None
+) -> list[float] | None:
+    """least_loaded's cost of each endpoint `ids[i]` (`balancer.cost`, inlined, without the vitals factor),
+    or None as soon as one is not usable (not available, or stalled). `keep` (when given) gets their health.
+    One pass, as the call path's decision reads little else (scripts/policybench.py)."""
+    state, exp, decay, default_rtt = health.state, math.exp, balancer.DECAY, policy.default_rtt
+    out: list[float] = []
+    add = out.append
+    for eid in ids:
+        st = state(eid)
+        if not st.available(now):
+            return None
+        pending = st.inflight
+        peak = st.peak
+        if pending:
+            if health.stalled(eid, now, stall_threshold(st.latency_ewma, policy.per_try_timeout)):
+                return None
+            if peak.stamp < 0.0:
+                add(balancer.PENALTY + pending)
+            else:
+                add(peak.value * exp((peak.stamp - now) / decay) * (pending + 1))
+        elif peak.stamp < 0.0:
+            add(default_rtt)
+        else:
+            add(peak.value * exp((peak.stamp - now) / decay))  # (x (0 + 1) changes nothing)
+        if keep is not None:
+            keep.append(st)
+    return out
+
+
 class _Level:
     """The endpoints of one priority level while a plan is made."""
 
@@ -161,6 +196,47 @@ class _Level:
         self.down: list[tuple[Endpoint, str]] = []
 
 
+class _Roster:
+    """A service's endpoints (all, or the subset a call may use) made ready for the call path's decision, once
+    per registry snapshot of the service (services are immutable): what does not change between calls (levels,
+    localities, vitals factors, the plan's choices) is not worked out per call. `quick`: the strategy has a
+    decision in `Ranker._quick` (the common case of every endpoint usable)."""
+
+    __slots__ = (
+        "choices",
+        "eps",
+        "eps_list",
+        "factored",
+        "factors",
+        "ids",
+        "layout",
+        "level_eps",
+        "levels",
+        "places",
+        "quick",
+        "strategy",
+        "subsets",
+    )
+
+    def __init__(self, eps: tuple[Endpoint, ...], keys: dict[str, int], strategy: str, quick: bool) -> None:
+        self.strategy = strategy
+        self.eps = eps
+        self.eps_list = list(eps)  # (the router hands a list: compared as one, item by item by identity)
+        self.ids = tuple(ep.id for ep in eps)
+        self.quick = quick and bool(eps)
+        self.factors = [balancer.vitals_factor(ep.meta) if ep.meta else 1.0 for ep in eps]
+        self.factored = any(f != 1.0 for f in self.factors)
+        self.choices = [Choice(ep, True, "", "") for ep in eps]  # immutable: shared by every plan
+        levels: dict[int, list[int]] = {}
+        for k, ep in enumerate(eps):
+            levels.setdefault(keys[ep.id], []).append(k)
+        self.levels = [tuple(levels[key]) for key in sorted(levels)]  # positions, in level order
+        self.level_eps = [tuple(eps[k] for k in level) for level in self.levels]
+        self.layout: locality.Layout | None = None  # geo: the service's localities
+        self.places: list[locality.LevelPlaces] = []  # geo: each level's localities
+        self.subsets: dict[tuple[int, ...], _Roster] = {}  # (the full roster's) rosters of some endpoints
+
+
 class Ranker:
     """Applies strategies. Holds only what strategies need between calls (round-robin turn, randomness)."""
 
@@ -171,6 +247,7 @@ class Ranker:
         self._turns: dict[tuple, int] = {}
         self._layouts: dict[tuple[str, str], tuple[Service, dict[str, int], bool]] = {}
         self._cloud: dict[tuple[str, str], predictive.CloudShare] = {}  # predictive's cloud_max_share
+        self._rosters: dict[tuple[str, str], tuple[Service, _Roster]] = {}
 
     def plan(
         self,
@@ -189,6 +266,12 @@ class Ranker:
         as a last resort, so that a wrong health verdict never turns into a failed call while anything might
         still answer. `explain=False` (the call path) skips the reasons.
         """
+        if not explain and service.spec.policy.strategy in QUICK:  # the call path: the common case, decided
+            roster = self._roster(service, endpoints)  # on what is prepared once per registry snapshot
+            if roster is not None and roster.quick:
+                quick = self._quick(service, roster, health, now)
+                if quick is not None:
+                    return quick
         spec = service.spec
         policy = spec.policy
         eps = service.endpoints if endpoints is None else endpoints
@@ -203,10 +286,6 @@ class Ranker:
         check_power = policy.on_power or policy.battery_min is not None
         state = health.state
         keys, single = self._level_keys(service)
-        if not explain and not check_power and (strategy == "least_loaded" or strategy == "predictive"):
-            plan = self._all_usable(service, strategy, eps, health, now, None if single else keys)
-            if plan is not None:
-                return plan
         groups: dict[int, _Level] = {}
         refused: list[tuple[Endpoint, str]] = []
         if single and eps:  # one level (most services): no key per endpoint
@@ -393,69 +472,108 @@ class Ranker:
             known = self._places[service.spec.key] = (service, layout)
         return known[1]
 
-    def _all_usable(
-        self,
-        service: Service,
-        strategy: str,
-        eps: Sequence[Endpoint],
-        health: HealthView,
-        now: float,
-        keys: dict[str, int] | None,
-    ) -> Plan | None:
-        """The call path's plan for least_loaded or predictive when every endpoint is usable (the common case:
-        the first level takes every call, and no shares or last resorts are to be worked out); None when one
-        is not, or an endpoint is not the service's own (`plan` does it all). `keys`: the level of each
-        endpoint (None: one level)."""
+    def _roster(self, service: Service, endpoints: Sequence[Endpoint] | None) -> _Roster | None:
+        """The roster of `endpoints` (default: all of the service's), made once per registry snapshot of the
+        service; None when they are not all the service's own (a caller's list) or too many subsets were seen."""
+        known = self._rosters.get(service.spec.key)
+        if known is None or known[0] is not service:
+            if len(self._rosters) >= MAX_LAYOUTS:
+                self._rosters.clear()
+            known = self._rosters[service.spec.key] = (service, self._new_roster(service, service.endpoints))
+        roster = known[1]
+        if endpoints is None or endpoints == roster.eps_list or endpoints == roster.eps:
+            return roster
+        key = tuple(map(id, endpoints))  # (the service's endpoints live as long as the roster: ids stay theirs)
+        sub = roster.subsets.get(key)
+        if sub is None:
+            own = {id(ep) for ep in service.endpoints}
+            if len(roster.subsets) >= MAX_SUBSETS or not all(k in own for k in key):
+                return None
+            sub = roster.subsets[key] = self._new_roster(service, tuple(endpoints))
+        return sub
+
+    def _new_roster(self, service: Service, eps: tuple[Endpoint, ...]) -> _Roster:
         policy = service.spec.policy
-        if not eps or policy.overprovisioning < 1.0:
-            return None
-        state = health.state
-        states = []
-        groups: dict[int, tuple[list[Endpoint], list[HealthState]]] = {}
-        for ep in eps:
-            st = state(ep.id)
-            if not st.available(now) or (
-                st.inflight > 0 and health.stalled(ep.id, now, stall_threshold(st.latency_ewma, policy.per_try_timeout))
-            ):
-                return None
-            if keys is None:
-                states.append(st)
-                continue
-            key = keys.get(ep.id)
-            if key is None:
-                return None
-            group = groups.get(key)
-            if group is None:
-                group = groups[key] = ([], [])
-            group[0].append(ep)
-            group[1].append(st)
-        capped = strategy == "predictive" and self._cloud_capped(service, now)
-        if keys is None:
-            ordered = self._rank(strategy, eps, states, now, policy, capped)
-        else:
-            ordered = []
-            for key in sorted(groups):
-                ordered += self._rank(strategy, *groups[key], now, policy, capped)
+        strategy = "least_loaded" if policy.strategy == "latency" else policy.strategy
+        quick = (
+            strategy in QUICK
+            and not (policy.on_power or policy.battery_min is not None)  # (refusals: the general loop)
+            and policy.overprovisioning >= 1.0  # (else a level with every endpoint usable may spill)
+        )
+        roster = _Roster(eps, self._level_keys(service)[0], strategy, quick)
+        if strategy == "geo":
+            layout = roster.layout = self._layout_of(service)
+            roster.places = [locality.level_places(layout, roster.ids, level) for level in roster.levels]
+        return roster
+
+    def _quick(self, service: Service, roster: _Roster, health: HealthView, now: float) -> Plan | None:
+        """The call path's plan for least_loaded, predictive or geo when every endpoint is usable (the common
+        case: the first level takes every call, no shares or last resorts are to be worked out, and the
+        nearest locality keeps every call); None when one is not (`plan` does it all). The same plan, draw
+        for draw, as `plan`'s general loop; only each endpoint's health and load are read per call."""
+        strategy = roster.strategy
         if strategy == "predictive":
-            self._cloud_share(service).count(now, ordered[0].tier == "cloud")
-        choices = tuple([_new(Choice, (ep, True, "", "")) for ep in ordered])
+            return self._quick_predictive(service, roster, health, now)
+        policy = service.spec.policy
+        states: list[HealthState] | None = [] if strategy == "geo" else None
+        values = _usable_costs(roster.ids, health, now, policy, states)
+        if values is None:
+            return None
+        if roster.factored:  # (x 1.0 changes no cost: only nodes with vitals are worth the pass)
+            values = list(map(mul, values, roster.factors))
+        rng = self._rng
+        if strategy == "least_loaded":
+            if len(roster.levels) == 1:
+                order = balancer.ranked(roster.levels[0], values, rng)
+            else:
+                order = []
+                for level in roster.levels:
+                    order += balancer.ranked(level, values, rng)
+        else:  # geo: each level's localities nearest first, least loaded within each
+            layout, by_rtt = roster.layout, policy.geo_order == "rtt"
+            steps = []
+            for places in roster.places:
+                nearest = locality.nearest_first(layout, places, states, by_rtt)  # type: ignore[arg-type]
+                if nearest is None:
+                    return None
+                steps += nearest
+            order = []
+            for members in steps:
+                order += balancer.ranked(members, values, rng)
+        choices = itemgetter(*order)(roster.choices) if len(order) > 1 else (roster.choices[order[0]],)
         return _new(Plan, (strategy, choices, "", (), False, False, ()))
 
-    def _rank(
-        self,
-        strategy: str,
-        eps: Sequence[Endpoint],
-        states: list[HealthState],
-        now: float,
-        policy: PolicySpec,
-        capped: bool,
-    ) -> Sequence[Endpoint]:
-        """One level's usable endpoints in least_loaded's or predictive's order (no reasons)."""
-        if len(eps) == 1:
-            return eps
-        if strategy == "least_loaded":
-            return balancer.order(eps, states, now, policy.default_rtt, self._rng)[0]
-        return predictive.order(eps, states, now, policy.default_rtt, policy.per_try_timeout, self._rng, capped)[0]  # type: ignore[arg-type]
+    def _quick_predictive(self, service: Service, roster: _Roster, health: HealthView, now: float) -> Plan | None:
+        """`_quick` for predictive (edged/predictive.py orders each level; the cloud's share counts the first)."""
+        policy = service.spec.policy
+        state, stalled, per_try = health.state, health.stalled, policy.per_try_timeout
+        states: list[HealthState] = []
+        add = states.append
+        for eid in roster.ids:
+            st = state(eid)
+            if not st.available(now) or (
+                st.inflight > 0 and stalled(eid, now, stall_threshold(st.latency_ewma, per_try))
+            ):
+                return None
+            add(st)
+        capped = self._cloud_capped(service, now)
+        ordered: list[Endpoint] = []
+        for level, eps in zip(roster.levels, roster.level_eps, strict=True):
+            if len(eps) == 1:
+                ordered.append(eps[0])
+                continue
+            ordered += predictive.order(
+                eps,
+                [states[k] for k in level],  # type: ignore[misc]
+                now,
+                policy.default_rtt,
+                policy.per_try_timeout,
+                self._rng,
+                capped,
+            )[0]
+        self._cloud_share(service).count(now, ordered[0].tier == "cloud")
+        choices = tuple([_new(Choice, (ep, True, "", "")) for ep in ordered])
+        return _new(Plan, ("predictive", choices, "", (), False, False, ()))
 
     def _cloud_share(self, service: Service) -> predictive.CloudShare:
         share = self._cloud.get(service.spec.key)

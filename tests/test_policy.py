@@ -174,3 +174,101 @@ def test_power_rules_put_battery_nodes_last():
     assert plan.choices[2].reason == "last resort: battery 15% < battery_min 20%"
     plan = Ranker().plan(service(mains, low, full, policy=PolicySpec(on_power=True)), FakeHealth(), 0.0)
     assert ids(plan)[0] == "mains" and not plan.choices[1].usable
+
+
+# -- the call path's decision on a roster (Ranker._quick) -----------------------------------------------------
+
+
+def random_service(rng: random.Random):
+    """1-8 endpoints in up to three tiers, zones and priorities, some with vitals, under a random policy."""
+    from edged.locality import where_meta
+
+    places = {"munich": (48.1374, 11.5755), "vienna": (48.2082, 16.3738), "berlin": (52.52, 13.405)}
+    eps = []
+    for i in range(rng.randint(1, 8)):
+        zone = rng.choice((*places, ""))
+        meta = where_meta(zone, places.get(zone)) if rng.random() < 0.8 else ()
+        if rng.random() < 0.3:
+            meta += (("cpu", str(rng.randint(0, 100))), ("power", "battery"), ("bat", str(rng.randint(0, 100))))
+        tier = rng.choice(("local", "edge", "cloud"))
+        eps.append(endpoint(f"e{i}", 9000 + i, tier=tier, priority=rng.choice((1, 1, 2)), meta=meta))
+    policy = PolicySpec(
+        strategy=rng.choice(("least_loaded", "latency", "predictive", "geo")),
+        levels=rng.choice(("tier", "priority", "none")),
+        overprovisioning=rng.choice((1.4, 1.0)),
+        geo_order=rng.choice(("rtt", "distance")),
+        zone_weights=rng.choice(((), (("vienna", 1), ("berlin", 2)))),
+    )
+    return service(*eps, policy=policy)
+
+
+NOW = 20.0  # (a peak-EWMA stamped before 0 counts as never measured)
+
+
+def random_health(rng: random.Random, svc) -> FakeHealth:
+    health = FakeHealth()
+    for ep in svc.endpoints:
+        st = health.state(ep.id)
+        if rng.random() < 0.8:
+            st.peak.observe(rng.choice((0.004, rng.uniform(0.001, 0.05))), rng.uniform(0.0, NOW))
+            st.latency_ewma = rng.choice((0.004, rng.uniform(0.001, 0.05)))
+        st.inflight = rng.choice((0, 0, 0, 1, 4))
+        st.up = rng.random() < 0.9
+        if st.inflight and rng.random() < 0.2:
+            health.stalled_ids.add(ep.id)
+    return health
+
+
+def test_the_call_paths_plan_is_the_general_loops_draw_for_draw(monkeypatch):
+    """Plans made on a roster (every endpoint usable) are those of `plan`'s general loop with the same random
+    draws, for least_loaded, predictive and geo, over random services, health and subsets of endpoints."""
+    from edged.locality import Origin
+
+    rng = random.Random(11)
+    quick = 0
+    for _ in range(400):
+        svc = random_service(rng)
+        health = random_health(rng, svc)
+        origin = Origin("munich", (48.1374, 11.5755))
+        seed = rng.randrange(1 << 30)
+        fast, slow = Ranker(random.Random(seed), origin), Ranker(random.Random(seed), origin)
+        monkeypatch.setattr(slow, "_quick", lambda *args: None)  # the general loop only
+        subset = list(svc.endpoints)[rng.randrange(len(svc.endpoints)) :]
+        for k in range(6):
+            eps = (None, subset, list(svc.endpoints))[k % 3]
+            a = fast.plan(svc, health, NOW, eps, explain=False)
+            b = slow.plan(svc, health, NOW, eps, explain=False)
+            assert [(c.endpoint.id, c.usable) for c in a.choices] == [(c.endpoint.id, c.usable) for c in b.choices]
+            assert (a.strategy, a.panic, a.drawn) == (b.strategy, b.panic, b.drawn)
+            quick += all(health.state(ep.id).up and ep.id not in health.stalled_ids for ep in eps or svc.endpoints)
+    assert quick > 300  # (the roster's decision was put to the test)
+
+
+def test_a_new_snapshot_of_the_service_gets_a_new_roster():
+    """Vitals travel in the endpoints' meta: a node that cools down is chosen again once its new meta is in."""
+    health = FakeHealth()
+    measured(health, "a", 0.004)
+    measured(health, "b", 0.002)
+    policy = PolicySpec(strategy="least_loaded")
+    ranker = Ranker(random.Random(1))
+    hot = service(endpoint("a", 1), with_meta(endpoint("b", 2), cpu="100", power="battery", bat="5"), policy=policy)
+    assert ids(ranker.plan(hot, health, 0.0, explain=False)) == ["a", "b"]  # 2 ms x 2 x 4.8 x 2 > 4 ms
+    cool = service(endpoint("a", 1), with_meta(endpoint("b", 2), cpu="0"), policy=policy)
+    assert ids(ranker.plan(cool, health, 0.0, explain=False)) == ["b", "a"]
+
+
+def test_a_callers_list_of_endpoints_is_ranked_as_given():
+    """Plans for some of the service's endpoints (tiers off) and for endpoints that are not its own."""
+    eps = [endpoint("a", 1), endpoint("b", 2), endpoint("c", 3)]
+    svc = service(*eps, policy=PolicySpec(strategy="least_loaded"))
+    health = FakeHealth()
+    for name, rtt in (("a", 0.001), ("b", 0.002), ("c", 0.003)):
+        measured(health, name, rtt)
+    ranker = Ranker(random.Random(2))
+    assert sorted(ids(ranker.plan(svc, health, 0.0, [eps[1], eps[2]], explain=False))) == ["b", "c"]
+    stranger = endpoint("x", 4)
+    measured(health, "x", 0.0005)
+    for _ in range(20):
+        plan = ranker.plan(svc, health, 0.0, [eps[0], stranger], explain=False)
+        assert ids(plan) == ["x", "a"]
+    assert ids(ranker.plan(svc, health, 0.0, [eps[2]], explain=False)) == ["c"]
