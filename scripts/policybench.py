@@ -11,7 +11,11 @@ With `--instructions` (needs valgrind), also instructions per decision, counted 
 difference between a process that makes N decisions and one that makes none: a figure a busy machine does
 not blur, and the one to compare with a Raspberry Pi (about 1,000-1,500 Python instructions per us there).
 
-usage: scripts/policybench.py [--calls 20000] [--rounds 5] [--ref main] [--instructions]
+With `--same-as REF`, only a check: this tree's plans against those of REF's decision modules (policy,
+balancer, locality, spillover) over random services, health, vitals, places and policies, with the same
+random draws; it prints how many plans differ (a change meant to cost less must not change a decision).
+
+usage: scripts/policybench.py [--calls 20000] [--rounds 5] [--ref main] [--instructions] [--same-as REF]
 """
 
 from __future__ import annotations
@@ -92,16 +96,32 @@ def per_call_us(ranker, svc: Service, health: HealthMonitor, calls: int, rounds:
     return out
 
 
+REF_MODULES = ("spillover", "balancer", "locality", "policy")  # the decision's modules, in import order
+
+
 def ref_ranker(ref: str):
-    """The Ranker class of `ref`'s edged/policy.py, run against this tree's other modules."""
-    src = subprocess.run(
-        ["git", "show", f"{ref}:edged/policy.py"], cwd=REPO, capture_output=True, text=True, check=True
-    ).stdout
-    mod = types.ModuleType("edged._policy_ref")
-    mod.__package__ = "edged"
-    sys.modules[mod.__name__] = mod
-    exec(compile(src, f"{ref}:edged/policy.py", "exec"), mod.__dict__)
-    return mod.Ranker
+    """The Ranker class of `ref`'s edged/policy.py, with `ref`'s spillover, balancer and locality modules (the
+    decision's), run against this tree's other modules (health, model, predictive)."""
+    import edged
+
+    loaded: dict[str, types.ModuleType] = {}
+    saved = {name: sys.modules[f"edged.{name}"] for name in REF_MODULES}
+    try:
+        for name in REF_MODULES:
+            src = subprocess.run(
+                ["git", "show", f"{ref}:edged/{name}.py"], cwd=REPO, capture_output=True, text=True, check=True
+            ).stdout
+            mod = types.ModuleType(f"edged._{name}_ref")
+            mod.__package__ = "edged"
+            sys.modules[mod.__name__] = mod
+            exec(compile(src, f"{ref}:edged/{name}.py", "exec"), mod.__dict__)
+            loaded[name] = sys.modules[f"edged.{name}"] = mod  # what the next ones import
+            setattr(edged, name, mod)
+    finally:
+        for name, mod in saved.items():
+            sys.modules[f"edged.{name}"] = mod
+            setattr(edged, name, mod)
+    return loaded["policy"].Ranker
 
 
 def memory_per_endpoint(n: int = 1000) -> float:
@@ -154,6 +174,97 @@ def callgrind_per_call(argv_of, calls: int) -> float:
     return (totals[1] - totals[0]) / calls
 
 
+def random_case(rng: random.Random) -> tuple[Service, HealthMonitor, Origin]:
+    """A service of 1-9 endpoints under a random policy, with random health, load, vitals and places."""
+    strategy = rng.choice(("least_loaded", "latency", "predictive", "geo", "priority", "round_robin", "weighted"))
+    zones = ("munich", "vienna", "berlin", "")
+    eps = []
+    for i in range(rng.randint(1, 9)):
+        tier = rng.choice(("local", "edge", "cloud"))
+        url = f"http://127.0.0.1:{9000 + i}"
+        meta: list[tuple[str, str]] = []
+        if rng.random() < 0.3:
+            meta += [("cpu", str(rng.randint(0, 100))), ("power", rng.choice(("battery", "mains", "")))]
+            meta += [("bat", str(rng.randint(0, 100))), ("link", rng.choice(("", "40", "100")))]
+        if strategy == "geo" and rng.random() < 0.9:
+            zone = rng.choice(zones)
+            place = dict(GEO_PLACES).get(zone) if rng.random() < 0.8 else None
+            meta += where_meta(zone, place)
+        priority = rng.choice((10, 10, 20))
+        eps.append(
+            Endpoint(
+                f"default/s/{tier}/e{i}",
+                "s",
+                "default",
+                tier,
+                url,
+                priority,
+                100,
+                "bench",
+                parse_target(url),
+                tuple(meta),
+            )
+        )
+    policy = PolicySpec(
+        strategy=strategy,
+        levels=rng.choice(("tier", "tier", "priority", "none")),
+        overprovisioning=rng.choice((1.4, 1.4, 1.0, 0.8)),
+        battery_min=rng.choice((None, None, None, 30)),
+        geo_order=rng.choice(("rtt", "rtt", "distance")),
+        zone_weights=rng.choice(((), (), (("vienna", 1), ("berlin", 2)), (("berlin", 0),))),
+    )
+    spec = ServiceSpec(name="s", endpoints=tuple(EndpointSpec(tier=e.tier, url=e.url) for e in eps), policy=policy)
+    health = HealthMonitor()
+    now = 1000.0
+    for ep in eps:
+        st = health.state(ep.id)
+        if rng.random() < 0.8:
+            for _ in range(rng.randint(1, 6)):
+                with health.call_started(ep.id) as flight:
+                    flight.finish(ep, Service(spec, tuple(eps)), rng.random() < 0.9, rng.uniform(0.001, 0.05))
+            st.peak.stamp = now - rng.uniform(0.0, 30.0)
+            st.latency_ewma = rng.choice((st.latency_ewma, 0.004, 0.004))  # (ties between localities)
+        st.inflight = rng.choice((0, 0, 0, 1, 3))
+        st.busy_since = now - rng.uniform(0.0, 1.0)
+        st.active_ok = rng.random() < 0.85
+        st.ejected_until = now + 5.0 if rng.random() < 0.05 else 0.0
+    origin = GEO_ORIGIN if rng.random() < 0.8 else Origin("vienna", None)
+    return Service(spec, tuple(eps)), health, origin
+
+
+def plain(plan) -> tuple:
+    """A plan as plain values (`ref`'s LevelShare is another class than this tree's)."""
+    levels = tuple((lv.name, lv.healthy, lv.total, lv.health, lv.share) for lv in plan.levels)
+    choices = tuple((c.endpoint.id, c.usable, c.reason, c.level) for c in plan.choices)
+    return (plan.strategy, choices, plan.note, levels, plan.panic, plan.drawn, plan.localities)
+
+
+def same_as(ref: str, cases: int, seed: int) -> int:
+    """Plans of this tree's Ranker against `ref`'s, same seeds, over random cases: how many calls differ."""
+    Old = ref_ranker(ref)
+    rng = random.Random(seed)
+    differ = calls = 0
+    for case in range(cases):
+        svc, health, origin = random_case(rng)
+        seed_case = rng.randrange(1 << 30)
+        a, b = Old(random.Random(seed_case), origin), Ranker(random.Random(seed_case), origin)
+        subset = list(svc.endpoints)
+        if rng.random() < 0.3 and len(subset) > 1:
+            subset.pop(rng.randrange(len(subset)))
+        for k in range(40):
+            explain = k % 10 == 9
+            eps = (None, subset, list(svc.endpoints))[k % 3]
+            pa = a.plan(svc, health, 1000.0 + k * 0.01, eps, explain=explain)
+            pb = b.plan(svc, health, 1000.0 + k * 0.01, eps, explain=explain)
+            calls += 1
+            if plain(pa) != plain(pb):
+                differ += 1
+                if differ <= 5:
+                    print(f"case {case} call {k} ({svc.spec.policy}):\n  {ref}: {pa}\n  here: {pb}", file=sys.stderr)
+    print(f"{calls} plans over {cases} random cases: {differ} differ from {ref}'s")
+    return differ
+
+
 def table(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
@@ -170,7 +281,11 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--ref", default="main", help="git ref whose `latency` strategy is the peer")
     ap.add_argument("--instructions", action="store_true", help="also count instructions per decision (valgrind)")
+    ap.add_argument("--same-as", metavar="REF", help="only check that plans are those of REF's Ranker (random cases)")
+    ap.add_argument("--cases", type=int, default=2000, help="random cases for --same-as")
     args = ap.parse_args()
+    if args.same_as:
+        return 1 if same_as(args.same_as, args.cases, 1) else 0
     if args.instructions:
         if shutil.which("valgrind") is None:
             print("--instructions needs valgrind", file=sys.stderr)
@@ -183,8 +298,10 @@ def main() -> int:
             ("least_loaded", 6, 3, ""),
             ("predictive", 3, 1, ""),
             ("predictive", 8, 1, ""),
+            ("predictive", 6, 3, ""),
             ("geo", 3, 1, ""),
             ("geo", 8, 1, ""),
+            ("geo", 6, 3, ""),
             ("latency", 3, 1, args.ref),
             ("latency", 8, 1, args.ref),
         ]:
