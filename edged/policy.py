@@ -153,22 +153,28 @@ def stall_threshold(latency_ewma: float | None, per_try_timeout: float) -> float
 
 def _usable_costs(
     ids: Sequence[str], health: HealthView, now: float, policy: PolicySpec, keep: list[HealthState] | None
-) -> list[float] | None:
-    """least_loaded's cost of each endpoint `ids[i]` (`balancer.cost`, inlined, without the vitals factor),
-    or None as soon as one is not usable (not available, or stalled). `keep` (when given) gets their health.
+) -> tuple[list[float], list[int], list[int]]:
+    """least_loaded's cost of each endpoint `ids[i]` (`balancer.cost`, inlined, without the vitals factor), and
+    the positions of those that are down (not available) and stalled. `keep` (when given) gets their health.
     One pass, as the call path's decision reads little else (scripts/policybench.py)."""
     state, exp, decay, default_rtt = health.state, math.exp, balancer.DECAY, policy.default_rtt
     out: list[float] = []
     add = out.append
+    down: list[int] = []
+    stalled: list[int] = []
     for eid in ids:
         st = state(eid)
+        if keep is not None:
+            keep.append(st)
         if not st.available(now):
-            return None
+            down.append(len(out))
+            add(0.0)
+            continue
         pending = st.inflight
         peak = st.peak
         if pending:
             if health.stalled(eid, now, stall_threshold(st.latency_ewma, policy.per_try_timeout)):
-                return None
+                stalled.append(len(out))
             if peak.stamp < 0.0:
                 add(balancer.PENALTY + pending)
             else:
@@ -177,9 +183,7 @@ def _usable_costs(
             add(default_rtt)
         else:
             add(peak.value * exp((peak.stamp - now) / decay))  # (x (0 + 1) changes nothing)
-        if keep is not None:
-            keep.append(st)
-    return out
+    return out, down, stalled
 
 
 class _Level:
@@ -209,11 +213,13 @@ class _Roster:
         "factored",
         "factors",
         "ids",
+        "last",
         "layout",
         "level_eps",
         "levels",
         "places",
         "quick",
+        "rank",
         "strategy",
         "subsets",
     )
@@ -227,6 +233,8 @@ class _Roster:
         self.factors = [balancer.vitals_factor(ep.meta) if ep.meta else 1.0 for ep in eps]
         self.factored = any(f != 1.0 for f in self.factors)
         self.choices = [Choice(ep, True, "", "") for ep in eps]  # immutable: shared by every plan
+        self.last = [Choice(ep, False, "", "") for ep in eps]  # as a last resort (stalled or down)
+        self.rank: list[int] = []  # each position's place in priority order (`_priority_key`)
         levels: dict[int, list[int]] = {}
         for k, ep in enumerate(eps):
             levels.setdefault(keys[ep.id], []).append(k)
@@ -501,6 +509,10 @@ class Ranker:
             and policy.overprovisioning >= 1.0  # (else a level with every endpoint usable may spill)
         )
         roster = _Roster(eps, self._level_keys(service)[0], strategy, quick)
+        by_priority = sorted(range(len(eps)), key=lambda k: _priority_key(service, eps[k]))
+        roster.rank = [0] * len(eps)
+        for place, k in enumerate(by_priority):
+            roster.rank[k] = place
         if strategy == "geo":
             layout = roster.layout = self._layout_of(service)
             roster.places = [locality.level_places(layout, roster.ids, level) for level in roster.levels]
@@ -516,11 +528,11 @@ class Ranker:
             return self._quick_predictive(service, roster, health, now)
         policy = service.spec.policy
         states: list[HealthState] | None = [] if strategy == "geo" else None
-        values = _usable_costs(roster.ids, health, now, policy, states)
-        if values is None:
-            return None
+        values, down, stalled = _usable_costs(roster.ids, health, now, policy, states)
         if roster.factored:  # (x 1.0 changes no cost: only nodes with vitals are worth the pass)
             values = list(map(mul, values, roster.factors))
+        if down or stalled:  # geo weighs its localities' health: the general loop
+            return self._quick_degraded(service, roster, values, down, stalled) if strategy == "least_loaded" else None
         rng = self._rng
         if strategy == "least_loaded":
             if len(roster.levels) == 1:
@@ -542,6 +554,38 @@ class Ranker:
                 order += balancer.ranked(members, values, rng)
         choices = itemgetter(*order)(roster.choices) if len(order) > 1 else (roster.choices[order[0]],)
         return _new(Plan, (strategy, choices, "", (), False, False, ()))
+
+    def _quick_degraded(
+        self, service: Service, roster: _Roster, values: list[float], down: list[int], stalled: list[int]
+    ) -> Plan | None:
+        """`_quick` for least_loaded when some endpoints are down or stalled: the levels' shares (a draw when
+        the first cannot take every call), each level's usable endpoints in its order, then the stalled and
+        the down ones by priority as last resorts; None in panic (the general loop)."""
+        policy = service.spec.policy
+        op = policy.overprovisioning
+        bad = {*down, *stalled}
+        levels = [[k for k in level if k not in bad] for level in roster.levels]
+        share_list: list[float] = []
+        if len(levels) == 1:
+            total = min(100.0, op * 100.0 * len(levels[0]) / len(roster.levels[0]))
+        elif op * len(levels[0]) < len(roster.levels[0]):
+            counts = [(len(usable), len(level)) for usable, level in zip(levels, roster.levels, strict=True)]
+            _, share_list, total = shares(counts, op)
+        else:  # the first level is healthy enough to take every call: no draw
+            total = 100.0
+        if total < policy.panic_threshold:
+            return None
+        rng = self._rng
+        start = pick(share_list, rng.random()) if share_list else 0
+        order: list[int] = []
+        for i in (start, *(j for j in range(len(levels)) if j != start)) if start else range(len(levels)):
+            order += balancer.ranked(levels[i], values, rng)
+        rank = roster.rank.__getitem__
+        last = roster.last
+        choices = [*map(roster.choices.__getitem__, order), *(last[k] for k in sorted(stalled, key=rank))]
+        choices += [last[k] for k in sorted(down, key=rank)]
+        drawn = sum(1 for share in share_list if share > 0.0) > 1
+        return _new(Plan, ("least_loaded", tuple(choices), "", (), False, drawn, ()))
 
     def _quick_predictive(self, service: Service, roster: _Roster, health: HealthView, now: float) -> Plan | None:
         """`_quick` for predictive (edged/predictive.py orders each level; the cloud's share counts the first)."""
