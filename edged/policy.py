@@ -521,8 +521,9 @@ class Ranker:
     def _quick(self, service: Service, roster: _Roster, health: HealthView, now: float) -> Plan | None:
         """The call path's plan for least_loaded, predictive or geo when every endpoint is usable (the common
         case: the first level takes every call, no shares or last resorts are to be worked out, and the
-        nearest locality keeps every call); None when one is not (`plan` does it all). The same plan, draw
-        for draw, as `plan`'s general loop; only each endpoint's health and load are read per call."""
+        nearest locality keeps every call), and for least_loaded out of panic (`_quick_degraded`); None
+        otherwise (`plan` does it all). The same plan, draw for draw, as `plan`'s general loop (tests and
+        `policybench.py --same-as`); per call, only each endpoint's health and load are read."""
         strategy = roster.strategy
         if strategy == "predictive":
             return self._quick_predictive(service, roster, health, now)
