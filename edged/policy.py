@@ -609,7 +609,7 @@ class Ranker:
                 continue
             ordered += predictive.order(
                 eps,
-                [states[k] for k in level],  # type: ignore[misc]
+                states if len(level) == len(states) else [states[k] for k in level],  # type: ignore[misc]
                 now,
                 policy.default_rtt,
                 policy.per_try_timeout,
