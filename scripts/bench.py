@@ -744,7 +744,7 @@ def bench(args, tmp: Path, stack: ExitStack) -> dict:
     if args.baseline:
         trees[f"edged@{args.baseline}"] = (baseline_tree(args.baseline, tmp), None)
     if args.compiled:  # the opt-in compiled build, installed in its own venv (scripts/build-compiled)
-        trees["edged-compiled"] = (None, str(Path(args.compiled) / "bin" / "python"))
+        trees["edged-compiled"] = (None, str(Path(args.compiled).absolute() / "bin" / "python"))
     edged_uvloop = True
     for name, (source, python) in trees.items():
         log(f"starting {name}")
