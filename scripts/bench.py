@@ -395,15 +395,21 @@ def start_mosquitto(tmp: Path) -> tuple[Proc, int] | None:
     return proc, port
 
 
-def start_full_edged(tmp: Path, backend_port: int, mqtt_port: int, source: Path, name: str) -> Edged:
-    """The daemon with everything on (FULL_CONFIG), from the tree `source`; the caller stops it."""
+def start_full_edged(
+    tmp: Path, backend_port: int, mqtt_port: int, source: Path | None, name: str, python: str | None = None
+) -> Edged:
+    """The daemon with everything on (FULL_CONFIG), from the tree `source` (None: the edged installed for
+    `python`); the caller stops it."""
     root = tmp / name
     manifests = {f"svc{i:02d}.toml": FULL_MANIFEST.format(i=i, port=backend_port) for i in range(FULL_SERVICES)}
     api_port = free_port()
     config = FULL_CONFIG.format(api_port=api_port, ingress_port=free_port(), mqtt_port=mqtt_port)
-    d = Edged(root, manifests, config_text=config, port=api_port, source=source)
-    env = dict(os.environ, PYTHONPATH=str(source))
-    keygen = [sys.executable, "-m", "edged", "fleet", "keygen", "fleet"]
+    d = Edged(root, manifests, config_text=config, port=api_port, source=source, python=python)
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    if source is not None:
+        env["PYTHONPATH"] = str(source)
+    keygen = [d.python, "-m", "edged", "fleet", "keygen", "fleet"]
     subprocess.run(keygen, cwd=root, env=env, check=True, capture_output=True, timeout=30)
     return d.start()
 
@@ -424,7 +430,9 @@ def idle_figures(pids: dict[str, int], seconds: float) -> dict[str, dict]:
     return out
 
 
-def footprint(tmp: Path, backend_port: int, trees: dict[str, Path], notes: list[str]) -> dict[str, dict]:
+def footprint(
+    tmp: Path, backend_port: int, trees: dict[str, tuple[Path | None, str | None]], notes: list[str]
+) -> dict[str, dict]:
     """Idle figures of the full daemon of each tree, one at a time (their mDNS must not see each other)."""
     started = start_mosquitto(tmp)
     if started is None:
@@ -433,9 +441,9 @@ def footprint(tmp: Path, backend_port: int, trees: dict[str, Path], notes: list[
     broker, mqtt_port = started
     out = {}
     try:
-        for name, source in trees.items():
+        for name, (source, python) in trees.items():
             log(f"[{name}] full daemon: mDNS + MQTT + {FULL_SERVICES} services; {FULL_SETTLE:g} s to settle")
-            d = start_full_edged(tmp, backend_port, mqtt_port, source, f"{name.replace('@', '-')}-full")
+            d = start_full_edged(tmp, backend_port, mqtt_port, source, f"{name.replace('@', '-')}-full", python)
             try:
                 assert d.proc is not None
                 time.sleep(FULL_SETTLE)

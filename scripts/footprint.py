@@ -175,7 +175,7 @@ def main() -> int:
             print(f"round {i + 1}: local tier, then the full daemon ({IDLE_WINDOW:g} s counted each)", file=sys.stderr)
             with ExitStack() as local_stack:
                 local = local_figures(tmp / f"r{i}", backend_port, trees, local_stack)
-            full = footprint(tmp / f"r{i}", backend_port, trees, notes)
+            full = footprint(tmp / f"r{i}", backend_port, {n: (src, None) for n, src in trees.items()}, notes)
             result["rounds"].append({"local": local, "full": full, "notes": notes})
         if args.modules:
             names = {name: full_daemon_imports(tmp, backend_port, source, name) for name, source in trees.items()}
