@@ -167,13 +167,7 @@ class Registry:
         services whose policies it sets): only those are recomputed, in O(len(keys)) plus the layers' own
         tables, not every service (a box following ten thousand remote services)."""
         self._writable()
-        wanted = list(dict.fromkeys(keys))
-        if not wanted:
-            return
-        if not self._stages:  # nothing merged yet: nothing to patch
-            self._rebuild()
-            return
-        self._rebuild_keys(wanted)
+        self._patch(list(dict.fromkeys(keys)))
 
     def snapshot(self) -> Snapshot:
         """The current snapshot (cheap: no copy)."""
@@ -219,6 +213,10 @@ class Registry:
             elif mine.get(key) != spec:
                 mine[key] = spec
                 keys.append(key)
+        self._patch(keys)
+
+    def _patch(self, keys: list[Key]) -> None:
+        """Recompute the services `keys` alone (all of them while nothing is merged yet)."""
         if not keys:
             return
         if not self._stages:  # nothing merged yet: nothing to patch
