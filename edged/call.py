@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from .http.message import strip_hop_by_hop
+from .http.message import Unions, strip_hop_by_hop
 from .model import Endpoint
 
 Headers = list[tuple[bytes, bytes]]
@@ -56,24 +56,13 @@ def new_call(
 ) -> Call:
     """The one way a call is made: the caller's headers minus hop-by-hop ones, `OWN_HEADERS` and `drop`,
     then `add` (headers the entry point sets, e.g. `x-forwarded-for`)."""
-    kept = strip_hop_by_hop(headers if isinstance(headers, list) else list(headers), _own(drop))
+    kept = strip_hop_by_hop(headers if isinstance(headers, list) else list(headers), _OWN.union(drop))
     if add:
         kept.extend(add)
     return Call(tenant, service, method, path, kept, body, deadline, request_id, tiers, app)
 
 
-_OWN: dict[frozenset[bytes], frozenset[bytes]] = {frozenset(): OWN_HEADERS}
-
-
-def _own(drop: frozenset[bytes]) -> frozenset[bytes]:
-    """`OWN_HEADERS | drop`, made once per `drop` set (each entry point has its own few)."""
-    own = _OWN.get(drop)
-    if own is None:
-        if len(_OWN) >= 64:
-            _OWN.clear()
-            _OWN[frozenset()] = OWN_HEADERS
-        own = _OWN[drop] = OWN_HEADERS | drop
-    return own
+_OWN = Unions(OWN_HEADERS)  # OWN_HEADERS and an entry point's `drop`, made once per `drop` set
 
 
 class UpstreamAnswer(Protocol):

@@ -73,9 +73,7 @@ class LoopLag:
             self._pending -= 1
             handle = self._handle
             if not self._pending and handle is not None:
-                overdue = self._loop.time() - self._due - _SLACK
-                if overdue > 0.0:
-                    self._total += overdue
+                self._total = self.total()  # the tick's lateness so far
                 handle.cancel()
                 self._handle = None
 

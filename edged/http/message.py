@@ -57,11 +57,7 @@ class Request:
 def strip_hop_by_hop(headers: Headers, also: frozenset[bytes] = frozenset()) -> Headers:
     """Headers fit to forward: without HOP_BY_HOP, those named in Connection, content-length (callers reframe),
     and the names in `also` (the caller's own: one pass instead of two)."""
-    skip = _SKIPS.get(also)
-    if skip is None:
-        if len(_SKIPS) >= 64:  # a handful of sets in practice (one per entry point); never grows without bound
-            _SKIPS.clear()
-        skip = _SKIPS[also] = _NOT_FORWARDED | also
+    skip = _SKIPS.union(also)
     kept = [h for h in headers if h[0] not in skip]
     if len(kept) == len(headers):
         return kept  # no Connection header among them
@@ -76,7 +72,26 @@ def strip_hop_by_hop(headers: Headers, also: frozenset[bytes] = frozenset()) -> 
     return kept
 
 
-_SKIPS: dict[frozenset[bytes], frozenset[bytes]] = {}  # `also` -> what strip_hop_by_hop drops with it
+class Unions:
+    """`base | also`, made once per `also` set and kept (a handful of sets in practice, one per entry point; at
+    most 64, so it never grows without bound): a per-call union of header-name sets costs one dict look-up."""
+
+    __slots__ = ("_base", "_made")
+
+    def __init__(self, base: frozenset[bytes]) -> None:
+        self._base = base
+        self._made: dict[frozenset[bytes], frozenset[bytes]] = {}
+
+    def union(self, also: frozenset[bytes]) -> frozenset[bytes]:
+        made = self._made.get(also)
+        if made is None:
+            if len(self._made) >= 64:
+                self._made.clear()
+            made = self._made[also] = self._base | also
+        return made
+
+
+_SKIPS = Unions(_NOT_FORWARDED)  # what strip_hop_by_hop drops with the caller's `also`
 
 
 def header_lines(headers: Headers) -> list[bytes]:
