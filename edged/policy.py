@@ -186,6 +186,15 @@ def _usable_costs(
     return out, down, stalled
 
 
+def _verdicts_below(counts: Sequence[tuple[int, int]], policy: PolicySpec) -> float | None:
+    """The levels' total health (0..100) by health verdicts alone, from each level's (endpoints not down,
+    endpoints) counts, when it is below `panic_threshold` (panic); None otherwise. A stalled endpoint counts
+    as healthy here: a call in flight for long is no verdict, and panic would try the down ones among the
+    first (they are only last resorts otherwise)."""
+    total = shares(counts, policy.overprovisioning)[2]
+    return total if total < policy.panic_threshold else None
+
+
 class _Level:
     """The endpoints of one priority level while a plan is made."""
 
@@ -344,7 +353,11 @@ class Ranker:
                 drawn = sum(1 for share in share_list if share > 0.0) > 1
             else:  # the first level is healthy enough to take every call (the common case): no draw
                 total, start, drawn = 100.0, 0, False
-        panic = total < policy.panic_threshold and any(lv.stalled or lv.down for lv in levels)
+        panic = False
+        if any(lv.down for lv in levels):  # (refused ones count as not healthy, as in the shares)
+            below = _verdicts_below([(len(lv.usable) + len(lv.stalled), lv.total) for lv in levels], policy)
+            if below is not None:
+                panic, total = True, below
         choices: list[Choice] = []
         geo_rows: list[dict] | None = [] if explain and strategy == "geo" else None
         if not explain and not panic and (strategy == "least_loaded" or strategy == "predictive"):
@@ -564,18 +577,17 @@ class Ranker:
         the down ones by priority as last resorts; None in panic (the general loop)."""
         policy = service.spec.policy
         op = policy.overprovisioning
+        if down:  # panic is decided on the health verdicts alone (`_verdicts_below`)
+            gone = set(down)
+            counts = [(sum(1 for k in level if k not in gone), len(level)) for level in roster.levels]
+            if _verdicts_below(counts, policy) is not None:
+                return None
         bad = {*down, *stalled}
         levels = [[k for k in level if k not in bad] for level in roster.levels]
         share_list: list[float] = []
-        if len(levels) == 1:
-            total = min(100.0, op * 100.0 * len(levels[0]) / len(roster.levels[0]))
-        elif op * len(levels[0]) < len(roster.levels[0]):
+        if len(levels) > 1 and op * len(levels[0]) < len(roster.levels[0]):
             counts = [(len(usable), len(level)) for usable, level in zip(levels, roster.levels, strict=True)]
-            _, share_list, total = shares(counts, op)
-        else:  # the first level is healthy enough to take every call: no draw
-            total = 100.0
-        if total < policy.panic_threshold:
-            return None
+            share_list = shares(counts, op)[1]
         rng = self._rng
         start = pick(share_list, rng.random()) if share_list else 0
         order: list[int] = []

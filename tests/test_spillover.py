@@ -89,3 +89,33 @@ def test_panic_below_the_threshold_spreads_calls_over_every_endpoint_of_the_leve
     svc = service(*eps, policy=PolicySpec(strategy="round_robin", panic_threshold=0))
     plan = Ranker().plan(svc, health, 0.0)
     assert not plan.panic and [c.usable for c in plan.choices] == [True, False, False]
+
+
+@pytest.mark.parametrize("strategy", ["round_robin", "least_loaded", "predictive", "geo"])
+@pytest.mark.parametrize("explain", [True, False])
+def test_a_stalled_endpoint_is_no_health_verdict_and_never_brings_panic(strategy, explain):
+    """Stalled is a call in flight for long, not a verdict: it must not push a service into panic, where the
+    down endpoints are tried among the first (tests/test_e2e_faults.py's ejected p1 while p2 was stalled)."""
+    p1, p2 = endpoint("p1", 1, priority=1), endpoint("p2", 2, priority=2)
+    health = FakeHealth()
+    health.state(p1.id).up = False  # ejected
+    health.state(p2.id).inflight = 4
+    health.stalled_ids.add(p2.id)  # its calls are slow to come back
+    svc = service(p1, p2, policy=PolicySpec(strategy=strategy))
+    ranker = Ranker(random.Random(3))
+    for _ in range(20):  # (the quick path's draws, and the general loop's)
+        plan = ranker.plan(svc, health, 0.0, explain=explain)
+        assert not plan.panic and [(c.endpoint.id, c.usable) for c in plan.choices] == [(p2.id, False), (p1.id, False)]
+    # One level of three: one down, one stalled: 2/3 x 1.4 of them have no bad verdict, no panic either ...
+    eps = [endpoint(f"a{i}", i) for i in range(3)]
+    health = FakeHealth()
+    health.state(eps[0].id).up = False
+    health.state(eps[1].id).inflight = 1
+    health.stalled_ids.add(eps[1].id)
+    svc = service(*eps, policy=PolicySpec(strategy=strategy))
+    for _ in range(20):
+        plan = ranker.plan(svc, health, 0.0, explain=explain)
+        assert not plan.panic and [c.endpoint.id for c in plan.choices] == [eps[2].id, eps[1].id, eps[0].id]
+    # ... while the verdicts alone still bring it: two of three down.
+    health.state(eps[1].id).up = False
+    assert ranker.plan(svc, health, 0.0, explain=explain).panic
