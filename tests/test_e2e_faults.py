@@ -154,9 +154,14 @@ def test_small_answers_that_break_mid_body_fail_over_and_eject_the_endpoint(back
     assert stats["failed"] == 0 and len(results) == 200, [r for r in results if r.status != 200][:3]
     assert {r.endpoint for r in results} == {f"default/thermo/local/{b2.url}"}
     assert _metric(d, 'edged_body_breaks_total{service="thermo",outcome="failover"}') >= 3
-    # Consecutive breaks ejected p1: a second into the run, no call tries it first any more.
-    late = [r for r in results if r.started > 1.0]
-    assert late and all(r.tries == 1 for r in late), stats
+    # Consecutive breaks ejected p1 (for 10 s, longer than the run): a call answered on its first try went to
+    # p2 first, so p1 was out by then; no call started later tries p1 first any more (nor in panic: p2 is
+    # often stalled under load, which is no health verdict). Counted from the ejection, not from the clock.
+    ejected = min((r.started + r.latency for r in results if r.tries == 1), default=None)
+    assert ejected is not None, stats
+    late = [r for r in results if r.started > ejected]
+    assert all(r.tries == 1 for r in late), [(round(r.started, 3), r.tries) for r in late if r.tries != 1][:5]
+    assert len(late) >= len(results) // 2, (ejected, stats)  # ejected in the run's first half (a few calls)
     assert "handler failed" not in d.log_text()
     assert d.stop() == 0
 
