@@ -10,12 +10,14 @@ README.md says, and a tenant never sees the other's services, registrations or e
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jwt
@@ -217,19 +219,31 @@ def get(d, path: str, headers) -> dict:
     return json.loads(body)
 
 
-def read_events(client: ApiClient, headers, seconds: float, out: list[dict]) -> None:
-    """Collect server-sent events for `seconds` (on its own connection)."""
+def read_events(
+    client: ApiClient,
+    headers,
+    seconds: float,
+    out: list[dict],
+    ready: threading.Event | None = None,
+    until: Callable[[dict], bool] | None = None,
+) -> None:
+    """Collect server-sent events for `seconds` (on its own connection), or until one for which `until` is
+    true. `ready` is set once the stream is open: the daemon subscribes before it answers the head."""
     import http.client
 
     conn = http.client.HTTPConnection(client.address.split("//", 1)[1], timeout=seconds)
     conn.request("GET", "/v1/events", headers=dict(headers))
     resp = conn.getresponse()
+    if ready is not None:
+        ready.set()
     deadline = time.monotonic() + seconds
     try:
         while time.monotonic() < deadline:
             line = resp.fp.readline()
             if line.startswith(b"data: "):
                 out.append(json.loads(line[6:]))
+                if until is not None and until(out[-1]):
+                    break
     except (TimeoutError, OSError):
         pass
     finally:
@@ -256,9 +270,13 @@ def test_jwt_callers_see_only_their_tenant_and_metrics_need_an_admin(backends, e
 
     garden, home = tok("garden", "lamps", roles=["write"]), tok("default", "heater")
     events: list[dict] = []
-    listener = threading.Thread(target=read_events, args=(d.api, garden, 4.0, events))
+    ready = threading.Event()
+    # Until garden's own registration, made after default's: one stream keeps the order, so a leak of
+    # default's event would have come by then.
+    until = lambda e: e.get("id") == "garden-reg"  # noqa: E731
+    listener = threading.Thread(target=read_events, args=(d.api, garden, 30.0, events, ready, until))
     listener.start()
-    time.sleep(0.5)
+    assert ready.wait(30), "the event stream did not open"
     # The admin registers for tenant default (a JWT without the write role may not), garden's app for garden.
     reg = {"service": "thermo", "endpoint": {"type": "local", "url": thermo.url}, "id": "home-reg"}
     assert d.admin.request("POST", "/v1/register", json.dumps(reg).encode(), JSON)[0] == 201
@@ -294,16 +312,24 @@ def test_jwt_callers_see_only_their_tenant_and_metrics_need_an_admin(backends, e
 
 def test_a_burst_over_a_quota_gets_exact_counts_of_200_and_429(backends, edged):
     pump = backends("pump")
-    quota = '[quotas."garden/pump"]\nrate = 0.01\nburst = 25\n[quotas.garden]\nin_flight = 50\n'
+    rate, burst = 0.01, 25
+    quota = f'[quotas."garden/pump"]\nrate = {rate}\nburst = {burst}\n[quotas.garden]\nin_flight = 50\n'
     d = edged({"pump.toml": pump_manifest(pump.port)}, '[tenants.garden]\ntokens = ["g-token"]\n' + quota)
     statuses, retry = [], set()
+    t0 = time.monotonic()
     for _ in range(100):
         code, headers, _ = d.call("pump", "/x", headers=bearer("g-token"))
         statuses.append(code)
         retry.add({k.lower(): v for k, v in headers}.get("retry-after"))
-    assert (statuses.count(200), statuses.count(429)) == (25, 75)
-    assert statuses[:25] == [200] * 25  # the burst first, then refusals
-    assert retry == {None, "100"}  # 1 token at 0.01/s: 100 s
+    elapsed = time.monotonic() - t0
+    assert elapsed < 1 / rate  # (else a token refilled: one more 200)
+    assert (statuses.count(200), statuses.count(429)) == (burst, 100 - burst)
+    assert statuses[:burst] == [200] * burst  # the burst first, then refusals
+    # 1 token at `rate` takes 1/rate s (100 s), less what refilled since the burst's first call: at most
+    # `elapsed` (seconds on a loaded box), so not one value.
+    waits = {int(v) for v in retry - {None}}
+    assert None in retry and waits, retry
+    assert all(math.ceil(1 / rate - elapsed) <= w <= math.ceil(1 / rate) for w in waits), (waits, elapsed)
     assert calls_seen(d, "garden", "pump") == 25
     # Quotas change at runtime: an admin raises this one through the API.
     body = json.dumps({"rate": 1000, "burst": 10}).encode()
