@@ -104,6 +104,13 @@ class Backend:
         else:
             marker.unlink(missing_ok=True)
 
+    def sleeps(self) -> int:
+        """How many /sleep/MS calls have reached the backend (tests/backend.py): a test waits on it, not a clock."""
+        try:
+            return len((self.cwd / f"{self.name}.sleeps").read_text().splitlines())
+        except FileNotFoundError:
+            return 0
+
     def set_healthy(self, healthy: bool) -> None:
         marker = self.cwd / f"{self.name}.unhealthy"
         if healthy:

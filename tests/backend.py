@@ -4,7 +4,8 @@ usage: python tests/backend.py PORT NAME [--unix PATH]
   GET|POST /anything     -> 200 {"name": NAME, "method": ..., "path": ..., "body": ...}
   /healthz               -> 200, or 503 while the file NAME.unhealthy exists in the cwd
   /status/CODE           -> that status
-  /sleep/MS              -> answers after MS milliseconds
+  /sleep/MS              -> answers after MS milliseconds (a line in NAME.sleeps in the cwd as it starts:
+                            tests wait on it to know the call is at the backend)
   /drip/COUNT/MS         -> 200 with a body of COUNT bytes, one every MS milliseconds (a streaming answer)
   /big/COUNT             -> 200 with a body of COUNT bytes
   while the file NAME.half exists in the cwd, every answer but /healthz promises its whole body, sends half of
@@ -71,6 +72,8 @@ class Handler(BaseHTTPRequestHandler):
         elif path.startswith("/status/"):
             status = int(path.split("/")[2])
         elif path.startswith("/sleep/"):
+            with open(f"{name}.sleeps", "a") as f:
+                f.write(path + "\n")
             time.sleep(int(path.split("/")[2]) / 1000)
         elif path.startswith("/drip/"):
             self._drip(int(path.split("/")[2]), int(path.split("/")[3]) / 1000)

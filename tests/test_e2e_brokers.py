@@ -215,7 +215,8 @@ def test_a_call_in_flight_when_its_broker_dies_is_sent_again_over_the_next_broke
 
     caller = threading.Thread(target=slow_call)
     caller.start()
-    time.sleep(0.5)  # the request is at the worker, which answers after 1.5 s
+    # The request is at the worker, which answers after 1.5 s (over the broker killed now).
+    wait_for(lambda: worker.sleeps() == 1, 10, what="the call at the worker")
     first.kill()
     caller.join(30)
     status, took, body = result[0]
