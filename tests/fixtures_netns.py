@@ -250,6 +250,13 @@ def unique_type() -> str:
     return f"_t{secrets.token_hex(4)}._tcp"
 
 
+def unique_name(name: str) -> str:
+    """`name` with a suffix of its own: an mDNS instance name nobody else on this loopback uses. A leftover of
+    an earlier test, or the same test of a parallel run, under the same name (another fleet's, on another
+    port) would mix its records with this one's in every cache: `node-b-1a2b3c`."""
+    return f"{name}-{secrets.token_hex(3)}"
+
+
 # -- pytest fixtures ----------------------------------------------------------------------------------
 
 
@@ -273,11 +280,14 @@ def lan() -> Iterator:
 
 @pytest.fixture
 def edge_nodes(tmp_path: Path) -> Iterator:
-    """`edge_nodes(name, **options)` -> an EdgeNode (not started); every one is killed after the test."""
+    """`edge_nodes(name, **options)` -> an EdgeNode (not started); every one is killed after the test. On the
+    shared loopback (no `netns`) its node name (`node.name`: its mDNS instance and certificate name) is
+    `unique_name(name)`; in a test's own namespaces it is `name`."""
     made: list[EdgeNode] = []
 
     def make(name: str, **options) -> EdgeNode:
-        node = EdgeNode(tmp_path / name, name, **options)
+        node_name = name if options.get("netns") else unique_name(name)
+        node = EdgeNode(tmp_path / name, node_name, **options)
         made.append(node)
         return node
 

@@ -84,9 +84,9 @@ def test_a_call_for_a_service_only_b_has_is_routed_to_b_and_away_the_moment_b_le
     # Over mutual TLS the caller is its certificate: no identity headers travel, none reach the service.
     assert "x-edged-fleet" not in seen["headers"] and "x-edged-node" not in seen["headers"]
     assert seen["headers"]["x-forwarded-for"] == "127.0.0.1"
-    assert dict(headers)["x-edged-endpoint"] == "default/thermo/edge/mdns:node-b"
+    assert dict(headers)["x-edged-endpoint"] == f"default/thermo/edge/mdns:{b.name}"
     (peer,) = a.peers()
-    assert (peer["node"], peer["state"], peer["services"]) == ("node-b", "up", ["default/thermo"])
+    assert (peer["node"], peer["state"], peer["services"]) == (b.name, "up", ["default/thermo"])
     assert peer["cpu"] is not None and peer["bat"] is None and peer["power"] == ""  # this box: no battery
     metrics = a.api.request("GET", "/metrics")[2].decode()
     assert "edged_mdns_peers 1" in metrics and 'edged_node_vitals{kind="cpu"}' in metrics
@@ -137,13 +137,13 @@ def test_fleets_ingress_rules_and_advertised_dns_sd_types(edge_nodes, ns_backend
     a = edge_nodes("node-a", fleet=fleet).start()
     wait_for(lambda: a.edge_urls("thermo"), 10, what="thermo from node-b")
     # node-a resolves node-c too (it advertises in another fleet), and ignores it.
-    wait_for(lambda: "node-c._hubmesh._tcp.local." in a.log_text(), 5, what="node-c resolved by node-a")
+    wait_for(lambda: f"{other.name}._hubmesh._tcp.local." in a.log_text(), 5, what="node-c resolved by node-a")
     time.sleep(0.3)
-    assert a.call("gadget")[0] == 404 and [p["node"] for p in a.peers()] == ["node-b"]
+    assert a.call("gadget")[0] == 404 and [p["node"] for p in a.peers()] == [b.name]
     assert other.call("thermo")[0] == 404  # and node-c ignores this fleet
     port = b.ingress_port
     member = fleet_ca(fleet).enroll(tmp_path / "member", "test")  # who may call is covered by test_e2e_peer_tls
-    assert ingress_request(port, "/healthz", member) == (200, {"status": "ok", "node": "node-b"})
+    assert ingress_request(port, "/healthz", member) == (200, {"status": "ok", "node": b.name})
     assert ingress_request(port, "/svc/thermo/x", member)[1]["name"] == "thermo-b"
     status, doc = ingress_request(port, "/svc/private/x", member)  # local-only: never reachable from peers
     assert (status, doc["error"]) == (404, "unknown_service")
@@ -164,7 +164,7 @@ def test_fleets_ingress_rules_and_advertised_dns_sd_types(edge_nodes, ns_backend
         zc.close()
     assert info is not None and info.port == port
     assert info.properties[b"path"] == b"/svc/thermo" and info.properties[b"fleet"] == fleet.encode()
-    assert info.properties[b"node"] == b"node-b"
+    assert info.properties[b"node"] == b.name.encode()
 
 
 def test_weighted_calls_go_to_a_peer_on_mains_rather_than_one_on_battery(edge_nodes, ns_backends, tmp_path):
@@ -206,14 +206,14 @@ def test_weighted_calls_go_to_a_peer_on_mains_rather_than_one_on_battery(edge_no
         status, headers, body = a.call("thermo", "/r")
         assert status == 200, body
         share[dict(headers)["x-edged-endpoint"].rpartition(":")[2]] += 1
-    assert share["on-battery"] < share["on-mains"] / 10, share
+    assert share[nodes["on-battery"].name] < share[nodes["on-mains"].name] / 10, share
     assert all(ep["health"] == "healthy" for ep in edge_endpoints())  # checks carried the fleet identity
     # Charged to 60 % (still on battery): a meaningful change, sent after txt_min_interval (500 ms).
     (battery_roots[1] / "class" / "power_supply" / "BAT0" / "capacity").write_text("60\n")
 
     def battery_share() -> float:
         ranked = a.get("/v1/resolve/thermo")["ranked"]
-        reason = next(r["reason"] for r in ranked if r["endpoint"].endswith("on-battery"))
+        reason = next(r["reason"] for r in ranked if r["endpoint"].endswith(nodes["on-battery"].name))
         return float(reason.split("share ")[1].rstrip("%"))
 
     wait_for(lambda: battery_share() > 20, 5, what="the new battery level in node-a's view")

@@ -32,6 +32,7 @@ from fixtures_netns import (
     plain_services,  # noqa: F401
     thermo_manifest,
     unique_fleet,
+    unique_name,
     wait_for,
 )
 
@@ -97,7 +98,7 @@ def test_header_spoofing_works_on_an_insecure_ingress_only(edge_nodes, ns_backen
     assert (status, seen["name"]) == (200, "thermo-b")
     assert seen["headers"]["x-forwarded-for"] == "127.0.0.1"  # the caller's own x-forwarded-for is gone
     assert "x-edged-node" not in seen["headers"] and "x-edged-fleet" not in seen["headers"]
-    assert ingress_call(b.ingress_port, "/healthz", identity=member) == (200, {"status": "ok", "node": "node-b"})
+    assert ingress_call(b.ingress_port, "/healthz", identity=member) == (200, {"status": "ok", "node": b.name})
     assert "peer ingress on 127.0.0.1" in b.log_text() and "mutual TLS 1.3" in b.log_text()
     assert "INSECURE" in old.log_text() and "INSECURE" not in b.log_text()
 
@@ -175,14 +176,15 @@ def test_a_responder_that_advertises_a_real_node_at_its_own_address_is_refused(e
     fleet = unique_fleet()
     a = edge_nodes("node-a", fleet=fleet).start()
     impostor = edge_nodes("node-i", fleet=fleet).start()  # a real member, certificate for node-i
-    txt = node_txt(node="node-z", fleet=fleet, zone="", vitals=Vitals(), services=["x"], addresses=["127.0.0.1"])
-    plain_services("_hubmesh._tcp", "node-z", impostor.ingress_port, txt=txt)
-    wait_for(lambda: any(p.get("node") == "node-z" and p["state"] == "refused" for p in a.peers()), 10, what="refused")
-    refused = next(p for p in a.peers() if p.get("node") == "node-z")
-    assert "names node 'node-i', not the advertised 'node-z'" in refused["reason"]
+    z = unique_name("node-z")  # (of the shared _hubmesh._tcp type: a name of this test's own)
+    txt = node_txt(node=z, fleet=fleet, zone="", vitals=Vitals(), services=["x"], addresses=["127.0.0.1"])
+    plain_services("_hubmesh._tcp", z, impostor.ingress_port, txt=txt)
+    wait_for(lambda: any(p.get("node") == z and p["state"] == "refused" for p in a.peers()), 10, what="refused")
+    refused = next(p for p in a.peers() if p.get("node") == z)
+    assert f"names node '{impostor.name}', not the advertised '{z}'" in refused["reason"]
     # The real node-i at that address is admitted in the same round, not after a refusal and a retry (5 s).
     up = lambda: [p.get("node") for p in a.peers() if p["state"] == "up"]  # noqa: E731
-    wait_for(lambda: up() == ["node-i"], 3, what="node-i up")
+    wait_for(lambda: up() == [impostor.name], 3, what="node-i up")
 
 
 # -- certificates: expired, not yet valid (a clock wrong at boot), CA rotation ---------------------------
@@ -194,11 +196,11 @@ def test_a_peer_with_an_expired_certificate_gets_no_calls(edge_nodes, ns_backend
     a = edge_nodes("node-a", fleet=fleet).start()
     b = edge_nodes("node-b", fleet=fleet, manifests={"t.toml": thermo_manifest(backend.port)})
     two_days_ago = dt.datetime.now(UTC) - dt.timedelta(days=2)
-    fleet_ca(fleet).enroll(b.root / "state" / "identity", "node-b", now=two_days_ago)  # lived 24 h, expired
+    fleet_ca(fleet).enroll(b.root / "state" / "identity", b.name, now=two_days_ago)  # lived 24 h, expired
     b.start()
     assert "the node certificate expired at" in b.log_text()  # said at start, in the journal
-    wait_for(lambda: any(p.get("node") == "node-b" and p["state"] == "refused" for p in a.peers()), 10, what="refused")
-    assert "expired" in next(p["reason"] for p in a.peers() if p.get("node") == "node-b")
+    wait_for(lambda: any(p.get("node") == b.name and p["state"] == "refused" for p in a.peers()), 10, what="refused")
+    assert "expired" in next(p["reason"] for p in a.peers() if p.get("node") == b.name)
     assert a.call("thermo", "/r")[0] == 404 and a.edge_urls("thermo") == []
 
 
@@ -210,11 +212,11 @@ def test_a_clock_wrong_at_boot_is_named_and_the_node_is_refused_until_it_is_righ
     a = edge_nodes("node-a", fleet=fleet).start()
     b = edge_nodes("node-b", fleet=fleet, manifests={"t.toml": thermo_manifest(backend.port)})
     tomorrow = dt.datetime.now(UTC) + dt.timedelta(days=1)
-    fleet_ca(fleet).enroll(b.root / "state" / "identity", "node-b", now=tomorrow)
+    fleet_ca(fleet).enroll(b.root / "state" / "identity", b.name, now=tomorrow)
     b.start()
     assert "TLS with peers is impossible until the clock is set" in b.log_text()
-    wait_for(lambda: any(p.get("node") == "node-b" and p["state"] == "refused" for p in a.peers()), 10, what="refused")
-    assert "not yet valid" in next(p["reason"] for p in a.peers() if p.get("node") == "node-b")
+    wait_for(lambda: any(p.get("node") == b.name and p["state"] == "refused" for p in a.peers()), 10, what="refused")
+    assert "not yet valid" in next(p["reason"] for p in a.peers() if p.get("node") == b.name)
 
 
 def test_ca_rotation_with_a_two_ca_bundle(edge_nodes, ns_backends):
@@ -226,18 +228,18 @@ def test_ca_rotation_with_a_two_ca_bundle(edge_nodes, ns_backends):
     backend = ns_backends("thermo")
     manifests = {"t.toml": thermo_manifest(backend.port)}
     on_old = edge_nodes("on-old", fleet=fleet, manifests=manifests)
-    old.enroll(on_old.root / "state" / "identity", "on-old", bundle=both)
+    old.enroll(on_old.root / "state" / "identity", on_old.name, bundle=both)
     on_new = edge_nodes("on-new", fleet=fleet, ca=new)
-    new.enroll(on_new.root / "state" / "identity", "on-new", bundle=both)
+    new.enroll(on_new.root / "state" / "identity", on_new.name, bundle=both)
     only_new = edge_nodes("only-new", fleet=fleet, ca=new)
     on_old.start(), on_new.start(), only_new.start()
     wait_for(lambda: on_new.edge_urls("thermo"), 10, what="on-new admits on-old")
     assert answered_by(on_new.call("thermo", "/r")) == "thermo"
-    refused = lambda: any(p.get("node") == "on-old" and p["state"] == "refused" for p in only_new.peers())  # noqa: E731
+    refused = lambda: any(p.get("node") == on_old.name and p["state"] == "refused" for p in only_new.peers())  # noqa: E731
     wait_for(refused, 10, what="on-old refused by only-new")
     assert only_new.edge_urls("thermo") == []
     # on-old admits on-new (both CAs in its bundle), and not only-new, which refuses on-old's certificate.
-    wait_for(lambda: [p.get("node") for p in on_old.peers() if p["state"] == "up"] == ["on-new"], 10, what="on-new")
+    wait_for(lambda: [p.get("node") for p in on_old.peers() if p["state"] == "up"] == [on_new.name], 10, what="on-new")
 
 
 def test_no_identity_means_no_peer_calls_until_enrolled_with_no_restart(edge_nodes, ns_backends, tmp_path):
@@ -482,7 +484,7 @@ def test_live_connections_end_when_the_peer_certificate_expires(edge_nodes, ns_b
     a = edge_nodes("node-a", fleet=fleet, manifests={"t.toml": thermo_manifest(lamp.port, name="lamp")}, enrolled=False)
     lifetime, left = 3600.0, 25.0
     issued = dt.datetime.now(UTC) - dt.timedelta(seconds=lifetime - left)
-    fleet_ca(fleet).enroll(a.root / "state" / "identity", "node-a", lifetime=lifetime, now=issued)
+    fleet_ca(fleet).enroll(a.root / "state" / "identity", a.name, lifetime=lifetime, now=issued)
     expires = time.time() + left
     a.start()
     b = edge_nodes("node-b", fleet=fleet, manifests={"t.toml": thermo_manifest(thermo.port)}).start()

@@ -95,7 +95,7 @@ def test_the_daemon_renews_its_certificate_through_the_fleet_ca(tmp_path, edge_n
     try:
         node = edge_nodes("pi-1", fleet=fleet, ca=ca, extra_config=mqtt_section(broker, topic_prefix))
         eighteen_h_ago = dt.datetime.now(UTC) - dt.timedelta(hours=18)
-        ca.enroll(node.root / "state" / "identity", "pi-1", now=eighteen_h_ago)
+        ca.enroll(node.root / "state" / "identity", node.name, now=eighteen_h_ago)
         node.start()
         wait_for(lambda: '"event":"identity.renewed"' in node.log_text(), 30, what="the renewal")
         identity = node.get("/v1/status")["identity"]
@@ -109,7 +109,7 @@ def test_the_daemon_renews_its_certificate_through_the_fleet_ca(tmp_path, edge_n
             text=True,
             env=env,
         )
-        assert f"identity spiffe://{fleet}/node/pi-1" in status.stdout
+        assert f"identity spiffe://{fleet}/node/{node.name}" in status.stdout
     finally:
         signer.terminate()
         signer.wait(10)
