@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 
 from conftest import REPO, wait_for
 from harness import manifest
@@ -257,7 +256,7 @@ def test_sigterm_drains_in_flight_calls_then_exits_0(backends, edged):
 
     t = threading.Thread(target=slow_call)
     t.start()
-    time.sleep(0.2)
+    wait_for(lambda: b.sleeps() == 1, 10, what="the call at the backend")  # in flight, then SIGTERM
     d.proc.send_signal(signal.SIGTERM)
     t.join(10)
     assert result.get("status") == 200

@@ -143,7 +143,8 @@ def test_the_full_daemon_at_idle_loads_neither_tls_nor_openssl_hashing(
     extra = mqtt_section(broker, topic_prefix) + f'[fleet]\nkeys = ["{tmp_path / "ops.pub"}"]\n'
     d = edged(manifests, extra, start=False)
     fleet = f"fp{uuid.uuid4().hex[:8]}"  # its mDNS answers on loopback mean nothing to another test's nodes
-    text = d.config.read_text().replace('name = "test-node"', f'name = "full"\nfleet = "{fleet}"')
+    # (and a node name of its own: its mDNS instance name, which a parallel run's "full" would share)
+    text = d.config.read_text().replace('name = "test-node"', f'name = "full-{fleet}"\nfleet = "{fleet}"')
     d.config.write_text(text.replace("[mdns]\nenabled = false", '[mdns]\ninterfaces = ["127.0.0.1"]'))
     d.start()
     wait_metric(d, "edged_mqtt_connected", lambda v: v == 1)
