@@ -364,8 +364,11 @@ def test_slow_header_and_idle_connections_are_closed() -> None:
         assert response.status == 200
         assert await read_to_eof(reader) == b""  # idle keep-alive connection closed by the sweeper
         writer.close()
-        await asyncio.sleep(0.2)  # one more sweep finds no connection left and arms no timer
-        assert "connections=0" in repr(server) and "sweeping=False" in repr(server)
+        for _ in range(500):  # one more sweep finds no connection left and arms no timer (waited for: 5 s at most)
+            if "connections=0" in repr(server) and "sweeping=False" in repr(server):
+                break
+            await asyncio.sleep(0.01)
+        assert "connections=0" in repr(server) and "sweeping=False" in repr(server), repr(server)
         await server.shutdown(1)
 
     asyncio.run(main())
