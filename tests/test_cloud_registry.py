@@ -589,7 +589,7 @@ def test_following_a_whole_fleet_a_burst_reaches_the_registry_in_chunks_the_need
         for n in range(300):
             sync._on_service(entry_msg(f"pi-{n:03d}", f"s{n}"))
         sync._on_service(entry_msg("pi-999", "wanted"))
-        for _ in range(200):
+        for _ in range(2000):  # every chunk applied (10 ms apart, more on a loaded box): 20 s at most
             if sync._apply_timer is None and not sync._touched:
                 break
             await asyncio.sleep(0.01)
