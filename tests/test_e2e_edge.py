@@ -137,7 +137,7 @@ def test_fleets_ingress_rules_and_advertised_dns_sd_types(edge_nodes, ns_backend
     a = edge_nodes("node-a", fleet=fleet).start()
     wait_for(lambda: a.edge_urls("thermo"), 10, what="thermo from node-b")
     # node-a resolves node-c too (it advertises in another fleet), and ignores it.
-    wait_for(lambda: f"{other.name}._hubmesh._tcp.local." in a.log_text(), 5, what="node-c resolved by node-a")
+    wait_for(lambda: f"{other.name}._hubmesh._tcp.local." in a.log_text(), 15, what="node-c resolved by node-a")
     time.sleep(0.3)
     assert a.call("gadget")[0] == 404 and [p["node"] for p in a.peers()] == [b.name]
     assert other.call("thermo")[0] == 404  # and node-c ignores this fleet
@@ -165,6 +165,27 @@ def test_fleets_ingress_rules_and_advertised_dns_sd_types(edge_nodes, ns_backend
     assert info is not None and info.port == port
     assert info.properties[b"path"] == b"/svc/thermo" and info.properties[b"fleet"] == fleet.encode()
     assert info.properties[b"node"] == b.name.encode()
+
+
+def test_a_node_of_another_fleet_that_goes_silent_is_no_lost_peer(edge_nodes, ns_backends):
+    """Before: a node of another fleet on the same LAN, ignored while it answered, was listed among this node's
+    peers as "lost" once it went silent (with no node name: a caller reading `node` met a KeyError)."""
+    backend = ns_backends("thermo-b")
+    fleet = unique_fleet()
+    b = edge_nodes("node-b", fleet=fleet, manifests={"thermo.toml": thermo_manifest(backend.port)}).start()
+    other = edge_nodes("node-c", fleet=unique_fleet()).start()
+    a = edge_nodes("node-a", fleet=fleet).start()
+    wait_for(lambda: a.edge_urls("thermo"), 15, what="node-b a peer of node-a")
+    wait_for(lambda: f"{other.name}._hubmesh._tcp.local." in a.log_text(), 15, what="node-c resolved by node-a")
+    other.kill()  # SIGKILL: no goodbye, it goes silent
+    b.kill()
+    removed = '"event":"mdns.removed"'
+    wait_for(
+        lambda: all(f'{removed},"instance":"{n.name}.' in a.log_text() for n in (b, other)), 20, what="both silent"
+    )
+    assert [(p.get("node"), p.get("instance", "").split(".")[0], p["state"]) for p in a.peers()] == [
+        (None, b.name, "lost")  # this fleet's silent node is a lost peer; the other fleet's is nothing here
+    ]
 
 
 def test_weighted_calls_go_to_a_peer_on_mains_rather_than_one_on_battery(edge_nodes, ns_backends, tmp_path):

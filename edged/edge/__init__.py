@@ -360,9 +360,16 @@ class EdgeTier:
             out += [
                 {**item, "state": "lost", "source": "mdns"}
                 for item in self.mdns.describe()
-                if item["type"] == HUBMESH_TYPE and not item["alive"]
+                if item["type"] == HUBMESH_TYPE and not item["alive"] and self._of_this_fleet(item["instance"])
             ]
         return out
+
+    def _of_this_fleet(self, instance: str) -> bool:
+        """Whether a node's instance said it was of this fleet when last resolved: another fleet's node that went
+        silent is no lost peer (it never was one; its live records are ignored too)."""
+        last = self.mdns.last_resolved(instance) if self.mdns is not None else None
+        record = parse_node_txt(last.props) if last is not None else None
+        return record is not None and record.fleet == self.config.node.fleet
 
     # -- vitals ---------------------------------------------------------------------------------------
     def _on_vitals(self, vitals: Vitals) -> None:

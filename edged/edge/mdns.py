@@ -316,6 +316,11 @@ class Mdns:
         ]
         return sorted(out, key=lambda i: i.name)
 
+    def last_resolved(self, name: str) -> Instance | None:
+        """The instance `name` as it was last resolved (live or lost); None when it never was (or is forgotten)."""
+        known = self._known.get(name.lower())
+        return known.instance if known is not None else None
+
     def describe(self) -> list[dict]:
         """Every instance known, live or lost, for `edged status`."""
         now = self._clock()
