@@ -345,14 +345,13 @@ def test_in_flight_cap_from_the_manifest(backends, edged):
     results: list[int] = []
 
     def slow() -> None:
-        results.append(d.call("pump", "/sleep/1500")[0])
+        results.append(d.call("pump", "/sleep/4000")[0])
 
     threads = [threading.Thread(target=slow) for _ in range(2)]
     for t in threads:
         t.start()
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and calls_in_flight(d) < 2:
-        time.sleep(0.02)
+    # Both admitted (each holds its place for 4 s: room for a loaded box to admit the second), then the third.
+    wait_for(lambda: calls_in_flight(d) == 2, 30, what="two calls in flight")
     third = d.call("pump", "/x")
     for t in threads:
         t.join()
