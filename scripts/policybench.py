@@ -96,12 +96,13 @@ def per_call_us(ranker, svc: Service, health: HealthMonitor, calls: int, rounds:
     return out
 
 
-REF_MODULES = ("spillover", "balancer", "locality", "policy")  # the decision's modules, in import order
+REF_MODULES = ("spillover", "balancer", "predictive", "locality", "policy")  # the decision's, in import order
 
 
 def ref_ranker(ref: str):
-    """The Ranker class of `ref`'s edged/policy.py, with `ref`'s spillover, balancer and locality modules (the
-    decision's), run against this tree's other modules (health, model, predictive)."""
+    """The Ranker class of `ref`'s edged/policy.py, with `ref`'s spillover, balancer, predictive and locality
+    modules (the decision's), run against this tree's other modules (health, model). (The endpoints' predictive
+    models are this tree's `predictive.Model`s, made by its health monitor.)"""
     import edged
 
     loaded: dict[str, types.ModuleType] = {}
@@ -139,21 +140,26 @@ def memory_per_endpoint(n: int = 1000) -> float:
     return grown / n
 
 
-def one(strategy: str, n: int, tiers: int, calls: int, ref: str) -> None:
-    """The process callgrind counts: set up, then `calls` decisions (0: set up only)."""
+def one(strategy: str, n: int, tiers: int, calls: int, ref: str, busy: bool = False) -> None:
+    """The process callgrind counts: set up, then `calls` decisions (0: set up only). `busy`: a call is in
+    flight at each endpoint."""
     ranker_class = ref_ranker(ref) if ref else Ranker
     svc = make_service(n, strategy, ("local", "edge", "cloud")[:tiers])
     health = HealthMonitor()
     warm(health, svc, random.Random(7))
+    flights = [health.call_started(ep.id) for ep in svc.endpoints] if busy else []
     ranker = ranker_for(strategy, ranker_class)
     now = time.monotonic()
+    ranker.plan(svc, health, now, None, explain=False)  # (set-up: what the first decision makes, such as tables)
     for _ in range(calls):
         ranker.plan(svc, health, now, None, explain=False)
+    del flights
 
 
-def instructions(strategy: str, n: int, tiers: int, calls: int, ref: str = "") -> float:
+def instructions(strategy: str, n: int, tiers: int, calls: int, ref: str = "", busy: bool = False) -> float:
     """Instructions per decision: callgrind's total with `calls` decisions minus the one with none."""
-    return callgrind_per_call(lambda k: [__file__, "--one", strategy, str(n), str(tiers), str(k), ref], calls)
+    args = ["busy"] if busy else []
+    return callgrind_per_call(lambda k: [__file__, "--one", strategy, str(n), str(tiers), str(k), ref, *args], calls)
 
 
 def callgrind_per_call(argv_of, calls: int) -> float:
@@ -212,6 +218,7 @@ def random_case(rng: random.Random) -> tuple[Service, HealthMonitor, Origin]:
         battery_min=rng.choice((None, None, None, 30)),
         geo_order=rng.choice(("rtt", "rtt", "distance")),
         zone_weights=rng.choice(((), (), (("vienna", 1), ("berlin", 2)), (("berlin", 0),))),
+        cloud_max_share=rng.choice((100, 100, 30)),
     )
     spec = ServiceSpec(name="s", endpoints=tuple(EndpointSpec(tier=e.tier, url=e.url) for e in eps), policy=policy)
     health = HealthMonitor()
@@ -226,6 +233,8 @@ def random_case(rng: random.Random) -> tuple[Service, HealthMonitor, Origin]:
             st.latency_ewma = rng.choice((st.latency_ewma, 0.004, 0.004))  # (ties between localities)
         st.inflight = rng.choice((0, 0, 0, 1, 3))
         st.busy_since = now - rng.uniform(0.0, 1.0)
+        if st.last_response_at:  # answered on this clock: in flight, some stalled, some not (and `live`)
+            st.last_response_at = now - rng.uniform(0.0, 1.5) ** 3
         st.active_ok = rng.random() < 0.85
         st.ejected_until = now + 5.0 if rng.random() < 0.05 else 0.0
     origin = GEO_ORIGIN if rng.random() < 0.8 else Origin("vienna", None)
@@ -274,7 +283,7 @@ def table(rows: list[tuple[str, ...]]) -> None:
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--one":
         strategy, n, tiers, calls, ref = sys.argv[2:7]
-        one(strategy, int(n), int(tiers), int(calls), ref)
+        one(strategy, int(n), int(tiers), int(calls), ref, sys.argv[7:8] == ["busy"])
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calls", type=int, default=20000)
@@ -291,22 +300,24 @@ def main() -> int:
             print("--instructions needs valgrind", file=sys.stderr)
             return 2
         rows = [("strategy", "endpoints", "tiers", "instructions/decision")]
-        for strategy, n, t, ref in [
-            ("priority", 3, 1, ""),
-            ("least_loaded", 3, 1, ""),
-            ("least_loaded", 8, 1, ""),
-            ("least_loaded", 6, 3, ""),
-            ("predictive", 3, 1, ""),
-            ("predictive", 8, 1, ""),
-            ("predictive", 6, 3, ""),
-            ("geo", 3, 1, ""),
-            ("geo", 8, 1, ""),
-            ("geo", 6, 3, ""),
-            ("latency", 3, 1, args.ref),
-            ("latency", 8, 1, args.ref),
+        for strategy, n, t, ref, busy in [
+            ("priority", 3, 1, "", False),
+            ("least_loaded", 3, 1, "", False),
+            ("least_loaded", 8, 1, "", False),
+            ("least_loaded", 6, 3, "", False),
+            ("least_loaded", 8, 1, "", True),
+            ("predictive", 3, 1, "", False),
+            ("predictive", 8, 1, "", False),
+            ("predictive", 6, 3, "", False),
+            ("geo", 3, 1, "", False),
+            ("geo", 8, 1, "", False),
+            ("geo", 6, 3, "", False),
+            ("latency", 3, 1, args.ref, False),
+            ("latency", 8, 1, args.ref, False),
+            ("latency", 8, 1, args.ref, True),
         ]:
-            label = f"{strategy} @{ref}" if ref else strategy
-            rows.append((label, str(n), str(t), f"{instructions(strategy, n, t, 2000, ref):,.0f}"))
+            label = (f"{strategy} @{ref}" if ref else strategy) + (" (busy)" if busy else "")
+            rows.append((label, str(n), str(t), f"{instructions(strategy, n, t, 2000, ref, busy):,.0f}"))
         table(rows)
         print()
     rng = random.Random(7)
