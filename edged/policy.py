@@ -79,6 +79,10 @@ class HealthState(Protocol):
     latency_ewma: float | None
     inflight: int
     peak: PeakEwma
+    active_ok: bool  # `available(now)` is `active_ok and now >= ejected_until` (the call path reads them inline)
+    ejected_until: float
+    busy_since: float  # when calls last began while none were in flight (`stall_quiet`)
+    last_response_at: float  # when it last answered (`stall_quiet`)
 
     def available(self, now: float) -> bool: ...
     def reason(self, now: float) -> str: ...
@@ -86,6 +90,9 @@ class HealthState(Protocol):
 
 class HealthView(Protocol):
     def state(self, endpoint_id: str) -> HealthState: ...
+    def states_of(self, ids: tuple[str, ...]) -> Sequence[HealthState]: ...  # `state` of each (one call)
+
+    # Never True when `stall_quiet(state, now, threshold)` is (the call path does not ask then).
     def stalled(self, endpoint_id: str, now: float, threshold: float) -> bool: ...
 
 
@@ -151,30 +158,40 @@ def stall_threshold(latency_ewma: float | None, per_try_timeout: float) -> float
     return max(STALL_FLOOR, min(cap, STALL_FACTOR * latency_ewma))
 
 
+def stall_quiet(st: HealthState, now: float, threshold: float) -> bool:
+    """Surely not stalled at `threshold`, without asking `HealthView.stalled` (about 6k instructions): calls
+    began on it, or it answered, less than `threshold` ago (`stalled` only takes the event loop's lag since
+    then off that age)."""
+    since, answered = st.busy_since, st.last_response_at
+    return now - (since if since >= answered else answered) < threshold
+
+
 def _usable_costs(
-    ids: Sequence[str], health: HealthView, now: float, policy: PolicySpec, keep: list[HealthState] | None
+    ids: tuple[str, ...], states: Sequence[HealthState], health: HealthView, now: float, policy: PolicySpec
 ) -> tuple[list[float], list[int], list[int]]:
     """least_loaded's cost of each endpoint `ids[i]` (`balancer.cost`, inlined, without the vitals factor), and
-    the positions of those that are down (not available) and stalled. `keep` (when given) gets their health.
-    One pass, as the call path's decision reads little else (scripts/policybench.py)."""
-    state, exp, decay, default_rtt = health.state, math.exp, balancer.DECAY, policy.default_rtt
+    the positions of those that are down (not available) and stalled; `states[i]` is its health. One pass,
+    availability and `stall_quiet` inlined, as the call path's decision reads little else (policybench.py)."""
+    exp, decay, default_rtt, per_try = math.exp, balancer.DECAY, policy.default_rtt, policy.per_try_timeout
+    quiet = min(STALL_FLOOR, per_try / 2)  # no stall threshold is lower (`stall_threshold`)
     out: list[float] = []
     add = out.append
     down: list[int] = []
     stalled: list[int] = []
-    for eid in ids:
-        st = state(eid)
-        if keep is not None:
-            keep.append(st)
-        if not st.available(now):
+    for st in states:
+        if not (st.active_ok and now >= st.ejected_until):  # not `available(now)`
             down.append(len(out))
             add(0.0)
             continue
         pending = st.inflight
         peak = st.peak
         if pending:
-            if health.stalled(eid, now, stall_threshold(st.latency_ewma, policy.per_try_timeout)):
-                stalled.append(len(out))
+            since, answered = st.busy_since, st.last_response_at
+            age = now - (since if since >= answered else answered)
+            if age >= quiet:  # (else `stall_quiet` at any threshold)
+                threshold = stall_threshold(st.latency_ewma, per_try)
+                if age >= threshold and health.stalled(ids[len(out)], now, threshold):
+                    stalled.append(len(out))
             if peak.stamp < 0.0:
                 add(balancer.PENALTY + pending)
             else:
@@ -325,8 +342,10 @@ class Ranker:
             st = state(ep.id)
             if not st.available(now) and not (strategy == "predictive" and predictive.live(st, now)):  # type: ignore[arg-type]
                 lv.down.append((ep, st.reason(now) if explain else ""))
-            elif st.inflight > 0 and health.stalled(
-                ep.id, now, stall_threshold(st.latency_ewma, policy.per_try_timeout)
+            elif (
+                st.inflight > 0
+                and not stall_quiet(st, now, threshold := stall_threshold(st.latency_ewma, policy.per_try_timeout))
+                and health.stalled(ep.id, now, threshold)
             ):
                 lv.stalled.append(ep)
             else:
@@ -541,8 +560,8 @@ class Ranker:
         if strategy == "predictive":
             return self._quick_predictive(service, roster, health, now)
         policy = service.spec.policy
-        states: list[HealthState] | None = [] if strategy == "geo" else None
-        values, down, stalled = _usable_costs(roster.ids, health, now, policy, states)
+        states = health.states_of(roster.ids)
+        values, down, stalled = _usable_costs(roster.ids, states, health, now, policy)
         if roster.factored:  # (x 1.0 changes no cost: only nodes with vitals are worth the pass)
             values = list(map(mul, values, roster.factors))
         if down or stalled:  # geo weighs its localities' health: the general loop
@@ -559,7 +578,7 @@ class Ranker:
             layout, by_rtt = roster.layout, policy.geo_order == "rtt"
             steps = []
             for places in roster.places:
-                nearest = locality.nearest_first(layout, places, states, by_rtt)  # type: ignore[arg-type]
+                nearest = locality.nearest_first(layout, places, states, by_rtt)
                 if nearest is None:
                     return None
                 steps += nearest
@@ -603,16 +622,19 @@ class Ranker:
     def _quick_predictive(self, service: Service, roster: _Roster, health: HealthView, now: float) -> Plan | None:
         """`_quick` for predictive (edged/predictive.py orders each level; the cloud's share counts the first)."""
         policy = service.spec.policy
-        state, stalled, per_try = health.state, health.stalled, policy.per_try_timeout
-        states: list[HealthState] = []
-        add = states.append
-        for eid in roster.ids:
-            st = state(eid)
-            if not st.available(now) or (
-                st.inflight > 0 and stalled(eid, now, stall_threshold(st.latency_ewma, per_try))
-            ):
+        stalled, per_try = health.stalled, policy.per_try_timeout
+        quiet = min(STALL_FLOOR, per_try / 2)  # no stall threshold is lower (`stall_threshold`)
+        states = health.states_of(roster.ids)
+        for eid, st in zip(roster.ids, states, strict=True):  # (before any draw: None leaves the rng as it was)
+            if not (st.active_ok and now >= st.ejected_until):  # not `available(now)`
                 return None
-            add(st)
+            if st.inflight > 0:  # (`stall_quiet`, inlined)
+                since, answered = st.busy_since, st.last_response_at
+                age = now - (since if since >= answered else answered)
+                if age >= quiet:
+                    threshold = stall_threshold(st.latency_ewma, per_try)
+                    if age >= threshold and stalled(eid, now, threshold):
+                        return None
         capped = self._cloud_capped(service, now)
         ordered: list[Endpoint] = []
         for level, eps in zip(roster.levels, roster.level_eps, strict=True):

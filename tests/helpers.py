@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from pathlib import Path
 
@@ -49,7 +50,11 @@ def service(
 
 class FakeState:
     def __init__(self) -> None:
-        self.up = True
+        self.active_ok = True  # (`up`: the test's verdict)
+        self.ejected_until = 0.0
+        # Never a sign of life: the ranker's cheap stall check (`policy.stall_quiet`) then always asks
+        # `FakeHealth.stalled`, that is the test's `stalled_ids`.
+        self.busy_since = self.last_response_at = -math.inf
         self.latency_ewma = None
         self.inflight = 0
         self.sent_sum = 0.0  # send times of the tries in flight (edged.predictive reads their mean age)
@@ -57,8 +62,16 @@ class FakeState:
         self.peak = PeakEwma()
         self.why = "healthy"
 
+    @property
+    def up(self) -> bool:
+        return self.active_ok
+
+    @up.setter
+    def up(self, value: bool) -> None:
+        self.active_ok = value
+
     def available(self, now: float) -> bool:
-        return self.up
+        return self.active_ok and now >= self.ejected_until
 
     def reason(self, now: float) -> str:
         return self.why
@@ -77,6 +90,9 @@ class FakeHealth:
 
     def state(self, endpoint_id: str) -> FakeState:
         return self.states.setdefault(endpoint_id, FakeState())
+
+    def states_of(self, ids: tuple[str, ...]) -> tuple[FakeState, ...]:
+        return tuple(map(self.state, ids))
 
     def stalled(self, endpoint_id: str, now: float, threshold: float) -> bool:
         return endpoint_id in self.stalled_ids

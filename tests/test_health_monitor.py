@@ -414,3 +414,17 @@ def test_regular_checks_start_on_a_grid_so_that_many_endpoints_share_a_wake_up()
     assert round(now + on_grid(now, 2.0, 2.0), 6) == 102.25
     # Long intervals: steps of 0.25 s at most; a delay already due is not made negative.
     assert on_grid(10.0, 30.0, 30.0) == 30.0 and on_grid(10.1, 0.0, 2.0) == 0.0
+
+
+def test_states_of_is_each_endpoints_state_and_follows_states_made_and_dropped() -> None:
+    monitor = HealthMonitor(clock=FakeClock())
+    a, b = make_endpoint("a", "http://127.0.0.1:1"), make_endpoint("b", "http://127.0.0.1:2")
+    first = monitor.state("a")
+    got = monitor.states_of(("a", "b"))
+    assert got == (first, monitor.state("b"))  # (b's state made on the way)
+    assert monitor.states_of(("a", "b")) is got  # kept: one lookup per decision
+    monitor.sync([make_service(None, b)])  # a is gone: its state with it
+    again = monitor.states_of(("a", "b"))
+    assert again[0] is monitor.state("a") and again[0] is not first  # a fresh state, not the dropped one
+    monitor.sync([make_service(None, a, b)])
+    assert monitor.states_of(("b", "a")) == (monitor.state("b"), monitor.state("a"))

@@ -6,6 +6,7 @@ from collections import Counter
 
 from helpers import FakeHealth, endpoint, service
 
+from edged.health import HealthMonitor
 from edged.model import STRATEGIES, PolicySpec
 from edged.policy import Ranker, stall_threshold
 
@@ -272,3 +273,28 @@ def test_a_callers_list_of_endpoints_is_ranked_as_given():
         plan = ranker.plan(svc, health, 0.0, [eps[0], stranger], explain=False)
         assert ids(plan) == ["x", "a"]
     assert ids(ranker.plan(svc, health, 0.0, [eps[2]], explain=False)) == ["c"]
+
+
+def test_the_call_path_asks_the_monitor_for_a_stall_only_when_one_may_be_and_decides_as_it_says(monkeypatch):
+    """`stall_quiet`: an endpoint that had calls begin or an answer less than a stall threshold ago is not
+    stalled, whatever the event loop's lag; the others are asked (and the loop's lag since then is not
+    counted against them). Plans on the roster are the general loop's, draw for draw."""
+    lag, asked = [0.0], []
+    # (`stalled` reads the lag once per endpoint it is asked about: a compiled monitor cannot be patched)
+    monitor = HealthMonitor(clock=lambda: 0.0, lag=lambda: asked.append(1) or lag[0])
+    eps = [endpoint(name, 9000 + i) for i, name in enumerate("abc")]
+    for ep in eps:
+        monitor.state(ep.id).latency_ewma = 0.01  # stall threshold: 8 x 10 ms = 80 ms
+        monitor.call_started(ep.id)  # at 0.0, lag 0.0
+    for strategy in ("least_loaded", "predictive", "geo"):
+        svc = service(*eps, policy=PolicySpec(strategy=strategy))
+        fast, slow = Ranker(random.Random(3)), Ranker(random.Random(3))
+        monkeypatch.setattr(slow, "_quick", lambda *args: None)  # the general loop only
+        for now, lag[0] in ((0.05, 0.0), (0.079, 0.0), (0.1, 0.05), (0.1, 0.0), (0.3, 0.0)):
+            del asked[:]
+            a = fast.plan(svc, monitor, now, explain=False)
+            assert (not asked) == (now < 0.08)  # calls began less than a threshold ago: none is asked about
+            b = slow.plan(svc, monitor, now, explain=False)
+            assert [(c.endpoint.id, c.usable) for c in a.choices] == [(c.endpoint.id, c.usable) for c in b.choices]
+            assert all(c.usable for c in a.choices) == (now - lag[0] < 0.08), (now, lag[0])
+
