@@ -152,6 +152,10 @@ def ranked(group: Sequence[int], values: Sequence[float], rng: random.Random) ->
         j += 1
     a, b = group[i], group[j]
     first = a if values[a] < values[b] or (values[a] == values[b] and i < j) else b
+    if n == 3:  # (the sort below, by two compares: the other two, cheaper first, a tie in the group's order)
+        x, y, z = group
+        p, q = (y, z) if first == x else (x, z) if first == y else (x, y)
+        return [first, q, p] if values[q] < values[p] else [first, p, q]
     out = sorted(group, key=values.__getitem__)  # (stable: ties keep the group's order)
     if out[0] != first:
         out.remove(first)

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections import Counter
 
 from helpers import FakeHealth, endpoint, service
 
+from edged import balancer
 from edged.health import HealthMonitor
 from edged.model import STRATEGIES, PolicySpec
 from edged.policy import Ranker, stall_threshold
@@ -298,3 +300,30 @@ def test_the_call_path_asks_the_monitor_for_a_stall_only_when_one_may_be_and_dec
             assert [(c.endpoint.id, c.usable) for c in a.choices] == [(c.endpoint.id, c.usable) for c in b.choices]
             assert all(c.usable for c in a.choices) == (now - lag[0] < 0.08), (now, lag[0])
 
+
+def test_ranked_of_three_is_the_keyed_sort_draw_for_draw():
+    """`balancer.ranked` orders three endpoints by compares: the same order as the keyed sort, the same draws."""
+
+    def by_sort(group, values, rng):  # (`ranked` for more than two, as it was)
+        n = len(group)
+        i = int(rng.random() * n)
+        j = int(rng.random() * (n - 1))
+        if j >= i:
+            j += 1
+        a, b = group[i], group[j]
+        first = a if values[a] < values[b] or (values[a] == values[b] and i < j) else b
+        out = sorted(group, key=values.__getitem__)
+        if out[0] != first:
+            out.remove(first)
+            out.insert(0, first)
+        return out
+
+    values = [0.0, 0.0, 0.0, 0.0, 0.0]
+    for group in ((0, 1, 2), (1, 3, 4), range(3)):
+        for costs in itertools.product((1.0, 2.0, 3.0), repeat=3):
+            for k, cost in zip(group, costs, strict=True):
+                values[k] = cost
+            for seed in range(12):
+                mine, theirs = random.Random(seed), random.Random(seed)
+                assert balancer.ranked(group, values, mine) == by_sort(group, values, theirs), (group, costs, seed)
+                assert mine.getstate() == theirs.getstate()
