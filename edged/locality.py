@@ -295,11 +295,16 @@ _new = tuple.__new__  # a named tuple's own __new__ is a Python function: this i
 
 
 class LevelPlaces(NamedTuple):
-    """One level's localities, made once per registry snapshot for the call path (`nearest_first`): each
-    locality's number and its members (positions in the caller's endpoint list), by locality number."""
+    """One level's localities, made once per registry snapshot for the call path (`nearest_first`), their
+    members as positions in the caller's endpoint list: what their order takes from the layout, worked out
+    once. The caller's own localities (a round-trip time never moves them) come first, the others after them
+    by round-trip time where measured, else by their place in the layout's base order."""
 
-    groups: tuple[tuple[int, tuple[int, ...]], ...]
-    static: tuple[int, ...]  # indices into `groups`, in the layout's base order (no round-trip time counts)
+    groups: tuple[tuple[int, tuple[int, ...]], ...]  # each locality's number and members, by locality number
+    single: list[tuple[int, ...]] | None  # the order when the level is one locality (no weights count then)
+    by_base: list[tuple[int, ...]] | None  # the order when no round-trip time counts; None: a weighted first
+    head: tuple[tuple[int, ...], ...]  # the caller's localities' members (always first)
+    away: tuple[tuple[float, tuple[int, ...], bool], ...]  # the others: base order key, members, weighted
 
 
 def level_places(layout: Layout, ids: Sequence[str], positions: Sequence[int]) -> LevelPlaces:
@@ -308,40 +313,45 @@ def level_places(layout: Layout, ids: Sequence[str], positions: Sequence[int]) -
     for k in positions:
         members.setdefault(layout.index[ids[k]], []).append(k)
     groups = tuple((i, tuple(members[i])) for i in sorted(members))
-    static = tuple(sorted(range(len(groups)), key=lambda g: layout.base[groups[g][0]]))
-    return LevelPlaces(groups, static)
+    static = sorted(range(len(groups)), key=lambda g: layout.base[groups[g][0]])
+    by_base = None if layout.weights[groups[static[0]][0]] is not None else [groups[g][1] for g in static]
+    here = layout.here
+    return LevelPlaces(
+        groups,
+        [groups[0][1]] if len(groups) == 1 else None,
+        by_base,
+        tuple(m for i, m in groups if here[i]),
+        tuple((layout.base[i], m, layout.weights[i] is not None) for i, m in groups if not here[i]),
+    )
 
 
-def nearest_first(
-    layout: Layout, places: LevelPlaces, states: Sequence[GeoState], by_rtt: bool
-) -> list[tuple[int, ...]] | None:
+def nearest_first(places: LevelPlaces, states: Sequence[GeoState], by_rtt: bool) -> list[tuple[int, ...]] | None:
     """`choose`'s order of a level's localities when every member is usable (each is then healthy enough to
     keep every call, so the nearest takes them all and nothing is drawn): their members, nearest locality
     first. `states[k]` is the health of position `k`. None when the nearest is one of `zone_weights`' zones:
-    its step is shared by a draw, which `choose` makes."""
-    groups = places.groups
-    if len(groups) == 1:
-        return [groups[0][1]]
-    if by_rtt:
-        base, here = layout.base, layout.here
-        keys = []
-        for i, members in groups:  # as in `choose`: a locality's fastest member's latency EWMA, if measured
-            key = base[i]
-            if not here[i]:
-                rtt = _INF
-                for k in members:
-                    lat = states[k].latency_ewma
-                    if lat is not None and lat < rtt:
-                        rtt = lat
-                if rtt < _INF:
-                    key = PLACED * _CLASS + rtt
-            keys.append(key)
-        order: Sequence[int] = sorted(range(len(groups)), key=keys.__getitem__)
+    its step is shared by a draw, which `choose` makes. (The caller's localities have the lowest key of
+    `choose`'s order, and the others' keys are worked out as it does: the same order.)"""
+    if places.single is not None:
+        return places.single
+    away = places.away
+    if not by_rtt or len(away) < 2:  # (with one other locality, its round-trip time cannot move it)
+        return places.by_base
+    keys = []
+    for key, members, _ in away:  # as in `choose`: a locality's fastest member's latency EWMA, if measured
+        rtt = _INF
+        for k in members:
+            lat = states[k].latency_ewma
+            if lat is not None and lat < rtt:
+                rtt = lat
+        keys.append(PLACED * _CLASS + rtt if rtt < _INF else key)
+    if len(away) == 2:
+        order: Sequence[int] = (1, 0) if keys[1] < keys[0] else (0, 1)  # (the stable sort, by one compare)
     else:
-        order = places.static
-    if layout.weights[groups[order[0]][0]] is not None:
+        order = sorted(range(len(away)), key=keys.__getitem__)
+    head = places.head
+    if not head and away[order[0]][2]:
         return None
-    return [groups[g][1] for g in order]
+    return [*head, *(away[g][1] for g in order)]
 
 
 def spill(

@@ -240,7 +240,6 @@ class _Roster:
         "factors",
         "ids",
         "last",
-        "layout",
         "level_eps",
         "levels",
         "places",
@@ -266,7 +265,6 @@ class _Roster:
             levels.setdefault(keys[ep.id], []).append(k)
         self.levels = [tuple(levels[key]) for key in sorted(levels)]  # positions, in level order
         self.level_eps = [tuple(eps[k] for k in level) for level in self.levels]
-        self.layout: locality.Layout | None = None  # geo: the service's localities
         self.places: list[locality.LevelPlaces] = []  # geo: each level's localities
         self.subsets: dict[tuple[int, ...], _Roster] = {}  # (the full roster's) rosters of some endpoints
 
@@ -546,7 +544,7 @@ class Ranker:
         for place, k in enumerate(by_priority):
             roster.rank[k] = place
         if strategy == "geo":
-            layout = roster.layout = self._layout_of(service)
+            layout = self._layout_of(service)
             roster.places = [locality.level_places(layout, roster.ids, level) for level in roster.levels]
         return roster
 
@@ -575,16 +573,16 @@ class Ranker:
                 for level in roster.levels:
                     order += balancer.ranked(level, values, rng)
         else:  # geo: each level's localities nearest first, least loaded within each
-            layout, by_rtt = roster.layout, policy.geo_order == "rtt"
+            by_rtt = policy.geo_order == "rtt"
             steps = []
             for places in roster.places:
-                nearest = locality.nearest_first(layout, places, states, by_rtt)
+                nearest = locality.nearest_first(places, states, by_rtt)
                 if nearest is None:
                     return None
                 steps += nearest
             order = []
-            for members in steps:
-                order += balancer.ranked(members, values, rng)
+            for members in steps:  # (a locality of one has its order: no draw)
+                order += members if len(members) == 1 else balancer.ranked(members, values, rng)
         choices = itemgetter(*order)(roster.choices) if len(order) > 1 else (roster.choices[order[0]],)
         return _new(Plan, (strategy, choices, "", (), False, False, ()))
 
