@@ -83,6 +83,8 @@ class HealthState(Protocol):
     ejected_until: float
     busy_since: float  # when calls last began while none were in flight (`stall_quiet`)
     last_response_at: float  # when it last answered (`stall_quiet`)
+    sent_sum: float  # predictive: the send times of its tries in flight, summed
+    model: predictive.Model | None  # predictive: its model
 
     def available(self, now: float) -> bool: ...
     def reason(self, now: float) -> str: ...
@@ -243,6 +245,7 @@ class _Roster:
         "level_eps",
         "levels",
         "places",
+        "predictive",
         "quick",
         "rank",
         "strategy",
@@ -267,6 +270,30 @@ class _Roster:
         self.level_eps = [tuple(eps[k] for k in level) for level in self.levels]
         self.places: list[locality.LevelPlaces] = []  # geo: each level's localities
         self.subsets: dict[tuple[int, ...], _Roster] = {}  # (the full roster's) rosters of some endpoints
+        self.predictive: _PredictiveRoster | None = None  # predictive: what its costs take from the endpoints
+
+
+class _PredictiveRoster:
+    """What `predictive` weighs per call of a roster's endpoints that does not change between calls: the
+    positions whose cost is drawn (those of levels of more than one endpoint: a level of one has no order to
+    draw), in level order, with their nodes' vitals factors (`predictive.vitals_factors`, None: no vitals) and
+    whether they are cloud endpoints (`cloud_max_share`); and each level with where its positions start among
+    the drawn ones (-1: a level of one)."""
+
+    __slots__ = ("backup", "drawn", "every", "factors", "spans")
+
+    def __init__(self, roster: _Roster) -> None:
+        eps = roster.eps
+        drawn: list[int] = []
+        self.spans: list[tuple[tuple[int, ...], int]] = []
+        for level in roster.levels:
+            self.spans.append((level, len(drawn) if len(level) > 1 else -1))
+            if len(level) > 1:
+                drawn += level
+        self.drawn = tuple(drawn)
+        self.every = drawn == list(range(len(eps)))  # (the health of the roster's endpoints as it comes)
+        self.factors = [predictive.vitals_factors(eps[k].meta) if eps[k].meta else None for k in drawn]
+        self.backup = [eps[k].tier == "cloud" for k in drawn]
 
 
 class Ranker:
@@ -338,7 +365,7 @@ class Ranker:
                     refused.append((ep, refusal))
                     continue
             st = state(ep.id)
-            if not st.available(now) and not (strategy == "predictive" and predictive.live(st, now)):  # type: ignore[arg-type]
+            if not st.available(now) and not (strategy == "predictive" and predictive.live(st, now)):
                 lv.down.append((ep, st.reason(now) if explain else ""))
             elif (
                 st.inflight > 0
@@ -388,7 +415,7 @@ class Ranker:
                         members = balancer.order(members, levels[i].states, now, default_rtt, rng)[0]
                     else:
                         members = predictive.order(
-                            members, levels[i].states, now, default_rtt, policy.per_try_timeout, rng, capped  # type: ignore[arg-type]
+                            members, levels[i].states, now, default_rtt, policy.per_try_timeout, rng, capped
                         )[0]
                 for ep in members:
                     add(_new(Choice, (ep, True, "", "")))
@@ -546,6 +573,8 @@ class Ranker:
         if strategy == "geo":
             layout = self._layout_of(service)
             roster.places = [locality.level_places(layout, roster.ids, level) for level in roster.levels]
+        elif strategy == "predictive" and roster.quick:
+            roster.predictive = _PredictiveRoster(roster)
         return roster
 
     def _quick(self, service: Service, roster: _Roster, health: HealthView, now: float) -> Plan | None:
@@ -618,7 +647,9 @@ class Ranker:
         return _new(Plan, ("least_loaded", tuple(choices), "", (), False, drawn, ()))
 
     def _quick_predictive(self, service: Service, roster: _Roster, health: HealthView, now: float) -> Plan | None:
-        """`_quick` for predictive (edged/predictive.py orders each level; the cloud's share counts the first)."""
+        """`_quick` for predictive: one pass of `predictive.costs` over the endpoints of levels of more than one
+        (their draws in level order, as `predictive.order` level by level), each level cheapest first; the
+        cloud's share counts the first."""
         policy = service.spec.policy
         stalled, per_try = health.stalled, policy.per_try_timeout
         quiet = min(STALL_FLOOR, per_try / 2)  # no stall threshold is lower (`stall_threshold`)
@@ -633,23 +664,28 @@ class Ranker:
                     threshold = stall_threshold(st.latency_ewma, per_try)
                     if age >= threshold and stalled(eid, now, threshold):
                         return None
-        capped = self._cloud_capped(service, now)
-        ordered: list[Endpoint] = []
-        for level, eps in zip(roster.levels, roster.level_eps, strict=True):
-            if len(eps) == 1:
-                ordered.append(eps[0])
-                continue
-            ordered += predictive.order(
-                eps,
-                states if len(level) == len(states) else [states[k] for k in level],  # type: ignore[misc]
-                now,
-                policy.default_rtt,
-                policy.per_try_timeout,
-                self._rng,
-                capped,
-            )[0]
-        self._cloud_share(service).count(now, ordered[0].tier == "cloud")
-        choices = tuple([_new(Choice, (ep, True, "", "")) for ep in ordered])
+        pr = roster.predictive
+        assert pr is not None  # (made with every quick predictive roster)
+        values = predictive.costs(
+            states if pr.every else [states[k] for k in pr.drawn],
+            pr.factors,
+            pr.backup if self._cloud_capped(service, now) else None,
+            now,
+            policy.default_rtt,
+            per_try,
+            self._rng,
+        )
+        order: list[int] = []
+        for level, start in pr.spans:
+            if start < 0:
+                order.append(level[0])
+            elif len(level) == 2:  # (the sort below, by one compare)
+                order += (level[1], level[0]) if values[start + 1] < values[start] else level
+            else:  # cheapest first (stable: ties in the level's order, as `predictive.order`)
+                drawn = pr.drawn
+                order += [drawn[i] for i in sorted(range(start, start + len(level)), key=values.__getitem__)]
+        self._cloud_share(service).count(now, roster.eps[order[0]].tier == "cloud")
+        choices = itemgetter(*order)(roster.choices) if len(order) > 1 else (roster.choices[order[0]],)
         return _new(Plan, ("predictive", choices, "", (), False, False, ()))
 
     def _cloud_share(self, service: Service) -> predictive.CloudShare:
@@ -702,14 +738,14 @@ class Ranker:
                 policy.default_rtt,
                 policy.per_try_timeout,
                 self._rng,
-                capped,  # type: ignore[arg-type]
+                capped,
             )
             if not explain:
                 return ordered, _priority_why
 
             def why_predictive(ep: Endpoint) -> str:
                 k = eps.index(ep)
-                return predictive.why(ep, states[k], now, policy.default_rtt, costs[k], capped)  # type: ignore[arg-type]
+                return predictive.why(ep, states[k], now, policy.default_rtt, costs[k], capped)
 
             return ordered, why_predictive
         if strategy == "round_robin":

@@ -262,17 +262,50 @@ def order(
     cloud_capped: bool,
 ) -> tuple[list[Endpoint], list[float]]:
     """Cheapest expected cost first (each drawn from its posterior); cloud endpoints last when capped."""
-    costs: list[float] = []
+    factors = [vitals_factors(ep.meta) if ep.meta else None for ep in eps]
+    backup = [ep.tier == "cloud" for ep in eps] if cloud_capped else None
+    drawn = costs(states, factors, backup, now, default_rtt, timeout, rng)
+    ranked = sorted(range(len(eps)), key=drawn.__getitem__)
+    return list(map(eps.__getitem__, ranked)), drawn
+
+
+def costs(
+    states: Sequence[ModelState],
+    factors: Sequence[tuple[float, float] | None],
+    backup: Sequence[bool] | None,
+    now: float,
+    default_rtt: float,
+    timeout: float,
+    rng: random.Random,
+) -> list[float]:
+    """Each endpoint's expected cost, drawn from its posterior (one draw each, in order): `states[i]`'s, times
+    its node's `vitals_factors` `factors[i]` (None: no vitals), plus 1e6 where `backup[i]` (a cloud endpoint
+    over `cloud_max_share`; `backup` None: none is). The call path's decision runs this for every call, so
+    `Model.predict`'s common case (evidence recent enough that the hour profile does not count) is inlined:
+    the same operations, so the same floats."""
+    out: list[float] = []
+    add = out.append
     draw = rng.random
-    sqrt = math.sqrt
+    sqrt, exp = math.sqrt, math.exp
     normal = _NORMAL or _normal_table()
-    for ep, st in zip(eps, states, strict=True):
+    prior_fails, prior_tries = FAIL_PRIOR
+    for k, st in enumerate(states):
         model = st.model
         inflight = st.inflight
         if model is None:
-            lat, sigma, p_fail, n, tries = default_rtt * (inflight + 1), default_rtt, FAIL_PRIOR[0], 0.0, 0.0
+            lat, sigma, p_fail, n, tries = default_rtt * (inflight + 1), default_rtt, prior_fails, 0.0, 0.0
         else:
-            lat, sigma, p_fail, n = model.predict(now, inflight, default_rtt)
+            age = now - model.stamp
+            if age > 0.0:
+                n = model.w * exp(_DECAY * age)
+                f = exp(_FAIL_DECAY * age)
+            else:
+                n, f = model.w, 1.0
+            if n < HOUR_WEIGHT:  # (the hour profile or the default may count: `predict` itself)
+                lat, sigma, p_fail, n = model.predict(now, inflight, default_rtt)
+            else:
+                p_fail = (model.fails * f + prior_fails) / (model.tries * f + prior_tries)
+                lat, sigma = model.a + model.b * inflight, model.sigma
             tries = model.tries
         u = normal[int(draw() * _DRAWS)]  # one draw for both: an endpoint explored is explored on both counts
         cost = lat + u * EXPLORE * sigma / sqrt(n + 1.0)
@@ -282,14 +315,13 @@ def order(
             age = now - st.sent_sum / inflight  # the mean age of its tries in flight
             if age > lat:
                 cost += OVERDUE * (age - lat)
-        if ep.meta:
-            warm, cold = vitals_factors(ep.meta)
-            cost *= warm if n >= 1.0 else cold
-        if cloud_capped and ep.tier == "cloud":
+        factor = factors[k]
+        if factor is not None:
+            cost *= factor[0] if n >= 1.0 else factor[1]
+        if backup is not None and backup[k]:
             cost += 1e6
-        costs.append(cost)
-    ranked = sorted(range(len(eps)), key=costs.__getitem__)
-    return list(map(eps.__getitem__, ranked)), costs
+        add(cost)
+    return out
 
 
 _DRAWS = 256

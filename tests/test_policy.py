@@ -11,6 +11,7 @@ from edged import balancer
 from edged.health import HealthMonitor
 from edged.model import STRATEGIES, PolicySpec
 from edged.policy import Ranker, stall_threshold
+from edged.predictive import Model
 
 
 def ids(plan) -> list[str]:
@@ -201,6 +202,7 @@ def random_service(rng: random.Random):
         overprovisioning=rng.choice((1.4, 1.0)),
         geo_order=rng.choice(("rtt", "distance")),
         zone_weights=rng.choice(((), (("vienna", 1), ("berlin", 2)))),
+        cloud_max_share=rng.choice((100, 100, 30)),
     )
     return service(*eps, policy=policy)
 
@@ -216,6 +218,11 @@ def random_health(rng: random.Random, svc) -> FakeHealth:
             st.peak.observe(rng.choice((0.004, rng.uniform(0.001, 0.05))), rng.uniform(0.0, NOW))
             st.latency_ewma = rng.choice((0.004, rng.uniform(0.001, 0.05)))
         st.inflight = rng.choice((0, 0, 0, 1, 4))
+        st.sent_sum = st.inflight * rng.uniform(NOW - 0.5, NOW)
+        if rng.random() < 0.7:  # predictive's model: from a few answers (the hour profile counts) to many
+            st.model = Model()
+            for _ in range(rng.choice((1, 3, 10, 60))):
+                st.model.observe(rng.uniform(0.0, NOW), rng.random() < 0.9, rng.uniform(0.001, 0.05), 1)
         st.up = rng.random() < 0.9
         if st.inflight and rng.random() < 0.2:
             health.stalled_ids.add(ep.id)

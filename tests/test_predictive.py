@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections import Counter
 
@@ -240,3 +241,53 @@ def test_measured_endpoints_price_their_losses_not_the_link_vital_and_weigh_the_
     warm, cold = predictive.vitals_factors((("power", "battery"), ("bat", "5")))
     assert cold == balancer.power_link_factor({"power": "battery", "bat": "5"})
     assert warm == cold**predictive.POWER_WEIGHT  # weighed less: see vitals_factors
+
+
+def test_costs_are_the_predictions_floats_bit_for_bit():
+    """`predictive.costs` inlines `Model.predict`'s common case: the same floats as the loop that asks it, the
+    same draws, over models with little evidence (the hour profile counts), much, none, and tries in flight."""
+
+    def by_predict(states, factors, backup, now, default_rtt, timeout, rng):  # (the cost loop, as it was)
+        out = []
+        normal = predictive._NORMAL or predictive._normal_table()
+        for k, st in enumerate(states):
+            if st.model is None:
+                lat, sigma, p_fail, n, tries = default_rtt * (st.inflight + 1), default_rtt, 0.05, 0.0, 0.0
+            else:
+                lat, sigma, p_fail, n = st.model.predict(now, st.inflight, default_rtt)
+                tries = st.model.tries
+            u = normal[int(rng.random() * 256)]
+            cost = lat + u * predictive.EXPLORE * sigma / math.sqrt(n + 1.0)
+            p_fail += u * predictive.FAIL_EXPLORE * math.sqrt(p_fail * (1.0 - p_fail) / (tries + 1.0))
+            cost = max(cost, 1e-6) + predictive.TAIL * sigma + max(p_fail, 0.0) * timeout
+            if st.inflight and now - st.sent_sum / st.inflight > lat:
+                cost += predictive.OVERDUE * (now - st.sent_sum / st.inflight - lat)
+            if factors[k] is not None:
+                cost *= factors[k][0] if n >= 1.0 else factors[k][1]
+            if backup is not None and backup[k]:
+                cost += 1e6
+            out.append(cost)
+        return out
+
+    rng = random.Random(4)
+    health = FakeHealth()
+    hours = 0
+    for case in range(300):
+        states = []
+        for i in range(rng.randint(1, 6)):
+            st = health.state(f"{case}/{i}")
+            st.model = None if rng.random() < 0.2 else Model()
+            for _ in range(rng.choice((0, 1, 2, 5, 60)) if st.model else 0):
+                st.model.observe(rng.uniform(0.0, 50.0), rng.random() < 0.8, rng.uniform(0.001, 0.1), rng.randint(0, 3))
+            st.inflight = rng.choice((0, 0, 1, 3))
+            st.sent_sum = st.inflight * rng.uniform(0.0, 60.0)
+            states.append(st)
+            hours += st.model is not None and st.model.predict(60.0, 0, 0.03)[3] < predictive.HOUR_WEIGHT
+        factors = [rng.choice((None, (1.5, 2.0), (0.9, 3.0))) for _ in states]
+        backup = rng.choice((None, [rng.random() < 0.5 for _ in states]))
+        now, seed = rng.choice((40.0, 60.0, 300.0)), rng.randrange(1 << 30)
+        mine, theirs = random.Random(seed), random.Random(seed)
+        got = predictive.costs(states, factors, backup, now, 0.03, 0.5, mine)
+        assert got == by_predict(states, factors, backup, now, 0.03, 0.5, theirs)
+        assert mine.getstate() == theirs.getstate()
+    assert hours > 100  # (the cases `predict` itself answers were put to the test too)
