@@ -48,32 +48,94 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
-    """Replace `path` with `data` atomically and durably; raises StateError on any OS failure.
-
-    The temp file lives in the same folder (a rename is only atomic within one filesystem) and is
-    removed if anything fails before the rename.
+class AtomicFile:
+    """A file replaced atomically and durably, written in parts: `write` the parts (to a temp file in the same
+    folder: a rename is only atomic within one filesystem), then `commit` (fsync, rename, fsync of the folder).
+    Until the commit `path` keeps its old contents whole, whatever happens: a file left uncommitted (an
+    error, a cancelled save) is removed by `abort` or on leaving the `with` block, and a crash leaves only a
+    temp file, which `StateStore` removes at the next start. OS failures raise StateError.
     """
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = None
-    import tempfile  # with shutil: only once something is written (an idle daemon may never)
 
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=_TMP_SUFFIX, dir=directory)
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-        _fsync_dir(directory)
-    except OSError as exc:
-        raise StateError(path, exc.strerror or str(exc)) from exc
-    finally:
-        if tmp is not None:
+    def __init__(self, path: str, mode: int = 0o600) -> None:
+        import tempfile  # with shutil: only once something is written (an idle daemon may never)
+
+        self.path = path
+        self._directory = os.path.dirname(os.path.abspath(path))
+        self.size = 0  # bytes written so far
+        try:
+            fd, self._tmp = tempfile.mkstemp(
+                prefix=f".{os.path.basename(path)}.", suffix=_TMP_SUFFIX, dir=self._directory
+            )
+        except OSError as exc:
+            raise StateError(path, exc.strerror or str(exc)) from exc
+        self._fd: int | None = fd
+        try:
+            os.fchmod(fd, mode)
+        except OSError as exc:
+            self.abort()
+            raise StateError(path, exc.strerror or str(exc)) from exc
+
+    def __repr__(self) -> str:
+        state = "open" if self._fd is not None else "closed"
+        return f"AtomicFile({self.path!r}, {state}, {self.size} bytes)"
+
+    def __enter__(self) -> AtomicFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.abort()  # after a commit: nothing left to do
+
+    def write(self, data: bytes) -> None:
+        """Append `data` to the new contents (not visible at `path` before `commit`)."""
+        if self._fd is None:
+            raise StateError(self.path, "write after commit or abort")
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as exc:
+            self.abort()
+            raise StateError(self.path, exc.strerror or str(exc)) from exc
+        self.size += len(data)
+
+    def commit(self) -> None:
+        """Make what was written the file at `path`: fsync, rename over it, fsync the folder. Blocks on the
+        disk (tens of ms on an SD card): from the event loop, run it in a thread."""
+        if self._fd is None:
+            raise StateError(self.path, "commit after commit or abort")
+        fd, self._fd = self._fd, None
+        try:
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(self._tmp, self.path)
+        except OSError as exc:
             with contextlib.suppress(OSError):
-                os.unlink(tmp)
+                os.unlink(self._tmp)
+            raise StateError(self.path, exc.strerror or str(exc)) from exc
+        try:
+            _fsync_dir(self._directory)
+        except OSError as exc:
+            raise StateError(self.path, exc.strerror or str(exc)) from exc
+
+    def abort(self) -> None:
+        """Drop what was written (`path` keeps its old contents); nothing to do after a commit."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(self._tmp)
+
+
+def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Replace `path` with `data` atomically and durably (`AtomicFile` in one part); raises StateError on any
+    OS failure, with the temp file removed."""
+    with AtomicFile(path, mode) as f:
+        f.write(data)
+        f.commit()
 
 
 class StateStore:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from edged.errors import EdgedError
-from edged.state import StateError, StateStore, atomic_write
+from edged.state import AtomicFile, StateError, StateStore, atomic_write
 
 
 def _mode(path: Path) -> int:
@@ -177,3 +177,34 @@ def test_an_oversized_state_file_is_moved_aside_unread(tmp_path: Path, caplog: p
     assert peak < 2**20
     assert not path.exists() and [p.name.split("-")[0] for p in tmp_path.glob("*.corrupt-*")] == ["cloud"]
     assert "104857600 bytes, over the limit of 33554432 (not read); moved to" in caplog.text
+
+
+def test_an_atomic_file_written_in_parts_replaces_the_old_one_only_at_commit(tmp_path: Path) -> None:
+    target = tmp_path / "doc"
+    target.write_bytes(b"old")
+    with AtomicFile(str(target), mode=0o640) as f:
+        f.write(b"new ")
+        f.write(b"in parts")
+        assert target.read_bytes() == b"old" and f.size == 12
+        f.commit()
+        assert target.read_bytes() == b"new in parts"
+    assert _mode(target) == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["doc"]
+    with pytest.raises(StateError):
+        f.write(b"after the commit")
+
+
+def test_an_atomic_file_left_uncommitted_leaves_the_old_one_and_no_temp(tmp_path: Path) -> None:
+    """An error (or a cancelled save) between two parts: the old file is whole, the temp file gone."""
+    target = tmp_path / "doc"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError), AtomicFile(str(target)) as f:
+        f.write(b"half of the new")
+        raise RuntimeError("cut short")
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["doc"]
+    f.abort()  # again: nothing to do
+    with pytest.raises(StateError):
+        f.commit()
+    with pytest.raises(StateError):
+        AtomicFile(str(tmp_path / "missing" / "doc"))
