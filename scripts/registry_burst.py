@@ -10,7 +10,10 @@ in the project's formats (`spec_entry()`), then one entry changes, then it is sa
 - the CPU time to apply the burst, and the RSS and Python heap per kept entry;
 - the CPU time of a one-entry change once everything is known, of a signed fleet config document
   (policies for two services) being applied, and of a manifest being added;
-- the state file's size, the CPU time of its saves, and of a warm start (`restore()`).
+- the state file's size; the CPU time of its first save (a rewrite of the whole registry log), the most CPU
+  time one event-loop callback took meanwhile, and how long a task that yields in a loop waited for its turn
+  (`save_loop_wait_ms`, wall-clock: with the waits for the GIL that a thread's work causes, and whatever
+  load preempts); the CPU time of a warm start (`restore()`).
 
 `--trace N` also prints where the kept bytes go: the N source lines that allocated most of what is still
 held after the burst (tracemalloc; the run is slower, and its other figures are not to be quoted).
@@ -198,8 +201,24 @@ async def burst(root: Path, boxes: int, services: int, trace: int = 0) -> dict:
     registry.set_manifests([*registry._sources.services.get("manifest", {}).values(), local])
     out["manifest_change_cpu_ms"] = round((time.process_time() - t) * 1000, 2)
     t = time.process_time()
-    await tier.saver.flush()
+    waits: list[float] = []
+
+    async def ticker() -> None:  # what a local call sees: how long the loop takes to come back to it
+        while True:
+            w = time.perf_counter()
+            await asyncio.sleep(0)
+            waits.append(time.perf_counter() - w)
+
+    ticking = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    with CallbackMeter() as meter:  # the first save after a start: the registry log rewritten whole
+        await tier.saver.flush()
+    ticking.cancel()
     out["save_cpu_ms"] = round((time.process_time() - t) * 1000, 1)
+    out["save_longest_callback_ms"] = round(meter.longest * 1000, 1)
+    waits.sort()
+    p99 = waits[len(waits) * 99 // 100]
+    out["save_loop_wait_ms"] = {"p99": round(p99 * 1000, 2), "max": round(waits[-1] * 1000, 2)}
     log = getattr(sync, "_log", None)  # the state file: a log, or one JSON document before it
     state = log.path if log is not None else tier.saver.store.path("cloud-registry.json")
     out["state_kb"] = round(await asyncio.to_thread(os.path.getsize, state) / 1024, 1)

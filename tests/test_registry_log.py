@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from test_cloud_registry import TOPICS, entry_msg, registry_sync
 
+import edged.cloud.registry_log as rl
 from edged.cloud.registry_log import LOG_FILE, MIN_COMPACT, read_log
 from edged.cloud.registry_sync import STATE_FILE
 from edged.cloud.session import Inbound
@@ -176,3 +178,117 @@ def test_a_kill_mid_append_or_rewrite_leaves_a_log_that_restores(tmp_path):
         assert loaded is not None and loaded.torn <= 1 and loaded.entries
         sync = registry_sync(folder, Registry())
         assert sync.restore() == sum(len(known) for known in loaded.entries.values()) > 0
+
+
+def _temp_files(folder) -> list[str]:
+    return [name for name in os.listdir(folder) if name.startswith(f".{LOG_FILE}.")]
+
+
+def _fill(sync, nodes: range, services: int = 10) -> None:
+    for n in nodes:
+        sync._on_status(status_msg(f"pi-{n}"))
+        for s in range(services):
+            sync._on_service(entry_msg(f"pi-{n}", f"s{n}-{s}"))
+
+
+def test_a_whole_rewrite_is_written_in_parts_with_the_loop_running_between_them(tmp_path):
+    """3,000 entries (over 100 KiB): the loop runs while the temp file holds part of the new log, and the log
+    written reads back whole."""
+
+    async def main() -> None:
+        sync = registry_sync(tmp_path, Registry())
+        _fill(sync, range(300))
+        seen: list[int] = []  # sizes of the temp file seen by another task during the save
+
+        async def watch() -> None:
+            while True:
+                for name in _temp_files(tmp_path):
+                    with contextlib.suppress(FileNotFoundError):
+                        seen.append((tmp_path / name).stat().st_size)
+                await asyncio.sleep(0)
+
+        watcher = asyncio.create_task(watch())
+        await asyncio.sleep(0)
+        await sync._saver.flush()
+        watcher.cancel()
+        final = (tmp_path / LOG_FILE).stat().st_size
+        assert final > rl.PART_BYTES
+        assert any(0 < size < final for size in seen)  # written in parts, other tasks running in between
+        assert sync._log.rewrites == 1 and not _temp_files(tmp_path)
+        assert registry_sync(tmp_path, Registry()).restore() == 3000
+
+    asyncio.run(main())
+
+
+def test_a_rewrite_cut_short_leaves_the_old_log_whole_and_the_last_flush_writes_everything(tmp_path):
+    """A stop cancels the saver mid-rewrite: the old log is untouched, no temp file stays, and the flush that
+    follows (as `CloudTier.stop` does) saves what memory holds."""
+
+    async def main() -> None:
+        sync = registry_sync(tmp_path, Registry())
+        _fill(sync, range(10))
+        await sync._saver.flush()
+        old = (tmp_path / LOG_FILE).read_bytes()
+        _fill(sync, range(10, 300))
+        sync._mark_all()
+        saving = asyncio.create_task(sync._saver.flush())
+        for _ in range(1_000_000):  # until a part of the new log is written (a task yields between parts)
+            if any((tmp_path / name).stat().st_size > rl.PART_BYTES for name in _temp_files(tmp_path)):
+                break
+            await asyncio.sleep(0)
+        saving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await saving
+        assert (tmp_path / LOG_FILE).read_bytes() == old and not _temp_files(tmp_path)
+        assert registry_sync(tmp_path, Registry()).restore() == 100
+        await sync._saver.flush()
+        assert registry_sync(tmp_path, Registry()).restore() == 3000
+
+    asyncio.run(main())
+
+
+_MID_SAVE = r"""
+import asyncio, os, sys, time
+sys.path.insert(0, sys.argv[2])
+from test_cloud_registry import entry_msg, registry_sync
+from test_registry_log import _fill, _temp_files
+from edged.registry import Registry
+
+async def main():
+    sync = registry_sync(sys.argv[1], Registry())
+    _fill(sync, range(10))
+    await sync._saver.flush()
+    _fill(sync, range(10, 300))
+    sync._mark_all()
+
+    async def stop_mid_save():  # the process dies with the new log half written
+        while not any(os.path.getsize(os.path.join(sys.argv[1], n)) > 0 for n in _temp_files(sys.argv[1])):
+            await asyncio.sleep(0)
+        print("mid", flush=True)
+        time.sleep(60)
+
+    asyncio.ensure_future(stop_mid_save())
+    await sync._saver.flush()
+    print("done", flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_a_kill_mid_rewrite_leaves_the_old_log_whole(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _MID_SAVE, str(tmp_path), str(REPO / "tests")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "mid\n"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    loaded = read_log(str(tmp_path / LOG_FILE))
+    assert loaded is not None and loaded.torn == 0 and len(loaded.entries) == 10  # the first save, whole
+    assert _temp_files(tmp_path)  # the half-written new log, never renamed
+    assert registry_sync(tmp_path, Registry()).restore() == 100  # and its StateStore removed the temp file
+    assert not _temp_files(tmp_path)

@@ -43,7 +43,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -1159,26 +1159,50 @@ class RegistrySync:
 
     def _save(self) -> Awaitable[None]:
         """The saver's write: append what changed since the last save, or rewrite the log whole (see
-        `registry_log.py`). Records are collected here, on the loop (O(changes)); encoding and I/O run in a
-        thread."""
+        `registry_log.py`). The records are read as they are encoded, in parts with the loop free in between
+        (a first save of 10,000 entries collected in one piece held it for 3-5 ms): a record read later than
+        now may be newer, and whatever changes from now on is noted and appended after it, so the log replays
+        to what memory holds."""
         dirty_entries, self._dirty_entries = self._dirty_entries, set()
         dirty_nodes, self._dirty_nodes = self._dirty_nodes, set()
-        whole, self._whole = self._whole, False  # changes from now on are appended after what is collected here
+        whole, self._whole = self._whole, False  # changes from now on are appended after what is written here
         if whole or self._log.rewrite_due(len(dirty_entries) + len(dirty_nodes), self._learned + len(self.nodes)):
-            entries = [(node, key, shape) for node, known in self.entries.items() for key, shape in known.items()]
-            nodes = [(node, status.as_dict()) for node, status in self.nodes.items()]
-            return self._rewrite(entries, nodes)
+            return self._rewrite(self._live_entries(list(self.entries.items())), self._live_nodes(list(self.nodes)))
         return self._append(
-            [(node, key, self.entries.get(node, {}).get(key)) for node, key in dirty_entries],
-            [(node, s.as_dict() if (s := self.nodes.get(node)) is not None else None) for node in dirty_nodes],
+            ((node, key, self.entries.get(node, {}).get(key)) for node, key in dirty_entries),
+            self._live_nodes(dirty_nodes, deleted=True),
         )
 
-    async def _append(self, entries: list, nodes: list) -> None:
-        if not await self._log.append(entries, nodes):
+    @staticmethod
+    def _live_entries(nodes: list[tuple[str, dict[str, Shape]]]) -> Iterator[tuple[str, str, Shape]]:
+        for node, known in nodes:
+            for key, shape in list(known.items()):  # (a node's entries may change between two parts)
+                yield node, key, shape
+
+    def _live_nodes(self, names: Iterable[str], deleted: bool = False) -> Iterator[tuple[str, dict | None]]:
+        for node in names:
+            status = self.nodes.get(node)
+            if status is not None:
+                yield node, status.as_dict()
+            elif deleted:
+                yield node, None
+
+    async def _append(self, entries: Iterable, nodes: Iterable) -> None:
+        try:
+            saved = await self._log.append(entries, nodes)
+        except asyncio.CancelledError:
+            self._mark_all()  # a stop cut the save short: the saver's last flush writes it all
+            raise
+        if not saved:
             self._mark_all()  # tried again whole in SAVE_WITHIN (not at once: a full or read-only disk)
 
-    async def _rewrite(self, entries: list, nodes: list) -> None:
-        if not await self._log.rewrite(entries, nodes):
+    async def _rewrite(self, entries: Iterable, nodes: Iterable) -> None:
+        try:
+            saved = await self._log.rewrite(entries, nodes)
+        except asyncio.CancelledError:
+            self._mark_all()  # a stop cut the save short: the saver's last flush writes it all
+            raise
+        if not saved:
             self._mark_all()
             return
         if self._legacy:
