@@ -292,3 +292,34 @@ def test_a_kill_mid_rewrite_leaves_the_old_log_whole(tmp_path):
     assert _temp_files(tmp_path)  # the half-written new log, never renamed
     assert registry_sync(tmp_path, Registry()).restore() == 100  # and its StateStore removed the temp file
     assert not _temp_files(tmp_path)
+
+
+def test_a_burst_of_a_thousand_entries_and_the_first_save_after_it_trim_the_allocator(tmp_path):
+    """The arenas a burst's messages left part-used go back to the OS once it is applied (and after the first
+    whole save); a few changes do not pay for a pass over the arenas."""
+    from edged import memory
+
+    async def applied(sync) -> None:
+        for _ in range(100_000):
+            if not sync._touched and sync._apply_timer is None:
+                return
+            await asyncio.sleep(0.01)
+
+    async def main() -> None:
+        registry = Registry()
+        sync = registry_sync(tmp_path, registry)
+        calls = memory.trim.calls
+        _fill(sync, range(5))
+        await applied(sync)
+        assert memory.trim.calls == calls and len(registry.snapshot().services) == 50
+        _fill(sync, range(5, 110))
+        await applied(sync)
+        assert memory.trim.calls == calls + 1 and len(registry.snapshot().services) == 1100
+        await sync._saver.flush()  # the first save: rewritten whole
+        assert memory.trim.calls == calls + 2
+        _fill(sync, range(110, 115))
+        await applied(sync)
+        await sync._saver.flush()  # appended
+        assert memory.trim.calls == calls + 2 and sync._log.appends == 1
+
+    asyncio.run(main())

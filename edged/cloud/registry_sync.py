@@ -49,13 +49,14 @@ from typing import Any
 
 import cbor2
 
-from .. import __version__, jsonbody
+from .. import __version__, jsonbody, memory
 from ..errors import ConfigError
 from ..identity import PeerName
 from ..limits import Limits
 from ..locality import clean_zone, format_loc, parse_loc
 from ..logs import log_event
 from ..manifest import parse_policy, policy_dict
+from ..memory import TRIM_AFTER
 from ..methods import MAX_METHODS
 from ..model import DEFAULT_TENANT, TIERS, EndpointSpec, InterfaceSpec, MethodRule, ServiceSpec
 from ..registry import Registry, Snapshot
@@ -406,6 +407,7 @@ class RegistrySync:
         self._touched: set[tuple[str, str]] = set()  # services whose spec may have changed since the last apply
         self._urgent: set[tuple[str, str]] = set()  # ... of them, those this node routes to (applied first)
         self._unfrozen = 0  # entries learned and services applied since the last `_freeze`
+        self._burst = 0  # services applied since the registry last had nothing left to apply
         self._names: dict[str, str] = {}  # node -> the one string kept for it (its entries, providers, offers)
         self._sources: dict[str, str] = {}  # node -> "mqtt:{node}"
         self._learned = 0  # entries kept, over all nodes
@@ -902,8 +904,13 @@ class RegistrySync:
         if self._unfrozen >= FREEZE_EVERY:
             self._freeze()
         self._apply_cost = time.perf_counter() - started
+        self._burst += len(chunk)
         if self._touched:
             self._apply_timer = asyncio.get_running_loop().call_later(self._apply_cost / APPLY_SHARE, self._apply_some)
+        elif self._burst:
+            if self._burst >= TRIM_AFTER:  # a burst's messages are gone: give the arenas they left back to the OS
+                memory.trim()
+            self._burst = 0
 
     def _freeze(self) -> None:
         """Leave what the registry keeps out of the cyclic garbage collector's full passes: with ten thousand
@@ -1205,6 +1212,8 @@ class RegistrySync:
         if not saved:
             self._mark_all()
             return
+        if self._log.rewrites == 1 and self._learned >= TRIM_AFTER:
+            memory.trim()  # the first save after a start: what the burst (or the restore) left in the arenas
         if self._legacy:
             self._legacy = False  # the JSON document of an earlier version is in the log now
             with contextlib.suppress(OSError):
