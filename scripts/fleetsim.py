@@ -21,7 +21,8 @@ The learn scenario (issue "a fleet of a thousand boxes"; `--scenario learn`), fo
 fleet is on the broker first; the daemon routes `--needed` of the fleet's services over the cloud tier
 (cloud-only manifests) and serves one of its own (`here`, a local backend). It reports the time from the
 daemon's connect to knowing every needed service with its provider online, the CPU and RSS it took (RSS
-against the same daemon on an empty broker: its idle RSS), a local call's latency next to a direct call to
+against the same daemon on an empty broker: its idle RSS; once the registry is saved, also per remote entry
+kept, `rss_per_entry_kib`), a local call's latency next to a direct call to
 the same backend while the retained burst arrives (a separate process calls, one call at a time; the burst
 is made again by taking over the daemon's MQTT client id, as a reconnect does) with the daemon's loop lag
 meanwhile (its `edged_loop_lag_seconds` samples over 5 and 20 ms), the state file, a warm
@@ -71,7 +72,7 @@ from fixtures_mqtt import Broker, cloud_first_manifest, mqtt_section, name_node,
 
 from edged.cloud.envelope import CloudAnswer, decode_request, encode_answer
 from edged.cloud.fleet import document_text, generate_key, load_private_key, sign_document
-from edged.cloud.registry_log import LOG_FILE
+from edged.cloud.registry_log import LOG_FILE, read_log
 from edged.cloud.registry_sync import STATE_FILE, spec_entry
 from edged.cloud.topics import Topics, service_key
 from edged.manifest import parse_manifest_data
@@ -651,7 +652,8 @@ async def learn_run(args, boxes: int, topology: str, tmp: Path) -> dict:
         if args.pin:
             pin(idle.proc.pid, BOX_CPU)
         await asyncio.sleep(3.0)
-        out["idle_rss_mib"] = round(rss_kib(idle.proc.pid) / 1024, 1)
+        idle_rss_kib = rss_kib(idle.proc.pid)
+        out["idle_rss_mib"] = round(idle_rss_kib / 1024, 1)
         out["idle_cpu_s"] = round(cpu_s(idle.proc.pid), 2)
         idle.stop()
 
@@ -684,10 +686,18 @@ async def learn_run(args, boxes: int, topology: str, tmp: Path) -> dict:
             out["learn_s"] = f"not after {args.learn_timeout} s"
         out["cpu_to_learn_s"] = round(cpu_s(pid), 2)
         await asyncio.sleep(3.0)
+        # RSS once the registry is saved (its first save, a whole rewrite, is part of taking a burst in)
+        await poll_until(state.exists, 15.0, interval=0.1)
+        await asyncio.sleep(1.0)
         status = await asyncio.to_thread(d.get, "/v1/status")
         out["nodes_known"] = (status.get("peers_summary") or {}).get("total", len(status.get("peers", [])))
         out["rss_mib"] = round(rss_kib(pid) / 1024, 1)
         out["rss_over_idle_mib"] = round(out["rss_mib"] - out["idle_rss_mib"], 1)
+        saved = read_log(str(state))  # the entries the box keeps: the ones it saves
+        kept = sum(len(keys) for keys in saved.entries.values()) if saved is not None else 0
+        out["entries_kept"] = kept
+        # RSS growth over the idle daemon per remote entry kept (issue 15's target: <= 1 KiB)
+        out["rss_per_entry_kib"] = round((rss_kib(pid) - idle_rss_kib) / kept, 2) if kept else None
 
         # Local calls with the fleet quiet (status messages only), then around the burst of a reconnect: another
         # client takes the daemon's client id, the daemon reconnects and gets every retained message again.
