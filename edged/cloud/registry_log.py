@@ -5,9 +5,10 @@ at every save held the event loop for 0.2-0.5 s and wrote as much to the SD card
 the records that changed since the last one (one write and one fsync, in a thread), and the file is rewritten
 whole (`state.AtomicFile`: temp file, fsync, rename) only at the first save after a start and when the
 appended records outgrow the live ones. Either way the records are encoded on the event loop in parts of at
-most 64 KiB or 2 ms, the loop running in between (encoding in a thread held the GIL, and the loop, for up to
-the interpreter's 5 ms switch interval at a time). Entries are stored by shape (`registry_sync.Shape`: an entry without
-its node and service name), each shape once per file, so the file is about 40 bytes per entry.
+most 64 KiB or 2 ms, the loop running in between: encoding in a thread held the GIL against the loop (a task
+waiting for its turn during the first save of 10,000 entries waited up to 22-27 ms). Entries are stored by
+shape (`registry_sync.Shape`: an entry without its node and service name), each shape once per file, so the
+file is about 40 bytes per entry.
 
 `cloud-registry.log`, one JSON value a line:
   {"format": 3, "prefix": "hubmesh", "fleet": "home"}     the header, first line
@@ -209,7 +210,7 @@ class RegistryLog:
 
     async def _parts(self, entries: Iterable[EntryRecord], nodes: Iterable[NodeRecord]) -> AsyncIterator[bytes]:
         """The records' lines, a part at a time: at most about `PART_BYTES` and `PART_SECONDS` of encoding each,
-        with the loop free between parts (a first save of 10,000 entries held it for 5-7 ms in one piece)."""
+        with the loop free between parts."""
         clock = time.perf_counter
         lines: list[str] = []
         size = 0

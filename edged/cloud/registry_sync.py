@@ -1167,9 +1167,9 @@ class RegistrySync:
     def _save(self) -> Awaitable[None]:
         """The saver's write: append what changed since the last save, or rewrite the log whole (see
         `registry_log.py`). The records are read as they are encoded, in parts with the loop free in between
-        (a first save of 10,000 entries collected in one piece held it for 3-5 ms): a record read later than
-        now may be newer, and whatever changes from now on is noted and appended after it, so the log replays
-        to what memory holds."""
+        (not collected here in one piece: O(entries) for a rewrite): a record read later than now may be newer,
+        and whatever changes from now on is noted and appended after it, so the log replays to what memory
+        holds."""
         dirty_entries, self._dirty_entries = self._dirty_entries, set()
         dirty_nodes, self._dirty_nodes = self._dirty_nodes, set()
         whole, self._whole = self._whole, False  # changes from now on are appended after what is written here
