@@ -5,7 +5,7 @@ at every save held the event loop for 0.2-0.5 s and wrote as much to the SD card
 the records that changed since the last one (one write and one fsync, in a thread), and the file is rewritten
 whole (`state.AtomicFile`: temp file, fsync, rename) only at the first save after a start and when the
 appended records outgrow the live ones. Either way the records are encoded on the event loop in parts of at
-most 64 KiB or 2 ms, the loop running in between: encoding in a thread held the GIL against the loop (a task
+most 64 KiB or about 2 ms, the loop running in between: encoding in a thread held the GIL against the loop (a task
 waiting for its turn during the first save of 10,000 entries waited up to 22-27 ms). Entries are stored by
 shape (`registry_sync.Shape`: an entry without its node and service name), each shape once per file, so the
 file is about 40 bytes per entry.
@@ -42,9 +42,10 @@ FORMAT = 3
 MIN_COMPACT = 1024  # appended records before a rewrite is considered at all
 MAX_LINE = 64 * 1024  # a longer line is damage: an entry is at most a few KiB
 # A save encodes at most about this much, or for this long, before the event loop runs again (a local call
-# waits for the part being encoded at worst); the clock is read every CHECK_EVERY records.
+# waits for the part being encoded at worst); the clock is read every CHECK_EVERY records. Joining, encoding
+# and writing the part add up to half a millisecond: a part is some 2 ms of the loop in all.
 PART_BYTES = 64 * 1024
-PART_SECONDS = 0.002
+PART_SECONDS = 0.0015
 CHECK_EVERY = 32
 
 EntryRecord = tuple[str, str, Any]  # (node, key, Shape or None: deleted)
