@@ -598,3 +598,33 @@ def test_following_a_whole_fleet_a_burst_reaches_the_registry_in_chunks_the_need
         assert ("default", "wanted") in chunks[0]  # the service this node routes to, in the first chunk
 
     asyncio.run(main())
+
+
+def test_a_service_gets_the_entry_of_its_first_node_by_name_and_keeps_its_spec_while_unchanged(tmp_path):
+    """The spec a remote service gets is made when applied (none is kept beside the registry's): the first
+    node by name that serves it, the same object while nothing changes, the next node once the first goes."""
+
+    async def main() -> None:
+        registry = Registry()
+        sync = registry_sync(tmp_path, registry)
+        sync._on_service(entry_msg("pi-5", "thermo"))
+        sync.apply()
+        first = registry.snapshot().get("default", "thermo").spec
+        assert first.source == "mqtt:pi-5"
+        sync._on_service(entry_msg("pi-7", "thermo"))  # a later node: the chosen entry stays
+        sync._on_service(entry_msg("pi-5", "thermo"))  # the same entry delivered again (a reconnect)
+        sync._apply_some()
+        assert registry.snapshot().get("default", "thermo").spec is first
+        sync._on_service(entry_msg("pi-3", "thermo"))  # an earlier node by name: its entry is chosen
+        sync._apply_some()
+        assert registry.snapshot().get("default", "thermo").spec.source == "mqtt:pi-3"
+        sync._on_service(entry_msg("pi-3", "thermo", payload=b""))
+        sync._apply_some()
+        assert registry.snapshot().get("default", "thermo").spec == first
+        assert [s.source for s in sync.remote_specs()] == ["mqtt:pi-5"]
+        sync._on_service(entry_msg("pi-5", "thermo", payload=b""))
+        sync._on_service(entry_msg("pi-7", "thermo", payload=b""))
+        sync._apply_some()
+        assert registry.snapshot().get("default", "thermo") is None and sync.remote_specs() == []
+
+    asyncio.run(main())

@@ -21,6 +21,7 @@ Pure bookkeeping on a clock it is given: no I/O, no event loop, so every rule is
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 ONLINE = "online"
@@ -95,6 +96,10 @@ class Liveness:
         self.nodes.pop(node, None)
         for key in list(self._offers.get(node, ())):
             self.remove_provider(key, node, now)
+
+    def provided(self) -> Iterable[ServiceKey]:
+        """The services some node provides (a view: do not change providers while iterating it)."""
+        return self._providers.keys()
 
     def serving(self, key: ServiceKey) -> tuple[str, ...]:
         """The nodes known to provide `key`."""

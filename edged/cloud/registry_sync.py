@@ -402,8 +402,6 @@ class RegistrySync:
         # needs no tracking then (the burst of a start would keep a (node, key) pair per entry until the save).
         self._whole = True
         self._heard: set[str] = set()  # nodes heard from on the current connection (see `heard_since_connect`)
-        # (tenant, service) -> the spec put in the registry (its source names the node: "mqtt:{node}")
-        self._chosen: dict[tuple[str, str], ServiceSpec] = {}
         self._touched: set[tuple[str, str]] = set()  # services whose spec may have changed since the last apply
         self._urgent: set[tuple[str, str]] = set()  # ... of them, those this node routes to (applied first)
         self._unfrozen = 0  # entries learned and services applied since the last `_freeze`
@@ -809,28 +807,24 @@ class RegistrySync:
             self.liveness.add_provider(service, node, self._clock())
         else:
             self.liveness.remove_provider(service, node, self._clock(), departed=departed)
-        self._choose(service, node, add)
+        self._touch(service)
 
-    def _choose(self, service: tuple[str, str], node: str, added: bool) -> None:
-        """The spec a service gets in the registry: the entry of the first node by name that serves it. O(1)
-        for a message, except when the chosen node's entry goes (then O(nodes serving this one service))."""
+    def _touch(self, service: tuple[str, str]) -> None:
+        """A service's providers changed: its spec in the registry is made again at the next apply (`_spec`)."""
         self._touched.add(service)
         if self.follows_all and service_key(*service) in self._needed:
             self._urgent.add(service)
-        chosen = self._chosen.get(service)
-        chosen_node = chosen.source[len(SOURCE) + 1 :] if chosen is not None else None
-        if added and chosen_node is not None and chosen_node < node:
-            return  # an entry of a later node: the chosen one stays
-        if added or chosen_node is None or chosen_node == node:
-            serving = self.liveness.serving(service)
-            first = node if added else (min(serving) if serving else None)
-            if first is None:
-                self._chosen.pop(service, None)
-                return
-            key = service_key(*service)
-            spec = self.entries[first][key].spec(key, self._source_of(first))
-            if spec != chosen:
-                self._chosen[service] = spec
+
+    def _spec(self, service: tuple[str, str]) -> ServiceSpec | None:
+        """The spec a service gets in the registry: the entry of the first node by name that serves it (None:
+        none does). Made when applied, not kept: the registry keeps it (a copy here was a map of 10,000
+        specs on a box following a whole fleet), and it keeps its old spec when this one is equal."""
+        serving = self.liveness.serving(service)
+        if not serving:
+            return None
+        first = min(serving)
+        key = service_key(*service)
+        return self.entries[first][key].spec(key, self._source_of(first))
 
     def _changed(
         self, services: bool = True, removal: bool = False, entry: tuple[str, str] | None = None, node: str = ""
@@ -875,7 +869,7 @@ class RegistrySync:
 
     def remote_specs(self) -> list[ServiceSpec]:
         """One spec per remote (tenant, service) reachable over MQTT; of several nodes, the first by name."""
-        return list(self._chosen.values())
+        return [spec for service in self.liveness.provided() if (spec := self._spec(service)) is not None]
 
     def apply(self) -> None:
         """Put the remote services into the registry (source "mqtt") now, all of them."""
@@ -883,7 +877,8 @@ class RegistrySync:
             self._apply_timer.cancel()
             self._apply_timer = None
         self._touched, self._urgent = set(), set()
-        self._registry.set_services(SOURCE, self._chosen)
+        specs = {service: self._spec(service) for service in self.liveness.provided()}
+        self._registry.set_services(SOURCE, {service: spec for service, spec in specs.items() if spec is not None})
 
     def _apply_some(self) -> None:
         """The timer's apply: the services whose spec changed, `APPLY_CHUNK` at a time, each chunk an
@@ -899,7 +894,7 @@ class RegistrySync:
             touched -= chunk
             chunk.update(touched.pop() for _ in range(APPLY_CHUNK - len(chunk)))
         started = time.perf_counter()
-        self._registry.update_services(SOURCE, {service: self._chosen.get(service) for service in chunk})
+        self._registry.update_services(SOURCE, {service: self._spec(service) for service in chunk})
         self._unfrozen += len(chunk)  # the services, endpoints and health states made for them
         if self._unfrozen >= FREEZE_EVERY:
             self._freeze()
