@@ -228,3 +228,49 @@ def test_an_api_policy_change_recomputes_its_service_only(tmp_path):
         assert registry.snapshot().services == incremental
 
     asyncio.run(main())
+
+
+def test_a_cloud_endpoint_is_reused_while_its_service_is_unchanged_and_made_anew_for_a_new_broker(tmp_path):
+    """The cloud layer hands out again the endpoint a service has in the registry (`tier._Previous`), so an
+    incremental rebuild keeps the services it did not change as they were; a new broker URL makes new ones."""
+    import dataclasses
+
+    import cbor2
+
+    from edged.cloud.registry_sync import spec_entry
+    from edged.cloud.session import Inbound
+    from edged.cloud.tier import CloudEndpoint
+    from edged.manifest import parse_manifest_data
+
+    config = load_config(str(config_file(tmp_path, 'follow = ["*"]\n')))
+
+    def entry(node: str, name: str, priority: int = 0) -> Inbound:
+        spec = parse_manifest_data({"service_name": name, "priority": priority}, "x.toml")
+        payload = cbor2.dumps(spec_entry(spec, node=node, zone="", cloud=True))
+        return Inbound(tier.topics.service(node, "default", name), payload, True)
+
+    def cloud_ep(name: str) -> CloudEndpoint:
+        service = daemon.core.registry.snapshot().get("default", name)
+        assert service is not None
+        return next(ep for ep in service.endpoints if isinstance(ep, CloudEndpoint))
+
+    async def main() -> None:
+        nonlocal daemon, tier
+        daemon = Daemon(config)
+        tier = next(t for t in daemon.core.tiers if t.name == "cloud")
+        sync = tier.registry_sync
+        for name in ("thermo", "lamp"):
+            sync._on_service(entry("pi-2", name))
+        sync._apply_some()
+        thermo, lamp = cloud_ep("thermo"), cloud_ep("lamp")
+        sync._on_service(entry("pi-2", "pump"))
+        sync._on_service(entry("pi-2", "lamp", priority=2))  # lamp changes: a new endpoint
+        sync._on_service(entry("pi-3", "thermo"))  # another provider: thermo's spec and endpoint stay
+        sync._apply_some()
+        assert cloud_ep("thermo") is thermo and cloud_ep("pump").url.endswith("/svc/pump")
+        assert cloud_ep("lamp") is not lamp and cloud_ep("lamp").priority == 2
+        tier.reconfigure(dataclasses.replace(config.mqtt, url="mqtt://127.0.0.2:1"))
+        assert cloud_ep("thermo").url == f"mqtt://127.0.0.2:1/{tier.topics.base}/svc/thermo"
+
+    daemon = tier = None
+    asyncio.run(main())

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -14,7 +14,7 @@ from ..aio import cancel_and_wait
 from ..config import MqttConfig
 from ..logs import log_event
 from ..model import Endpoint, ServiceSpec, Target
-from ..registry import Key, Layer, Partial, Snapshot
+from ..registry import Key, Layer, Partial, Registry, Snapshot
 from ..vitals import Vitals
 from . import fleet as fleet_mod
 from .fleet import FleetConfigSource, FleetSettings, load_trusted_keys
@@ -91,20 +91,47 @@ class CloudEndpoint(Endpoint):
         return f"{self._where}/{self.service}"
 
 
+class _Previous(Mapping[Key, Endpoint]):
+    """The cloud endpoint each service has in the registry now (the snapshot that a rebuild replaces), for
+    `cloud_endpoints` to hand out again when it would make an equal one. Read from the registry, not kept in
+    a map of its own: with 10,000 remote services that map was 30 bytes per entry for what the registry holds
+    anyway."""
+
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+
+    def __getitem__(self, key: Key) -> Endpoint:
+        service = self._registry.snapshot().services.get(key)
+        if service is not None:
+            for ep in service.endpoints:
+                if isinstance(ep, CloudEndpoint):
+                    return ep
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[Key]:
+        for key, service in self._registry.snapshot().services.items():
+            if any(isinstance(ep, CloudEndpoint) for ep in service.endpoints):
+                yield key
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
 def cloud_endpoints(
     specs: Mapping[Key, ServiceSpec],
     *,
     broker_url: str,
     topics: Topics,
-    cache: dict[Key, Endpoint] | None = None,
+    cache: Mapping[Key, Endpoint] | None = None,
 ) -> list[Endpoint]:
     """The "cloud" layer: one cloud endpoint per service whose endpoint types include "cloud". (Whether a
     live node serves it right now is the transport's per-call check, not the registry's: see `liveness.py`.)
 
     Priority and weight come from a long-form `[[endpoints]] type = "cloud"` when there is one, else the
-    service's priority and weight 100. With a `cache` (kept by the caller between calls), a service whose
-    endpoint would be the same as last time gets the same object: the registry then keeps that service as it
-    was (10,000 remote services: no new endpoint each at every change).
+    service's priority and weight 100. With a `cache` (a dict kept by the caller between calls, or a read-only
+    view of the endpoints made last time: `_Previous`), a service whose endpoint would be the same as last
+    time gets the same object: the registry then keeps that service as it was (10,000 remote services: no
+    new endpoint each at every change).
     """
     host, port, tls = broker_address(broker_url)
     where = f"{'mqtts' if tls else 'mqtt'}://{host}:{port}/{topics.base}/svc"
@@ -128,7 +155,7 @@ def cloud_endpoints(
             )
         out.append(known)
         fresh[key] = known
-    if cache is not None:
+    if isinstance(cache, dict):
         if not isinstance(specs, Partial):  # some services only (an incremental rebuild): keep the others
             cache.clear()
         cache.update(fresh)
@@ -221,7 +248,6 @@ class CloudTier:
         )
         self._started = False
         self._tasks: list[asyncio.Task] = []
-        self._endpoint_cache: dict[Key, Endpoint] = {}
 
     def reconfigure(self, mq: MqttConfig) -> None:
         """A reload changed live `[mqtt]` keys (`reconfig.LIVE_MQTT_FIELDS`): the session moves to the new
@@ -231,17 +257,16 @@ class CloudTier:
         if mq.follow != old.follow:
             self.registry_sync.set_follow(mq.follow)
         if mq.url != old.url:
-            self._endpoint_cache.clear()  # the cloud endpoints name the broker in their URL
-            self._registry.refresh()
+            self._registry.refresh()  # the cloud endpoints name the broker in their URL
         log_event(log, logging.INFO, "cloud.reconfigured", broker=mq.url, fallback=list(mq.fallback_urls))
 
     def parts(self) -> TierParts:
         from ..core import TierParts
 
-        topics, cache = self.topics, self._endpoint_cache
+        topics, previous = self.topics, _Previous(self._registry)
 
         def endpoints(specs: Mapping[Key, ServiceSpec]) -> list[Endpoint]:
-            return cloud_endpoints(specs, broker_url=self.config.mqtt.url, topics=topics, cache=cache)
+            return cloud_endpoints(specs, broker_url=self.config.mqtt.url, topics=topics, cache=previous)
 
         return TierParts(
             transports={"cloud": self.transport},
