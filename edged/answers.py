@@ -33,6 +33,10 @@ class WholeAnswer:
         body, self._body = self._body, b""
         return body
 
+    def take(self) -> bytes:
+        body, self._body = self._body, b""
+        return body
+
     def discard(self) -> None:
         self._body = b""
 

@@ -28,7 +28,7 @@ from .paths import normalize_path
 from .policies import PolicyOverrides
 from .quota import FREE
 from .registry import Registry
-from .relay import call_for, relay_answer
+from .relay import call_for, relay_answer, relay_whole
 from .router import Router
 from .state import StateError
 from .telemetry import MeshMetrics
@@ -212,7 +212,10 @@ class Api:
                     rid.encode(),
                     b"\r\n",
                 )
-                await relay_answer(self._router, req, resp, routed, extra)
+                if routed.answer.complete and req.method != "HEAD":  # all here: no coroutine
+                    relay_whole(self._router, resp, routed, extra)
+                else:
+                    await relay_answer(self._router, req, resp, routed, extra)
             finally:
                 ticket.release()
         except CallError as exc:

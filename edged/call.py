@@ -75,6 +75,7 @@ class UpstreamAnswer(Protocol):
     complete: bool  # the whole body is already here
 
     async def read(self) -> bytes: ...
+    def take(self) -> bytes: ...  # the body not yet read, at once (no wait): all of it once `complete`
     def discard(self) -> None: ...
 
 

@@ -67,22 +67,38 @@ def call_for(
     )
 
 
+def relay_whole(router: Router, resp: ResponseWriter, routed: Routed, extra: tuple[bytes, ...]) -> None:
+    """`relay_answer` for an answer that is all here (`answer.complete`, not a HEAD request: the common small
+    answer): one write, and no coroutine of its own or of the answer's `read` (two per call otherwise)."""
+    answer = routed.answer
+    lines = header_lines(answer.headers)
+    lines += extra
+    outcome = "success" if answer.status < 500 else "error"
+    try:
+        resp.send_lines(answer.status, lines, answer.take())
+        if routed.streamed:  # a streamed answer whose rest came before the head went out
+            router.settle(routed, True)
+    except ConnectionError:
+        answer.discard()
+        outcome = "error"
+        raise
+    finally:
+        router.record(routed.service.spec.name, routed.endpoint.tier, outcome, routed.started)
+
+
 async def relay_answer(
     router: Router, req: Request, resp: ResponseWriter, routed: Routed, extra: tuple[bytes, ...]
 ) -> None:
     """Send the routed answer to the caller (streamed, or in one write when it is all here) and count the call.
     `extra`: header lines the entry point adds, encoded (pieces that join to "name: value\\r\\n" lines)."""
+    if routed.answer.complete and req.method != "HEAD":
+        relay_whole(router, resp, routed, extra)
+        return
     answer, ep = routed.answer, routed.endpoint
     lines = header_lines(answer.headers)
     lines += extra
     outcome = "success" if answer.status < 500 else "error"
     try:
-        if answer.complete and req.method != "HEAD":
-            # The whole answer is already here (the common small answer): one read gives all of it, one write.
-            resp.send_lines(answer.status, lines, await answer.read())
-            if routed.streamed:  # a streamed answer whose rest came before the head went out
-                router.settle(routed, True)
-            return
         resp.start_lines(answer.status, lines, content_length=answer.content_length)
         try:
             while chunk := await answer.read():

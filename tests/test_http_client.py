@@ -317,6 +317,33 @@ def test_chunked_and_close_delimited_bodies() -> None:
     asyncio.run(main())
 
 
+def test_take_gives_a_complete_answer_whole_and_then_nothing() -> None:
+    """`take()` (the relay's no-wait read of an answer that is all here) joins the body's pieces, once."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\nhello")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b" world")
+        await read_request(reader)
+
+    async def main() -> None:
+        async with RawBackend(script) as backend:
+            pool = UpstreamPool()
+            response = await pool.request(backend.target, "GET", "/", [], b"", 2)
+            for _ in range(500):  # the rest of the body arrives
+                if response.complete:
+                    break
+                await asyncio.sleep(0.01)
+            assert response.take() == b"hello world"
+            assert response.take() == b"" and await response.read() == b""
+            assert pool.stats()[backend.target.key] == {"idle": 1, "busy": 0, "opened": 1}
+            await pool.close()
+
+    asyncio.run(main())
+
+
 def test_head_204_and_interim_answers_have_no_body() -> None:
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         head, _ = await read_request(reader)

@@ -78,6 +78,10 @@ class MqttAnswer:
         body, self._body = self._body, b""
         return body
 
+    def take(self) -> bytes:
+        body, self._body = self._body, b""
+        return body
+
     def discard(self) -> None:
         self._body = b""
 

@@ -32,7 +32,7 @@ from ..model import DEFAULT_TENANT, Endpoint
 from ..paths import normalize_path
 from ..quota import FREE
 from ..registry import Registry
-from ..relay import call_for, relay_answer
+from ..relay import call_for, relay_answer, relay_whole
 from ..router import Router
 from ..routes import common_labels
 from ..transport.http import HttpTransport
@@ -240,7 +240,10 @@ class Ingress:
                 routed.endpoint.id.encode(),
                 b"\r\nx-edged-peer-tries: %d\r\n" % routed.tries,
             )
-            await relay_answer(self._router, req, resp, routed, extra)
+            if routed.answer.complete and req.method != "HEAD":  # all here: no coroutine
+                relay_whole(self._router, resp, routed, extra)
+            else:
+                await relay_answer(self._router, req, resp, routed, extra)
 
 
 def _split(path: str) -> tuple[str, str | None, str]:

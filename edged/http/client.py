@@ -122,6 +122,16 @@ class UpstreamResponse:
             conn._resume()
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
+    def take(self) -> bytes:
+        """The body received and not yet read, at once (`read` without a wait): all of it once `complete`."""
+        chunks = self._chunks
+        self._chunks = []
+        self._buffered = 0
+        conn = self._conn
+        if conn is not None and conn._read_paused:
+            conn._resume()
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
     def discard(self) -> None:
         """The caller will not read (the rest of) the body: close the connection unless the body is complete."""
         conn = self._conn
