@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from bisect import bisect_left
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -174,6 +175,19 @@ class _Lane:
         self.budget = budget
 
 
+class _Tally:
+    """One (service, tier)'s call metrics as the cells `Router.record` counts into: calls by outcome, and the
+    duration histogram's row (edged.telemetry: no label tuple, hash or call per count)."""
+
+    __slots__ = ("buckets", "key", "outcomes", "row")
+
+    def __init__(self, key: tuple[str, str], buckets: tuple[float, ...], row: list[float]) -> None:
+        self.key = key
+        self.buckets = buckets
+        self.row = row
+        self.outcomes: dict[str, list[float]] = {}
+
+
 class Router:
     """Turns calls into tries. Reads the registry snapshot and health; writes results back to health."""
 
@@ -199,6 +213,8 @@ class Router:
         self._plans = _PlanCache(self._ranker, health)
         self._breakers = Breakers()
         self._routes = RoutePicker()  # subsets, splits and match rules (edged/routes.py)
+        self._tallies: dict[tuple[str, str], _Tally] = {}  # by (service, tier): see record
+        self._evaluations: dict[str, list[float]] = {}  # policy_evaluations' cell per strategy
 
     def service(self, tenant: str, name: str) -> Service:
         """The service, or 404 `unknown_service`."""
@@ -229,7 +245,10 @@ class Router:
             plan = self._plans.plan(service, tiers, eps, now)
         else:
             plan = self._ranker.plan(service, self._health, now, eps, explain=explain)
-        self._metrics.policy_evaluations.inc((plan.strategy,))
+        cell = self._evaluations.get(plan.strategy)
+        if cell is None:
+            cell = self._evaluations[plan.strategy] = self._metrics.policy_evaluations.cell((plan.strategy,))
+        cell[0] += 1
         return plan, skipped
 
     async def route_service_call(self, call: Call, service: Service | None = None) -> Routed:
@@ -459,8 +478,26 @@ class Router:
 
     def record(self, service: str, tier: str, outcome: str, started: float) -> None:
         """Count a finished call (the API calls this once the answer's body is through)."""
-        self._metrics.calls.inc((service, tier, outcome))
-        self._metrics.call_seconds.observe((service, tier), self._clock() - started)
+        tally = self._tallies.get((service, tier))
+        if tally is None:
+            tally = self._tally(service, tier)
+        cell = tally.outcomes.get(outcome)
+        if cell is None:
+            cell = tally.outcomes[outcome] = self._metrics.calls.cell((service, tier, outcome))
+        cell[0] += 1
+        seconds = self._clock() - started
+        row = tally.row  # Histogram.observe, on the series' row
+        row[bisect_left(tally.buckets, seconds)] += 1
+        row[-2] += seconds
+        row[-1] += 1
+
+    def _tally(self, service: str, tier: str) -> _Tally:
+        if len(self._tallies) >= _MAX_CACHED_PLANS:
+            self._tallies.clear()  # services come and go: start over rather than keep the gone ones
+        key = (service, tier)
+        seconds = self._metrics.call_seconds
+        tally = self._tallies[key] = _Tally(key, seconds.buckets, seconds.row(key))
+        return tally
 
     def _lane(self, service: Service) -> _Lane:
         if len(self._lanes) >= _MAX_CACHED_PLANS:

@@ -151,21 +151,63 @@ class _Scalar(_Family):
             yield f"{name}{{{_labels_text(names, labels)}}} {_fmt(value)}" if labels else f"{name} {_fmt(value)}"
 
 
-class Counter(_Scalar):
-    """A number that only goes up (calls, failovers, errors)."""
+class Counter(_Family):
+    """A number that only goes up (calls, failovers, errors).
+
+    Each series is a cell, a one-element list: `cell(labels)` hands it out, and a holder on the call path adds
+    to it directly (`cell[0] += 1`), without a label tuple, a hash and a call per count."""
 
     kind = "counter"
+
+    def __init__(self, name: str, help: str, labelnames: tuple[str, ...], max_series: int) -> None:
+        super().__init__(name, help, labelnames, max_series)
+        self._cells: dict[tuple[str, ...], list[float]] = {}
+        if not self._arity:
+            self._init_unlabelled()
+
+    def _series(self) -> dict:
+        return self._cells
+
+    def _init_unlabelled(self) -> None:
+        self._cells[()] = [0.0]  # a scrape shows 0 rather than nothing
 
     def inc(self, labels: tuple[str, ...] = (), value: float = 1.0) -> None:
         """Add `value` (>= 0) to the series of `labels`."""
         if value < 0:
             raise TelemetryError(f"{self.name}: a counter cannot go down ({value})")
-        values = self._values
-        current = values.get(labels)
-        if current is not None:  # the common case, inlined: one lookup, one add
-            values[labels] = current + value
-        else:
-            self._add(labels, value)
+        cell = self._cells.get(labels)
+        if cell is None:  # the common case is one lookup and one add
+            cell = self.cell(labels)
+        cell[0] += value
+
+    def cell(self, labels: tuple[str, ...]) -> list[float]:
+        """The series of `labels` as a cell to add to (`cell[0] += n`, n >= 0), made if new. Past the series cap
+        it is a cell of its own that nothing renders (the count is dropped, as `inc` drops it). A removed or
+        cleared series makes new cells: take the cell again after that."""
+        cell = self._cells.get(labels)
+        if cell is None:
+            key = self._key(labels)
+            if key is None:
+                return [0.0]
+            cell = self._cells.get(key)
+            if cell is None:
+                cell = self._cells[key] = [0.0]
+        return cell
+
+    def get(self, labels: tuple[str, ...] = ()) -> float | None:
+        """The current value of one series, None if it does not exist."""
+        cell = self._cells.get(tuple(str(v) for v in labels))
+        return None if cell is None else cell[0]
+
+    def values(self) -> dict[tuple[str, ...], float]:
+        """Every series' value now (a copy)."""
+        return {labels: cell[0] for labels, cell in self._cells.items()}
+
+    def lines(self) -> Iterable[str]:
+        name, names = self.name, self.labelnames
+        for labels, cell in sorted(self._cells.items()):
+            value = cell[0]
+            yield f"{name}{{{_labels_text(names, labels)}}} {_fmt(value)}" if labels else f"{name} {_fmt(value)}"
 
 
 class Gauge(_Scalar):
@@ -222,15 +264,23 @@ class Histogram(_Family):
         """Count `value` into the series of `labels`."""
         row = self._data.get(labels)
         if row is None:
-            key = self._key(labels)
-            if key is None:
-                return
-            row = self._data.get(key)
-            if row is None:
-                row = self._data[key] = [0.0] * (len(self.buckets) + 3)
+            row = self.row(labels)
         row[bisect_left(self.buckets, value)] += 1  # bounds are inclusive: le="0.1" counts 0.1
         row[-2] += value
         row[-1] += 1
+
+    def row(self, labels: tuple[str, ...]) -> list[float]:
+        """The series of `labels` as a row a holder counts into as `observe` does (`observe_row`), made if new;
+        past the series cap, a row of its own that nothing renders. A removed or cleared series makes new rows."""
+        row = self._data.get(labels)
+        if row is None:
+            key = self._key(labels)
+            if key is None:
+                return [0.0] * (len(self.buckets) + 3)
+            row = self._data.get(key)
+            if row is None:
+                row = self._data[key] = [0.0] * (len(self.buckets) + 3)
+        return row
 
     def get(self, labels: tuple[str, ...] = ()) -> tuple[float, float] | None:
         """(count, sum) of one series, None if it does not exist."""

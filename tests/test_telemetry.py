@@ -193,6 +193,32 @@ def test_series_cap_drops_new_label_sets_but_keeps_existing() -> None:
     assert c.dropped == 7
 
 
+def test_cells_and_rows_count_into_their_series_as_inc_and_observe_do() -> None:
+    """The call path holds a counter's cell and a histogram's row and adds to them directly: a scrape, `value`,
+    `get` and `values` see those counts; past the series cap a held cell counts nowhere, as `inc` would."""
+    m = Metrics(max_series=2)
+    c = m.counter("c_total", "c", ("service",))
+    h = m.histogram("h_seconds", "h", ("service",), buckets=(0.1, 1))
+    cell = c.cell(("a",))
+    assert c.cell(("a",)) is cell
+    cell[0] += 2
+    c.inc(("a",))
+    assert c.get(("a",)) == 3 and m.value("c_total") == 3 and c.values() == {("a",): 3}
+    row = h.row(("a",))
+    assert h.row(("a",)) is row
+    row[0] += 1
+    row[-2] += 0.05
+    row[-1] += 1
+    h.observe(("a",), 0.5)
+    assert h.get(("a",)) == (2, 0.55)
+    text = m.render()
+    assert 'c_total{service="a"} 3' in text and 'h_seconds_bucket{service="a",le="0.1"} 1' in text
+    c.inc(("b",))
+    extra = c.cell(("c",))  # a third series: over the cap
+    extra[0] += 5
+    assert c.values() == {("a",): 3, ("b",): 1} and c.dropped == 1 and "c_total{service=\"c\"}" not in m.render()
+
+
 def test_gauge_inc_dec_and_values_format() -> None:
     m = Metrics()
     g = m.gauge("t_inflight", "t")

@@ -96,7 +96,7 @@ class TelemetryPublisher:
     def summary(self) -> dict:
         """Calls, failures and failovers per service and tier since the previous summary, and totals."""
         services: dict[str, dict] = {}
-        calls = dict(self._mesh.calls._series())  # (service, tier, outcome) -> count
+        calls = self._mesh.calls.values()  # (service, tier, outcome) -> count
         for labels, total in calls.items():
             service, tier, outcome = labels
             delta = total - self._last_calls.get(labels, 0.0)
@@ -106,7 +106,7 @@ class TelemetryPublisher:
             row["total"] += int(total)
             if outcome != "success":
                 row["failures"] += int(delta)
-        failovers = dict(self._mesh.failovers._series())
+        failovers = self._mesh.failovers.values()
         for labels, total in failovers.items():
             svc = services.setdefault(labels[0], {"tiers": {}, "failovers": 0})
             svc["failovers"] = int(total - self._last_failovers.get(labels, 0.0))
