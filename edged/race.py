@@ -23,7 +23,7 @@ Outcome = tuple[Endpoint, UpstreamAnswer | None, dict | None]  # (endpoint, answ
 
 
 class Race:
-    """The tries of one call that run side by side; `close()` cancels and awaits those still running."""
+    """The tries of one call that run side by side; `abandon()` cancels those still running."""
 
     __slots__ = ("_loop", "_tries")
 
@@ -67,11 +67,20 @@ class Race:
             rang.cancel()
         return {task for task in done if task is not rang}  # type: ignore[misc]
 
-    async def close(self) -> None:
-        """Cancel the tries still running and wait for them; an answer one got meanwhile is released."""
+    def abandon(self) -> None:
+        """Cancel the tries still running, without waiting for them: each gives its in-flight place back as its
+        cancellation reaches it (the next turn of the loop), and an answer one got meanwhile is released.
+        A plain function, so that the router calls it from a `finally` (no `await` there: mypyc, see router)."""
         tries, self._tries = list(self._tries), {}
         for task in tries:
             task.cancel()
-        for result in await asyncio.gather(*tries, return_exceptions=True):
-            if isinstance(result, tuple) and result[0] is not None:
-                result[0].discard()
+            task.add_done_callback(_release)
+
+
+def _release(task: asyncio.Task) -> None:
+    """An abandoned try ended: discard the answer it got before its cancellation reached it, if it did."""
+    if task.cancelled() or task.exception() is not None:  # asking for the exception marks it retrieved
+        return
+    answer = task.result()[0]
+    if answer is not None:
+        answer.discard()

@@ -146,22 +146,6 @@ class Routed:
 DEADLINE_SLACK = 0.002  # seconds: how early a timer set for the deadline may fire (uvloop: 1 ms ticks)
 
 
-class _Racing:
-    """Closes a call's race (edged.race), if it came to one, however the call ends."""
-
-    __slots__ = ("race",)
-
-    def __init__(self) -> None:
-        self.race: Race | None = None
-
-    async def __aenter__(self) -> _Racing:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self.race is not None:
-            await self.race.close()
-
-
 class _Lane:
     """What a call of one service needs besides its plan, looked up once per call instead of piece by piece:
     its breaker gate and its retry budget. Made again when the service object changes
@@ -292,73 +276,74 @@ class Router:
         slow: dict | None = None  # the last try, still racing past its per-try timeout
         tries = 0
 
-        # The race is closed by `async with`, not by an `await` in the `finally` below: mypyc (2.4.1) compiles an
-        # await in a finally block so that leaving the try normally re-raises any exception the caller is
-        # handling, and an exception passing through stays in sys.exc_info (where the next such call picks it up).
-        async with _Racing() as racing:
-            try:
-                for i, choice in enumerate(plan.choices):
-                    ep = choice.endpoint
-                    if limit and endpoint_full(self._health.state(ep.id).inflight, policy):
-                        full.append(ep.id)
-                        continue
-                    if tries > 0:  # the first try always goes
-                        last = slow or (attempts[-1] if attempts else None)
-                        if retry.why_not_retry(policy, tries, last, call.method):
-                            break
-                        if retry.spends_budget(last) and not budget.try_withdraw():
-                            self._metrics.retry_budget_exhausted.inc((spec.name,))
-                            attempts.append({"endpoint": ep.id, "error": "retry budget exhausted"})
-                            break
-                        self._metrics.retries.inc((spec.name, last["error"] if last else "unknown"))
-                    remaining = call.deadline - self._clock()
-                    if remaining <= 0:
+        try:
+            for i, choice in enumerate(plan.choices):
+                ep = choice.endpoint
+                if limit and endpoint_full(self._health.state(ep.id).inflight, policy):
+                    full.append(ep.id)
+                    continue
+                if tries > 0:  # the first try always goes
+                    last = slow or (attempts[-1] if attempts else None)
+                    if retry.why_not_retry(policy, tries, last, call.method):
                         break
-                    tries += 1
-                    later = i + 1 < len(plan.choices) and tries <= policy.retries  # another try could follow
-                    if race is None and (not later or _usable_after(plan.choices, i)):
-                        # A plain try: cut short by the per-try timeout while a usable endpoint is left to move on
-                        # to; the last try the call can make has until the deadline.
-                        answer, failed = await self._attempt(ep, service, call, policy, remaining, whole=not later)
-                        if failed is None and held is None:  # the common case, without the bookkeeping below
-                            if tries > 1:
-                                self._metrics.failovers.inc((spec.name,))
-                            streamed = not answer.complete and call.method != "HEAD"  # type: ignore[union-attr]
-                            return Routed(answer, ep, tries, service, started, attempts, streamed)  # type: ignore[arg-type]
-                        outcomes = [(ep, answer, failed)]
-                    else:
-                        # No usable endpoint left to move on to (only stalled or down ones): the per-try timeout
-                        # brings the next choice in, and the slow try stays in the race (edged.race).
-                        race = racing.race = race or Race()
-                        outrun: list[bool] = [False]
-                        current = race.start(ep, self._attempt(ep, service, call, policy, remaining, outrun=outrun))
-                        outcomes = await race.wait(current, policy.per_try_timeout if later else None, remaining)
-                        # Still running with no answer in: its per-try timeout passed, and the next choice goes too.
-                        outrun[0] = not current.done() and all(failed is not None for _, _, failed in outcomes)
-                        slow = {"endpoint": ep.id, "error": "slow", "reached": True} if outrun[0] else None
-                    routed, held = self._take(outcomes, held, tries, attempts, service, started, call.method)
-                    if routed is not None:
-                        return routed
-                while race:  # the plan is through: what is still racing has until the deadline
-                    outcomes = await race.wait(None, None, call.deadline - self._clock())
-                    routed, held = self._take(outcomes, held, tries, attempts, service, started, call.method)
-                    if routed is not None:
-                        return routed
-                if held is not None:
-                    # Every try failed and the last real answer was a retryable 5xx: the caller gets that answer.
-                    held.tries = tries
-                    routed, held = held, None
+                    if retry.spends_budget(last) and not budget.try_withdraw():
+                        self._metrics.retry_budget_exhausted.inc((spec.name,))
+                        attempts.append({"endpoint": ep.id, "error": "retry budget exhausted"})
+                        break
+                    self._metrics.retries.inc((spec.name, last["error"] if last else "unknown"))
+                remaining = call.deadline - self._clock()
+                if remaining <= 0:
+                    break
+                tries += 1
+                later = i + 1 < len(plan.choices) and tries <= policy.retries  # another try could follow
+                if race is None and (not later or _usable_after(plan.choices, i)):
+                    # A plain try: cut short by the per-try timeout while a usable endpoint is left to move on
+                    # to; the last try the call can make has until the deadline.
+                    answer, failed = await self._attempt(ep, service, call, policy, remaining, whole=not later)
+                    if failed is None and held is None:  # the common case, without the bookkeeping below
+                        if tries > 1:
+                            self._metrics.failovers.inc((spec.name,))
+                        streamed = not answer.complete and call.method != "HEAD"  # type: ignore[union-attr]
+                        return Routed(answer, ep, tries, service, started, attempts, streamed)  # type: ignore[arg-type]
+                    outcomes = [(ep, answer, failed)]
+                else:
+                    # No usable endpoint left to move on to (only stalled or down ones): the per-try timeout
+                    # brings the next choice in, and the slow try stays in the race (edged.race).
+                    race = race or Race()
+                    outrun: list[bool] = [False]
+                    current = race.start(ep, self._attempt(ep, service, call, policy, remaining, outrun=outrun))
+                    outcomes = await race.wait(current, policy.per_try_timeout if later else None, remaining)
+                    # Still running with no answer in: its per-try timeout passed, and the next choice goes too.
+                    outrun[0] = not current.done() and all(failed is not None for _, _, failed in outcomes)
+                    slow = {"endpoint": ep.id, "error": "slow", "reached": True} if outrun[0] else None
+                routed, held = self._take(outcomes, held, tries, attempts, service, started, call.method)
+                if routed is not None:
                     return routed
-            except BaseException:
-                # Cancelled (the caller left) while holding an answer: give its connection back. Every return
-                # above leaves `held` None, so only a raise can leave one held. Not in the `finally`: mypy checks a
-                # finally block last as reached by falling through the try, where `held` is None, and mypyc then
-                # compiles `held` there as None (a TypeError when it is not).
-                if held is not None:
-                    held.answer.discard()
-                raise
-            finally:
-                places.give()
+            while race:  # the plan is through: what is still racing has until the deadline
+                outcomes = await race.wait(None, None, call.deadline - self._clock())
+                routed, held = self._take(outcomes, held, tries, attempts, service, started, call.method)
+                if routed is not None:
+                    return routed
+            if held is not None:
+                # Every try failed and the last real answer was a retryable 5xx: the caller gets that answer.
+                held.tries = tries
+                routed, held = held, None
+                return routed
+        except BaseException:
+            # Cancelled (the caller left) while holding an answer: give its connection back. Every return
+            # above leaves `held` None, so only a raise can leave one held. Not in the `finally`: mypy checks a
+            # finally block last as reached by falling through the try, where `held` is None, and mypyc then
+            # compiles `held` there as None (a TypeError when it is not).
+            if held is not None:
+                held.answer.discard()
+            raise
+        finally:
+            places.give()
+            if race is not None:
+                # Tries still racing are cancelled, not awaited: mypyc (2.4.1) compiles an await in a finally
+                # block (or in an except that re-raises) so that leaving the try normally re-raises any
+                # exception the caller is handling. And no `async with` either: it costs ~5k instructions a call.
+                race.abandon()
         if full and not tries:
             self._metrics.overloaded.inc((spec.name, "endpoint_max_inflight"))
             self.record(spec.name, "none", "overloaded", started)
