@@ -140,7 +140,7 @@ class _UnendingTransport(ScriptedTransport):
 
 def test_a_call_made_while_an_exception_is_handled_raises_its_own_error() -> None:
     """mypyc 2.4.1 compiled the router's `await` in a `finally` so that leaving the try re-raised the exception
-    the caller was handling (here the KeyError) instead of the call's own CallError (edged/router.py _Racing)."""
+    the caller was handling (here the KeyError) instead of the call's own CallError (edged/router.py)."""
     router, *_, call = make({"a": ConnectFailed, "b": ConnectFailed})
     try:
         raise KeyError("handled by the caller")
