@@ -116,6 +116,9 @@ class FakeFlight:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
         self.health.released += 1
 
     def finish(self, ep, service, ok, latency, *, reached=True) -> None:
