@@ -253,6 +253,7 @@ class _ServerConnection(asyncio.Protocol):
         self._body_size = 0
         self._content_length: int | None = None
         self._expect = False
+        self._version = "1.1"  # the message's HTTP version, read by on_headers_complete
         now = self._loop.time()
         self._since = now  # when the current wait began (connect, idle, message begin, last body data)
 
@@ -400,12 +401,15 @@ class _ServerConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._since = self._loop.time()
-        if self._parser.get_http_version() not in ("1.0", "1.1"):  # llhttp refuses others, http-parser not
+        # Asked once per request and kept for on_message_complete: httptools formats it anew each time (str.format,
+        # about 2k instructions).
+        version = self._version = self._parser.get_http_version()
+        if version not in ("1.0", "1.1"):  # llhttp refuses others, http-parser not
             self._stop(400, "bad_request", "unsupported HTTP version")
         limit = self._server._max_body_bytes
         if self._content_length is not None and self._content_length > limit:
             self._stop(413, "too_large", f"request body over {limit} bytes")
-        if self._expect and self._parser.get_http_version() == "1.1":
+        if self._expect and version == "1.1":
             if self._busy or self._queue:  # an earlier answer is on the wire: send it after that one
                 self._continue_pending = True
             else:
@@ -433,7 +437,7 @@ class _ServerConnection(asyncio.Protocol):
             target,
             path,
             query,
-            parser.get_http_version(),
+            self._version,
             self._headers,
             (body[0] if len(body) == 1 else b"".join(body)) if body else b"",
             self._peer,
