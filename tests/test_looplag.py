@@ -172,6 +172,36 @@ def test_the_tick_stops_with_the_last_limit_done():
     assert not live()
 
 
+def test_limits_in_quick_succession_share_one_tick_that_stops_a_tick_after_the_last():
+    """Calls at 200/s and more: each exchange's limit is done less than BUSY_GAP after the previous one, so the
+    tick keeps running (one timer a TICK, not one armed and cancelled per call); once the calls stop, it runs
+    out a TICK later and an idle daemon is not woken for it. Lag meanwhile is still counted."""
+    loop = FakeLoop()
+    looplag.loop_lag(loop)  # type: ignore[arg-type]
+    live = lambda: [h for h in loop.timers if not h.cancelled()]  # noqa: E731
+    made = 0
+    for i in range(40):  # a call every 2 ms, each over in 1 ms
+        loop.run(i * 0.002)
+        before = len(loop.timers)
+        limit = TimeLimit(loop, 0.5)  # type: ignore[arg-type]
+        limit.due()
+        made += len(loop.timers) - before
+        loop.run(i * 0.002 + 0.001)
+        limit.done()
+    # The first limit armed the tick and, done with none before it, cancelled it; the second armed it again
+    # and kept it running (done 2 ms after the first): the next 38 found it running.
+    assert made == 2
+    assert len(live()) == 1  # still running after the last call: it may be needed in a moment
+    loop.run(0.15)
+    assert not live()  # a TICK with nothing pending: it stopped by itself (at most two ticks after the last)
+    limit = TimeLimit(loop, 0.5)  # type: ignore[arg-type]
+    limit.due()
+    loop.run(0.25, blocked=True)  # blocked: the tick due at 0.17 ran 0.08 s late
+    assert limit.lost() == pytest.approx(0.08 - 0.001)
+    limit.done()  # the previous limit was done long ago: the tick is cancelled at once, as at a low rate
+    assert not live()
+
+
 def test_a_cancelled_tick_counts_how_late_it_already_was():
     loop = FakeLoop()
     lag = looplag.loop_lag(loop)  # type: ignore[arg-type]
