@@ -12,7 +12,9 @@ never later than its hard `limit` (the caller's deadline).
 tick adds how late it ran. A limit's owner calls `TimeLimit.done()` once the limit no longer matters (the
 answer head is in), and the tick is cancelled when the last pending limit is done (how late it is by then
 counted first): an exchange that ends within a tick (a local call, a health check) costs no wake-up for it,
-and an idle daemon is not woken up for it at all. A limit that is never marked done keeps the tick going
+and an idle daemon is not woken up for it at all. At 200 calls/s and more (limits done less than BUSY_GAP
+apart) the tick is left running instead, one wake-up per TICK rather than a timer armed and cancelled per call,
+and stops by itself a TICK after the last limit. A limit that is never marked done keeps the tick going
 until a second past its due time, no longer.
 """
 
