@@ -1189,23 +1189,24 @@ class RegistrySync:
             elif deleted:
                 yield node, None
 
-    async def _append(self, entries: Iterable, nodes: Iterable) -> None:
+    async def _saved(self, save: Awaitable[bool]) -> bool:
+        """Whether `save` (an append or a rewrite of the log) was written; if not, everything is marked to be
+        written whole: by the saver's last flush when a stop cut it short, else in SAVE_WITHIN (not at once: a
+        full or read-only disk)."""
         try:
-            saved = await self._log.append(entries, nodes)
+            saved = await save
         except asyncio.CancelledError:
-            self._mark_all()  # a stop cut the save short: the saver's last flush writes it all
-            raise
-        if not saved:
-            self._mark_all()  # tried again whole in SAVE_WITHIN (not at once: a full or read-only disk)
-
-    async def _rewrite(self, entries: Iterable, nodes: Iterable) -> None:
-        try:
-            saved = await self._log.rewrite(entries, nodes)
-        except asyncio.CancelledError:
-            self._mark_all()  # a stop cut the save short: the saver's last flush writes it all
+            self._mark_all()
             raise
         if not saved:
             self._mark_all()
+        return saved
+
+    async def _append(self, entries: Iterable, nodes: Iterable) -> None:
+        await self._saved(self._log.append(entries, nodes))
+
+    async def _rewrite(self, entries: Iterable, nodes: Iterable) -> None:
+        if not await self._saved(self._log.rewrite(entries, nodes)):
             return
         if self._log.rewrites == 1 and self._learned >= TRIM_AFTER:
             memory.trim()  # the first save after a start: what the burst (or the restore) left in the arenas

@@ -114,13 +114,7 @@ class UpstreamResponse:
             finally:
                 timer.cancel()
                 self._waiter = None
-        chunks = self._chunks
-        self._chunks = []
-        self._buffered = 0
-        conn = self._conn
-        if conn is not None and conn._read_paused:
-            conn._resume()
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return self.take()
 
     def take(self) -> bytes:
         """The body received and not yet read, at once (`read` without a wait): all of it once `complete`."""
