@@ -10,7 +10,6 @@ policy and `trim()` does nothing.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 from collections.abc import Callable
 
@@ -42,6 +41,8 @@ class Trimmer:
         if self._looked_up:
             return
         self._looked_up = True
+        import ctypes  # (here: an idle daemon that never trims does not pay for ctypes and libffi)
+
         try:
             func = getattr(ctypes.CDLL(None), self.symbol)  # the running process's symbols: its C library's
         except (OSError, AttributeError):

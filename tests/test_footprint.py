@@ -55,7 +55,9 @@ NOT_ON_THE_LOCAL_TIER = (
     "shutil",
 )
 # With MQTT on, paho's module-level imports that edged never uses (edged.lazy).
-NOT_WITH_MQTT = ("urllib.request", "http.client", "email", "uuid", "cryptography", "zeroconf")
+# ctypes (with libffi): only once the allocator is trimmed after a registry burst (edged.memory); with mDNS on,
+# zeroconf's ifaddr loads it anyway.
+NOT_WITH_MQTT = ("urllib.request", "http.client", "email", "uuid", "cryptography", "zeroconf", "ctypes")
 # Everything on (mDNS, MQTT, a fleet key, checked services) and idle: what only TLS, cloud MACs, a fleet
 # document's verification or the other commands use.
 NOT_AT_IDLE = (
