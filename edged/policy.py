@@ -81,8 +81,8 @@ class HealthState(Protocol):
     peak: PeakEwma
     active_ok: bool  # `available(now)` is `active_ok and now >= ejected_until` (the call path reads them inline)
     ejected_until: float
-    busy_since: float  # when calls last began while none were in flight (`stall_quiet`)
-    last_response_at: float  # when it last answered (`stall_quiet`)
+    busy_since: float  # when calls last began while none were in flight (`is_stalled`)
+    last_response_at: float  # when it last answered (`is_stalled`)
     sent_sum: float  # predictive: the send times of its tries in flight, summed
     model: predictive.Model | None  # predictive: its model
 
@@ -94,7 +94,7 @@ class HealthView(Protocol):
     def state(self, endpoint_id: str) -> HealthState: ...
     def states_of(self, ids: tuple[str, ...]) -> Sequence[HealthState]: ...  # `state` of each (one call)
 
-    # Never True when `stall_quiet(state, now, threshold)` is (the call path does not ask then).
+    # Never True when calls began or an answer came less than `threshold` ago (`is_stalled` does not ask then).
     def stalled(self, endpoint_id: str, now: float, threshold: float) -> bool: ...
 
 
@@ -160,12 +160,17 @@ def stall_threshold(latency_ewma: float | None, per_try_timeout: float) -> float
     return max(STALL_FLOOR, min(cap, STALL_FACTOR * latency_ewma))
 
 
-def stall_quiet(st: HealthState, now: float, threshold: float) -> bool:
-    """Surely not stalled at `threshold`, without asking `HealthView.stalled` (about 6k instructions): calls
-    began on it, or it answered, less than `threshold` ago (`stalled` only takes the event loop's lag since
-    then off that age)."""
+def is_stalled(st: HealthState, endpoint_id: str, now: float, health: HealthView, per_try_timeout: float) -> bool:
+    """Whether an endpoint with calls in flight is stalled: `health.stalled` at its `stall_threshold`, asked
+    (about 6k instructions) only when it may be. It is not when calls began on it, or it answered, less than
+    the threshold ago (`stalled` only takes the event loop's lag since then off that age): most calls, told
+    apart by a compare, and by a second one before the threshold is worked out."""
     since, answered = st.busy_since, st.last_response_at
-    return now - (since if since >= answered else answered) < threshold
+    age = now - (since if since >= answered else answered)
+    if age < STALL_FLOOR and age < per_try_timeout / 2:  # below any `stall_threshold`
+        return False
+    threshold = stall_threshold(st.latency_ewma, per_try_timeout)
+    return age >= threshold and health.stalled(endpoint_id, now, threshold)
 
 
 def _usable_costs(
@@ -173,9 +178,8 @@ def _usable_costs(
 ) -> tuple[list[float], list[int], list[int]]:
     """least_loaded's cost of each endpoint `ids[i]` (`balancer.cost`, inlined, without the vitals factor), and
     the positions of those that are down (not available) and stalled; `states[i]` is its health. One pass,
-    availability and `stall_quiet` inlined, as the call path's decision reads little else (policybench.py)."""
+    availability inlined, as the call path's decision reads little else (policybench.py)."""
     exp, decay, default_rtt, per_try = math.exp, balancer.DECAY, policy.default_rtt, policy.per_try_timeout
-    quiet = min(STALL_FLOOR, per_try / 2)  # no stall threshold is lower (`stall_threshold`)
     out: list[float] = []
     add = out.append
     down: list[int] = []
@@ -188,12 +192,8 @@ def _usable_costs(
         pending = st.inflight
         peak = st.peak
         if pending:
-            since, answered = st.busy_since, st.last_response_at
-            age = now - (since if since >= answered else answered)
-            if age >= quiet:  # (else `stall_quiet` at any threshold)
-                threshold = stall_threshold(st.latency_ewma, per_try)
-                if age >= threshold and health.stalled(ids[len(out)], now, threshold):
-                    stalled.append(len(out))
+            if is_stalled(st, ids[len(out)], now, health, per_try):
+                stalled.append(len(out))
             if peak.stamp < 0.0:
                 add(balancer.PENALTY + pending)
             else:
@@ -367,11 +367,7 @@ class Ranker:
             st = state(ep.id)
             if not st.available(now) and not (strategy == "predictive" and predictive.live(st, now)):
                 lv.down.append((ep, st.reason(now) if explain else ""))
-            elif (
-                st.inflight > 0
-                and not stall_quiet(st, now, threshold := stall_threshold(st.latency_ewma, policy.per_try_timeout))
-                and health.stalled(ep.id, now, threshold)
-            ):
+            elif st.inflight > 0 and is_stalled(st, ep.id, now, health, policy.per_try_timeout):
                 lv.stalled.append(ep)
             else:
                 lv.usable.append(ep)
@@ -651,19 +647,13 @@ class Ranker:
         (their draws in level order, as `predictive.order` level by level), each level cheapest first; the
         cloud's share counts the first."""
         policy = service.spec.policy
-        stalled, per_try = health.stalled, policy.per_try_timeout
-        quiet = min(STALL_FLOOR, per_try / 2)  # no stall threshold is lower (`stall_threshold`)
+        per_try = policy.per_try_timeout
         states = health.states_of(roster.ids)
         for eid, st in zip(roster.ids, states, strict=True):  # (before any draw: None leaves the rng as it was)
             if not (st.active_ok and now >= st.ejected_until):  # not `available(now)`
                 return None
-            if st.inflight > 0:  # (`stall_quiet`, inlined)
-                since, answered = st.busy_since, st.last_response_at
-                age = now - (since if since >= answered else answered)
-                if age >= quiet:
-                    threshold = stall_threshold(st.latency_ewma, per_try)
-                    if age >= threshold and stalled(eid, now, threshold):
-                        return None
+            if st.inflight > 0 and is_stalled(st, eid, now, health, per_try):
+                return None
         pr = roster.predictive
         assert pr is not None  # (made with every quick predictive roster)
         values = predictive.costs(

@@ -52,7 +52,7 @@ class FakeState:
     def __init__(self) -> None:
         self.active_ok = True  # (`up`: the test's verdict)
         self.ejected_until = 0.0
-        # Never a sign of life: the ranker's cheap stall check (`policy.stall_quiet`) then always asks
+        # Never a sign of life: the ranker's cheap stall check (`policy.is_stalled`) then always asks
         # `FakeHealth.stalled`, that is the test's `stalled_ids`.
         self.busy_since = self.last_response_at = -math.inf
         self.latency_ewma = None

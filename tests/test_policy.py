@@ -285,7 +285,7 @@ def test_a_callers_list_of_endpoints_is_ranked_as_given():
 
 
 def test_the_call_path_asks_the_monitor_for_a_stall_only_when_one_may_be_and_decides_as_it_says(monkeypatch):
-    """`stall_quiet`: an endpoint that had calls begin or an answer less than a stall threshold ago is not
+    """`is_stalled`: an endpoint that had calls begin or an answer less than a stall threshold ago is not
     stalled, whatever the event loop's lag; the others are asked (and the loop's lag since then is not
     counted against them). Plans on the roster are the general loop's, draw for draw."""
     lag, asked = [0.0], []
