@@ -60,15 +60,13 @@ class Identity:
     id: str = ""  # what authorization rules match: TENANT/APP, or spiffe://FLEET/node/NODE
     kind: str = "app"  # app | tenant | jwt | anonymous | admin | node
     via: str = ""  # a call made for TENANT/APP by a peer node: the node's id (rules match either)
+    # The APP of a local caller's id TENANT/APP ("" for a node): made with the identity, read once per call.
+    app: str = field(init=False, default="", repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.id:
             object.__setattr__(self, "id", f"{self.tenant}/{self.name}")
-
-    @property
-    def app(self) -> str:
-        """The APP of a local caller's id TENANT/APP ("" for a node)."""
-        return "" if self.kind == "node" else self.id.partition("/")[2]
+        object.__setattr__(self, "app", "" if self.kind == "node" else self.id.partition("/")[2])
 
     def require(self, right: str) -> None:
         """403 `forbidden` (401 for the anonymous caller, who could bring a token) without `right`."""

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from .http.message import Unions, strip_hop_by_hop
+from .http.message import NOT_FORWARDED, Unions, strip_hop_by_hop
 from .model import Endpoint
 
 Headers = list[tuple[bytes, bytes]]
@@ -63,6 +63,9 @@ def new_call(
 
 
 _OWN = Unions(OWN_HEADERS)  # OWN_HEADERS and an entry point's `drop`, made once per `drop` set
+# Every name `new_call` drops (all but those a Connection header lists), with an entry point's `drop`: for
+# `edged.relay.call_for`, which keeps new_call's rules in its own one pass over a request's headers.
+DROPPED = Unions(NOT_FORWARDED | OWN_HEADERS)
 
 
 class UpstreamAnswer(Protocol):

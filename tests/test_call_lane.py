@@ -6,22 +6,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 import pytest
 from conftest import Edged
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_http_server import ResponseReader
 
 from edged.access import Identity
 from edged.admission import Gate
 from edged.authz import Authorizer, AuthzConfig, Rule
+from edged.call import new_call
 from edged.config import load_config
 from edged.daemon import Daemon
 from edged.errors import CallError
 from edged.health import HealthMonitor
 from edged.http.client import UpstreamPool
-from edged.http.message import header_lines, strip_hop_by_hop
+from edged.http.message import Request, header_lines, strip_hop_by_hop
 from edged.model import PolicySpec, Service, ServiceSpec, Target
 from edged.quota import Quotas
+from edged.relay import call_for
 from edged.telemetry import MeshMetrics
 
 HEADS = [
@@ -44,6 +49,72 @@ def test_strip_hop_by_hop_also_drops_the_callers_own_names() -> None:
     headers = [(b"host", b"h"), (b"x-a", b"1"), (b"connection", b"x-a"), (b"x-b", b"2"), (b"authorization", b"t")]
     assert strip_hop_by_hop(headers, frozenset({b"host", b"authorization"})) == [(b"x-b", b"2")]
     assert strip_hop_by_hop(headers) == [(b"host", b"h"), (b"x-b", b"2"), (b"authorization", b"t")]
+
+
+_NAMES = [
+    b"host",
+    b"x-request-id",
+    b"x-edged-timeout-ms",
+    b"connection",
+    b"authorization",
+    b"content-length",
+    b"transfer-encoding",
+    b"keep-alive",
+    b"upgrade",
+    b"x-a",
+    b"x-b",
+    b"user-agent",
+]
+_VALUES = [b"", b"7", b"250", b"close", b"keep-alive", b"Keep-Alive", b"x-a", b"X-B, user-agent", b"r-1"]
+_HEADERS = st.lists(st.tuples(st.sampled_from(_NAMES), st.sampled_from(_VALUES)), max_size=8)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(headers=_HEADERS, drop=st.sampled_from([frozenset(), frozenset({b"authorization"}), frozenset({b"x-a"})]))
+def test_call_for_makes_the_call_new_call_makes(headers: list[tuple[bytes, bytes]], drop: frozenset[bytes]) -> None:
+    # call_for keeps new_call's header rules in a pass of its own that also reads the mesh's two headers.
+    svc = _svc(PolicySpec(timeout=5.0))
+    req = Request("POST", "/x?q", "/x", "q", "1.1", headers, b"body", "127.0.0.1", True)
+    add = [(b"x-forwarded-host", b"h")]
+    asked = next((v for k, v in headers if k == b"x-edged-timeout-ms"), None)
+    if asked is not None and not asked.isdigit():
+        with pytest.raises(CallError, match="x-edged-timeout-ms"):
+            call_for(req, svc, "/x?q", drop=drop, add=add)
+        return
+    before = time.monotonic()
+    got = call_for(req, svc, "/x?q", drop=drop, add=add, app="app", tiers=frozenset({"local"}))
+    after = time.monotonic()
+    want = new_call(
+        "default",
+        "thermo",
+        "POST",
+        "/x?q",
+        headers,
+        b"body",
+        deadline=0.0,
+        request_id="",
+        drop=drop,
+        add=add,
+        app="app",
+        tiers=frozenset({"local"}),
+    )
+    assert got.headers == want.headers
+    assert (got.tenant, got.service, got.method, got.path, got.body, got.app, got.tiers) == (
+        want.tenant,
+        want.service,
+        want.method,
+        want.path,
+        want.body,
+        want.app,
+        want.tiers,
+    )
+    given_id = next((v for k, v in headers if k == b"x-request-id"), None)
+    if given_id:
+        assert got.request_id == given_id.decode()
+    else:
+        assert got.request_id and got.request_id != call_for(req, svc, "/x").request_id  # a new one each call
+    timeout = 5.0 if asked is None else min(5.0, int(asked) / 1000)
+    assert before + timeout <= got.deadline <= after + timeout
 
 
 def _gate(config: AuthzConfig) -> Gate:

@@ -25,9 +25,9 @@ HOP_BY_HOP: frozenset[bytes] = frozenset(
 
 
 # What is never forwarded: hop-by-hop headers, and content-length (every sender frames the body itself).
-_NOT_FORWARDED: frozenset[bytes] = HOP_BY_HOP | {b"content-length"}
+NOT_FORWARDED: frozenset[bytes] = HOP_BY_HOP | {b"content-length"}
 # Connection values that name no header beyond HOP_BY_HOP (nearly every Connection header says one of these).
-_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
+PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
 
 
 @dataclass(slots=True)
@@ -63,7 +63,7 @@ def strip_hop_by_hop(headers: Headers, also: frozenset[bytes] = frozenset()) -> 
         return kept  # no Connection header among them
     named: set[bytes] | None = None
     for key, value in headers:
-        if key == b"connection" and value not in _PLAIN_CONNECTION:
+        if key == b"connection" and value not in PLAIN_CONNECTION:
             if named is None:
                 named = set()
             named.update(token.strip().lower() for token in value.split(b","))
@@ -91,7 +91,7 @@ class Unions:
         return made
 
 
-_SKIPS = Unions(_NOT_FORWARDED)  # what strip_hop_by_hop drops with the caller's `also`
+_SKIPS = Unions(NOT_FORWARDED)  # what strip_hop_by_hop drops with the caller's `also`
 
 
 def header_lines(headers: Headers) -> list[bytes]:
@@ -99,9 +99,9 @@ def header_lines(headers: Headers) -> list[bytes]:
     "name: value\r\n" lines. One pass, and no tuple or join per header: the relayed answer's head is built of it."""
     parts: list[bytes] = []
     for name, value in headers:
-        if name not in _NOT_FORWARDED:
+        if name not in NOT_FORWARDED:
             parts += (name, b": ", value, b"\r\n")
-        elif name == b"connection" and value not in _PLAIN_CONNECTION:  # it names more headers to drop
+        elif name == b"connection" and value not in PLAIN_CONNECTION:  # it names more headers to drop
             parts = []
             for name, value in strip_hop_by_hop(headers):
                 parts += (name, b": ", value, b"\r\n")
