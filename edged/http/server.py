@@ -69,18 +69,18 @@ def error_body(code: str, detail: object) -> bytes:
 class ResponseWriter:
     """Writes one answer: `start` + `write`* + `end`, or `send` / `send_json` at once."""
 
-    __slots__ = ("_chunked", "_close", "_conn", "_head", "_left", "_no_body", "_version", "finished", "started")
+    # Made once per request: the state starts as these class-level defaults (no slots, so no store of each in
+    # __init__), and what the framing needs of the request is read by _frame once the answer starts.
+    _close = False  # the connection closes after this answer (decided by _frame)
+    _chunked = False
+    _no_body = False
+    _left: int | None = None  # bytes still owed under a Content-Length
+    started = False
+    finished = False
 
     def __init__(self, conn: _ServerConnection, request: Request) -> None:
         self._conn = conn
-        self._head = request.method == "HEAD"
-        self._version = request.version
-        self._close = not request.keep_alive
-        self._chunked = False
-        self._no_body = False
-        self._left: int | None = None  # bytes still owed under a Content-Length
-        self.started = False
-        self.finished = False
+        self._request = request
 
     def _build_head(self, status: int, headers: Headers, content_length: int | None) -> list[bytes]:
         parts = [_status_line(status)]
@@ -99,23 +99,27 @@ class ResponseWriter:
         if self.started:
             raise RuntimeError("response already started")
         self.started = True
+        request = self._request
         conn = self._conn
-        close = close or self._close or (conn._closing and (conn._server._shut or not conn._queue))
-        self._no_body = self._head or status < 200 or status == 204 or status == 304
-        if self._no_body:
-            if self._head and content_length is not None:
+        close = close or self._close or not request.keep_alive
+        close = close or (conn._closing and (conn._server._shut or not conn._queue))
+        version = request.version
+        head = request.method == "HEAD"
+        if head or status < 200 or status == 204 or status == 304:
+            self._no_body = True
+            if head and content_length is not None:
                 parts.append(b"content-length: %d\r\n" % content_length)
         elif content_length is not None:
             parts.append(b"content-length: %d\r\n" % content_length)
             self._left = content_length
-        elif self._version == "1.1":
+        elif version == "1.1":
             parts.append(b"transfer-encoding: chunked\r\n")
             self._chunked = True
         else:
             close = True  # HTTP/1.0 without a length: the close ends the body
         if close:
             parts.append(b"connection: close\r\n\r\n")
-        elif self._version == "1.0":
+        elif version == "1.0":
             parts.append(b"connection: keep-alive\r\n\r\n")
         else:
             parts.append(b"\r\n")
@@ -247,9 +251,10 @@ class _ServerConnection(asyncio.Protocol):
         self._in_head = False
         self._raw_head = 0
         self._head_size = 0
-        self._url: list[bytes] = []
+        self._max_head = server._max_header_bytes  # read per header: kept here, one attribute look-up less
+        self._url = b""
         self._headers: Headers = []
-        self._body: list[bytes] = []
+        self._body: list[bytes] = []  # emptied by on_message_complete (with _body_size), so only when not empty
         self._body_size = 0
         self._content_length: int | None = None
         self._expect = False
@@ -342,7 +347,7 @@ class _ServerConnection(asyncio.Protocol):
         # pipelined requests (counting those made a false 431 under heavy pipelining).
         if self._in_head and in_head and self._requests == done and not self._discard:
             self._raw_head += len(data)
-            if self._raw_head > 2 * self._server._max_header_bytes + 4096:
+            if self._raw_head > 2 * self._max_head + 4096:
                 self._fail(431, "header_too_large", "header section too large")
 
     def _feed(self, data: bytes) -> None:
@@ -369,23 +374,22 @@ class _ServerConnection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._open = self._in_head = True
-        self._raw_head = self._head_size = self._body_size = 0
-        self._url = []
+        self._raw_head = self._head_size = 0
+        self._url = b""
         self._headers = []
-        self._body = []
         self._content_length = None
         self._expect = False
         self._since = self._loop.time()
 
     def on_url(self, url: bytes) -> None:
-        self._url.append(url)
+        self._url += url  # nearly always in one piece; all of it is bounded by the head limit below
         self._head_size += len(url)
-        if self._head_size > self._server._max_header_bytes:
+        if self._head_size > self._max_head:
             self._stop(431, "header_too_large", "header section too large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         size = self._head_size = self._head_size + len(name) + len(value) + 4
-        if size > self._server._max_header_bytes:
+        if size > self._max_head:
             self._stop(431, "header_too_large", "header section too large")
         name = name.lower()
         self._headers.append((name, value))
@@ -425,13 +429,15 @@ class _ServerConnection(asyncio.Protocol):
         self._open = False
         self._continue_pending = False
         parser = self._parser
-        url = self._url
-        target = (url[0] if len(url) == 1 else b"".join(url)).decode("latin-1")
+        target = self._url.decode("latin-1")
         path, _, query = target.partition("?")
         if path[:1] != "/" and "://" in path:  # absolute-form, as proxies are sent
             parts = urlsplit(target)
             path, query = parts.path or "/", parts.query
         body = self._body
+        if body:  # given to the request whole: the pieces go (and a message without a body resets nothing)
+            self._body = []
+            self._body_size = 0
         request = Request(  # positional: a little cheaper than keywords, once per request
             parser.get_method().decode("ascii"),
             target,
@@ -445,7 +451,6 @@ class _ServerConnection(asyncio.Protocol):
             self._cred,
             self._peer_cert,
         )
-        self._body = []
         self._requests += 1
         self._enqueue(request)
 
@@ -468,14 +473,17 @@ class _ServerConnection(asyncio.Protocol):
         await waiter
 
     def _enqueue(self, item: Request | _Fail) -> None:
-        self._queue.append(item)
-        if self._worker is None:
+        queue = self._queue
+        queue.append(item)
+        wakeup = self._wakeup  # set while the worker waits for a request
+        if wakeup is not None:
+            if not wakeup.done():
+                wakeup.set_result(None)
+        elif self._worker is None:
             self._worker = self._loop.create_task(self._work())
             self._server._tasks.add(self._worker)
             self._worker.add_done_callback(self._server._tasks.discard)
-        elif self._wakeup is not None and not self._wakeup.done():
-            self._wakeup.set_result(None)
-        if len(self._queue) >= _MAX_QUEUED and not self._read_paused and self._transport is not None:
+        if len(queue) >= _MAX_QUEUED and not self._read_paused and self._transport is not None:
             self._transport.pause_reading()
             self._read_paused = True
 
@@ -523,13 +531,15 @@ class _ServerConnection(asyncio.Protocol):
         """Answer queued requests in order for as long as the connection lives."""
         queue = self._queue
         loop = self._loop
+        server = self._server
+        handler = server._handler
         in_a_row = 0
         while not self._closed:
             if not queue:
                 in_a_row = 0
                 self._since = loop.time()
-                self._wakeup = loop.create_future()
-                await self._wakeup
+                wakeup = self._wakeup = loop.create_future()
+                await wakeup
                 self._wakeup = None
                 continue
             if self._write_paused:
@@ -554,10 +564,9 @@ class _ServerConnection(asyncio.Protocol):
             # The handler runs here, not in a coroutine of its own: one coroutine less per request.
             self._busy = True
             writer = ResponseWriter(self, item)
-            server = self._server
             server._in_flight += 1
             try:
-                await server._handler(item, writer)
+                await handler(item, writer)
             except ClientDisconnected:
                 close = True
             except Exception:
@@ -574,12 +583,13 @@ class _ServerConnection(asyncio.Protocol):
                     return
                 self._close()
                 return
-            in_a_row += 1
-            if in_a_row >= _TURN and queue:
-                # Answers that need no I/O never suspend: without this, one pipelining client holds the loop.
-                in_a_row = 0
-                await asyncio.sleep(0)
-            if self._continue_pending and self._open and not queue:
+            if queue:  # (an empty queue sets in_a_row to 0 at the top of the loop)
+                in_a_row += 1
+                if in_a_row >= _TURN:
+                    # Answers that need no I/O never suspend: without this, one pipelining client holds the loop.
+                    in_a_row = 0
+                    await asyncio.sleep(0)
+            elif self._continue_pending and self._open:
                 self._continue_pending = False
                 self._write(_CONTINUE)
 
