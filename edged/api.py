@@ -131,7 +131,8 @@ class Api:
         answered by `_call`'s coroutine itself (no coroutine of this method's around it, once per call)."""
         try:
             host = req.header(b"host")
-            if req.peer != "unix":  # browsers reach TCP only
+            # Browsers reach TCP only. A Host allowed before is one set look-up here (None is never in `allowed`).
+            if req.peer != "unix" and host not in self._hosts.allowed:
                 self._hosts.check_host(host)
             if req.target[:1] != "/":
                 raise CallError(400, "bad_request", "absolute-form request targets are not served")
@@ -187,10 +188,9 @@ class Api:
             if req.method not in SAFE_METHODS:
                 self._hosts.check_same_origin(req)
             path = normalize_path(path)
-            tenant, by_token = caller.tenant, caller.by_token
             if not service:
                 raise CallError(404, "unknown_service", "no service named in the path")
-            svc = self._router.service(tenant, service)
+            svc = self._router.service(caller.tenant, service)
             ticket = FREE if self._gate is None else self._gate.admit(caller, svc, req.method, path)
             try:  # the ticket's places in the in-flight caps are given back however the call ends
                 if req.query:
@@ -199,7 +199,7 @@ class Api:
                     req,
                     svc,
                     path,
-                    drop=_AUTHORIZATION if by_token else _NOTHING,
+                    drop=_AUTHORIZATION if caller.by_token else _NOTHING,
                     add=[(b"x-forwarded-host", host)] if host is not None else (),
                     app=caller.app,
                 )

@@ -56,7 +56,7 @@ def new_call(
 ) -> Call:
     """The one way a call is made: the caller's headers minus hop-by-hop ones, `OWN_HEADERS` and `drop`,
     then `add` (headers the entry point sets, e.g. `x-forwarded-for`)."""
-    kept = strip_hop_by_hop(headers if isinstance(headers, list) else list(headers), _OWN.union(drop))
+    kept = strip_hop_by_hop(headers if isinstance(headers, list) else list(headers), _OWN.get(drop) or _OWN.union(drop))
     if add:
         kept.extend(add)
     return Call(tenant, service, method, path, kept, body, deadline, request_id, tiers, app)

@@ -19,6 +19,8 @@ from .router import Routed, Router
 # Request ids: a random per-process prefix and a counter (no syscall per call, unique across restarts).
 _ID_PREFIX = secrets.token_hex(4)
 _id_counter = itertools.count(1)
+# The dropped headers call_for reads: the mesh's own two, and Connection (which may name more to drop).
+_READ = frozenset({b"x-request-id", b"x-edged-timeout-ms", b"connection"})
 
 
 def _asked_timeout(policy_timeout: float, asked: bytes) -> float:
@@ -44,7 +46,7 @@ def call_for(
     shorter one) and request id (the caller's `x-request-id`, or a new one), with `new_call`'s header rules."""
     # new_call's rules, in the one pass over the caller's headers that also finds the mesh's own two (once per
     # call: new_call took two more passes and a list comprehension).
-    skip = DROPPED.union(drop)
+    skip = DROPPED.get(drop) or DROPPED.union(drop)
     kept: Headers = []
     given = asked = None
     named = False
@@ -52,14 +54,15 @@ def call_for(
         name = header[0]
         if name not in skip:
             kept.append(header)
-        elif name == b"x-request-id":
-            if given is None:
-                given = header[1]
-        elif name == b"x-edged-timeout-ms":
-            if asked is None:
-                asked = header[1]
-        elif name == b"connection" and header[1] not in PLAIN_CONNECTION:
-            named = True
+        elif name in _READ:  # (one look-up for the dropped header that is none of them, as Host)
+            if name == b"x-request-id":
+                if given is None:
+                    given = header[1]
+            elif name == b"x-edged-timeout-ms":
+                if asked is None:
+                    asked = header[1]
+            elif header[1] not in PLAIN_CONNECTION:
+                named = True
     if named:  # it names more headers to drop: new_call's own way (rare)
         kept = strip_hop_by_hop(req.headers, skip)
     if add:

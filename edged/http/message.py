@@ -57,7 +57,7 @@ class Request:
 def strip_hop_by_hop(headers: Headers, also: frozenset[bytes] = frozenset()) -> Headers:
     """Headers fit to forward: without HOP_BY_HOP, those named in Connection, content-length (callers reframe),
     and the names in `also` (the caller's own: one pass instead of two)."""
-    skip = _SKIPS.union(also)
+    skip = _SKIPS.get(also) or _SKIPS.union(also)
     kept = [h for h in headers if h[0] not in skip]
     if len(kept) == len(headers):
         return kept  # no Connection header among them
@@ -76,11 +76,14 @@ class Unions:
     """`base | also`, made once per `also` set and kept (a handful of sets in practice, one per entry point; at
     most 64, so it never grows without bound): a per-call union of header-name sets costs one dict look-up."""
 
-    __slots__ = ("_base", "_made")
+    __slots__ = ("_base", "_made", "get")
 
     def __init__(self, base: frozenset[bytes]) -> None:
         self._base = base
         self._made: dict[frozenset[bytes], frozenset[bytes]] = {}
+        # The union already made for `also`, or None: `get(also) or union(also)` on the call path is a dict
+        # look-up, no Python call.
+        self.get = self._made.get
 
     def union(self, also: frozenset[bytes]) -> frozenset[bytes]:
         made = self._made.get(also)

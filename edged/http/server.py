@@ -134,18 +134,21 @@ class ResponseWriter:
     def start_lines(self, status: int, lines: list[bytes], *, content_length: int | None = None) -> None:
         """`start` with the header lines already encoded (pieces that join to "name: value\\r\\n" lines, no
         framing header among them: `edged.http.message.header_lines`); `lines` is taken over."""
-        lines.insert(0, _status_line(status))
+        lines.insert(0, _STATUS_LINES.get(status) or _status_line(status))
         self._conn._write(b"".join(self._frame(lines, status, content_length, False)))
 
     def send_lines(self, status: int, lines: list[bytes], body: bytes) -> None:
         """`send` with the header lines already encoded (as `start_lines`); `lines` is taken over."""
-        lines.insert(0, _status_line(status))
+        # Inline look-ups of the status line and _write: once per relayed answer.
+        lines.insert(0, _STATUS_LINES.get(status) or _status_line(status))
         parts = self._frame(lines, status, len(body), False)
         if body and not self._no_body:
             parts.append(body)
         self._left = None
         self.finished = True
-        self._conn._write(b"".join(parts))
+        conn = self._conn
+        if not conn._closed and conn._transport is not None:
+            conn._transport.write(b"".join(parts))
 
     async def write(self, data: bytes) -> None:
         """Send a piece of the body; waits while the client's socket is backed up. ClientDisconnected if it is gone."""
@@ -341,17 +344,7 @@ class _ServerConnection(asyncio.Protocol):
         if self._discard:
             return
         in_head, done = self._in_head, self._requests
-        self._feed(data)
-        # llhttp buffers an unfinished header line without limit: bound the raw bytes of a head that spans
-        # reads too. Counted after feeding, and only for the same head: one read may also hold many whole
-        # pipelined requests (counting those made a false 431 under heavy pipelining).
-        if self._in_head and in_head and self._requests == done and not self._discard:
-            self._raw_head += len(data)
-            if self._raw_head > 2 * self._max_head + 4096:
-                self._fail(431, "header_too_large", "header section too large")
-
-    def _feed(self, data: bytes) -> None:
-        try:
+        try:  # fed here, not in a method of its own: once per read
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             # We do not switch protocols: answer the request as a plain one, then close.
@@ -359,16 +352,27 @@ class _ServerConnection(asyncio.Protocol):
             if self._queue and isinstance(self._queue[-1], Request):
                 self._queue[-1].keep_alive = False
         except httptools.HttpParserError as exc:
-            reject, self._reject = self._reject, None
-            if reject is not None:
-                self._fail(reject.status, reject.code, reject.detail)
-            elif isinstance(exc, httptools.HttpParserCallbackError):
-                log.error("request parsing failed", exc_info=exc.__context__)
-                self._fail(500, "internal", "request parsing failed")
-            elif self._in_head and "overflow" in str(exc).lower():  # httptools < 0.2 (http-parser) limits heads
+            self._parse_failed(exc)
+        # llhttp buffers an unfinished header line without limit: bound the raw bytes of a head that spans
+        # reads too. Counted after feeding, and only for the same head: one read may also hold many whole
+        # pipelined requests (counting those made a false 431 under heavy pipelining).
+        if in_head and self._in_head and self._requests == done and not self._discard:
+            self._raw_head += len(data)
+            if self._raw_head > 2 * self._max_head + 4096:
                 self._fail(431, "header_too_large", "header section too large")
-            else:
-                self._fail(400, "bad_request", str(exc) or type(exc).__name__)
+
+    def _parse_failed(self, exc: httptools.HttpParserError) -> None:
+        """Answer what the parser (or a callback of ours) refused, then close."""
+        reject, self._reject = self._reject, None
+        if reject is not None:
+            self._fail(reject.status, reject.code, reject.detail)
+        elif isinstance(exc, httptools.HttpParserCallbackError):
+            log.error("request parsing failed", exc_info=exc.__context__)
+            self._fail(500, "internal", "request parsing failed")
+        elif self._in_head and "overflow" in str(exc).lower():  # httptools < 0.2 (http-parser) limits heads
+            self._fail(431, "header_too_large", "header section too large")
+        else:
+            self._fail(400, "bad_request", str(exc) or type(exc).__name__)
 
     # -- parser callbacks --
 
