@@ -535,3 +535,41 @@ def test_a_pipelining_connection_takes_turns_with_the_others() -> None:
     asyncio.run(main())
     position = handled.index("/other")
     assert position < 400, f"/other was answered after {position - 1} pipelined requests of another connection"
+
+
+def test_send_lines_frames_every_answer_as_send_does() -> None:
+    # send_lines frames the common answer (HTTP/1.1, kept alive, with a body) itself, and the rest through
+    # _frame as send does: the bytes on the wire must be the same for every kind of request and status.
+    async def handler(request: Request, writer: ResponseWriter) -> None:
+        status = int(request.query or "200")
+        if request.path == "/lines":
+            writer.send_lines(status, [b"x-a", b": ", b"1", b"\r\n"], b"0123456789")
+        else:
+            writer.send(status, [(b"x-a", b"1")], b"0123456789")
+
+    async def exchange(port: int, path: str, method: bytes, version: bytes, connection: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"%s %s HTTP/%s\r\nHost: t\r\n%s\r\nGET /end HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+            % (method, path.encode(), version, connection)
+        )
+        raw = await read_to_eof(reader)
+        writer.close()
+        return raw
+
+    async def main() -> None:
+        server, port = await start(handler)
+        kinds = 0
+        for method in (b"GET", b"HEAD", b"POST"):
+            for version in (b"1.0", b"1.1"):
+                for connection in (b"", b"Connection: keep-alive\r\n", b"Connection: close\r\n"):
+                    for status in (200, 204, 304, 404, 503):
+                        sent = await exchange(port, f"/send?{status}", method, version, connection)
+                        lines = await exchange(port, f"/lines?{status}", method, version, connection)
+                        assert lines == sent, (method, version, connection, status)
+                        assert sent.startswith(b"HTTP/1.1 %d " % status)
+                        kinds += 1
+        assert kinds == 90
+        await server.shutdown(1)
+
+    asyncio.run(main())

@@ -41,6 +41,7 @@ _NOTED = frozenset({b"content-length", b"expect"})  # request headers the parser
 _FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection", b"keep-alive"})
 _REASONS = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
 _STATUS_LINES: dict[int, bytes] = {}
+_BODILESS = frozenset((*range(200), 204, 304))  # statuses whose answers have no body
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
@@ -139,16 +140,32 @@ class ResponseWriter:
 
     def send_lines(self, status: int, lines: list[bytes], body: bytes) -> None:
         """`send` with the header lines already encoded (as `start_lines`); `lines` is taken over."""
-        # Inline look-ups of the status line and _write: once per relayed answer.
-        lines.insert(0, _STATUS_LINES.get(status) or _status_line(status))
-        parts = self._frame(lines, status, len(body), False)
-        if body and not self._no_body:
-            parts.append(body)
-        self._left = None
-        self.finished = True
+        request = self._request
         conn = self._conn
-        if not conn._closed and conn._transport is not None:
-            conn._transport.write(b"".join(parts))
+        status_line = _STATUS_LINES.get(status) or _status_line(status)
+        if (
+            status not in _BODILESS
+            and request.keep_alive
+            and request.version == "1.1"
+            and request.method != "HEAD"
+            and not conn._closing
+            and not self.started
+            and not self._close
+        ):
+            # The relayed answer nearly always: HTTP/1.1, kept alive, with a body. Its framing is one line,
+            # decided here in one test instead of by _frame (once per call).
+            self.started = self.finished = True
+            lines.insert(0, status_line)
+            lines += (b"content-length: %d\r\n\r\n" % len(body), body)
+        else:
+            lines.insert(0, status_line)
+            lines = self._frame(lines, status, len(body), False)
+            if body and not self._no_body:
+                lines.append(body)
+            self._left = None
+            self.finished = True
+        if not conn._closed and conn._transport is not None:  # _write, inline
+            conn._transport.write(b"".join(lines))
 
     async def write(self, data: bytes) -> None:
         """Send a piece of the body; waits while the client's socket is backed up. ClientDisconnected if it is gone."""
