@@ -214,7 +214,11 @@ class Access:
 
     def identify(self, req: Request) -> Identity:
         """The caller of `req`. 401 `unauthorized` for a bad token, or no identity from a remote address."""
-        authorization = req.header(b"authorization")
+        authorization: bytes | None = None
+        for name, value in req.headers:  # req.header(b"authorization"), inline: once per call
+            if name == b"authorization":
+                authorization = value
+                break
         if authorization:
             scheme, _, token = authorization.partition(b" ")
             token = token.strip()

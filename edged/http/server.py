@@ -473,7 +473,14 @@ class _ServerConnection(asyncio.Protocol):
             self._peer_cert,
         )
         self._requests += 1
-        self._enqueue(request)
+        queue = self._queue
+        wakeup = self._wakeup
+        if wakeup is not None and not queue and not wakeup.done():
+            # _enqueue's common case, inline (once per request): the worker waits for this request, the only one.
+            queue.append(request)
+            wakeup.set_result(None)
+        else:
+            self._enqueue(request)
 
     # -- internals --
 
