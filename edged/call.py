@@ -1,8 +1,10 @@
 """A call as the router sees it, and the two seams around it: what a transport is, what it answers.
 
-Every entry point (the local API, the peer ingress, `edged bridge`) builds its `Call` with `new_call`, so
-that the headers the mesh sets itself are dropped from what a caller sent in one place. Transports import
-this module, never the router.
+Every entry point (the local API, the peer ingress, `edged bridge`) builds its `Call` with `new_call`'s header
+rules, so that the headers the mesh sets itself are dropped from what a caller sent by one set of rules: the
+bridge calls `new_call`; the API and the ingress call `edged.relay.call_for`, which applies the same rules
+(`DROPPED`) in the one pass over the headers it makes anyway (a test holds the two to the same result).
+Transports import this module, never the router.
 """
 
 from __future__ import annotations
