@@ -8,11 +8,13 @@ local tier alone, and everything on (mDNS on loopback, MQTT to a Mosquitto it st
 services with health checks): RSS, CPU and context switches per second. `--baseline REF` runs a second
 edged from that git ref (e.g. main) beside this tree's, in the same run, for before/after figures.
 `--compiled VENV` runs the opt-in compiled build installed in that venv too (`scripts/build-compiled`).
+The `floor` column is the same stack with no mesh logic (scripts/floor_relay.py: uvloop + httptools, callbacks
+only): edged's CPU per call above it is edged's own work, and the floor's distance to HAProxy is the stack's.
 Prints a table, the issue's targets with PASS/MISS, then the figures as JSON. Installs nothing; ends
 every process it started.
 
 usage: scripts/bench.py [--duration 5] [--rounds 2] [--rate 500] [--baseline REF] [--compiled VENV] [--skip-haproxy]
-                        [--skip-footprint] [--json-only]
+                        [--skip-floor] [--skip-footprint] [--json-only]
        scripts/bench.py --slow-cpu [FACTOR]   (only the daemon, capped at 1/FACTOR of a core: see slow_cpu_bench)
 """
 
@@ -333,6 +335,15 @@ def start_haproxy(tmp: Path, backend_port: int) -> tuple[Proc, int]:
     conf = tmp / "haproxy.cfg"
     conf.write_text(textwrap.dedent(HAPROXY_CFG).format(port=port, backend=backend_port))
     proc = Proc("haproxy", ["haproxy", "-db", "-f", str(conf)], tmp, tmp / "haproxy.log")
+    wait_ready(proc, port)
+    return proc, port
+
+
+def start_floor(tmp: Path, backend_port: int) -> tuple[Proc, int]:
+    """scripts/floor_relay.py: the stack edged is built on (uvloop + httptools) relaying with no mesh logic."""
+    port = free_port()
+    argv = [sys.executable, str(REPO / "scripts" / "floor_relay.py"), str(port), str(backend_port)]
+    proc = Proc("floor", argv, tmp, tmp / "floor.log")
     wait_ready(proc, port)
     return proc, port
 
@@ -764,6 +775,12 @@ def bench(args, tmp: Path, stack: ExitStack) -> dict:
             notes.append(f"{name} is NOT running on uvloop (pip install uvloop): the target assumes uvloop")
         paths.append(Route(name, d.port, f"/svc/{SERVICE}/x", d.proc.pid, lambda d=d: d.ready() and None))
 
+    if not args.skip_floor:
+        floor, floor_port = start_floor(tmp, backend_port)
+        stack.callback(floor.stop)
+        pin(floor.pid, proxy_cpus)
+        paths.append(Route("floor", floor_port, "/x", floor.pid, floor.check))
+
     if use_haproxy:
         hap, hap_port = start_haproxy(tmp, backend_port)
         stack.callback(hap.stop)
@@ -817,9 +834,19 @@ def derive(f: dict) -> dict:
     if "haproxy" in f:
         hp = f["haproxy"]["throughput"]["calls_per_s"]
         for name in f:
-            if name.startswith("edged"):
+            if name.startswith("edged") or name == "floor":
                 ratio = round(f[name]["throughput"]["calls_per_s"] / hp, 3) if hp else None
                 out[f"{name}_over_haproxy" if name != "edged" else "edged_over_haproxy"] = ratio
+    if "floor" in f:
+        # What edged's own work costs per call: its CPU per call above the bare stack's, under load and at the rate.
+        fl = f["floor"]
+        for name in f:
+            if name.startswith("edged"):
+                e = f[name]
+                out[f"{name}_above_floor_us"] = {
+                    "under_load": round(e["throughput"]["cpu_us_per_call"] - fl["throughput"]["cpu_us_per_call"], 1),
+                    "at_rate": round(e["open_loop"]["cpu_us_per_call"] - fl["open_loop"]["cpu_us_per_call"], 1),
+                }
     return out
 
 
@@ -933,6 +960,15 @@ def table(r: dict) -> str:
         key = "edged_over_haproxy" if name == "edged" else f"{name}_over_haproxy"
         if r["derived"].get(key) is not None:
             lines.append(f"{name} / haproxy calls/s: {r['derived'][key]}")
+    for name in names:
+        above = r["derived"].get(f"{name}_above_floor_us")
+        if above is not None:
+            lines.append(
+                f"{name}'s own work (CPU per call above floor): {above['under_load']} µs under load, "
+                f"{above['at_rate']} µs at {r['rate']:g}/s"
+            )
+    if "floor" in names:
+        lines.append("floor: scripts/floor_relay.py, the same stack (uvloop + httptools) relaying with no mesh logic")
     lines.append("* of the proxy process; in the direct column, of the backend (on the client CPU, so there the")
     lines.append("  proxy CPU should be idle: what it shows busy is other work on this machine)")
     full = r["full_daemon"]
@@ -980,8 +1016,13 @@ def slow_cpu_bench(args, tmp: Path, stack: ExitStack) -> dict:
         rows[label] = {f"{rate:g}/s": open_loop_us(d.port, path, rate, args.duration, pid) for rate in SLOW_CPU_RATES}
         stop_edged(d)
     os.environ.pop("EDGED_SLOW_CPU", None)
-    return {"backend": backend_name, "slow_cpu_factor": args.slow_cpu, "duration_s": args.duration, "runs": rows,
-            "notes": notes}
+    return {
+        "backend": backend_name,
+        "slow_cpu_factor": args.slow_cpu,
+        "duration_s": args.duration,
+        "runs": rows,
+        "notes": notes,
+    }
 
 
 def slow_cpu_table(r: dict) -> str:
@@ -1007,10 +1048,15 @@ def main() -> int:
         help="also run the compiled build installed in this venv (scripts/build-compiled makes .venv-compiled)",
     )
     ap.add_argument("--skip-haproxy", action="store_true")
+    ap.add_argument("--skip-floor", action="store_true", help="no floor column (scripts/floor_relay.py)")
     ap.add_argument("--skip-footprint", action="store_true", help="no full daemon (mDNS + MQTT + 20 services)")
     ap.add_argument("--json-only", action="store_true", help="print only the JSON figures")
     ap.add_argument(
-        "--slow-cpu", type=float, nargs="?", const=DEFAULT_FACTOR, metavar="FACTOR",
+        "--slow-cpu",
+        type=float,
+        nargs="?",
+        const=DEFAULT_FACTOR,
+        metavar="FACTOR",
         help=f"only the slow-CPU run: the daemon capped at 1/FACTOR of a core (default {DEFAULT_FACTOR:g}; needs root)",
     )
     args = ap.parse_args()
