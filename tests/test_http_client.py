@@ -373,6 +373,87 @@ def test_head_204_and_interim_answers_have_no_body() -> None:
     asyncio.run(main())
 
 
+def test_request_heads_are_framed_by_the_pool_with_or_without_a_host_or_framing_header() -> None:
+    """The common request (no host or framing header among the caller's) and the rest give the same head:
+    the caller's headers in order, its host kept, its framing headers replaced by the pool's own."""
+    heads: list[bytes] = []
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while True:
+            head, _ = await read_request(reader)
+            heads.append(head)
+            writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+
+    async def main() -> None:
+        async with RawBackend(script) as backend:
+            pool = UpstreamPool()
+            host = b"host: 127.0.0.1:%d\r\n" % backend.port
+            sent = [
+                [(b"x-a", b"1"), (b"x-b", b"2"), (b"x-a", b"3")],
+                [(b"x-a", b"1"), (b"transfer-encoding", b"chunked"), (b"x-b", b"2")],
+                [(b"x-a", b"1"), (b"host", b"thermo.mesh"), (b"content-length", b"7")],
+                [],
+            ]
+            for headers in sent:
+                response = await pool.request(backend.target, "PUT", "/p", headers, b"abc", 2)
+                assert response.status == 204
+            assert heads == [
+                b"PUT /p HTTP/1.1\r\nx-a: 1\r\nx-b: 2\r\nx-a: 3\r\n%scontent-length: 3\r\n\r\n" % host,
+                b"PUT /p HTTP/1.1\r\nx-a: 1\r\nx-b: 2\r\n%scontent-length: 3\r\n\r\n" % host,
+                b"PUT /p HTTP/1.1\r\nx-a: 1\r\nhost: thermo.mesh\r\ncontent-length: 3\r\n\r\n",
+                b"PUT /p HTTP/1.1\r\n%scontent-length: 3\r\n\r\n" % host,
+            ]
+            await pool.close()
+
+    asyncio.run(main())
+
+
+def test_answer_heads_are_lower_cased_in_order_and_each_answer_has_only_its_own() -> None:
+    """Answer header names are lower-cased, in order, repeats kept; an interim answer's headers and reason,
+    and the previous answer's, are not the next answer's; the framing is read from any case of its header."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        writer.write(
+            b"HTTP/1.1 100 Continue\r\nX-Early: 1\r\n\r\n"
+            b"HTTP/1.1 200 All Fine\r\nSet-Cookie: a=1\r\nCONTENT-length: 2\r\nset-cookie: b=2\r\n\r\nok"
+        )
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 201 Made\r\nTransfer-Encoding: gzip\r\ntransfer-ENCODING: Chunked\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"2\r\nhi\r\n0\r\n\r\n")
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 202 Acc")  # the head in pieces
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"epted\r\nX-Pie")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"ce: 3\r\nContent-Length: 0\r\n\r\n")
+        await read_request(reader)
+
+    async def main() -> None:
+        async with RawBackend(script) as backend:
+            pool = UpstreamPool()
+            response = await pool.request(backend.target, "GET", "/", [], b"", 2)
+            assert (response.status, response.reason, response.content_length) == (200, b"All Fine", 2)
+            assert response.headers == [(b"set-cookie", b"a=1"), (b"content-length", b"2"), (b"set-cookie", b"b=2")]
+            assert await read_all(response) == b"ok"
+            response = await pool.request(backend.target, "GET", "/", [], b"", 2)
+            assert (response.status, response.reason, response.content_length) == (201, b"Made", None)
+            assert response.headers == [(b"transfer-encoding", b"gzip"), (b"transfer-encoding", b"Chunked")]
+            assert await read_all(response) == b"hi"
+            response = await pool.request(backend.target, "GET", "/", [], b"", 2)
+            assert (response.status, response.reason, response.content_length) == (202, b"Accepted", 0)
+            assert response.headers == [(b"x-piece", b"3"), (b"content-length", b"0")]
+            assert await read_all(response) == b""
+            assert backend.accepted == 1
+            await pool.close()
+
+    asyncio.run(main())
+
+
 def test_idle_connection_closed_by_server_is_dropped_or_retried() -> None:
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         await read_request(reader)

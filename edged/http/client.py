@@ -196,18 +196,20 @@ class _UpstreamConnection(asyncio.Protocol):
         self._limit: TimeLimit | None = None  # when the exchange waiting for its head times out
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
-        self._response: UpstreamResponse | None = None
+        self._response: UpstreamResponse | None = None  # None again when the exchange ends
         self._head_only = False  # HEAD: the answer ends with its head
         self._got_bytes = False
         self._done = False  # the answer is complete
-        self._garbage = False  # bytes after the answer: do not reuse
         self._keep_alive = False
+        # Never reset: once true, the connection is not reused.
+        self._garbage = False  # bytes after the answer
         self._close_delimited = False
+        # The answer head so far: taken, and set afresh, when it is complete (so each exchange starts with them so).
         self._chunked = False  # transfer-encoding: chunked
         self._content_length: int | None = None
-        self._interim = False  # parsing a 1xx answer, which is skipped
-        self._reason: list[bytes] = []
+        self._reason = b""
         self._headers: Headers = []
+        self._interim = False  # parsing a 1xx answer, which is skipped (reset when it ends)
 
     # -- exchange --
 
@@ -222,12 +224,8 @@ class _UpstreamConnection(asyncio.Protocol):
         parser, self._spare = self._spare, None
         self._parser = parser if parser is not None else httptools.HttpResponseParser(self)
         self._head_waiter = waiter
-        self._response = None
         self._head_only = head_only
-        self._got_bytes = self._done = self._garbage = self._close_delimited = self._chunked = self._interim = False
-        self._content_length = None
-        self._reason = []
-        self._headers = []
+        self._got_bytes = self._done = False
         self._limit = limit
         due = limit.due()
         if self._timer is None or due < self._timer_at:
@@ -374,7 +372,7 @@ class _UpstreamConnection(asyncio.Protocol):
             self._garbage = True
 
     def on_status(self, status: bytes) -> None:
-        self._reason.append(status)
+        self._reason += status  # once in all but a head split across reads
 
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
@@ -393,19 +391,23 @@ class _UpstreamConnection(asyncio.Protocol):
             return
         parser: httptools.HttpResponseParser = self._parser  # type: ignore[assignment]  # set for the exchange
         status = parser.get_status_code()
+        headers = self._headers
+        reason = self._reason
+        content_length = self._content_length
+        chunked = self._chunked
+        self._headers = []
+        self._reason = b""
+        self._content_length = None
+        self._chunked = False
         if status < 200:
             self._interim = True  # 1xx: skipped; the real answer follows
             return
-        headers = self._headers
-        content_length = self._content_length
-        chunked = self._chunked
         no_body = self._head_only or status == 204 or status == 304  # HEAD and 304 keep their announced length
         self._keep_alive = parser.should_keep_alive()
         self._close_delimited = not no_body and not chunked and content_length is None
-        reason = self._reason
         response = UpstreamResponse(
             status,
-            reason[0] if len(reason) == 1 else b"".join(reason),
+            reason,
             headers,
             None if (chunked or self._close_delimited) else content_length,
             self,
@@ -428,10 +430,6 @@ class _UpstreamConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self._interim:
             self._interim = False
-            self._reason = []
-            self._headers = []
-            self._content_length = None
-            self._chunked = False
             return
         self._done = True
 
