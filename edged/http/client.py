@@ -282,15 +282,16 @@ class _UpstreamConnection(asyncio.Protocol):
             # HEAD (it would wait for the announced body): then the next exchange starts a new parser.
             if not self._head_only and _REUSE_PARSERS:
                 self._spare = parser
+            now = self._loop.time()  # once for both: the timer's and the idle time
             timer = self._timer
-            if timer is not None and self._timer_at - self._loop.time() < _LAZY_TIMER:
+            if timer is not None and self._timer_at - now < _LAZY_TIMER:
                 # Due soon with nothing to time (a health check's short timeout): it would only wake the loop.
                 # One due later is left to lapse, so that calls at a steady rate do not set a timer each.
                 timer.cancel()
                 self._timer = None
             if self._read_paused:
                 self._resume()
-            self._pool._release(self)
+            self._pool._release(self, now)
         else:
             self._close()
 
@@ -745,7 +746,8 @@ class UpstreamPool:
             return conn
         return None
 
-    def _release(self, conn: _UpstreamConnection) -> None:
+    def _release(self, conn: _UpstreamConnection, now: float) -> None:
+        """`conn` is done with its exchange (at loop time `now`): idle for the next request, or closed."""
         if conn._state != _BUSY:
             return
         key = conn._key
@@ -758,7 +760,7 @@ class UpstreamPool:
             conn._close()
             return
         conn._state = _IDLE
-        conn._idle_since = conn._loop.time()
+        conn._idle_since = now
         idle.append(conn)
         if self._turns:
             self._wake_turn(key)
