@@ -30,7 +30,7 @@ _SLACK = 0.001  # timer lateness that is only the loop's clock granularity, not 
 GRACE = 0.005  # seconds: how soon an expired limit looks again while `waiting()` says the answer is in
 _KEEP = 1.0  # seconds the lag stays measured past the due time of the latest limit
 # Limits that end less than this apart (calls at 200/s and more) keep the tick running instead of cancelling it
-# with each: see LoopLag.release.
+# with each: see TimeLimit.done.
 BUSY_GAP = TICK / 4
 
 T = TypeVar("T")
@@ -61,37 +61,6 @@ class LoopLag:
             return self._total
         overdue = self._loop.time() - self._due - _SLACK
         return self._total + overdue if overdue > 0.0 else self._total
-
-    def keep(self, until: float) -> None:
-        """Measure the lag until `until` (loop time) at most, while limits are pending: starts the tick."""
-        if until > self._until:
-            self._until = until
-        if self._handle is None and self._pending:
-            self._due = self._loop.time() + TICK
-            self._handle = self._loop.call_at(self._due, self._tick)
-
-    def release(self) -> None:
-        """A limit is done: with none left, the tick is cancelled, its lateness so far counted. A tick left to
-        run out woke the loop once per call at low rates (an exchange is shorter than a tick); the cancel costs
-        a non-blocking turn instead (uvloop closes the timer's handle; strace: 4 epoll_pwait per exchange
-        instead of 6). But when the previous last limit was done less than BUSY_GAP ago (calls at 200/s and
-        more), the tick keeps running: the next limit comes before it is due, and arming a timer and cancelling
-        it per call (about 7k instructions and a turn of the loop) cost more than its one wake-up per TICK.
-        Left running, it stops by itself once a TICK has passed with nothing pending (`_tick`)."""
-        if self._pending > 0:
-            self._pending -= 1
-            handle = self._handle
-            if not self._pending and handle is not None:
-                now = self._loop.time()
-                busy = now - self._idle_at < BUSY_GAP
-                self._idle_at = now
-                if busy:
-                    return
-                self._total = self.total()  # the tick's lateness so far
-                handle.cancel()
-                self._handle = None
-            elif not self._pending:
-                self._idle_at = self._loop.time()
 
     def _tick(self) -> None:
         now = self._loop.time()
@@ -143,10 +112,31 @@ class TimeLimit:
 
     def done(self) -> None:
         """The limit no longer matters (what it bounded is over): the lag need not be measured for it any more.
-        Idempotent; `describe()` still works afterwards."""
-        if not self._done:
-            self._done = True
-            self._lag.release()
+        Idempotent; `describe()` still works afterwards.
+
+        With no limit left pending, the tick is cancelled, its lateness so far counted. A tick left to run out
+        woke the loop once per call at low rates (an exchange is shorter than a tick); the cancel costs a
+        non-blocking turn instead (uvloop closes the timer's handle; strace: 4 epoll_pwait per exchange instead
+        of 6). But when the previous last limit was done less than BUSY_GAP ago (calls at 200/s and more), the
+        tick keeps running: the next limit comes before it is due, and arming a timer and cancelling it per call
+        (about 7k instructions and a turn of the loop) cost more than its one wake-up per TICK. Left running, it
+        stops by itself once a TICK has passed with nothing pending (`LoopLag._tick`)."""
+        if self._done:
+            return
+        self._done = True
+        lag = self._lag  # the lag's own bookkeeping, inline here (its one caller): once per try
+        if lag._pending > 0:
+            lag._pending -= 1
+            if not lag._pending:
+                now = lag._loop.time()
+                handle = lag._handle
+                if handle is not None and now - lag._idle_at >= BUSY_GAP:
+                    overdue = now - lag._due - _SLACK  # the tick's lateness so far (lag.total(), inline)
+                    if overdue > 0.0:
+                        lag._total += overdue
+                    handle.cancel()
+                    lag._handle = None
+                lag._idle_at = now
 
     def lost(self) -> float:
         """Seconds of loop lag since the limit began."""
@@ -156,7 +146,7 @@ class TimeLimit:
         """When the limit expires (loop time), as far as the lag seen so far goes (keeps the lag measured
         until a little past then)."""
         lag = self._lag
-        total = lag._total  # lag.total() and lag.keep(), inline: this runs once or twice per try
+        total = lag._total  # lag.total(), inline: this runs once or twice per try
         if lag._handle is not None:
             overdue = self._loop.time() - lag._due - _SLACK
             if overdue > 0.0:
@@ -164,8 +154,12 @@ class TimeLimit:
         due = self.start + self.timeout + total - self._lag0
         if self.limit is not None and due > self.limit:
             due = self.limit
-        if due + _KEEP > lag._until or lag._handle is None:
-            lag.keep(due + _KEEP)
+        until = due + _KEEP
+        if until > lag._until:
+            lag._until = until
+        if lag._handle is None and lag._pending:  # start the tick (measure the lag until `_until` at most)
+            lag._due = self._loop.time() + TICK
+            lag._handle = self._loop.call_at(lag._due, lag._tick)
         return due
 
     def held(self, now: float) -> bool:
