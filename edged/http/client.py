@@ -138,14 +138,6 @@ class UpstreamResponse:
 
     # -- fed by the connection --
 
-    def _feed(self, data: bytes) -> None:
-        self._chunks.append(data)
-        self._buffered += len(data)
-        if self._buffered > _HIGH_WATER and self._conn is not None:
-            self._conn._pause()
-        if self._waiter is not None:  # someone reads (else nothing to wake: the common whole answer)
-            self._wake()
-
     def _finish(self) -> None:
         self.complete = True
         self._conn = None
@@ -275,8 +267,11 @@ class _UpstreamConnection(asyncio.Protocol):
         self._head_waiter = None
         response = self._response
         self._response = None
-        if response is not None:
-            response._finish()
+        if response is not None:  # response._finish(), inline: once per call
+            response.complete = True
+            response._conn = None
+            if response._waiter is not None:
+                response._wake()
         if self._keep_alive and not self._garbage and not self._close_delimited:
             # llhttp parses the next answer of a keep-alive connection where this one ended, except after a
             # HEAD (it would wait for the announced body): then the next exchange starts a new parser.
@@ -425,8 +420,13 @@ class _UpstreamConnection(asyncio.Protocol):
             self._garbage = True
             return
         response = self._response
-        if response is not None:
-            response._feed(body)
+        if response is not None:  # the answer's buffer is fed here, inline: once per piece of body
+            response._chunks.append(body)
+            response._buffered += len(body)
+            if response._buffered > _HIGH_WATER:
+                self._pause()
+            if response._waiter is not None:  # someone reads (else nothing to wake: the common whole answer)
+                response._wake()
 
     def on_message_complete(self) -> None:
         if self._interim:
