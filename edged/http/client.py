@@ -544,7 +544,7 @@ class UpstreamPool:
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         now = loop.time()
-        deadline = TimeLimit(loop, timeout, None if limit is None else now + max(limit, timeout))
+        deadline = TimeLimit(loop, timeout, None if limit is None else now + (limit if limit > timeout else timeout))
         data = self._serialize(target, key, method, path, headers, body)
         head_only = method == "HEAD"
         try:
