@@ -504,6 +504,46 @@ def test_garbage_answer_is_protocol_error() -> None:
     asyncio.run(main())
 
 
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "many headers",  # one header line after another
+        "one endless header",  # a single header line that never ends (httptools buffers it whole)
+        "endless status line",
+        "interim answers",  # 1xx answers, each small, without end
+    ],
+)
+def test_an_endless_answer_head_fails_at_the_head_limit_not_at_the_timeout(kind: str) -> None:
+    """A hostile upstream (a LAN peer, a local service) streams an answer head without end: the pool stops
+    reading it at `max_head_bytes` with a protocol error, long before the try's timeout, instead of buffering
+    whatever the upstream sends until then (at loopback speed, gigabytes on a 1 GB box)."""
+    sent: list[int] = [0]
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        start, piece = {
+            "many headers": (b"HTTP/1.1 200 OK\r\n", b"x-filler: " + b"a" * 1000 + b"\r\n"),
+            "one endless header": (b"HTTP/1.1 200 OK\r\nx-filler: ", b"a" * 1024),
+            "endless status line": (b"HTTP/1.1 200 ", b"O" * 1024),
+            "interim answers": (b"", b"HTTP/1.1 100 Continue\r\n\r\n" * 40),
+        }[kind]
+        writer.write(start)
+        while sent[0] < 64 * 1024 * 1024:  # 64 MiB, unless the pool stops reading first
+            writer.write(piece * 64)
+            sent[0] += len(piece) * 64
+            await writer.drain()
+
+    async def main() -> None:
+        async with RawBackend(script) as backend:
+            pool = UpstreamPool(max_head_bytes=16 * 1024)
+            with pytest.raises(UpstreamProtocolError, match="answer head over 16384 bytes"):
+                await pool.request(backend.target, "GET", "/", [], b"", 20)
+            await pool.close()
+        assert sent[0] < 8 * 1024 * 1024, f"the upstream got {sent[0]} bytes of head in before it was cut"
+
+    asyncio.run(main())
+
+
 def test_stalled_body_times_out_and_discard_closes() -> None:
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         await read_request(reader)

@@ -26,6 +26,10 @@ from edged.looplag import GRACE, TimeLimit
 from edged.model import Target
 
 _HIGH_WATER = 256 * 1024  # unread body bytes above which the upstream socket stops being read
+# Bytes an answer's head may take, interim (1xx) heads included, before the exchange fails as a protocol error.
+# The same default as the API's `max_header`: an upstream is no more trusted than a caller (a LAN peer, a local
+# service), and without a bound a head streamed without end is buffered until the try's timeout.
+MAX_HEAD_BYTES = 64 * 1024
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # send Content-Length: 0 for these even with no body
 _SKIP_REQUEST_HEADERS = frozenset({b"content-length", b"transfer-encoding"})
 _NOTED = _SKIP_REQUEST_HEADERS  # answer headers the parser acts on: the same two
@@ -191,6 +195,7 @@ class _UpstreamConnection(asyncio.Protocol):
         self._response: UpstreamResponse | None = None  # None again when the exchange ends
         self._head_only = False  # HEAD: the answer ends with its head
         self._got_bytes = False
+        self._head_bytes = 0  # bytes read while the answer's head was not complete (see data_received)
         self._done = False  # the answer is complete
         self._keep_alive = False
         # Never reset: once true, the connection is not reused.
@@ -218,6 +223,7 @@ class _UpstreamConnection(asyncio.Protocol):
         self._head_waiter = waiter
         self._head_only = head_only
         self._got_bytes = self._done = False
+        self._head_bytes = 0
         self._limit = limit
         due = limit.due()
         if self._timer is None or due < self._timer_at:
@@ -315,6 +321,10 @@ class _UpstreamConnection(asyncio.Protocol):
             return
         if self._done:
             self._end_exchange()
+        elif self._response is None:  # the head is still incomplete: all of `data` went into it (or 1xx heads)
+            self._head_bytes += len(data)
+            if self._head_bytes > self._pool._max_head:
+                self._protocol_error(f"answer head over {self._pool._max_head} bytes")
 
     def eof_received(self) -> bool:
         return False  # close our side too; connection_lost settles the exchange
@@ -493,8 +503,10 @@ class UpstreamPool:
         idle_timeout: float = 30.0,
         body_timeout: float = 60.0,
         tls: UpstreamTls | None = None,
+        max_head_bytes: int = MAX_HEAD_BYTES,
     ) -> None:
         self._tls = tls
+        self._max_head = max_head_bytes  # an answer's head, interim ones included: see MAX_HEAD_BYTES
         self._connecting: dict[str, int] = {}  # TLS handshakes in flight per target
         self._turns: dict[str, collections.deque[asyncio.Future[None]]] = {}  # requests waiting for one to end
         self._max_idle = max_idle_per_target
