@@ -544,6 +544,48 @@ def test_an_endless_answer_head_fails_at_the_head_limit_not_at_the_timeout(kind:
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("kind", ["endless trailers", "endless chunk extension", "tiny chunks"])
+def test_chunk_framing_without_body_is_bounded_like_a_head(kind: str) -> None:
+    """After the head, bytes that bring no body (chunk extensions, trailers) are bounded like a head: an upstream
+    cannot stream them without end. Body keeps flowing however small its chunks (framing between body bytes
+    does not add up)."""
+    sent: list[int] = [0]
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        if kind == "tiny chunks":  # 64 KiB of body in 1-byte chunks: 6 bytes of framing each, 384 KiB in all
+            for _ in range(64):
+                writer.write(b"1\r\nx\r\n" * 1024)
+                await writer.drain()
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+            return
+        start, piece = {
+            "endless trailers": (b"0\r\n", b"x-trailer: " + b"a" * 1000 + b"\r\n"),
+            "endless chunk extension": (b"5;ext=", b"a" * 1024),
+        }[kind]
+        writer.write(start)
+        while sent[0] < 64 * 1024 * 1024:
+            writer.write(piece * 64)
+            sent[0] += len(piece) * 64
+            await writer.drain()
+
+    async def main() -> None:
+        async with RawBackend(script) as backend:
+            pool = UpstreamPool(max_head_bytes=16 * 1024)
+            response = await pool.request(backend.target, "GET", "/", [], b"", 20)
+            if kind == "tiny chunks":
+                assert await read_all(response) == b"hello" + b"x" * 64 * 1024
+            else:
+                with pytest.raises(UpstreamProtocolError, match="16384 bytes"):
+                    await read_all(response)
+            await pool.close()
+        assert sent[0] < 8 * 1024 * 1024, f"the upstream got {sent[0]} bytes in before it was cut"
+
+    asyncio.run(main())
+
+
 def test_stalled_body_times_out_and_discard_closes() -> None:
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         await read_request(reader)

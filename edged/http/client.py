@@ -195,7 +195,10 @@ class _UpstreamConnection(asyncio.Protocol):
         self._response: UpstreamResponse | None = None  # None again when the exchange ends
         self._head_only = False  # HEAD: the answer ends with its head
         self._got_bytes = False
-        self._head_bytes = 0  # bytes read while the answer's head was not complete (see data_received)
+        # Bytes read since the last byte of body: the head (1xx heads included), then what brings no body (chunk
+        # framing, trailers). Bounded by the pool's max_head (see data_received).
+        self._head_bytes = 0
+        self._fed = False  # body arrived in this read
         self._done = False  # the answer is complete
         self._keep_alive = False
         # Never reset: once true, the connection is not reused.
@@ -222,7 +225,7 @@ class _UpstreamConnection(asyncio.Protocol):
         self._parser = parser if parser is not None else httptools.HttpResponseParser(self)
         self._head_waiter = waiter
         self._head_only = head_only
-        self._got_bytes = self._done = False
+        self._got_bytes = self._done = self._fed = False
         self._head_bytes = 0
         self._limit = limit
         due = limit.due()
@@ -321,10 +324,14 @@ class _UpstreamConnection(asyncio.Protocol):
             return
         if self._done:
             self._end_exchange()
-        elif self._response is None:  # the head is still incomplete: all of `data` went into it (or 1xx heads)
+        elif self._fed:  # a body still arriving, and some came: what came between its pieces does not add up
+            self._fed = False
+            self._head_bytes = 0
+        else:  # the head is incomplete, or bytes that bring no body (framing, trailers): bounded like a head
             self._head_bytes += len(data)
             if self._head_bytes > self._pool._max_head:
-                self._protocol_error(f"answer head over {self._pool._max_head} bytes")
+                what = "answer head" if self._response is None else "answer framing without body"
+                self._protocol_error(f"{what} over {self._pool._max_head} bytes")
 
     def eof_received(self) -> bool:
         return False  # close our side too; connection_lost settles the exchange
@@ -431,6 +438,7 @@ class _UpstreamConnection(asyncio.Protocol):
             return
         response = self._response
         if response is not None:  # the answer's buffer is fed here, inline: once per piece of body
+            self._fed = True
             response._chunks.append(body)
             response._buffered += len(body)
             if response._buffered > _HIGH_WATER:
