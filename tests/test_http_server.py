@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -214,6 +215,38 @@ def test_huge_header_gets_431() -> None:
         writer.write(b"GET / HTTP/1.1\r\nHost: t\r\n" + many + b"\r\n")
         (response,) = await ResponseReader(reader).read()
         assert response.status == 431
+        writer.close()
+        await server.shutdown(1)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("kind", ["endless trailer line", "many trailers", "endless chunk extension"])
+def test_chunk_framing_without_body_is_bounded_like_a_head(kind: str) -> None:
+    """A chunked request body's framing (chunk extensions, trailers) brings no body bytes, so max_body does not
+    bound it: it is bounded like a head (httptools buffers an unfinished trailer line whole). The caller gets an
+    error and the connection closes long before 64 MiB are in."""
+
+    async def main() -> None:
+        server, port = await start(max_header_bytes=16 * 1024)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /t HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        start_, piece = {
+            "endless trailer line": (b"0\r\nx-trailer: ", b"a" * 1024),
+            "many trailers": (b"0\r\n", b"x-trailer: " + b"a" * 1000 + b"\r\n"),
+            "endless chunk extension": (b"5;ext=", b"a" * 1024),
+        }[kind]
+        writer.write(start_)
+        sent = 0
+        answer = asyncio.ensure_future(ResponseReader(reader).read())
+        with contextlib.suppress(ConnectionError):
+            while sent < 64 * 1024 * 1024 and not answer.done():  # until the server answers
+                writer.write(piece * 64)
+                sent += len(piece) * 64
+                await writer.drain()
+        (response,) = await answer
+        assert response.status in (400, 431), response.status
+        assert sent < 8 * 1024 * 1024, f"the server took {sent} bytes of framing before it answered"
         writer.close()
         await server.shutdown(1)
 

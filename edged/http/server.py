@@ -268,6 +268,7 @@ class _ServerConnection(asyncio.Protocol):
         self._continue_pending = False
         # Per-message parse state.
         self._open = False  # a message has begun and is not complete
+        self._fed = False  # body arrived in the read being fed (see data_received)
         self._in_head = False
         self._raw_head = 0
         self._head_size = 0
@@ -371,12 +372,21 @@ class _ServerConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._parse_failed(exc)
         # llhttp buffers an unfinished header line without limit: bound the raw bytes of a head that spans
-        # reads too. Counted after feeding, and only for the same head: one read may also hold many whole
+        # reads too. Counted after feeding, and only for the same request: one read may also hold many whole
         # pipelined requests (counting those made a false 431 under heavy pipelining).
-        if in_head and self._in_head and self._requests == done and not self._discard:
-            self._raw_head += len(data)
-            if self._raw_head > 2 * self._max_head + 4096:
-                self._fail(431, "header_too_large", "header section too large")
+        if self._requests == done and not self._discard:
+            if self._in_head:
+                if in_head:
+                    self._raw_head += len(data)
+                    if self._raw_head > 2 * self._max_head + 4096:
+                        self._fail(431, "header_too_large", "header section too large")
+            elif self._fed:  # its body is arriving: what came between its pieces does not add up
+                self._fed = False
+                self._raw_head = 0
+            elif self._open:  # a read of chunk framing or trailers alone (no body): max_body does not see it
+                self._raw_head += len(data)
+                if self._raw_head > 2 * self._max_head + 4096:
+                    self._fail(400, "bad_request", "chunk framing or trailers without body over the head limit")
 
     def _parse_failed(self, exc: httptools.HttpParserError) -> None:
         """Answer what the parser (or a callback of ours) refused, then close."""
@@ -396,6 +406,7 @@ class _ServerConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._open = self._in_head = True
         self._raw_head = self._head_size = 0
+        self._fed = False
         self._url = b""
         self._headers = []
         self._content_length = None
@@ -441,6 +452,7 @@ class _ServerConnection(asyncio.Protocol):
                 self._write(_CONTINUE)
 
     def on_body(self, body: bytes) -> None:
+        self._fed = True
         self._body_size += len(body)
         if self._body_size > self._server._max_body_bytes:
             self._stop(413, "too_large", f"request body over {self._server._max_body_bytes} bytes")
