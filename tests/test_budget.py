@@ -75,3 +75,23 @@ def test_window_slides_calls_out_too() -> None:
 def test_rejects_nonsense() -> None:
     with pytest.raises(ValueError):
         RetryBudget(ttl=0)
+
+
+def test_calls_leave_the_window_bucket_by_bucket() -> None:
+    # The current bucket's calls count at once, and leave the window with their bucket, ttl later.
+    clock = FakeClock(5000.0)
+    budget = RetryBudget(ratio=1.0, min_per_second=0.0, ttl=10.0, clock=clock)
+    for step in range(3):  # 10 calls at 5000.x, 20 at 5001.x, 30 at 5002.x
+        for _ in range(10 * (step + 1)):
+            budget.deposit()
+        clock.now += 1.0
+    assert "calls=60" in repr(budget)
+    clock.now = 5010.5  # the bucket of 5000.x left the window
+    assert "calls=50" in repr(budget)
+    clock.now = 5011.0
+    assert withdraw_all(budget) == 30
+    clock.now = 5012.0  # every call left the window; the 30 retries taken at 5011 have not
+    assert withdraw_all(budget) == 0
+    for _ in range(31):
+        budget.deposit()
+    assert withdraw_all(budget) == 1
