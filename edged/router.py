@@ -24,7 +24,7 @@ from .budget import RetryBudget
 from .call import Call, Transport, UpstreamAnswer
 from .errors import CallError, UpstreamError
 from .model import Endpoint, PolicySpec, Service
-from .policy import Choice, Plan, Ranker, stall_threshold
+from .policy import Choice, Plan, Ranker, is_stalled
 from .race import Outcome, Race
 from .registry import Registry
 from .routes import RoutePicker
@@ -67,12 +67,18 @@ class HealthSink(Protocol):
     def body_ended(self, endpoint: Endpoint, service: Service, ok: bool) -> None: ...
 
 
+NO_TRANSPORT = "no transport for this tier"
+_UP, _STALLED, _DOWN = (True, False), (True, True), (False, False)  # (available, stalled) as a plan read them
+
+
 @dataclass(slots=True)
 class _CachedPlan:
     service: Service
-    endpoints: list[Endpoint]  # those the plan was made of (its tiers' transports could send to them)
-    states: tuple[tuple[bool, bool], ...]  # per endpoint: (available, stalled) when the plan was made
-    plan: Plan
+    # Each endpoint of the service within the call's tiers: why no transport could send to it (None: one could),
+    # and for one that could, its health as the ranking read it (`_UP`, `_STALLED`, `_DOWN`).
+    rows: tuple[tuple[Endpoint, str | None, tuple[bool, bool] | None], ...]
+    made: tuple[Plan, list[dict]]  # the plan and the endpoints left out by their transport (`Router.plan`)
+    evaluations: list[float]  # the plan's strategy's cell of policy_evaluations
 
 
 class _PlanCache:
@@ -81,51 +87,70 @@ class _PlanCache:
     Ranking builds a plan of frozen values per call (about a tenth of a local call's instructions,
     scripts/callcost.py); checking what the ranking read costs a few attribute reads per endpoint."""
 
-    __slots__ = ("_health", "_plans", "_ranker")
+    __slots__ = ("_health", "_plans")
 
-    def __init__(self, ranker: Ranker, health) -> None:
-        self._ranker = ranker
+    def __init__(self, health) -> None:
         self._health = health
         self._plans: dict[tuple[tuple[str, str], frozenset[str] | None], _CachedPlan] = {}
 
-    def plan(self, service: Service, tiers: frozenset[str] | None, endpoints: list[Endpoint], now: float) -> Plan:
+    def get(
+        self, service: Service, tiers: frozenset[str] | None, now: float, transports: Mapping[str, Transport]
+    ) -> tuple[Plan, list[dict]] | None:
+        """The plan kept for (service, tiers) and its left-out endpoints, counted as an evaluation, if everything
+        its making read is still so; else None. One pass over the endpoints, for their transports' verdicts and
+        their health (`_state`, inline: once per endpoint per call)."""
+        cached = self._plans.get((service.spec.key, tiers))
+        if cached is None or cached.service is not service:
+            return None
+        health = self._health
+        for ep, why, was in cached.rows:
+            transport = transports.get(ep.tier)
+            if (NO_TRANSPORT if transport is None else transport.unavailable(ep)) != why:
+                return None
+            if why is not None:
+                continue
+            st = health.state(ep.id)
+            if not (st.active_ok and now >= st.ejected_until):  # st.available(now), inline (policy.HealthState)
+                if was is not _DOWN:
+                    return None
+            elif st.inflight and is_stalled(st, ep.id, now, health, service.spec.policy.per_try_timeout):
+                if was is not _STALLED:
+                    return None
+            elif was is not _UP:
+                return None
+        cached.evaluations[0] += 1
+        return cached.made
+
+    def keep(
+        self,
+        service: Service,
+        tiers: frozenset[str] | None,
+        now: float,
+        whys: list[tuple[Endpoint, str | None]],
+        plan: Plan,
+        skipped: list[dict],
+        evaluations: list[float],
+    ) -> None:
+        """Keep a plan just made at `now` (`whys`: the transports' verdict on each endpoint within `tiers`), but
+        not one whose starting level was drawn: traffic spills over between levels by a draw per call."""
         key = (service.spec.key, tiers)
-        states = self._states(service, endpoints, now)
-        cached = self._plans.get(key)
-        if (
-            cached is not None
-            and cached.service is service
-            and cached.states == states
-            and cached.endpoints == endpoints
-        ):
-            return cached.plan
-        plan = self._ranker.plan(service, self._health, now, endpoints, explain=False)
-        if plan.drawn:  # traffic spills over between levels by a draw per call: this plan is for this call only
+        if plan.drawn:  # this plan is for this call only
             self._plans.pop(key, None)
-            return plan
+            return
         if len(self._plans) >= _MAX_CACHED_PLANS:
             self._plans.clear()  # services come and go: start over rather than keep the gone ones
-        self._plans[key] = _CachedPlan(service, endpoints, states, plan)
-        return plan
+        rows = tuple((ep, why, None if why is not None else self._state(service, ep, now)) for ep, why in whys)
+        self._plans[key] = _CachedPlan(service, rows, (plan, skipped), evaluations)
 
-    def _states(self, service: Service, endpoints: list[Endpoint], now: float) -> tuple[tuple[bool, bool], ...]:
-        """What the ranking reads of each endpoint's health: available now, and stalled now (never with no call
-        in flight: `EndpointHealth.inflight`, read first because it is the common case)."""
-        health = self._health
-        out = []
-        for ep in endpoints:
-            st = health.state(ep.id)
-            if not st.available(now):
-                out.append(_DOWN)
-            elif not getattr(st, "inflight", 1):
-                out.append(_UP)
-            else:
-                threshold = stall_threshold(st.latency_ewma, service.spec.policy.per_try_timeout)
-                out.append(_STALLED if health.stalled(ep.id, now, threshold) else _UP)
-        return tuple(out)
-
-
-_UP, _STALLED, _DOWN = (True, False), (True, True), (False, False)
+    def _state(self, service: Service, ep: Endpoint, now: float) -> tuple[bool, bool]:
+        """What the ranking reads of an endpoint's health: available now, and stalled now (`is_stalled`, never
+        with no call in flight)."""
+        st = self._health.state(ep.id)
+        if not st.available(now):
+            return _DOWN
+        if st.inflight and is_stalled(st, ep.id, now, self._health, service.spec.policy.per_try_timeout):
+            return _STALLED
+        return _UP
 
 
 _MAX_CACHED_PLANS = 4096
@@ -195,7 +220,7 @@ class Router:
         self._budgets: dict[tuple[str, str], RetryBudget] = {}
         self._lanes: dict[tuple[str, str], _Lane] = {}  # by service key
         self._whole_answer = whole_answer  # answers up to this length are read whole before they are the caller's
-        self._plans = _PlanCache(self._ranker, health)
+        self._plans = _PlanCache(health)
         self._breakers = Breakers()
         self._routes = RoutePicker()  # subsets, splits and match rules (edged/routes.py)
         self._tallies: dict[tuple[str, str], _Tally] = {}  # by (service, tier): see record
@@ -213,27 +238,37 @@ class Router:
     ) -> tuple[Plan, list[dict]]:
         """The plan for one call of this service, and the endpoints left out because their tier is off.
         `now`: the router's clock as the caller just read it (one read less per call)."""
+        return self._plan(service, tiers, self._clock() if now is None else now, explain)
+
+    def _plan(
+        self, service: Service, tiers: frozenset[str] | None, now: float, explain: bool
+    ) -> tuple[Plan, list[dict]]:
+        """`plan`, with its arguments in place (once per call)."""
+        cacheable = not explain and service.spec.policy.strategy in CACHEABLE_STRATEGIES
+        if cacheable:
+            kept = self._plans.get(service, tiers, now, self._transports)
+            if kept is not None:
+                return kept
         skipped = []
         eps = []
+        whys: list[tuple[Endpoint, str | None]] = []  # the transports' verdict on each endpoint within `tiers`
         for ep in service.endpoints:
             if tiers is not None and ep.tier not in tiers:
                 continue
             transport = self._transports.get(ep.tier)
-            why = "no transport for this tier" if transport is None else transport.unavailable(ep)
+            why = NO_TRANSPORT if transport is None else transport.unavailable(ep)
+            whys.append((ep, why))
             if why is None:
                 eps.append(ep)
             else:
                 skipped.append({"endpoint": ep.id, "tier": ep.tier, "reason": why})
-        if now is None:
-            now = self._clock()
-        if not explain and service.spec.policy.strategy in CACHEABLE_STRATEGIES:
-            plan = self._plans.plan(service, tiers, eps, now)
-        else:
-            plan = self._ranker.plan(service, self._health, now, eps, explain=explain)
+        plan = self._ranker.plan(service, self._health, now, eps, explain=explain)
         cell = self._evaluations.get(plan.strategy)
         if cell is None:
             cell = self._evaluations[plan.strategy] = self._metrics.policy_evaluations.cell((plan.strategy,))
         cell[0] += 1
+        if cacheable:
+            self._plans.keep(service, tiers, now, whys, plan, skipped, cell)
         return plan, skipped
 
     async def route_service_call(self, call: Call, service: Service | None = None) -> Routed:
@@ -266,7 +301,7 @@ class Router:
                 self._metrics.overloaded.inc((spec.name, exc.detail["limit"]))  # type: ignore[index]
                 self.record(spec.name, "none", "overloaded", started)
                 raise
-        plan, skipped = self.plan(service, call.tiers, explain=False, now=None if waited else started)
+        plan, skipped = self._plan(service, call.tiers, self._clock() if waited else started, False)
         budget = lane.budget
         budget.deposit()
         attempts: list[dict] = []

@@ -328,6 +328,37 @@ def test_a_reused_plan_follows_every_input_the_ranking_reads():
     assert route(router, call).endpoint.id.endswith("/a")
 
 
+def test_a_reused_plan_follows_the_transports_and_keeps_their_reasons():
+    """What a transport says of an endpoint is asked afresh each call, a reused plan or not: a tier whose
+    transport comes later, and the reason a skipped endpoint is given, are those of now."""
+    eps = [endpoint("a", 1, priority=0), endpoint("e", 2, priority=1, tier="edge")]
+    spec = dataclasses.replace(service(*eps).spec, endpoints=())
+    registry = Registry()
+    registry.set_manifests([spec])
+    registry.set_endpoints("test", eps)
+    transports: dict = {"local": ScriptedTransport({})}
+    router = Router(registry, FakeHealth(), transports, MeshMetrics())
+    svc = router.service("default", "s")
+
+    def plan():
+        plan, skipped = router.plan(svc, explain=False)
+        return [c.endpoint.id.rsplit("/", 1)[1] for c in plan.choices], [s["reason"] for s in skipped]
+
+    assert plan() == plan() == (["a"], ["no transport for this tier"])
+    transports["edge"] = edge = ScriptedTransport({})  # the edge tier attached: its endpoint is in the plan
+    assert plan() == (["a", "e"], [])
+    edge.unavailable = lambda ep: "no live node serves it"
+    assert plan() == (["a"], ["no live node serves it"])
+    edge.unavailable = lambda ep: "broker disconnected"  # left out still, for another reason
+    assert plan() == (["a"], ["broker disconnected"])
+    local_only = router.plan(svc, frozenset({"local"}), explain=False)  # a call limited to some tiers
+    assert [c.endpoint.id for c in local_only[0].choices] == ["default/s/local/a"] and local_only[1] == []
+    edge.unavailable = lambda ep: None
+    assert plan() == (["a", "e"], [])
+    evaluations = router._metrics.policy_evaluations.cell(("priority",))[0]
+    assert evaluations == 7  # every plan counts, reused or not
+
+
 def test_a_priority_plan_that_spills_over_by_a_draw_is_not_reused():
     """Two endpoints at priority 0, one of them down: level 0 is 70 % healthy (overprovisioning 1.4), so 30 % of
     calls start at priority 1. A reused plan would send them all to one level; each call draws afresh."""
