@@ -31,6 +31,7 @@ BATTERY_FACTOR = 2.0  # a node on battery costs this times as much when full ...
 DRAINED_FACTOR = 4.0  # ... and up to this much more again as its battery drains to 0 %
 MIN_LINK = 0.05  # the cost is divided by the link quality (0..1), not below this
 _FACTORS: dict[tuple[tuple[str, str], ...], float] = {}  # vitals -> factor (vitals change every few seconds)
+_exp = math.exp
 
 
 def vital(meta: dict[str, str], key: str) -> float | None:
@@ -85,13 +86,17 @@ class PeakEwma:
 
     def observe(self, rtt: float, now: float) -> None:
         """Take one answer time: a peak is taken whole, a lower one by the weight its time gap earns."""
-        if self.stamp < 0.0:
-            self.value, self.stamp = rtt, now
-            return
-        w = math.exp(-max(0.0, now - self.stamp) / DECAY)
-        current = self.value * w
-        self.value = rtt if rtt > current else current * w + rtt * (1.0 - w)
+        stamp = self.stamp
         self.stamp = now
+        if stamp < 0.0:
+            self.value = rtt
+            return
+        if now > stamp:  # (the weight of no time gap is 1.0: no exp, once per answer; -(now - stamp) is exact)
+            w = _exp((stamp - now) / DECAY)
+            current = self.value * w
+            self.value = rtt if rtt > current else current * w + rtt * (1.0 - w)
+        elif rtt > self.value:
+            self.value = rtt
 
     def get(self, now: float) -> float:
         """The estimate now: the last value, decayed towards zero over the time with no sample."""

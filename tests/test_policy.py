@@ -127,6 +127,22 @@ def test_peak_ewma_takes_peaks_at_once_and_decays_with_a_10s_time_constant():
     assert abs(p.value - (0.100 * w * w + 0.010 * (1 - w))) < 1e-9
 
 
+def test_peak_ewma_answers_in_the_same_instant_weigh_nothing_but_a_peak():
+    from edged.balancer import PeakEwma
+
+    p = PeakEwma()
+    p.observe(0.050, 3.0)
+    p.observe(0.010, 3.0)  # no time passed: a faster answer does not pull the estimate down
+    assert (p.value, p.stamp) == (0.050, 3.0)
+    p.observe(0.020, 2.5)  # nor from a clock read a moment earlier (answers end out of order)
+    assert (p.value, p.stamp) == (0.050, 2.5)
+    p.observe(0.080, 2.5)  # a peak is taken whole
+    assert p.value == 0.080
+    p.observe(0.010, 12.5)
+    w = math.exp(-1)
+    assert p.value == 0.080 * w * w + 0.010 * (1 - w)  # the same sums as before, to the last bit
+
+
 def test_every_strategy_the_contract_names_is_implemented_none_falls_back():
     eps = [endpoint("b", 1, priority=2), endpoint("a", 2, priority=1)]
     # `geo` was the last to fall back to `priority` (edged/locality.py); predictive's own tests give it its model

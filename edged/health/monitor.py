@@ -284,9 +284,9 @@ class HealthMonitor:
         load = h.inflight
         now = self._clock()
         if not load:
-            h.busy_since = now
-            h.sent_sum = now  # (a call_finished with no handle may have left a remainder)
-            h._lag_busy = self._lag()
+            h.busy_since = h.sent_sum = now  # (sent_sum: a call_finished with no handle may have left a remainder)
+            lag = self._loop_lag  # _lag(), its common case inline: once per try
+            h._lag_busy = lag.total() if lag is not None else self._lag()
         else:
             h.sent_sum += now
         h.inflight = load + 1
@@ -316,7 +316,7 @@ class HealthMonitor:
         only for responses). `latency` (seconds) feeds the EWMA when given. `load` (calls in flight when the try
         was sent) feeds the predictive model of services that use it.
         """
-        self._finished(self.state(endpoint.id), endpoint, service, ok, latency, answered, detail, reached, later, load)
+        self._finished(self.state(endpoint.id), endpoint, service, ok, latency, reached, later, load, answered, detail)
 
     def _finished(
         self,
@@ -325,19 +325,21 @@ class HealthMonitor:
         service: Service,
         ok: bool,
         latency: float | None,
+        reached: bool,
+        later: bool,
+        load: int | None,
         answered: bool | None = None,
         detail: str | None = None,
-        reached: bool = True,
-        later: bool = False,
-        load: int | None = None,
     ) -> None:
-        """`call_finished` for the health state `h` of `endpoint` (the in-flight handle holds it already)."""
+        """`call_finished` for the health state `h` of `endpoint` (the in-flight handle holds it already; it
+        passes the arguments it has, in order, and leaves the others to their defaults)."""
         now = self._clock()
         if h.inflight > 0:
             h.inflight -= 1
         if (ok or latency is not None) if answered is None else answered:
             h.last_response_at = now
-            h._lag_answer = self._lag()
+            lag = self._loop_lag  # _lag(), its common case inline: once per try
+            h._lag_answer = lag.total() if lag is not None else self._lag()
         if latency is not None:
             ewma = h.latency_ewma
             h.latency_ewma = latency if ewma is None else ewma + _EWMA_ALPHA * (latency - ewma)
@@ -470,7 +472,7 @@ class HealthMonitor:
     def _lag(self) -> float:
         """Lag of the running event loop so far (seconds; 0.0 with no loop: pure use from tests)."""
         lag = self._loop_lag
-        if lag is not None:  # the common case first: twice per try
+        if lag is not None:  # the common case first (the call path has it inline)
             return lag.total()
         if self._lag_source is not None:
             return self._lag_source()
@@ -656,7 +658,7 @@ class InFlight:
         monitor, self._monitor = self._monitor, None
         if monitor is not None:
             self._health.sent_sum -= self._sent
-            monitor._finished(self._health, endpoint, service, ok, latency, None, None, reached, later, self._load)
+            monitor._finished(self._health, endpoint, service, ok, latency, reached, later, self._load)
 
     def release(self) -> None:
         """Give the place back without an outcome (idempotent)."""

@@ -77,9 +77,10 @@ class Outlier:
 
     def success(self) -> None:
         """A call succeeded: the failure streak starts over."""
-        self.consecutive_failures = 0
-        self._connect_streak = 0
-        self._probation = False
+        if self.consecutive_failures or self._probation:  # (most calls: nothing to start over; a connect streak
+            self.consecutive_failures = 0  # is part of the failure streak)
+            self._connect_streak = 0
+            self._probation = False
 
     def failure(
         self,
