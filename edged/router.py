@@ -512,10 +512,9 @@ class Router:
             cell = tally.outcomes[outcome] = self._metrics.calls.cell((service, tier, outcome))
         cell[0] += 1
         seconds = self._clock() - started
-        row = tally.row  # Histogram.observe, on the series' row
+        row = tally.row  # Histogram.observe, on the series' row: its bucket and the sum (the count is their total)
         row[bisect_left(tally.buckets, seconds)] += 1
-        row[-2] += seconds
-        row[-1] += 1
+        row[-1] += seconds
 
     def _tally(self, service: str, tier: str) -> _Tally:
         if len(self._tallies) >= _MAX_CACHED_PLANS:

@@ -249,7 +249,8 @@ class Histogram(_Family):
             raise TelemetryError(f"{name}: buckets must be distinct and non-empty, got {buckets!r}")
         super().__init__(name, help, labelnames, max_series)
         self.buckets = tuple(bounds)
-        # labels -> [count in each bucket (not cumulative), count above the last bound, sum, count]
+        # labels -> [count in each bucket (not cumulative), count above the last bound, sum]; the count is the
+        # buckets' total (whole numbers, exact as floats): one write less per observation
         self._data: dict[tuple[str, ...], list[float]] = {}
         if not self._arity:
             self._init_unlabelled()
@@ -258,7 +259,7 @@ class Histogram(_Family):
         return self._data
 
     def _init_unlabelled(self) -> None:
-        self._data[()] = [0.0] * (len(self.buckets) + 3)
+        self._data[()] = [0.0] * (len(self.buckets) + 2)
 
     def observe(self, labels: tuple[str, ...], value: float) -> None:
         """Count `value` into the series of `labels`."""
@@ -266,26 +267,26 @@ class Histogram(_Family):
         if row is None:
             row = self.row(labels)
         row[bisect_left(self.buckets, value)] += 1  # bounds are inclusive: le="0.1" counts 0.1
-        row[-2] += value
-        row[-1] += 1
+        row[-1] += value
 
     def row(self, labels: tuple[str, ...]) -> list[float]:
-        """The series of `labels` as a row a holder counts into as `observe` does (`observe_row`), made if new;
-        past the series cap, a row of its own that nothing renders. A removed or cleared series makes new rows."""
+        """The series of `labels` as a row a holder counts into as `observe` does (its bucket, and the sum), made
+        if new; past the series cap, a row of its own that nothing renders. A removed or cleared series makes new
+        rows."""
         row = self._data.get(labels)
         if row is None:
             key = self._key(labels)
             if key is None:
-                return [0.0] * (len(self.buckets) + 3)
+                return [0.0] * (len(self.buckets) + 2)
             row = self._data.get(key)
             if row is None:
-                row = self._data[key] = [0.0] * (len(self.buckets) + 3)
+                row = self._data[key] = [0.0] * (len(self.buckets) + 2)
         return row
 
     def get(self, labels: tuple[str, ...] = ()) -> tuple[float, float] | None:
         """(count, sum) of one series, None if it does not exist."""
         row = self._data.get(tuple(str(v) for v in labels))
-        return None if row is None else (row[-1], row[-2])
+        return None if row is None else (sum(row[:-1]), row[-1])
 
     def lines(self) -> Iterable[str]:
         name = self.name
@@ -295,11 +296,11 @@ class Histogram(_Family):
             bucket_prefix = f"{name}_bucket{{{text}," if text else f"{name}_bucket{{"
             plain = f"{{{text}}}" if text else ""
             cumulative = 0.0
-            for le, n in zip(bounds, row[:-2], strict=True):
+            for le, n in zip(bounds, row[:-1], strict=True):
                 cumulative += n
                 yield f"{bucket_prefix}{le} {_fmt(cumulative)}"
-            yield f"{name}_sum{plain} {_fmt(row[-2])}"
-            yield f"{name}_count{plain} {_fmt(row[-1])}"
+            yield f"{name}_sum{plain} {_fmt(row[-1])}"
+            yield f"{name}_count{plain} {_fmt(cumulative)}"
 
 
 class Metrics:
@@ -374,13 +375,13 @@ class Metrics:
         None when the metric is unknown or no series matches. Collectors are not run.
         """
         family = self._families.get(name)
-        field = -1
+        count = isinstance(family, Histogram)  # a histogram's count: its buckets' total
         if family is None:
             base, _, suffix = name.rpartition("_")
             family = self._families.get(base)
             if not isinstance(family, Histogram) or suffix not in ("count", "sum"):
                 return None
-            field = -1 if suffix == "count" else -2
+            count = suffix == "count"
         wanted = labels or {}
         if any(key not in family.labelnames for key in wanted):
             return None
@@ -388,7 +389,7 @@ class Metrics:
         total: float | None = None
         for series_labels, data in family._series().items():
             if all(series_labels[i] == val for i, val in positions):
-                number = data[field] if isinstance(data, list) else data
+                number = (sum(data[:-1]) if count else data[-1]) if isinstance(data, list) else data
                 total = number if total is None else total + number
         return total
 

@@ -206,11 +206,10 @@ def test_cells_and_rows_count_into_their_series_as_inc_and_observe_do() -> None:
     assert c.get(("a",)) == 3 and m.value("c_total") == 3 and c.values() == {("a",): 3}
     row = h.row(("a",))
     assert h.row(("a",)) is row
-    row[0] += 1
-    row[-2] += 0.05
-    row[-1] += 1
+    row[0] += 1  # as observe counts: the bucket, and the sum (the count is the buckets' total)
+    row[-1] += 0.05
     h.observe(("a",), 0.5)
-    assert h.get(("a",)) == (2, 0.55)
+    assert h.get(("a",)) == (2, 0.55) and m.value("h_seconds_count") == 2 and m.value("h_seconds_sum") == 0.55
     text = m.render()
     assert 'c_total{service="a"} 3' in text and 'h_seconds_bucket{service="a",le="0.1"} 1' in text
     c.inc(("b",))
