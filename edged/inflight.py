@@ -98,9 +98,11 @@ class Hold:
 
     def release(self) -> None:
         """Give every place back (idempotent)."""
-        places, self._places = self._places, ()
-        for p in places:
-            p.give()
+        places = self._places
+        if places:  # (`FREE`, most calls' quota ticket, holds none: nothing to write)
+            self._places = ()
+            for p in places:
+                p.give()
 
     def __enter__(self) -> Hold:
         return self

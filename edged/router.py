@@ -14,7 +14,7 @@ import asyncio
 import time
 from bisect import bisect_left
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from . import retry
@@ -165,7 +165,6 @@ class Routed:
     tries: int
     service: Service
     started: float
-    attempts: list[dict] = field(default_factory=list)
     streamed: bool = False  # its body was still arriving: `Router.settle` reports how it ended
 
 
@@ -340,7 +339,7 @@ class Router:
                         if tries > 1:
                             self._metrics.failovers.inc((spec.name,))
                         streamed = not answer.complete and call.method != "HEAD"  # type: ignore[union-attr]
-                        return Routed(answer, ep, tries, service, started, attempts, streamed)  # type: ignore[arg-type]
+                        return Routed(answer, ep, tries, service, started, streamed)  # type: ignore[arg-type]
                     outcomes = [(ep, answer, failed)]
                 else:
                     # No usable endpoint left to move on to (only stalled or down ones): the per-try timeout
@@ -418,7 +417,7 @@ class Router:
         for answered_by, answer, failed in outcomes:
             if failed is None and won is None:
                 streamed = streams(answer, method)  # type: ignore[arg-type]
-                won = Routed(answer, answered_by, tries, service, started, attempts, streamed)  # type: ignore[arg-type]
+                won = Routed(answer, answered_by, tries, service, started, streamed)  # type: ignore[arg-type]
             elif failed is None:
                 answer.discard()  # type: ignore[union-attr]  # a second answer in the same instant
             else:
@@ -426,7 +425,7 @@ class Router:
                 if answer is not None:
                     if held is not None:
                         held.answer.discard()
-                    held = Routed(answer, answered_by, tries, service, started, attempts)
+                    held = Routed(answer, answered_by, tries, service, started)
         if won is not None:
             if held is not None:
                 held.answer.discard()
@@ -452,10 +451,11 @@ class Router:
         `remaining` time, not the per-try timeout; a racing try cancelled once `outrun[0]` was set (its per-try
         timeout had passed, and another try answered first) counts as timed out."""
         timeout = remaining if whole or outrun is not None else min(policy.per_try_timeout, remaining)
+        ms = remaining * 1000  # at least 1 ms; %d truncates a float as int() does (no calls, once per try)
         headers = [
             *call.headers,
             (b"x-request-id", call.request_id.encode()),
-            (b"x-edged-timeout-ms", b"%d" % max(1, int(remaining * 1000))),
+            (b"x-edged-timeout-ms", b"%d" % (ms if ms >= 1.0 else 1)),
         ]
         method = call.method
         t0 = self._clock()

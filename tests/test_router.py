@@ -158,6 +158,22 @@ def test_connect_failures_fail_over_without_spending_the_retry_budget():
     assert metrics.value("edged_retry_budget_exhausted_total", {"service": "s"}) > 0
 
 
+def test_a_try_tells_the_endpoint_the_whole_ms_left_and_at_least_one():
+    seen = []
+
+    class Recording(ScriptedTransport):
+        async def send(self, ep, call, headers, timeout):
+            seen.append(dict(headers)[b"x-edged-timeout-ms"])
+            return await super().send(ep, call, headers, timeout)
+
+    router, _, _, _, call = make({"a": 200}, clock=lambda: 100.0)
+    router._transports["local"] = Recording({"a": 200})
+    for left in (10.0, 2.0019, 0.0004):
+        call.deadline = 100.0 + left
+        route(router, call)
+    assert seen == [b"10000", b"2001", b"1"]
+
+
 def test_interface_rejects_undeclared_methods_before_routing():
     from edged.model import InterfaceSpec, MethodRule
 

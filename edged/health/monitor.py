@@ -344,7 +344,7 @@ class HealthMonitor:
             ewma = h.latency_ewma
             h.latency_ewma = latency if ewma is None else ewma + _EWMA_ALPHA * (latency - ewma)
             h.peak.observe(latency, now)
-        if load is not None and reached and service.spec.policy.strategy == "predictive":
+        if service.spec.policy.strategy == "predictive" and load is not None and reached:  # (most are not)
             if h.model is None:
                 h.model = Model()
             h.model.observe(now, ok, latency, load)
