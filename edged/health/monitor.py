@@ -284,7 +284,7 @@ class HealthMonitor:
         load = h.inflight
         now = self._clock()
         if not load:
-            h.busy_since = h.sent_sum = now  # (sent_sum: a call_finished with no handle may have left a remainder)
+            h.busy_since = h.sent_sum = now  # (sent_sum: a call_finished with no try begun may have left a remainder)
             lag = self._loop_lag  # _lag(), its common case inline: once per try
             h._lag_busy = lag.total() if lag is not None else self._lag()
         else:
@@ -316,46 +316,11 @@ class HealthMonitor:
         only for responses). `latency` (seconds) feeds the EWMA when given. `load` (calls in flight when the try
         was sent) feeds the predictive model of services that use it.
         """
-        self._finished(self.state(endpoint.id), endpoint, service, ok, latency, reached, later, load, answered, detail)
-
-    def _finished(
-        self,
-        h: EndpointHealth,
-        endpoint: Endpoint,
-        service: Service,
-        ok: bool,
-        latency: float | None,
-        reached: bool,
-        later: bool,
-        load: int | None,
-        answered: bool | None = None,
-        detail: str | None = None,
-    ) -> None:
-        """`call_finished` for the health state `h` of `endpoint` (the in-flight handle holds it already; it
-        passes the arguments it has, in order, and leaves the others to their defaults)."""
-        now = self._clock()
-        if h.inflight > 0:
-            h.inflight -= 1
-        if (ok or latency is not None) if answered is None else answered:
-            h.last_response_at = now
-            lag = self._loop_lag  # _lag(), its common case inline: once per try
-            h._lag_answer = lag.total() if lag is not None else self._lag()
-        if latency is not None:
-            ewma = h.latency_ewma
-            h.latency_ewma = latency if ewma is None else ewma + _EWMA_ALPHA * (latency - ewma)
-            h.peak.observe(latency, now)
-        if service.spec.policy.strategy == "predictive" and load is not None and reached:  # (most are not)
-            if h.model is None:
-                h.model = Model()
-            h.model.observe(now, ok, latency, load)
-        if later:
-            return
-        if ok:  # _outcome's common case, inline: once per try
-            h.calls_ok += 1
-            h.last_detail = detail or "call ok"
-            h._outlier.success()
-            return
-        self._outcome(endpoint, service, h, ok, reached, detail, now)
+        # Told as a try's handle tells it (`InFlight.finish`): one place given back (the count stays >= 0),
+        # no send time taken off `sent_sum` (the handle's is 0.0).
+        InFlight(self, self.state(endpoint.id), load).finish(
+            endpoint, service, ok, latency, reached=reached, later=later, answered=answered, detail=detail
+        )
 
     def body_ended(self, endpoint: Endpoint, service: Service, ok: bool) -> None:
         """A streamed answer's body came whole (`ok`) or broke off: the outcome of a call reported `later`."""
@@ -627,10 +592,12 @@ class InFlight:
 
     __slots__ = ("_health", "_load", "_monitor", "_sent")
 
-    def __init__(self, monitor: HealthMonitor, health: EndpointHealth, load: int = 0, sent: float = 0.0) -> None:
+    def __init__(
+        self, monitor: HealthMonitor, health: EndpointHealth, load: int | None = 0, sent: float = 0.0
+    ) -> None:
         self._monitor: HealthMonitor | None = monitor
         self._health = health
-        self._load = load  # calls in flight when this one was sent
+        self._load = load  # calls in flight when this one was sent (None: not known, as `call_finished` may say)
         self._sent = sent  # when it was sent (its part of `EndpointHealth.sent_sum`)
 
     def __enter__(self) -> InFlight:
@@ -653,12 +620,41 @@ class InFlight:
         *,
         reached: bool = True,
         later: bool = False,
+        answered: bool | None = None,
+        detail: str | None = None,
     ) -> None:
-        """The call ended with this outcome (see `HealthMonitor.call_finished`)."""
-        monitor, self._monitor = self._monitor, None
-        if monitor is not None:
-            self._health.sent_sum -= self._sent
-            monitor._finished(self._health, endpoint, service, ok, latency, reached, later, self._load)
+        """The call ended with this outcome (see `HealthMonitor.call_finished`): health learns of it, and the
+        place is given back. Here rather than in a method of the monitor: once per try, one call less."""
+        monitor = self._monitor
+        if monitor is None:
+            return
+        self._monitor = None
+        h = self._health
+        h.sent_sum -= self._sent
+        now = monitor._clock()
+        if h.inflight > 0:
+            h.inflight -= 1
+        if (ok or latency is not None) if answered is None else answered:
+            h.last_response_at = now
+            lag = monitor._loop_lag  # _lag(), its common case inline: once per try
+            h._lag_answer = lag.total() if lag is not None else monitor._lag()
+        if latency is not None:
+            ewma = h.latency_ewma
+            h.latency_ewma = latency if ewma is None else ewma + _EWMA_ALPHA * (latency - ewma)
+            h.peak.observe(latency, now)
+        load = self._load
+        if service.spec.policy.strategy == "predictive" and load is not None and reached:  # (most are not)
+            if h.model is None:
+                h.model = Model()
+            h.model.observe(now, ok, latency, load)
+        if later:
+            return
+        if ok:  # _outcome's common case, inline: once per try
+            h.calls_ok += 1
+            h.last_detail = detail or "call ok"
+            h._outlier.success()
+            return
+        monitor._outcome(endpoint, service, h, ok, reached, detail, now)
 
     def release(self) -> None:
         """Give the place back without an outcome (idempotent)."""
