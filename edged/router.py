@@ -237,17 +237,18 @@ class Router:
     ) -> tuple[Plan, list[dict]]:
         """The plan for one call of this service, and the endpoints left out because their tier is off.
         `now`: the router's clock as the caller just read it (one read less per call)."""
-        return self._plan(service, tiers, self._clock() if now is None else now, explain)
-
-    def _plan(
-        self, service: Service, tiers: frozenset[str] | None, now: float, explain: bool
-    ) -> tuple[Plan, list[dict]]:
-        """`plan`, with its arguments in place (once per call)."""
-        cacheable = not explain and service.spec.policy.strategy in CACHEABLE_STRATEGIES
-        if cacheable:
+        if now is None:
+            now = self._clock()
+        if not explain and service.spec.policy.strategy in CACHEABLE_STRATEGIES:  # (as route_service_call)
             kept = self._plans.get(service, tiers, now, self._transports)
             if kept is not None:
                 return kept
+        return self._make_plan(service, tiers, now, explain)
+
+    def _make_plan(
+        self, service: Service, tiers: frozenset[str] | None, now: float, explain: bool
+    ) -> tuple[Plan, list[dict]]:
+        """`plan` when no kept plan holds: ranked now, and kept if its strategy's plans are."""
         skipped = []
         eps = []
         whys: list[tuple[Endpoint, str | None]] = []  # the transports' verdict on each endpoint within `tiers`
@@ -266,7 +267,7 @@ class Router:
         if cell is None:
             cell = self._evaluations[plan.strategy] = self._metrics.policy_evaluations.cell((plan.strategy,))
         cell[0] += 1
-        if cacheable:
+        if not explain and service.spec.policy.strategy in CACHEABLE_STRATEGIES:
             self._plans.keep(service, tiers, now, whys, plan, skipped, cell)
         return plan, skipped
 
@@ -300,7 +301,11 @@ class Router:
                 self._metrics.overloaded.inc((spec.name, exc.detail["limit"]))  # type: ignore[index]
                 self.record(spec.name, "none", "overloaded", started)
                 raise
-        plan, skipped = self._plan(service, call.tiers, self._clock() if waited else started, False)
+        now = self._clock() if waited else started
+        kept = None
+        if policy.strategy in CACHEABLE_STRATEGIES:  # `plan`, inline: once per call
+            kept = self._plans.get(service, call.tiers, now, self._transports)
+        plan, skipped = kept if kept is not None else self._make_plan(service, call.tiers, now, False)
         budget = lane.budget
         budget.deposit()
         attempts: list[dict] = []
@@ -459,37 +464,40 @@ class Router:
         ]
         method = call.method
         t0 = self._clock()
-        # The place is given back by `release` in the finally if `finish` did not (a cancelled try): a try block
-        # rather than `with flight:`, whose __enter__ and __exit__ calls cost about 2k instructions a try.
+        # Every way out gives the place back once: `finish` with the outcome, else `release` (a cancelled try).
+        # Handlers rather than `with flight:`, whose __enter__ and __exit__ calls cost about 2k instructions a
+        # try, or a finally, whose `release` would run after every `finish` too.
         flight = self._health.call_started(ep.id)
         try:
-            try:
-                answer = await self._transports[ep.tier].send(ep, call, headers, timeout)
-                if not answer.complete and wants_whole(answer, method, self._whole_answer):
-                    try:  # a small answer is read whole first: a break in it fails over like a reset
-                        answer = await read_whole(answer, ep.id, call.deadline - self._clock())
-                    except UpstreamError as exc:
-                        flight.finish(ep, service, False, None)
-                        self._metrics.body_breaks.inc((service.name, "failover"))
-                        kind = "body_" + exc.kind
-                        return None, {"endpoint": ep.id, "error": kind, "detail": exc.detail, "reached": True}
-            except UpstreamError as exc:
-                flight.finish(ep, service, False, None, reached=exc.reached)
-                return None, {"endpoint": ep.id, "error": exc.kind, "detail": exc.detail, "reached": exc.reached}
-            except asyncio.CancelledError:
-                if outrun is not None and outrun[0]:
+            answer = await self._transports[ep.tier].send(ep, call, headers, timeout)
+            if not answer.complete and wants_whole(answer, method, self._whole_answer):
+                try:  # a small answer is read whole first: a break in it fails over like a reset
+                    answer = await read_whole(answer, ep.id, call.deadline - self._clock())
+                except UpstreamError as exc:
                     flight.finish(ep, service, False, None)
-                raise
-            latency = self._clock() - t0
-            status = answer.status
-            # retry.answer_error, with its common case (a status not retried) inline: once per try
-            error = retry.answer_error(status, policy) if status in policy.retry_on_status else None
-            if error is None and not answer.complete and method != "HEAD":  # answers.streams, inline
-                flight.finish(ep, service, True, latency, later=True)  # ok or not once the body is through
+                    self._metrics.body_breaks.inc((service.name, "failover"))
+                    kind = "body_" + exc.kind
+                    return None, {"endpoint": ep.id, "error": kind, "detail": exc.detail, "reached": True}
+        except UpstreamError as exc:
+            flight.finish(ep, service, False, None, reached=exc.reached)
+            return None, {"endpoint": ep.id, "error": exc.kind, "detail": exc.detail, "reached": exc.reached}
+        except asyncio.CancelledError:
+            if outrun is not None and outrun[0]:
+                flight.finish(ep, service, False, None)
             else:
-                flight.finish(ep, service, error is None, latency)
-        finally:
+                flight.release()
+            raise
+        except BaseException:
             flight.release()
+            raise
+        latency = self._clock() - t0
+        status = answer.status
+        # retry.answer_error, with its common case (a status not retried) inline: once per try
+        error = retry.answer_error(status, policy) if status in policy.retry_on_status else None
+        if error is None and not answer.complete and method != "HEAD":  # answers.streams, inline
+            flight.finish(ep, service, True, latency, later=True)  # ok or not once the body is through
+        else:
+            flight.finish(ep, service, error is None, latency)
         if error is not None:
             return answer, {"endpoint": ep.id, "error": error, "reached": True}
         return answer, None

@@ -86,7 +86,7 @@ class FakeHealth:
         self.results: list[tuple[str, bool]] = []
         self.reached: list[bool] = []  # per result: did the try reach the endpoint
         self.started: list[str] = []
-        self.released = 0  # in-flight handles given back
+        self.released = 0  # in-flight places given back (by `finish` or `release`)
 
     def state(self, endpoint_id: str) -> FakeState:
         return self.states.setdefault(endpoint_id, FakeState())
@@ -107,10 +107,12 @@ class FakeHealth:
 
 
 class FakeFlight:
-    """The in-flight handle of `FakeHealth`: records the outcome, counts the places not given back."""
+    """The in-flight handle of `FakeHealth`: records the outcome; counts the places given back (once per handle,
+    by `finish` or `release`, as `edged.health.InFlight` does)."""
 
     def __init__(self, health: FakeHealth) -> None:
         self.health = health
+        self.done = False
 
     def __enter__(self) -> FakeFlight:
         return self
@@ -119,10 +121,14 @@ class FakeFlight:
         self.release()
 
     def release(self) -> None:
-        self.health.released += 1
+        if not self.done:
+            self.done = True
+            self.health.released += 1
 
-    def finish(self, ep, service, ok, latency, *, reached=True) -> None:
-        self.health.call_finished(ep, service, ok, latency, reached=reached)
+    def finish(self, ep, service, ok, latency, *, reached=True, later=False) -> None:
+        if not self.done:
+            self.health.call_finished(ep, service, ok, latency, reached=reached)
+            self.release()
 
 
 class StatusServer:

@@ -236,6 +236,25 @@ def test_a_cancelled_call_gives_back_every_in_flight_place_and_held_answer(scrip
     assert [health.state(f"default/s/local/{name}").calls_failed for name in script][-1] == 0
 
 
+def test_every_way_a_try_ends_gives_its_in_flight_place_back_once():
+    from edged.health import HealthMonitor
+
+    script = {"a": ConnectFailed, "b": UpstreamReset, "c": 503, "d": 200}
+    router, transport, _, _, call = make(script, policy=PolicySpec(retries=4))
+    health = HealthMonitor()
+    router = Router(router._registry, health, {"local": transport}, MeshMetrics())
+    assert route(router, call).endpoint.id.endswith("/d")
+    states = [health.state(f"default/s/local/{name}") for name in script]
+    assert [st.inflight for st in states] == [0, 0, 0, 0]
+    assert [(st.calls_ok, st.calls_failed) for st in states] == [(0, 1), (0, 1), (0, 1), (1, 0)]
+    # A transport that fails in a way no try expects: the error reaches the caller, the place is back, and
+    # nothing is counted against the endpoint.
+    router._transports["local"] = ScriptedTransport({"a": RuntimeError, "b": 200, "c": 200, "d": 200})
+    with pytest.raises(RuntimeError):
+        route(router, call)
+    assert [st.inflight for st in states] == [0, 0, 0, 0] and states[0].calls_failed == 1
+
+
 class TimedTransport(ScriptedTransport):
     """Endpoints scripted (seconds, what) answer `what` after that long, or time out at the try's timeout."""
 
