@@ -96,12 +96,21 @@ class _PlanCache:
     def get(
         self, service: Service, tiers: frozenset[str] | None, now: float, transports: Mapping[str, Transport]
     ) -> tuple[Plan, list[dict]] | None:
-        """The plan kept for (service, tiers) and its left-out endpoints, counted as an evaluation, if everything
-        its making read is still so; else None. One pass over the endpoints, for their transports' verdicts and
-        their health (`_state`, inline: once per endpoint per call)."""
+        """The plan kept for (service, tiers) and its left-out endpoints if it still holds (`holds`), else None."""
+        cached = self.entry(service, tiers)
+        return None if cached is None else self.holds(cached, now, transports)
+
+    def entry(self, service: Service, tiers: frozenset[str] | None) -> _CachedPlan | None:
+        """The plan kept for (service, tiers), whether it holds or not."""
         cached = self._plans.get((service.spec.key, tiers))
-        if cached is None or cached.service is not service:
-            return None
+        return cached if cached is not None and cached.service is service else None
+
+    def holds(
+        self, cached: _CachedPlan, now: float, transports: Mapping[str, Transport]
+    ) -> tuple[Plan, list[dict]] | None:
+        """A kept plan and its left-out endpoints, counted as an evaluation, if everything its making read is still
+        so; else None. One pass over the endpoints, for their transports' verdicts and their health (`_state`,
+        inline: once per endpoint per call)."""
         health = self._health
         for ep, why, was in cached.rows:
             transport = transports.get(ep.tier)
@@ -113,7 +122,7 @@ class _PlanCache:
             if not (st.active_ok and now >= st.ejected_until):  # st.available(now), inline (policy.HealthState)
                 if was is not _DOWN:
                     return None
-            elif st.inflight and is_stalled(st, ep.id, now, health, service.spec.policy.per_try_timeout):
+            elif st.inflight and is_stalled(st, ep.id, now, health, cached.service.spec.policy.per_try_timeout):
                 if was is not _STALLED:
                     return None
             elif was is not _UP:
@@ -130,17 +139,18 @@ class _PlanCache:
         plan: Plan,
         skipped: list[dict],
         evaluations: list[float],
-    ) -> None:
+    ) -> _CachedPlan | None:
         """Keep a plan just made at `now` (`whys`: the transports' verdict on each endpoint within `tiers`), but
         not one whose starting level was drawn: traffic spills over between levels by a draw per call."""
         key = (service.spec.key, tiers)
         if plan.drawn:  # this plan is for this call only
             self._plans.pop(key, None)
-            return
+            return None
         if len(self._plans) >= _MAX_CACHED_PLANS:
             self._plans.clear()  # services come and go: start over rather than keep the gone ones
         rows = tuple((ep, why, None if why is not None else self._state(service, ep, now)) for ep, why in whys)
-        self._plans[key] = _CachedPlan(service, rows, (plan, skipped), evaluations)
+        cached = self._plans[key] = _CachedPlan(service, rows, (plan, skipped), evaluations)
+        return cached
 
     def _state(self, service: Service, ep: Endpoint, now: float) -> tuple[bool, bool]:
         """What the ranking reads of an endpoint's health: available now, and stalled now (`is_stalled`, never
@@ -172,16 +182,17 @@ DEADLINE_SLACK = 0.002  # seconds: how early a timer set for the deadline may fi
 
 
 class _Lane:
-    """What a call of one service needs besides its plan, looked up once per call instead of piece by piece:
-    its breaker gate and its retry budget. Made again when the service object changes
-    (the gate, by key, and the budget, while its ratio holds, carry over)."""
+    """What a call of one service needs, looked up once per call instead of piece by piece: its breaker gate,
+    its retry budget, and the plan kept for its calls to any tier (`_PlanCache`). Made again when the service
+    object changes (the gate, by key, and the budget, while its ratio holds, carry over)."""
 
-    __slots__ = ("budget", "gate", "service")
+    __slots__ = ("budget", "gate", "kept", "service")
 
     def __init__(self, service: Service, gate: Gate, budget: RetryBudget) -> None:
         self.service = service
         self.gate = gate
         self.budget = budget
+        self.kept: _CachedPlan | None = None  # (of a `CACHEABLE_STRATEGIES` strategy only)
 
 
 class _Tally:
@@ -268,7 +279,11 @@ class Router:
             cell = self._evaluations[plan.strategy] = self._metrics.policy_evaluations.cell((plan.strategy,))
         cell[0] += 1
         if not explain and service.spec.policy.strategy in CACHEABLE_STRATEGIES:
-            self._plans.keep(service, tiers, now, whys, plan, skipped, cell)
+            cached = self._plans.keep(service, tiers, now, whys, plan, skipped, cell)
+            if tiers is None:  # the lane holds it too: its calls find it without a look-up
+                lane = self._lanes.get(service.spec.key)
+                if lane is not None and lane.service is service:
+                    lane.kept = cached
         return plan, skipped
 
     async def route_service_call(self, call: Call, service: Service | None = None) -> Routed:
@@ -302,10 +317,11 @@ class Router:
                 self.record(spec.name, "none", "overloaded", started)
                 raise
         now = self._clock() if waited else started
-        kept = None
-        if policy.strategy in CACHEABLE_STRATEGIES:  # `plan`, inline: once per call
-            kept = self._plans.get(service, call.tiers, now, self._transports)
-        plan, skipped = kept if kept is not None else self._make_plan(service, call.tiers, now, False)
+        # `plan`, inline: once per call (only plans of `CACHEABLE_STRATEGIES` are kept)
+        tiers = call.tiers
+        cached = lane.kept if tiers is None else self._plans.entry(service, tiers)
+        kept = None if cached is None else self._plans.holds(cached, now, self._transports)
+        plan, skipped = kept if kept is not None else self._make_plan(service, tiers, now, False)
         budget = lane.budget
         budget.deposit()
         attempts: list[dict] = []

@@ -394,6 +394,30 @@ def test_a_reused_plan_follows_the_transports_and_keeps_their_reasons():
     assert evaluations == 7  # every plan counts, reused or not
 
 
+@pytest.mark.parametrize("tiers", [None, frozenset({"local"})], ids=["any-tier", "some-tiers"])
+def test_calls_follow_what_their_kept_plan_read(tiers):
+    """A call's kept plan (held by its lane, or by tiers) is checked as `plan`'s is: a call after a change goes
+    where a fresh ranking sends it, and each counts as an evaluation."""
+    router, transport, metrics, health, call = make({"a": 200, "b": 200})
+    call.tiers = tiers
+
+    def where():
+        return route(router, call).endpoint.id.rsplit("/", 1)[1]
+
+    assert [where(), where()] == ["a", "a"]
+    health.state("default/s/local/a").up = False
+    assert where() == "b"
+    health.state("default/s/local/a").up = True
+    assert where() == "a"
+    transport.unavailable = lambda ep: "scripted: off" if ep.id.endswith("/a") else None
+    assert where() == "b"
+    transport.unavailable = lambda ep: None
+    health.stalled_ids.add("default/s/local/a")
+    health.state("default/s/local/a").inflight = 1
+    assert where() == "b"
+    assert metrics.policy_evaluations.cell(("priority",))[0] == 6
+
+
 def test_a_priority_plan_that_spills_over_by_a_draw_is_not_reused():
     """Two endpoints at priority 0, one of them down: level 0 is 70 % healthy (overprovisioning 1.4), so 30 % of
     calls start at priority 1. A reused plan would send them all to one level; each call draws afresh."""
