@@ -356,6 +356,28 @@ def test_a_late_event_loop_does_not_make_a_healthy_endpoint_look_stalled() -> No
     assert monitor.stalled("a", 1.8, 1.0)
 
 
+def test_the_loop_lag_after_an_answer_is_not_the_silence_of_the_tries_left_in_flight() -> None:
+    clock, lag = FakeClock(0.0), [0.0]
+    monitor = HealthMonitor(clock=clock, lag=lambda: lag[0])
+    ep = make_endpoint("a", "http://127.0.0.1:1")
+    service = make_service(None, ep)
+    monitor.call_started("a")
+    monitor.call_started("a")
+    clock.now, lag[0] = 1.0, 0.3
+    monitor.call_finished(ep, service, True, 1.0)  # one answers; the other is still out
+    lag[0] = 1.1  # the loop ran 0.8 s late since
+    assert not monitor.stalled("a", 2.5, 1.0)  # 1.5 s since the answer, 0.8 s of it the loop's own
+    assert monitor.stalled("a", 2.85, 1.0)
+    clock.now, lag[0] = 5.0, 2.0
+    monitor.call_finished(ep, service, True, 1.0)  # the last one: nothing in flight
+    assert not monitor.stalled("a", 50.0, 1.0)
+    clock.now, lag[0] = 6.0, 2.5
+    monitor.call_started("a")  # silent from 6.0, the lag counted from then
+    lag[0] = 3.0
+    assert not monitor.stalled("a", 7.4, 1.0)  # 1.4 s, 0.5 s of it the loop's own
+    assert monitor.stalled("a", 7.5, 1.0)
+
+
 def test_stalled_needs_calls_in_flight_and_silence() -> None:
     clock = FakeClock(0.0)
     monitor = HealthMonitor(clock=clock)

@@ -90,7 +90,7 @@ class EndpointHealth:
         self.busy_since = 0.0
         self.last_response_at = 0.0
         self._lag_busy = 0.0  # the event loop's lag total at busy_since
-        self._lag_answer = 0.0  # and at last_response_at
+        self._lag_answer = 0.0  # and at last_response_at, when tries were left in flight (`InFlight.finish`)
         self.checks_ok = 0
         self.checks_failed = 0
         self.calls_ok = 0
@@ -636,8 +636,12 @@ class InFlight:
             h.inflight -= 1
         if (ok or latency is not None) if answered is None else answered:
             h.last_response_at = now
-            lag = monitor._loop_lag  # _lag(), its common case inline: once per try
-            h._lag_answer = lag.total() if lag is not None else monitor._lag()
+            # The lag then is read only while other tries are in flight: `stalled` asks for it only with tries in
+            # flight and an answer since the first of them began, and with none left the next try begins anew
+            # (busy_since, with its own lag, is then the later time). Most tries at low rates end alone.
+            if h.inflight:
+                lag = monitor._loop_lag  # _lag(), its common case inline
+                h._lag_answer = lag.total() if lag is not None else monitor._lag()
         if latency is not None:
             ewma = h.latency_ewma
             h.latency_ewma = latency if ewma is None else ewma + _EWMA_ALPHA * (latency - ewma)
