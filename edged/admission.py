@@ -58,9 +58,8 @@ class Gate:
         `path` is the normalized path within the service, without its query."""
         spec = svc.spec
         policy = spec.policy
-        authz = self.authz
-        if not authz.open or policy.allow or policy.deny:  # open, with no service rule: allowed, nothing to decide
-            decision = authz.decide(caller.id, spec.tenant, spec.name, policy, method, path, caller.via)
+        if not self.authz.open or policy.allow or policy.deny:  # open, with no service rule: nothing to decide
+            decision = self.authz.decide(caller.id, spec.tenant, spec.name, policy, method, path, caller.via)
             if not decision.allowed:
                 self._denied.inc((spec.tenant, decision.rule))
                 raise CallError(403, "forbidden", decision.reason, ((b"x-edged-rule", decision.rule.encode()),))

@@ -20,22 +20,22 @@ from collections.abc import Sequence
 class Places:
     """The calls holding a place under one key (`count`), and those waiting for one (FIFO)."""
 
-    __slots__ = ("_waiters", "count")
+    __slots__ = ("count", "waiters")
 
     def __init__(self) -> None:
         self.count = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self.waiters: deque[asyncio.Future[None]] = deque()  # first come, first served (the router reads it: `free`)
 
     def __repr__(self) -> str:
-        return f"<Places count={self.count} waiting={len(self._waiters)}>"
+        return f"<Places count={self.count} waiting={len(self.waiters)}>"
 
     @property
     def waiting(self) -> int:
-        return len(self._waiters)
+        return len(self.waiters)
 
     def free(self, limit: int | None) -> bool:
         """Whether one more call may take a place now under `limit` (0 or None: no limit), nobody waiting first."""
-        return not limit or (self.count < limit and not self._waiters)
+        return not limit or (self.count < limit and not self.waiters)
 
     def take(self) -> None:
         self.count += 1
@@ -44,7 +44,7 @@ class Places:
         """Wait (at most `timeout` seconds) for a place handed over by `give`; False when the time ran out.
         Cancelled, it passes on a place handed over in the same instant."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
+        self.waiters.append(fut)
         try:
             await asyncio.wait_for(asyncio.shield(fut), timeout)
         except asyncio.TimeoutError:
@@ -64,8 +64,8 @@ class Places:
 
     def give(self) -> None:
         """Give a place back: to the first waiting call, if any (the count stays), else to the count."""
-        while self._waiters:
-            fut = self._waiters.popleft()
+        while self.waiters:
+            fut = self.waiters.popleft()
             if not fut.done():
                 fut.set_result(None)
                 return
@@ -74,7 +74,7 @@ class Places:
 
     def _remove(self, fut: asyncio.Future[None]) -> None:
         with contextlib.suppress(ValueError):
-            self._waiters.remove(fut)
+            self.waiters.remove(fut)
 
 
 class Hold:

@@ -305,18 +305,18 @@ class Router:
         if lane is None or lane.service is not service:
             lane = self._lane(service)
         places = lane.gate.places  # the service's breaker: its place is given back by the `finally` below
-        waited = False  # for a place: then the plan reads the clock again
-        if places.free(policy.max_inflight):
+        now = started  # (the clock is read again after a wait for a place)
+        max_inflight = policy.max_inflight
+        if not max_inflight or (places.count < max_inflight and not places.waiters):  # Places.free, inline
             places.count += 1  # Gate.try_enter, inline: no hold object per call
         else:
-            waited = True
             try:
                 await lane.gate.enter(policy, call.deadline - self._clock(), spec.name)  # its hold's place: `places`
             except CallError as exc:
                 self._metrics.overloaded.inc((spec.name, exc.detail["limit"]))  # type: ignore[index]
                 self.record(spec.name, "none", "overloaded", started)
                 raise
-        now = self._clock() if waited else started
+            now = self._clock()
         # `plan`, inline: once per call (only plans of `CACHEABLE_STRATEGIES` are kept)
         tiers = call.tiers
         cached = lane.kept if tiers is None else self._plans.entry(service, tiers)
@@ -355,7 +355,7 @@ class Router:
                 if race is None and (not later or _usable_after(plan.choices, i)):
                     # A plain try: cut short by the per-try timeout while a usable endpoint is left to move on
                     # to; the last try the call can make has until the deadline.
-                    answer, failed = await self._attempt(ep, service, call, policy, remaining, whole=not later)
+                    answer, failed = await self._attempt(ep, service, call, policy, remaining, not later)
                     if failed is None and held is None:  # the common case, without the bookkeeping below
                         if tries > 1:
                             self._metrics.failovers.inc((spec.name,))
@@ -462,7 +462,6 @@ class Router:
         call: Call,
         policy: PolicySpec,
         remaining: float,
-        *,
         whole: bool = False,
         outrun: list[bool] | None = None,
     ) -> tuple[UpstreamAnswer | None, dict | None]:

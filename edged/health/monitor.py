@@ -592,9 +592,7 @@ class InFlight:
 
     __slots__ = ("_health", "_load", "_monitor", "_sent")
 
-    def __init__(
-        self, monitor: HealthMonitor, health: EndpointHealth, load: int | None = 0, sent: float = 0.0
-    ) -> None:
+    def __init__(self, monitor: HealthMonitor, health: EndpointHealth, load: int | None = 0, sent: float = 0.0) -> None:
         self._monitor: HealthMonitor | None = monitor
         self._health = health
         self._load = load  # calls in flight when this one was sent (None: not known, as `call_finished` may say)
