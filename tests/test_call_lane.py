@@ -234,3 +234,25 @@ def test_a_try_left_without_an_outcome_takes_its_send_time_out_of_the_age_sum() 
         # What edged.predictive reads: the mean age of the tries in flight is the first one's alone.
         assert (state.inflight, state.sent_sum) == (1, 10.0)
     assert monitor.state("a").inflight == 0
+
+
+def test_the_age_sum_follows_the_tries_that_end_with_an_outcome() -> None:
+    from helpers import endpoint, service
+
+    now = [10.0]
+    monitor = HealthMonitor(clock=lambda: now[0], lag=lambda: 0.0)
+    ep = endpoint("a", 1)
+    svc = service(ep)
+    first = monitor.call_started(ep.id)
+    now[0] = 11.0
+    second = monitor.call_started(ep.id)
+    now[0] = 12.0
+    first.finish(ep, svc, True, 2.0)
+    state = monitor.state(ep.id)
+    assert (state.inflight, state.sent_sum) == (1, 11.0)  # the mean age is the second try's alone
+    second.finish(ep, svc, True, 1.0)
+    assert state.inflight == 0
+    now[0] = 20.0
+    with monitor.call_started(ep.id):  # alone again: the sum starts over
+        assert (state.inflight, state.sent_sum) == (1, 20.0)
+    assert state.inflight == 0

@@ -628,16 +628,21 @@ class InFlight:
             return
         self._monitor = None
         h = self._health
-        h.sent_sum -= self._sent
         now = monitor._clock()
-        if h.inflight > 0:
-            h.inflight -= 1
+        # Most tries at low rates end alone: with none left in flight, `sent_sum` is not read (edged.predictive
+        # reads it over the tries in flight) and the next try to begin sets it afresh.
+        inflight = h.inflight
+        if inflight > 1:
+            h.inflight = inflight - 1
+            h.sent_sum -= self._sent  # its send time leaves the mean age of the tries in flight
+        else:
+            h.inflight = 0  # (never below: `call_finished` may tell of a try it was not told began)
         if (ok or latency is not None) if answered is None else answered:
             h.last_response_at = now
             # The lag then is read only while other tries are in flight: `stalled` asks for it only with tries in
             # flight and an answer since the first of them began, and with none left the next try begins anew
-            # (busy_since, with its own lag, is then the later time). Most tries at low rates end alone.
-            if h.inflight:
+            # (busy_since, with its own lag, is then the later time).
+            if inflight > 1:
                 lag = monitor._loop_lag  # _lag(), its common case inline
                 h._lag_answer = lag.total() if lag is not None else monitor._lag()
         if latency is not None:
