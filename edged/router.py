@@ -394,7 +394,10 @@ class Router:
                 held.answer.discard()
             raise
         finally:
-            places.give()
+            if places.waiters:  # Places.give, inline: a call waits for this place
+                places.give()
+            else:
+                places.count -= 1
             if race is not None:
                 # Tries still racing are cancelled, not awaited: mypyc (2.4.1) compiles an await in a finally
                 # block (or in an except that re-raises) so that leaving the try normally re-raises any
