@@ -111,18 +111,17 @@ class _PlanCache:
         """A kept plan and its left-out endpoints, counted as an evaluation, if everything its making read is still
         so; else None. One pass over the endpoints, for their transports' verdicts and their health (`_state`,
         inline: once per endpoint per call)."""
-        health = self._health
         for ep, why, was in cached.rows:
             transport = transports.get(ep.tier)
             if (NO_TRANSPORT if transport is None else transport.unavailable(ep)) != why:
                 return None
             if why is not None:
                 continue
-            st = health.state(ep.id)
+            st = self._health.state(ep.id)
             if not (st.active_ok and now >= st.ejected_until):  # st.available(now), inline (policy.HealthState)
                 if was is not _DOWN:
                     return None
-            elif st.inflight and is_stalled(st, ep.id, now, health, cached.service.spec.policy.per_try_timeout):
+            elif st.inflight and is_stalled(st, ep.id, now, self._health, cached.service.spec.policy.per_try_timeout):
                 if was is not _STALLED:
                     return None
             elif was is not _UP:
@@ -322,8 +321,7 @@ class Router:
         cached = lane.kept if tiers is None else self._plans.entry(service, tiers)
         kept = None if cached is None else self._plans.holds(cached, now, self._transports)
         plan, skipped = kept if kept is not None else self._make_plan(service, tiers, now, False)
-        budget = lane.budget
-        budget.deposit()
+        lane.budget.deposit()
         attempts: list[dict] = []
         full: list[str] = []  # endpoints passed over at their endpoint_max_inflight
         limit = policy.endpoint_max_inflight
@@ -342,7 +340,7 @@ class Router:
                     last = slow or (attempts[-1] if attempts else None)
                     if retry.why_not_retry(policy, tries, last, call.method):
                         break
-                    if retry.spends_budget(last) and not budget.try_withdraw():
+                    if retry.spends_budget(last) and not lane.budget.try_withdraw():
                         self._metrics.retry_budget_exhausted.inc((spec.name,))
                         attempts.append({"endpoint": ep.id, "error": "retry budget exhausted"})
                         break

@@ -649,11 +649,10 @@ class InFlight:
             ewma = h.latency_ewma
             h.latency_ewma = latency if ewma is None else ewma + _EWMA_ALPHA * (latency - ewma)
             h.peak.observe(latency, now)
-        load = self._load
-        if service.spec.policy.strategy == "predictive" and load is not None and reached:  # (most are not)
+        if service.spec.policy.strategy == "predictive" and self._load is not None and reached:  # (most are not)
             if h.model is None:
                 h.model = Model()
-            h.model.observe(now, ok, latency, load)
+            h.model.observe(now, ok, latency, self._load)
         if later:
             return
         if ok:  # _outcome's common case, inline: once per try
