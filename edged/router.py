@@ -291,15 +291,17 @@ class Router:
         started = self._clock()
         if service is None:
             service = self.service(call.tenant, call.service)
-        if service.spec.policy.routing is not None:  # the call's route: its policy over its subset's endpoints
-            service = self._routes.pick(service, call, self._health, started)
         spec = service.spec
+        policy = spec.policy
+        if policy.routing is not None:  # the call's route: its policy over its subset's endpoints
+            service = self._routes.pick(service, call, self._health, started)
+            spec = service.spec
+            policy = spec.policy
         interface = spec.interface
         if interface is not None and not interface.allows(call.method, call.path.partition("?")[0]):
             raise CallError(
                 404, "unknown_method", f"{call.method} {call.path.partition('?')[0]} is not in {spec.name}'s interface"
             )
-        policy = spec.policy
         lane = self._lanes.get(spec.key)
         if lane is None or lane.service is not service:
             lane = self._lane(service)
@@ -478,7 +480,6 @@ class Router:
             (b"x-request-id", call.request_id.encode()),
             (b"x-edged-timeout-ms", b"%d" % (ms if ms >= 1.0 else 1)),
         ]
-        method = call.method
         t0 = self._clock()
         # Every way out gives the place back once: `finish` with the outcome, else `release` (a cancelled try).
         # Handlers rather than `with flight:`, whose __enter__ and __exit__ calls cost about 2k instructions a
@@ -486,7 +487,7 @@ class Router:
         flight = self._health.call_started(ep.id)
         try:
             answer = await self._transports[ep.tier].send(ep, call, headers, timeout)
-            if not answer.complete and wants_whole(answer, method, self._whole_answer):
+            if not answer.complete and wants_whole(answer, call.method, self._whole_answer):
                 try:  # a small answer is read whole first: a break in it fails over like a reset
                     answer = await read_whole(answer, ep.id, call.deadline - self._clock())
                 except UpstreamError as exc:
@@ -507,10 +508,9 @@ class Router:
             flight.release()
             raise
         latency = self._clock() - t0
-        status = answer.status
         # retry.answer_error, with its common case (a status not retried) inline: once per try
-        error = retry.answer_error(status, policy) if status in policy.retry_on_status else None
-        if error is None and not answer.complete and method != "HEAD":  # answers.streams, inline
+        error = retry.answer_error(answer.status, policy) if answer.status in policy.retry_on_status else None
+        if error is None and not answer.complete and call.method != "HEAD":  # answers.streams, inline
             flight.finish(ep, service, True, latency, later=True)  # ok or not once the body is through
         else:
             flight.finish(ep, service, error is None, latency)

@@ -658,7 +658,9 @@ class InFlight:
         if ok:  # _outcome's common case, inline: once per try
             h.calls_ok += 1
             h.last_detail = detail or "call ok"
-            h._outlier.success()
+            outlier = h._outlier
+            if outlier.consecutive_failures or outlier.probation:  # (Outlier.success's own test, inline)
+                outlier.success()
             return
         monitor._outcome(endpoint, service, h, ok, reached, detail, now)
 

@@ -38,9 +38,9 @@ class Outlier:
         "_connect_streak",
         "_decay_from",
         "_ejections",
-        "_probation",
-        "consecutive_failures",
+                "consecutive_failures",
         "ejected_until",
+        "probation",
         "reason",
     )
 
@@ -54,7 +54,7 @@ class Outlier:
         self._ejections = 0
         self._decay_from = 0.0  # when the current ejection-free stretch began
         self._active_streak = 0  # ok active checks since the ejection began
-        self._probation = False  # an ejection ran out: the first call back is a probe (Linkerd's half-open)
+        self.probation = False  # an ejection ran out: the first call back is a probe (Linkerd's half-open)
 
     def __repr__(self) -> str:
         return (
@@ -77,10 +77,12 @@ class Outlier:
 
     def success(self) -> None:
         """A call succeeded: the failure streak starts over."""
-        if self.consecutive_failures or self._probation:  # (most calls: nothing to start over; a connect streak
-            self.consecutive_failures = 0  # is part of the failure streak)
+        # (HealthMonitor's call path asks the same first, inline: most calls have nothing to start over; a connect
+        # streak is part of the failure streak)
+        if self.consecutive_failures or self.probation:
+            self.consecutive_failures = 0
             self._connect_streak = 0
-            self._probation = False
+            self.probation = False
 
     def failure(
         self,
@@ -113,14 +115,14 @@ class Outlier:
         by_connects = self._connect_streak >= cfg.consecutive_connect_failures
         streak = cfg.consecutive_failures if accrual is None else accrual
         if (
-            (priced or self.consecutive_failures < streak) and not by_connects and not self._probation
+            (priced or self.consecutive_failures < streak) and not by_connects and not self.probation
         ) or others_available <= 0:
             return False
         self._decay(now)
         self._ejections += 1
         base = cfg.base_ejection if backoff is None else backoff
         self.ejected_until = now + min(base * self._ejections, max(cfg.max_ejection, base))
-        self._probation = False
+        self.probation = False
         self._decay_from = self.ejected_until
         if by_connects:
             self.reason = f"{self._connect_streak} failed connects"
@@ -154,7 +156,7 @@ class Outlier:
             return False
         self.ejected_until = 0.0
         self._active_streak = 0
-        self._probation = True
+        self.probation = True
         return True
 
     def _uneject(self, now: float) -> None:
