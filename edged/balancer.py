@@ -75,7 +75,9 @@ class PeakEwma:
 
     def __init__(self) -> None:
         self.value = 0.0
-        self.stamp = -1.0  # clock time of the last sample; < 0: never measured
+        # Clock time of the last sample; < 0: never measured. -inf rather than any negative time: a first sample's
+        # gap is then endless and the estimate's weight exp(-inf) = 0, so `observe` takes it whole without a test.
+        self.stamp = -math.inf
 
     def __repr__(self) -> str:
         return f"<PeakEwma {self.value * 1000:.2f} ms at {self.stamp:.1f}>"
@@ -88,11 +90,8 @@ class PeakEwma:
         """Take one answer time: a peak is taken whole, a lower one by the weight its time gap earns."""
         stamp = self.stamp
         self.stamp = now
-        if stamp < 0.0:
-            self.value = rtt
-            return
         if now > stamp:  # (the weight of no time gap is 1.0: no exp, once per answer; -(now - stamp) is exact)
-            w = _exp((stamp - now) / DECAY)
+            w = _exp((stamp - now) / DECAY)  # 0.0 for a first sample: 0.0 * w + rtt * 1.0 is rtt, exactly
             current = self.value * w
             self.value = rtt if rtt > current else current * w + rtt * (1.0 - w)
         elif rtt > self.value:

@@ -131,7 +131,9 @@ def test_peak_ewma_answers_in_the_same_instant_weigh_nothing_but_a_peak():
     from edged.balancer import PeakEwma
 
     p = PeakEwma()
-    p.observe(0.050, 3.0)
+    assert not p.measured and p.get(3.0) == 0.0
+    p.observe(0.050, 3.0)  # a first answer is taken whole, whatever the clock reads
+    assert (p.value, p.stamp) == (0.050, 3.0) and p.measured
     p.observe(0.010, 3.0)  # no time passed: a faster answer does not pull the estimate down
     assert (p.value, p.stamp) == (0.050, 3.0)
     p.observe(0.020, 2.5)  # nor from a clock read a moment earlier (answers end out of order)
