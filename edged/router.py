@@ -319,10 +319,9 @@ class Router:
                 raise
             now = self._clock()
         # `plan`, inline: once per call (only plans of `CACHEABLE_STRATEGIES` are kept)
-        tiers = call.tiers
-        cached = lane.kept if tiers is None else self._plans.entry(service, tiers)
+        cached = lane.kept if call.tiers is None else self._plans.entry(service, call.tiers)
         kept = None if cached is None else self._plans.holds(cached, now, self._transports)
-        plan, skipped = kept if kept is not None else self._make_plan(service, tiers, now, False)
+        plan, skipped = kept if kept is not None else self._make_plan(service, call.tiers, now, False)
         lane.budget.deposit()
         attempts: list[dict] = []
         full: list[str] = []  # endpoints passed over at their endpoint_max_inflight
