@@ -68,15 +68,17 @@ class HealthSink(Protocol):
 
 
 NO_TRANSPORT = "no transport for this tier"
-_UP, _STALLED, _DOWN = (True, False), (True, True), (False, False)  # (available, stalled) as a plan read them
+# An endpoint's health as a plan's making read it: available, stalled (available, calls in flight and no answer
+# lately), down. Ints, compared by value: mypyc keeps a tuple[bool, bool] unboxed, and `is` would never hold.
+_UP, _STALLED, _DOWN = 0, 1, 2
 
 
 @dataclass(slots=True)
 class _CachedPlan:
     service: Service
     # Each endpoint of the service within the call's tiers: why no transport could send to it (None: one could),
-    # and for one that could, its health as the ranking read it (`_UP`, `_STALLED`, `_DOWN`).
-    rows: tuple[tuple[Endpoint, str | None, tuple[bool, bool] | None], ...]
+    # and for one that could, its health as the ranking read it (`_UP`, `_STALLED`, `_DOWN`; `_DOWN` for the others).
+    rows: tuple[tuple[Endpoint, str | None, int], ...]
     made: tuple[Plan, list[dict]]  # the plan and the endpoints left out by their transport (`Router.plan`)
     evaluations: list[float]  # the plan's strategy's cell of policy_evaluations
 
@@ -119,12 +121,12 @@ class _PlanCache:
                 continue
             st = self._health.state(ep.id)
             if not (st.active_ok and now >= st.ejected_until):  # st.available(now), inline (policy.HealthState)
-                if was is not _DOWN:
+                if was != _DOWN:
                     return None
             elif st.inflight and is_stalled(st, ep.id, now, self._health, cached.service.spec.policy.per_try_timeout):
-                if was is not _STALLED:
+                if was != _STALLED:
                     return None
-            elif was is not _UP:
+            elif was != _UP:
                 return None
         cached.evaluations[0] += 1
         return cached.made
@@ -147,11 +149,11 @@ class _PlanCache:
             return None
         if len(self._plans) >= _MAX_CACHED_PLANS:
             self._plans.clear()  # services come and go: start over rather than keep the gone ones
-        rows = tuple((ep, why, None if why is not None else self._state(service, ep, now)) for ep, why in whys)
+        rows = tuple((ep, why, _DOWN if why is not None else self._state(service, ep, now)) for ep, why in whys)
         cached = self._plans[key] = _CachedPlan(service, rows, (plan, skipped), evaluations)
         return cached
 
-    def _state(self, service: Service, ep: Endpoint, now: float) -> tuple[bool, bool]:
+    def _state(self, service: Service, ep: Endpoint, now: float) -> int:
         """What the ranking reads of an endpoint's health: available now, and stalled now (`is_stalled`, never
         with no call in flight)."""
         st = self._health.state(ep.id)
