@@ -32,25 +32,12 @@ def _reason(status: int) -> bytes:
         return b"Unknown"
 
 
-class _Upstream(asyncio.Protocol):
-    """The backend side of one client connection: answers come back in order (one request at a time)."""
+class _Message:
+    """What both sides keep of a message as httptools parses it: its header lines to pass on, and its body."""
 
-    def __init__(self, client: _Client) -> None:
-        self.client = client
-        self.parser = httptools.HttpResponseParser(self)
-        self.transport: asyncio.Transport | None = None
+    def __init__(self) -> None:
         self.headers: list[bytes] = []
         self.body: list[bytes] = []
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.client.upstream_ready(self)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.client.close()
-
-    def data_received(self, data: bytes) -> None:
-        self.parser.feed_data(data)
 
     def on_message_begin(self) -> None:
         self.headers = []
@@ -64,6 +51,26 @@ class _Upstream(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         self.body.append(body)
 
+
+class _Upstream(_Message, asyncio.Protocol):
+    """The backend side of one client connection: answers come back in order (one request at a time)."""
+
+    def __init__(self, client: _Client) -> None:
+        super().__init__()
+        self.client = client
+        self.parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.client.upstream_ready(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client.close()
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.feed_data(data)
+
     def on_message_complete(self) -> None:
         status = self.parser.get_status_code()
         body = b"".join(self.body)
@@ -76,16 +83,17 @@ class _Upstream(asyncio.Protocol):
         self.client.answer(head + body)
 
 
-class _Client(asyncio.Protocol):
+class _Client(_Message, asyncio.Protocol):
+    """One client connection: its requests go to the backend over a connection of its own."""
+
     def __init__(self, backend: tuple[str, int]) -> None:
+        super().__init__()
         self.backend = backend
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.upstream: _Upstream | None = None
         self.waiting: list[bytes] = []  # requests parsed before the backend connection was up
         self.url = b""
-        self.headers: list[bytes] = []
-        self.body: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -119,20 +127,11 @@ class _Client(asyncio.Protocol):
             self.close()
 
     def on_message_begin(self) -> None:
+        super().on_message_begin()
         self.url = b""
-        self.headers = []
-        self.body = []
 
     def on_url(self, url: bytes) -> None:
         self.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        name = name.lower()
-        if name not in _HOP:
-            self.headers.append(b"%s: %s\r\n" % (name, value))
-
-    def on_body(self, body: bytes) -> None:
-        self.body.append(body)
 
     def on_message_complete(self) -> None:
         body = b"".join(self.body)
