@@ -111,22 +111,13 @@ class _PlanCache:
         self, cached: _CachedPlan, now: float, transports: Mapping[str, Transport]
     ) -> tuple[Plan, list[dict]] | None:
         """A kept plan and its left-out endpoints, counted as an evaluation, if everything its making read is still
-        so; else None. One pass over the endpoints, for their transports' verdicts and their health (`_state`,
-        inline: once per endpoint per call)."""
+        so; else None. One pass over the endpoints, for their transports' verdicts and their health."""
+        service = cached.service
         for ep, why, was in cached.rows:
             transport = transports.get(ep.tier)
             if (NO_TRANSPORT if transport is None else transport.unavailable(ep)) != why:
                 return None
-            if why is not None:
-                continue
-            st = self._health.state(ep.id)
-            if not (st.active_ok and now >= st.ejected_until):  # st.available(now), inline (policy.HealthState)
-                if was != _DOWN:
-                    return None
-            elif st.inflight and is_stalled(st, ep.id, now, self._health, cached.service.spec.policy.per_try_timeout):
-                if was != _STALLED:
-                    return None
-            elif was != _UP:
+            if why is None and self._state(service, ep, now) != was:
                 return None
         cached.evaluations[0] += 1
         return cached.made

@@ -38,7 +38,7 @@ class Outlier:
         "_connect_streak",
         "_decay_from",
         "_ejections",
-                "consecutive_failures",
+        "consecutive_failures",
         "ejected_until",
         "probation",
         "reason",

@@ -374,19 +374,19 @@ class _ServerConnection(asyncio.Protocol):
         # llhttp buffers an unfinished header line without limit: bound the raw bytes of a head that spans
         # reads too. Counted after feeding, and only for the same request: one read may also hold many whole
         # pipelined requests (counting those made a false 431 under heavy pipelining).
+        # After the head, a read of chunk framing or trailers alone (no body) counts the same way: max_body does
+        # not see it, and httptools keeps an unfinished trailer line whole.
         if self._requests == done and not self._discard:
-            if self._in_head:
-                if in_head:
-                    self._raw_head += len(data)
-                    if self._raw_head > 2 * self._max_head + 4096:
-                        self._fail(431, "header_too_large", "header section too large")
-            elif self._fed:  # its body is arriving: what came between its pieces does not add up
+            if self._fed:  # its body is arriving: what came between its pieces does not add up
                 self._fed = False
                 self._raw_head = 0
-            elif self._open:  # a read of chunk framing or trailers alone (no body): max_body does not see it
+            elif in_head if self._in_head else self._open:
                 self._raw_head += len(data)
                 if self._raw_head > 2 * self._max_head + 4096:
-                    self._fail(400, "bad_request", "chunk framing or trailers without body over the head limit")
+                    if self._in_head:
+                        self._fail(431, "header_too_large", "header section too large")
+                    else:
+                        self._fail(400, "bad_request", "chunk framing or trailers without body over the head limit")
 
     def _parse_failed(self, exc: httptools.HttpParserError) -> None:
         """Answer what the parser (or a callback of ours) refused, then close."""
